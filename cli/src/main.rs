@@ -1,0 +1,2 @@
+//! rtrs: the operator CLI.
+fn main() {}

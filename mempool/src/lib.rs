@@ -1,0 +1,2 @@
+//! mempool: hugepage regions carved into fixed-size chunks.
+#![warn(missing_docs)]

@@ -1,0 +1,2 @@
+//! rtrs-perf: benchmarks.
+fn main() {}
