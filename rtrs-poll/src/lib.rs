@@ -9,4 +9,5 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod fabric;
 pub mod proto;

@@ -1,0 +1,344 @@
+//! What both software backends share: the per-QP bookkeeping of a verbs
+//! provider (send-queue shadow, receive queue, completions waiting for the
+//! CQ, the error/flush state machine) and the one-core cell that holds it.
+
+use super::super::{FabricError, QpCap, QpState, RecvWr, Result, Sge, Wc, WcOpcode, WcStatus};
+use std::cell::UnsafeCell;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+/// Largest receive sg list the software backends take.
+pub(crate) const MAX_RECV_SGE: usize = 4;
+
+/// A value driven by one core at a time. Borrowing never waits: a second
+/// thread gets [`FabricError::Busy`], which is a usage error (a QP and its CQs
+/// belong to one core), not contention to wait out.
+pub(crate) struct CoreCell<T> {
+    busy: AtomicBool,
+    val: UnsafeCell<T>,
+}
+
+// SAFETY: access to `val` is exclusive: `with` hands out `&mut T` only while it
+// holds `busy`, which it takes with an atomic swap and releases when done.
+unsafe impl<T: Send> Sync for CoreCell<T> {}
+
+impl<T> CoreCell<T> {
+    pub(crate) fn new(val: T) -> CoreCell<T> {
+        CoreCell {
+            busy: AtomicBool::new(false),
+            val: UnsafeCell::new(val),
+        }
+    }
+
+    /// Runs `f` with exclusive access.
+    pub(crate) fn with<R>(&self, what: &'static str, f: impl FnOnce(&mut T) -> R) -> Result<R> {
+        if self.busy.swap(true, Ordering::Acquire) {
+            return Err(FabricError::Busy(what));
+        }
+        struct Release<'a>(&'a AtomicBool);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _release = Release(&self.busy);
+        // SAFETY: `busy` was false and is now ours until `_release` drops, so no
+        // other `&mut T` exists.
+        Ok(f(unsafe { &mut *self.val.get() }))
+    }
+}
+
+/// The observable state of a QP, readable from any thread.
+#[derive(Debug)]
+pub(crate) struct SharedState(AtomicU8);
+
+impl SharedState {
+    pub(crate) fn new() -> SharedState {
+        SharedState(AtomicU8::new(0))
+    }
+    pub(crate) fn get(&self) -> QpState {
+        match self.0.load(Ordering::Acquire) {
+            0 => QpState::Init,
+            1 => QpState::Rts,
+            _ => QpState::Error,
+        }
+    }
+    pub(crate) fn set(&self, s: QpState) {
+        let v = match s {
+            QpState::Init => 0,
+            QpState::Rts => 1,
+            QpState::Error => 2,
+        };
+        self.0.store(v, Ordering::Release);
+    }
+}
+
+/// One outstanding send work request.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SqEntry {
+    pub wr_id: u64,
+    pub opcode: WcOpcode,
+    pub signaled: bool,
+    pub byte_len: u32,
+    /// Wire sequence number (local operations take the next one without using it).
+    pub psn: u64,
+    /// Whether it travels on the wire (else it is a local operation).
+    pub wire: bool,
+}
+
+/// One posted receive.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RqEntry {
+    pub wr_id: u64,
+    pub nsge: u8,
+    pub sges: [Sge; MAX_RECV_SGE],
+}
+
+impl RqEntry {
+    pub(crate) fn sges(&self) -> &[Sge] {
+        &self.sges[..usize::from(self.nsge)]
+    }
+    pub(crate) fn capacity(&self) -> u64 {
+        self.sges().iter().map(|s| u64::from(s.len)).sum()
+    }
+}
+
+/// Per-QP bookkeeping; lives inside the backend's engine, in a [`CoreCell`].
+#[derive(Debug)]
+pub(crate) struct QpCore {
+    pub qp_num: u32,
+    pub cap: QpCap,
+    pub state: QpState,
+    /// Outstanding sends, oldest first.
+    pub sq: VecDeque<SqEntry>,
+    /// Next wire sequence number.
+    pub next_psn: u64,
+    pub rq: VecDeque<RqEntry>,
+    pub send_wcs: VecDeque<Wc>,
+    pub recv_wcs: VecDeque<Wc>,
+}
+
+impl QpCore {
+    pub(crate) fn new(qp_num: u32, cap: QpCap) -> Result<QpCore> {
+        if cap.max_send_wr == 0 || cap.max_recv_wr == 0 {
+            return Err(FabricError::InvalidWr(
+                "max_send_wr and max_recv_wr must be > 0",
+            ));
+        }
+        if cap.max_recv_sge as usize > MAX_RECV_SGE {
+            return Err(FabricError::InvalidWr("max_recv_sge above 4"));
+        }
+        if cap.max_send_wr > 1 << 20 || cap.max_recv_wr > 1 << 20 {
+            return Err(FabricError::InvalidWr("queue depth above 1M entries"));
+        }
+        let (s, r) = (cap.max_send_wr as usize, cap.max_recv_wr as usize);
+        Ok(QpCore {
+            qp_num,
+            cap,
+            state: QpState::Init,
+            sq: VecDeque::with_capacity(s),
+            next_psn: 0,
+            rq: VecDeque::with_capacity(r),
+            send_wcs: VecDeque::with_capacity(s),
+            recv_wcs: VecDeque::with_capacity(r),
+        })
+    }
+
+    /// Room for one more send (outstanding plus unpolled completions).
+    pub(crate) fn sq_room(&self) -> Result<()> {
+        if self.sq.len() + self.send_wcs.len() >= self.cap.max_send_wr as usize {
+            return Err(FabricError::QueueFull {
+                queue: "send",
+                depth: self.cap.max_send_wr,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues a receive (checked by the caller for keys).
+    pub(crate) fn post_recv(&mut self, wr: &RecvWr<'_>) -> Result<()> {
+        if wr.sg_list.len() > self.cap.max_recv_sge as usize {
+            return Err(FabricError::InvalidWr(
+                "receive sg list longer than max_recv_sge",
+            ));
+        }
+        if self.rq.len() + self.recv_wcs.len() >= self.cap.max_recv_wr as usize {
+            return Err(FabricError::QueueFull {
+                queue: "recv",
+                depth: self.cap.max_recv_wr,
+            });
+        }
+        let mut e = RqEntry {
+            wr_id: wr.wr_id,
+            nsge: wr.sg_list.len() as u8,
+            sges: [Sge::default(); MAX_RECV_SGE],
+        };
+        e.sges[..wr.sg_list.len()].copy_from_slice(wr.sg_list);
+        if self.state == QpState::Error {
+            self.recv_wcs.push_back(Wc::new(
+                wr.wr_id,
+                WcStatus::WrFlushErr,
+                WcOpcode::Recv,
+                self.qp_num,
+            ));
+            return Ok(());
+        }
+        self.rq.push_back(e);
+        Ok(())
+    }
+
+    /// Records a send; `wire` ones take a sequence number. Returns the psn.
+    pub(crate) fn push_sq(
+        &mut self,
+        wr_id: u64,
+        opcode: WcOpcode,
+        signaled: bool,
+        byte_len: u32,
+        wire: bool,
+    ) -> u64 {
+        let psn = self.next_psn;
+        self.sq.push_back(SqEntry {
+            wr_id,
+            opcode,
+            signaled,
+            byte_len,
+            psn,
+            wire,
+        });
+        if wire {
+            self.next_psn += 1;
+        }
+        psn
+    }
+
+    /// Retires sends the peer has acknowledged: every wire entry below `acked`
+    /// and the local ones queued behind them.
+    pub(crate) fn retire(&mut self, acked: u64) {
+        while let Some(e) = self.sq.front() {
+            let done = if e.wire {
+                e.psn < acked
+            } else {
+                e.psn <= acked
+            };
+            if !done {
+                break;
+            }
+            let e = self.sq.pop_front().expect("front exists");
+            if e.signaled {
+                let mut wc = Wc::new(e.wr_id, WcStatus::Success, e.opcode, self.qp_num);
+                wc.byte_len = e.byte_len;
+                self.send_wcs.push_back(wc);
+            }
+        }
+    }
+
+    /// A completion for a send that failed before it reached the wire.
+    pub(crate) fn fail_now(&mut self, wr_id: u64, opcode: WcOpcode, status: WcStatus) {
+        self.send_wcs
+            .push_back(Wc::new(wr_id, status, opcode, self.qp_num));
+    }
+
+    /// Moves to the error state: `failed_psn` (if any) completes with `status`,
+    /// everything else outstanding with `WrFlushErr`.
+    pub(crate) fn enter_error(&mut self, failed: Option<(u64, WcStatus)>) {
+        if self.state == QpState::Error {
+            return;
+        }
+        self.state = QpState::Error;
+        while let Some(e) = self.sq.pop_front() {
+            let status = match failed {
+                Some((psn, st)) if e.wire && e.psn == psn => st,
+                _ => WcStatus::WrFlushErr,
+            };
+            let mut wc = Wc::new(e.wr_id, status, e.opcode, self.qp_num);
+            wc.byte_len = e.byte_len;
+            self.send_wcs.push_back(wc);
+        }
+        while let Some(r) = self.rq.pop_front() {
+            self.recv_wcs.push_back(Wc::new(
+                r.wr_id,
+                WcStatus::WrFlushErr,
+                WcOpcode::Recv,
+                self.qp_num,
+            ));
+        }
+    }
+
+    /// Moves the pending completions for one CQ role into `out`.
+    pub(crate) fn drain_wcs(&mut self, send: bool, recv: bool, out: &mut [Wc]) -> usize {
+        let mut n = 0;
+        if send {
+            while n < out.len() {
+                match self.send_wcs.pop_front() {
+                    Some(wc) => {
+                        out[n] = wc;
+                        n += 1;
+                    }
+                    None => break,
+                }
+            }
+        }
+        if recv {
+            while n < out.len() {
+                match self.recv_wcs.pop_front() {
+                    Some(wc) => {
+                        out[n] = wc;
+                        n += 1;
+                    }
+                    None => break,
+                }
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retire_in_order_and_flush() {
+        let mut q = QpCore::new(7, QpCap::default()).unwrap();
+        q.state = QpState::Rts;
+        q.push_sq(1, WcOpcode::Send, true, 8, true); // psn 0
+        q.push_sq(2, WcOpcode::RdmaWrite, false, 8, true); // psn 1
+        q.push_sq(3, WcOpcode::LocalInv, true, 0, false); // after psn 1
+        q.push_sq(4, WcOpcode::RdmaRead, true, 8, true); // psn 2
+        q.retire(1);
+        let mut out = [Wc::default(); 8];
+        assert_eq!(q.drain_wcs(true, false, &mut out), 1);
+        assert_eq!(out[0].wr_id, 1);
+        q.retire(2); // psn 1 done (unsignaled), local inv behind it done
+        assert_eq!(q.drain_wcs(true, false, &mut out), 1);
+        assert_eq!((out[0].wr_id, out[0].opcode), (3, WcOpcode::LocalInv));
+        q.post_recv(&RecvWr {
+            wr_id: 9,
+            sg_list: &[],
+        })
+        .unwrap();
+        q.enter_error(Some((2, WcStatus::RemAccessErr)));
+        assert_eq!(q.drain_wcs(true, true, &mut out), 2);
+        assert_eq!((out[0].wr_id, out[0].status), (4, WcStatus::RemAccessErr));
+        assert_eq!((out[1].wr_id, out[1].status), (9, WcStatus::WrFlushErr));
+        // Posting a receive in the error state flushes it at once.
+        q.post_recv(&RecvWr {
+            wr_id: 10,
+            sg_list: &[],
+        })
+        .unwrap();
+        assert_eq!(q.drain_wcs(false, true, &mut out), 1);
+        assert_eq!(out[0].status, WcStatus::WrFlushErr);
+    }
+
+    #[test]
+    fn core_cell_refuses_a_second_borrower() {
+        let c = CoreCell::new(1u32);
+        let r = c.with("x", |v| {
+            *v += 1;
+            c.with("x", |_| ()).is_err()
+        });
+        assert_eq!(r.unwrap(), true);
+        assert_eq!(c.with("x", |v| *v).unwrap(), 2);
+    }
+}

@@ -1,0 +1,961 @@
+//! The shared-memory fabric: processes (or threads) on one host.
+//!
+//! ```text
+//!  QP A ──descriptors──> ring A→B (memfd of A, mapped by B) ──> B's core executes:
+//!                                                              check B's rkey, copy once
+//!                                                              A's memory <-> B's memory
+//!  QP A <──acked / nak── consumer header of ring A→B <───────── B publishes progress
+//! ```
+//! Registered memory must be shareable (a memfd, e.g. mempool's shareable
+//! region) for a peer to reach it; other memory works for local keys and
+//! inline sends only. A peer maps our memfds through `/proc/PID/fd/N` the first
+//! time a request names them (one syscall per region, then cached): the data
+//! path itself makes none. The connection manager speaks over an abstract
+//! unix socket named after the address; that socket is also how a peer's death
+//! is seen.
+
+mod cm;
+mod wire;
+
+pub use cm::ShmCm;
+
+use super::engine::{CoreCell, QpCore, SharedState};
+use super::mr::MrTable;
+use super::{sg_copy, Mapping};
+use crate::fabric::{
+    Access, Cq, Fabric, FabricError, Memory, Mr, Opcode, Pd, Qp, QpCap, QpState, RecvWr, Result,
+    SendWr, Wc, WcOpcode, WcStatus,
+};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use wire::{op, Desc, Ring, WireSge, F_INLINE, NO_REGION};
+
+/// Inbound descriptors one QP executes per poll, so one busy peer cannot
+/// starve the others on the same CQ.
+const INBOUND_BATCH: usize = 64;
+/// One RNR retry's wait (what rdma_cm's default min_rnr_timer gives: 0.64 ms).
+const RNR_TIMER: std::time::Duration = std::time::Duration::from_micros(640);
+
+/// Sizes of the tables a protection domain allocates up front.
+#[derive(Clone, Copy, Debug)]
+pub struct ShmConfig {
+    /// Memory regions per PD.
+    pub max_mrs: u32,
+    /// Distinct shareable memories per PD.
+    pub max_regions: u32,
+}
+
+impl Default for ShmConfig {
+    fn default() -> Self {
+        ShmConfig {
+            max_mrs: 1 << 16,
+            max_regions: 256,
+        }
+    }
+}
+
+/// The shm fabric.
+#[derive(Clone, Debug, Default)]
+pub struct ShmFabric {
+    inner: Arc<FabricInner>,
+}
+
+#[derive(Debug, Default)]
+struct FabricInner {
+    cfg: ShmConfig,
+    next_qp: AtomicU32,
+    next_cq: AtomicU64,
+}
+
+impl ShmFabric {
+    /// A fabric with default table sizes.
+    pub fn new() -> ShmFabric {
+        ShmFabric::with_config(ShmConfig::default())
+    }
+    /// A fabric with the given table sizes.
+    pub fn with_config(cfg: ShmConfig) -> ShmFabric {
+        ShmFabric {
+            inner: Arc::new(FabricInner {
+                cfg,
+                next_qp: AtomicU32::new(1),
+                next_cq: AtomicU64::new(1),
+            }),
+        }
+    }
+}
+
+impl Fabric for ShmFabric {
+    type Pd = ShmPd;
+    type Mr = ShmMr;
+    type Cq = ShmCq;
+    type Qp = ShmQp;
+    type Cm = ShmCm;
+
+    fn name(&self) -> &'static str {
+        "shm"
+    }
+
+    fn alloc_pd(&self) -> Result<ShmPd> {
+        let cfg = self.inner.cfg;
+        Ok(ShmPd {
+            inner: Arc::new(PdInner {
+                fabric: self.inner.clone(),
+                mrs: MrTable::new(cfg.max_mrs),
+                regions: RegionTable::new(cfg.max_regions)?,
+            }),
+        })
+    }
+
+    fn create_cm(&self) -> Result<ShmCm> {
+        Ok(ShmCm::new())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Regions: the shareable memories of a PD, listed in a memfd peers map.
+
+const REGION_HDR: usize = 16;
+const REGION_ENTRY: usize = 16;
+
+struct RegionTable {
+    fd: OwnedFd,
+    map: Mapping,
+    cap: u32,
+    local: Mutex<Vec<(usize, usize, Arc<dyn Memory>)>>,
+}
+
+impl std::fmt::Debug for RegionTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RegionTable(cap {})", self.cap)
+    }
+}
+
+impl RegionTable {
+    fn new(cap: u32) -> Result<RegionTable> {
+        let cap = cap.clamp(1, 1 << 16);
+        let (fd, map) = Mapping::memfd("rtrs-shm-regions", Self::bytes(cap))?;
+        Ok(RegionTable {
+            fd,
+            map,
+            cap,
+            local: Mutex::new(Vec::new()),
+        })
+    }
+    fn bytes(cap: u32) -> usize {
+        REGION_HDR + cap as usize * REGION_ENTRY
+    }
+    fn entry(map: &Mapping, i: u32) -> (&AtomicU64, &AtomicU64) {
+        let off = REGION_HDR + i as usize * REGION_ENTRY;
+        // SAFETY: callers keep i < cap, so both 8-aligned words are inside the map.
+        unsafe {
+            (
+                &*(map.ptr().add(off) as *const AtomicU64),
+                &*(map.ptr().add(off + 8) as *const AtomicU64),
+            )
+        }
+    }
+    /// The region id of `mem`, adding it when new.
+    fn id_of(&self, mem: &Arc<dyn Memory>) -> Result<u32> {
+        let Some(fd) = mem.memfd() else {
+            return Ok(NO_REGION);
+        };
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (mem.as_ptr() as usize, mem.len());
+        if let Some(i) = local.iter().position(|(p, l, _)| (*p, *l) == key) {
+            return Ok(i as u32);
+        }
+        let i = local.len() as u32;
+        if i >= self.cap {
+            return Err(FabricError::TableFull("shareable region"));
+        }
+        let (fd_word, len_word) = Self::entry(&self.map, i);
+        fd_word.store(fd as u32 as u64, Ordering::Relaxed);
+        len_word.store(mem.len() as u64, Ordering::Release);
+        local.push((key.0, key.1, mem.clone()));
+        Ok(i)
+    }
+}
+
+/// A peer's shareable memories, mapped on first use.
+struct PeerMem {
+    pid: u32,
+    table: Mapping,
+    cap: u32,
+    maps: Vec<Option<Mapping>>,
+}
+
+impl PeerMem {
+    fn open(pid: u32, fd: i32, len: u64) -> Result<PeerMem> {
+        if len < REGION_HDR as u64 || len > RegionTable::bytes(1 << 16) as u64 {
+            return Err(FabricError::Protocol("region table length out of range"));
+        }
+        let cap = ((len as usize - REGION_HDR) / REGION_ENTRY) as u32;
+        let table = Mapping::map_peer(pid, fd, len as usize)?;
+        Ok(PeerMem {
+            pid,
+            table,
+            cap,
+            maps: (0..cap).map(|_| None).collect(),
+        })
+    }
+
+    /// `len` bytes at `off` of the peer's region `region`, if they exist.
+    fn resolve(&mut self, region: u32, off: u64, len: u64) -> Option<*mut u8> {
+        if region >= self.cap {
+            return None;
+        }
+        let slot = &mut self.maps[region as usize];
+        if slot.is_none() {
+            let (fd_word, len_word) = RegionTable::entry(&self.table, region);
+            let rlen = len_word.load(Ordering::Acquire);
+            let fd = fd_word.load(Ordering::Relaxed) as u32 as i32;
+            if rlen == 0 {
+                return None;
+            }
+            match Mapping::map_peer(self.pid, fd, usize::try_from(rlen).ok()?) {
+                Ok(m) => *slot = Some(m),
+                Err(e) => {
+                    tracing::warn!("shm: cannot map peer {} region {region}: {e}", self.pid);
+                    return None;
+                }
+            }
+        }
+        slot.as_ref()?.at(off, len)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Protection domain and memory regions.
+
+#[derive(Debug)]
+struct PdInner {
+    fabric: Arc<FabricInner>,
+    mrs: MrTable,
+    regions: RegionTable,
+}
+
+/// A protection domain of the shm fabric.
+#[derive(Clone, Debug)]
+pub struct ShmPd {
+    inner: Arc<PdInner>,
+}
+
+/// A memory region of the shm fabric; deregistered on drop.
+#[derive(Debug)]
+pub struct ShmMr {
+    pd: Arc<PdInner>,
+    index: u32,
+}
+
+impl Drop for ShmMr {
+    fn drop(&mut self) {
+        self.pd.mrs.deregister(self.index);
+    }
+}
+
+impl Mr for ShmMr {
+    fn addr(&self) -> u64 {
+        self.pd.mrs.addr(self.index)
+    }
+    fn len(&self) -> usize {
+        self.pd.mrs.len(self.index) as usize
+    }
+    fn lkey(&self) -> u32 {
+        self.pd.mrs.lkey(self.index)
+    }
+    fn rkey(&self) -> u32 {
+        self.pd.mrs.rkey(self.index)
+    }
+    fn rekey(&self) -> Result<u32> {
+        Ok(self.pd.mrs.rekey(self.index))
+    }
+    fn invalidate(&self) {
+        self.pd.mrs.invalidate_index(self.index);
+    }
+}
+
+impl Pd<ShmFabric> for ShmPd {
+    fn reg_mr(&self, mem: Arc<dyn Memory>, access: Access) -> Result<ShmMr> {
+        let len = mem.len();
+        self.reg_mr_range(mem, 0, len, access)
+    }
+
+    fn reg_mr_range(
+        &self,
+        mem: Arc<dyn Memory>,
+        offset: usize,
+        len: usize,
+        access: Access,
+    ) -> Result<ShmMr> {
+        let region = self.inner.regions.id_of(&mem)?;
+        let index = self
+            .inner
+            .mrs
+            .register(mem, offset, len, access, (region, 0))?;
+        Ok(ShmMr {
+            pd: self.inner.clone(),
+            index,
+        })
+    }
+
+    fn create_cq(&self, depth: u32) -> Result<ShmCq> {
+        if depth == 0 {
+            return Err(FabricError::InvalidWr("CQ depth must be > 0"));
+        }
+        Ok(ShmCq {
+            id: self.inner.fabric.next_cq.fetch_add(1, Ordering::Relaxed),
+            shared: Arc::new(CqShared::default()),
+            qps: Vec::new(),
+            next: 0,
+        })
+    }
+
+    fn create_qp(&self, send_cq: &ShmCq, recv_cq: &ShmCq, cap: QpCap) -> Result<ShmQp> {
+        let qp_num = self.inner.fabric.next_qp.fetch_add(1, Ordering::Relaxed);
+        let core = QpCore::new(qp_num, cap)?;
+        let (out_fd, out) = Ring::create(&cap)?;
+        let shared = Arc::new(QpShared {
+            qp_num,
+            state: SharedState::new(),
+            broken: AtomicBool::new(false),
+            destroyed: AtomicBool::new(false),
+            attach: Mutex::new(None),
+            attach_ready: AtomicBool::new(false),
+            out_fd,
+            out_len: out.len(),
+            pd: self.inner.clone(),
+            engine: CoreCell::new(Engine {
+                core,
+                out,
+                link: None,
+                in_psn: 0,
+                in_dead: false,
+                rnr_since: None,
+                pd: self.inner.clone(),
+            }),
+        });
+        let same = send_cq.id == recv_cq.id;
+        send_cq.attach(&shared, true, same);
+        if !same {
+            recv_cq.attach(&shared, false, true);
+        }
+        Ok(ShmQp { shared })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Queue pairs.
+
+/// What the connection manager hands a QP once both sides have mapped each
+/// other: the peer's ring and its memory.
+pub(crate) struct Link {
+    inbound: Ring,
+    peer: PeerMem,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Link(peer pid {})", self.peer.pid)
+    }
+}
+
+impl Link {
+    pub(crate) fn open(pid: u32, ring: (i32, u64), regions: (i32, u64)) -> Result<Link> {
+        Ok(Link {
+            inbound: Ring::open(pid, ring.0, ring.1)?,
+            peer: PeerMem::open(pid, regions.0, regions.1)?,
+        })
+    }
+}
+
+pub(crate) struct QpShared {
+    qp_num: u32,
+    state: SharedState,
+    /// Set by the connection manager: the connection is gone.
+    broken: AtomicBool,
+    /// Set when the QP handle is dropped.
+    destroyed: AtomicBool,
+    attach: Mutex<Option<Link>>,
+    attach_ready: AtomicBool,
+    out_fd: OwnedFd,
+    out_len: usize,
+    pd: Arc<PdInner>,
+    engine: CoreCell<Engine>,
+}
+
+impl QpShared {
+    /// (pid, ring fd, ring len, regions fd, regions len) for the CM messages.
+    pub(crate) fn endpoint(&self) -> (i32, u64, i32, u64) {
+        (
+            self.out_fd.as_raw_fd(),
+            self.out_len as u64,
+            self.pd.regions.fd.as_raw_fd(),
+            self.pd.regions.map.len() as u64,
+        )
+    }
+    pub(crate) fn attach(&self, link: Link) {
+        *self.attach.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
+        self.attach_ready.store(true, Ordering::Release);
+    }
+    pub(crate) fn mark_broken(&self) {
+        self.broken.store(true, Ordering::Release);
+    }
+}
+
+struct Engine {
+    core: QpCore,
+    out: Ring,
+    link: Option<Link>,
+    /// Next inbound descriptor to execute.
+    in_psn: u64,
+    /// We refused an inbound descriptor: execute nothing more.
+    in_dead: bool,
+    rnr_since: Option<minstant::Instant>,
+    pd: Arc<PdInner>,
+}
+
+/// Why an inbound descriptor was not executed.
+enum Stop {
+    /// No receive posted: try again later.
+    Rnr,
+    /// Refused: tell the sender `status`; `fatal` moves our QP to error too.
+    Refuse { status: WcStatus, fatal: bool },
+}
+
+fn wc_opcode(op: Opcode) -> WcOpcode {
+    match op {
+        Opcode::Send | Opcode::SendWithImm | Opcode::SendWithInv => WcOpcode::Send,
+        Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => WcOpcode::RdmaWrite,
+        Opcode::RdmaRead => WcOpcode::RdmaRead,
+        Opcode::LocalInv => WcOpcode::LocalInv,
+    }
+}
+
+fn status_from_code(code: u32) -> WcStatus {
+    [
+        WcStatus::LocLenErr,
+        WcStatus::LocQpOpErr,
+        WcStatus::LocProtErr,
+        WcStatus::WrFlushErr,
+        WcStatus::RemAccessErr,
+        WcStatus::RemInvReqErr,
+        WcStatus::RemOpErr,
+        WcStatus::RnrRetryExcErr,
+        WcStatus::RetryExcErr,
+    ]
+    .into_iter()
+    .find(|s| s.ibv_code() == code)
+    .unwrap_or(WcStatus::GeneralErr)
+}
+
+/// Room for every segment of a request plus one.
+type Segs<P> = [(P, usize); wire::MAX_SEND_SGE as usize + 1];
+
+impl Engine {
+    /// Picks up the connection manager's news.
+    fn sync(&mut self, shared: &QpShared) {
+        if self.link.is_none() && shared.attach_ready.load(Ordering::Acquire) {
+            let link = shared
+                .attach
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(link) = link {
+                self.link = Some(link);
+                if self.core.state == QpState::Init {
+                    self.core.state = QpState::Rts;
+                }
+            }
+        }
+        if self.core.state == QpState::Rts {
+            // The peer's verdict on our requests first: a refusal names the
+            // request that failed, even if the peer has closed since.
+            if let Some((psn, code)) = self.out.nak() {
+                self.core.retire(psn);
+                self.fail(Some((psn, status_from_code(code))));
+            } else {
+                let gone = shared.broken.load(Ordering::Acquire)
+                    || self.out.consumer_closed()
+                    || self
+                        .link
+                        .as_ref()
+                        .is_some_and(|l| l.inbound.producer_closed());
+                if gone {
+                    self.fail(None);
+                }
+            }
+        }
+        shared.state.set(self.core.state);
+    }
+
+    /// Error state: flush, and close both rings so the peer flushes too.
+    fn fail(&mut self, failed: Option<(u64, WcStatus)>) {
+        self.core.enter_error(failed);
+        self.out.close_producer();
+        if let Some(l) = &self.link {
+            l.inbound.close_consumer();
+        }
+    }
+
+    fn post_recv(&mut self, wr: &RecvWr<'_>) -> Result<()> {
+        self.core.post_recv(wr)
+    }
+
+    fn post_send(&mut self, wr: &SendWr<'_>) -> Result<()> {
+        let opcode = wc_opcode(wr.opcode);
+        match self.core.state {
+            QpState::Init => {
+                return Err(FabricError::BadQpState {
+                    qp_num: self.core.qp_num,
+                    state: QpState::Init,
+                })
+            }
+            QpState::Error => {
+                self.core.sq_room()?;
+                self.core.fail_now(wr.wr_id, opcode, WcStatus::WrFlushErr);
+                return Ok(());
+            }
+            QpState::Rts => {}
+        }
+        if wr.sg_list.len() > self.core.cap.max_send_sge as usize {
+            return Err(FabricError::InvalidWr("sg list longer than max_send_sge"));
+        }
+        self.core.sq_room()?;
+        let len = wr.payload_len();
+        if len > i32::MAX as u64 {
+            return Err(FabricError::InvalidWr("payload above 2 GiB"));
+        }
+        let len = len as u32;
+        if wr.opcode == Opcode::LocalInv {
+            let ok = self.pd.mrs.invalidate_local(wr.invalidate_rkey);
+            if !ok {
+                self.fail(None);
+                self.core.fail_now(wr.wr_id, opcode, WcStatus::LocProtErr);
+            } else {
+                self.core.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
+            }
+            return Ok(());
+        }
+        let inline = wr.inline && wr.opcode != Opcode::RdmaRead;
+        if inline && len > self.out.inline_cap {
+            return Err(FabricError::InvalidWr(
+                "inline payload above max_inline_data",
+            ));
+        }
+        let need = if wr.opcode == Opcode::RdmaRead {
+            Access::LOCAL_WRITE
+        } else {
+            Access::NONE
+        };
+        let mut sges = [WireSge::default(); wire::MAX_SEND_SGE as usize];
+        let mut parts: Segs<*const u8> = [(std::ptr::null(), 0); wire::MAX_SEND_SGE as usize + 1];
+        for (i, s) in wr.sg_list.iter().enumerate() {
+            match self
+                .pd
+                .mrs
+                .check_lkey(s.lkey, s.addr, u64::from(s.len), need)
+            {
+                Ok(c) if inline || c.region != NO_REGION => {
+                    sges[i] = WireSge {
+                        region: c.region,
+                        len: s.len,
+                        off: c.region_off,
+                    };
+                    parts[i] = (c.ptr as *const u8, s.len as usize);
+                }
+                _ => {
+                    self.fail(None);
+                    self.core.fail_now(wr.wr_id, opcode, WcStatus::LocProtErr);
+                    return Ok(());
+                }
+            }
+        }
+        let n = wr.sg_list.len();
+        let (wop, flags) = match wr.opcode {
+            Opcode::Send => (op::SEND, 0),
+            Opcode::SendWithImm => (op::SEND_IMM, 0),
+            Opcode::SendWithInv => (op::SEND_INV, 0),
+            Opcode::RdmaWrite => (op::WRITE, 0),
+            Opcode::RdmaWriteWithImm => (op::WRITE_IMM, 0),
+            Opcode::RdmaRead => (op::READ, 0),
+            Opcode::LocalInv => unreachable!("handled above"),
+        };
+        let flags = if inline { flags | F_INLINE } else { flags };
+        let d = Desc {
+            op: wop,
+            flags,
+            nsge: n as u16,
+            len,
+            imm: wr.imm,
+            inv: wr.invalidate_rkey,
+            raddr: wr.remote_addr,
+            rkey: wr.rkey,
+        };
+        let psn = self.core.push_sq(wr.wr_id, opcode, wr.signaled, len, true);
+        self.out
+            .publish(psn, &d, &sges[..n], &parts[..if inline { n } else { 0 }]);
+        Ok(())
+    }
+
+    /// Drives the QP: retires acknowledged sends, executes inbound requests.
+    fn progress(&mut self, shared: &QpShared) {
+        self.sync(shared);
+        if self.core.state != QpState::Rts {
+            return;
+        }
+        let acked = self.out.acked(self.core.next_psn);
+        self.core.retire(acked);
+        self.inbound();
+        shared.state.set(self.core.state);
+    }
+
+    fn inbound(&mut self) {
+        if self.in_dead {
+            return;
+        }
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let start = self.in_psn;
+        for _ in 0..INBOUND_BATCH {
+            let Some(d) = link.inbound.peek(self.in_psn) else {
+                break;
+            };
+            match execute(&mut self.core, &self.pd, link, self.in_psn, &d) {
+                Ok(()) => self.in_psn += 1,
+                Err(Stop::Rnr) => {
+                    link.inbound.set_rnr(true);
+                    let now = minstant::Instant::now();
+                    let since = *self.rnr_since.get_or_insert(now);
+                    let retry = link.inbound.rnr_retry;
+                    if retry < 7 && now.duration_since(since) >= RNR_TIMER * u32::from(retry) {
+                        link.inbound
+                            .refuse(self.in_psn, WcStatus::RnrRetryExcErr.ibv_code());
+                        self.in_dead = true;
+                    }
+                    break;
+                }
+                Err(Stop::Refuse { status, fatal }) => {
+                    link.inbound.refuse(self.in_psn, status.ibv_code());
+                    self.in_dead = true;
+                    if fatal {
+                        self.fail(None);
+                    }
+                    break;
+                }
+            }
+        }
+        if self.in_psn != start {
+            if let Some(link) = self.link.as_ref() {
+                link.inbound.ack(self.in_psn);
+                if self.rnr_since.take().is_some() {
+                    link.inbound.set_rnr(false);
+                }
+            }
+        }
+    }
+}
+
+/// Executes one inbound descriptor as the responder.
+fn execute(
+    core: &mut QpCore,
+    pd: &PdInner,
+    link: &mut Link,
+    psn: u64,
+    d: &Desc,
+) -> Result<(), Stop> {
+    let refuse = |status| {
+        Err(Stop::Refuse {
+            status,
+            fatal: true,
+        })
+    };
+    let nsge = usize::from(d.nsge);
+    let inline = d.flags & F_INLINE != 0;
+    if nsge > link.inbound.max_sge as usize || (inline && d.len > link.inbound.inline_cap) {
+        return refuse(WcStatus::RemInvReqErr);
+    }
+    let needs_recv = matches!(d.op, op::SEND | op::SEND_IMM | op::SEND_INV | op::WRITE_IMM);
+    if needs_recv && core.rq.is_empty() {
+        return Err(Stop::Rnr);
+    }
+    // The sender's side of the transfer, in its memory (or inline in the slot).
+    let mut peer: Segs<*mut u8> = [(std::ptr::null_mut(), 0); wire::MAX_SEND_SGE as usize + 1];
+    let mut npeer = 0;
+    let len = u64::from(d.len);
+    if inline {
+        let (p, l) = link.inbound.inline(psn, d.len);
+        peer[0] = (p as *mut u8, l);
+        npeer = 1;
+    } else {
+        let mut sges = [WireSge::default(); wire::MAX_SEND_SGE as usize];
+        link.inbound.sges(psn, nsge, &mut sges);
+        let mut total = 0u64;
+        for g in &sges[..nsge] {
+            let Some(p) = link.peer.resolve(g.region, g.off, u64::from(g.len)) else {
+                return refuse(WcStatus::RemOpErr);
+            };
+            peer[npeer] = (p, g.len as usize);
+            npeer += 1;
+            total += u64::from(g.len);
+        }
+        if total != len {
+            return refuse(WcStatus::RemInvReqErr);
+        }
+    }
+    let peer = &peer[..npeer];
+    let as_src = |segs: &[(*mut u8, usize)]| -> Segs<*const u8> {
+        let mut out: Segs<*const u8> = [(std::ptr::null(), 0); wire::MAX_SEND_SGE as usize + 1];
+        for (o, s) in out.iter_mut().zip(segs) {
+            *o = (s.0 as *const u8, s.1);
+        }
+        out
+    };
+    let qp_num = core.qp_num;
+    match d.op {
+        op::WRITE | op::WRITE_IMM => {
+            if len > 0 {
+                let Ok(dst) = pd
+                    .mrs
+                    .check_rkey(d.rkey, d.raddr, len, Access::REMOTE_WRITE)
+                else {
+                    return refuse(WcStatus::RemAccessErr);
+                };
+                let src = as_src(peer);
+                // SAFETY: dst was checked against a live registration of ours;
+                // the sources lie in the peer's mapped memory (bounds checked).
+                unsafe { sg_copy(&src[..npeer], &[(dst.ptr, len as usize)]) };
+            }
+            if d.op == op::WRITE_IMM {
+                let r = core.rq.pop_front().expect("checked non-empty");
+                let mut wc = Wc::new(
+                    r.wr_id,
+                    WcStatus::Success,
+                    WcOpcode::RecvRdmaWithImm,
+                    qp_num,
+                );
+                wc.byte_len = d.len;
+                wc.imm = d.imm;
+                wc.with_imm = true;
+                core.recv_wcs.push_back(wc);
+            }
+            Ok(())
+        }
+        op::SEND | op::SEND_IMM | op::SEND_INV => {
+            let r = core.rq.pop_front().expect("checked non-empty");
+            let fail = |core: &mut QpCore, local: WcStatus, remote: WcStatus| {
+                core.recv_wcs
+                    .push_back(Wc::new(r.wr_id, local, WcOpcode::Recv, qp_num));
+                Err(Stop::Refuse {
+                    status: remote,
+                    fatal: true,
+                })
+            };
+            if r.capacity() < len {
+                return fail(core, WcStatus::LocLenErr, WcStatus::RemInvReqErr);
+            }
+            let mut dst: Segs<*mut u8> =
+                [(std::ptr::null_mut(), 0); wire::MAX_SEND_SGE as usize + 1];
+            let mut left = len;
+            let mut ndst = 0;
+            for s in r.sges() {
+                if left == 0 {
+                    break;
+                }
+                let take = u64::from(s.len).min(left);
+                match pd.mrs.check_lkey(s.lkey, s.addr, take, Access::LOCAL_WRITE) {
+                    Ok(c) => dst[ndst] = (c.ptr, take as usize),
+                    Err(_) => return fail(core, WcStatus::LocProtErr, WcStatus::RemOpErr),
+                }
+                ndst += 1;
+                left -= take;
+            }
+            if d.op == op::SEND_INV && !pd.mrs.invalidate(d.inv) {
+                return fail(core, WcStatus::RemInvReqErr, WcStatus::RemInvReqErr);
+            }
+            let src = as_src(peer);
+            // SAFETY: destinations were checked against live registrations with
+            // LOCAL_WRITE; sources lie in the peer's mapped memory or the slot.
+            unsafe { sg_copy(&src[..npeer], &dst[..ndst]) };
+            let mut wc = Wc::new(r.wr_id, WcStatus::Success, WcOpcode::Recv, qp_num);
+            wc.byte_len = d.len;
+            if d.op == op::SEND_IMM {
+                wc.imm = d.imm;
+                wc.with_imm = true;
+            }
+            if d.op == op::SEND_INV {
+                wc.invalidated_rkey = d.inv;
+                wc.with_inv = true;
+            }
+            core.recv_wcs.push_back(wc);
+            Ok(())
+        }
+        op::READ => {
+            if inline {
+                return refuse(WcStatus::RemInvReqErr);
+            }
+            if len > 0 {
+                let Ok(src) = pd.mrs.check_rkey(d.rkey, d.raddr, len, Access::REMOTE_READ) else {
+                    return refuse(WcStatus::RemAccessErr);
+                };
+                // SAFETY: the source was checked against a live registration of
+                // ours; the destinations lie in the peer's mapped memory.
+                unsafe { sg_copy(&[(src.ptr as *const u8, len as usize)], peer) };
+            }
+            Ok(())
+        }
+        _ => refuse(WcStatus::RemInvReqErr),
+    }
+}
+
+/// A queue pair of the shm fabric.
+pub struct ShmQp {
+    shared: Arc<QpShared>,
+}
+
+impl std::fmt::Debug for ShmQp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ShmQp({})", self.shared.qp_num)
+    }
+}
+
+impl ShmQp {
+    pub(crate) fn shared(&self) -> &Arc<QpShared> {
+        &self.shared
+    }
+}
+
+impl Drop for ShmQp {
+    fn drop(&mut self) {
+        self.shared.destroyed.store(true, Ordering::Release);
+        self.shared.mark_broken();
+        let _ = self.shared.engine.with("qp", |e| {
+            e.out.close_producer();
+            if let Some(l) = &e.link {
+                l.inbound.close_consumer();
+            }
+        });
+    }
+}
+
+impl Qp for ShmQp {
+    fn qp_num(&self) -> u32 {
+        self.shared.qp_num
+    }
+    fn state(&self) -> QpState {
+        let s = &self.shared;
+        if s.broken.load(Ordering::Acquire) {
+            return QpState::Error;
+        }
+        match s.state.get() {
+            QpState::Init if s.attach_ready.load(Ordering::Acquire) => QpState::Rts,
+            st => st,
+        }
+    }
+    fn post_send(&mut self, wr: &SendWr<'_>) -> Result<()> {
+        let s = &*self.shared;
+        s.engine.with("qp", |e| {
+            e.sync(s);
+            e.post_send(wr)
+        })?
+    }
+    fn post_send_batch(&mut self, wrs: &[SendWr<'_>]) -> Result<()> {
+        let s = &*self.shared;
+        s.engine.with("qp", |e| {
+            e.sync(s);
+            wrs.iter().try_for_each(|wr| e.post_send(wr))
+        })?
+    }
+    fn post_recv(&mut self, wr: &RecvWr<'_>) -> Result<()> {
+        let s = &*self.shared;
+        s.engine.with("qp", |e| {
+            e.sync(s);
+            e.post_recv(wr)
+        })?
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Completion queues.
+
+struct CqEntry {
+    qp: Arc<QpShared>,
+    send: bool,
+    recv: bool,
+}
+
+#[derive(Default)]
+struct CqShared {
+    pending: Mutex<Vec<CqEntry>>,
+    changed: AtomicBool,
+}
+
+/// A completion queue of the shm fabric. Polling it drives its QPs.
+pub struct ShmCq {
+    id: u64,
+    shared: Arc<CqShared>,
+    qps: Vec<CqEntry>,
+    next: usize,
+}
+
+impl std::fmt::Debug for ShmCq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ShmCq({}, {} qps)", self.id, self.qps.len())
+    }
+}
+
+impl ShmCq {
+    fn attach(&self, qp: &Arc<QpShared>, send: bool, recv: bool) {
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(CqEntry {
+                qp: qp.clone(),
+                send,
+                recv,
+            });
+        self.shared.changed.store(true, Ordering::Release);
+    }
+}
+
+impl Cq for ShmCq {
+    fn poll(&mut self, wcs: &mut [Wc]) -> usize {
+        if self.shared.changed.swap(false, Ordering::Acquire) {
+            let mut p = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.qps.append(&mut p);
+        }
+        let n_qps = self.qps.len();
+        if n_qps == 0 {
+            return 0;
+        }
+        let mut n = 0;
+        let mut dead = false;
+        for k in 0..n_qps {
+            let entry = &self.qps[(self.next + k) % n_qps];
+            let qp = &*entry.qp;
+            if qp.destroyed.load(Ordering::Acquire) {
+                dead = true;
+                continue;
+            }
+            let _ = qp.engine.with("qp", |e| {
+                e.progress(qp);
+                n += e.core.drain_wcs(entry.send, entry.recv, &mut wcs[n..]);
+            });
+            if n == wcs.len() {
+                break;
+            }
+        }
+        self.next = (self.next + 1) % n_qps;
+        if dead {
+            self.qps.retain(|e| !e.qp.destroyed.load(Ordering::Acquire));
+            self.next = 0;
+        }
+        n
+    }
+}

@@ -1,0 +1,844 @@
+//! The fabric conformance suite: one set of tests every backend runs
+//! (`conformance_tests!(Backend)` instantiates them). Each test drives both
+//! sides from one thread: software backends make progress when their CQs are
+//! polled, so the helpers always poll both.
+
+use super::{pattern, TestMem};
+use rtrs_poll::fabric::{
+    Access, Address, Cm, CmEvent, ConnId, Cq, Fabric, FabricError, Memory, Mr, Pd, Qp, QpCap,
+    QpState, RecvWr, SendWr, Sge, Wc, WcOpcode, WcStatus,
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a backend provides to the suite.
+pub trait Backend {
+    /// The fabric under test.
+    type F: Fabric;
+    /// A fresh fabric.
+    fn fabric() -> Self::F;
+    /// A fresh address nobody listens on yet.
+    fn addr() -> Address;
+}
+
+const DEADLINE: Duration = Duration::from_secs(10);
+const MEM: usize = 8 << 20;
+
+/// One end of a connection with its memory.
+pub struct Side<F: Fabric> {
+    pub pd: F::Pd,
+    pub cq: F::Cq,
+    pub qp: F::Qp,
+    pub cm: F::Cm,
+    pub id: ConnId,
+    pub mem: Arc<TestMem>,
+    pub mr: F::Mr,
+    pub wcs: Vec<Wc>,
+}
+
+impl<F: Fabric> Side<F> {
+    fn new(fab: &F, cap: QpCap, mem_len: usize) -> Side<F> {
+        let pd = fab.alloc_pd().unwrap();
+        let cq = pd.create_cq(4096).unwrap();
+        let qp = pd.create_qp(&cq, &cq, cap).unwrap();
+        let cm = fab.create_cm().unwrap();
+        let mem = TestMem::new(mem_len);
+        let mr = pd
+            .reg_mr(
+                mem.clone() as Arc<dyn Memory>,
+                Access::LOCAL_WRITE | Access::REMOTE_WRITE | Access::REMOTE_READ,
+            )
+            .unwrap();
+        Side {
+            pd,
+            cq,
+            qp,
+            cm,
+            id: ConnId(0),
+            mem,
+            mr,
+            wcs: Vec::new(),
+        }
+    }
+
+    pub fn sge(&self, off: usize, len: usize) -> Sge {
+        self.mr.sge(off, len as u32)
+    }
+
+    pub fn post_recv(&mut self, wr_id: u64, off: usize, len: usize) {
+        let sge = [self.sge(off, len)];
+        self.qp
+            .post_recv(&RecvWr {
+                wr_id,
+                sg_list: &sge,
+            })
+            .unwrap();
+    }
+
+    fn poll(&mut self) {
+        let mut buf = [Wc::default(); 32];
+        let n = self.cq.poll(&mut buf);
+        self.wcs.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Two connected sides: `a` connected actively to `b`'s listener.
+pub struct Pair<F: Fabric> {
+    pub a: Side<F>,
+    pub b: Side<F>,
+}
+
+impl<F: Fabric> Pair<F> {
+    pub fn connect<B: Backend<F = F>>() -> Pair<F> {
+        Self::connect_with::<B>(QpCap::default(), QpCap::default(), MEM)
+    }
+
+    pub fn connect_with<B: Backend<F = F>>(cap_a: QpCap, cap_b: QpCap, mem_len: usize) -> Pair<F> {
+        let fab = B::fabric();
+        let mut a = Side::new(&fab, cap_a, mem_len);
+        let mut b = Side::new(&fab, cap_b, mem_len);
+        let addr = B::addr();
+        b.cm.listen(&addr).unwrap();
+        a.id = a.cm.connect(&addr, &a.qp, b"hello").unwrap();
+        let (mut a_up, mut b_up) = (false, false);
+        let t0 = Instant::now();
+        while !(a_up && b_up) {
+            assert!(t0.elapsed() < DEADLINE, "connect timed out");
+            if let Some(ev) = b.cm.poll_event(Duration::from_millis(1)).unwrap() {
+                match ev {
+                    CmEvent::ConnectRequest {
+                        id, private_data, ..
+                    } => {
+                        assert_eq!(private_data.as_bytes(), b"hello");
+                        b.id = id;
+                        b.cm.accept(id, &b.qp, b"world").unwrap();
+                    }
+                    CmEvent::Established { id, .. } => {
+                        assert_eq!(id, b.id);
+                        b_up = true;
+                    }
+                    other => panic!("passive side: unexpected {other:?}"),
+                }
+            }
+            if let Some(ev) = a.cm.poll_event(Duration::from_millis(1)).unwrap() {
+                match ev {
+                    CmEvent::Established { id, private_data } => {
+                        assert_eq!(id, a.id);
+                        assert_eq!(private_data.as_bytes(), b"world");
+                        a_up = true;
+                    }
+                    other => panic!("active side: unexpected {other:?}"),
+                }
+            }
+        }
+        assert_eq!(a.qp.state(), QpState::Rts);
+        assert_eq!(b.qp.state(), QpState::Rts);
+        Pair { a, b }
+    }
+
+    /// Polls both sides until `a` has `na` and `b` has `nb` completions.
+    pub fn wait(&mut self, na: usize, nb: usize) -> (Vec<Wc>, Vec<Wc>) {
+        let t0 = Instant::now();
+        while self.a.wcs.len() < na || self.b.wcs.len() < nb {
+            assert!(
+                t0.elapsed() < DEADLINE,
+                "timed out waiting for {na}/{nb} completions: a has {} (first {:?}), b has {} (first {:?})",
+                self.a.wcs.len(),
+                self.a.wcs.first(),
+                self.b.wcs.len(),
+                self.b.wcs.first()
+            );
+            self.a.poll();
+            self.b.poll();
+        }
+        (
+            self.a.wcs.drain(..na).collect(),
+            self.b.wcs.drain(..nb).collect(),
+        )
+    }
+
+    /// Polls both sides for `d`, expecting nothing new.
+    pub fn idle(&mut self, d: Duration) {
+        let t0 = Instant::now();
+        while t0.elapsed() < d {
+            self.a.poll();
+            self.b.poll();
+        }
+    }
+}
+
+fn ok(wc: &Wc, wr_id: u64, opcode: WcOpcode) {
+    assert_eq!(
+        (wc.wr_id, wc.status, wc.opcode),
+        (wr_id, WcStatus::Success, opcode),
+        "{wc:?}"
+    );
+}
+
+const SIZES: [usize; 8] = [0, 1, 63, 4095, 4096, 65537, 1 << 20, 4 << 20];
+
+pub fn connect_and_private_data<B: Backend>() {
+    let p = Pair::<B::F>::connect::<B>();
+    assert_ne!(p.a.qp.qp_num(), p.b.qp.qp_num());
+}
+
+pub fn send_recv_sizes<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    for (i, &len) in SIZES.iter().enumerate() {
+        let data = pattern(len, i as u64);
+        p.a.mem.fill(0, &data);
+        p.b.post_recv(100 + i as u64, MEM / 2, MEM / 2);
+        let sge = [p.a.sge(0, len)];
+        p.a.qp.post_send(&SendWr::send(i as u64, &sge)).unwrap();
+        let (a, b) = p.wait(1, 1);
+        ok(&a[0], i as u64, WcOpcode::Send);
+        ok(&b[0], 100 + i as u64, WcOpcode::Recv);
+        assert_eq!(b[0].byte_len as usize, len);
+        assert!(!b[0].with_imm && !b[0].with_inv);
+        assert_eq!(p.b.mem.read(MEM / 2, len), data, "size {len}");
+    }
+}
+
+pub fn send_with_imm<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    p.a.mem.fill(0, b"imm!");
+    p.b.post_recv(7, 0, 64);
+    let sge = [p.a.sge(0, 4)];
+    p.a.qp
+        .post_send(&SendWr::send_with_imm(1, &sge, 0xdead_beef))
+        .unwrap();
+    let (_, b) = p.wait(1, 1);
+    ok(&b[0], 7, WcOpcode::Recv);
+    assert!(b[0].with_imm);
+    assert_eq!((b[0].imm, b[0].byte_len), (0xdead_beef, 4));
+    assert_eq!(p.b.mem.read(0, 4), b"imm!");
+}
+
+pub fn write_and_write_with_imm_sizes<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    for (i, &len) in SIZES.iter().enumerate() {
+        let data = pattern(len, 50 + i as u64);
+        p.a.mem.fill(0, &data);
+        let sge = [p.a.sge(0, len)];
+        let raddr = p.b.mem.addr(MEM / 2);
+        let rkey = p.b.mr.rkey();
+        p.a.qp
+            .post_send(&SendWr::write(i as u64, &sge, raddr, rkey))
+            .unwrap();
+        let (a, _) = p.wait(1, 0);
+        ok(&a[0], i as u64, WcOpcode::RdmaWrite);
+        assert_eq!(p.b.mem.read(MEM / 2, len), data, "write size {len}");
+
+        let data = pattern(len, 80 + i as u64);
+        p.a.mem.fill(0, &data);
+        p.b.post_recv(200 + i as u64, 0, 0);
+        p.a.qp
+            .post_send(&SendWr::write_with_imm(
+                i as u64, &sge, raddr, rkey, i as u32,
+            ))
+            .unwrap();
+        let (a, b) = p.wait(1, 1);
+        ok(&a[0], i as u64, WcOpcode::RdmaWrite);
+        ok(&b[0], 200 + i as u64, WcOpcode::RecvRdmaWithImm);
+        assert!(b[0].with_imm);
+        assert_eq!((b[0].imm, b[0].byte_len as usize), (i as u32, len));
+        assert_eq!(
+            p.b.mem.read(MEM / 2, len),
+            data,
+            "write_with_imm size {len}"
+        );
+    }
+}
+
+pub fn read_sizes<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    for (i, &len) in SIZES.iter().enumerate() {
+        let data = pattern(len, 90 + i as u64);
+        p.b.mem.fill(MEM / 2, &data);
+        let sge = [p.a.sge(0, len)];
+        p.a.qp
+            .post_send(&SendWr::read(
+                i as u64,
+                &sge,
+                p.b.mem.addr(MEM / 2),
+                p.b.mr.rkey(),
+            ))
+            .unwrap();
+        let (a, _) = p.wait(1, 0);
+        ok(&a[0], i as u64, WcOpcode::RdmaRead);
+        assert_eq!(p.a.mem.read(0, len), data, "read size {len}");
+    }
+}
+
+pub fn scatter_gather_lists<B: Backend>() {
+    let mut p = Pair::<B::F>::connect_with::<B>(
+        QpCap {
+            max_send_sge: 3,
+            max_recv_sge: 3,
+            ..QpCap::default()
+        },
+        QpCap {
+            max_send_sge: 3,
+            max_recv_sge: 3,
+            ..QpCap::default()
+        },
+        MEM,
+    );
+    let parts = [pattern(100, 1), pattern(5000, 2), pattern(7, 3)];
+    let offs = [0usize, 4096, 65536];
+    for (d, o) in parts.iter().zip(offs) {
+        p.a.mem.fill(o, d);
+    }
+    let whole: Vec<u8> = parts.concat();
+    let sges = [p.a.sge(0, 100), p.a.sge(4096, 5000), p.a.sge(65536, 7)];
+    // SEND gathered from three pieces, scattered into three receive pieces.
+    let rsges = [
+        p.b.sge(1000, 10),
+        p.b.sge(200_000, 5000),
+        p.b.sge(300_000, 1000),
+    ];
+    p.b.qp
+        .post_recv(&RecvWr {
+            wr_id: 9,
+            sg_list: &rsges,
+        })
+        .unwrap();
+    p.a.qp.post_send(&SendWr::send(1, &sges)).unwrap();
+    let (_, b) = p.wait(1, 1);
+    assert_eq!(b[0].byte_len as usize, whole.len());
+    let mut got = p.b.mem.read(1000, 10);
+    got.extend(p.b.mem.read(200_000, 5000));
+    got.extend(p.b.mem.read(300_000, whole.len() - 5010));
+    assert_eq!(got, whole);
+    // RDMA WRITE gathered.
+    let (raddr, rkey) = (p.b.mem.addr(MEM / 2), p.b.mr.rkey());
+    p.a.qp
+        .post_send(&SendWr::write(2, &sges, raddr, rkey))
+        .unwrap();
+    p.wait(1, 0);
+    assert_eq!(p.b.mem.read(MEM / 2, whole.len()), whole);
+    // RDMA READ scattered.
+    let dst = [p.a.sge(100_000, 3), p.a.sge(200_000, whole.len() - 3)];
+    p.a.qp
+        .post_send(&SendWr::read(3, &dst, raddr, rkey))
+        .unwrap();
+    p.wait(1, 0);
+    let mut got = p.a.mem.read(100_000, 3);
+    got.extend(p.a.mem.read(200_000, whole.len() - 3));
+    assert_eq!(got, whole);
+}
+
+pub fn rc_ordering_and_unsignaled<B: Backend>() {
+    let mut p = Pair::<B::F>::connect_with::<B>(
+        QpCap {
+            max_send_wr: 1024,
+            ..QpCap::default()
+        },
+        QpCap::default(),
+        MEM,
+    );
+    let (raddr, rkey) = (p.b.mem.addr(0), p.b.mr.rkey());
+    // 500 unsignaled writes of increasing counters to one place, each followed
+    // in the data by its own slot, then a signaled SEND: when the SEND lands,
+    // every write before it has landed.
+    for i in 0..500u32 {
+        p.a.mem.fill(i as usize * 4, &i.to_le_bytes());
+        let sge = [p.a.sge(i as usize * 4, 4)];
+        p.a.qp
+            .post_send(&SendWr::write(i as u64, &sge, raddr, rkey).unsignaled())
+            .unwrap();
+        let sge = [p.a.sge(i as usize * 4, 4)];
+        p.a.qp
+            .post_send(
+                &SendWr::write(i as u64, &sge, raddr + 4 + u64::from(i) * 4, rkey).unsignaled(),
+            )
+            .unwrap();
+        if i % 100 == 99 {
+            p.a.poll();
+        }
+    }
+    p.b.post_recv(1, MEM / 2, 64);
+    p.a.mem.fill(MEM / 2, b"done");
+    let sge = [p.a.sge(MEM / 2, 4)];
+    p.a.qp.post_send(&SendWr::send(999, &sge)).unwrap();
+    let (a, _) = p.wait(1, 1);
+    ok(&a[0], 999, WcOpcode::Send);
+    assert_eq!(p.b.mem.read(0, 4), 499u32.to_le_bytes());
+    for i in 0..500u32 {
+        assert_eq!(p.b.mem.read(4 + i as usize * 4, 4), i.to_le_bytes());
+    }
+    p.idle(Duration::from_millis(20));
+    assert!(
+        p.a.wcs.is_empty(),
+        "unsignaled requests completed: {:?}",
+        p.a.wcs
+    );
+    // Signaled completions come back in posting order.
+    for i in 0..64u64 {
+        let sge = [p.a.sge(0, 8)];
+        p.a.qp
+            .post_send(&SendWr::write(i, &sge, raddr, rkey))
+            .unwrap();
+    }
+    let (a, _) = p.wait(64, 0);
+    assert_eq!(
+        a.iter().map(|w| w.wr_id).collect::<Vec<_>>(),
+        (0..64).collect::<Vec<_>>()
+    );
+}
+
+pub fn inline_data<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    p.a.mem.fill(0, b"inline payload");
+    p.b.post_recv(1, 0, 64);
+    let sge = [p.a.sge(0, 14)];
+    p.a.qp.post_send(&SendWr::send(1, &sge).inlined()).unwrap();
+    // The buffer may be reused as soon as post_send returns.
+    p.a.mem.fill(0, b"XXXXXXXXXXXXXX");
+    let (_, b) = p.wait(1, 1);
+    assert_eq!(b[0].byte_len, 14);
+    assert_eq!(p.b.mem.read(0, 14), b"inline payload");
+    let big = [p.a.sge(0, 4096)];
+    assert!(matches!(
+        p.a.qp.post_send(&SendWr::send(2, &big).inlined()),
+        Err(FabricError::InvalidWr(_))
+    ));
+}
+
+fn expect_access_error<F: Fabric>(p: &mut Pair<F>, wr: SendWr<'_>) {
+    p.b.post_recv(50, 0, 64);
+    p.a.qp.post_send(&wr).unwrap();
+    // A second request behind it is flushed.
+    let sge = [p.a.sge(0, 8)];
+    p.a.qp
+        .post_send(&SendWr::write(77, &sge, p.b.mem.addr(0), p.b.mr.rkey()))
+        .unwrap();
+    let (a, b) = p.wait(2, 1);
+    assert_eq!(
+        (a[0].wr_id, a[0].status),
+        (wr.wr_id, WcStatus::RemAccessErr),
+        "{a:?}"
+    );
+    assert_eq!((a[1].wr_id, a[1].status), (77, WcStatus::WrFlushErr));
+    assert_eq!(p.a.qp.state(), QpState::Error);
+    // The responder's posted receive is flushed too.
+    assert_eq!((b[0].wr_id, b[0].status), (50, WcStatus::WrFlushErr));
+    // Posting on a QP in error completes at once with a flush.
+    p.a.qp.post_send(&SendWr::write(78, &sge, 0, 0)).unwrap();
+    let (a, _) = p.wait(1, 0);
+    assert_eq!((a[0].wr_id, a[0].status), (78, WcStatus::WrFlushErr));
+}
+
+pub fn wrong_rkey<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    let sge = [p.a.sge(0, 8)];
+    let wr = SendWr::write(1, &sge, p.b.mem.addr(0), p.b.mr.rkey() ^ 0x100);
+    expect_access_error(&mut p, wr);
+}
+
+pub fn out_of_bounds_rkey<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    let sge = [p.a.sge(0, 16)];
+    let wr = SendWr::write(1, &sge, p.b.mem.addr(MEM - 8), p.b.mr.rkey());
+    expect_access_error(&mut p, wr);
+}
+
+pub fn read_without_remote_read_access<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    let mem = TestMem::new(4096);
+    let mr =
+        p.b.pd
+            .reg_mr(
+                mem.clone() as Arc<dyn Memory>,
+                Access::LOCAL_WRITE | Access::REMOTE_WRITE,
+            )
+            .unwrap();
+    let sge = [p.a.sge(0, 16)];
+    let wr = SendWr::read(1, &sge, mem.addr(0), mr.rkey());
+    expect_access_error(&mut p, wr);
+}
+
+pub fn rekey_and_local_invalidate<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    let old = p.b.mr.rkey();
+    let new = p.b.mr.rekey().unwrap();
+    assert_ne!(old, new);
+    assert_eq!(
+        old >> 8,
+        new >> 8,
+        "re-keying keeps the index, changes the key byte"
+    );
+    let sge = [p.a.sge(0, 8)];
+    // The new key works ...
+    p.a.qp
+        .post_send(&SendWr::write(1, &sge, p.b.mem.addr(0), new))
+        .unwrap();
+    let (a, _) = p.wait(1, 0);
+    ok(&a[0], 1, WcOpcode::RdmaWrite);
+    // ... LOCAL_INV of it completes, after which it fails.
+    p.b.qp.post_send(&SendWr::local_inv(5, new)).unwrap();
+    let (_, b) = p.wait(0, 1);
+    ok(&b[0], 5, WcOpcode::LocalInv);
+    assert_eq!(p.b.mr.rkey(), 0);
+    let wr = SendWr::write(2, &sge, p.b.mem.addr(0), new);
+    expect_access_error(&mut p, wr);
+}
+
+pub fn old_rkey_fails_after_rekey<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    let old = p.b.mr.rkey();
+    p.b.mr.rekey().unwrap();
+    let sge = [p.a.sge(0, 8)];
+    let wr = SendWr::write(1, &sge, p.b.mem.addr(0), old);
+    expect_access_error(&mut p, wr);
+}
+
+pub fn send_with_invalidate<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    let key = p.b.mr.rkey();
+    p.b.post_recv(3, 0, 64);
+    p.a.qp
+        .post_send(&SendWr::send_with_inv(1, &[], key))
+        .unwrap();
+    let (a, b) = p.wait(1, 1);
+    ok(&a[0], 1, WcOpcode::Send);
+    ok(&b[0], 3, WcOpcode::Recv);
+    assert!(b[0].with_inv);
+    assert_eq!((b[0].invalidated_rkey, b[0].byte_len), (key, 0));
+    assert_eq!(p.b.mr.rkey(), 0);
+    let sge = [p.a.sge(0, 8)];
+    let wr = SendWr::write(2, &sge, p.b.mem.addr(0), key);
+    expect_access_error(&mut p, wr);
+}
+
+pub fn receive_too_small<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    p.b.post_recv(3, 0, 8);
+    let sge = [p.a.sge(0, 64)];
+    p.a.qp.post_send(&SendWr::send(1, &sge)).unwrap();
+    let (a, b) = p.wait(1, 1);
+    assert_eq!((a[0].wr_id, a[0].status), (1, WcStatus::RemInvReqErr));
+    assert_eq!((b[0].wr_id, b[0].status), (3, WcStatus::LocLenErr));
+    assert_eq!(p.a.qp.state(), QpState::Error);
+}
+
+pub fn rnr_retries_forever_by_default<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    p.a.mem.fill(0, b"late");
+    let sge = [p.a.sge(0, 4)];
+    p.a.qp.post_send(&SendWr::send(1, &sge)).unwrap();
+    p.idle(Duration::from_millis(50));
+    assert!(
+        p.a.wcs.is_empty() && p.b.wcs.is_empty(),
+        "a SEND completed with no receive posted"
+    );
+    assert_eq!(p.a.qp.state(), QpState::Rts);
+    p.b.post_recv(2, 0, 64);
+    let (a, b) = p.wait(1, 1);
+    ok(&a[0], 1, WcOpcode::Send);
+    ok(&b[0], 2, WcOpcode::Recv);
+    assert_eq!(p.b.mem.read(0, 4), b"late");
+}
+
+pub fn rnr_retry_exceeded<B: Backend>() {
+    let cap = QpCap {
+        rnr_retry: 1,
+        ..QpCap::default()
+    };
+    let mut p = Pair::<B::F>::connect_with::<B>(cap, QpCap::default(), MEM);
+    let sge = [p.a.sge(0, 4)];
+    p.a.qp.post_send(&SendWr::send(1, &sge)).unwrap();
+    p.a.qp.post_send(&SendWr::send(2, &sge)).unwrap();
+    let (a, _) = p.wait(2, 0);
+    assert_eq!((a[0].wr_id, a[0].status), (1, WcStatus::RnrRetryExcErr));
+    assert_eq!((a[1].wr_id, a[1].status), (2, WcStatus::WrFlushErr));
+    assert_eq!(p.a.qp.state(), QpState::Error);
+}
+
+/// Polls both sides' CQs until `me` sees a CM event.
+fn wait_event<F: Fabric>(me: &mut Side<F>, other: &mut Side<F>) -> CmEvent {
+    let t0 = Instant::now();
+    loop {
+        assert!(t0.elapsed() < DEADLINE, "no CM event");
+        me.poll();
+        other.poll();
+        if let Some(ev) = me.cm.poll_event(Duration::from_millis(1)).unwrap() {
+            return ev;
+        }
+    }
+}
+
+pub fn disconnect_mid_traffic<B: Backend>() {
+    let mut p = Pair::<B::F>::connect_with::<B>(
+        QpCap {
+            max_send_wr: 512,
+            ..QpCap::default()
+        },
+        QpCap::default(),
+        MEM,
+    );
+    let (raddr, rkey) = (p.b.mem.addr(0), p.b.mr.rkey());
+    let sge = [p.a.sge(0, 65536)];
+    for i in 0..256 {
+        p.a.qp
+            .post_send(&SendWr::write(i, &sge, raddr, rkey))
+            .unwrap();
+    }
+    p.b.post_recv(9, 0, 64);
+    let a_id = p.a.id;
+    p.a.cm.disconnect(a_id).unwrap();
+    let ev = wait_event(&mut p.a, &mut p.b);
+    assert!(
+        matches!(ev, CmEvent::Disconnected { id } if id == a_id),
+        "{ev:?}"
+    );
+    let ev = wait_event(&mut p.b, &mut p.a);
+    assert!(matches!(ev, CmEvent::Disconnected { .. }), "{ev:?}");
+    // Every request completes exactly once: done before the cut, or flushed.
+    let (a, b) = p.wait(256, 1);
+    let mut seen: Vec<u64> = a.iter().map(|w| w.wr_id).collect();
+    seen.sort();
+    assert_eq!(seen, (0..256).collect::<Vec<_>>());
+    assert!(a
+        .iter()
+        .all(|w| w.status == WcStatus::Success || w.status == WcStatus::WrFlushErr));
+    let first_flush = a
+        .iter()
+        .position(|w| w.status == WcStatus::WrFlushErr)
+        .unwrap_or(256);
+    assert!(a[first_flush..]
+        .iter()
+        .all(|w| w.status == WcStatus::WrFlushErr));
+    assert_eq!((b[0].wr_id, b[0].status), (9, WcStatus::WrFlushErr));
+    assert_eq!(p.a.qp.state(), QpState::Error);
+    assert_eq!(p.b.qp.state(), QpState::Error);
+}
+
+pub fn reject_and_unreachable<B: Backend>() {
+    let fab = B::fabric();
+    let addr = B::addr();
+    let mut a = Side::new(&fab, QpCap::default(), 4096);
+    let mut b = Side::new(&fab, QpCap::default(), 4096);
+    // Nobody listens yet.
+    let id = a.cm.connect(&addr, &a.qp, b"x").unwrap();
+    let ev = wait_event(&mut a, &mut b);
+    assert!(
+        matches!(ev, CmEvent::Unreachable { id: i, .. } if i == id),
+        "{ev:?}"
+    );
+    b.cm.listen(&addr).unwrap();
+    let id = a.cm.connect(&addr, &a.qp, b"please").unwrap();
+    loop {
+        if let Some(CmEvent::ConnectRequest { id, .. }) =
+            b.cm.poll_event(Duration::from_millis(5)).unwrap()
+        {
+            b.cm.reject(id, b"no thanks").unwrap();
+            break;
+        }
+    }
+    let ev = wait_event(&mut a, &mut b);
+    match ev {
+        CmEvent::Rejected {
+            id: i,
+            private_data,
+        } => {
+            assert_eq!(i, id);
+            assert_eq!(private_data.as_bytes(), b"no thanks");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        a.cm.connect(&addr, &a.qp, &[0u8; 57]),
+        Err(FabricError::PrivateDataTooLong(57))
+    ));
+    let sge = [a.sge(0, 1)];
+    assert!(matches!(
+        a.qp.post_send(&SendWr::send(1, &sge)),
+        Err(FabricError::BadQpState { .. })
+    ));
+}
+
+pub fn many_qps_on_one_cq<B: Backend>() {
+    const N: usize = 8;
+    let fab = B::fabric();
+    let addr = B::addr();
+    let pd_a = fab.alloc_pd().unwrap();
+    let pd_b = fab.alloc_pd().unwrap();
+    let mut cq_a = pd_a.create_cq(1024).unwrap();
+    let mut cq_b = pd_b.create_cq(1024).unwrap();
+    let mut cm_a = fab.create_cm().unwrap();
+    let mut cm_b = fab.create_cm().unwrap();
+    let mem_a = TestMem::new(1 << 20);
+    let mem_b = TestMem::new(1 << 20);
+    let rw = Access::LOCAL_WRITE | Access::REMOTE_WRITE;
+    let mr_a = pd_a.reg_mr(mem_a.clone() as Arc<dyn Memory>, rw).unwrap();
+    let mr_b = pd_b.reg_mr(mem_b.clone() as Arc<dyn Memory>, rw).unwrap();
+    let mut qa: Vec<_> = (0..N)
+        .map(|_| pd_a.create_qp(&cq_a, &cq_a, QpCap::default()).unwrap())
+        .collect();
+    let mut qb: Vec<_> = (0..N)
+        .map(|_| pd_b.create_qp(&cq_b, &cq_b, QpCap::default()).unwrap())
+        .collect();
+    cm_b.listen(&addr).unwrap();
+    let mut up = 0;
+    let mut accepted = 0;
+    for q in &qa {
+        cm_a.connect(&addr, q, b"").unwrap();
+    }
+    let t0 = Instant::now();
+    while up < 2 * N {
+        assert!(t0.elapsed() < DEADLINE);
+        if let Some(ev) = cm_b.poll_event(Duration::from_millis(1)).unwrap() {
+            match ev {
+                CmEvent::ConnectRequest { id, .. } => {
+                    cm_b.accept(id, &qb[accepted], b"").unwrap();
+                    accepted += 1;
+                }
+                CmEvent::Established { .. } => up += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        if let Some(ev) = cm_a.poll_event(Duration::from_millis(1)).unwrap() {
+            assert!(matches!(ev, CmEvent::Established { .. }), "{ev:?}");
+            up += 1;
+        }
+    }
+    // Which passive QP each active QP reached is up to the listener's order;
+    // every passive QP posts receives, every active QP writes with its index.
+    for (i, q) in qb.iter_mut().enumerate() {
+        for k in 0..4 {
+            q.post_recv(&RecvWr {
+                wr_id: (i * 10 + k) as u64,
+                sg_list: &[],
+            })
+            .unwrap();
+        }
+    }
+    for (i, q) in qa.iter_mut().enumerate() {
+        mem_a.fill(i * 64, &[i as u8; 64]);
+        let sge = [mr_a.sge(i * 64, 64)];
+        for k in 0..4u32 {
+            q.post_send(&SendWr::write_with_imm(
+                (i * 10) as u64 + u64::from(k),
+                &sge,
+                mem_b.addr(i * 64),
+                mr_b.rkey(),
+                (i as u32) << 8 | k,
+            ))
+            .unwrap();
+        }
+    }
+    let (mut wa, mut wb) = (Vec::new(), Vec::new());
+    let t0 = Instant::now();
+    while wa.len() < 4 * N || wb.len() < 4 * N {
+        assert!(t0.elapsed() < DEADLINE, "{} {}", wa.len(), wb.len());
+        let mut buf = [Wc::default(); 5];
+        let n = cq_a.poll(&mut buf);
+        wa.extend_from_slice(&buf[..n]);
+        let n = cq_b.poll(&mut buf);
+        wb.extend_from_slice(&buf[..n]);
+    }
+    assert!(wa.iter().chain(&wb).all(|w| w.status == WcStatus::Success));
+    let qa_nums: Vec<u32> = qa.iter().map(|q| q.qp_num()).collect();
+    let qb_nums: Vec<u32> = qb.iter().map(|q| q.qp_num()).collect();
+    for w in &wa {
+        assert_eq!(qa_nums[(w.wr_id / 10) as usize], w.qp_num);
+    }
+    for q in &qb_nums {
+        assert_eq!(wb.iter().filter(|w| w.qp_num == *q).count(), 4);
+    }
+    for i in 0..N {
+        assert_eq!(mem_b.read(i * 64, 64), vec![i as u8; 64]);
+    }
+}
+
+/// Instantiates the suite for a backend.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($backend:ty) => {
+        mod conformance {
+            use super::*;
+            use $crate::common::conformance as c;
+            #[test]
+            fn connect_and_private_data() {
+                c::connect_and_private_data::<$backend>();
+            }
+            #[test]
+            fn send_recv_sizes() {
+                c::send_recv_sizes::<$backend>();
+            }
+            #[test]
+            fn send_with_imm() {
+                c::send_with_imm::<$backend>();
+            }
+            #[test]
+            fn write_and_write_with_imm_sizes() {
+                c::write_and_write_with_imm_sizes::<$backend>();
+            }
+            #[test]
+            fn read_sizes() {
+                c::read_sizes::<$backend>();
+            }
+            #[test]
+            fn scatter_gather_lists() {
+                c::scatter_gather_lists::<$backend>();
+            }
+            #[test]
+            fn rc_ordering_and_unsignaled() {
+                c::rc_ordering_and_unsignaled::<$backend>();
+            }
+            #[test]
+            fn inline_data() {
+                c::inline_data::<$backend>();
+            }
+            #[test]
+            fn wrong_rkey() {
+                c::wrong_rkey::<$backend>();
+            }
+            #[test]
+            fn out_of_bounds_rkey() {
+                c::out_of_bounds_rkey::<$backend>();
+            }
+            #[test]
+            fn read_without_remote_read_access() {
+                c::read_without_remote_read_access::<$backend>();
+            }
+            #[test]
+            fn rekey_and_local_invalidate() {
+                c::rekey_and_local_invalidate::<$backend>();
+            }
+            #[test]
+            fn old_rkey_fails_after_rekey() {
+                c::old_rkey_fails_after_rekey::<$backend>();
+            }
+            #[test]
+            fn send_with_invalidate() {
+                c::send_with_invalidate::<$backend>();
+            }
+            #[test]
+            fn receive_too_small() {
+                c::receive_too_small::<$backend>();
+            }
+            #[test]
+            fn rnr_retries_forever_by_default() {
+                c::rnr_retries_forever_by_default::<$backend>();
+            }
+            #[test]
+            fn rnr_retry_exceeded() {
+                c::rnr_retry_exceeded::<$backend>();
+            }
+            #[test]
+            fn disconnect_mid_traffic() {
+                c::disconnect_mid_traffic::<$backend>();
+            }
+            #[test]
+            fn reject_and_unreachable() {
+                c::reject_and_unreachable::<$backend>();
+            }
+            #[test]
+            fn many_qps_on_one_cq() {
+                c::many_qps_on_one_cq::<$backend>();
+            }
+        }
+    };
+}

@@ -1,0 +1,42 @@
+# Shared helpers for the scripts in this folder (sourced, not run).
+
+# Debian packages the test command needs on a fresh machine.
+TEST_PACKAGES=(build-essential pkg-config)
+
+step() { printf '\n== %s\n' "$*"; }
+
+# Install the Debian packages that are missing, when we are root; otherwise say
+# what is missing and go on (the build will tell whether it mattered).
+ensure_packages() {
+  local missing=()
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    step "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  else
+    echo "warning: missing packages ${missing[*]} (not root: not installing)" >&2
+  fi
+}
+
+# The toolchain comes from rustup; make sure fmt and clippy are there.
+ensure_rust() {
+  command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup)" >&2; exit 1; }
+  if command -v rustup >/dev/null; then
+    for c in rustfmt clippy; do
+      rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+    done
+  fi
+}
+
+# Reserve 2 MiB hugepages for the mempool when root (best effort).
+reserve_hugepages() {
+  local want=${1:-512} f=/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages
+  [ -w "$f" ] || { echo "note: cannot reserve hugepages (not root): the mempool falls back to 4 KiB pages" >&2; return 0; }
+  local have; have=$(cat "$f")
+  if [ "$have" -lt "$want" ]; then echo "$want" > "$f" || true; fi
+  echo "hugepages reserved: $(cat "$f") x 2 MiB"
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing (Debian packages, when root), then
+# runs formatting, lints and every test of the workspace. `.ci/run` calls this.
+#
+#   scripts/test.sh            # everything
+#   RTRS_FUZZ_SECS=60 scripts/test.sh   # fuzz the decoders longer
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+ensure_packages "${TEST_PACKAGES[@]}"
+ensure_rust
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, -D warnings)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test (workspace)"
+cargo test --workspace
+
+step "loom models of the lock-free free list and rings"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+  cargo test -p mempool -p pollers --release --lib loom
+
+step "fuzz the wire decoders for ${RTRS_FUZZ_SECS:=20} s"
+RTRS_FUZZ_SECS=$RTRS_FUZZ_SECS cargo test -p rtrs-poll --release fuzz
+
+step "all green"
