@@ -752,6 +752,197 @@ pub fn many_qps_on_one_cq<B: Backend>() {
     }
 }
 
+
+// ---------------------------------------------------------------------------
+// Across processes: the test binary runs itself as an echo server.
+
+const CHILD_ENV: &str = "RTRS_CONFORMANCE_CHILD";
+const SLOT: usize = 64 << 10;
+const SLOTS: u32 = 16;
+
+fn keys_pdata(mem: &TestMem, off: usize, rkey: u32) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&mem.addr(off).to_le_bytes());
+    b[8..].copy_from_slice(&rkey.to_le_bytes());
+    b
+}
+
+fn parse_keys(b: &[u8]) -> (u64, u32) {
+    assert_eq!(b.len(), 12, "key exchange private data");
+    (
+        u64::from_le_bytes(b[..8].try_into().unwrap()),
+        u32::from_le_bytes(b[8..].try_into().unwrap()),
+    )
+}
+
+/// The child's side (a no-op unless the parent started this process with
+/// `RTRS_CONFORMANCE_CHILD=ADDR`): accept one connection and echo every
+/// WRITE_WITH_IMM back into the parent's memory until disconnected.
+pub fn child_echo_server<B: Backend>() {
+    let Ok(addr) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let addr: Address = addr.parse().unwrap();
+    let fab = B::fabric();
+    let mut me = Side::new(&fab, QpCap::default(), SLOT * SLOTS as usize);
+    me.cm.listen(&addr).unwrap();
+    let mut peer = None;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        match me.cm.poll_event(Duration::from_millis(if peer.is_some() { 0 } else { 5 })).unwrap() {
+            Some(CmEvent::ConnectRequest { id, private_data, .. }) => {
+                peer = Some(parse_keys(private_data.as_bytes()));
+                for i in 0..64 {
+                    me.qp.post_recv(&RecvWr { wr_id: i, sg_list: &[] }).unwrap();
+                }
+                let pd = keys_pdata(&me.mem, 0, me.mr.rkey());
+                me.cm.accept(id, &me.qp, &pd).unwrap();
+            }
+            Some(CmEvent::Disconnected { .. }) => break,
+            Some(_) | None => {}
+        }
+        let Some((raddr, rkey)) = peer else { continue };
+        let mut wcs = [Wc::default(); 16];
+        let n = me.cq.poll(&mut wcs);
+        for wc in &wcs[..n] {
+            if wc.opcode != WcOpcode::RecvRdmaWithImm || wc.status != WcStatus::Success {
+                continue;
+            }
+            me.qp.post_recv(&RecvWr { wr_id: wc.wr_id, sg_list: &[] }).unwrap();
+            let slot = (wc.imm % SLOTS) as usize * SLOT;
+            let sge = [me.sge(slot, wc.byte_len as usize)];
+            let wr = SendWr::write_with_imm(0, &sge, raddr + slot as u64, rkey, wc.imm).unsignaled();
+            if me.qp.post_send(&wr).is_err() {
+                break;
+            }
+        }
+    }
+    std::process::exit(0);
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the echo child and connects to it.
+fn connect_child<B: Backend>() -> (Child, Side<B::F>, (u64, u32)) {
+    let addr = B::addr();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "conformance::child_echo_server", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, addr.to_string())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Child(child);
+    let fab = B::fabric();
+    // Requests go out of the lower half; echoes land in the upper half.
+    let mut me = Side::new(&fab, QpCap::default(), 2 * SLOT * SLOTS as usize);
+    let t0 = Instant::now();
+    loop {
+        assert!(t0.elapsed() < DEADLINE, "the child never listened");
+        let pd = keys_pdata(&me.mem, SLOT * SLOTS as usize, me.mr.rkey());
+        me.id = me.cm.connect(&addr, &me.qp, &pd).unwrap();
+        let ev = loop {
+            if let Some(ev) = me.cm.poll_event(Duration::from_millis(5)).unwrap() {
+                break ev;
+            }
+            assert!(t0.elapsed() < DEADLINE, "no answer from the child");
+        };
+        match ev {
+            CmEvent::Established { private_data, .. } => {
+                let keys = parse_keys(private_data.as_bytes());
+                return (child, me, keys);
+            }
+            CmEvent::Unreachable { .. } => std::thread::sleep(Duration::from_millis(10)),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Sends one 4 KiB WRITE_WITH_IMM and waits for its echo.
+fn echo_once<F: Fabric>(me: &mut Side<F>, keys: (u64, u32), k: u32) {
+    let slot = (k % SLOTS) as usize * SLOT;
+    let data = pattern(4096, u64::from(k));
+    me.mem.fill(slot, &data);
+    me.post_recv(u64::from(k), 0, 0);
+    let sge = [me.sge(slot, 4096)];
+    me.qp
+        .post_send(&SendWr::write_with_imm(u64::from(k), &sge, keys.0 + slot as u64, keys.1, k))
+        .unwrap();
+    let echo = slot + SLOT * SLOTS as usize;
+    me.mem.fill(echo, &[0u8; 4096]);
+    let t0 = Instant::now();
+    let mut got_send = false;
+    let mut got_echo = false;
+    while !(got_send && got_echo) {
+        assert!(t0.elapsed() < DEADLINE, "no echo for {k}");
+        me.poll();
+        for wc in me.wcs.drain(..) {
+            assert_eq!(wc.status, WcStatus::Success, "{wc:?}");
+            match wc.opcode {
+                WcOpcode::RdmaWrite => got_send = true,
+                WcOpcode::RecvRdmaWithImm => {
+                    assert_eq!(wc.imm, k);
+                    got_echo = true;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(me.mem.read(echo, 4096), data, "echo {k}");
+}
+
+pub fn across_processes<B: Backend>() {
+    let (mut child, mut me, keys) = connect_child::<B>();
+    for k in 0..200 {
+        echo_once(&mut me, keys, k);
+    }
+    me.cm.disconnect(me.id).unwrap();
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "child: {status:?}");
+}
+
+pub fn peer_killed_mid_traffic<B: Backend>() {
+    let (mut child, mut me, keys) = connect_child::<B>();
+    for k in 0..20 {
+        echo_once(&mut me, keys, k);
+    }
+    let sge = [me.sge(0, 65536)];
+    for k in 0..100u64 {
+        me.qp
+            .post_send(&SendWr::write(1000 + k, &sge, keys.0, keys.1))
+            .unwrap();
+    }
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let t0 = Instant::now();
+    let mut disconnected = false;
+    let mut done = Vec::new();
+    while !(disconnected && done.len() == 100) {
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "after the peer died: disconnected {disconnected}, {} of 100 requests completed",
+            done.len()
+        );
+        if let Some(ev) = me.cm.poll_event(Duration::from_millis(1)).unwrap() {
+            assert!(matches!(ev, CmEvent::Disconnected { .. }), "{ev:?}");
+            disconnected = true;
+        }
+        me.poll();
+        done.extend(me.wcs.drain(..));
+    }
+    assert!(done
+        .iter()
+        .all(|w| w.status == WcStatus::Success || w.status == WcStatus::WrFlushErr));
+    assert!(done.iter().any(|w| w.status == WcStatus::WrFlushErr) || done.len() == 100);
+    assert_eq!(me.qp.state(), QpState::Error);
+}
+
 /// Instantiates the suite for a backend.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -838,6 +1029,19 @@ macro_rules! conformance_tests {
             #[test]
             fn many_qps_on_one_cq() {
                 c::many_qps_on_one_cq::<$backend>();
+            }
+            #[test]
+            fn across_processes() {
+                c::across_processes::<$backend>();
+            }
+            #[test]
+            fn peer_killed_mid_traffic() {
+                c::peer_killed_mid_traffic::<$backend>();
+            }
+            /// Not a test: the child process of the two tests above.
+            #[test]
+            fn child_echo_server() {
+                c::child_echo_server::<$backend>();
             }
         }
     };
