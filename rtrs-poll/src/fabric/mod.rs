@@ -17,6 +17,7 @@
 //! feature, real verbs.
 
 pub mod addr;
+pub mod memory;
 pub mod soft;
 pub mod types;
 
@@ -133,6 +134,54 @@ pub unsafe trait Memory: Send + Sync + 'static {
     }
     /// A file descriptor another process can map to see the same bytes.
     fn memfd(&self) -> Option<RawFd>;
+
+    /// Copies `data` in at `off`. Bytes a peer may be writing at the same time
+    /// (that is RDMA) are plain bytes: no Rust reference to them is ever made.
+    fn write(&self, off: usize, data: &[u8]) -> Result<()> {
+        let end = off.checked_add(data.len());
+        if end.is_none_or(|e| e > self.len()) {
+            return Err(FabricError::BadMemory("write outside the memory"));
+        }
+        // SAFETY: off + len <= self.len(), and the trait's contract makes the
+        // whole range valid for writes.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(off), data.len()) };
+        Ok(())
+    }
+
+    /// Copies `buf.len()` bytes out from `off`.
+    fn read(&self, off: usize, buf: &mut [u8]) -> Result<()> {
+        let end = off.checked_add(buf.len());
+        if end.is_none_or(|e| e > self.len()) {
+            return Err(FabricError::BadMemory("read outside the memory"));
+        }
+        // SAFETY: off + len <= self.len(), and the range is valid for reads.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.as_ptr().add(off), buf.as_mut_ptr(), buf.len())
+        };
+        Ok(())
+    }
+
+    /// Copies `len` bytes at `off` into `dst` at `dst_off` (one memcpy).
+    fn copy_to(&self, off: usize, dst: &dyn Memory, dst_off: usize, len: usize) -> Result<()> {
+        let src_end = off.checked_add(len);
+        let dst_end = dst_off.checked_add(len);
+        if src_end.is_none_or(|e| e > self.len()) || dst_end.is_none_or(|e| e > dst.len()) {
+            return Err(FabricError::BadMemory("copy outside the memory"));
+        }
+        // SAFETY: both ranges are in bounds (checked above) and valid by the
+        // trait's contract; `copy` tolerates overlap.
+        unsafe { std::ptr::copy(self.as_ptr().add(off), dst.as_ptr().add(dst_off), len) };
+        Ok(())
+    }
+
+    /// The little-endian u64 at `off` (0 when out of range).
+    fn read_u64(&self, off: usize) -> u64 {
+        let mut b = [0u8; 8];
+        match self.read(off, &mut b) {
+            Ok(()) => u64::from_le_bytes(b),
+            Err(_) => 0,
+        }
+    }
 }
 
 /// A backend: the factory for protection domains and connection managers.
