@@ -116,6 +116,16 @@ pub(crate) struct QpCore {
     pub rq: VecDeque<RqEntry>,
     pub send_wcs: VecDeque<Wc>,
     pub recv_wcs: VecDeque<Wc>,
+    /// Outstanding sends someone waits for (signaled, READs, local operations):
+    /// while there are none, acknowledgements need not be fetched eagerly.
+    pub sq_notify: usize,
+}
+
+impl SqEntry {
+    /// Whether completing this entry is observable (else it retires silently).
+    pub(crate) fn notifies(&self) -> bool {
+        self.signaled || !self.wire || self.opcode == WcOpcode::RdmaRead
+    }
 }
 
 impl QpCore {
@@ -141,6 +151,7 @@ impl QpCore {
             rq: VecDeque::with_capacity(r),
             send_wcs: VecDeque::with_capacity(s),
             recv_wcs: VecDeque::with_capacity(r),
+            sq_notify: 0,
         })
     }
 
@@ -197,14 +208,16 @@ impl QpCore {
         wire: bool,
     ) -> u64 {
         let psn = self.next_psn;
-        self.sq.push_back(SqEntry {
+        let e = SqEntry {
             wr_id,
             opcode,
             signaled,
             byte_len,
             psn,
             wire,
-        });
+        };
+        self.sq_notify += usize::from(e.notifies());
+        self.sq.push_back(e);
         if wire {
             self.next_psn += 1;
         }
@@ -223,7 +236,14 @@ impl QpCore {
             if !done {
                 break;
             }
-            let e = self.sq.pop_front().expect("front exists");
+            self.retire_one();
+        }
+    }
+
+    /// Completes the oldest outstanding send successfully.
+    pub(crate) fn retire_one(&mut self) {
+        if let Some(e) = self.sq.pop_front() {
+            self.sq_notify -= usize::from(e.notifies());
             if e.signaled {
                 let mut wc = Wc::new(e.wr_id, WcStatus::Success, e.opcode, self.qp_num);
                 wc.byte_len = e.byte_len;
@@ -245,6 +265,7 @@ impl QpCore {
             return;
         }
         self.state = QpState::Error;
+        self.sq_notify = 0;
         while let Some(e) = self.sq.pop_front() {
             let status = match failed {
                 Some((psn, st)) if e.wire && e.psn == psn => st,

@@ -333,6 +333,8 @@ impl Pd<ShmFabric> for ShmPd {
                 in_dead: false,
                 rnr_since: None,
                 pd: self.inner.clone(),
+                polls: 0,
+                acked_seen: 0,
             }),
         });
         let same = send_cq.id == recv_cq.id;
@@ -413,7 +415,15 @@ struct Engine {
     in_dead: bool,
     rnr_since: Option<minstant::Instant>,
     pd: Arc<PdInner>,
+    /// Polls since the consumer header was last read.
+    polls: u32,
+    /// The highest acknowledgement piggybacked on the peer's requests.
+    acked_seen: u64,
 }
+
+/// Polls between two reads of the consumer header when nothing needs it, so a
+/// refusal or a close is still seen on a connection with nothing outstanding.
+const HEADER_EVERY: u32 = 1024;
 
 /// Why an inbound descriptor was not executed.
 enum Stop {
@@ -469,20 +479,29 @@ impl Engine {
             }
         }
         if self.core.state == QpState::Rts {
-            // The peer's verdict on our requests first: a refusal names the
-            // request that failed, even if the peer has closed since.
-            if let Some((psn, code)) = self.out.nak() {
-                self.core.retire(psn);
-                self.fail(Some((psn, status_from_code(code))));
-            } else {
-                let gone = shared.broken.load(Ordering::Acquire)
-                    || self.out.consumer_closed()
-                    || self
-                        .link
-                        .as_ref()
-                        .is_some_and(|l| l.inbound.producer_closed());
-                if gone {
-                    self.fail(None);
+            self.polls = self.polls.wrapping_add(1);
+            // The consumer header is a line the peer rewrites after each
+            // request; read it only when a completion or room depends on it.
+            let header = self.core.sq_notify > 0
+                || self.core.sq.len() * 2 >= self.core.cap.max_send_wr as usize
+                || self.polls % HEADER_EVERY == 0;
+            let gone = shared.broken.load(Ordering::Acquire)
+                || self
+                    .link
+                    .as_ref()
+                    .is_some_and(|l| l.inbound.producer_closed())
+                || (header && self.out.consumer_closed());
+            if header || gone {
+                // The peer's verdict on our requests first: a refusal names the
+                // request that failed, even if the peer has closed since.
+                if let Some((psn, code)) = self.out.nak() {
+                    self.core.retire(psn);
+                    self.fail(Some((psn, status_from_code(code))));
+                } else {
+                    self.core.retire(self.out.acked(self.core.next_psn));
+                    if gone {
+                        self.fail(None);
+                    }
                 }
             }
         }
@@ -583,6 +602,7 @@ impl Engine {
         };
         let flags = if inline { flags | F_INLINE } else { flags };
         let d = Desc {
+            ack: self.in_psn,
             op: wop,
             flags,
             nsge: n as u16,
@@ -604,8 +624,6 @@ impl Engine {
         if self.core.state != QpState::Rts {
             return;
         }
-        let acked = self.out.acked(self.core.next_psn);
-        self.core.retire(acked);
         self.inbound();
         shared.state.set(self.core.state);
     }
@@ -622,6 +640,10 @@ impl Engine {
             let Some(d) = link.inbound.peek(self.in_psn) else {
                 break;
             };
+            // The acknowledgement the peer piggybacked on this request.
+            if d.ack > self.acked_seen {
+                self.acked_seen = d.ack.min(self.core.next_psn);
+            }
             match execute(&mut self.core, &self.pd, link, self.in_psn, &d) {
                 Ok(()) => self.in_psn += 1,
                 Err(Stop::Rnr) => {
@@ -645,6 +667,9 @@ impl Engine {
                     break;
                 }
             }
+        }
+        if self.acked_seen > 0 {
+            self.core.retire(self.acked_seen);
         }
         if self.in_psn != start {
             if let Some(link) = self.link.as_ref() {

@@ -6,7 +6,12 @@
 //! ```text
 //!   0   producer header   magic depth slot_size max_sge inline rnr_retry closed
 //!   64  consumer header   acked  nak_psn nak_status rnr closed
-//!   128 slot[depth]       seq(psn+1) op flags nsge len imm inv raddr rkey | sges or inline bytes
+//!   128 slot[depth]       seq(psn+1) op flags nsge len imm inv raddr rkey ack | sges or inline
+//! ```
+//! `ack` piggybacks how far the sender has executed the *other* ring, so a
+//! busy connection acknowledges without touching the consumer header (which
+//! the producer reads only when it needs a completion or room).
+//! ```text
 //! ```
 
 use super::super::{FabricError, Mapping, Result};
@@ -47,6 +52,7 @@ mod field {
     pub const INV: usize = 20;
     pub const RADDR: usize = 24;
     pub const RKEY: usize = 32;
+    pub const ACK: usize = 40;
 }
 
 /// Descriptor opcodes on the wire.
@@ -75,6 +81,8 @@ pub(crate) struct Desc {
     pub inv: u32,
     pub raddr: u64,
     pub rkey: u32,
+    /// Descriptors of the reverse ring the sender has executed.
+    pub ack: u64,
 }
 
 /// One sg entry on the wire: where in the sender's shareable memory.
@@ -228,6 +236,7 @@ impl Ring {
             (s.add(field::INV) as *mut u32).write_unaligned(d.inv);
             (s.add(field::RADDR) as *mut u64).write_unaligned(d.raddr);
             (s.add(field::RKEY) as *mut u32).write_unaligned(d.rkey);
+            (s.add(field::ACK) as *mut u64).write_unaligned(d.ack);
             let body = s.add(SLOT_HDR);
             if d.flags & F_INLINE != 0 {
                 let mut off = 0;
@@ -290,6 +299,7 @@ impl Ring {
                 inv: (s.add(field::INV) as *const u32).read_unaligned(),
                 raddr: (s.add(field::RADDR) as *const u64).read_unaligned(),
                 rkey: (s.add(field::RKEY) as *const u32).read_unaligned(),
+                ack: (s.add(field::ACK) as *const u64).read_unaligned(),
             })
         }
     }
