@@ -11,3 +11,4 @@
 
 pub mod fabric;
 pub mod proto;
+pub mod sess;

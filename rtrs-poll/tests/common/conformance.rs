@@ -3,10 +3,10 @@
 //! sides from one thread: software backends make progress when their CQs are
 //! polled, so the helpers always poll both.
 
-use super::{pattern, TestMem};
+use super::{mem, pattern, MemExt, TestMem};
 use rtrs_poll::fabric::{
-    Access, Address, Cm, CmEvent, ConnId, Cq, Fabric, FabricError, Memory, Mr, Pd, Qp, QpCap,
-    QpState, RecvWr, SendWr, Sge, Wc, WcOpcode, WcStatus,
+    Access, Address, Cm, CmEvent, ConnId, Cq, Fabric, FabricError, Mr, Pd, Qp, QpCap, QpState,
+    RecvWr, SendWr, Sge, Wc, WcOpcode, WcStatus,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,10 +42,10 @@ impl<F: Fabric> Side<F> {
         let cq = pd.create_cq(4096).unwrap();
         let qp = pd.create_qp(&cq, &cq, cap).unwrap();
         let cm = fab.create_cm().unwrap();
-        let mem = TestMem::new(mem_len);
+        let mem = mem(mem_len);
         let mr = pd
             .reg_mr(
-                mem.clone() as Arc<dyn Memory>,
+                mem.clone(),
                 Access::LOCAL_WRITE | Access::REMOTE_WRITE | Access::REMOTE_READ,
             )
             .unwrap();
@@ -195,7 +195,7 @@ pub fn send_recv_sizes<B: Backend>() {
         ok(&b[0], 100 + i as u64, WcOpcode::Recv);
         assert_eq!(b[0].byte_len as usize, len);
         assert!(!b[0].with_imm && !b[0].with_inv);
-        assert_eq!(p.b.mem.read(MEM / 2, len), data, "size {len}");
+        assert_eq!(p.b.mem.read_vec(MEM / 2, len), data, "size {len}");
     }
 }
 
@@ -211,7 +211,7 @@ pub fn send_with_imm<B: Backend>() {
     ok(&b[0], 7, WcOpcode::Recv);
     assert!(b[0].with_imm);
     assert_eq!((b[0].imm, b[0].byte_len), (0xdead_beef, 4));
-    assert_eq!(p.b.mem.read(0, 4), b"imm!");
+    assert_eq!(p.b.mem.read_vec(0, 4), b"imm!");
 }
 
 pub fn write_and_write_with_imm_sizes<B: Backend>() {
@@ -227,7 +227,7 @@ pub fn write_and_write_with_imm_sizes<B: Backend>() {
             .unwrap();
         let (a, _) = p.wait(1, 0);
         ok(&a[0], i as u64, WcOpcode::RdmaWrite);
-        assert_eq!(p.b.mem.read(MEM / 2, len), data, "write size {len}");
+        assert_eq!(p.b.mem.read_vec(MEM / 2, len), data, "write size {len}");
 
         let data = pattern(len, 80 + i as u64);
         p.a.mem.fill(0, &data);
@@ -243,7 +243,7 @@ pub fn write_and_write_with_imm_sizes<B: Backend>() {
         assert!(b[0].with_imm);
         assert_eq!((b[0].imm, b[0].byte_len as usize), (i as u32, len));
         assert_eq!(
-            p.b.mem.read(MEM / 2, len),
+            p.b.mem.read_vec(MEM / 2, len),
             data,
             "write_with_imm size {len}"
         );
@@ -266,7 +266,7 @@ pub fn read_sizes<B: Backend>() {
             .unwrap();
         let (a, _) = p.wait(1, 0);
         ok(&a[0], i as u64, WcOpcode::RdmaRead);
-        assert_eq!(p.a.mem.read(0, len), data, "read size {len}");
+        assert_eq!(p.a.mem.read_vec(0, len), data, "read size {len}");
     }
 }
 
@@ -306,9 +306,9 @@ pub fn scatter_gather_lists<B: Backend>() {
     p.a.qp.post_send(&SendWr::send(1, &sges)).unwrap();
     let (_, b) = p.wait(1, 1);
     assert_eq!(b[0].byte_len as usize, whole.len());
-    let mut got = p.b.mem.read(1000, 10);
-    got.extend(p.b.mem.read(200_000, 5000));
-    got.extend(p.b.mem.read(300_000, whole.len() - 5010));
+    let mut got = p.b.mem.read_vec(1000, 10);
+    got.extend(p.b.mem.read_vec(200_000, 5000));
+    got.extend(p.b.mem.read_vec(300_000, whole.len() - 5010));
     assert_eq!(got, whole);
     // RDMA WRITE gathered.
     let (raddr, rkey) = (p.b.mem.addr(MEM / 2), p.b.mr.rkey());
@@ -316,15 +316,15 @@ pub fn scatter_gather_lists<B: Backend>() {
         .post_send(&SendWr::write(2, &sges, raddr, rkey))
         .unwrap();
     p.wait(1, 0);
-    assert_eq!(p.b.mem.read(MEM / 2, whole.len()), whole);
+    assert_eq!(p.b.mem.read_vec(MEM / 2, whole.len()), whole);
     // RDMA READ scattered.
     let dst = [p.a.sge(100_000, 3), p.a.sge(200_000, whole.len() - 3)];
     p.a.qp
         .post_send(&SendWr::read(3, &dst, raddr, rkey))
         .unwrap();
     p.wait(1, 0);
-    let mut got = p.a.mem.read(100_000, 3);
-    got.extend(p.a.mem.read(200_000, whole.len() - 3));
+    let mut got = p.a.mem.read_vec(100_000, 3);
+    got.extend(p.a.mem.read_vec(200_000, whole.len() - 3));
     assert_eq!(got, whole);
 }
 
@@ -363,9 +363,9 @@ pub fn rc_ordering_and_unsignaled<B: Backend>() {
     p.a.qp.post_send(&SendWr::send(999, &sge)).unwrap();
     let (a, _) = p.wait(1, 1);
     ok(&a[0], 999, WcOpcode::Send);
-    assert_eq!(p.b.mem.read(0, 4), 499u32.to_le_bytes());
+    assert_eq!(p.b.mem.read_vec(0, 4), 499u32.to_le_bytes());
     for i in 0..500u32 {
-        assert_eq!(p.b.mem.read(4 + i as usize * 4, 4), i.to_le_bytes());
+        assert_eq!(p.b.mem.read_vec(4 + i as usize * 4, 4), i.to_le_bytes());
     }
     p.idle(Duration::from_millis(20));
     assert!(
@@ -397,7 +397,7 @@ pub fn inline_data<B: Backend>() {
     p.a.mem.fill(0, b"XXXXXXXXXXXXXX");
     let (_, b) = p.wait(1, 1);
     assert_eq!(b[0].byte_len, 14);
-    assert_eq!(p.b.mem.read(0, 14), b"inline payload");
+    assert_eq!(p.b.mem.read_vec(0, 14), b"inline payload");
     let big = [p.a.sge(0, 4096)];
     assert!(matches!(
         p.a.qp.post_send(&SendWr::send(2, &big).inlined()),
@@ -445,13 +445,10 @@ pub fn out_of_bounds_rkey<B: Backend>() {
 
 pub fn read_without_remote_read_access<B: Backend>() {
     let mut p = Pair::<B::F>::connect::<B>();
-    let mem = TestMem::new(4096);
+    let mem = mem(4096);
     let mr =
         p.b.pd
-            .reg_mr(
-                mem.clone() as Arc<dyn Memory>,
-                Access::LOCAL_WRITE | Access::REMOTE_WRITE,
-            )
+            .reg_mr(mem.clone(), Access::LOCAL_WRITE | Access::REMOTE_WRITE)
             .unwrap();
     let sge = [p.a.sge(0, 16)];
     let wr = SendWr::read(1, &sge, mem.addr(0), mr.rkey());
@@ -537,7 +534,7 @@ pub fn rnr_retries_forever_by_default<B: Backend>() {
     let (a, b) = p.wait(1, 1);
     ok(&a[0], 1, WcOpcode::Send);
     ok(&b[0], 2, WcOpcode::Recv);
-    assert_eq!(p.b.mem.read(0, 4), b"late");
+    assert_eq!(p.b.mem.read_vec(0, 4), b"late");
 }
 
 pub fn rnr_retry_exceeded<B: Backend>() {
@@ -668,11 +665,11 @@ pub fn many_qps_on_one_cq<B: Backend>() {
     let mut cq_b = pd_b.create_cq(1024).unwrap();
     let mut cm_a = fab.create_cm().unwrap();
     let mut cm_b = fab.create_cm().unwrap();
-    let mem_a = TestMem::new(1 << 20);
-    let mem_b = TestMem::new(1 << 20);
+    let mem_a = mem(1 << 20);
+    let mem_b = mem(1 << 20);
     let rw = Access::LOCAL_WRITE | Access::REMOTE_WRITE;
-    let mr_a = pd_a.reg_mr(mem_a.clone() as Arc<dyn Memory>, rw).unwrap();
-    let mr_b = pd_b.reg_mr(mem_b.clone() as Arc<dyn Memory>, rw).unwrap();
+    let mr_a = pd_a.reg_mr(mem_a.clone(), rw).unwrap();
+    let mr_b = pd_b.reg_mr(mem_b.clone(), rw).unwrap();
     let mut qa: Vec<_> = (0..N)
         .map(|_| pd_a.create_qp(&cq_a, &cq_a, QpCap::default()).unwrap())
         .collect();
@@ -748,10 +745,9 @@ pub fn many_qps_on_one_cq<B: Backend>() {
         assert_eq!(wb.iter().filter(|w| w.qp_num == *q).count(), 4);
     }
     for i in 0..N {
-        assert_eq!(mem_b.read(i * 64, 64), vec![i as u8; 64]);
+        assert_eq!(mem_b.read_vec(i * 64, 64), vec![i as u8; 64]);
     }
 }
-
 
 // ---------------------------------------------------------------------------
 // Across processes: the test binary runs itself as an echo server.
@@ -789,13 +785,24 @@ pub fn child_echo_server<B: Backend>() {
     let mut peer = None;
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(30) {
-        match me.cm.poll_event(Duration::from_millis(if peer.is_some() { 0 } else { 5 })).unwrap() {
-            Some(CmEvent::ConnectRequest { id, private_data, .. }) => {
+        match me
+            .cm
+            .poll_event(Duration::from_millis(if peer.is_some() { 0 } else { 5 }))
+            .unwrap()
+        {
+            Some(CmEvent::ConnectRequest {
+                id, private_data, ..
+            }) => {
                 peer = Some(parse_keys(private_data.as_bytes()));
                 for i in 0..64 {
-                    me.qp.post_recv(&RecvWr { wr_id: i, sg_list: &[] }).unwrap();
+                    me.qp
+                        .post_recv(&RecvWr {
+                            wr_id: i,
+                            sg_list: &[],
+                        })
+                        .unwrap();
                 }
-                let pd = keys_pdata(&me.mem, 0, me.mr.rkey());
+                let pd = keys_pdata(&*me.mem, 0, me.mr.rkey());
                 me.cm.accept(id, &me.qp, &pd).unwrap();
             }
             Some(CmEvent::Disconnected { .. }) => break,
@@ -808,10 +815,16 @@ pub fn child_echo_server<B: Backend>() {
             if wc.opcode != WcOpcode::RecvRdmaWithImm || wc.status != WcStatus::Success {
                 continue;
             }
-            me.qp.post_recv(&RecvWr { wr_id: wc.wr_id, sg_list: &[] }).unwrap();
+            me.qp
+                .post_recv(&RecvWr {
+                    wr_id: wc.wr_id,
+                    sg_list: &[],
+                })
+                .unwrap();
             let slot = (wc.imm % SLOTS) as usize * SLOT;
             let sge = [me.sge(slot, wc.byte_len as usize)];
-            let wr = SendWr::write_with_imm(0, &sge, raddr + slot as u64, rkey, wc.imm).unsignaled();
+            let wr =
+                SendWr::write_with_imm(0, &sge, raddr + slot as u64, rkey, wc.imm).unsignaled();
             if me.qp.post_send(&wr).is_err() {
                 break;
             }
@@ -833,7 +846,12 @@ impl Drop for Child {
 fn connect_child<B: Backend>() -> (Child, Side<B::F>, (u64, u32)) {
     let addr = B::addr();
     let child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "conformance::child_echo_server", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "conformance::child_echo_server",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, addr.to_string())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -845,7 +863,7 @@ fn connect_child<B: Backend>() -> (Child, Side<B::F>, (u64, u32)) {
     let t0 = Instant::now();
     loop {
         assert!(t0.elapsed() < DEADLINE, "the child never listened");
-        let pd = keys_pdata(&me.mem, SLOT * SLOTS as usize, me.mr.rkey());
+        let pd = keys_pdata(&*me.mem, SLOT * SLOTS as usize, me.mr.rkey());
         me.id = me.cm.connect(&addr, &me.qp, &pd).unwrap();
         let ev = loop {
             if let Some(ev) = me.cm.poll_event(Duration::from_millis(5)).unwrap() {
@@ -872,7 +890,13 @@ fn echo_once<F: Fabric>(me: &mut Side<F>, keys: (u64, u32), k: u32) {
     me.post_recv(u64::from(k), 0, 0);
     let sge = [me.sge(slot, 4096)];
     me.qp
-        .post_send(&SendWr::write_with_imm(u64::from(k), &sge, keys.0 + slot as u64, keys.1, k))
+        .post_send(&SendWr::write_with_imm(
+            u64::from(k),
+            &sge,
+            keys.0 + slot as u64,
+            keys.1,
+            k,
+        ))
         .unwrap();
     let echo = slot + SLOT * SLOTS as usize;
     me.mem.fill(echo, &[0u8; 4096]);
@@ -894,7 +918,7 @@ fn echo_once<F: Fabric>(me: &mut Side<F>, keys: (u64, u32), k: u32) {
             }
         }
     }
-    assert_eq!(me.mem.read(echo, 4096), data, "echo {k}");
+    assert_eq!(me.mem.read_vec(echo, 4096), data, "echo {k}");
 }
 
 pub fn across_processes<B: Backend>() {
@@ -934,7 +958,7 @@ pub fn peer_killed_mid_traffic<B: Backend>() {
             disconnected = true;
         }
         me.poll();
-        done.extend(me.wcs.drain(..));
+        done.append(&mut me.wcs);
     }
     assert!(done
         .iter()

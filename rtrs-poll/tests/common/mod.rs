@@ -5,85 +5,37 @@
 pub mod conformance;
 
 use rtrs_poll::fabric::Memory;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-/// Shareable memory for tests: a memfd mapped shared.
-pub struct TestMem {
-    fd: OwnedFd,
-    ptr: *mut u8,
-    len: usize,
+/// Test memory: the library's shareable memory, with helpers.
+pub type TestMem = dyn Memory;
+
+/// `len` bytes of shareable memory.
+pub fn mem(len: usize) -> Arc<TestMem> {
+    rtrs_poll::fabric::memory::shareable(len.max(1)).unwrap()
 }
 
-// SAFETY: plain shared memory, accessed by raw pointer.
-unsafe impl Send for TestMem {}
-// SAFETY: as above.
-unsafe impl Sync for TestMem {}
+/// Test helpers on memory.
+pub trait MemExt {
+    /// Copies `data` in at `off`.
+    fn fill(&self, off: usize, data: &[u8]);
+    /// Copies `len` bytes out from `off`.
+    fn read_vec(&self, off: usize, len: usize) -> Vec<u8>;
+    /// The virtual address of byte `off`.
+    fn addr(&self, off: usize) -> u64;
+}
 
-impl TestMem {
-    pub fn new(len: usize) -> Arc<TestMem> {
-        // SAFETY: constant C string.
-        let fd = unsafe { libc::memfd_create(c"rtrs-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fresh fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: our memfd.
-        assert_eq!(
-            unsafe { libc::ftruncate(fd.as_raw_fd(), len.max(1) as i64) },
-            0
-        );
-        // SAFETY: shared mapping of our memfd.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len.max(1),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        Arc::new(TestMem {
-            fd,
-            ptr: ptr as *mut u8,
-            len,
-        })
+impl MemExt for TestMem {
+    fn fill(&self, off: usize, data: &[u8]) {
+        self.write(off, data).unwrap();
     }
-    pub fn fill(&self, off: usize, data: &[u8]) {
-        assert!(off + data.len() <= self.len);
-        // SAFETY: in bounds (checked above).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
-    }
-    pub fn read(&self, off: usize, len: usize) -> Vec<u8> {
-        assert!(off + len <= self.len);
+    fn read_vec(&self, off: usize, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        // SAFETY: in bounds (checked above).
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), v.as_mut_ptr(), len) };
+        self.read(off, &mut v).unwrap();
         v
     }
-    pub fn addr(&self, off: usize) -> u64 {
-        self.ptr as u64 + off as u64
-    }
-}
-
-impl Drop for TestMem {
-    fn drop(&mut self) {
-        // SAFETY: our mapping.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len.max(1)) };
-    }
-}
-
-// SAFETY: the mapping lives as long as the value and the memfd maps the same pages.
-unsafe impl Memory for TestMem {
-    fn as_ptr(&self) -> *mut u8 {
-        self.ptr
-    }
-    fn len(&self) -> usize {
-        self.len
-    }
-    fn memfd(&self) -> Option<RawFd> {
-        Some(self.fd.as_raw_fd())
+    fn addr(&self, off: usize) -> u64 {
+        self.as_ptr() as u64 + off as u64
     }
 }
 

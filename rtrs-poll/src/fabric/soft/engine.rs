@@ -359,7 +359,7 @@ mod tests {
             *v += 1;
             c.with("x", |_| ()).is_err()
         });
-        assert_eq!(r.unwrap(), true);
+        assert!(r.unwrap());
         assert_eq!(c.with("x", |v| *v).unwrap(), 2);
     }
 }

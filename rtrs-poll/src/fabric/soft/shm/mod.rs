@@ -118,11 +118,14 @@ impl Fabric for ShmFabric {
 const REGION_HDR: usize = 16;
 const REGION_ENTRY: usize = 16;
 
+type LocalRegion = (usize, usize, Arc<dyn Memory>);
+
 struct RegionTable {
     fd: OwnedFd,
     map: Mapping,
     cap: u32,
-    local: Mutex<Vec<(usize, usize, Arc<dyn Memory>)>>,
+    /// (address, length, memory) of each region, by id.
+    local: Mutex<Vec<LocalRegion>>,
 }
 
 impl std::fmt::Debug for RegionTable {
