@@ -1,7 +1,8 @@
 # Shared helpers for the scripts in this folder (sourced, not run).
 
 # Debian packages the test command needs on a fresh machine.
-TEST_PACKAGES=(build-essential pkg-config)
+# libibverbs-dev, librdmacm-dev and libclang-dev: the `rdma` feature (rdma-sys runs bindgen).
+TEST_PACKAGES=(build-essential pkg-config libibverbs-dev librdmacm-dev libclang-dev)
 
 step() { printf '\n== %s\n' "$*"; }
 

@@ -18,6 +18,9 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "the rdma feature builds (rdma-sys against rdma-core)"
+cargo build -p rtrs-poll --features rdma
+
 step "cargo test (workspace)"
 cargo test --workspace
 
