@@ -1,0 +1,407 @@
+//! A chunk pool over a region: fixed-size chunks addressed by index, taken and
+//! returned in O(1) with no lock.
+//!
+//! ```text
+//!   shared free list: a Treiber stack of chunk indices, head = (ABA tag << 32 | index + 1)
+//!   per-core cache:   a small array of indices owned by one core; it refills and
+//!                     flushes half its capacity at a time, so a core touches the
+//!                     shared head once per batch, not once per chunk
+//!   chunk state:      one byte per chunk (free / in use): a double free or a
+//!                     foreign index is refused, never corrupts the list
+//! ```
+//! The region is registered once, by the caller's [`Registrar`], and the pool
+//! keeps the handle: nothing here knows about RDMA.
+
+use crate::region::Region;
+use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use crate::PoolError;
+use crossbeam_utils::CachePadded;
+use std::sync::{Arc, Mutex};
+
+const EMPTY: u32 = 0;
+const FREE: u8 = 0;
+const USED: u8 = 1;
+
+/// Registers memory once (the fabric implements it; tests can use `()`).
+pub trait Registrar {
+    /// What registration yields (an MR, say).
+    type Handle;
+    /// Why it failed.
+    type Error: std::fmt::Display;
+    /// Registers `len` bytes at `base`.
+    fn register(&mut self, base: *mut u8, len: usize) -> Result<Self::Handle, Self::Error>;
+}
+
+/// No registration.
+impl Registrar for () {
+    type Handle = ();
+    type Error = std::convert::Infallible;
+    fn register(&mut self, _: *mut u8, _: usize) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+/// A chunk taken from the pool. Not `Clone`: it is returned once.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Chunk(u32);
+
+impl Chunk {
+    /// The chunk's index (the RTRS buf_id of a server chunk).
+    pub fn index(&self) -> u32 {
+        self.0
+    }
+}
+
+/// Pool figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Chunks in the pool.
+    pub chunks: u32,
+    /// Bytes per chunk.
+    pub chunk_size: usize,
+    /// Chunks held by users now (not in the shared list or a core's cache).
+    pub in_use: u64,
+    /// Most chunks ever outside the shared list at once (users and caches).
+    pub high_water: u64,
+    /// Allocations that found the pool exhausted.
+    pub failed_allocs: u64,
+    /// Whether 2 MiB hugepages back the region.
+    pub huge: bool,
+}
+
+#[derive(Debug, Default)]
+struct CacheStats {
+    held: AtomicU64,
+}
+
+/// The pool.
+pub struct ChunkPool<H = ()> {
+    region: Arc<Region>,
+    chunk_size: usize,
+    count: u32,
+    head: CachePadded<AtomicU64>,
+    next: Box<[AtomicU32]>,
+    state: Box<[AtomicU8]>,
+    out: CachePadded<AtomicU64>,
+    high_water: AtomicU64,
+    failed: AtomicU64,
+    caches: Mutex<Vec<Arc<CacheStats>>>,
+    handle: H,
+}
+
+impl<H> std::fmt::Debug for ChunkPool<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChunkPool({} x {} B)", self.count, self.chunk_size)
+    }
+}
+
+impl<H> ChunkPool<H> {
+    /// Carves `region` into chunks of `chunk_size` bytes (as many as fit) and
+    /// registers the whole region once with `registrar`.
+    pub fn new<R: Registrar<Handle = H>>(
+        region: Arc<Region>,
+        chunk_size: usize,
+        registrar: &mut R,
+    ) -> Result<ChunkPool<H>, PoolError> {
+        if chunk_size == 0 {
+            return Err(PoolError::Empty);
+        }
+        let count = region.len() / chunk_size;
+        if count == 0 || count >= u32::MAX as usize {
+            return Err(PoolError::BadChunkCount(count));
+        }
+        let handle = registrar
+            .register(region.as_ptr(), region.len())
+            .map_err(|e| PoolError::Registration(e.to_string()))?;
+        let count = count as u32;
+        // Initially every chunk is on the list, lowest index on top.
+        let next: Vec<AtomicU32> = (0..count)
+            .map(|i| AtomicU32::new(if i + 1 < count { i + 2 } else { EMPTY }))
+            .collect();
+        Ok(ChunkPool {
+            region,
+            chunk_size,
+            count,
+            head: CachePadded::new(AtomicU64::new(1)),
+            next: next.into_boxed_slice(),
+            state: (0..count).map(|_| AtomicU8::new(FREE)).collect(),
+            out: CachePadded::new(AtomicU64::new(0)),
+            high_water: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            caches: Mutex::new(Vec::new()),
+            handle,
+        })
+    }
+
+    /// The registration of the whole region.
+    pub fn registration(&self) -> &H {
+        &self.handle
+    }
+    /// The region.
+    pub fn region(&self) -> &Arc<Region> {
+        &self.region
+    }
+    /// Bytes per chunk.
+    pub fn chunk_size(&self) -> usize {
+        self.chunk_size
+    }
+    /// Chunks in the pool.
+    pub fn chunks(&self) -> u32 {
+        self.count
+    }
+    /// Offset of chunk `index` in the region (None when out of range).
+    pub fn offset(&self, index: u32) -> Option<usize> {
+        (index < self.count).then(|| index as usize * self.chunk_size)
+    }
+    /// Address of chunk `index` (None when out of range).
+    pub fn chunk_ptr(&self, index: u32) -> Option<*mut u8> {
+        // SAFETY: offset() < count * chunk_size <= region.len().
+        self.offset(index)
+            .map(|o| unsafe { self.region.as_ptr().add(o) })
+    }
+
+    fn pop(&self) -> Option<u32> {
+        let mut head = self.head.load(Ordering::Acquire);
+        loop {
+            let top = head as u32;
+            if top == EMPTY {
+                return None;
+            }
+            let next = self.next[(top - 1) as usize].load(Ordering::Relaxed);
+            let tag = (head >> 32).wrapping_add(1);
+            match self.head.compare_exchange_weak(
+                head,
+                tag << 32 | u64::from(next),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(top - 1),
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    fn push(&self, index: u32) {
+        let mut head = self.head.load(Ordering::Relaxed);
+        loop {
+            self.next[index as usize].store(head as u32, Ordering::Relaxed);
+            let tag = (head >> 32).wrapping_add(1);
+            match self.head.compare_exchange_weak(
+                head,
+                tag << 32 | u64::from(index + 1),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    fn take_out(&self, n: u64) {
+        let now = self.out.fetch_add(n, Ordering::Relaxed) + n;
+        self.high_water.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn mark_used(&self, index: u32) {
+        self.state[index as usize].store(USED, Ordering::Relaxed);
+    }
+
+    fn mark_free(&self, index: u32) -> Result<(), PoolError> {
+        let s = self
+            .state
+            .get(index as usize)
+            .ok_or(PoolError::ForeignChunk(index))?;
+        if s.swap(FREE, Ordering::Relaxed) != USED {
+            return Err(PoolError::DoubleFree(index));
+        }
+        Ok(())
+    }
+
+    /// Takes a chunk from the shared list.
+    pub fn alloc(&self) -> Result<Chunk, PoolError> {
+        match self.pop() {
+            Some(i) => {
+                self.take_out(1);
+                self.mark_used(i);
+                Ok(Chunk(i))
+            }
+            None => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                Err(PoolError::Exhausted)
+            }
+        }
+    }
+
+    /// Returns a chunk to the shared list.
+    pub fn free(&self, c: Chunk) -> Result<(), PoolError> {
+        self.mark_free(c.0)?;
+        self.push(c.0);
+        self.out.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A per-core cache of up to `capacity` chunks (sized now: alloc and free
+    /// through it never allocate).
+    pub fn cache(&self, capacity: usize) -> LocalCache<'_, H> {
+        let stats = Arc::new(CacheStats::default());
+        self.caches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(stats.clone());
+        LocalCache {
+            pool: self,
+            buf: Vec::with_capacity(capacity.max(2)),
+            stats,
+        }
+    }
+
+    /// The figures now.
+    pub fn stats(&self) -> PoolStats {
+        let cached: u64 = self
+            .caches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|c| c.held.load(Ordering::Relaxed))
+            .sum();
+        let out = self.out.load(Ordering::Relaxed);
+        PoolStats {
+            chunks: self.count,
+            chunk_size: self.chunk_size,
+            in_use: out.saturating_sub(cached),
+            high_water: self.high_water.load(Ordering::Relaxed),
+            failed_allocs: self.failed.load(Ordering::Relaxed),
+            huge: self.region.is_huge(),
+        }
+    }
+}
+
+/// One core's cache of free chunks. Not `Sync`: it belongs to one thread.
+pub struct LocalCache<'a, H> {
+    pool: &'a ChunkPool<H>,
+    buf: Vec<u32>,
+    stats: Arc<CacheStats>,
+}
+
+impl<H> std::fmt::Debug for LocalCache<'_, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LocalCache({}/{})", self.buf.len(), self.buf.capacity())
+    }
+}
+
+impl<H> LocalCache<'_, H> {
+    fn publish(&self) {
+        self.stats
+            .held
+            .store(self.buf.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Takes a chunk, refilling half the cache from the shared list when empty.
+    pub fn alloc(&mut self) -> Result<Chunk, PoolError> {
+        if self.buf.is_empty() {
+            let want = self.buf.capacity() / 2;
+            let mut got = 0;
+            while got < want {
+                match self.pool.pop() {
+                    Some(i) => {
+                        self.buf.push(i);
+                        got += 1;
+                    }
+                    None => break,
+                }
+            }
+            self.pool.take_out(got as u64);
+        }
+        match self.buf.pop() {
+            Some(i) => {
+                self.pool.mark_used(i);
+                self.publish();
+                Ok(Chunk(i))
+            }
+            None => {
+                self.pool.failed.fetch_add(1, Ordering::Relaxed);
+                Err(PoolError::Exhausted)
+            }
+        }
+    }
+
+    /// Returns a chunk, flushing half the cache to the shared list when full.
+    pub fn free(&mut self, c: Chunk) -> Result<(), PoolError> {
+        self.pool.mark_free(c.0)?;
+        if self.buf.len() == self.buf.capacity() {
+            let n = self.buf.len() / 2;
+            for _ in 0..n {
+                let i = self.buf.pop().expect("cache holds n chunks");
+                self.pool.push(i);
+            }
+            self.pool.out.fetch_sub(n as u64, Ordering::Relaxed);
+        }
+        self.buf.push(c.0);
+        self.publish();
+        Ok(())
+    }
+}
+
+impl<H> Drop for LocalCache<'_, H> {
+    fn drop(&mut self) {
+        let n = self.buf.len();
+        while let Some(i) = self.buf.pop() {
+            self.pool.push(i);
+        }
+        self.pool.out.fetch_sub(n as u64, Ordering::Relaxed);
+        self.publish();
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+
+    /// Two threads take and return chunks of a two-chunk list at once, one of
+    /// them popping twice and pushing back the first chunk before the second
+    /// (the ABA pattern the tag guards against): a chunk is never held by two
+    /// threads, and every chunk comes back.
+    #[test]
+    fn loom_free_list() {
+        use loom::sync::atomic::AtomicBool;
+        let region = Arc::new(Region::anonymous(8192).unwrap());
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(move || {
+            let pool = Arc::new(ChunkPool::new(region.clone(), region.len() / 2, &mut ()).unwrap());
+            let held = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+            let take = |pool: &ChunkPool<()>, held: &[AtomicBool; 2]| {
+                let c = pool.alloc().ok()?;
+                let h = &held[c.index() as usize];
+                assert!(!h.swap(true, Ordering::AcqRel), "chunk held twice");
+                Some(c)
+            };
+            let give = |pool: &ChunkPool<()>, held: &[AtomicBool; 2], c: Chunk| {
+                held[c.index() as usize].store(false, Ordering::Release);
+                pool.free(c).unwrap();
+            };
+            let t1 = {
+                let (pool, held) = (pool.clone(), held.clone());
+                loom::thread::spawn(move || {
+                    if let Some(c) = take(&pool, &held) {
+                        give(&pool, &held, c);
+                    }
+                })
+            };
+            let a = take(&pool, &held);
+            let b = take(&pool, &held);
+            if let Some(a) = a {
+                give(&pool, &held, a);
+            }
+            if let Some(b) = b {
+                give(&pool, &held, b);
+            }
+            t1.join().unwrap();
+            let x = pool.alloc().unwrap();
+            let y = pool.alloc().unwrap();
+            assert_ne!(x.index(), y.index());
+            assert!(pool.alloc().is_err());
+        });
+    }
+}

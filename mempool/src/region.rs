@@ -1,0 +1,243 @@
+//! Regions: one allocation each, from 2 MiB hugepages when the system has them
+//! reserved, else 4 KiB pages with `MADV_HUGEPAGE` (logged once, with the
+//! command that reserves hugepages, and visible in [`Region::is_huge`]).
+//! A shareable region lives in a memfd (`MFD_HUGETLB` when possible) that
+//! another process maps with [`Region::map_fd`].
+
+use crate::PoolError;
+use std::alloc::Layout;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::Once;
+
+/// The hugepage size this crate asks for.
+pub const HUGE_PAGE: usize = 2 << 20;
+
+static FALLBACK_LOGGED: Once = Once::new();
+
+fn log_fallback(len: usize) {
+    FALLBACK_LOGGED.call_once(|| {
+        tracing::warn!(
+            "no 2 MiB hugepages available: falling back to 4 KiB pages with MADV_HUGEPAGE; \
+             reserve them with: echo {} > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages",
+            len.div_ceil(HUGE_PAGE).max(64)
+        );
+    });
+}
+
+fn kernel_has_hugetlb() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::fs::read_to_string("/proc/meminfo")
+            .map(|s| s.contains("Hugepagesize:"))
+            .unwrap_or(false)
+    })
+}
+
+#[derive(Debug)]
+enum Backing {
+    /// hugepage-rs allocation.
+    Huge(Layout),
+    /// Anonymous 4 KiB pages.
+    Anon,
+    /// A memfd mapping (ours or a peer's).
+    Memfd(OwnedFd),
+}
+
+/// One mapping of memory, zeroed, page aligned, unmapped on drop.
+#[derive(Debug)]
+pub struct Region {
+    ptr: *mut u8,
+    len: usize,
+    huge: bool,
+    backing: Backing,
+}
+
+// SAFETY: a Region is plain memory owned by value; accesses go through raw
+// pointers whose synchronisation is the user's (as with memory a NIC writes).
+unsafe impl Send for Region {}
+// SAFETY: as above: &Region hands out no references into the memory.
+unsafe impl Sync for Region {}
+
+fn mmap(len: usize, flags: libc::c_int, fd: libc::c_int) -> Option<*mut u8> {
+    // SAFETY: a fresh mapping chosen by the kernel.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            0,
+        )
+    };
+    (p != libc::MAP_FAILED).then_some(p as *mut u8)
+}
+
+fn advise_huge(p: *mut u8, len: usize) {
+    // SAFETY: p/len is a mapping we just made; madvise only hints.
+    unsafe { libc::madvise(p as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+}
+
+impl Region {
+    /// `len` bytes of private memory (hugepages when reserved).
+    pub fn anonymous(len: usize) -> Result<Region, PoolError> {
+        if len == 0 {
+            return Err(PoolError::Empty);
+        }
+        let huge_len = len.next_multiple_of(HUGE_PAGE);
+        let layout =
+            Layout::from_size_align(huge_len, 4096).map_err(|_| PoolError::TooLarge(len))?;
+        // hugepage-rs panics on a kernel without hugetlb (no Hugepagesize line).
+        let p = if kernel_has_hugetlb() {
+            // SAFETY: layout has a non-zero size.
+            unsafe { hugepage_rs::alloc(layout) }
+        } else {
+            std::ptr::null_mut()
+        };
+        if !p.is_null() {
+            return Ok(Region {
+                ptr: p,
+                len: huge_len,
+                huge: true,
+                backing: Backing::Huge(layout),
+            });
+        }
+        log_fallback(len);
+        let len = len.next_multiple_of(4096);
+        let p = mmap(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+            .ok_or_else(|| PoolError::os("mmap anonymous memory"))?;
+        advise_huge(p, len);
+        Ok(Region {
+            ptr: p,
+            len,
+            huge: false,
+            backing: Backing::Anon,
+        })
+    }
+
+    /// `len` bytes another process can map: a memfd, from hugepages when
+    /// reserved (MFD_HUGETLB).
+    pub fn shareable(len: usize) -> Result<Region, PoolError> {
+        if len == 0 {
+            return Err(PoolError::Empty);
+        }
+        let huge_len = len.next_multiple_of(HUGE_PAGE);
+        if let Some(r) = Self::memfd(huge_len, libc::MFD_HUGETLB) {
+            return Ok(r);
+        }
+        log_fallback(len);
+        let len = len.next_multiple_of(4096);
+        let r = Self::memfd(len, 0).ok_or_else(|| PoolError::os("create a memfd"))?;
+        advise_huge(r.ptr, r.len);
+        Ok(r)
+    }
+
+    fn memfd(len: usize, extra: libc::c_uint) -> Option<Region> {
+        // SAFETY: a constant C string.
+        let fd = unsafe { libc::memfd_create(c"rtrs-mempool".as_ptr(), libc::MFD_CLOEXEC | extra) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: fd is fresh and ours.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our memfd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return None;
+        }
+        let flags = libc::MAP_SHARED | if extra != 0 { libc::MAP_POPULATE } else { 0 };
+        let p = mmap(len, flags, fd.as_raw_fd())?;
+        Some(Region {
+            ptr: p,
+            len,
+            huge: extra & libc::MFD_HUGETLB != 0,
+            backing: Backing::Memfd(fd),
+        })
+    }
+
+    /// Maps a shareable region from its file descriptor (received from the
+    /// process that created it). `len` must not exceed the file's size.
+    pub fn map_fd(fd: OwnedFd, len: usize) -> Result<Region, PoolError> {
+        if len == 0 {
+            return Err(PoolError::Empty);
+        }
+        // SAFETY: fstat into a zeroed buffer on a valid fd.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(PoolError::os("fstat the shared region"));
+        }
+        if (st.st_size as u64) < len as u64 {
+            return Err(PoolError::TooLarge(len));
+        }
+        let p = mmap(len, libc::MAP_SHARED, fd.as_raw_fd())
+            .ok_or_else(|| PoolError::os("map the shared region"))?;
+        // Hugetlbfs files report their block size as the hugepage size.
+        let huge = st.st_blksize as usize >= HUGE_PAGE;
+        Ok(Region {
+            ptr: p,
+            len,
+            huge,
+            backing: Backing::Memfd(fd),
+        })
+    }
+
+    /// First byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    /// Length in bytes (rounded up to the page size used).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the region is empty (never: regions have at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Whether 2 MiB hugepages back it (false: 4 KiB pages, THP advised).
+    pub fn is_huge(&self) -> bool {
+        self.huge
+    }
+    /// The memfd behind a shareable region.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.backing {
+            Backing::Memfd(fd) => Some(fd.as_fd()),
+            _ => None,
+        }
+    }
+
+    fn check(&self, off: usize, len: usize) -> Result<(), PoolError> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(PoolError::OutOfBounds { off, len }),
+        }
+    }
+
+    /// Copies `data` in at `off`.
+    pub fn write(&self, off: usize, data: &[u8]) -> Result<(), PoolError> {
+        self.check(off, data.len())?;
+        // SAFETY: in bounds (checked); the region is writable for its life.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
+        Ok(())
+    }
+
+    /// Copies `buf.len()` bytes out from `off`.
+    pub fn read(&self, off: usize, buf: &mut [u8]) -> Result<(), PoolError> {
+        self.check(off, buf.len())?;
+        // SAFETY: in bounds (checked).
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        match &self.backing {
+            // SAFETY: allocated by hugepage_rs with this layout.
+            Backing::Huge(layout) => unsafe { hugepage_rs::dealloc(self.ptr, *layout) },
+            // SAFETY: our own mapping of len bytes, unmapped once.
+            Backing::Anon | Backing::Memfd(_) => unsafe {
+                libc::munmap(self.ptr as *mut libc::c_void, self.len);
+            },
+        }
+    }
+}
