@@ -1,37 +1,34 @@
-//! Memory to register: the adapter between mempool regions and the fabric.
-//! (Interim: a memfd mapping until mempool's shareable region lands.)
+//! Memory to register: mempool regions seen through the fabric's [`Memory`].
 
-use super::soft::Mapping;
 use super::{FabricError, Memory, Result};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use mempool::Region;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-/// Shareable memory: a memfd mapped shared, which a peer process can map too.
-#[derive(Debug)]
-pub struct SharedMemory {
-    fd: OwnedFd,
-    map: Mapping,
-}
-
-// SAFETY: the mapping stays at one address for the value's life and the memfd
-// maps the same pages from offset 0.
-unsafe impl Memory for SharedMemory {
+// SAFETY: a Region is one mapping that stays at one address, valid for reads
+// and writes over `len()` bytes, until it is dropped; a shareable region's
+// memfd maps the same pages from offset 0.
+unsafe impl Memory for Region {
     fn as_ptr(&self) -> *mut u8 {
-        self.map.ptr()
+        Region::as_ptr(self)
     }
     fn len(&self) -> usize {
-        self.map.len()
+        Region::len(self)
     }
     fn memfd(&self) -> Option<RawFd> {
-        Some(self.fd.as_raw_fd())
+        self.fd().map(|fd| fd.as_raw_fd())
     }
 }
 
-/// `len` bytes of zeroed shareable memory.
+/// At least `len` bytes of zeroed shareable memory (a mempool region: from
+/// hugepages when reserved), which a peer process can map.
 pub fn shareable(len: usize) -> Result<Arc<dyn Memory>> {
     if len == 0 {
         return Err(FabricError::BadMemory("empty memory"));
     }
-    let (fd, map) = Mapping::memfd("rtrs-mem", len)?;
-    Ok(Arc::new(SharedMemory { fd, map }))
+    let r = Region::shareable(len).map_err(|e| FabricError::Io {
+        what: "create a shareable mempool region",
+        source: std::io::Error::other(e),
+    })?;
+    Ok(Arc::new(r))
 }
