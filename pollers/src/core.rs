@@ -23,7 +23,15 @@ pub trait Poller: Send {
     fn name(&self) -> &str {
         "poller"
     }
+    /// Whether this poller is done for good (e.g. its connection closed): the
+    /// core then drops it. Asked every [`FINISHED_CHECK_EVERY`] iterations.
+    fn finished(&self) -> bool {
+        false
+    }
 }
+
+/// How often (in loop iterations) a core asks its pollers whether they finished.
+pub const FINISHED_CHECK_EVERY: u64 = 1024;
 
 /// What a core measured.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -108,6 +116,19 @@ pub fn run_core(
             stats.idle_ns += spent;
         }
         last = now;
+        if stats.iterations % FINISHED_CHECK_EVERY == 0 {
+            // Rare: retire finished pollers (their memory is freed here, off
+            // the per-iteration path).
+            let mut i = 0;
+            while i < pollers.len() {
+                if pollers[i].finished() {
+                    pollers.swap_remove(i);
+                    work.swap_remove(i);
+                } else {
+                    i += 1;
+                }
+            }
+        }
     }
     let deadline = Instant::now() + drain_deadline;
     let mut drained = false;

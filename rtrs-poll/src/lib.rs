@@ -9,6 +9,8 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod clt;
 pub mod fabric;
 pub mod proto;
 pub mod sess;
+pub mod srv;

@@ -23,6 +23,15 @@ pub enum MpPolicy {
 }
 
 impl MpPolicy {
+    /// The policy of a number (unknown numbers give the default).
+    pub fn from_code(code: u8) -> MpPolicy {
+        match code {
+            0 => MpPolicy::RoundRobin,
+            2 => MpPolicy::MinLatency,
+            _ => MpPolicy::MinInflight,
+        }
+    }
+
     /// The kernel's number for the policy.
     pub fn code(self) -> u8 {
         match self {

@@ -8,7 +8,8 @@
 //!  Reconnecting ──attempts exhausted──> Closed       close() from anywhere ──> Closed
 //! ```
 
-use std::time::{Duration, Instant};
+use minstant::Instant;
+use std::time::Duration;
 
 /// Path states, named as the kernel's client names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod engine;
 
 use rtrs_poll::fabric::Memory;
 use std::sync::Arc;

@@ -1,0 +1,90 @@
+//! One client connection (a cid of a path): QP, CQ and its receive buffers.
+//!
+//! Buffers: `nrecv` 8-byte receive slots (RKEY_RSP payloads land there).
+
+use crate::fabric::{memory, Access, Cq, Fabric, Memory, Mr, Pd, Qp, QpCap, RecvWr, Wc};
+use std::sync::Arc;
+
+/// wr_id of a receive: its slot index in the low bits.
+pub(crate) const WR_RECV: u64 = 1 << 56;
+pub(crate) const WR_INFO_RSP: u64 = 2 << 56;
+pub(crate) const WR_INFO_REQ: u64 = 3 << 56;
+pub(crate) const WR_IO: u64 = 4 << 56;
+pub(crate) const WR_HB: u64 = 5 << 56;
+pub(crate) const WR_KIND: u64 = 0xff << 56;
+
+/// A client connection.
+pub struct CltCon<F: Fabric> {
+    pub(crate) cid: u16,
+    pub(crate) qp: F::Qp,
+    pub(crate) cq: F::Cq,
+    pub(crate) mem: Arc<dyn Memory>,
+    pub(crate) mr: F::Mr,
+    pub(crate) nrecv: u32,
+    since_signal: u32,
+    pub(crate) signal_every: u32,
+}
+
+impl<F: Fabric> std::fmt::Debug for CltCon<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CltCon(cid {})", self.cid)
+    }
+}
+
+impl<F: Fabric> CltCon<F> {
+    /// A connection with room for `nrecv` receives of 8 bytes.
+    pub(crate) fn create(
+        pd: &F::Pd,
+        cid: u16,
+        cap: QpCap,
+        nrecv: u32,
+    ) -> crate::fabric::Result<CltCon<F>> {
+        let cq = pd.create_cq(cap.max_send_wr + cap.max_recv_wr)?;
+        let qp = pd.create_qp(&cq, &cq, cap)?;
+        let mem = memory::shareable(nrecv as usize * 8)?;
+        let mr = pd.reg_mr(mem.clone(), Access::LOCAL_WRITE)?;
+        Ok(CltCon {
+            cid,
+            qp,
+            cq,
+            mem,
+            mr,
+            nrecv,
+            since_signal: 0,
+            signal_every: 1,
+        })
+    }
+
+    /// Posts receive slot `i` (an 8-byte buffer).
+    pub(crate) fn post_recv(&mut self, i: u32) -> crate::fabric::Result<()> {
+        let sge = [self.mr.sge(i as usize * 8, 8)];
+        self.qp.post_recv(&RecvWr {
+            wr_id: WR_RECV | u64::from(i),
+            sg_list: &sge,
+        })
+    }
+
+    /// Posts every receive slot.
+    pub(crate) fn post_all_recvs(&mut self) -> crate::fabric::Result<()> {
+        for i in 0..self.nrecv {
+            self.post_recv(i)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the next WR is signaled (every `signal_every`-th).
+    pub(crate) fn signal_next(&mut self) -> bool {
+        self.since_signal += 1;
+        if self.since_signal >= self.signal_every {
+            self.since_signal = 0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Polls the CQ.
+    pub(crate) fn poll(&mut self, wcs: &mut [Wc]) -> usize {
+        self.cq.poll(wcs)
+    }
+}

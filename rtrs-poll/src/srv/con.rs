@@ -1,0 +1,455 @@
+//! One server connection (a cid of a path): its QP and CQ, the IO requests
+//! that arrive on it, the handler's answers, and for cid 0 the INFO exchange
+//! and the heartbeat. IO connections run on cores as pollers; cid 0 runs on
+//! the server's control loop. The code is the same.
+
+use super::path::{PathState, SrvPath};
+use super::{Handler, IoDir, IoId, SrvIo, Verdict};
+use crate::fabric::memory::{bytes, bytes_mut};
+use crate::fabric::{Cq, Fabric, Memory, Mr, Qp, RecvWr, SendWr, Wc, WcOpcode, WcStatus};
+use crate::proto::chunk::{self, IoReqKind};
+use crate::proto::imm::{io_rsp, Imm};
+use crate::proto::{check_sessname, InfoReq, InfoRspRepr, RkeyRspRepr, SgDesc};
+use crate::sess::hb::{HbAction, Heartbeat};
+use minstant::Instant;
+use std::sync::Arc;
+
+/// wr_id kinds (top byte); the low bits carry the chunk id where there is one.
+pub(crate) const WR_RECV: u64 = 1 << 56;
+pub(crate) const WR_INFO_REQ: u64 = 2 << 56;
+pub(crate) const WR_INFO_RSP: u64 = 3 << 56;
+pub(crate) const WR_RSP: u64 = 4 << 56;
+pub(crate) const WR_DATA: u64 = 5 << 56;
+pub(crate) const WR_HB: u64 = 6 << 56;
+
+/// The receive buffer for INFO_REQ, at offset 0 of cid 0's buffers.
+pub(crate) const INFO_REQ_LEN: usize = InfoReq::<&[u8]>::LEN;
+
+const WC_BATCH: usize = 32;
+/// Heartbeat timer and liveness checks run once per this many polls.
+const SLOW_CHECK_EVERY: u32 = 4096;
+
+/// What a request in the handler's hands needs at response time.
+#[derive(Clone, Copy, Default)]
+struct Inflight {
+    active: bool,
+    /// A read: the client buffer, and whether to invalidate its key.
+    read: Option<(SgDesc, bool)>,
+}
+
+/// A server connection.
+pub struct SrvCon<F: Fabric, H: Handler> {
+    pub(crate) path: Arc<SrvPath<F>>,
+    pub(crate) cid: u16,
+    qp: F::Qp,
+    cq: F::Cq,
+    /// cid 0: [INFO_REQ receive][INFO_RSP send]; IO cids with
+    /// always_invalidate: one 8-byte RKEY_RSP slot per chunk.
+    mem: Arc<dyn Memory>,
+    mr: F::Mr,
+    handler: H,
+    wcs: [Wc; WC_BATCH],
+    inflight: Box<[Inflight]>,
+    since_signal: u32,
+    signal_every: u32,
+    hb: Option<Heartbeat>,
+    seen_recvs: u64,
+    recvs: u64,
+    polls: u32,
+    done: bool,
+}
+
+impl<F: Fabric, H: Handler> std::fmt::Debug for SrvCon<F, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SrvCon")
+            .field("path", &self.path)
+            .field("cid", &self.cid)
+            .finish()
+    }
+}
+
+impl<F: Fabric, H: Handler> SrvCon<F, H> {
+    /// A connection over `qp`/`cq` (receives not yet posted).
+    pub(crate) fn new(
+        path: Arc<SrvPath<F>>,
+        cid: u16,
+        qp: F::Qp,
+        cq: F::Cq,
+        mem: Arc<dyn Memory>,
+        mr: F::Mr,
+        handler: H,
+    ) -> SrvCon<F, H> {
+        let qd = path.queue_depth as usize;
+        SrvCon {
+            signal_every: path.signal_interval(),
+            path,
+            cid,
+            qp,
+            cq,
+            mem,
+            mr,
+            handler,
+            wcs: [Wc::default(); WC_BATCH],
+            inflight: vec![Inflight::default(); qd].into_boxed_slice(),
+            since_signal: 0,
+            hb: None,
+            seen_recvs: 0,
+            recvs: 0,
+            polls: 0,
+            done: false,
+        }
+    }
+
+    /// Posts what a new connection receives into: cid 0 one INFO_REQ buffer,
+    /// an IO cid one zero-length receive per chunk.
+    pub(crate) fn post_initial_recvs(&mut self) -> crate::fabric::Result<()> {
+        if self.cid == 0 {
+            let sge = [self.mr.sge(0, INFO_REQ_LEN as u32)];
+            self.qp.post_recv(&RecvWr {
+                wr_id: WR_INFO_REQ,
+                sg_list: &sge,
+            })
+        } else {
+            for _ in 0..self.path.queue_depth {
+                self.post_recv()?;
+            }
+            Ok(())
+        }
+    }
+
+    /// The QP, for the CM's accept.
+    pub(crate) fn qp(&self) -> &F::Qp {
+        &self.qp
+    }
+
+    fn post_recv(&mut self) -> crate::fabric::Result<()> {
+        self.qp.post_recv(&RecvWr {
+            wr_id: WR_RECV,
+            sg_list: &[],
+        })
+    }
+
+    fn close(&mut self, why: std::fmt::Arguments<'_>) {
+        self.path.close(self.cid, why);
+        self.done = true;
+    }
+
+    /// Polls the CQ and the handler; returns the work done.
+    pub fn poll_at(&mut self, now: Instant) -> usize {
+        if self.done {
+            return 0;
+        }
+        self.polls = self.polls.wrapping_add(1);
+        if self.polls % SLOW_CHECK_EVERY == 0 || self.hb.is_some() && self.polls % 64 == 0 {
+            self.slow_checks(now);
+            if self.done {
+                return 0;
+            }
+        }
+        let n = self.cq.poll(&mut self.wcs);
+        for i in 0..n {
+            let wc = self.wcs[i];
+            self.on_wc(wc, now);
+            if self.done {
+                return n;
+            }
+        }
+        let mut work = n;
+        while let Some((id, errno)) = self.handler.poll_done() {
+            self.respond(id.0, errno);
+            work += 1;
+        }
+        if n > 0 {
+            self.path.note_recvs(self.cid, self.recvs);
+        }
+        work
+    }
+
+    fn slow_checks(&mut self, now: Instant) {
+        if self.path.state() >= PathState::Closing {
+            self.done = true;
+            return;
+        }
+        let Some(hb) = self.hb.as_mut() else { return };
+        let seen = self.path.recvs_total();
+        if seen != self.seen_recvs {
+            self.seen_recvs = seen;
+            hb.on_recv();
+        }
+        match hb.handle_timeout(now) {
+            HbAction::Wait => {}
+            HbAction::Send => {
+                let wr = SendWr::write_with_imm(WR_HB, &[], 0, 0, Imm::join(8, 0));
+                if let Err(e) = self.post(wr) {
+                    self.close(format_args!("cannot send a heartbeat: {e}"));
+                }
+            }
+            HbAction::Dead => {
+                let missed = hb.missed();
+                self.close(format_args!("heartbeat: {missed} beats missed"));
+            }
+        }
+    }
+
+    fn post(&mut self, wr: SendWr<'_>) -> crate::fabric::Result<()> {
+        let wr = self.signal(wr);
+        self.qp.post_send(&wr)
+    }
+
+    /// Signals every `signal_every`-th posted WR (the kernel's rule), so the
+    /// send queue is reaped without a completion per IO.
+    fn signal<'a>(&mut self, wr: SendWr<'a>) -> SendWr<'a> {
+        self.since_signal += 1;
+        if self.since_signal >= self.signal_every {
+            self.since_signal = 0;
+            SendWr {
+                signaled: true,
+                ..wr
+            }
+        } else {
+            wr.unsignaled()
+        }
+    }
+
+    fn on_wc(&mut self, wc: Wc, now: Instant) {
+        if wc.status != WcStatus::Success {
+            if self.path.state() < PathState::Closing {
+                let cid = self.cid;
+                self.close(format_args!(
+                    "cid {cid}: {:?} completion of {:?}",
+                    wc.status, wc.opcode
+                ));
+            }
+            self.done = true;
+            return;
+        }
+        match wc.opcode {
+            WcOpcode::RecvRdmaWithImm => {
+                self.recvs += 1;
+                if let Err(e) = self.post_recv() {
+                    self.close(format_args!("cannot repost a receive: {e}"));
+                    return;
+                }
+                match self.path.layout.decode_srv(wc.imm) {
+                    Ok(Imm::IoReq { buf_id, off }) => self.on_request(buf_id, off),
+                    Ok(Imm::HbMsg) => {
+                        let wr = SendWr::write_with_imm(WR_HB, &[], 0, 0, Imm::join(9, 0));
+                        if let Err(e) = self.post(wr) {
+                            self.close(format_args!("cannot ack a heartbeat: {e}"));
+                        }
+                    }
+                    Ok(Imm::HbAck) => {
+                        if let Some(hb) = self.hb.as_mut() {
+                            hb.on_ack(now);
+                        }
+                    }
+                    Ok(Imm::IoRsp { .. }) | Err(_) => {
+                        let imm = wc.imm;
+                        self.close(format_args!("bad immediate {imm:#010x}"));
+                    }
+                }
+            }
+            WcOpcode::Recv if wc.wr_id == WR_INFO_REQ => self.on_info_req(wc.byte_len, now),
+            WcOpcode::Recv => self.close(format_args!("unexpected SEND from the client")),
+            _ => {}
+        }
+    }
+
+    fn on_info_req(&mut self, byte_len: u32, now: Instant) {
+        let path = self.path.clone();
+        if path.cons_created() < u32::from(path.cid_num) {
+            self.close(format_args!(
+                "INFO_REQ before all {} connections were made",
+                path.cid_num
+            ));
+            return;
+        }
+        // SAFETY: the INFO_REQ receive has completed; nothing else writes
+        // this buffer (no receive is posted on it any more).
+        let Some(buf) = (unsafe { bytes(&*self.mem, 0, INFO_REQ_LEN) }) else {
+            return;
+        };
+        let buf = &buf[..(byte_len as usize).min(INFO_REQ_LEN)];
+        let name = match InfoReq::new_checked(buf) {
+            Ok(v) => match check_sessname(v.sessname()) {
+                Ok(()) => v.sessname().to_string(),
+                Err(e) => return self.close(format_args!("INFO_REQ: {e}")),
+            },
+            Err(e) => return self.close(format_args!("INFO_REQ: {e}")),
+        };
+        path.set_sessname(name);
+        for _ in 0..crate::proto::SERVICE_CON_QUEUE_DEPTH {
+            if let Err(e) = self.post_recv() {
+                return self.close(format_args!("cannot post cid 0 receives: {e}"));
+            }
+        }
+        if !path.set_connected() {
+            return self.close(format_args!("INFO_REQ on a path that is not connecting"));
+        }
+        self.hb = Some(Heartbeat::kernel(now));
+        let descs = path.descs();
+        let rsp = InfoRspRepr { descs: &descs };
+        let len = rsp.buffer_len();
+        let mut out = vec![0u8; len];
+        if let Err(e) = rsp.emit(&mut out) {
+            return self.close(format_args!("INFO_RSP: {e}"));
+        }
+        if let Err(e) = self.mem.write(INFO_REQ_LEN, &out) {
+            return self.close(format_args!("INFO_RSP: {e}"));
+        }
+        let sge = [self.mr.sge(INFO_REQ_LEN, len as u32)];
+        if let Err(e) = self.qp.post_send(&SendWr::send(WR_INFO_RSP, &sge)) {
+            self.close(format_args!("cannot send INFO_RSP: {e}"));
+        }
+    }
+
+    fn on_request(&mut self, buf_id: u32, off: u32) {
+        let path = self.path.clone();
+        if path.state() != PathState::Connected {
+            return; // the kernel drops requests on a path that is not connected
+        }
+        if self.inflight[buf_id as usize].active {
+            return self.close(format_args!("request for chunk {buf_id}, which is in use"));
+        }
+        if path.always_invalidate {
+            // LOCAL_INV before touching the chunk: from here the client
+            // cannot reach it until the RKEY_RSP gives it a new key.
+            path.mrs[buf_id as usize].invalidate();
+        }
+        let base = buf_id as usize * path.chunk_size;
+        // SAFETY: the client wrote the chunk and handed it over with this
+        // immediate; it holds the permit until our response, and with
+        // always_invalidate its rkey is already dead.
+        let Some(chunk_bytes) = (unsafe { bytes(&*path.mem, base, path.chunk_size) }) else {
+            return;
+        };
+        let (usr_len, data_len, dir, read) = match chunk::parse(chunk_bytes, off) {
+            Ok(r) => match r.kind {
+                IoReqKind::Write { data } => (r.usr.len(), data.len(), IoDir::Write, None),
+                IoReqKind::Read { msg, .. } => {
+                    let d = msg.descs().get(0);
+                    let len = d.map_or(0, |d| d.len as usize);
+                    (r.usr.len(), len, IoDir::Read, Some((d, msg.need_inval())))
+                }
+            },
+            Err(e) => return self.close(format_args!("chunk {buf_id}, offset {off}: {e}")),
+        };
+        let usr_at = off as usize - usr_len;
+        self.inflight[buf_id as usize] = Inflight {
+            active: true,
+            read: read.and_then(|(d, inv)| d.map(|d| (d, inv))),
+        };
+        path.stats.on_request_at(self.cid, dir, data_len);
+        // SAFETY: as above; [0, data_len) and [usr_at, off) do not overlap
+        // (data_len <= usr_at: a write's data ends where its header starts, a
+        // read's length was checked against its reserved room).
+        let (usr, data) = unsafe {
+            (
+                bytes(&*path.mem, base + usr_at, usr_len).unwrap_or(&[]),
+                bytes_mut(&*path.mem, base, data_len).unwrap_or(&mut []),
+            )
+        };
+        let io = SrvIo {
+            id: IoId(buf_id),
+            dir,
+            usr,
+            data,
+        };
+        if let Verdict::Done(errno) = self.handler.on_io(io) {
+            self.respond(buf_id, errno);
+        }
+    }
+
+    /// Posts the response chain for chunk `buf_id` (spec §5.5).
+    fn respond(&mut self, buf_id: u32, errno: i32) {
+        let Some(slot) = self.inflight.get_mut(buf_id as usize) else {
+            return;
+        };
+        if !slot.active {
+            tracing::warn!(buf_id, "handler completed an IO twice; ignored");
+            return;
+        }
+        let read = slot.read.take();
+        slot.active = false;
+        let path = self.path.clone();
+        if path.state() != PathState::Connected {
+            return;
+        }
+        let errno = clamp_errno(errno);
+        if errno != 0 {
+            path.stats.on_error_at(self.cid);
+        }
+        let inv_key = read.and_then(|(d, inv)| inv.then_some(d.key));
+        let imm = match io_rsp(buf_id, errno, inv_key.is_some()) {
+            Ok(imm) => imm,
+            Err(e) => return self.close(format_args!("response for chunk {buf_id}: {e}")),
+        };
+        let data_sge;
+        let slot_sge;
+        let mut wrs: [SendWr<'_>; 3] = [SendWr::local_inv(0, 0); 3];
+        let mut n = 0;
+        if let (0, Some((d, _))) = (errno, read) {
+            data_sge = [path.data_sge(buf_id, d.len)];
+            wrs[n] = SendWr::write(WR_DATA, &data_sge, d.addr, d.key).unsignaled();
+            n += 1;
+        }
+        if let Some(key) = inv_key {
+            wrs[n] = SendWr::send_with_inv(WR_DATA, &[], key).unsignaled();
+            n += 1;
+        }
+        let last = if path.always_invalidate {
+            let rkey = match path.mrs[buf_id as usize].rekey() {
+                Ok(k) => k,
+                Err(e) => return self.close(format_args!("cannot re-key chunk {buf_id}: {e}")),
+            };
+            let at = buf_id as usize * 8;
+            let mut msg = [0u8; 8];
+            let _ = RkeyRspRepr {
+                buf_id: buf_id as u16,
+                rkey,
+            }
+            .emit(&mut msg);
+            if let Err(e) = self.mem.write(at, &msg) {
+                return self.close(format_args!("RKEY_RSP slot: {e}"));
+            }
+            slot_sge = [self.mr.sge(at, 8)];
+            SendWr::send_with_imm(WR_RSP | u64::from(buf_id), &slot_sge, imm)
+        } else {
+            SendWr::write_with_imm(WR_RSP | u64::from(buf_id), &[], 0, 0, imm)
+        };
+        wrs[n] = self.signal(last);
+        n += 1;
+        if let Err(e) = self.qp.post_send_batch(&wrs[..n]) {
+            self.close(format_args!(
+                "cannot post the response for chunk {buf_id}: {e}"
+            ));
+        }
+    }
+}
+
+/// The errno an IO response can carry: 0 or negative, magnitude <= 511
+/// (anything else becomes -EIO).
+fn clamp_errno(errno: i32) -> i32 {
+    let e = -(errno.unsigned_abs() as i64);
+    if e < -(crate::proto::imm::MAX_RSP_ERRNO as i64) {
+        -libc::EIO
+    } else {
+        e as i32
+    }
+}
+
+impl<F: Fabric, H: Handler> pollers::Poller for SrvCon<F, H> {
+    fn poll(&mut self, now: Instant) -> usize {
+        self.poll_at(now)
+    }
+    fn drain(&mut self, now: Instant) -> bool {
+        self.poll_at(now);
+        self.done || self.inflight.iter().all(|s| !s.active)
+    }
+    fn name(&self) -> &str {
+        "srv-con"
+    }
+    fn finished(&self) -> bool {
+        self.done
+    }
+}

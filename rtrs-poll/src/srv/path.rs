@@ -1,0 +1,292 @@
+//! A server path: what its connections share (chunk memory and MRs, state,
+//! counters). Each counter has one writer (its connection), so cores never
+//! contend on a cache line.
+
+use super::IoDir;
+use crate::fabric::{Fabric, Memory, Mr, Sge};
+use crate::proto::imm::ImmLayout;
+use crate::proto::SgDesc;
+use crossbeam_utils::CachePadded;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// A path's life (the kernel's `rtrs_srv_state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PathState {
+    /// Connections are being accepted; no IO yet.
+    Connecting,
+    /// INFO exchanged: IO flows.
+    Connected,
+    /// Failing or closing: no new IO, connections being torn down.
+    Closing,
+    /// Gone.
+    Closed,
+}
+
+impl PathState {
+    fn from_u8(v: u8) -> PathState {
+        match v {
+            0 => PathState::Connecting,
+            1 => PathState::Connected,
+            2 => PathState::Closing,
+            _ => PathState::Closed,
+        }
+    }
+}
+
+/// Per-connection counters, written only by that connection.
+#[derive(Debug, Default)]
+pub struct ConCounters {
+    /// Receives with immediate data (requests and heartbeats).
+    pub recvs: AtomicU64,
+    /// Write requests.
+    pub writes: AtomicU64,
+    /// Read requests.
+    pub reads: AtomicU64,
+    /// Bytes written by clients.
+    pub bytes_written: AtomicU64,
+    /// Bytes read by clients.
+    pub bytes_read: AtomicU64,
+    /// Responses with a non-zero errno.
+    pub errors: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, by: u64) {
+    // One writer: a plain load and store, no locked instruction.
+    c.store(c.load(Ordering::Relaxed) + by, Ordering::Relaxed);
+}
+
+/// A path's counters, one slot per connection.
+#[derive(Debug)]
+pub struct PathStats {
+    cons: Box<[CachePadded<ConCounters>]>,
+}
+
+impl PathStats {
+    fn new(cid_num: u16) -> PathStats {
+        PathStats {
+            cons: (0..cid_num).map(|_| CachePadded::default()).collect(),
+        }
+    }
+    pub(crate) fn con(&self, cid: u16) -> &ConCounters {
+        &self.cons[cid as usize]
+    }
+    /// Totals over the path's connections: (writes, reads, bytes written,
+    /// bytes read, errors).
+    pub fn totals(&self) -> (u64, u64, u64, u64, u64) {
+        let sum = |f: fn(&ConCounters) -> &AtomicU64| {
+            self.cons
+                .iter()
+                .map(|c| f(c).load(Ordering::Relaxed))
+                .sum::<u64>()
+        };
+        (
+            sum(|c| &c.writes),
+            sum(|c| &c.reads),
+            sum(|c| &c.bytes_written),
+            sum(|c| &c.bytes_read),
+            sum(|c| &c.errors),
+        )
+    }
+}
+
+/// One path of a server session.
+pub struct SrvPath<F: Fabric> {
+    pub(crate) sess_uuid: [u8; 16],
+    pub(crate) paths_uuid: [u8; 16],
+    pub(crate) cid_num: u16,
+    pub(crate) peer: String,
+    pub(crate) queue_depth: u32,
+    pub(crate) chunk_size: usize,
+    pub(crate) layout: ImmLayout,
+    pub(crate) always_invalidate: bool,
+    /// The session's chunks (shared by its paths).
+    pub(crate) mem: Arc<dyn Memory>,
+    /// One MR per chunk (always_invalidate) or one over all chunks.
+    pub(crate) mrs: Vec<F::Mr>,
+    state: AtomicU8,
+    reason: OnceLock<String>,
+    sessname: OnceLock<String>,
+    created: AtomicU32,
+    pub(crate) stats: PathStats,
+}
+
+impl<F: Fabric> std::fmt::Debug for SrvPath<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SrvPath")
+            .field("peer", &self.peer)
+            .field("sessname", &self.sessname.get())
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl<F: Fabric> SrvPath<F> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        sess_uuid: [u8; 16],
+        paths_uuid: [u8; 16],
+        cid_num: u16,
+        peer: String,
+        layout: ImmLayout,
+        queue_depth: u32,
+        chunk_size: usize,
+        always_invalidate: bool,
+        mem: Arc<dyn Memory>,
+        mrs: Vec<F::Mr>,
+    ) -> SrvPath<F> {
+        SrvPath {
+            sess_uuid,
+            paths_uuid,
+            cid_num,
+            peer,
+            queue_depth,
+            chunk_size,
+            layout,
+            always_invalidate,
+            mem,
+            mrs,
+            state: AtomicU8::new(PathState::Connecting as u8),
+            reason: OnceLock::new(),
+            sessname: OnceLock::new(),
+            created: AtomicU32::new(0),
+            stats: PathStats::new(cid_num),
+        }
+    }
+
+    /// The path's state.
+    pub fn state(&self) -> PathState {
+        PathState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// The session name the client gave in INFO_REQ.
+    pub fn sessname(&self) -> Option<&str> {
+        self.sessname.get().map(String::as_str)
+    }
+
+    /// Why the path closed, if it did.
+    pub fn close_reason(&self) -> Option<&str> {
+        self.reason.get().map(String::as_str)
+    }
+
+    /// The client session's uuid (`paths_uuid`) and this path's (`sess_uuid`).
+    pub fn uuids(&self) -> ([u8; 16], [u8; 16]) {
+        (self.paths_uuid, self.sess_uuid)
+    }
+
+    /// The client's address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &PathStats {
+        &self.stats
+    }
+
+    pub(crate) fn set_sessname(&self, name: String) {
+        let _ = self.sessname.set(name);
+    }
+
+    /// Marks the path closing with a logged reason (the first reason wins).
+    pub(crate) fn close(&self, cid: u16, why: std::fmt::Arguments<'_>) {
+        let mut cur = self.state.load(Ordering::Acquire);
+        while cur < PathState::Closing as u8 {
+            match self.state.compare_exchange(
+                cur,
+                PathState::Closing as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    let reason = format!("cid {cid}: {why}");
+                    tracing::warn!(peer = %self.peer, sessname = ?self.sessname(), "closing path: {reason}");
+                    let _ = self.reason.set(reason);
+                    return;
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    pub(crate) fn set_closed(&self) {
+        self.state.store(PathState::Closed as u8, Ordering::Release);
+    }
+
+    pub(crate) fn set_connected(&self) -> bool {
+        self.state
+            .compare_exchange(
+                PathState::Connecting as u8,
+                PathState::Connected as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    pub(crate) fn con_created(&self) {
+        self.created.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn cons_created(&self) -> u32 {
+        self.created.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn note_recvs(&self, cid: u16, total: u64) {
+        self.stats.con(cid).recvs.store(total, Ordering::Relaxed);
+    }
+
+    /// Receives on all connections (the heartbeat's liveness signal).
+    pub(crate) fn recvs_total(&self) -> u64 {
+        self.stats
+            .cons
+            .iter()
+            .map(|c| c.recvs.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// `min(queue_depth, 512)`, as the kernel signals.
+    pub(crate) fn signal_interval(&self) -> u32 {
+        self.queue_depth.clamp(1, 512)
+    }
+
+    /// INFO_RSP's descriptors: one per MR.
+    pub(crate) fn descs(&self) -> Vec<SgDesc> {
+        self.mrs
+            .iter()
+            .map(|mr| SgDesc {
+                addr: mr.addr(),
+                key: mr.rkey(),
+                len: mr.len() as u32,
+            })
+            .collect()
+    }
+
+    /// A local sg entry for the first `len` bytes of chunk `buf_id`.
+    pub(crate) fn data_sge(&self, buf_id: u32, len: u32) -> Sge {
+        if self.always_invalidate {
+            self.mrs[buf_id as usize].sge(0, len)
+        } else {
+            self.mrs[0].sge(buf_id as usize * self.chunk_size, len)
+        }
+    }
+}
+
+impl PathStats {
+    pub(crate) fn on_request_at(&self, cid: u16, dir: IoDir, len: usize) {
+        let c = self.con(cid);
+        match dir {
+            IoDir::Write => {
+                bump(&c.writes, 1);
+                bump(&c.bytes_written, len as u64);
+            }
+            IoDir::Read => {
+                bump(&c.reads, 1);
+                bump(&c.bytes_read, len as u64);
+            }
+        }
+    }
+    pub(crate) fn on_error_at(&self, cid: u16) {
+        bump(&self.con(cid).errors, 1);
+    }
+}

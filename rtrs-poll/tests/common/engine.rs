@@ -1,0 +1,217 @@
+//! End-to-end harness: an RTRS server with a RAM-disk handler on its own
+//! thread, and a client driven from the test thread.
+
+#![allow(dead_code)]
+
+use minstant::Instant;
+use rtrs_poll::clt::{Client, CltConfig, CltCore, Completion};
+use rtrs_poll::fabric::{Address, Fabric};
+use rtrs_poll::srv::{ClosedPath, Handler, IoDir, Server, SrvConfig, SrvIo, Verdict};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The user header tests send: op byte, then the byte offset in the RAM disk.
+pub const OP_IO: u8 = 1;
+/// Ask the handler to fail with the errno in bytes 1..5.
+pub const OP_FAIL: u8 = 2;
+/// Ask the handler to complete later (from poll_done).
+pub const OP_LATER: u8 = 3;
+
+pub fn usr(op: u8, off: u64) -> [u8; 16] {
+    let mut u = [0u8; 16];
+    u[0] = op;
+    u[8..].copy_from_slice(&off.to_le_bytes());
+    u
+}
+
+/// A RAM disk shared by every connection's handler.
+pub struct Ram {
+    disk: Arc<Mutex<Vec<u8>>>,
+    later: Vec<(rtrs_poll::srv::IoId, i32)>,
+}
+
+impl Handler for Ram {
+    fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
+        if io.usr.len() < 16 {
+            return Verdict::Done(-libc::EINVAL);
+        }
+        let off = u64::from_le_bytes(io.usr[8..16].try_into().unwrap()) as usize;
+        match io.usr[0] {
+            OP_FAIL => {
+                let e = i32::from_le_bytes(io.usr[1..5].try_into().unwrap());
+                return Verdict::Done(e);
+            }
+            OP_IO | OP_LATER => {}
+            _ => return Verdict::Done(-libc::EOPNOTSUPP),
+        }
+        let mut disk = self.disk.lock().unwrap();
+        let end = off + io.data.len();
+        if end > disk.len() {
+            return Verdict::Done(-libc::ENOSPC);
+        }
+        match io.dir {
+            IoDir::Write => disk[off..end].copy_from_slice(io.data),
+            IoDir::Read => io.data.copy_from_slice(&disk[off..end]),
+        }
+        if io.usr[0] == OP_LATER {
+            self.later.push((io.id, 0));
+            return Verdict::Later;
+        }
+        Verdict::Done(0)
+    }
+    fn poll_done(&mut self) -> Option<(rtrs_poll::srv::IoId, i32)> {
+        self.later.pop()
+    }
+}
+
+/// A server on its own thread: control loop and IO connections polled there.
+pub struct TestServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<ClosedPath>>>,
+    pub disk: Arc<Mutex<Vec<u8>>>,
+}
+
+impl TestServer {
+    pub fn start<F: Fabric>(
+        fabric: F,
+        addrs: &[Address],
+        cfg: SrvConfig,
+        disk_len: usize,
+    ) -> TestServer {
+        let disk = Arc::new(Mutex::new(vec![0u8; disk_len]));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (d, s) = (disk.clone(), stop.clone());
+        let addrs = addrs.to_vec();
+        let thread = std::thread::spawn(move || {
+            let cons: Arc<Mutex<Vec<Box<dyn pollers::Poller>>>> = Arc::default();
+            let c2 = cons.clone();
+            let mut srv = Server::listen(
+                &fabric,
+                &addrs[0],
+                cfg,
+                move || Ram {
+                    disk: d.clone(),
+                    later: Vec::new(),
+                },
+                Box::new(move |_cid, p| c2.lock().unwrap().push(p)),
+            )
+            .unwrap();
+            for a in &addrs[1..] {
+                srv.listen_also(a).unwrap();
+            }
+            ready_tx.send(()).unwrap();
+            let mut closed = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                srv.poll(now, Duration::ZERO);
+                let mut cs = cons.lock().unwrap();
+                for c in cs.iter_mut() {
+                    c.poll(now);
+                }
+                cs.retain(|c| !c.finished());
+                drop(cs);
+                closed.extend(srv.take_closed());
+            }
+            closed
+        });
+        ready_rx.recv().unwrap();
+        TestServer {
+            stop,
+            thread: Some(thread),
+            disk,
+        }
+    }
+
+    /// Stops the server; returns the paths it closed, with reasons.
+    pub fn stop(mut self) -> Vec<ClosedPath> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A client driven from the calling thread.
+pub struct TestClient<F: Fabric> {
+    pub clt: Client<F>,
+    pub core: CltCore<F>,
+}
+
+impl<F: Fabric> TestClient<F> {
+    pub fn open(fabric: &F, addrs: Vec<Address>, name: &str) -> TestClient<F> {
+        let mut cfg = CltConfig::new(name, addrs);
+        cfg.connect_timeout = Duration::from_secs(10);
+        let (clt, mut cores) = Client::open(fabric, cfg).unwrap();
+        TestClient {
+            clt,
+            core: cores.pop().unwrap(),
+        }
+    }
+
+    /// Polls until `n` completions arrived (or 10 s passed).
+    pub fn wait(&mut self, n: usize) -> Vec<Completion> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut turns = 0u32;
+        while out.len() < n && Instant::now() < deadline {
+            let now = Instant::now();
+            self.core.poll(now, &mut |c| out.push(c));
+            turns += 1;
+            if turns % 256 == 0 {
+                self.clt.poll(now);
+            }
+        }
+        assert_eq!(out.len(), n, "completions missing after 10 s");
+        out
+    }
+
+    /// Writes `data` at `off` of the RAM disk; returns the errno.
+    pub fn write(&mut self, off: u64, data: &[u8]) -> i32 {
+        let mut p = self.core.get_permit().expect("a permit");
+        self.core.buf(&mut p)[..data.len()].copy_from_slice(data);
+        self.core
+            .write(p, &usr(OP_IO, off), data.len() as u32, 7, Instant::now())
+            .map_err(|(_, e)| e)
+            .unwrap();
+        let c = self.wait(1).pop().unwrap();
+        let e = c.errno;
+        self.core.put_permit(c.permit);
+        e
+    }
+
+    /// Reads `len` bytes at `off`; returns errno and data.
+    pub fn read(&mut self, off: u64, len: usize) -> (i32, Vec<u8>) {
+        let p = self.core.get_permit().expect("a permit");
+        self.core
+            .read(p, &usr(OP_IO, off), len as u32, 8, Instant::now())
+            .map_err(|(_, e)| e)
+            .unwrap();
+        let mut c = self.wait(1).pop().unwrap();
+        let data = self.core.buf(&mut c.permit)[..len].to_vec();
+        let e = c.errno;
+        self.core.put_permit(c.permit);
+        (e, data)
+    }
+}
+
+/// Bytes that differ for every (seed, index).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
