@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: builds rtrs-perf and runs its default (no arguments). Until the
-# RTRS engine lands that is the shm fabric round-trip benchmark between two
-# pinned processes; then it becomes the embedded server + client over shm.
+# The main job: builds rtrs-perf and runs its default (no arguments): an
+# embedded RTRS server (core 1) and client (core 0) over shared memory, 4 KiB
+# writes at QD 32 for 5 s, a progress line per second, then IOPS and latency.
+# Arguments pass through, e.g. `scripts/run.sh --json`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh

@@ -1,10 +1,16 @@
 //! rtrs-perf: IOPS and latency benchmarks for rtrs-poll.
 //!
 //! ```text
+//!  rtrs-perf [--json]                       the main job: embedded server + client over shm,
+//!                                           4 KiB writes at QD 32 for 5 s, fio-like summary
+//!  rtrs-perf server --listen ADDR [--backend null|ram:SIZE] [--cores LIST] [--always-invalidate on|off]
+//!  rtrs-perf client --connect ADDR[,ADDR] --rw R --bs B --iodepth N --cores LIST --runtime S
+//!                   [--mp-policy P] [--json] [--hist FILE]
 //!  rtrs-perf fabric-lat --fabric shm|tcp --size B --iters N [--json]   fabric round trips
 //!  rtrs-perf fabric-bw  --fabric shm|tcp --size B --iters N [--json]   fabric streaming
 //! ```
 
+mod engine_bench;
 mod fabric_bench;
 mod floor;
 mod report;
@@ -25,6 +31,23 @@ use std::sync::Arc;
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
+    /// With no subcommand: print the main job's summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Counts heap allocations per thread, so the client cores can report
+/// allocations per IO in steady state.
+#[global_allocator]
+static ALLOC: engine_bench::alloc_count::Counting = engine_bench::alloc_count::Counting;
+/// Whether the counting allocator is installed (it is, above).
+pub const COUNTING: bool = true;
+
+static STOP: std::sync::OnceLock<pollers::Shutdown> = std::sync::OnceLock::new();
+
+/// Whether Ctrl-C was pressed.
+pub fn interrupted() -> bool {
+    STOP.get().is_some_and(|s| s.is_set())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -70,8 +93,85 @@ struct FabricArgs {
     addr: Option<Address>,
 }
 
+#[derive(clap::Args, Debug, Clone)]
+struct ServerArgs {
+    /// Address(es) to listen on: shm:NAME or tcp:HOST:PORT, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    listen: Vec<Address>,
+    /// Storage behind the server: null, or ram:SIZE (e.g. ram:1G).
+    #[arg(long, default_value = "null", value_parser = engine_bench::parse_backend)]
+    backend: engine_bench::Backend,
+    /// Cores for the IO connections, e.g. 1 or 0,1.
+    #[arg(long, default_value = "1", value_parser = parse_cores)]
+    cores: Cores,
+    /// Refresh each chunk's rkey after every IO (the kernel's default: on).
+    #[arg(long, default_value = "on", value_parser = engine_bench::parse_on_off, action = clap::ArgAction::Set)]
+    always_invalidate: bool,
+    /// Chunks per session.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u16).range(1..))]
+    queue_depth: u16,
+    /// Bytes per chunk (a power of two >= 8192).
+    #[arg(long, default_value = "128k", value_parser = engine_bench::parse_size)]
+    chunk_size: u64,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct ClientArgs {
+    /// Server address(es), one path each: shm:NAME or tcp:HOST:PORT, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    connect: Vec<Address>,
+    #[command(flatten)]
+    io: IoArgs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct IoArgs {
+    /// IO pattern.
+    #[arg(long, value_enum, default_value = "randwrite")]
+    rw: engine_bench::Rw,
+    /// Bytes per IO (e.g. 4k).
+    #[arg(long, default_value = "4k", value_parser = engine_bench::parse_size)]
+    bs: u64,
+    /// IOs in flight per core.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    iodepth: u32,
+    /// Client cores, e.g. 0 or 0,1.
+    #[arg(long, default_value = "0", value_parser = parse_cores)]
+    cores: Cores,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 5.0)]
+    runtime: f64,
+    /// Path selection: round-robin, min-inflight or min-latency.
+    #[arg(long, default_value = "min-inflight")]
+    mp_policy: rtrs_poll::sess::mp_policy::MpPolicy,
+    /// Device size the offsets cover.
+    #[arg(long, default_value = "1G", value_parser = engine_bench::parse_size)]
+    size: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Write the latency histogram to FILE (HdrHistogram interval log).
+    #[arg(long)]
+    hist: Option<std::path::PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Serve RTRS sessions until Ctrl-C.
+    Server(ServerArgs),
+    /// Run IO against a server and report IOPS and latency.
+    Client(ClientArgs),
+    /// The main job with options: an embedded server and client over shm.
+    Embedded {
+        #[command(flatten)]
+        io: IoArgs,
+        /// The server's core.
+        #[arg(long, default_value_t = 1)]
+        server_core: usize,
+        /// The server's always_invalidate.
+        #[arg(long, default_value = "on", value_parser = engine_bench::parse_on_off, action = clap::ArgAction::Set)]
+        always_invalidate: bool,
+    },
     /// RDMA WRITE_WITH_IMM ping-pong between two pinned processes (like ib_write_lat).
     FabricLat(FabricArgs),
     /// RDMA WRITE_WITH_IMM streaming between two pinned processes (like ib_write_bw).
@@ -237,9 +337,155 @@ fn run_floor(size: usize, iters: u64, cores: &Cores, json: bool) -> Result<(), S
     Ok(())
 }
 
+fn io_opts(
+    addrs: Vec<Address>,
+    a: &IoArgs,
+    progress: bool,
+) -> Result<engine_bench::ClientOpts, String> {
+    if a.runtime <= 0.0 || !a.runtime.is_finite() {
+        return Err(format!(
+            "--runtime {} must be a positive number of seconds",
+            a.runtime
+        ));
+    }
+    let bs = u32::try_from(a.bs).map_err(|_| format!("--bs {} is too large", a.bs))?;
+    if a.size < a.bs {
+        return Err(format!("--size {} is smaller than --bs {}", a.size, a.bs));
+    }
+    Ok(engine_bench::ClientOpts {
+        addrs,
+        rw: a.rw,
+        bs,
+        iodepth: a.iodepth,
+        cores: a.cores.0.clone(),
+        runtime: a.runtime,
+        mp_policy: a.mp_policy,
+        size: a.size,
+        progress,
+        always_invalidate: None,
+    })
+}
+
+fn report(
+    s: &engine_bench::Summary,
+    json: bool,
+    hist: Option<&std::path::Path>,
+) -> Result<(), String> {
+    if json {
+        println!("{}", serde_json::to_string(s).map_err(|e| e.to_string())?);
+    } else {
+        s.print();
+    }
+    if let Some(h) = hist {
+        s.write_hist(h)?;
+    }
+    Ok(())
+}
+
+fn run_client(a: ClientArgs) -> Result<(), String> {
+    let o = io_opts(a.connect.clone(), &a.io, !a.io.json)?;
+    let s = with_engine_fabric(&a.connect[0], |f| match f {
+        AnyFabric::Shm(f) => engine_bench::run_client(&f, &o),
+    })?;
+    report(&s, a.io.json, a.io.hist.as_deref())
+}
+
+fn srv_config(
+    queue_depth: u16,
+    chunk: u64,
+    always_invalidate: bool,
+) -> Result<rtrs_poll::srv::SrvConfig, String> {
+    let cfg = rtrs_poll::srv::SrvConfig {
+        queue_depth,
+        max_chunk_size: u32::try_from(chunk)
+            .map_err(|_| format!("--chunk-size {chunk} is too large"))?,
+        always_invalidate,
+    };
+    cfg.layout().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+fn run_server(a: ServerArgs) -> Result<(), String> {
+    let cfg = srv_config(a.queue_depth, a.chunk_size, a.always_invalidate)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let srv = with_engine_fabric(&a.listen[0], |f| match f {
+        AnyFabric::Shm(f) => engine_bench::PerfServer::start(
+            f,
+            a.listen.clone(),
+            a.backend.clone(),
+            a.cores.0.clone(),
+            cfg,
+            stop.clone(),
+        ),
+    })?;
+    eprintln!(
+        "serving on {} (backend {:?}, cores {:?}, always_invalidate {}); Ctrl-C stops",
+        a.listen
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        a.backend,
+        a.cores.0,
+        if a.always_invalidate { "on" } else { "off" }
+    );
+    while !interrupted() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    srv.stop()
+}
+
+/// The main job: a server on one core and a client on another, over shm.
+fn run_embedded(
+    io: &IoArgs,
+    server_core: usize,
+    always_invalidate: bool,
+    json: bool,
+) -> Result<(), String> {
+    let addr = Address::Shm(format!("rtrs-perf-main-{}", std::process::id()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cfg = srv_config(512, 128 << 10, always_invalidate)?;
+    let srv = engine_bench::PerfServer::start(
+        ShmFabric::new(),
+        vec![addr.clone()],
+        engine_bench::Backend::Null,
+        vec![server_core],
+        cfg,
+        stop,
+    )?;
+    let mut o = io_opts(vec![addr], io, !json)?;
+    o.always_invalidate = Some(always_invalidate);
+    if !json {
+        eprintln!(
+            "rtrs-perf: embedded server (core {server_core}) and client (cores {:?}) over shm: {:?} bs={} iodepth={} for {} s",
+            o.cores, o.rw, o.bs, o.iodepth, o.runtime
+        );
+    }
+    let r = engine_bench::run_client(&ShmFabric::new(), &o);
+    srv.stop()?;
+    report(&r?, json, io.hist.as_deref())
+}
+
+fn with_engine_fabric<R>(
+    addr: &Address,
+    f: impl FnOnce(AnyFabric) -> Result<R, String>,
+) -> Result<R, String> {
+    with_fabric(addr, f)
+}
+
 fn main() -> ExitCode {
+    if let Ok(s) = pollers::Shutdown::on_ctrlc() {
+        let _ = STOP.set(s);
+    }
     let cli = Cli::parse();
     let r = match cli.cmd {
+        Some(Cmd::Server(a)) => run_server(a),
+        Some(Cmd::Client(a)) => run_client(a),
+        Some(Cmd::Embedded {
+            io,
+            server_core,
+            always_invalidate,
+        }) => run_embedded(&io, server_core, always_invalidate, io.json),
         Some(Cmd::FabricLat(a)) => run_fabric(Test::Lat, a),
         Some(Cmd::FabricBw(a)) => run_fabric(Test::Bw, a),
         Some(Cmd::Floor {
@@ -248,10 +494,16 @@ fn main() -> ExitCode {
             cores,
             json,
         }) => run_floor(size as usize, iters, &cores, json),
-        None => match Cli::try_parse_from(["rtrs-perf", "fabric-lat"]) {
+        None => match Cli::try_parse_from(["rtrs-perf", "embedded", "--rw", "write"]) {
             Ok(Cli {
-                cmd: Some(Cmd::FabricLat(a)),
-            }) => run_fabric(Test::Lat, a),
+                cmd:
+                    Some(Cmd::Embedded {
+                        io,
+                        server_core,
+                        always_invalidate,
+                    }),
+                ..
+            }) => run_embedded(&io, server_core, always_invalidate, cli.json),
             _ => Err("default arguments do not parse".into()),
         },
     };

@@ -214,9 +214,8 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
     fn on_wc(&mut self, wc: Wc, now: Instant) {
         if wc.status != WcStatus::Success {
             if self.path.state() < PathState::Closing {
-                let cid = self.cid;
                 self.close(format_args!(
-                    "cid {cid}: {:?} completion of {:?}",
+                    "{:?} completion of {:?}",
                     wc.status, wc.opcode
                 ));
             }

@@ -1,0 +1,665 @@
+//! End-to-end RTRS benchmarks: `rtrs-perf server`, `rtrs-perf client`, and the
+//! embedded default (both over shm on two cores).
+//!
+//! ```text
+//!  client cores: pinned threads, each keeps `iodepth` IOs in flight on its
+//!                CltCore, records every latency in its own histogram
+//!  client control: the main thread, waking every millisecond (heartbeats,
+//!                reconnects) and printing a progress line per second
+//!  server: IO connections on pinned cores (pollers::Cores), control loop on
+//!                its own thread; handler null (answers at once) or ram:SIZE
+//! ```
+
+use crate::report::{histogram, LatNs};
+use hdrhistogram::Histogram;
+use minstant::Instant;
+use rtrs_poll::clt::{Client, CltConfig, CltCore, Dir};
+use rtrs_poll::fabric::{Address, Fabric, Memory};
+use rtrs_poll::sess::mp_policy::MpPolicy;
+use rtrs_poll::srv::{Handler, IoDir, Server, SrvConfig, SrvIo, Verdict};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The IO pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rw {
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Random reads.
+    Randread,
+    /// Random writes.
+    Randwrite,
+    /// Random reads and writes, half each.
+    Randrw,
+}
+
+/// The server's storage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Backend {
+    /// Answers at once, touches no data.
+    Null,
+    /// A RAM disk of this many bytes.
+    Ram(u64),
+}
+
+/// Parses `null` or `ram:SIZE` (SIZE with an optional K, M or G).
+pub fn parse_backend(s: &str) -> Result<Backend, String> {
+    if s == "null" {
+        return Ok(Backend::Null);
+    }
+    match s.strip_prefix("ram:") {
+        Some(sz) => parse_size(sz).map(Backend::Ram),
+        None => Err(format!("bad backend {s:?}: expected null or ram:SIZE")),
+    }
+}
+
+/// Parses a byte count with an optional K/M/G suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?}: expected e.g. 4096, 4k, 1M"))?;
+    n.checked_mul(mul)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("bad size {s:?}: must be 1 .. 2^64"))
+}
+
+/// Parses `on` / `off`.
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "1" | "true" | "yes" => Ok(true),
+        "off" | "0" | "false" | "no" => Ok(false),
+        _ => Err(format!("expected on or off, got {s:?}")),
+    }
+}
+
+/// The handler rtrs-perf's server runs: the user header is
+/// `[op u8][pad 7][offset u64 LE]`.
+pub struct PerfHandler {
+    ram: Option<Arc<dyn Memory>>,
+}
+
+impl Handler for PerfHandler {
+    fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
+        let Some(ram) = self.ram.as_ref() else {
+            return Verdict::Done(0);
+        };
+        if io.usr.len() < 16 {
+            return Verdict::Done(-libc::EINVAL);
+        }
+        let mut o = [0u8; 8];
+        o.copy_from_slice(&io.usr[8..16]);
+        let off = u64::from_le_bytes(o) as usize;
+        let r = match io.dir {
+            IoDir::Write => ram.write(off, io.data),
+            IoDir::Read => ram.read(off, io.data),
+        };
+        Verdict::Done(if r.is_ok() { 0 } else { -libc::ENOSPC })
+    }
+}
+
+/// A running server.
+pub struct PerfServer {
+    stop: Arc<AtomicBool>,
+    control: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl PerfServer {
+    /// Starts a server on `addrs` with IO connections on `cores`.
+    pub fn start<F: Fabric>(
+        fabric: F,
+        addrs: Vec<Address>,
+        backend: Backend,
+        cores: Vec<usize>,
+        cfg: SrvConfig,
+        stop: Arc<AtomicBool>,
+    ) -> Result<PerfServer, String> {
+        let ram: Option<Arc<dyn Memory>> = match backend {
+            Backend::Null => None,
+            Backend::Ram(n) => Some(crate::shareable(n as usize)?),
+        };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let s2 = stop.clone();
+        let control = std::thread::Builder::new()
+            .name("rtrs-srv-ctl".into())
+            .spawn(move || {
+                let shutdown = pollers::Shutdown::new();
+                let pool = pollers::Cores::launch(
+                    &cores,
+                    shutdown.clone(),
+                    Duration::from_secs(1),
+                    |_| Vec::new(),
+                )
+                .map_err(|e| e.to_string())?;
+                let n = pool.len().max(1);
+                let pool = Arc::new(Mutex::new(Some(pool)));
+                let p2 = pool.clone();
+                let place: rtrs_poll::srv::Place = Box::new(move |cid, con| {
+                    if let Ok(mut g) = p2.lock() {
+                        if let Some(c) = g.as_mut() {
+                            let _ = c.add((usize::from(cid) - 1) % n, con);
+                        }
+                    }
+                });
+                let srv = Server::listen(
+                    &fabric,
+                    &addrs[0],
+                    cfg,
+                    move || PerfHandler { ram: ram.clone() },
+                    place,
+                );
+                let mut srv = match srv {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let msg = format!("listen on {}: {e}", addrs[0]);
+                        let _ = ready_tx.send(Err(msg.clone()));
+                        shutdown.trigger();
+                        return Err(msg);
+                    }
+                };
+                for a in &addrs[1..] {
+                    if let Err(e) = srv.listen_also(a) {
+                        let _ = ready_tx.send(Err(format!("listen on {a}: {e}")));
+                        shutdown.trigger();
+                        return Err(e.to_string());
+                    }
+                }
+                let _ = ready_tx.send(Ok(()));
+                while !s2.load(Ordering::Relaxed) {
+                    srv.poll(Instant::now(), Duration::from_millis(1));
+                    for c in srv.take_closed() {
+                        eprintln!(
+                            "path {} ({}) closed: {}",
+                            c.sessname.as_deref().unwrap_or("?"),
+                            c.peer,
+                            c.reason
+                        );
+                    }
+                }
+                drop(srv);
+                if let Ok(mut g) = pool.lock() {
+                    if let Some(p) = g.take() {
+                        p.stop();
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(PerfServer {
+                stop,
+                control: Some(control),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("the server thread died while starting".into()),
+        }
+    }
+
+    /// Stops the server and waits for it.
+    pub fn stop(mut self) -> Result<(), String> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.control.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err("the server thread panicked".into()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PerfServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.control.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What the client runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientOpts {
+    /// Server addresses (one path each).
+    #[serde(serialize_with = "ser_addrs")]
+    pub addrs: Vec<Address>,
+    /// IO pattern.
+    pub rw: Rw,
+    /// Bytes per IO.
+    pub bs: u32,
+    /// IOs in flight per core.
+    pub iodepth: u32,
+    /// Client cores.
+    pub cores: Vec<usize>,
+    /// Seconds to run.
+    pub runtime: f64,
+    /// Multipath policy.
+    #[serde(serialize_with = "ser_display")]
+    pub mp_policy: MpPolicy,
+    /// Device size for offsets (random and wrapping sequential).
+    pub size: u64,
+    /// Print a progress line every second.
+    #[serde(skip)]
+    pub progress: bool,
+    /// The server's always_invalidate, for the report (embedded runs).
+    pub always_invalidate: Option<bool>,
+}
+
+fn ser_addrs<S: serde::Serializer>(a: &[Address], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(a.iter().map(|x| x.to_string()))
+}
+
+fn ser_display<S: serde::Serializer>(p: &MpPolicy, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&p.to_string())
+}
+
+/// The fio-like result.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// IOs per second.
+    pub iops: f64,
+    /// Bytes per second.
+    pub bw_bytes: f64,
+    /// IOs completed.
+    pub ios: u64,
+    /// IOs completed with an error.
+    pub errors: u64,
+    /// Completion latency.
+    pub lat_ns: LatNs,
+    /// What ran.
+    pub config: ClientOpts,
+    /// Seconds measured.
+    pub seconds: f64,
+    /// Whether the server refreshed rkeys per IO.
+    pub always_invalidate: bool,
+    /// Heap allocations per IO on the client cores in steady state, when a
+    /// counting allocator is installed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocs_per_io: Option<f64>,
+    /// The merged latency histogram.
+    #[serde(skip)]
+    pub hist: Option<Histogram<u64>>,
+}
+
+struct CoreResult {
+    hist: Histogram<u64>,
+    ios: u64,
+    errors: u64,
+    bytes: u64,
+    allocs: u64,
+}
+
+/// Counts heap allocations on threads that opt in (rtrs-perf installs it as
+/// the global allocator).
+pub mod alloc_count {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static COUNT: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// The counting allocator.
+    pub struct Counting;
+
+    // SAFETY: forwards to the system allocator unchanged; only counts.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+            // SAFETY: same contract as the caller's.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: same contract as the caller's.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+            let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+            // SAFETY: same contract as the caller's.
+            unsafe { System.realloc(ptr, layout, new) }
+        }
+    }
+
+    /// Allocations made by this thread so far.
+    pub fn this_thread() -> u64 {
+        COUNT.try_with(|c| c.get()).unwrap_or(0)
+    }
+}
+
+struct Gen {
+    x: u64,
+    rw: Rw,
+    bs: u64,
+    blocks: u64,
+    seq: u64,
+}
+
+impl Gen {
+    fn next(&mut self) -> (Dir, u64) {
+        self.x ^= self.x << 13;
+        self.x ^= self.x >> 7;
+        self.x ^= self.x << 17;
+        let rand_block = self.x % self.blocks;
+        let seq_block = {
+            self.seq = (self.seq + 1) % self.blocks;
+            self.seq
+        };
+        match self.rw {
+            Rw::Read => (Dir::Read, seq_block * self.bs),
+            Rw::Write => (Dir::Write, seq_block * self.bs),
+            Rw::Randread => (Dir::Read, rand_block * self.bs),
+            Rw::Randwrite => (Dir::Write, rand_block * self.bs),
+            Rw::Randrw if self.x & (1 << 40) == 0 => (Dir::Read, rand_block * self.bs),
+            Rw::Randrw => (Dir::Write, rand_block * self.bs),
+        }
+    }
+}
+
+fn usr_hdr(off: u64) -> [u8; 16] {
+    let mut u = [0u8; 16];
+    u[0] = 1;
+    u[8..].copy_from_slice(&off.to_le_bytes());
+    u
+}
+
+fn run_core<F: Fabric>(
+    mut core: CltCore<F>,
+    o: &ClientOpts,
+    seed: u64,
+    stop: &AtomicBool,
+    measuring: &AtomicBool,
+    progress: &AtomicU64,
+) -> Result<CoreResult, String> {
+    let mut hist = histogram();
+    let bs = o.bs;
+    let mut gen = Gen {
+        x: seed | 1,
+        rw: o.rw,
+        bs: u64::from(bs),
+        blocks: (o.size / u64::from(bs)).max(1),
+        seq: seed % 1024,
+    };
+    let (mut ios, mut errors, mut bytes) = (0u64, 0u64, 0u64);
+    let mut inflight = 0u32;
+    let mut err: Option<String> = None;
+    // Sized once: completions of one poll wait here to be resubmitted.
+    let mut ready: Vec<rtrs_poll::clt::IoPermit> = Vec::with_capacity(core.queue_depth() as usize);
+    let mut allocs_at = None;
+    let mut allocs = 0u64;
+    loop {
+        let now = Instant::now();
+        let stopping = stop.load(Ordering::Relaxed);
+        if !stopping && err.is_none() {
+            while inflight < o.iodepth {
+                let p = match ready.pop() {
+                    Some(p) => p,
+                    None => match core.get_permit() {
+                        Some(p) => p,
+                        None => break,
+                    },
+                };
+                let (dir, off) = gen.next();
+                let u = usr_hdr(off);
+                let r = match dir {
+                    Dir::Write => core.write(p, &u, bs, off, now),
+                    Dir::Read => core.read(p, &u, bs, off, now),
+                };
+                match r {
+                    Ok(()) => inflight += 1,
+                    Err((p, e)) => {
+                        core.put_permit(p);
+                        err = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+        }
+        if (stopping || err.is_some()) && inflight == 0 {
+            break;
+        }
+        let on = measuring.load(Ordering::Relaxed);
+        if on && allocs_at.is_none() {
+            allocs_at = Some(alloc_count::this_thread());
+        }
+        if !on {
+            if let Some(a) = allocs_at.take() {
+                allocs = alloc_count::this_thread() - a;
+            }
+        }
+        core.poll(now, &mut |c| {
+            inflight -= 1;
+            if on {
+                let ns = Instant::now().saturating_duration_since(c.start).as_nanos() as u64;
+                let _ = hist.record(ns.max(1));
+                ios += 1;
+                bytes += u64::from(c.len);
+                if c.errno != 0 {
+                    errors += 1;
+                }
+            }
+            ready.push(c.permit);
+        });
+        if on && ios & 1023 == 0 {
+            progress.store(ios, Ordering::Relaxed);
+        }
+        if stop.load(Ordering::Relaxed) {
+            for p in ready.drain(..) {
+                core.put_permit(p);
+            }
+        }
+    }
+    for p in ready.drain(..) {
+        core.put_permit(p);
+    }
+    progress.store(ios, Ordering::Relaxed);
+    if let Some(a) = allocs_at {
+        allocs = alloc_count::this_thread() - a;
+    }
+    if let Some(e) = err {
+        if ios == 0 {
+            return Err(e);
+        }
+        eprintln!("core stopped submitting: {e}");
+    }
+    Ok(CoreResult {
+        hist,
+        ios,
+        errors,
+        bytes,
+        allocs,
+    })
+}
+
+/// Runs the client: opens the session, runs the cores for `runtime`
+/// (after a warm-up of a tenth of it, at most one second), and sums up.
+pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, String> {
+    let mut cfg = CltConfig::new("rtrs-perf", o.addrs.clone());
+    cfg.cores = o.cores.len();
+    cfg.mp_policy = o.mp_policy;
+    cfg.max_io_size = o.bs.max(1);
+    cfg.connect_timeout = Duration::from_secs(10);
+    let (mut clt, cores) = Client::open(fabric, cfg).map_err(|e| e.to_string())?;
+    if o.bs > cores[0].max_io_size() {
+        return Err(format!(
+            "--bs {} exceeds the server's max_io_size {}",
+            o.bs,
+            cores[0].max_io_size()
+        ));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let progress: Arc<Vec<AtomicU64>> =
+        Arc::new(o.cores.iter().map(|_| AtomicU64::new(0)).collect());
+    let mut threads = Vec::new();
+    for (i, core) in cores.into_iter().enumerate() {
+        let (stop, measuring, progress) = (stop.clone(), measuring.clone(), progress.clone());
+        let o2 = o.clone();
+        let cpu = o.cores[i];
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("rtrs-clt{i}"))
+                .spawn(move || {
+                    crate::pin(cpu);
+                    run_core(
+                        core,
+                        &o2,
+                        0x1234_5678 + i as u64 * 7919,
+                        &stop,
+                        &measuring,
+                        &progress[i],
+                    )
+                })
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let warmup = Duration::from_secs_f64((o.runtime / 10.0).min(1.0));
+    let t0 = Instant::now();
+    while t0.elapsed() < warmup {
+        clt.poll(Instant::now());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    measuring.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    let runtime = Duration::from_secs_f64(o.runtime);
+    let mut next = start + Duration::from_secs(1);
+    let mut last = 0u64;
+    while start.elapsed() < runtime && !crate::interrupted() {
+        clt.poll(Instant::now());
+        if threads.iter().all(|t| t.is_finished()) {
+            break;
+        }
+        let now = Instant::now();
+        if o.progress && now >= next {
+            let ios: u64 = progress.iter().map(|p| p.load(Ordering::Relaxed)).sum();
+            let secs = now.duration_since(start).as_secs();
+            let iops = ios - last;
+            last = ios;
+            eprintln!(
+                "[{secs:>3}s] {:.3} M IOPS  {:.1} MiB/s  paths: {}",
+                iops as f64 / 1e6,
+                (iops * u64::from(o.bs)) as f64 / (1 << 20) as f64,
+                path_line(&clt)
+            );
+            next += Duration::from_secs(1);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    measuring.store(false, Ordering::Relaxed);
+    let seconds = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = histogram();
+    let (mut ios, mut errors, mut bytes, mut allocs) = (0, 0, 0, 0);
+    let mut first_err = None;
+    for t in threads {
+        while !t.is_finished() {
+            clt.poll(Instant::now());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        match t.join() {
+            Ok(Ok(r)) => {
+                let _ = hist.add(&r.hist);
+                ios += r.ios;
+                errors += r.errors;
+                bytes += r.bytes;
+                allocs += r.allocs;
+            }
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(_) => {
+                first_err.get_or_insert("a client core panicked".to_string());
+            }
+        }
+    }
+    if ios == 0 {
+        return Err(first_err.unwrap_or_else(|| "no IO completed".into()));
+    }
+    Ok(Summary {
+        iops: ios as f64 / seconds,
+        bw_bytes: bytes as f64 / seconds,
+        ios,
+        errors,
+        lat_ns: LatNs::from_hist(&hist),
+        config: o.clone(),
+        seconds,
+        always_invalidate: clt.always_invalidate(),
+        allocs_per_io: crate::COUNTING.then(|| allocs as f64 / ios as f64),
+        hist: Some(hist),
+    })
+}
+
+fn path_line<F: Fabric>(clt: &Client<F>) -> String {
+    clt.paths()
+        .iter()
+        .map(|p| {
+            let s = p.stats();
+            format!(
+                "{} {:?} inflight {}",
+                s.addr,
+                s.state.unwrap_or(rtrs_poll::clt::LinkState::Closed),
+                s.inflight
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Summary {
+    /// The fio-like text report.
+    pub fn print(&self) {
+        let rw = format!("{:?}", self.config.rw).to_lowercase();
+        println!(
+            "{rw}: IOPS={:.0} ({:.3}M), BW={:.1}MiB/s ({} ios in {:.2}s, bs={}, iodepth={}, cores={}, always_invalidate={})",
+            self.iops,
+            self.iops / 1e6,
+            self.bw_bytes / (1 << 20) as f64,
+            self.ios,
+            self.seconds,
+            self.config.bs,
+            self.config.iodepth,
+            self.config.cores.len(),
+            if self.always_invalidate { "on" } else { "off" }
+        );
+        let l = &self.lat_ns;
+        println!(
+            "  lat (nsec): min={}, mean={}, p50={}, p90={}, p99={}, p99.9={}, p99.99={}, max={}",
+            l.min, l.mean, l.p50, l.p90, l.p99, l.p99_9, l.p99_99, l.max
+        );
+        println!("  errors={}", self.errors);
+        if let Some(a) = self.allocs_per_io {
+            println!("  heap allocations per IO on the client cores: {a:.4}");
+        }
+    }
+
+    /// Writes the latency histogram as an HdrHistogram interval log.
+    pub fn write_hist(&self, path: &std::path::Path) -> Result<(), String> {
+        use hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder;
+        use hdrhistogram::serialization::V2Serializer;
+        let Some(h) = self.hist.as_ref() else {
+            return Err("no histogram".into());
+        };
+        let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut ser = V2Serializer::new();
+        let mut w = IntervalLogWriterBuilder::new()
+            .with_max_value_divisor(1.0)
+            .begin_log_with(&mut f, &mut ser)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        w.write_histogram(
+            h,
+            Duration::ZERO,
+            Duration::from_secs_f64(self.seconds),
+            None,
+        )
+        .map_err(|e| format!("{}: {e:?}", path.display()))?;
+        Ok(())
+    }
+}
