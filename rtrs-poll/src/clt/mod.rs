@@ -632,6 +632,33 @@ impl<F: Fabric> Client<F> {
         }
     }
 
+    /// Disconnects path `i` for good (the kernel's sysfs `disconnect`): its
+    /// IO in flight moves to the other paths; it stays down until
+    /// [`Client::reconnect_path`].
+    pub fn disconnect_path(&mut self, i: usize) -> Result<(), CltError> {
+        if i >= self.paths.len() {
+            return Err(CltError::Config("no such path"));
+        }
+        let _ = self.paths[i].sm.close();
+        self.paths[i].shared.set_state(LinkState::Closed);
+        self.teardown(i);
+        Ok(())
+    }
+
+    /// Reconnects path `i` now (the kernel's sysfs `reconnect`): the attempt
+    /// starts after the reconnect backoff, in [`Client::poll`].
+    pub fn reconnect_path(&mut self, i: usize, now: Instant) -> Result<(), CltError> {
+        let p = self
+            .paths
+            .get_mut(i)
+            .ok_or(CltError::Config("no such path"))?;
+        if let Some(PathAction::Teardown) = p.sm.reconnect_now(now) {
+            self.teardown(i);
+        }
+        self.paths[i].shared.set_state(LinkState::Connecting);
+        Ok(())
+    }
+
     /// Closes every path (the session's end).
     pub fn close(&mut self) {
         for i in 0..self.paths.len() {

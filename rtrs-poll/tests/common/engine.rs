@@ -150,6 +150,10 @@ impl<F: Fabric> TestClient<F> {
     pub fn open(fabric: &F, addrs: Vec<Address>, name: &str) -> TestClient<F> {
         let mut cfg = CltConfig::new(name, addrs);
         cfg.connect_timeout = Duration::from_secs(10);
+        Self::open_with(fabric, cfg)
+    }
+
+    pub fn open_with(fabric: &F, cfg: CltConfig) -> TestClient<F> {
         let (clt, mut cores) = Client::open(fabric, cfg).unwrap();
         TestClient {
             clt,
@@ -162,6 +166,9 @@ impl<F: Fabric> TestClient<F> {
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut turns = 0u32;
+        if n == 0 {
+            return out;
+        }
         while out.len() < n && Instant::now() < deadline {
             let now = Instant::now();
             self.core.poll(now, &mut |c| out.push(c));
@@ -170,7 +177,11 @@ impl<F: Fabric> TestClient<F> {
                 self.clt.poll(now);
             }
         }
-        assert_eq!(out.len(), n, "completions missing after 10 s");
+        assert!(
+            out.len() >= n,
+            "completions missing after 10 s: {} of {n}",
+            out.len()
+        );
         out
     }
 

@@ -4,6 +4,7 @@
 
 pub mod conformance;
 pub mod engine;
+pub mod engine_suite;
 
 use rtrs_poll::fabric::Memory;
 use std::sync::Arc;

@@ -1,0 +1,703 @@
+//! The engine's end-to-end suite, run against every backend by
+//! `engine_tests!(Backend)`: verified writes and reads from 1 byte to
+//! max_io_size with always_invalidate on and off, handler errnos, deferred
+//! completions, a full queue depth, failover when a path closes mid-IO while
+//! another lives, reconnect, a server in another process, a server killed
+//! mid-IO, and hostile clients.
+
+use super::conformance::Backend;
+use super::engine::*;
+use minstant::Instant;
+use rtrs_poll::clt::{CltConfig, LinkState};
+use rtrs_poll::fabric::{
+    memory, Access, Address, Cm, CmEvent, Cq, Fabric, Mr, Pd, Qp, QpCap, RecvWr, SendWr, Wc,
+    WcStatus,
+};
+use rtrs_poll::proto::imm::ImmLayout;
+use rtrs_poll::proto::*;
+use rtrs_poll::sess::mp_policy::MpPolicy;
+use rtrs_poll::srv::SrvConfig;
+use std::time::Duration;
+
+pub fn cfg(always_invalidate: bool) -> SrvConfig {
+    SrvConfig {
+        queue_depth: 32,
+        max_chunk_size: 64 << 10,
+        always_invalidate,
+    }
+}
+
+pub fn write_read_all_sizes<B: Backend>(always_invalidate: bool) {
+    let a = B::addr();
+    let srv = TestServer::start(
+        B::fabric(),
+        std::slice::from_ref(&a),
+        cfg(always_invalidate),
+        1 << 20,
+    );
+    let mut c = TestClient::open(&B::fabric(), vec![a], "clt-sizes");
+    assert_eq!(c.clt.always_invalidate(), always_invalidate);
+    let max = c.core.max_io_size() as usize;
+    assert_eq!(max, (64 << 10) - 4096);
+    let mut off = 0u64;
+    for (i, len) in [1usize, 2, 7, 512, 4095, 4096, 4097, 8192, 33333, max]
+        .into_iter()
+        .enumerate()
+    {
+        let data = pattern(i as u64, len);
+        assert_eq!(c.write(off, &data), 0, "write of {len} bytes");
+        let (e, back) = c.read(off, len);
+        assert_eq!(e, 0, "read of {len} bytes");
+        assert!(back == data, "read back differs for {len} bytes");
+        assert!(srv.disk.lock().unwrap()[off as usize..off as usize + len] == data[..]);
+        off += len as u64;
+    }
+    assert_eq!(c.write(0, &[]), 0);
+    assert_eq!(c.read(0, 0).0, 0);
+    drop(c);
+    let closed = srv.stop();
+    assert!(
+        closed.iter().all(|p| !p.reason.contains("chunk")),
+        "no protocol error: {closed:?}"
+    );
+}
+
+pub fn handler_errno<B: Backend>() {
+    let a = B::addr();
+    let _srv = TestServer::start(B::fabric(), std::slice::from_ref(&a), cfg(true), 1 << 16);
+    let mut c = TestClient::open(&B::fabric(), vec![a], "clt-errno");
+    for errno in [-libc::EIO, -libc::ENOSPC, -libc::EOPNOTSUPP, -511, -1000] {
+        let mut u = usr(OP_FAIL, 0);
+        u[1..5].copy_from_slice(&errno.to_le_bytes());
+        let p = c.core.get_permit().unwrap();
+        c.core
+            .write(p, &u, 100, 1, Instant::now())
+            .map_err(|(_, e)| e)
+            .unwrap();
+        let done = c.wait(1).pop().unwrap();
+        // Beyond the immediate's 9 bits the server answers -EIO.
+        let want = if errno < -511 { -libc::EIO } else { errno };
+        assert_eq!(done.errno, want);
+        c.core.put_permit(done.permit);
+    }
+    assert_eq!(c.write(1 << 16, &[1, 2, 3]), -libc::ENOSPC);
+    assert_eq!(c.read(1 << 16, 3).0, -libc::ENOSPC);
+    assert_eq!(c.write(0, &[1, 2, 3]), 0, "the path lives on after errors");
+}
+
+pub fn full_queue_depth_and_deferred<B: Backend>() {
+    let a = B::addr();
+    let srv = TestServer::start(B::fabric(), std::slice::from_ref(&a), cfg(true), 1 << 20);
+    let mut c = TestClient::open(&B::fabric(), vec![a], "clt-qd");
+    let qd = c.core.queue_depth();
+    assert_eq!(qd, 32);
+    let permits: Vec<_> = (0..qd).map(|_| c.core.get_permit().unwrap()).collect();
+    assert!(
+        c.core.get_permit().is_none(),
+        "no more permits than the queue depth"
+    );
+    for (i, mut p) in permits.into_iter().enumerate() {
+        let data = pattern(100 + i as u64, 4096);
+        c.core.buf(&mut p)[..4096].copy_from_slice(&data);
+        let op = if i % 2 == 0 { OP_IO } else { OP_LATER };
+        c.core
+            .write(p, &usr(op, i as u64 * 4096), 4096, i as u64, Instant::now())
+            .map_err(|(_, e)| e)
+            .unwrap();
+    }
+    let done = c.wait(qd as usize);
+    let mut tags: Vec<u64> = done.iter().map(|d| d.tag).collect();
+    tags.sort();
+    assert_eq!(
+        tags,
+        (0..u64::from(qd)).collect::<Vec<_>>(),
+        "every IO exactly once"
+    );
+    assert!(done.iter().all(|d| d.errno == 0));
+    for d in done {
+        c.core.put_permit(d.permit);
+    }
+    let disk = srv.disk.lock().unwrap();
+    for i in 0..qd as usize {
+        assert!(disk[i * 4096..(i + 1) * 4096] == pattern(100 + i as u64, 4096)[..]);
+    }
+    assert_eq!(c.clt.permits_in_use(), 0);
+}
+
+pub fn oversized_io_refused_locally<B: Backend>() {
+    let a = B::addr();
+    let _srv = TestServer::start(B::fabric(), std::slice::from_ref(&a), cfg(false), 1 << 16);
+    let mut c = TestClient::open(&B::fabric(), vec![a], "clt-big");
+    let max = c.core.max_io_size();
+    let p = c.core.get_permit().unwrap();
+    let (p, e) = c
+        .core
+        .write(p, &usr(OP_IO, 0), max + 1, 0, Instant::now())
+        .unwrap_err();
+    assert_eq!(e.errno(), -libc::EMSGSIZE);
+    let (p, e) = c
+        .core
+        .read(p, &[0u8; 4096], 16, 0, Instant::now())
+        .unwrap_err();
+    assert_eq!(e.errno(), -libc::EMSGSIZE);
+    c.core.put_permit(p);
+    assert_eq!(c.write(0, &[9; 10]), 0);
+}
+
+fn two_path_client<B: Backend>(name: &str) -> (TestServer, TestClient<B::F>, [Address; 2]) {
+    let (a, b) = (B::addr(), B::addr());
+    let srv = TestServer::start(B::fabric(), &[a.clone(), b.clone()], cfg(true), 1 << 20);
+    let mut cc = CltConfig::new(name, vec![a.clone(), b.clone()]);
+    cc.mp_policy = MpPolicy::RoundRobin;
+    cc.connect_timeout = Duration::from_secs(10);
+    cc.reconnect.delay = Duration::from_millis(50);
+    cc.reconnect.backoff = Duration::from_millis(10);
+    let c = TestClient::open_with(&B::fabric(), cc);
+    (srv, c, [a, b])
+}
+
+/// Submits `n` verified writes (tags `base..`), runs `cut` after
+/// `cut_after` completions, and returns all `n` completions.
+fn writes_with_cut<F: Fabric>(
+    c: &mut TestClient<F>,
+    base: u64,
+    n: u32,
+    cut_after: usize,
+    mut cut: impl FnMut(&mut TestClient<F>),
+) -> Vec<rtrs_poll::clt::Completion> {
+    for i in 0..n {
+        let mut p = c.core.get_permit().unwrap();
+        let tag = base + u64::from(i);
+        c.core.buf(&mut p)[..4096].copy_from_slice(&pattern(tag, 4096));
+        c.core
+            .write(
+                p,
+                &usr(OP_IO, tag * 4096 % (1 << 20)),
+                4096,
+                tag,
+                Instant::now(),
+            )
+            .map_err(|(_, e)| e)
+            .unwrap();
+    }
+    let mut out = c.wait(cut_after);
+    cut(c);
+    let left = n as usize - out.len();
+    out.extend(c.wait(left));
+    assert_eq!(out.len(), n as usize, "no completion twice");
+    out
+}
+
+pub fn path_closed_mid_io_second_path_lives<B: Backend>() {
+    let (srv, mut c, _) = two_path_client::<B>("clt-failover");
+    for round in 0..4u64 {
+        // Round 1 cuts path 0 while all 32 writes are in flight on both.
+        let done = writes_with_cut(&mut c, round * 32, 32, 0, |c| {
+            if round == 1 {
+                c.clt.disconnect_path(0).unwrap();
+            }
+        });
+        let mut tags: Vec<u64> = done.iter().map(|d| d.tag).collect();
+        tags.sort();
+        assert_eq!(
+            tags,
+            (round * 32..round * 32 + 32).collect::<Vec<_>>(),
+            "round {round}: every IO exactly once"
+        );
+        assert!(
+            done.iter().all(|d| d.errno == 0),
+            "round {round}: no IO lost"
+        );
+        for d in done {
+            c.core.put_permit(d.permit);
+        }
+    }
+    let paths = c.clt.paths();
+    assert_eq!(paths[0].state(), LinkState::Closed);
+    assert_eq!(paths[1].state(), LinkState::Connected);
+    assert!(
+        paths[1].stats().ios >= 64,
+        "the second path carried the rest"
+    );
+    assert!(
+        paths[0].stats().failovers > 0,
+        "path 0's IO in flight moved over"
+    );
+    let disk = srv.disk.lock().unwrap();
+    for tag in 0..128u64 {
+        let at = (tag * 4096 % (1 << 20)) as usize;
+        assert!(
+            disk[at..at + 4096] == pattern(tag, 4096)[..],
+            "block of tag {tag}"
+        );
+    }
+}
+
+pub fn reconnect_after_disconnect<B: Backend>() {
+    let (_srv, mut c, _) = two_path_client::<B>("clt-reconnect");
+    c.clt.disconnect_path(0).unwrap();
+    assert_eq!(c.write(0, &[1; 100]), 0, "IO goes on over path 1");
+    c.clt.reconnect_path(0, Instant::now()).unwrap();
+    let t0 = Instant::now();
+    while c.clt.paths()[0].state() != LinkState::Connected {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "path 0 never came back"
+        );
+        c.clt.poll(Instant::now());
+        c.core.poll(Instant::now(), &mut |_| {});
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(c.clt.paths()[0].stats().reconnects, 1);
+    // Both paths carry IO again.
+    for i in 0..16u64 {
+        assert_eq!(c.write(i * 4096, &pattern(i, 4096)), 0);
+    }
+    assert!(c.clt.paths()[0].stats().ios > 0);
+}
+
+// ---------------------------------------------------------------- processes
+
+pub const CHILD_ENV: &str = "RTRS_ENGINE_CHILD";
+
+/// The child's side: a server until killed (or 60 s). A no-op unless the
+/// parent set `RTRS_ENGINE_CHILD=ADDR`.
+pub fn child_server<B: Backend>() {
+    let Ok(addr) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let addr: Address = addr.parse().unwrap();
+    let srv = TestServer::start(B::fabric(), &[addr], cfg(true), 1 << 20);
+    println!("READY");
+    std::thread::sleep(Duration::from_secs(60));
+    drop(srv);
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_child(addr: &Address, test_name: &str) -> Child {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, addr.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(out).lines();
+    let child = Child(child);
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("READY") => break,
+            Some(Ok(_)) => continue,
+            _ => panic!("the child server did not start"),
+        }
+    }
+    child
+}
+
+pub fn across_processes<B: Backend>(child_test: &str) {
+    let a = B::addr();
+    let _child = spawn_child(&a, child_test);
+    let mut c = TestClient::open(&B::fabric(), vec![a], "clt-xproc");
+    for (i, len) in [1usize, 4096, 60000].into_iter().enumerate() {
+        let data = pattern(7 + i as u64, len);
+        assert_eq!(c.write(i as u64 * 65536, &data), 0);
+        let (e, back) = c.read(i as u64 * 65536, len);
+        assert_eq!(e, 0);
+        assert!(back == data, "{len} bytes read back across processes");
+    }
+}
+
+pub fn peer_killed_mid_io<B: Backend>(child_test: &str) {
+    let a = B::addr();
+    let mut child = spawn_child(&a, child_test);
+    let mut c = TestClient::open(&B::fabric(), vec![a], "clt-killed");
+    for i in 0..32u64 {
+        let mut p = c.core.get_permit().unwrap();
+        c.core.buf(&mut p)[..4096].copy_from_slice(&pattern(i, 4096));
+        c.core
+            .write(p, &usr(OP_IO, i * 4096), 4096, i, Instant::now())
+            .map_err(|(_, e)| e)
+            .unwrap();
+    }
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+    // Every IO completes (done before the kill, or failed with the kernel's
+    // errno), none hangs, none completes twice.
+    let done = c.wait(32);
+    let mut tags: Vec<u64> = done.iter().map(|d| d.tag).collect();
+    tags.sort();
+    assert_eq!(tags, (0..32).collect::<Vec<_>>());
+    assert!(done
+        .iter()
+        .all(|d| d.errno == 0 || d.errno == -libc::ECONNABORTED));
+    for d in done {
+        c.core.put_permit(d.permit);
+    }
+    // The path is down: new IO is refused with ECONNABORTED, not hung.
+    let t0 = Instant::now();
+    loop {
+        c.clt.poll(Instant::now());
+        c.core.poll(Instant::now(), &mut |_| {});
+        if c.clt.paths()[0].state() != LinkState::Connected {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the dead path still looks connected"
+        );
+    }
+    let p = c.core.get_permit().unwrap();
+    let (p, e) = c
+        .core
+        .write(p, &usr(OP_IO, 0), 16, 0, Instant::now())
+        .unwrap_err();
+    assert_eq!(e.errno(), -libc::ECONNABORTED);
+    c.core.put_permit(p);
+}
+
+// ---------------------------------------------------------------- hostile
+
+/// A raw RTRS client on the fabric API: cid 0 only, so it can send anything.
+struct Raw<F: Fabric> {
+    cm: F::Cm,
+    qp: F::Qp,
+    cq: F::Cq,
+    mem: std::sync::Arc<dyn rtrs_poll::fabric::Memory>,
+    mr: F::Mr,
+    chunks: Vec<(u64, u32)>,
+    layout: Option<ImmLayout>,
+}
+
+const RAW_QD: u16 = 32;
+
+impl<F: Fabric> Raw<F> {
+    /// Connects with conn_req `req`; returns the CM's answer as an errno.
+    fn connect(fab: &F, addr: &Address, req: &[u8]) -> (Option<Raw<F>>, i32) {
+        let pd = fab.alloc_pd().unwrap();
+        let mut cm = fab.create_cm().unwrap();
+        let cq = pd.create_cq(256).unwrap();
+        let qp = pd.create_qp(&cq, &cq, QpCap::default()).unwrap();
+        let mem = memory::shareable(1 << 20).unwrap();
+        let mr = pd
+            .reg_mr(mem.clone(), Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+            .unwrap();
+        let id = cm.connect(addr, &qp, req).unwrap();
+        let t0 = Instant::now();
+        loop {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no CM answer");
+            match cm.poll_event(Duration::from_millis(5)).unwrap() {
+                Some(CmEvent::Established {
+                    id: i,
+                    private_data,
+                }) if i == id => {
+                    let rsp = ConnRsp::new_checked(private_data.as_bytes()).unwrap();
+                    assert_eq!(rsp.queue_depth(), RAW_QD);
+                    let raw = Raw {
+                        cm,
+                        qp,
+                        cq,
+                        mem,
+                        mr,
+                        chunks: Vec::new(),
+                        layout: None,
+                    };
+                    return (Some(raw), 0);
+                }
+                Some(CmEvent::Rejected {
+                    id: i,
+                    private_data,
+                }) if i == id => {
+                    let e = ConnRsp::new_checked(private_data.as_bytes()).map_or(-1, |v| v.errno());
+                    return (None, e.into());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn poll_one(&mut self) -> Wc {
+        let mut wcs = [Wc::default(); 1];
+        let t0 = Instant::now();
+        loop {
+            if self.cq.poll(&mut wcs) == 1 {
+                return wcs[0];
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "no completion");
+        }
+    }
+
+    /// INFO_REQ with `name`, then INFO_RSP into the chunk table.
+    fn info(&mut self, name: &str) {
+        let mut req = [0u8; 272];
+        // A raw emit, so even invalid names go out.
+        req[2..2 + name.len()].copy_from_slice(name.as_bytes());
+        self.mem.write(0, &req).unwrap();
+        let rsge = [self.mr.sge(4096, 8 + 16 * RAW_QD as u32)];
+        self.qp
+            .post_recv(&RecvWr {
+                wr_id: 1,
+                sg_list: &rsge,
+            })
+            .unwrap();
+        let ssge = [self.mr.sge(0, 272)];
+        self.qp.post_send(&SendWr::send(2, &ssge)).unwrap();
+        for _ in 0..2 {
+            let wc = self.poll_one();
+            assert_eq!(wc.status, WcStatus::Success);
+            if wc.wr_id == 1 {
+                let mut b = vec![0u8; wc.byte_len as usize];
+                self.mem.read(4096, &mut b).unwrap();
+                let v = InfoRsp::new_checked(&b[..]).unwrap();
+                slice_chunks(&v, RAW_QD, 64 << 10, |_, a, k| self.chunks.push((a, k))).unwrap();
+            }
+        }
+        self.layout = Some(ImmLayout::new(RAW_QD.into(), 64 << 10).unwrap());
+        for i in 0..8 {
+            self.qp
+                .post_recv(&RecvWr {
+                    wr_id: 100 + i,
+                    sg_list: &[],
+                })
+                .unwrap();
+        }
+    }
+
+    /// RDMA-writes `bytes` at offset `at` of chunk `buf_id` with immediate `imm`.
+    fn write_imm(&mut self, buf_id: usize, at: u64, bytes: &[u8], imm: u32) {
+        self.mem.write(8192, bytes).unwrap();
+        let sge = [self.mr.sge(8192, bytes.len() as u32)];
+        let (addr, key) = self.chunks[buf_id];
+        self.qp
+            .post_send(&SendWr::write_with_imm(3, &sge, addr + at, key, imm))
+            .unwrap();
+    }
+}
+
+fn req_bytes(cid: u16, cid_num: u16, first: bool, seed: u8) -> [u8; 56] {
+    let mut b = [0u8; 56];
+    ConnReqRepr {
+        cid,
+        cid_num,
+        recon_cnt: 1,
+        sess_uuid: [seed; 16],
+        paths_uuid: [seed ^ 0x5a; 16],
+        first_conn: first,
+    }
+    .emit(&mut b)
+    .unwrap();
+    b
+}
+
+pub fn hostile_clients<B: Backend>() {
+    let a = B::addr();
+    let mut scfg = cfg(true);
+    scfg.queue_depth = RAW_QD;
+    let srv = TestServer::start(B::fabric(), std::slice::from_ref(&a), scfg, 1 << 20);
+    // A well-behaved session lives through all of it.
+    let mut good = TestClient::open(&B::fabric(), vec![a.clone()], "clt-good");
+    assert_eq!(good.write(0, &[1; 64]), 0);
+    let fab = B::fabric();
+
+    // Refused at connect time, with the kernel's errnos.
+    let mut bad_magic = req_bytes(0, 1, true, 1);
+    bad_magic[2] = 0;
+    assert_eq!(Raw::connect(&fab, &a, &bad_magic).1, -libc::ECONNRESET);
+    let mut bad_ver = req_bytes(0, 1, true, 2);
+    bad_ver[5] = 3;
+    assert_eq!(Raw::connect(&fab, &a, &bad_ver).1, -libc::ECONNRESET);
+    assert_eq!(
+        Raw::connect(&fab, &a, &req_bytes(2, 2, true, 3)).1,
+        -libc::ECONNRESET
+    );
+    assert_eq!(
+        Raw::connect(&fab, &a, &req_bytes(0, 1, false, 4)).1,
+        -libc::ENXIO
+    );
+    assert_eq!(
+        Raw::connect(&fab, &a, &bad_magic[..20]).1,
+        -libc::ECONNRESET
+    );
+
+    // Connected, then misbehaving: each path is dropped with a reason.
+    type Act<F> = Box<dyn Fn(&mut Raw<F>)>;
+    let cases: Vec<(&str, Act<B::F>)> = vec![
+        (
+            "bad sessname",
+            Box::new(|r: &mut Raw<B::F>| {
+                let mut req = [0u8; 272];
+                req[2..5].copy_from_slice(b"a/b");
+                r.mem.write(0, &req).unwrap();
+                let s = [r.mr.sge(0, 272)];
+                r.qp.post_send(&SendWr::send(2, &s)).unwrap();
+            }),
+        ),
+        (
+            "INFO_REQ twice",
+            Box::new(|r: &mut Raw<B::F>| {
+                r.info("raw-twice");
+                let s = [r.mr.sge(0, 272)];
+                r.qp.post_send(&SendWr::send(2, &s)).unwrap();
+            }),
+        ),
+        (
+            "unknown immediate",
+            Box::new(|r: &mut Raw<B::F>| {
+                r.info("raw-imm");
+                r.write_imm(0, 0, &[0; 4], 0x5000_0000);
+            }),
+        ),
+        (
+            "buf_id out of range",
+            Box::new(|r: &mut Raw<B::F>| {
+                r.info("raw-bufid");
+                r.write_imm(0, 0, &[2, 0, 0, 0], 40 << 23);
+            }),
+        ),
+        (
+            "offset out of range",
+            Box::new(|r: &mut Raw<B::F>| {
+                r.info("raw-off");
+                r.write_imm(0, 0, &[2, 0, 0, 0], 70000);
+            }),
+        ),
+        (
+            "usr_len beyond the offset",
+            Box::new(|r: &mut Raw<B::F>| {
+                r.info("raw-usr");
+                let imm = r.layout.unwrap().io_req(1, 16).unwrap();
+                let mut msg = [0u8; 20];
+                msg[16..].copy_from_slice(&[2, 0, 0xff, 0x00]);
+                r.write_imm(1, 0, &msg, imm);
+            }),
+        ),
+        (
+            "wrong message type",
+            Box::new(|r: &mut Raw<B::F>| {
+                r.info("raw-type");
+                let imm = r.layout.unwrap().io_req(2, 0).unwrap();
+                r.write_imm(2, 0, &[4, 0, 0, 0], imm);
+            }),
+        ),
+        (
+            "read longer than its room",
+            Box::new(|r: &mut Raw<B::F>| {
+                r.info("raw-read");
+                let imm = r.layout.unwrap().io_req(3, 100).unwrap();
+                let mut msg = [0u8; 24];
+                RdmaReadRepr {
+                    usr_len: 0,
+                    need_inval: false,
+                    desc: Some(SgDesc {
+                        addr: 0,
+                        key: 1,
+                        len: 5000,
+                    }),
+                }
+                .emit(&mut msg)
+                .unwrap();
+                r.write_imm(3, 100, &msg, imm);
+            }),
+        ),
+    ];
+    let n = cases.len();
+    for (i, (what, act)) in cases.into_iter().enumerate() {
+        let (raw, e) = Raw::connect(&fab, &a, &req_bytes(0, 1, true, 10 + i as u8));
+        assert_eq!(e, 0, "{what}: connect");
+        let mut raw = raw.unwrap();
+        act(&mut raw);
+        // The server drops the path: our QP sees the disconnect.
+        let t0 = Instant::now();
+        loop {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{what}: the server kept the path"
+            );
+            if let Ok(Some(CmEvent::Disconnected { .. })) =
+                raw.cm.poll_event(Duration::from_millis(5))
+            {
+                break;
+            }
+        }
+        assert_eq!(
+            good.write(4096, &[i as u8; 64]),
+            0,
+            "{what}: the good session goes on"
+        );
+    }
+    drop(good);
+    let closed = srv.stop();
+    let hostile: Vec<_> = closed
+        .iter()
+        .filter(|p| p.sessname.as_deref() != Some("clt-good"))
+        .collect();
+    assert!(
+        hostile.len() >= n,
+        "each hostile path closed with a reason: {closed:#?}"
+    );
+    assert!(hostile.iter().all(|p| !p.reason.is_empty()));
+}
+
+#[macro_export]
+macro_rules! engine_tests {
+    ($backend:ty) => {
+        mod engine {
+            use super::*;
+            use $crate::common::engine_suite as e;
+
+            #[test]
+            fn write_read_verified_always_invalidate() {
+                e::write_read_all_sizes::<$backend>(true);
+            }
+            #[test]
+            fn write_read_verified_without_invalidate() {
+                e::write_read_all_sizes::<$backend>(false);
+            }
+            #[test]
+            fn handler_errno_reaches_the_client() {
+                e::handler_errno::<$backend>();
+            }
+            #[test]
+            fn full_queue_depth_and_deferred_completions() {
+                e::full_queue_depth_and_deferred::<$backend>();
+            }
+            #[test]
+            fn oversized_io_is_refused_locally() {
+                e::oversized_io_refused_locally::<$backend>();
+            }
+            #[test]
+            fn path_closed_mid_io_second_path_lives() {
+                e::path_closed_mid_io_second_path_lives::<$backend>();
+            }
+            #[test]
+            fn reconnect_after_disconnect() {
+                e::reconnect_after_disconnect::<$backend>();
+            }
+            #[test]
+            fn across_processes() {
+                e::across_processes::<$backend>("engine::child_server");
+            }
+            #[test]
+            fn peer_killed_mid_io() {
+                e::peer_killed_mid_io::<$backend>("engine::child_server");
+            }
+            #[test]
+            fn hostile_clients_lose_their_path_only() {
+                e::hostile_clients::<$backend>();
+            }
+            /// Not a test: the server process of the two tests above.
+            #[test]
+            fn child_server() {
+                e::child_server::<$backend>();
+            }
+        }
+    };
+}
