@@ -1,4 +1,5 @@
-//! The fabric conformance suite over the shm backend.
+//! The shm backend: the fabric conformance suite and the engine's end-to-end
+//! suite.
 
 mod common;
 
@@ -24,3 +25,4 @@ impl common::conformance::Backend for Shm {
 }
 
 conformance_tests!(Shm);
+engine_tests!(Shm);
