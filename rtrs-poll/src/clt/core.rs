@@ -51,6 +51,115 @@ struct Req {
     need_inval: bool,
     tag: u64,
     start: Instant,
+    /// The submitter (another thread) to hand the completion to.
+    remote: Option<u8>,
+}
+
+/// Longest user header a [`Submitter`] carries inline.
+pub const REMOTE_USR_MAX: usize = 64;
+
+/// A request from another thread.
+struct RemoteReq {
+    sub: u8,
+    permit: u32,
+    dir: Dir,
+    usr: [u8; REMOTE_USR_MAX],
+    usr_len: u8,
+    len: u32,
+    tag: u64,
+    start: Instant,
+}
+
+/// Submits IO to a core from another thread, through lock-free rings:
+/// requests go in over the core's MPSC ring, completions come back over this
+/// submitter's own SPSC ring. Made by [`CltCore::submitter`].
+pub struct Submitter<F: Fabric> {
+    id: u8,
+    core: u32,
+    sess: Arc<CltSess<F>>,
+    tx: pollers::mpsc::Sender<RemoteReq>,
+    done: pollers::spsc::Consumer<Completion>,
+}
+
+impl<F: Fabric> std::fmt::Debug for Submitter<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Submitter({} -> core {})", self.id, self.core)
+    }
+}
+
+impl<F: Fabric> Submitter<F> {
+    /// Takes a permit (`None`: all in flight).
+    pub fn get_permit(&self) -> Option<IoPermit> {
+        self.sess.permits.get(self.core).map(|p| IoPermit(p.0))
+    }
+    /// Returns a permit.
+    pub fn put_permit(&self, p: IoPermit) {
+        self.sess.permits.put(crate::sess::permit::Permit(p.0));
+    }
+    /// The permit's data buffer (as [`CltCore::buf`]).
+    pub fn buf(&self, p: &mut IoPermit) -> &mut [u8] {
+        let s = &self.sess;
+        // SAFETY: as in CltCore::buf: the caller holds the permit (`&mut`,
+        // not Copy), so no request of it is in flight and no other slice
+        // over its buffer exists.
+        unsafe { bytes_mut(&*s.mem, s.buf_off(p.0), s.buf_size) }.unwrap_or(&mut [])
+    }
+    /// Submits a write (the core picks it up on its next poll).
+    pub fn write(
+        &self,
+        p: IoPermit,
+        usr: &[u8],
+        len: u32,
+        tag: u64,
+    ) -> Result<(), (IoPermit, CltError)> {
+        self.send(p, Dir::Write, usr, len, tag)
+    }
+    /// Submits a read.
+    pub fn read(
+        &self,
+        p: IoPermit,
+        usr: &[u8],
+        len: u32,
+        tag: u64,
+    ) -> Result<(), (IoPermit, CltError)> {
+        self.send(p, Dir::Read, usr, len, tag)
+    }
+    fn send(
+        &self,
+        p: IoPermit,
+        dir: Dir,
+        usr: &[u8],
+        len: u32,
+        tag: u64,
+    ) -> Result<(), (IoPermit, CltError)> {
+        if usr.len() > REMOTE_USR_MAX {
+            return Err((p, CltError::MsgSize));
+        }
+        let mut u = [0u8; REMOTE_USR_MAX];
+        u[..usr.len()].copy_from_slice(usr);
+        let r = RemoteReq {
+            sub: self.id,
+            permit: p.0,
+            dir,
+            usr: u,
+            usr_len: usr.len() as u8,
+            len,
+            tag,
+            start: Instant::now(),
+        };
+        self.tx
+            .push(r)
+            .map_err(|pollers::Full(r)| (IoPermit(r.permit), CltError::Busy))
+    }
+    /// Hands finished IOs to `f`; returns how many.
+    pub fn poll(&mut self, f: &mut dyn FnMut(Completion)) -> usize {
+        let mut n = 0;
+        while let Some(c) = self.done.pop() {
+            f(c);
+            n += 1;
+        }
+        n
+    }
 }
 
 /// Messages from the control loop to a core.
@@ -75,6 +184,9 @@ pub struct CltCore<F: Fabric> {
     rr: Option<usize>,
     wcs: [Wc; WC_BATCH],
     scratch: Box<[u8]>,
+    remote_tx: pollers::mpsc::Sender<RemoteReq>,
+    remote_rx: pollers::mpsc::Receiver<RemoteReq>,
+    subs: Vec<pollers::spsc::Producer<Completion>>,
 }
 
 impl<F: Fabric> std::fmt::Debug for CltCore<F> {
@@ -99,8 +211,13 @@ impl<F: Fabric> CltCore<F> {
             need_inval: false,
             tag: 0,
             start: Instant::now(),
+            remote: None,
         };
+        let (remote_tx, remote_rx) = pollers::mpsc::channel(qd.max(2));
         CltCore {
+            remote_tx,
+            remote_rx,
+            subs: Vec::new(),
             core,
             cons: (0..n).map(|_| None).collect(),
             reqs: (0..n).map(|_| vec![idle; qd].into_boxed_slice()).collect(),
@@ -122,6 +239,20 @@ impl<F: Fabric> CltCore<F> {
                 self.cons[i] = Some(con);
             }
         }
+    }
+
+    /// A handle other threads submit IO through (up to 255 per core).
+    pub fn submitter(&mut self) -> Result<Submitter<F>, CltError> {
+        let id = u8::try_from(self.subs.len()).map_err(|_| CltError::Busy)?;
+        let (tx, rx) = pollers::spsc::channel(self.sess.queue_depth as usize);
+        self.subs.push(tx);
+        Ok(Submitter {
+            id,
+            core: self.core,
+            sess: self.sess.clone(),
+            tx: self.remote_tx.clone(),
+            done: rx,
+        })
     }
 
     /// This core's index.
@@ -170,7 +301,7 @@ impl<F: Fabric> CltCore<F> {
         tag: u64,
         now: Instant,
     ) -> Result<(), (IoPermit, CltError)> {
-        self.submit(p, Dir::Write, usr, len, tag, now)
+        self.submit(p, Dir::Write, usr, len, tag, now, None)
     }
 
     /// Submits a read of `len` bytes into the permit's buffer with user
@@ -183,9 +314,10 @@ impl<F: Fabric> CltCore<F> {
         tag: u64,
         now: Instant,
     ) -> Result<(), (IoPermit, CltError)> {
-        self.submit(p, Dir::Read, usr, len, tag, now)
+        self.submit(p, Dir::Read, usr, len, tag, now, None)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn submit(
         &mut self,
         p: IoPermit,
@@ -194,6 +326,7 @@ impl<F: Fabric> CltCore<F> {
         len: u32,
         tag: u64,
         now: Instant,
+        remote: Option<u8>,
     ) -> Result<(), (IoPermit, CltError)> {
         let s = &self.sess;
         let msg_len = match dir {
@@ -215,6 +348,7 @@ impl<F: Fabric> CltCore<F> {
             need_inval,
             tag,
             start: now,
+            remote,
         };
         // The user header and message go to the permit's header slot.
         if let Err(e) = self.build_tail(p.0, usr, &req) {
@@ -331,6 +465,31 @@ impl<F: Fabric> CltCore<F> {
             match msg {
                 CoreMsg::Con(i, con) => self.cons[i] = Some(con),
                 CoreMsg::Drop(i) => self.drop_path(i, now, done),
+            }
+        }
+        for _ in 0..WC_BATCH {
+            let Some(r) = self.remote_rx.pop() else { break };
+            work += 1;
+            let usr = r.usr;
+            let res = self.submit(
+                IoPermit(r.permit),
+                r.dir,
+                &usr[..r.usr_len as usize],
+                r.len,
+                r.tag,
+                r.start,
+                Some(r.sub),
+            );
+            if let Err((permit, e)) = res {
+                let c = Completion {
+                    permit,
+                    tag: r.tag,
+                    errno: e.errno(),
+                    dir: r.dir,
+                    len: r.len,
+                    start: r.start,
+                };
+                self.deliver(Some(r.sub), c, done);
             }
         }
         for path in 0..self.cons.len() {
@@ -472,14 +631,29 @@ impl<F: Fabric> CltCore<F> {
         if errno != 0 {
             bump(&c.errors, 1);
         }
-        done(Completion {
+        let c = Completion {
             permit: IoPermit(msg_id),
             tag: r.tag,
             errno,
             dir: r.dir,
             len: r.len,
             start: r.start,
-        });
+        };
+        self.deliver(r.remote, c, done);
+    }
+
+    /// Hands a completion to its submitter: the callback, or another
+    /// thread's ring (sized to the queue depth, so it has room).
+    fn deliver(&mut self, remote: Option<u8>, c: Completion, done: &mut dyn FnMut(Completion)) {
+        match remote.and_then(|s| self.subs.get_mut(s as usize)) {
+            Some(tx) => {
+                if let Err(pollers::Full(c)) = tx.push(c) {
+                    // Cannot happen (room for every permit); never lose it.
+                    done(c);
+                }
+            }
+            None => done(c),
+        }
     }
 
     /// The path's connection on this core is gone: its requests go to
@@ -509,14 +683,15 @@ impl<F: Fabric> CltCore<F> {
             if moved.is_ok() {
                 bump(&c.failovers, 1);
             } else {
-                done(Completion {
+                let done_c = Completion {
                     permit: IoPermit(buf_id),
                     tag: req.tag,
                     errno: -libc::ECONNABORTED,
                     dir: req.dir,
                     len: req.len,
                     start: req.start,
-                });
+                };
+                self.deliver(req.remote, done_c, done);
             }
         }
     }

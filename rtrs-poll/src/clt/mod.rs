@@ -19,7 +19,7 @@ mod con;
 mod core;
 mod path;
 
-pub use self::core::{CltCore, Completion, Dir};
+pub use self::core::{CltCore, Completion, Dir, Submitter, REMOTE_USR_MAX};
 pub use path::{CltPath, LinkState, PathStats};
 
 use self::core::CoreMsg;
@@ -119,6 +119,9 @@ pub enum CltError {
     /// No connected path could take the IO (-ECONNABORTED).
     #[error("no connected path")]
     NoPath,
+    /// A ring to a core is full, or a core has too many submitters (-EBUSY).
+    #[error("the core's submission ring is full")]
+    Busy,
 }
 
 impl CltError {
@@ -127,6 +130,7 @@ impl CltError {
         match self {
             CltError::MsgSize => -libc::EMSGSIZE,
             CltError::NoPath => -libc::ECONNABORTED,
+            CltError::Busy => -libc::EBUSY,
             CltError::Rejected(e) => *e,
             _ => -libc::ECONNRESET,
         }

@@ -256,6 +256,46 @@ pub fn reconnect_after_disconnect<B: Backend>() {
     assert!(c.clt.paths()[0].stats().ios > 0);
 }
 
+pub fn submitter_from_another_thread<B: Backend>() {
+    let a = B::addr();
+    let srv = TestServer::start(B::fabric(), std::slice::from_ref(&a), cfg(true), 1 << 20);
+    let mut c = TestClient::open(&B::fabric(), vec![a], "clt-remote");
+    let mut sub = c.core.submitter().unwrap();
+    let worker = std::thread::spawn(move || {
+        let mut back = Vec::new();
+        let mut n = 0u64;
+        for i in 0..200u64 {
+            let mut p = sub.get_permit().expect("a permit");
+            sub.buf(&mut p)[..4096].copy_from_slice(&pattern(1000 + i, 4096));
+            sub.write(p, &usr(OP_IO, i % 64 * 4096), 4096, i)
+                .map_err(|(_, e)| e)
+                .unwrap();
+            let t0 = Instant::now();
+            while back.is_empty() {
+                assert!(t0.elapsed() < Duration::from_secs(10), "no completion");
+                sub.poll(&mut |c| back.push(c));
+            }
+            for c in back.drain(..) {
+                assert_eq!((c.errno, c.tag), (0, i));
+                sub.put_permit(c.permit);
+                n += 1;
+            }
+        }
+        n
+    });
+    while !worker.is_finished() {
+        c.core.poll(Instant::now(), &mut |_| {
+            panic!("a remote completion went to the core")
+        });
+    }
+    assert_eq!(worker.join().unwrap(), 200);
+    let disk = srv.disk.lock().unwrap();
+    for i in 136..200u64 {
+        let at = (i % 64 * 4096) as usize;
+        assert!(disk[at..at + 4096] == pattern(1000 + i, 4096)[..]);
+    }
+}
+
 // ---------------------------------------------------------------- processes
 
 pub const CHILD_ENV: &str = "RTRS_ENGINE_CHILD";
@@ -680,6 +720,10 @@ macro_rules! engine_tests {
             #[test]
             fn reconnect_after_disconnect() {
                 e::reconnect_after_disconnect::<$backend>();
+            }
+            #[test]
+            fn submitter_from_another_thread() {
+                e::submitter_from_another_thread::<$backend>();
             }
             #[test]
             fn across_processes() {
