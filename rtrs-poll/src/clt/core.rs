@@ -97,7 +97,7 @@ impl<F: Fabric> Submitter<F> {
         self.sess.permits.put(crate::sess::permit::Permit(p.0));
     }
     /// The permit's data buffer (as [`CltCore::buf`]).
-    pub fn buf(&self, p: &mut IoPermit) -> &mut [u8] {
+    pub fn buf(&mut self, p: &mut IoPermit) -> &mut [u8] {
         let s = &self.sess;
         // SAFETY: as in CltCore::buf: the caller holds the permit (`&mut`,
         // not Copy), so no request of it is in flight and no other slice
