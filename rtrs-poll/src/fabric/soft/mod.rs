@@ -14,6 +14,7 @@
 pub(crate) mod engine;
 pub(crate) mod mr;
 pub mod shm;
+pub mod tcp;
 
 use super::{FabricError, Result};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

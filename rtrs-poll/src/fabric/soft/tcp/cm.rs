@@ -1,0 +1,620 @@
+//! The tcp connection manager: rdma_cm's dance on the data connection itself,
+//! before the QP takes it over.
+//!
+//! ```text
+//!  active                                passive
+//!  connect() (non-blocking) ─────────>   accept(): ConnectRequest after REQ
+//!  REQ  qp caps, pdata ──────────────>   ConnectRequest event
+//!       <──────────────── ACC caps, pdata  (accept)   or   REJ pdata (reject)
+//!  RTU ──────────────────────────────>   QP takes the socket: Established
+//!  QP takes the socket: Established
+//!  FIN / RST / TCP user timeout <─────>  Disconnected event, QP flushed
+//! ```
+//! Messages are 96 bytes, read exactly, so nothing after the RTU is consumed
+//! here. Afterwards the CM keeps its own descriptor of the socket and polls it
+//! for the peer's FIN or a reset only (never for data), which is how it sees a
+//! peer go away; the core that drives the QP sees the same end of stream and
+//! flushes.
+
+use super::{sock, Link, QpShared, TcpFabric, TcpQp};
+use crate::fabric::{
+    Address, Cm, CmEvent, ConnId, FabricError, PrivateData, QpState, Result, MAX_PRIVATE_DATA,
+};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MSG_LEN: usize = 96;
+const MAGIC: u32 = 0x7074_6372; // "rctp"
+const VERSION: u16 = 1;
+const PDATA_AT: usize = 40;
+/// How long a connect may take, from the SYN to the ACC or REJ.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `connect` itself waits for the TCP handshake before leaving it
+/// to `poll_event`.
+const CONNECT_WAIT_MS: i32 = 50;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    Req = 1,
+    Acc = 2,
+    Rej = 3,
+    Rtu = 4,
+}
+
+/// A CM message: the kind, the sender's QP limits, and the private data.
+#[derive(Clone, Copy, Debug)]
+struct Msg {
+    kind: Kind,
+    qp_num: u32,
+    max_send_wr: u32,
+    max_recv_wr: u32,
+    pdata: PrivateData,
+}
+
+impl Msg {
+    fn bare(kind: Kind) -> Msg {
+        Msg {
+            kind,
+            qp_num: 0,
+            max_send_wr: 0,
+            max_recv_wr: 0,
+            pdata: PrivateData::empty(),
+        }
+    }
+    fn with_qp(kind: Kind, qp: &QpShared, pdata: PrivateData) -> Msg {
+        let cap = qp.cap();
+        Msg {
+            kind,
+            qp_num: qp.qp_num(),
+            max_send_wr: cap.max_send_wr,
+            max_recv_wr: cap.max_recv_wr,
+            pdata,
+        }
+    }
+    fn encode(&self) -> [u8; MSG_LEN] {
+        let mut b = [0u8; MSG_LEN];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        b[6] = self.kind as u8;
+        let p = self.pdata.as_bytes();
+        b[7] = p.len() as u8;
+        b[8..12].copy_from_slice(&self.qp_num.to_le_bytes());
+        b[12..16].copy_from_slice(&self.max_send_wr.to_le_bytes());
+        b[16..20].copy_from_slice(&self.max_recv_wr.to_le_bytes());
+        b[PDATA_AT..PDATA_AT + p.len()].copy_from_slice(p);
+        b
+    }
+    fn decode(b: &[u8; MSG_LEN]) -> Result<Msg> {
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        if u32_at(0) != MAGIC {
+            return Err(FabricError::Protocol(
+                "not a tcp fabric CM message (bad magic)",
+            ));
+        }
+        if u16::from_le_bytes([b[4], b[5]]) != VERSION {
+            return Err(FabricError::Protocol("tcp CM version mismatch"));
+        }
+        let kind = match b[6] {
+            1 => Kind::Req,
+            2 => Kind::Acc,
+            3 => Kind::Rej,
+            4 => Kind::Rtu,
+            _ => return Err(FabricError::Protocol("unknown tcp CM message")),
+        };
+        let plen = usize::from(b[7]);
+        if plen > MAX_PRIVATE_DATA {
+            return Err(FabricError::Protocol("private data too long"));
+        }
+        Ok(Msg {
+            kind,
+            qp_num: u32_at(8),
+            max_send_wr: u32_at(12),
+            max_recv_wr: u32_at(16),
+            pdata: PrivateData::new(&b[PDATA_AT..PDATA_AT + plen])?,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum St {
+    /// Active: TCP connect in progress; the REQ goes once it completes.
+    TcpConnecting,
+    /// Active: REQ sent, waiting for ACC or REJ.
+    AwaitAcc,
+    /// Passive: socket accepted, waiting for REQ.
+    AwaitReq,
+    /// Passive: REQ reported, waiting for the application's accept/reject.
+    Requested,
+    /// Passive: ACC sent, waiting for RTU.
+    AwaitRtu,
+    /// The QP owns the data stream; the CM watches for its end.
+    Established,
+}
+
+struct Conn {
+    stream: TcpStream,
+    st: St,
+    qp: Option<Arc<QpShared>>,
+    listener: ConnId,
+    peer: String,
+    /// The peer's REQ (passive side).
+    req: Option<Msg>,
+    /// Our REQ, until the TCP connect completes (active side).
+    out: Option<Msg>,
+    rbuf: [u8; MSG_LEN],
+    rlen: usize,
+    deadline: Option<Instant>,
+}
+
+/// The tcp connection manager (runs on the slow-path thread).
+pub struct TcpCm {
+    next_id: u64,
+    listeners: HashMap<ConnId, TcpListener>,
+    conns: HashMap<ConnId, Conn>,
+    events: VecDeque<CmEvent>,
+}
+
+impl std::fmt::Debug for TcpCm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "TcpCm({} listeners, {} connections)",
+            self.listeners.len(),
+            self.conns.len()
+        )
+    }
+}
+
+fn send_msg(stream: &TcpStream, m: &Msg) -> Result<()> {
+    let b = m.encode();
+    match sock::send(stream.as_raw_fd(), &b) {
+        Ok(n) if n == b.len() => Ok(()),
+        Ok(_) => Err(FabricError::Protocol("short send of a tcp CM message")),
+        Err(e) => Err(FabricError::io("send a tcp CM message", e)),
+    }
+}
+
+/// Reads what has arrived of the next message: Ok(Some) once whole, Ok(None)
+/// while incomplete, Err on EOF or error. Never reads past the message.
+fn read_msg(c: &mut Conn) -> std::result::Result<Option<Msg>, String> {
+    loop {
+        match sock::recv(c.stream.as_raw_fd(), &mut c.rbuf[c.rlen..]) {
+            Ok(0) => return Err("peer closed the connection".into()),
+            Ok(n) => {
+                c.rlen += n;
+                if c.rlen == MSG_LEN {
+                    c.rlen = 0;
+                    return Msg::decode(&c.rbuf).map(Some).map_err(|e| e.to_string());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("recv: {e}")),
+        }
+    }
+}
+
+impl Default for TcpCm {
+    fn default() -> Self {
+        TcpCm::new()
+    }
+}
+
+impl TcpCm {
+    /// A connection manager with no listeners or connections.
+    pub fn new() -> TcpCm {
+        TcpCm {
+            next_id: 1,
+            listeners: HashMap::new(),
+            conns: HashMap::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    fn id(&mut self) -> ConnId {
+        let id = ConnId(self.next_id);
+        self.next_id += 1;
+        id
+    }
+
+    /// Drops a connection; `event` says what the application hears, `broken`
+    /// whether its QP must flush now (a connection the QP never got, or one
+    /// we cut; when the peer cut it the QP sees the end of stream itself,
+    /// after whatever the peer said last).
+    fn close(&mut self, id: ConnId, event: Option<CmEvent>, broken: bool) {
+        if let Some(c) = self.conns.remove(&id) {
+            if let Some(qp) = &c.qp {
+                if broken {
+                    qp.mark_broken();
+                    let _ = c.stream.shutdown(Shutdown::Both);
+                }
+            }
+        }
+        if let Some(e) = event {
+            self.events.push_back(e);
+        }
+    }
+
+    fn accept_pending(&mut self, listener: ConnId) {
+        loop {
+            let Some(l) = self.listeners.get(&listener) else {
+                return;
+            };
+            let (stream, peer) = match l.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            if sock::tune(&stream).is_err() {
+                continue;
+            }
+            let id = self.id();
+            self.conns.insert(
+                id,
+                Conn {
+                    stream,
+                    st: St::AwaitReq,
+                    qp: None,
+                    listener,
+                    peer: format!("tcp:{peer}"),
+                    req: None,
+                    out: None,
+                    rbuf: [0; MSG_LEN],
+                    rlen: 0,
+                    deadline: Some(Instant::now() + CONNECT_TIMEOUT),
+                },
+            );
+        }
+    }
+
+    /// The active side's TCP connect finished (or failed).
+    fn connected(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        match c.stream.take_error() {
+            Ok(None) => {}
+            Ok(Some(e)) | Err(e) => {
+                let why = format!("connect to {}: {e}", c.peer);
+                return self.gone(id, &why);
+            }
+        }
+        let req = c
+            .out
+            .take()
+            .expect("connecting connections carry their REQ");
+        if let Err(e) = send_msg(&c.stream, &req) {
+            return self.gone(id, &e.to_string());
+        }
+        c.st = St::AwaitAcc;
+    }
+
+    fn readable(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        match read_msg(c) {
+            Ok(None) => {}
+            Ok(Some(m)) => self.handle(id, m),
+            Err(why) => self.gone(id, &why),
+        }
+    }
+
+    /// The socket closed or failed.
+    fn gone(&mut self, id: ConnId, why: &str) {
+        let Some(c) = self.conns.get(&id) else {
+            return;
+        };
+        let (ev, broken) = match c.st {
+            St::Established => (Some(CmEvent::Disconnected { id }), false),
+            St::AwaitRtu => (Some(CmEvent::Disconnected { id }), true),
+            St::TcpConnecting | St::AwaitAcc => (
+                Some(CmEvent::Unreachable {
+                    id,
+                    reason: why.to_string(),
+                }),
+                false,
+            ),
+            St::AwaitReq | St::Requested => (None, false),
+        };
+        self.close(id, ev, broken);
+    }
+
+    /// Hands the connection to its QP.
+    fn attach(c: &Conn, qp: &QpShared, peer_max_send_wr: u32) -> Result<()> {
+        let stream = c
+            .stream
+            .try_clone()
+            .map_err(|e| FabricError::io("dup the connection for the QP", e))?;
+        qp.attach(Link::new(stream, peer_max_send_wr));
+        Ok(())
+    }
+
+    fn handle(&mut self, id: ConnId, m: Msg) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        match (c.st, m.kind) {
+            (St::AwaitReq, Kind::Req) => {
+                c.st = St::Requested;
+                c.req = Some(m);
+                c.deadline = None;
+                let (listener, peer) = (c.listener, c.peer.clone());
+                self.events.push_back(CmEvent::ConnectRequest {
+                    id,
+                    listener,
+                    private_data: m.pdata,
+                    peer,
+                });
+            }
+            (St::AwaitAcc, Kind::Acc) => {
+                let qp = c.qp.clone().expect("active connections carry their QP");
+                // RTU first: the QP's frames must follow it on the stream.
+                if let Err(e) = send_msg(&c.stream, &Msg::bare(Kind::Rtu)) {
+                    return self.gone(id, &e.to_string());
+                }
+                if let Err(e) = Self::attach(c, &qp, m.max_send_wr) {
+                    return self.gone(id, &e.to_string());
+                }
+                c.st = St::Established;
+                c.deadline = None;
+                self.events.push_back(CmEvent::Established {
+                    id,
+                    private_data: m.pdata,
+                });
+            }
+            (St::AwaitAcc, Kind::Rej) => self.close(
+                id,
+                Some(CmEvent::Rejected {
+                    id,
+                    private_data: m.pdata,
+                }),
+                false,
+            ),
+            (St::AwaitRtu, Kind::Rtu) => {
+                let qp = c.qp.clone().expect("accepted connections carry their QP");
+                let peer_wr = c.req.map_or(1, |r| r.max_send_wr);
+                if let Err(e) = Self::attach(c, &qp, peer_wr) {
+                    return self.gone(id, &e.to_string());
+                }
+                c.st = St::Established;
+                c.deadline = None;
+                self.events.push_back(CmEvent::Established {
+                    id,
+                    private_data: PrivateData::empty(),
+                });
+            }
+            (st, kind) => {
+                tracing::warn!("tcp CM: unexpected {kind:?} in state {st:?}; closing");
+                self.gone(id, "protocol error");
+            }
+        }
+    }
+
+    fn check_qp(qp: &TcpQp) -> Result<Arc<QpShared>> {
+        let s = qp.shared();
+        if s.attached() {
+            return Err(FabricError::BadQpState {
+                qp_num: s.qp_num(),
+                state: QpState::Rts,
+            });
+        }
+        Ok(s.clone())
+    }
+}
+
+impl Drop for TcpCm {
+    fn drop(&mut self) {
+        for c in self.conns.values() {
+            if let Some(qp) = &c.qp {
+                if matches!(c.st, St::Established | St::AwaitRtu) {
+                    qp.mark_broken();
+                    let _ = c.stream.shutdown(Shutdown::Both);
+                }
+            }
+        }
+    }
+}
+
+impl Cm<TcpFabric> for TcpCm {
+    fn listen(&mut self, addr: &Address) -> Result<ConnId> {
+        let sa = sock::resolve(addr)?;
+        let l = TcpListener::bind(sa).map_err(|e| {
+            let what = if e.kind() == io::ErrorKind::AddrInUse {
+                "listen: this tcp address is already in use"
+            } else {
+                "bind the tcp listener"
+            };
+            FabricError::io(what, e)
+        })?;
+        l.set_nonblocking(true)
+            .map_err(|e| FabricError::io("make the tcp listener non-blocking", e))?;
+        let id = self.id();
+        self.listeners.insert(id, l);
+        Ok(id)
+    }
+
+    fn connect(&mut self, addr: &Address, qp: &TcpQp, private_data: &[u8]) -> Result<ConnId> {
+        let pdata = PrivateData::new(private_data)?;
+        let sa = sock::resolve(addr);
+        let qp = Self::check_qp(qp)?;
+        let id = self.id();
+        let unreachable = |reason: String| CmEvent::Unreachable { id, reason };
+        let sa = match sa {
+            Ok(sa) => sa,
+            Err(FabricError::WrongBackend(a, b)) => return Err(FabricError::WrongBackend(a, b)),
+            Err(e) => {
+                self.events.push_back(unreachable(e.to_string()));
+                return Ok(id);
+            }
+        };
+        let stream = match sock::connect_start(&sa).and_then(|s| sock::tune(&s).map(|()| s)) {
+            Ok(s) => s,
+            Err(e) => {
+                self.events
+                    .push_back(unreachable(format!("connect to {addr}: {e}")));
+                return Ok(id);
+            }
+        };
+        let req = Msg::with_qp(Kind::Req, &qp, pdata);
+        self.conns.insert(
+            id,
+            Conn {
+                stream,
+                st: St::TcpConnecting,
+                qp: Some(qp),
+                listener: ConnId(0),
+                peer: addr.to_string(),
+                req: None,
+                out: Some(req),
+                rbuf: [0; MSG_LEN],
+                rlen: 0,
+                deadline: Some(Instant::now() + CONNECT_TIMEOUT),
+            },
+        );
+        // A connect that completes at once (the usual case on a LAN) sends
+        // its REQ now, as rdma_connect does; otherwise poll_event finishes it.
+        if let Some(c) = self.conns.get(&id) {
+            let mut pfd = libc::pollfd {
+                fd: c.stream.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, CONNECT_WAIT_MS) } > 0 {
+                self.connected(id);
+            }
+        }
+        Ok(id)
+    }
+
+    fn accept(&mut self, id: ConnId, qp: &TcpQp, private_data: &[u8]) -> Result<()> {
+        let pdata = PrivateData::new(private_data)?;
+        let shared = Self::check_qp(qp)?;
+        let c = self
+            .conns
+            .get_mut(&id)
+            .filter(|c| c.st == St::Requested)
+            .ok_or(FabricError::Unknown {
+                what: "connect request",
+                id: id.0,
+            })?;
+        if let Err(e) = send_msg(&c.stream, &Msg::with_qp(Kind::Acc, &shared, pdata)) {
+            self.close(id, None, false);
+            return Err(e);
+        }
+        c.qp = Some(shared);
+        c.st = St::AwaitRtu;
+        c.deadline = Some(Instant::now() + CONNECT_TIMEOUT);
+        Ok(())
+    }
+
+    fn reject(&mut self, id: ConnId, private_data: &[u8]) -> Result<()> {
+        let pdata = PrivateData::new(private_data)?;
+        let c = self
+            .conns
+            .get(&id)
+            .filter(|c| c.st == St::Requested)
+            .ok_or(FabricError::Unknown {
+                what: "connect request",
+                id: id.0,
+            })?;
+        let m = Msg {
+            pdata,
+            ..Msg::bare(Kind::Rej)
+        };
+        let r = send_msg(&c.stream, &m);
+        self.close(id, None, false);
+        r
+    }
+
+    fn disconnect(&mut self, id: ConnId) -> Result<()> {
+        if self.listeners.remove(&id).is_some() {
+            return Ok(());
+        }
+        let c = self.conns.get(&id).ok_or(FabricError::Unknown {
+            what: "connection",
+            id: id.0,
+        })?;
+        let up = matches!(c.st, St::Established | St::AwaitRtu);
+        let _ = c.stream.shutdown(Shutdown::Both);
+        self.close(id, up.then_some(CmEvent::Disconnected { id }), up);
+        Ok(())
+    }
+
+    fn poll_event(&mut self, timeout: Duration) -> Result<Option<CmEvent>> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(Some(e));
+        }
+        let now = Instant::now();
+        let late: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            self.gone(id, "timed out");
+        }
+        if let Some(e) = self.events.pop_front() {
+            return Ok(Some(e));
+        }
+        let mut wait = timeout;
+        let mut ids = Vec::with_capacity(self.listeners.len() + self.conns.len());
+        let mut fds = Vec::with_capacity(ids.capacity());
+        for (id, l) in &self.listeners {
+            ids.push((*id, None));
+            fds.push(libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        for (id, c) in &self.conns {
+            if let Some(d) = c.deadline {
+                wait = wait.min(d.saturating_duration_since(now));
+            }
+            let events = match c.st {
+                St::TcpConnecting => libc::POLLOUT,
+                St::Established => libc::POLLRDHUP,
+                _ => libc::POLLIN,
+            };
+            ids.push((*id, Some(c.st)));
+            fds.push(libc::pollfd {
+                fd: c.stream.as_raw_fd(),
+                events,
+                revents: 0,
+            });
+        }
+        if fds.is_empty() {
+            std::thread::sleep(timeout);
+            return Ok(self.events.pop_front());
+        }
+        let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        // SAFETY: fds is a valid array of pollfd of the given length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(FabricError::io("poll the tcp CM sockets", e));
+            }
+        }
+        for (pfd, (id, st)) in fds.iter().zip(ids) {
+            if pfd.revents == 0 {
+                continue;
+            }
+            match st {
+                None => self.accept_pending(id),
+                Some(St::TcpConnecting) => self.connected(id),
+                Some(St::Established) => self.gone(id, "peer closed the connection"),
+                Some(_) => self.readable(id),
+            }
+        }
+        Ok(self.events.pop_front())
+    }
+}

@@ -1,0 +1,232 @@
+//! The fabric conformance suite over the tcp backend (loopback), plus what is
+//! particular to tcp: listen errors and streaming through small buffers.
+
+mod common;
+
+use common::{mem, pattern, MemExt};
+use rtrs_poll::fabric::soft::tcp::{TcpConfig, TcpFabric};
+use rtrs_poll::fabric::{
+    Access, Address, Cm, CmEvent, Cq, Fabric, FabricError, Mr, Pd, Qp, QpCap, RecvWr, SendWr, Wc,
+    WcOpcode, WcStatus,
+};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Ports for this process: a block of 64 below the kernel's ephemeral range
+/// (32768..), chosen by pid so parallel test binaries rarely meet; a port
+/// something else already holds is skipped.
+fn port() -> u16 {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let base = 12_000 + (std::process::id() % 300) * 64;
+    loop {
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let port = (base + n % 64) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+        assert!(n < 1024, "no free tcp port near {base}");
+    }
+}
+
+fn addr() -> Address {
+    Address::Tcp {
+        host: "127.0.0.1".into(),
+        port: port(),
+    }
+}
+
+struct Tcp;
+
+impl common::conformance::Backend for Tcp {
+    type F = TcpFabric;
+    fn fabric() -> TcpFabric {
+        TcpFabric::new()
+    }
+    fn addr() -> Address {
+        addr()
+    }
+}
+
+conformance_tests!(Tcp);
+
+/// Small buffers and pieces, so every message streams in many pieces and
+/// sends and receives come back partial.
+struct TinyTcp;
+
+impl common::conformance::Backend for TinyTcp {
+    type F = TcpFabric;
+    fn fabric() -> TcpFabric {
+        TcpFabric::with_config(TcpConfig {
+            tx_buf: 16 << 10,
+            rx_buf: 5000,
+            piece: 3000,
+            ..TcpConfig::default()
+        })
+    }
+    fn addr() -> Address {
+        addr()
+    }
+}
+
+mod tiny {
+    use super::*;
+    use crate::common::conformance as c;
+
+    #[test]
+    fn send_recv_sizes() {
+        c::send_recv_sizes::<TinyTcp>();
+    }
+    #[test]
+    fn write_and_write_with_imm_sizes() {
+        c::write_and_write_with_imm_sizes::<TinyTcp>();
+    }
+    #[test]
+    fn read_sizes() {
+        c::read_sizes::<TinyTcp>();
+    }
+    #[test]
+    fn scatter_gather_lists() {
+        c::scatter_gather_lists::<TinyTcp>();
+    }
+    #[test]
+    fn rc_ordering_and_unsignaled() {
+        c::rc_ordering_and_unsignaled::<TinyTcp>();
+    }
+    #[test]
+    fn disconnect_mid_traffic() {
+        c::disconnect_mid_traffic::<TinyTcp>();
+    }
+}
+
+#[test]
+fn listen_on_a_taken_address_fails_clearly() {
+    let fab = TcpFabric::new();
+    let a = addr();
+    let mut cm1 = fab.create_cm().unwrap();
+    let mut cm2 = fab.create_cm().unwrap();
+    cm1.listen(&a).unwrap();
+    match cm2.listen(&a) {
+        Err(FabricError::Io { what, source }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse, "{what}");
+            assert!(what.contains("already in use"), "{what}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Closing the listener frees the address.
+    let id = cm1.listen(&addr()).unwrap();
+    cm1.disconnect(id).unwrap();
+    assert!(matches!(
+        cm2.listen(&Address::Shm("x".into())),
+        Err(FabricError::WrongBackend(..))
+    ));
+}
+
+/// READs and SENDs crossing in both directions at once, with RNR in the mix:
+/// responses, requests and acknowledgements share one stream each way.
+#[test]
+fn both_directions_at_once() {
+    let fab = TcpFabric::new();
+    let a_addr = addr();
+    let cap = QpCap {
+        max_send_wr: 64,
+        max_recv_wr: 64,
+        ..QpCap::default()
+    };
+    let pd_a = fab.alloc_pd().unwrap();
+    let pd_b = fab.alloc_pd().unwrap();
+    let mut cq_a = pd_a.create_cq(256).unwrap();
+    let mut cq_b = pd_b.create_cq(256).unwrap();
+    let mut qa = pd_a.create_qp(&cq_a, &cq_a, cap).unwrap();
+    let mut qb = pd_b.create_qp(&cq_b, &cq_b, cap).unwrap();
+    let mut cm_a = fab.create_cm().unwrap();
+    let mut cm_b = fab.create_cm().unwrap();
+    let rw = Access::LOCAL_WRITE | Access::REMOTE_WRITE | Access::REMOTE_READ;
+    let (ma, mb) = (mem(4 << 20), mem(4 << 20));
+    let mr_a = pd_a.reg_mr(ma.clone(), rw).unwrap();
+    let mr_b = pd_b.reg_mr(mb.clone(), rw).unwrap();
+    cm_a.listen(&a_addr).unwrap();
+    cm_b.connect(&a_addr, &qb, b"").unwrap();
+    let mut up = 0;
+    let t0 = Instant::now();
+    while up < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        if let Some(ev) = cm_a.poll_event(Duration::from_millis(1)).unwrap() {
+            match ev {
+                CmEvent::ConnectRequest { id, .. } => cm_a.accept(id, &qa, b"").unwrap(),
+                CmEvent::Established { .. } => up += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        if let Some(ev) = cm_b.poll_event(Duration::from_millis(1)).unwrap() {
+            assert!(matches!(ev, CmEvent::Established { .. }), "{ev:?}");
+            up += 1;
+        }
+    }
+    let da = pattern(1 << 20, 1);
+    let db = pattern(1 << 20, 2);
+    ma.fill(0, &da);
+    mb.fill(0, &db);
+    const N: u64 = 20;
+    // Each side READs the other's first MiB into its upper half, and SENDs
+    // 100 KiB the other receives only later (RNR until then).
+    for i in 0..N {
+        let sa = [mr_a.sge(2 << 20, 1 << 20)];
+        qa.post_send(&SendWr::read(i, &sa, mb.addr(0), mr_b.rkey()))
+            .unwrap();
+        let sb = [mr_b.sge(2 << 20, 1 << 20)];
+        qb.post_send(&SendWr::read(100 + i, &sb, ma.addr(0), mr_a.rkey()))
+            .unwrap();
+        let s = [mr_a.sge(0, 100_000)];
+        qa.post_send(&SendWr::send(200 + i, &s)).unwrap();
+        let s = [mr_b.sge(0, 100_000)];
+        qb.post_send(&SendWr::send(300 + i, &s)).unwrap();
+    }
+    let (mut wa, mut wb) = (Vec::new(), Vec::new());
+    let mut posted = false;
+    let t0 = Instant::now();
+    while wa.len() < 3 * N as usize || wb.len() < 3 * N as usize {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "a {} b {}: {:?} {:?}",
+            wa.len(),
+            wb.len(),
+            wa.last(),
+            wb.last()
+        );
+        if !posted && t0.elapsed() > Duration::from_millis(5) {
+            posted = true;
+            for i in 0..N {
+                let s = [mr_a.sge(3 << 20, 100_000)];
+                qa.post_recv(&RecvWr {
+                    wr_id: 400 + i,
+                    sg_list: &s,
+                })
+                .unwrap();
+                let s = [mr_b.sge(3 << 20, 100_000)];
+                qb.post_recv(&RecvWr {
+                    wr_id: 500 + i,
+                    sg_list: &s,
+                })
+                .unwrap();
+            }
+        }
+        let mut buf = [Wc::default(); 16];
+        let n = cq_a.poll(&mut buf);
+        wa.extend_from_slice(&buf[..n]);
+        let n = cq_b.poll(&mut buf);
+        wb.extend_from_slice(&buf[..n]);
+    }
+    for w in wa.iter().chain(&wb) {
+        assert_eq!(w.status, WcStatus::Success, "{w:?}");
+    }
+    let sends_a: Vec<u64> = wa
+        .iter()
+        .filter(|w| w.opcode != WcOpcode::Recv)
+        .map(|w| w.wr_id)
+        .collect();
+    let want: Vec<u64> = (0..N).flat_map(|i| [i, 200 + i]).collect();
+    assert_eq!(sends_a, want, "completions in posting order");
+    assert_eq!(ma.read_vec(2 << 20, 1 << 20), db);
+    assert_eq!(mb.read_vec(2 << 20, 1 << 20), da);
+    assert_eq!(mb.read_vec(3 << 20, 100_000), da[..100_000].to_vec());
+}
