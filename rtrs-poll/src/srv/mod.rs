@@ -268,11 +268,11 @@ impl<F: Fabric, H: Handler> Server<F, H> {
         match ev {
             CmEvent::ConnectRequest {
                 id,
+                listener,
                 private_data,
                 peer,
-                ..
             } => {
-                if let Err(errno) = self.on_connect(id, private_data.as_bytes(), &peer) {
+                if let Err(errno) = self.on_connect(id, listener, private_data.as_bytes(), &peer) {
                     let mut rsp = [0u8; 56];
                     let _ = ConnRspRepr::reject(errno as i16).emit(&mut rsp);
                     if let Err(e) = self.cm.reject(id, &rsp) {
@@ -295,7 +295,13 @@ impl<F: Fabric, H: Handler> Server<F, H> {
     }
 
     /// Spec §4.3, in order. Err is the (positive) errno of the reject.
-    fn on_connect(&mut self, id: ConnId, pd: &[u8], peer: &str) -> Result<(), i32> {
+    fn on_connect(
+        &mut self,
+        id: ConnId,
+        listener: ConnId,
+        pd: &[u8],
+        peer: &str,
+    ) -> Result<(), i32> {
         let req = match ConnReq::new_checked(pd) {
             Ok(v) => ConnReqRepr::parse(&v),
             Err(e) => {
@@ -348,9 +354,11 @@ impl<F: Fabric, H: Handler> Server<F, H> {
                 if alive.clone().count() >= MAX_PATHS_NUM {
                     return Err(libc::ECONNRESET);
                 }
+                // The kernel refuses a second path between the same two
+                // addresses (client host, server address; ports ignored).
                 if alive
                     .clone()
-                    .any(|p| host_of(&p.peer) == host_of(peer) && !peer.is_empty())
+                    .any(|p| p.listener == listener && host_of(&p.peer) == host_of(peer))
                 {
                     tracing::warn!("connect from {peer}: a path from this address exists");
                     return Err(libc::EEXIST);
@@ -364,6 +372,7 @@ impl<F: Fabric, H: Handler> Server<F, H> {
                     req.paths_uuid,
                     req.cid_num,
                     peer.to_string(),
+                    listener,
                     self.layout,
                     self.cfg.queue_depth.into(),
                     self.cfg.max_chunk_size as usize,

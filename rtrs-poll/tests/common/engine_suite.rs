@@ -661,6 +661,13 @@ pub fn hostile_clients<B: Backend>() {
                 t0.elapsed() < Duration::from_secs(10),
                 "{what}: the server kept the path"
             );
+            // Backends that carry the CM on the data socket see the close
+            // while their CQ is polled, as a core would.
+            let mut wcs = [Wc::default(); 8];
+            raw.cq.poll(&mut wcs);
+            if raw.qp.state() == rtrs_poll::fabric::QpState::Error {
+                break;
+            }
             if let Ok(Some(CmEvent::Disconnected { .. })) =
                 raw.cm.poll_event(Duration::from_millis(5))
             {
