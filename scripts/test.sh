@@ -31,4 +31,15 @@ RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
 step "fuzz the wire decoders for ${RTRS_FUZZ_SECS:=20} s"
 RTRS_FUZZ_SECS=$RTRS_FUZZ_SECS cargo test -p rtrs-poll --release fuzz
 
+step "real verbs in a VM: soft-RoCE + the kernel's RTRS/RNBD (scripts/vm.sh)"
+set +e
+scripts/vm.sh scripts/vm-guest-selftest.sh
+rc=$?
+set -e
+case $rc in
+  0) ;;
+  77) echo "VM step skipped (see the reason above)" ;;
+  *) echo "VM step failed (rc $rc)"; exit "$rc" ;;
+esac
+
 step "all green"
