@@ -156,7 +156,7 @@ impl PerfServer {
                     &fabric,
                     &addrs[0],
                     cfg,
-                    move || PerfHandler { ram: ram.clone() },
+                    move |_: &rtrs_poll::srv::ConInfo| PerfHandler { ram: ram.clone() },
                     place,
                 );
                 let mut srv = match srv {

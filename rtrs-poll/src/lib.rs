@@ -12,5 +12,6 @@
 pub mod clt;
 pub mod fabric;
 pub mod proto;
+pub mod rnbd;
 pub mod sess;
 pub mod srv;

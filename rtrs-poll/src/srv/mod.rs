@@ -138,6 +138,19 @@ pub trait Handler: Send + 'static {
     }
 }
 
+/// Who a connection's handler serves.
+#[derive(Clone, Debug)]
+pub struct ConInfo {
+    /// The client session (the same on all its paths).
+    pub paths_uuid: [u8; 16],
+    /// The path.
+    pub sess_uuid: [u8; 16],
+    /// The connection in the path.
+    pub cid: u16,
+    /// The client's address.
+    pub peer: String,
+}
+
 /// Where IO connections go: called once per IO cid with the connection as a
 /// poller (e.g. `Cores::add` on core `(cid - 1) % cores`).
 pub type Place = Box<dyn FnMut(u16, Box<dyn pollers::Poller>) + Send>;
@@ -155,6 +168,11 @@ struct ConRef {
 /// A closed path, for the embedder's logs and tests.
 #[derive(Clone, Debug)]
 pub struct ClosedPath {
+    /// The client session it belonged to.
+    pub paths_uuid: [u8; 16],
+    /// Whether it was the session's last path: the session is gone (an
+    /// upper layer such as RNBD closes what the session had open).
+    pub session_ended: bool,
     /// The session name (if INFO_REQ got that far).
     pub sessname: Option<String>,
     /// The client's address.
@@ -169,7 +187,7 @@ pub struct Server<F: Fabric, H: Handler> {
     cm: F::Cm,
     cfg: SrvConfig,
     layout: ImmLayout,
-    make_handler: Box<dyn FnMut() -> H + Send>,
+    make_handler: Box<dyn FnMut(&ConInfo) -> H + Send>,
     place: Place,
     sessions: HashMap<[u8; 16], Sess<F>>,
     cons: HashMap<ConnId, ConRef>,
@@ -201,7 +219,7 @@ impl<F: Fabric, H: Handler> Server<F, H> {
         fabric: &F,
         addr: &Address,
         cfg: SrvConfig,
-        make_handler: impl FnMut() -> H + Send + 'static,
+        make_handler: impl FnMut(&ConInfo) -> H + Send + 'static,
         place: Place,
     ) -> Result<Server<F, H>, SrvError> {
         let layout = cfg.layout()?;
@@ -457,7 +475,12 @@ impl<F: Fabric, H: Handler> Server<F, H> {
             cq,
             mem,
             mr,
-            (self.make_handler)(),
+            (self.make_handler)(&ConInfo {
+                paths_uuid: path.paths_uuid,
+                sess_uuid: path.sess_uuid,
+                cid,
+                peer: path.peer.clone(),
+            }),
         ))
     }
 
@@ -489,6 +512,8 @@ impl<F: Fabric, H: Handler> Server<F, H> {
                 let p = &s.paths[i];
                 p.set_closed();
                 self.closed.push(ClosedPath {
+                    paths_uuid: uuid,
+                    session_ended: false,
                     sessname: p.sessname().map(str::to_string),
                     peer: p.peer.clone(),
                     reason: p.close_reason().unwrap_or("closed").to_string(),
@@ -503,6 +528,9 @@ impl<F: Fabric, H: Handler> Server<F, H> {
             .map(|(u, _)| *u)
             .collect();
         for u in dead {
+            if let Some(c) = self.closed.iter_mut().rev().find(|c| c.paths_uuid == u) {
+                c.session_ended = true;
+            }
             self.sessions.remove(&u);
             self.cons.retain(|_, c| c.paths_uuid != u);
         }

@@ -80,9 +80,33 @@ impl TestServer {
         disk_len: usize,
     ) -> TestServer {
         let disk = Arc::new(Mutex::new(vec![0u8; disk_len]));
+        let d = disk.clone();
+        let mut s = Self::start_with(
+            fabric,
+            addrs,
+            cfg,
+            move |_: &rtrs_poll::srv::ConInfo| Ram {
+                disk: d.clone(),
+                later: Vec::new(),
+            },
+            |_| {},
+        );
+        s.disk = disk;
+        s
+    }
+
+    /// A server with any handler; `on_closed` sees every closed path.
+    pub fn start_with<F: Fabric, H: Handler>(
+        fabric: F,
+        addrs: &[Address],
+        cfg: SrvConfig,
+        make: impl FnMut(&rtrs_poll::srv::ConInfo) -> H + Send + 'static,
+        mut on_closed: impl FnMut(&ClosedPath) + Send + 'static,
+    ) -> TestServer {
+        let disk = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (d, s) = (disk.clone(), stop.clone());
+        let s = stop.clone();
         let addrs = addrs.to_vec();
         let thread = std::thread::spawn(move || {
             let cons: Arc<Mutex<Vec<Box<dyn pollers::Poller>>>> = Arc::default();
@@ -91,10 +115,7 @@ impl TestServer {
                 &fabric,
                 &addrs[0],
                 cfg,
-                move || Ram {
-                    disk: d.clone(),
-                    later: Vec::new(),
-                },
+                make,
                 Box::new(move |_cid, p| c2.lock().unwrap().push(p)),
             )
             .unwrap();
@@ -112,7 +133,10 @@ impl TestServer {
                 }
                 cs.retain(|c| !c.finished());
                 drop(cs);
-                closed.extend(srv.take_closed());
+                for c in srv.take_closed() {
+                    on_closed(&c);
+                    closed.push(c);
+                }
             }
             closed
         });

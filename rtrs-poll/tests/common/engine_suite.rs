@@ -296,6 +296,147 @@ pub fn submitter_from_another_thread<B: Backend>() {
     }
 }
 
+// ---------------------------------------------------------------- RNBD
+
+pub fn rnbd_over_rtrs<B: Backend>() {
+    use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
+    use rtrs_poll::rnbd::{clt as rc, Export, RnbdError, RnbdServer};
+    let a = B::addr();
+    let file = std::env::temp_dir().join(format!(
+        "rtrs-rnbd-{}-{}.img",
+        std::process::id(),
+        B::fabric().name()
+    ));
+    std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+    let exports = vec![
+        Export::parse("ram0=ram:2M").unwrap(),
+        Export::parse(&format!("disk0=file:{}", file.display())).unwrap(),
+    ];
+    let scfg = cfg(true);
+    let rnbd = RnbdServer::new(exports, scfg.max_io_size());
+    let (r2, r3) = (rnbd.clone(), rnbd.clone());
+    let srv = TestServer::start_with(
+        B::fabric(),
+        std::slice::from_ref(&a),
+        scfg,
+        move |info: &rtrs_poll::srv::ConInfo| r2.handler(info),
+        move |c| {
+            if c.session_ended {
+                r3.session_ended(&c.paths_uuid);
+            }
+        },
+    );
+    let mut c = TestClient::open(&B::fabric(), vec![a.clone()], "rnbd-clt");
+    assert_eq!(rc::sess_info(&mut c.clt, &mut c.core).unwrap(), 2);
+    let ram = rc::open(&mut c.clt, &mut c.core, "ram0", AccessMode::Rw).unwrap();
+    assert_eq!(ram.size(), 2 << 20);
+    assert_eq!(ram.logical_block_size, 512);
+    let disk = rc::open(&mut c.clt, &mut c.core, "disk0", AccessMode::Rw).unwrap();
+    assert_eq!(disk.size(), 1 << 20);
+    assert_ne!(ram.device_id, disk.device_id);
+    // Opening again in the same session gives the same id.
+    assert_eq!(
+        rc::open(&mut c.clt, &mut c.core, "ram0", AccessMode::Rw).unwrap(),
+        ram
+    );
+    assert!(matches!(
+        rc::open(&mut c.clt, &mut c.core, "nope", AccessMode::Ro),
+        Err(RnbdError::Errno(e)) if e == -libc::ENOENT
+    ));
+    // Block IO, verified, on both devices.
+    for (dev, n) in [(ram, 0u64), (disk, 1)] {
+        for (i, len) in [512usize, 4096, 32768].into_iter().enumerate() {
+            let off = i as u64 * 65536;
+            let data = pattern(n * 10 + i as u64, len);
+            let mut p = c.core.get_permit().unwrap();
+            c.core.buf(&mut p)[..len].copy_from_slice(&data);
+            let h = rc::io_hdr(&dev, RnbdOp::Write, off, len as u32, 0);
+            c.core
+                .write(p, &h, len as u32, 1, Instant::now())
+                .map_err(|(_, e)| e)
+                .unwrap();
+            let d = c.wait(1).pop().unwrap();
+            assert_eq!(d.errno, 0);
+            c.core.put_permit(d.permit);
+            let p = c.core.get_permit().unwrap();
+            let h = rc::io_hdr(&dev, RnbdOp::Read, off, len as u32, 0);
+            c.core
+                .read(p, &h, len as u32, 2, Instant::now())
+                .map_err(|(_, e)| e)
+                .unwrap();
+            let mut d = c.wait(1).pop().unwrap();
+            assert_eq!(d.errno, 0);
+            assert!(
+                c.core.buf(&mut d.permit)[..len] == data[..],
+                "{len} bytes back"
+            );
+            c.core.put_permit(d.permit);
+        }
+    }
+    // The file holds what was written.
+    let f = std::fs::read(&file).unwrap();
+    assert!(f[65536..65536 + 4096] == pattern(11, 4096)[..]);
+    // Flush (an RTRS read with no data) and an IO past the end.
+    let p = c.core.get_permit().unwrap();
+    let h = rc::io_hdr(
+        &disk,
+        RnbdOp::Flush,
+        0,
+        0,
+        rtrs_poll::proto::rnbd::RNBD_F_FUA,
+    );
+    c.core
+        .read(p, &h, 0, 3, Instant::now())
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let d = c.wait(1).pop().unwrap();
+    assert_eq!(d.errno, 0);
+    c.core.put_permit(d.permit);
+    let p = c.core.get_permit().unwrap();
+    let h = rc::io_hdr(&ram, RnbdOp::Write, (2 << 20) - 512, 4096, 0);
+    c.core
+        .write(p, &h, 4096, 4, Instant::now())
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let d = c.wait(1).pop().unwrap();
+    assert_eq!(d.errno, -libc::EIO);
+    c.core.put_permit(d.permit);
+    // A second session may not open ram0 read-write while we hold it.
+    let mut c2 = TestClient::open(&B::fabric(), vec![a.clone()], "rnbd-clt2");
+    assert!(matches!(
+        rc::open(&mut c2.clt, &mut c2.core, "ram0", AccessMode::Rw),
+        Err(RnbdError::Errno(e)) if e == -libc::EPERM
+    ));
+    assert!(rc::open(&mut c2.clt, &mut c2.core, "ram0", AccessMode::Ro).is_ok());
+    // IO on a closed id: ENOTCONN.
+    rc::close(&mut c.clt, &mut c.core, &disk).unwrap();
+    let p = c.core.get_permit().unwrap();
+    let h = rc::io_hdr(&disk, RnbdOp::Read, 0, 512, 0);
+    c.core
+        .read(p, &h, 512, 5, Instant::now())
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let d = c.wait(1).pop().unwrap();
+    assert_eq!(d.errno, -libc::ENOTCONN);
+    c.core.put_permit(d.permit);
+    // When our session ends, the server closes what it had open: ram0 is
+    // free for a writer again.
+    assert_eq!(rnbd.writers("ram0"), Some(1));
+    drop(c);
+    let t0 = Instant::now();
+    while rnbd.writers("ram0") != Some(0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the ended session kept ram0"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(rc::open(&mut c2.clt, &mut c2.core, "ram0", AccessMode::Rw).is_ok());
+    drop(c2);
+    drop(srv);
+    let _ = std::fs::remove_file(&file);
+}
+
 // ---------------------------------------------------------------- processes
 
 pub const CHILD_ENV: &str = "RTRS_ENGINE_CHILD";
@@ -731,6 +872,10 @@ macro_rules! engine_tests {
             #[test]
             fn submitter_from_another_thread() {
                 e::submitter_from_another_thread::<$backend>();
+            }
+            #[test]
+            fn rnbd_over_rtrs() {
+                e::rnbd_over_rtrs::<$backend>();
             }
             #[test]
             fn across_processes() {
