@@ -252,6 +252,10 @@ pub struct ClientOpts {
     pub progress: bool,
     /// The server's always_invalidate, for the report (embedded runs).
     pub always_invalidate: Option<bool>,
+    /// Speak RNBD to this device (the server is an RNBD server).
+    pub rnbd_device: Option<String>,
+    /// Write a checked pattern and check every block read back.
+    pub verify: bool,
 }
 
 fn ser_addrs<S: serde::Serializer>(a: &[Address], s: S) -> Result<S::Ok, S::Error> {
@@ -371,9 +375,52 @@ fn usr_hdr(off: u64) -> [u8; 16] {
     u
 }
 
+/// The verify pattern of the block at `off`, generation `seq`: a header
+/// (magic, offset, generation, checksum of the rest) then pseudo-random
+/// bytes, as fio's verify headers do.
+fn fill_block(buf: &mut [u8], off: u64, seq: u64) {
+    let mut x =
+        off.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seq.wrapping_mul(0xd6e8_feb8_6659_fd93) | 1;
+    for b in buf.iter_mut().skip(32) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let sum = checksum(&buf[32.min(buf.len())..]);
+    let head = [VERIFY_MAGIC, off, seq, sum];
+    for (i, w) in head.iter().enumerate() {
+        if buf.len() >= (i + 1) * 8 {
+            buf[i * 8..(i + 1) * 8].copy_from_slice(&w.to_le_bytes());
+        }
+    }
+}
+
+const VERIFY_MAGIC: u64 = 0x5946_5952_5653_5452; // "RTSVRYFY"
+
+fn checksum(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Checks a block read back: never written (all zero) or a valid header for
+/// this offset with a matching checksum.
+fn check_block(buf: &[u8], off: u64) -> bool {
+    if buf.len() < 32 {
+        return true;
+    }
+    let w = |i: usize| u64::from_le_bytes(buf[i * 8..(i + 1) * 8].try_into().unwrap_or([0; 8]));
+    if w(0) == 0 && buf.iter().all(|&b| b == 0) {
+        return true;
+    }
+    w(0) == VERIFY_MAGIC && w(1) == off && w(3) == checksum(&buf[32..])
+}
+
 fn run_core<F: Fabric>(
     mut core: CltCore<F>,
     o: &ClientOpts,
+    dev: Option<rtrs_poll::rnbd::RnbdDev>,
     seed: u64,
     stop: &AtomicBool,
     measuring: &AtomicBool,
@@ -392,15 +439,19 @@ fn run_core<F: Fabric>(
     let mut inflight = 0u32;
     let mut err: Option<String> = None;
     // Sized once: completions of one poll wait here to be resubmitted.
-    let mut ready: Vec<rtrs_poll::clt::IoPermit> = Vec::with_capacity(core.queue_depth() as usize);
+    let mut ready: Vec<(rtrs_poll::clt::IoPermit, Dir, u64, i32)> =
+        Vec::with_capacity(core.queue_depth() as usize);
+    let mut free: Vec<rtrs_poll::clt::IoPermit> = Vec::with_capacity(core.queue_depth() as usize);
+    let mut seq = seed << 32;
     let mut allocs_at = None;
     let mut allocs = 0u64;
+    let mut verify_failures = 0u64;
     loop {
         let now = Instant::now();
         let stopping = stop.load(Ordering::Relaxed);
         if !stopping && err.is_none() {
             while inflight < o.iodepth {
-                let p = match ready.pop() {
+                let mut p = match free.pop() {
                     Some(p) => p,
                     None => match core.get_permit() {
                         Some(p) => p,
@@ -408,10 +459,28 @@ fn run_core<F: Fabric>(
                     },
                 };
                 let (dir, off) = gen.next();
-                let u = usr_hdr(off);
+                let mut u = [0u8; 32];
+                let ulen = match &dev {
+                    Some(d) => {
+                        let op = match dir {
+                            Dir::Write => rtrs_poll::proto::rnbd::RnbdOp::Write,
+                            Dir::Read => rtrs_poll::proto::rnbd::RnbdOp::Read,
+                        };
+                        u = rtrs_poll::rnbd::clt::io_hdr(d, op, off, bs, 0);
+                        32
+                    }
+                    None => {
+                        u[..16].copy_from_slice(&usr_hdr(off));
+                        16
+                    }
+                };
+                if o.verify && dir == Dir::Write {
+                    seq += 1;
+                    fill_block(&mut core.buf(&mut p)[..bs as usize], off, seq);
+                }
                 let r = match dir {
-                    Dir::Write => core.write(p, &u, bs, off, now),
-                    Dir::Read => core.read(p, &u, bs, off, now),
+                    Dir::Write => core.write(p, &u[..ulen], bs, off, now),
+                    Dir::Read => core.read(p, &u[..ulen], bs, off, now),
                 };
                 match r {
                     Ok(()) => inflight += 1,
@@ -446,18 +515,34 @@ fn run_core<F: Fabric>(
                     errors += 1;
                 }
             }
-            ready.push(c.permit);
+            ready.push((c.permit, c.dir, c.tag, c.errno));
         });
+        for (mut p, dir, off, errno) in ready.drain(..) {
+            if o.verify
+                && dir == Dir::Read
+                && errno == 0
+                && !check_block(&core.buf(&mut p)[..bs as usize], off)
+            {
+                errors += 1;
+                if verify_failures < 3 {
+                    eprintln!(
+                        "verify: block at offset {off} does not match what was written there"
+                    );
+                }
+                verify_failures += 1;
+            }
+            free.push(p);
+        }
         if on && ios & 1023 == 0 {
             progress.store(ios, Ordering::Relaxed);
         }
         if stop.load(Ordering::Relaxed) {
-            for p in ready.drain(..) {
+            for p in free.drain(..) {
                 core.put_permit(p);
             }
         }
     }
-    for p in ready.drain(..) {
+    for p in free.drain(..) {
         core.put_permit(p);
     }
     progress.store(ios, Ordering::Relaxed);
@@ -487,7 +572,34 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     cfg.mp_policy = o.mp_policy;
     cfg.max_io_size = o.bs.max(1);
     cfg.connect_timeout = Duration::from_secs(10);
-    let (mut clt, cores) = Client::open(fabric, cfg).map_err(|e| e.to_string())?;
+    let (mut clt, mut cores) = Client::open(fabric, cfg).map_err(|e| e.to_string())?;
+    let mut o = o.clone();
+    let dev = match &o.rnbd_device {
+        Some(name) => {
+            let c0 = &mut cores[0];
+            let ver = rtrs_poll::rnbd::clt::sess_info(&mut clt, c0)
+                .map_err(|e| format!("RNBD sess_info: {e}"))?;
+            let dev = rtrs_poll::rnbd::clt::open(
+                &mut clt,
+                c0,
+                name,
+                rtrs_poll::proto::rnbd::AccessMode::Rw,
+            )
+            .map_err(|e| format!("RNBD open {name}: {e}"))?;
+            if o.progress {
+                eprintln!(
+                    "RNBD {ver}: device {name} id {} of {} bytes, logical block {} B",
+                    dev.device_id,
+                    dev.size(),
+                    dev.logical_block_size
+                );
+            }
+            o.size = o.size.min(dev.size());
+            Some(dev)
+        }
+        None => None,
+    };
+    let o = &o;
     if o.bs > cores[0].max_io_size() {
         return Err(format!(
             "--bs {} exceeds the server's max_io_size {}",
@@ -512,6 +624,7 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
                     run_core(
                         core,
                         &o2,
+                        dev,
                         0x1234_5678 + i as u64 * 7919,
                         &stop,
                         &measuring,
@@ -661,5 +774,37 @@ impl Summary {
         )
         .map_err(|e| format!("{}: {e:?}", path.display()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_catches_corruption_and_misdirected_blocks() {
+        let mut b = vec![0u8; 4096];
+        assert!(check_block(&b, 8192), "a block never written passes");
+        fill_block(&mut b, 8192, 7);
+        assert!(check_block(&b, 8192));
+        assert!(!check_block(&b, 4096), "the block of another offset");
+        let mut flipped = b.clone();
+        flipped[1000] ^= 1;
+        assert!(!check_block(&flipped, 8192), "a flipped bit");
+        let mut torn = b.clone();
+        torn[2048..].fill(0);
+        assert!(!check_block(&torn, 8192), "a torn block");
+    }
+
+    #[test]
+    fn sizes_and_switches_parse() {
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("x").is_err());
+        assert_eq!(parse_backend("ram:2G"), Ok(Backend::Ram(2 << 30)));
+        assert!(parse_backend("disk").is_err());
+        assert_eq!(parse_on_off("off"), Ok(false));
+        assert!(parse_on_off("maybe").is_err());
     }
 }

@@ -153,6 +153,14 @@ struct IoArgs {
     /// Write the latency histogram to FILE (HdrHistogram interval log).
     #[arg(long)]
     hist: Option<std::path::PathBuf>,
+    /// Speak RNBD to this device of an RNBD server (`rtrs serve`, or the
+    /// kernel's rnbd-server): sess_info, open, then IO on it.
+    #[arg(long)]
+    rnbd_device: Option<String>,
+    /// Write a checked pattern and check every block read back (as fio's
+    /// --verify); a mismatch counts in "errors".
+    #[arg(long)]
+    verify: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -363,6 +371,8 @@ fn io_opts(
         size: a.size,
         progress,
         always_invalidate: None,
+        rnbd_device: a.rnbd_device.clone(),
+        verify: a.verify,
     })
 }
 

@@ -1,0 +1,101 @@
+//! `rtrs serve` exporting RNBD devices, used by the library's RNBD client
+//! from this process: verified data, and bad arguments.
+
+use minstant::Instant;
+use rtrs_poll::clt::{Client, CltConfig};
+use rtrs_poll::fabric::soft::shm::ShmFabric;
+use rtrs_poll::fabric::Address;
+use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
+use rtrs_poll::rnbd::clt as rc;
+use std::process::Command;
+use std::time::Duration;
+
+fn rtrs() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rtrs"))
+}
+
+#[test]
+fn serve_exports_ram_and_file_devices() {
+    let name = format!("rtrs-serve-{}", std::process::id());
+    let file = std::env::temp_dir().join(format!("{name}.img"));
+    std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+    let mut srv = rtrs()
+        .args([
+            "serve",
+            "--listen",
+            &format!("shm:{name}"),
+            "--export",
+            "ram0=ram:4M",
+        ])
+        .arg("--export")
+        .arg(format!("disk0=file:{}", file.display()))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut cfg = CltConfig::new("serve-test", vec![Address::Shm(name.clone())]);
+    cfg.connect_timeout = Duration::from_secs(10);
+    let (mut clt, mut cores) = Client::open(&ShmFabric::new(), cfg).unwrap();
+    let core = &mut cores[0];
+    assert_eq!(rc::sess_info(&mut clt, core).unwrap(), 2);
+    let disk = rc::open(&mut clt, core, "disk0", AccessMode::Rw).unwrap();
+    assert_eq!(disk.size(), 1 << 20);
+    let ram = rc::open(&mut clt, core, "ram0", AccessMode::Ro).unwrap();
+    assert_eq!(ram.size(), 4 << 20);
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    let mut p = core.get_permit().unwrap();
+    core.buf(&mut p)[..8192].copy_from_slice(&data);
+    let h = rc::io_hdr(&disk, RnbdOp::Write, 4096, 8192, 0);
+    core.write(p, &h, 8192, 1, Instant::now())
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let mut got = None;
+    let t0 = Instant::now();
+    while got.is_none() && t0.elapsed() < Duration::from_secs(10) {
+        core.poll(Instant::now(), &mut |c| got = Some(c));
+    }
+    let c = got.expect("a completion");
+    assert_eq!(c.errno, 0);
+    core.put_permit(c.permit);
+    rc::close(&mut clt, core, &disk).unwrap();
+    drop(cores);
+    drop(clt);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let f = std::fs::read(&file).unwrap();
+    assert!(f[4096..4096 + 8192] == data[..], "the file holds the write");
+    let _ = std::fs::remove_file(file);
+}
+
+#[test]
+fn bad_arguments_are_refused_clearly() {
+    for args in [
+        vec!["serve", "--listen", "shm:x", "--export", "ram0"],
+        vec!["serve", "--listen", "shm:x", "--export", "ram0=ram:0"],
+        vec![
+            "serve",
+            "--listen",
+            "shm:x",
+            "--export",
+            "d=file:/nonexistent/file",
+        ],
+        vec![
+            "serve",
+            "--listen",
+            "shm:x",
+            "--export",
+            "r=ram:1M",
+            "--chunk-size",
+            "1000",
+        ],
+        vec!["serve", "--listen", "bogus:x", "--export", "r=ram:1M"],
+        vec!["serve", "--export", "r=ram:1M"],
+    ] {
+        let out = rtrs().args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.trim().is_empty() && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}
