@@ -13,9 +13,8 @@ use rtrs_poll::fabric::soft::shm::ShmFabric;
 use rtrs_poll::fabric::soft::tcp::TcpFabric;
 use rtrs_poll::fabric::{Address, Fabric};
 use rtrs_poll::rnbd::{Export, RnbdServer};
-use rtrs_poll::srv::{Place, Server, SrvConfig};
+use rtrs_poll::srv::{CorePool, Server, SrvConfig};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
@@ -78,23 +77,8 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
     }
     let rnbd = RnbdServer::new(exports, cfg.max_io_size());
     let stop = pollers::Shutdown::on_ctrlc().map_err(|e| e.to_string())?;
-    let cores = pollers::Cores::launch(
-        &a.cores,
-        pollers::Shutdown::new(),
-        Duration::from_secs(1),
-        |_| Vec::new(),
-    )
-    .map_err(|e| e.to_string())?;
-    let n = cores.len().max(1);
-    let cores = Arc::new(Mutex::new(Some(cores)));
-    let c2 = cores.clone();
-    let place: Place = Box::new(move |cid, con| {
-        if let Ok(mut g) = c2.lock() {
-            if let Some(c) = g.as_mut() {
-                let _ = c.add((usize::from(cid) - 1) % n, con);
-            }
-        }
-    });
+    let pool = CorePool::launch(&a.cores).map_err(|e| e.to_string())?;
+    let place = pool.place();
     let r2 = rnbd.clone();
     let mut srv = Server::listen(
         &fabric,
@@ -132,11 +116,7 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
     }
     eprintln!("rtrs serve: stopping");
     drop(srv);
-    if let Ok(mut g) = cores.lock() {
-        if let Some(c) = g.take() {
-            c.stop();
-        }
-    }
+    pool.stop();
     Ok(())
 }
 

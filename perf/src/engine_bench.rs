@@ -19,7 +19,7 @@ use rtrs_poll::sess::mp_policy::MpPolicy;
 use rtrs_poll::srv::{Handler, IoDir, Server, SrvConfig, SrvIo, Verdict};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The IO pattern.
@@ -134,24 +134,8 @@ impl PerfServer {
         let control = std::thread::Builder::new()
             .name("rtrs-srv-ctl".into())
             .spawn(move || {
-                let shutdown = pollers::Shutdown::new();
-                let pool = pollers::Cores::launch(
-                    &cores,
-                    shutdown.clone(),
-                    Duration::from_secs(1),
-                    |_| Vec::new(),
-                )
-                .map_err(|e| e.to_string())?;
-                let n = pool.len().max(1);
-                let pool = Arc::new(Mutex::new(Some(pool)));
-                let p2 = pool.clone();
-                let place: rtrs_poll::srv::Place = Box::new(move |cid, con| {
-                    if let Ok(mut g) = p2.lock() {
-                        if let Some(c) = g.as_mut() {
-                            let _ = c.add((usize::from(cid) - 1) % n, con);
-                        }
-                    }
-                });
+                let pool = rtrs_poll::srv::CorePool::launch(&cores).map_err(|e| e.to_string())?;
+                let place = pool.place();
                 let srv = Server::listen(
                     &fabric,
                     &addrs[0],
@@ -164,14 +148,14 @@ impl PerfServer {
                     Err(e) => {
                         let msg = format!("listen on {}: {e}", addrs[0]);
                         let _ = ready_tx.send(Err(msg.clone()));
-                        shutdown.trigger();
+                        pool.stop();
                         return Err(msg);
                     }
                 };
                 for a in &addrs[1..] {
                     if let Err(e) = srv.listen_also(a) {
                         let _ = ready_tx.send(Err(format!("listen on {a}: {e}")));
-                        shutdown.trigger();
+                        pool.stop();
                         return Err(e.to_string());
                     }
                 }
@@ -188,11 +172,7 @@ impl PerfServer {
                     }
                 }
                 drop(srv);
-                if let Ok(mut g) = pool.lock() {
-                    if let Some(p) = g.take() {
-                        p.stop();
-                    }
-                }
+                pool.stop();
                 Ok(())
             })
             .map_err(|e| e.to_string())?;

@@ -155,6 +155,57 @@ pub struct ConInfo {
 /// poller (e.g. `Cores::add` on core `(cid - 1) % cores`).
 pub type Place = Box<dyn FnMut(u16, Box<dyn pollers::Poller>) + Send>;
 
+/// IO connections on pinned cores: connection `cid` goes to core
+/// `(cid - 1) % cores`, so a client's per-core connections spread out.
+pub struct CorePool {
+    cores: Arc<std::sync::Mutex<Option<pollers::Cores>>>,
+    n: usize,
+}
+
+impl std::fmt::Debug for CorePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CorePool({} cores)", self.n)
+    }
+}
+
+impl CorePool {
+    /// Starts one pinned core per entry of `cpus`.
+    pub fn launch(cpus: &[usize]) -> Result<CorePool, pollers::PollersError> {
+        let cores = pollers::Cores::launch(
+            cpus,
+            pollers::Shutdown::new(),
+            Duration::from_secs(1),
+            |_| Vec::new(),
+        )?;
+        Ok(CorePool {
+            n: cores.len().max(1),
+            cores: Arc::new(std::sync::Mutex::new(Some(cores))),
+        })
+    }
+
+    /// The [`Place`] that hands connections to these cores.
+    pub fn place(&self) -> Place {
+        let (cores, n) = (self.cores.clone(), self.n);
+        Box::new(move |cid, con| {
+            if let Ok(mut g) = cores.lock() {
+                if let Some(c) = g.as_mut() {
+                    if c.add((usize::from(cid).max(1) - 1) % n, con).is_err() {
+                        tracing::warn!(cid, "a core's inbox is full: connection dropped");
+                    }
+                }
+            }
+        })
+    }
+
+    /// Stops the cores (they drain first) and returns their reports.
+    pub fn stop(self) -> Vec<pollers::CoreReport> {
+        match self.cores.lock().ok().and_then(|mut g| g.take()) {
+            Some(c) => c.stop(),
+            None => Vec::new(),
+        }
+    }
+}
+
 struct Sess<F: Fabric> {
     mem: Arc<dyn crate::fabric::Memory>,
     paths: Vec<Arc<SrvPath<F>>>,
