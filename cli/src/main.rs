@@ -65,6 +65,7 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         queue_depth: a.queue_depth,
         max_chunk_size: a.chunk_size,
         always_invalidate: a.always_invalidate,
+        ..Default::default()
     };
     cfg.layout().map_err(|e| e.to_string())?;
     let exports = a

@@ -410,6 +410,7 @@ fn srv_config(
         max_chunk_size: u32::try_from(chunk)
             .map_err(|_| format!("--chunk-size {chunk} is too large"))?,
         always_invalidate,
+        ..Default::default()
     };
     cfg.layout().map_err(|e| e.to_string())?;
     Ok(cfg)

@@ -72,6 +72,8 @@ pub struct CltConfig {
     pub reconnect: ReconnectPolicy,
     /// How long each connection, and the INFO exchange, may take.
     pub connect_timeout: Duration,
+    /// Heartbeat interval (the kernel's: 5 s).
+    pub hb_interval: Duration,
 }
 
 impl CltConfig {
@@ -86,6 +88,7 @@ impl CltConfig {
             mp_policy: MpPolicy::default(),
             reconnect: ReconnectPolicy::default(),
             connect_timeout: Duration::from_secs(30),
+            hb_interval: crate::sess::hb::HB_INTERVAL,
         }
     }
 }
@@ -443,7 +446,11 @@ impl<F: Fabric> Client<F> {
             }
         }
         self.paths[i].svc = Some(svc);
-        self.paths[i].hb = Some(Heartbeat::kernel(Instant::now()));
+        self.paths[i].hb = Some(Heartbeat::start(
+            Instant::now(),
+            self.cfg.hb_interval,
+            crate::sess::hb::HB_MISSED_MAX,
+        ));
         shared.set_state(LinkState::Connected);
         let _ = self.paths[i].sm.connected();
         if recon_cnt > 1 {

@@ -285,7 +285,11 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         if !path.set_connected() {
             return self.close(format_args!("INFO_REQ on a path that is not connecting"));
         }
-        self.hb = Some(Heartbeat::kernel(now));
+        self.hb = Some(Heartbeat::start(
+            now,
+            path.hb_interval,
+            crate::sess::hb::HB_MISSED_MAX,
+        ));
         let descs = path.descs();
         let rsp = InfoRspRepr { descs: &descs };
         let len = rsp.buffer_len();

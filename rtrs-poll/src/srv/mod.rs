@@ -40,6 +40,9 @@ pub struct SrvConfig {
     pub max_chunk_size: u32,
     /// Refresh a chunk's rkey after every IO (`always_invalidate`).
     pub always_invalidate: bool,
+    /// Heartbeat interval (the kernel's: 5 s); a path is dead after
+    /// `HB_MISSED_MAX` silent intervals.
+    pub hb_interval: Duration,
 }
 
 impl Default for SrvConfig {
@@ -48,6 +51,7 @@ impl Default for SrvConfig {
             queue_depth: DEFAULT_SESS_QUEUE_DEPTH as u16,
             max_chunk_size: DEFAULT_MAX_CHUNK_SIZE,
             always_invalidate: true,
+            hb_interval: crate::sess::hb::HB_INTERVAL,
         }
     }
 }
@@ -446,6 +450,7 @@ impl<F: Fabric, H: Handler> Server<F, H> {
                     self.cfg.queue_depth.into(),
                     self.cfg.max_chunk_size as usize,
                     self.cfg.always_invalidate,
+                    self.cfg.hb_interval,
                     sess.mem.clone(),
                     mrs,
                 ));

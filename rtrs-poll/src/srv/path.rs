@@ -102,6 +102,7 @@ pub struct SrvPath<F: Fabric> {
     pub(crate) chunk_size: usize,
     pub(crate) layout: ImmLayout,
     pub(crate) always_invalidate: bool,
+    pub(crate) hb_interval: std::time::Duration,
     /// The session's chunks (shared by its paths).
     pub(crate) mem: Arc<dyn Memory>,
     /// One MR per chunk (always_invalidate) or one over all chunks.
@@ -135,6 +136,7 @@ impl<F: Fabric> SrvPath<F> {
         queue_depth: u32,
         chunk_size: usize,
         always_invalidate: bool,
+        hb_interval: std::time::Duration,
         mem: Arc<dyn Memory>,
         mrs: Vec<F::Mr>,
     ) -> SrvPath<F> {
@@ -148,6 +150,7 @@ impl<F: Fabric> SrvPath<F> {
             chunk_size,
             layout,
             always_invalidate,
+            hb_interval,
             mem,
             mrs,
             state: AtomicU8::new(PathState::Connecting as u8),

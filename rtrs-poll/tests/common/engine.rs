@@ -68,6 +68,8 @@ impl Handler for Ram {
 /// A server on its own thread: control loop and IO connections polled there.
 pub struct TestServer {
     stop: Arc<AtomicBool>,
+    /// While set, the server polls nothing (a hung peer).
+    pub pause: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Vec<ClosedPath>>>,
     pub disk: Arc<Mutex<Vec<u8>>>,
 }
@@ -105,8 +107,9 @@ impl TestServer {
     ) -> TestServer {
         let disk = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let s = stop.clone();
+        let (s, paused) = (stop.clone(), pause.clone());
         let addrs = addrs.to_vec();
         let thread = std::thread::spawn(move || {
             let cons: Arc<Mutex<Vec<Box<dyn pollers::Poller>>>> = Arc::default();
@@ -125,6 +128,10 @@ impl TestServer {
             ready_tx.send(()).unwrap();
             let mut closed = Vec::new();
             while !s.load(Ordering::Relaxed) {
+                if paused.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
                 let now = Instant::now();
                 srv.poll(now, Duration::ZERO);
                 let mut cs = cons.lock().unwrap();
@@ -143,6 +150,7 @@ impl TestServer {
         ready_rx.recv().unwrap();
         TestServer {
             stop,
+            pause,
             thread: Some(thread),
             disk,
         }

@@ -24,6 +24,7 @@ pub fn cfg(always_invalidate: bool) -> SrvConfig {
         queue_depth: 32,
         max_chunk_size: 64 << 10,
         always_invalidate,
+        ..SrvConfig::default()
     }
 }
 
@@ -294,6 +295,87 @@ pub fn submitter_from_another_thread<B: Backend>() {
         let at = (i % 64 * 4096) as usize;
         assert!(disk[at..at + 4096] == pattern(1000 + i, 4096)[..]);
     }
+}
+
+// ---------------------------------------------------------------- heartbeats
+
+const HB: Duration = Duration::from_millis(20);
+
+fn hb_pair<B: Backend>(name: &str) -> (TestServer, TestClient<B::F>) {
+    let a = B::addr();
+    let mut scfg = cfg(true);
+    scfg.hb_interval = HB;
+    let srv = TestServer::start(B::fabric(), std::slice::from_ref(&a), scfg, 1 << 16);
+    let mut cc = CltConfig::new(name, vec![a]);
+    cc.hb_interval = HB;
+    cc.connect_timeout = Duration::from_secs(10);
+    (srv, TestClient::open_with(&B::fabric(), cc))
+}
+
+/// Polls the client (control and core) for `d`.
+fn idle<F: Fabric>(c: &mut TestClient<F>, d: Duration) {
+    let t0 = Instant::now();
+    while t0.elapsed() < d {
+        c.clt.poll(Instant::now());
+        c.core.poll(Instant::now(), &mut |_| {});
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+pub fn idle_session_lives_on_heartbeats<B: Backend>() {
+    let (srv, mut c) = hb_pair::<B>("clt-idle");
+    assert_eq!(c.write(0, &[5; 512]), 0);
+    // 40 heartbeat intervals with no IO: far past the 7 that kill a silent path.
+    idle(&mut c, HB * 40);
+    let p = &c.clt.paths()[0];
+    assert_eq!(p.state(), LinkState::Connected, "{:?}", p.last_error());
+    assert!(
+        p.latency() > Duration::ZERO,
+        "heartbeat acks measured a round trip"
+    );
+    assert_eq!(c.write(512, &[6; 512]), 0);
+    drop(c);
+    let closed = srv.stop();
+    assert!(
+        closed.iter().all(|p| !p.reason.contains("heartbeat")),
+        "{closed:?}"
+    );
+}
+
+pub fn silent_server_is_declared_dead<B: Backend>() {
+    let (srv, mut c) = hb_pair::<B>("clt-silent-srv");
+    assert_eq!(c.write(0, &[5; 512]), 0);
+    srv.pause.store(true, std::sync::atomic::Ordering::Relaxed);
+    let t0 = Instant::now();
+    while c.clt.paths()[0].state() == LinkState::Connected {
+        assert!(
+            t0.elapsed() < HB * 200,
+            "the silent server was never declared dead"
+        );
+        idle(&mut c, HB);
+    }
+    let why = c.clt.paths()[0].last_error().unwrap_or_default();
+    assert!(why.contains("heartbeat"), "{why}");
+    // The kernel's timing: dead on the 7th timer run after the last message.
+    assert!(
+        t0.elapsed() >= HB * 5,
+        "declared dead too early: {:?}",
+        t0.elapsed()
+    );
+    srv.pause.store(false, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn silent_client_is_declared_dead<B: Backend>() {
+    let (srv, mut c) = hb_pair::<B>("clt-silent");
+    assert_eq!(c.write(0, &[5; 512]), 0);
+    // The client stops polling altogether (a hung host).
+    std::thread::sleep(HB * 20);
+    let closed = srv.stop();
+    assert!(
+        closed.iter().any(|p| p.reason.contains("heartbeat")),
+        "the server closed the silent path: {closed:?}"
+    );
+    drop(c);
 }
 
 // ---------------------------------------------------------------- RNBD
@@ -872,6 +954,18 @@ macro_rules! engine_tests {
             #[test]
             fn submitter_from_another_thread() {
                 e::submitter_from_another_thread::<$backend>();
+            }
+            #[test]
+            fn idle_session_lives_on_heartbeats() {
+                e::idle_session_lives_on_heartbeats::<$backend>();
+            }
+            #[test]
+            fn silent_server_is_declared_dead() {
+                e::silent_server_is_declared_dead::<$backend>();
+            }
+            #[test]
+            fn silent_client_is_declared_dead() {
+                e::silent_client_is_declared_dead::<$backend>();
             }
             #[test]
             fn rnbd_over_rtrs() {
