@@ -218,6 +218,7 @@ struct Sess<F: Fabric> {
 struct ConRef {
     paths_uuid: [u8; 16],
     path: usize,
+    cid: u16,
 }
 
 /// A closed path, for the embedder's logs and tests.
@@ -412,12 +413,13 @@ impl<F: Fabric, H: Handler> Server<F, H> {
                     tracing::warn!("connect from {peer}: path exists and is {:?}", p.state());
                     return Err(libc::ECONNRESET);
                 }
+                // No cid twice in one path (the kernel's `con[cid]` check).
                 if self
                     .cons
-                    .iter()
-                    .any(|(_, c)| c.paths_uuid == req.paths_uuid && c.path == i)
-                    && req.cid == 0
+                    .values()
+                    .any(|c| c.paths_uuid == req.paths_uuid && c.path == i && c.cid == req.cid)
                 {
+                    tracing::warn!("connect from {peer}: cid {} already connected", req.cid);
                     return Err(libc::ECONNRESET);
                 }
                 (i, p)
@@ -485,6 +487,7 @@ impl<F: Fabric, H: Handler> Server<F, H> {
             ConRef {
                 paths_uuid: req.paths_uuid,
                 path: idx,
+                cid: req.cid,
             },
         );
         if req.cid == 0 {

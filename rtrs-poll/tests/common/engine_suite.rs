@@ -789,6 +789,14 @@ pub fn hostile_clients<B: Backend>() {
         Raw::connect(&fab, &a, &bad_magic[..20]).1,
         -libc::ECONNRESET
     );
+    // The same cid of one path twice: the second is refused.
+    let (first, e) = Raw::connect(&fab, &a, &req_bytes(0, 2, true, 5));
+    assert_eq!(e, 0);
+    assert_eq!(
+        Raw::connect(&fab, &a, &req_bytes(0, 2, true, 5)).1,
+        -libc::ECONNRESET
+    );
+    drop(first);
 
     // Connected, then misbehaving: each path is dropped with a reason.
     type Act<F> = Box<dyn Fn(&mut Raw<F>)>;
