@@ -12,6 +12,7 @@ mod report;
 use clap::{Parser, Subcommand, ValueEnum};
 use fabric_bench::{Opts, Test};
 use rtrs_poll::fabric::soft::shm::ShmFabric;
+use rtrs_poll::fabric::soft::tcp::TcpFabric;
 use rtrs_poll::fabric::{Address, Memory};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -193,6 +194,7 @@ fn with_fabric<R>(
 ) -> Result<R, String> {
     match addr {
         Address::Shm(_) => f(AnyFabric::Shm(ShmFabric::new())),
+        Address::Tcp { .. } => f(AnyFabric::Tcp(TcpFabric::new())),
         other => Err(format!(
             "the {} backend is not built into this rtrs-perf",
             other.scheme()
@@ -202,17 +204,20 @@ fn with_fabric<R>(
 
 enum AnyFabric {
     Shm(ShmFabric),
+    Tcp(TcpFabric),
 }
 
 impl AnyFabric {
     fn server(self, addr: &Address, o: &Opts) -> Result<(), String> {
         match self {
             AnyFabric::Shm(f) => fabric_bench::server(f, addr, o),
+            AnyFabric::Tcp(f) => fabric_bench::server(f, addr, o),
         }
     }
     fn client(self, addr: &Address, o: &Opts) -> Result<serde_json::Value, String> {
         match self {
             AnyFabric::Shm(f) => fabric_bench::client(f, addr, o),
+            AnyFabric::Tcp(f) => fabric_bench::client(f, addr, o),
         }
     }
 }

@@ -242,6 +242,7 @@ impl Pd<TcpFabric> for TcpPd {
             destroyed: AtomicBool::new(false),
             attach: Mutex::new(None),
             attach_ready: AtomicBool::new(false),
+            rtu_seen: AtomicBool::new(false),
             sock: OnceLock::new(),
             engine: CoreCell::new(engine),
         });
@@ -266,15 +267,18 @@ pub(crate) struct Link {
     /// send queue depth), allocated here on the slow path.
     reads: VecDeque<ReadOut>,
     peer_depth: usize,
+    /// Passive side: the stream starts with the peer's RTU.
+    expect_rtu: bool,
 }
 
 impl Link {
-    pub(crate) fn new(stream: TcpStream, peer_max_send_wr: u32) -> Link {
+    pub(crate) fn new(stream: TcpStream, peer_max_send_wr: u32, expect_rtu: bool) -> Link {
         let peer_depth = peer_max_send_wr.clamp(1, 1 << 20) as usize;
         Link {
             stream,
             reads: VecDeque::with_capacity(peer_depth),
             peer_depth,
+            expect_rtu,
         }
     }
 }
@@ -290,6 +294,8 @@ pub(crate) struct QpShared {
     destroyed: AtomicBool,
     attach: Mutex<Option<Link>>,
     attach_ready: AtomicBool,
+    /// Passive side: the core has read the peer's RTU.
+    rtu_seen: AtomicBool,
     /// The connection, once attached (kept here so dropping the QP can shut it).
     sock: OnceLock<RawFd>,
     engine: CoreCell<Engine>,
@@ -310,6 +316,9 @@ impl QpShared {
         let _ = self.sock.set(link.stream.as_raw_fd());
         *self.attach.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
         self.attach_ready.store(true, Ordering::Release);
+    }
+    pub(crate) fn rtu_seen(&self) -> bool {
+        self.rtu_seen.load(Ordering::Acquire)
     }
     pub(crate) fn mark_broken(&self) {
         self.broken.store(true, Ordering::Release);
@@ -405,6 +414,17 @@ struct ReadOut {
     src: usize,
     len: u32,
     sent: u32,
+}
+
+/// Passive side: the RTU that opens the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rtu {
+    /// Not read yet: it comes before any frame.
+    Expected,
+    /// Read; the connection manager has yet to hear of it.
+    Seen,
+    /// Told (or not expected).
+    Done,
 }
 
 /// Where the payload of the frame being received goes.
@@ -504,6 +524,7 @@ struct Engine {
     tx: Buf,
     rx: Buf,
     frame: Option<RxFrame>,
+    rtu: Rtu,
     /// In the error state: finish what must go out (READ responses, the
     /// NAK), then shut the writing half; drain the reading half to EOF.
     shut: bool,
@@ -573,6 +594,7 @@ impl Engine {
             tx: Buf::new(cfg.tx_buf),
             rx: Buf::new(cfg.rx_buf),
             frame: None,
+            rtu: Rtu::Done,
             shut: false,
             eof: false,
         }
@@ -591,6 +613,11 @@ impl Engine {
                 self.link = Some(link.stream);
                 self.reads = link.reads;
                 self.peer_depth = link.peer_depth;
+                self.rtu = if link.expect_rtu {
+                    Rtu::Expected
+                } else {
+                    Rtu::Done
+                };
                 if self.core.state == QpState::Init {
                     self.core.state = QpState::Rts;
                 }
@@ -738,6 +765,10 @@ impl Engine {
             if !e.wire && e.psn <= self.acked {
                 self.core.retire(self.acked);
             }
+        }
+        if self.rtu == Rtu::Seen {
+            shared.rtu_seen.store(true, Ordering::Release);
+            self.rtu = Rtu::Done;
         }
         shared.state.set(self.core.state);
     }
@@ -899,6 +930,19 @@ impl Engine {
 
     /// Executes the frames in the rx buffer; keeps a partial header for later.
     fn parse(&mut self) {
+        if self.rtu == Rtu::Expected {
+            if self.rx.hi - self.rx.lo < cm::MSG_LEN {
+                return;
+            }
+            let m: &[u8; cm::MSG_LEN] = self.rx.b[self.rx.lo..][..cm::MSG_LEN]
+                .try_into()
+                .expect("length checked");
+            if !cm::is_rtu(m) {
+                return self.protocol_error("the stream does not start with an RTU");
+            }
+            self.rx.lo += cm::MSG_LEN;
+            self.rtu = Rtu::Seen;
+        }
         loop {
             if self.core.state != QpState::Rts {
                 self.rx.lo = 0;
