@@ -121,20 +121,16 @@ pub fn server<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<(), String>
         if Instant::now() > deadline {
             return Err("no client connected within 60 s".into());
         }
-        match e
-            .cm
-            .poll_event(Duration::from_millis(10))
-            .map_err(|e| e.to_string())?
+        if let Some(CmEvent::ConnectRequest {
+            id, private_data, ..
+        }) =
+            e.cm.poll_event(Duration::from_millis(10))
+                .map_err(|e| e.to_string())?
         {
-            Some(CmEvent::ConnectRequest {
-                id, private_data, ..
-            }) => {
-                let peer = parse_keys(private_data.as_bytes())?;
-                let pd = keys(e.mr.addr() + o.size.max(64) as u64, e.mr.rkey());
-                e.cm.accept(id, &e.qp, &pd).map_err(|e| e.to_string())?;
-                break peer;
-            }
-            Some(_) | None => {}
+            let peer = parse_keys(private_data.as_bytes())?;
+            let pd = keys(e.mr.addr() + o.size.max(64) as u64, e.mr.rkey());
+            e.cm.accept(id, &e.qp, &pd).map_err(|e| e.to_string())?;
+            break peer;
         }
     };
     // Echo what arrived (the upper half), so the data really crosses cores.

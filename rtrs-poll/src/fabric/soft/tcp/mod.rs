@@ -857,8 +857,8 @@ impl Engine {
                         break;
                     }
                     Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                     Err(_) => {
                         self.eof = true;
                         break;
@@ -885,8 +885,8 @@ impl Engine {
                     }
                     return Ok(());
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -915,8 +915,8 @@ impl Engine {
                         return;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => {
                     self.eof = true;
                     if self.core.state == QpState::Rts {
