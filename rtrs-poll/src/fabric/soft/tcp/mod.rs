@@ -343,31 +343,46 @@ struct Wqe {
 /// Most segments a checked scatter list holds.
 const MAX_SEGS: usize = MAX_SEND_SGE as usize;
 
-/// A checked scatter list: (address, length) in registered memory of ours.
+/// The lkey of the registration `key` (an lkey or rkey) belongs to: it
+/// changes only when the region is deregistered, so a payload that spans
+/// polls checks it before each copy (an rkey invalidated meanwhile does not
+/// stop a transfer under way, as with a DMA; a freed region does).
+fn reg_key(mrs: &MrTable, key: u32) -> u32 {
+    mrs.lkey(key >> 8)
+}
+
+/// A checked scatter list: (address, length, registration lkey) in
+/// registered memory of ours.
 #[derive(Clone, Copy, Debug)]
 struct Segs {
-    s: [(usize, usize); MAX_SEGS],
+    s: [(usize, usize, u32); MAX_SEGS],
     n: usize,
 }
 
 impl Segs {
     const EMPTY: Segs = Segs {
-        s: [(0, 0); MAX_SEGS],
+        s: [(0, 0, 0); MAX_SEGS],
         n: 0,
     };
 
-    fn one(addr: usize, len: usize) -> Segs {
-        let mut s = Segs::EMPTY;
+    fn push(&mut self, addr: usize, len: usize, reg: u32) {
         if len > 0 {
-            s.s[0] = (addr, len);
-            s.n = 1;
+            self.s[self.n] = (addr, len, reg);
+            self.n += 1;
         }
-        s
     }
 
-    /// Copies `data` into the list starting `off` bytes in (clipped to the list).
+    /// Whether every segment's registration is still the one we checked.
+    fn alive(&self, mrs: &MrTable) -> bool {
+        self.s[..self.n]
+            .iter()
+            .all(|&(_, _, reg)| reg_key(mrs, reg) == reg)
+    }
+
+    /// Copies `data` into the list starting `off` bytes in (clipped to the
+    /// list). The caller checked `alive` just before.
     fn scatter(&self, mut off: usize, mut data: &[u8]) {
-        for &(addr, len) in &self.s[..self.n] {
+        for &(addr, len, _) in &self.s[..self.n] {
             if data.is_empty() {
                 break;
             }
@@ -376,9 +391,10 @@ impl Segs {
                 continue;
             }
             let n = (len - off).min(data.len());
-            // SAFETY: (addr, len) was checked against a live registration of
-            // ours with LOCAL_WRITE (or REMOTE_WRITE for the rkey of an RDMA
-            // WRITE) when the message started; off + n <= len.
+            // SAFETY: (addr, len) was checked against a registration of ours
+            // with LOCAL_WRITE (or REMOTE_WRITE for the rkey of an RDMA WRITE)
+            // when the message started, and the caller saw that registration
+            // still alive; off + n <= len.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), (addr + off) as *mut u8, n) };
             data = &data[n..];
             off = 0;
@@ -412,6 +428,8 @@ struct InResp {
 struct ReadOut {
     psn: u64,
     src: usize,
+    /// The source's registration (see `reg_key`).
+    reg: u32,
     len: u32,
     sent: u32,
 }
@@ -953,20 +971,21 @@ impl Engine {
                 let n = (f.left as usize).min(self.rx.hi - self.rx.lo);
                 if n > 0 {
                     let data = &self.rx.b[self.rx.lo..self.rx.lo + n];
-                    match f.sink {
-                        Sink::Discard => {}
-                        Sink::Req => {
-                            if let Some(r) = &mut self.in_req {
-                                r.dest.scatter(r.at as usize, data);
-                                r.at += n as u32;
-                            }
+                    let mrs = &self.pd.mrs;
+                    let dest = match f.sink {
+                        Sink::Discard => None,
+                        Sink::Req => self.in_req.as_mut().map(|r| (&r.dest, &mut r.at, r.psn)),
+                        Sink::Resp => self.in_resp.as_mut().map(|r| (&r.dest, &mut r.at, r.psn)),
+                    };
+                    if let Some((segs, at, psn)) = dest {
+                        if !segs.alive(mrs) {
+                            // The region went away under the transfer.
+                            let sink = f.sink;
+                            self.dead_dest(sink, psn);
+                            continue;
                         }
-                        Sink::Resp => {
-                            if let Some(r) = &mut self.in_resp {
-                                r.dest.scatter(r.at as usize, data);
-                                r.at += n as u32;
-                            }
-                        }
+                        segs.scatter(*at as usize, data);
+                        *at += n as u32;
                     }
                     self.rx.lo += n;
                     f.left -= n as u32;
@@ -992,6 +1011,23 @@ impl Engine {
             });
         }
         self.rx.compact();
+    }
+
+    /// The memory an inbound payload was landing in was deregistered.
+    fn dead_dest(&mut self, sink: Sink, psn: u64) {
+        if sink == Sink::Resp {
+            return self.fail(Some((psn, WcStatus::LocProtErr)));
+        }
+        let local = self
+            .in_req
+            .is_some_and(|r| matches!(r.op, op::SEND | op::SEND_IMM | op::SEND_INV))
+            .then_some(WcStatus::LocProtErr);
+        let status = if local.is_some() {
+            WcStatus::RemOpErr
+        } else {
+            WcStatus::RemAccessErr
+        };
+        self.refuse(psn, status, local);
     }
 
     fn take_ack(&mut self, ack: u64) {
@@ -1074,21 +1110,29 @@ impl Engine {
                         .mrs
                         .check_rkey(h.rkey, h.raddr, total, Access::REMOTE_WRITE)
                     {
-                        Ok(c) => Segs::one(c.ptr as usize, total as usize),
+                        Ok(c) => {
+                            let mut d = Segs::EMPTY;
+                            d.push(
+                                c.ptr as usize,
+                                total as usize,
+                                reg_key(&self.pd.mrs, h.rkey),
+                            );
+                            d
+                        }
                         Err(_) => return self.refuse(h.psn, WcStatus::RemAccessErr, None),
                     }
                 }
             }
             op::READ => {
-                let src = if total == 0 {
-                    0
+                let (src, reg) = if total == 0 {
+                    (0, 0)
                 } else {
                     match self
                         .pd
                         .mrs
                         .check_rkey(h.rkey, h.raddr, total, Access::REMOTE_READ)
                     {
-                        Ok(c) => c.ptr as usize,
+                        Ok(c) => (c.ptr as usize, reg_key(&self.pd.mrs, h.rkey)),
                         Err(_) => return self.refuse(h.psn, WcStatus::RemAccessErr, None),
                     }
                 };
@@ -1099,6 +1143,7 @@ impl Engine {
                 self.reads.push_back(ReadOut {
                     psn: h.psn,
                     src,
+                    reg,
                     len: h.total,
                     sent: 0,
                 });
@@ -1122,7 +1167,7 @@ impl Engine {
                         .mrs
                         .check_lkey(s.lkey, s.addr, take, Access::LOCAL_WRITE)
                     {
-                        Ok(c) => dest.s[dest.n] = (c.ptr as usize, take as usize),
+                        Ok(c) => dest.push(c.ptr as usize, take as usize, s.lkey),
                         Err(_) => {
                             return self.refuse(
                                 h.psn,
@@ -1131,7 +1176,6 @@ impl Engine {
                             )
                         }
                     }
-                    dest.n += 1;
                     left -= take;
                 }
                 if h.op == op::SEND_INV && !self.pd.mrs.invalidate(h.word) {
@@ -1184,12 +1228,7 @@ impl Engine {
                 .mrs
                 .check_lkey(s.lkey, s.addr, u64::from(s.len), Access::LOCAL_WRITE)
             {
-                Ok(c) => {
-                    if s.len > 0 {
-                        dest.s[dest.n] = (c.ptr as usize, s.len as usize);
-                        dest.n += 1;
-                    }
-                }
+                Ok(c) => dest.push(c.ptr as usize, s.len as usize, s.lkey),
                 Err(_) => {
                     self.fail(Some((h.psn, WcStatus::LocProtErr)));
                     return Sink::Discard;
@@ -1380,6 +1419,14 @@ impl Engine {
         let Some(n) = self.piece_room(r.len - r.sent) else {
             return false;
         };
+        if n > 0 && reg_key(&self.pd.mrs, r.reg) != r.reg {
+            // The region went away before we could read it: the stream
+            // cannot carry the response, so the connection ends.
+            self.reads.clear();
+            self.nak_out = None;
+            self.fail(None);
+            return false;
+        }
         let last = r.sent + n == r.len;
         let flags = if r.sent == 0 { F_FIRST } else { 0 } | if last { F_LAST } else { 0 };
         let hdr = Hdr {
