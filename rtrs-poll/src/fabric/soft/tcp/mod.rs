@@ -12,8 +12,9 @@
 //!  QP A  <── ack (on every frame) / READ response / NAK / RNR NAK ───────── B
 //! ```
 //! The core busy-polls its non-blocking sockets when it polls a CQ: per QP at
-//! most one `send` (everything this poll produced, gathered in a preallocated
-//! tx buffer) and one `recv` into a preallocated rx buffer. Payloads stream in
+//! most two `send`s (what was posted, then what executing the peer's requests
+//! produced; each everything gathered so far in a preallocated tx buffer) and
+//! one `recv` into a preallocated rx buffer (up to four when they fill it). Payloads stream in
 //! pieces, so buffers are fixed at QP creation whatever the message size. The
 //! connection manager ([`TcpCm`]) makes the connection on the slow-path thread
 //! and hands the socket to the QP once the handshake is done.
