@@ -397,6 +397,10 @@ impl TcpCm {
             }
             (St::AwaitAcc, Kind::Acc) => {
                 let qp = c.qp.clone().expect("active connections carry their QP");
+                if qp.attached() {
+                    // Two connects raced with one QP; the first one won.
+                    return self.gone(id, "the QP was connected meanwhile");
+                }
                 // RTU first: the QP's frames must follow it on the stream.
                 if let Err(e) = send_msg(&c.stream, &Msg::bare(Kind::Rtu)) {
                     return self.gone(id, &e.to_string());
