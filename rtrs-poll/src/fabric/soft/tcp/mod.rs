@@ -733,7 +733,7 @@ impl Engine {
         if inline {
             let dst = &mut self.inline[slot * self.inline_cap..][..len as usize];
             let mut off = 0;
-            for s in wr.sg_list {
+            for s in wr.sg_list.iter().filter(|s| s.len > 0) {
                 let n = s.len as usize;
                 // SAFETY: the lkey check above proved s.addr..+len lies in a
                 // live registration of ours.
