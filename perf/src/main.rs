@@ -18,6 +18,7 @@ mod report;
 use clap::{Parser, Subcommand, ValueEnum};
 use fabric_bench::{Opts, Test};
 use rtrs_poll::fabric::soft::shm::ShmFabric;
+use rtrs_poll::fabric::soft::tcp::TcpFabric;
 use rtrs_poll::fabric::{Address, Memory};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -301,6 +302,7 @@ fn with_fabric<R>(
 ) -> Result<R, String> {
     match addr {
         Address::Shm(_) => f(AnyFabric::Shm(ShmFabric::new())),
+        Address::Tcp { .. } => f(AnyFabric::Tcp(TcpFabric::new())),
         other => Err(format!(
             "the {} backend is not built into this rtrs-perf",
             other.scheme()
@@ -310,17 +312,20 @@ fn with_fabric<R>(
 
 enum AnyFabric {
     Shm(ShmFabric),
+    Tcp(TcpFabric),
 }
 
 impl AnyFabric {
     fn server(self, addr: &Address, o: &Opts) -> Result<(), String> {
         match self {
             AnyFabric::Shm(f) => fabric_bench::server(f, addr, o),
+            AnyFabric::Tcp(f) => fabric_bench::server(f, addr, o),
         }
     }
     fn client(self, addr: &Address, o: &Opts) -> Result<serde_json::Value, String> {
         match self {
             AnyFabric::Shm(f) => fabric_bench::client(f, addr, o),
+            AnyFabric::Tcp(f) => fabric_bench::client(f, addr, o),
         }
     }
 }
@@ -396,6 +401,7 @@ fn run_client(a: ClientArgs) -> Result<(), String> {
     let o = io_opts(a.connect.clone(), &a.io, !a.io.json)?;
     let s = with_engine_fabric(&a.connect[0], |f| match f {
         AnyFabric::Shm(f) => engine_bench::run_client(&f, &o),
+        AnyFabric::Tcp(f) => engine_bench::run_client(&f, &o),
     })?;
     report(&s, a.io.json, a.io.hist.as_deref())
 }
@@ -421,6 +427,14 @@ fn run_server(a: ServerArgs) -> Result<(), String> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let srv = with_engine_fabric(&a.listen[0], |f| match f {
         AnyFabric::Shm(f) => engine_bench::PerfServer::start(
+            f,
+            a.listen.clone(),
+            a.backend.clone(),
+            a.cores.0.clone(),
+            cfg,
+            stop.clone(),
+        ),
+        AnyFabric::Tcp(f) => engine_bench::PerfServer::start(
             f,
             a.listen.clone(),
             a.backend.clone(),

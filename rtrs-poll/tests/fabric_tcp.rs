@@ -231,3 +231,39 @@ fn both_directions_at_once() {
     assert_eq!(mb.read_vec(2 << 20, 1 << 20), da);
     assert_eq!(mb.read_vec(3 << 20, 100_000), da[..100_000].to_vec());
 }
+
+/// A region deregistered while a long WRITE streams into it: the rest of the
+/// payload is refused (nothing lands in memory that is no longer registered)
+/// and the initiator hears `RemAccessErr`.
+#[test]
+fn region_deregistered_under_a_streaming_write() {
+    use common::conformance::Pair;
+    let mut p =
+        Pair::<TcpFabric>::connect_with::<TinyTcp>(QpCap::default(), QpCap::default(), 8 << 20);
+    let len = 4 << 20;
+    p.a.mem.fill(0, &pattern(len, 7));
+    let sge = [p.a.sge(0, len)];
+    let (raddr, rkey) = (p.b.mem.addr(0), p.b.mr.rkey());
+    p.a.qp
+        .post_send(&SendWr::write(1, &sge, raddr, rkey))
+        .unwrap();
+    let mut buf = [Wc::default(); 4];
+    for _ in 0..20 {
+        assert_eq!(p.a.cq.poll(&mut buf), 0);
+        assert_eq!(p.b.cq.poll(&mut buf), 0);
+    }
+    assert_ne!(p.b.mem.read_vec(0, 16), vec![0u8; 16], "some pieces landed");
+    let other = mem(4096);
+    let fresh =
+        p.b.pd
+            .reg_mr(other, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+            .unwrap();
+    drop(std::mem::replace(&mut p.b.mr, fresh));
+    let (a, _) = p.wait(1, 0);
+    assert_eq!((a[0].wr_id, a[0].status), (1, WcStatus::RemAccessErr));
+    assert_ne!(
+        p.b.mem.read_vec(len - 16, 16),
+        pattern(len, 7)[len - 16..].to_vec(),
+        "the tail never landed"
+    );
+}

@@ -6,12 +6,15 @@
 //!  connect() (non-blocking) ─────────>   accept(): ConnectRequest after REQ
 //!  REQ  qp caps, pdata ──────────────>   ConnectRequest event
 //!       <──────────────── ACC caps, pdata  (accept)   or   REJ pdata (reject)
-//!  RTU ──────────────────────────────>   QP takes the socket: Established
-//!  QP takes the socket: Established
+//!  QP takes the socket                   (accept: the QP takes the socket)
+//!  RTU ──────────────────────────────>   the QP's core reads it: Established
+//!  Established
 //!  FIN / RST / TCP user timeout <─────>  Disconnected event, QP flushed
 //! ```
-//! Messages are 96 bytes, read exactly, so nothing after the RTU is consumed
-//! here. Afterwards the CM keeps its own descriptor of the socket and polls it
+//! Messages are 96 bytes, read exactly, so nothing after them is consumed
+//! here. The passive QP is ready to send from `accept` on (as after
+//! rdma_accept), so its core reads the stream from the RTU on; the CM learns
+//! of the RTU from the QP. Afterwards the CM keeps its own descriptor of the socket and polls it
 //! for the peer's FIN or a reset only (never for data), which is how it sees a
 //! peer go away; the core that drives the QP sees the same end of stream and
 //! flushes.
@@ -27,7 +30,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const MSG_LEN: usize = 96;
+/// Length of every CM message.
+pub(super) const MSG_LEN: usize = 96;
 const MAGIC: u32 = 0x7074_6372; // "rctp"
 const VERSION: u16 = 1;
 const PDATA_AT: usize = 40;
@@ -36,6 +40,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `connect` itself waits for the TCP handshake before leaving it
 /// to `poll_event`.
 const CONNECT_WAIT_MS: i32 = 50;
+/// How often `poll_event` looks for an accepted QP's RTU.
+const RTU_POLL: Duration = Duration::from_millis(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -89,7 +95,7 @@ impl Msg {
         b[PDATA_AT..PDATA_AT + p.len()].copy_from_slice(p);
         b
     }
-    fn decode(b: &[u8; MSG_LEN]) -> Result<Msg> {
+    pub(super) fn decode(b: &[u8; MSG_LEN]) -> Result<Msg> {
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         if u32_at(0) != MAGIC {
             return Err(FabricError::Protocol(
@@ -130,7 +136,8 @@ enum St {
     AwaitReq,
     /// Passive: REQ reported, waiting for the application's accept/reject.
     Requested,
-    /// Passive: ACC sent, waiting for RTU.
+    /// Passive: ACC sent and the QP has the stream; waiting for its core
+    /// to take in the RTU.
     AwaitRtu,
     /// The QP owns the data stream; the CM watches for its end.
     Established,
@@ -149,6 +156,9 @@ struct Conn {
     rbuf: [u8; MSG_LEN],
     rlen: usize,
     deadline: Option<Instant>,
+    /// Passive, accepted: the stream holds something other than an RTU at
+    /// its start, so the QP's core has taken the RTU (or will refuse it).
+    rtu_taken: bool,
 }
 
 /// The tcp connection manager (runs on the slow-path thread).
@@ -267,6 +277,7 @@ impl TcpCm {
                     rbuf: [0; MSG_LEN],
                     rlen: 0,
                     deadline: Some(Instant::now() + CONNECT_TIMEOUT),
+                    rtu_taken: false,
                 },
             );
         }
@@ -305,6 +316,38 @@ impl TcpCm {
         }
     }
 
+    /// An accepted connection's stream is readable: the RTU has come if it
+    /// sits at the start (peeked, left for the QP's core to consume) or the
+    /// core has already taken it.
+    fn rtu_ready(&mut self, id: ConnId, revents: libc::c_short) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let seen = c.qp.as_ref().is_some_and(|q| q.rtu_seen());
+        let mut b = [0u8; MSG_LEN];
+        let rtu = seen
+            || match sock::peek(c.stream.as_raw_fd(), &mut b) {
+                Ok(MSG_LEN) => {
+                    c.rtu_taken = !is_rtu(&b);
+                    !c.rtu_taken
+                }
+                Ok(0) => return self.gone(id, "peer closed the connection"),
+                Ok(_) => false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                Err(e) => return self.gone(id, &format!("recv: {e}")),
+            };
+        if rtu {
+            c.st = St::Established;
+            c.deadline = None;
+            self.events.push_back(CmEvent::Established {
+                id,
+                private_data: PrivateData::empty(),
+            });
+        } else if revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            self.gone(id, "peer closed the connection");
+        }
+    }
+
     /// The socket closed or failed.
     fn gone(&mut self, id: ConnId, why: &str) {
         let Some(c) = self.conns.get(&id) else {
@@ -326,12 +369,12 @@ impl TcpCm {
     }
 
     /// Hands the connection to its QP.
-    fn attach(c: &Conn, qp: &QpShared, peer_max_send_wr: u32) -> Result<()> {
+    fn attach(c: &Conn, qp: &QpShared, peer_max_send_wr: u32, expect_rtu: bool) -> Result<()> {
         let stream = c
             .stream
             .try_clone()
             .map_err(|e| FabricError::io("dup the connection for the QP", e))?;
-        qp.attach(Link::new(stream, peer_max_send_wr));
+        qp.attach(Link::new(stream, peer_max_send_wr, expect_rtu));
         Ok(())
     }
 
@@ -354,11 +397,15 @@ impl TcpCm {
             }
             (St::AwaitAcc, Kind::Acc) => {
                 let qp = c.qp.clone().expect("active connections carry their QP");
+                if qp.attached() {
+                    // Two connects raced with one QP; the first one won.
+                    return self.gone(id, "the QP was connected meanwhile");
+                }
                 // RTU first: the QP's frames must follow it on the stream.
                 if let Err(e) = send_msg(&c.stream, &Msg::bare(Kind::Rtu)) {
                     return self.gone(id, &e.to_string());
                 }
-                if let Err(e) = Self::attach(c, &qp, m.max_send_wr) {
+                if let Err(e) = Self::attach(c, &qp, m.max_send_wr, false) {
                     return self.gone(id, &e.to_string());
                 }
                 c.st = St::Established;
@@ -376,19 +423,6 @@ impl TcpCm {
                 }),
                 false,
             ),
-            (St::AwaitRtu, Kind::Rtu) => {
-                let qp = c.qp.clone().expect("accepted connections carry their QP");
-                let peer_wr = c.req.map_or(1, |r| r.max_send_wr);
-                if let Err(e) = Self::attach(c, &qp, peer_wr) {
-                    return self.gone(id, &e.to_string());
-                }
-                c.st = St::Established;
-                c.deadline = None;
-                self.events.push_back(CmEvent::Established {
-                    id,
-                    private_data: PrivateData::empty(),
-                });
-            }
             (st, kind) => {
                 tracing::warn!("tcp CM: unexpected {kind:?} in state {st:?}; closing");
                 self.gone(id, "protocol error");
@@ -475,6 +509,7 @@ impl Cm<TcpFabric> for TcpCm {
                 rbuf: [0; MSG_LEN],
                 rlen: 0,
                 deadline: Some(Instant::now() + CONNECT_TIMEOUT),
+                rtu_taken: false,
             },
         );
         // A connect that completes at once (the usual case on a LAN) sends
@@ -505,6 +540,13 @@ impl Cm<TcpFabric> for TcpCm {
                 id: id.0,
             })?;
         if let Err(e) = send_msg(&c.stream, &Msg::with_qp(Kind::Acc, &shared, pdata)) {
+            self.close(id, None, false);
+            return Err(e);
+        }
+        // The QP takes the stream now (ready to send, as after rdma_accept);
+        // its core checks that the stream starts with the peer's RTU.
+        let peer_wr = c.req.map_or(1, |r| r.max_send_wr);
+        if let Err(e) = Self::attach(c, &shared, peer_wr, true) {
             self.close(id, None, false);
             return Err(e);
         }
@@ -552,6 +594,22 @@ impl Cm<TcpFabric> for TcpCm {
             return Ok(Some(e));
         }
         let now = Instant::now();
+        // Passive connections whose QP has taken in the RTU are up.
+        let mut any_rtu = false;
+        for (id, c) in self.conns.iter_mut() {
+            if c.st == St::AwaitRtu {
+                if c.qp.as_ref().is_some_and(|q| q.rtu_seen()) {
+                    c.st = St::Established;
+                    c.deadline = None;
+                    self.events.push_back(CmEvent::Established {
+                        id: *id,
+                        private_data: PrivateData::empty(),
+                    });
+                } else if c.rtu_taken {
+                    any_rtu = true;
+                }
+            }
+        }
         let late: Vec<ConnId> = self
             .conns
             .iter()
@@ -564,7 +622,12 @@ impl Cm<TcpFabric> for TcpCm {
         if let Some(e) = self.events.pop_front() {
             return Ok(Some(e));
         }
-        let mut wait = timeout;
+        // The RTU shows in a flag the QP's core sets, not on a descriptor.
+        let mut wait = if any_rtu {
+            timeout.min(RTU_POLL)
+        } else {
+            timeout
+        };
         let mut ids = Vec::with_capacity(self.listeners.len() + self.conns.len());
         let mut fds = Vec::with_capacity(ids.capacity());
         for (id, l) in &self.listeners {
@@ -581,7 +644,8 @@ impl Cm<TcpFabric> for TcpCm {
             }
             let events = match c.st {
                 St::TcpConnecting => libc::POLLOUT,
-                St::Established => libc::POLLRDHUP,
+                St::AwaitRtu if !c.rtu_taken => libc::POLLIN | libc::POLLRDHUP,
+                St::Established | St::AwaitRtu => libc::POLLRDHUP,
                 _ => libc::POLLIN,
             };
             ids.push((*id, Some(c.st)));
@@ -611,10 +675,16 @@ impl Cm<TcpFabric> for TcpCm {
             match st {
                 None => self.accept_pending(id),
                 Some(St::TcpConnecting) => self.connected(id),
+                Some(St::AwaitRtu) => self.rtu_ready(id, pfd.revents),
                 Some(St::Established) => self.gone(id, "peer closed the connection"),
                 Some(_) => self.readable(id),
             }
         }
         Ok(self.events.pop_front())
     }
+}
+
+/// Whether `b` is an RTU (the first bytes of a passive QP's stream).
+pub(super) fn is_rtu(b: &[u8; MSG_LEN]) -> bool {
+    Msg::decode(b).is_ok_and(|m| m.kind == Kind::Rtu)
 }

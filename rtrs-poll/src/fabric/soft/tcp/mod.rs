@@ -12,8 +12,9 @@
 //!  QP A  <── ack (on every frame) / READ response / NAK / RNR NAK ───────── B
 //! ```
 //! The core busy-polls its non-blocking sockets when it polls a CQ: per QP at
-//! most one `send` (everything this poll produced, gathered in a preallocated
-//! tx buffer) and one `recv` into a preallocated rx buffer. Payloads stream in
+//! most two `send`s (what was posted, then what executing the peer's requests
+//! produced; each everything gathered so far in a preallocated tx buffer) and
+//! one `recv` into a preallocated rx buffer (up to four when they fill it). Payloads stream in
 //! pieces, so buffers are fixed at QP creation whatever the message size. The
 //! connection manager ([`TcpCm`]) makes the connection on the slow-path thread
 //! and hands the socket to the QP once the handshake is done.
@@ -242,6 +243,7 @@ impl Pd<TcpFabric> for TcpPd {
             destroyed: AtomicBool::new(false),
             attach: Mutex::new(None),
             attach_ready: AtomicBool::new(false),
+            rtu_seen: AtomicBool::new(false),
             sock: OnceLock::new(),
             engine: CoreCell::new(engine),
         });
@@ -266,15 +268,18 @@ pub(crate) struct Link {
     /// send queue depth), allocated here on the slow path.
     reads: VecDeque<ReadOut>,
     peer_depth: usize,
+    /// Passive side: the stream starts with the peer's RTU.
+    expect_rtu: bool,
 }
 
 impl Link {
-    pub(crate) fn new(stream: TcpStream, peer_max_send_wr: u32) -> Link {
+    pub(crate) fn new(stream: TcpStream, peer_max_send_wr: u32, expect_rtu: bool) -> Link {
         let peer_depth = peer_max_send_wr.clamp(1, 1 << 20) as usize;
         Link {
             stream,
             reads: VecDeque::with_capacity(peer_depth),
             peer_depth,
+            expect_rtu,
         }
     }
 }
@@ -290,6 +295,8 @@ pub(crate) struct QpShared {
     destroyed: AtomicBool,
     attach: Mutex<Option<Link>>,
     attach_ready: AtomicBool,
+    /// Passive side: the core has read the peer's RTU.
+    rtu_seen: AtomicBool,
     /// The connection, once attached (kept here so dropping the QP can shut it).
     sock: OnceLock<RawFd>,
     engine: CoreCell<Engine>,
@@ -310,6 +317,9 @@ impl QpShared {
         let _ = self.sock.set(link.stream.as_raw_fd());
         *self.attach.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
         self.attach_ready.store(true, Ordering::Release);
+    }
+    pub(crate) fn rtu_seen(&self) -> bool {
+        self.rtu_seen.load(Ordering::Acquire)
     }
     pub(crate) fn mark_broken(&self) {
         self.broken.store(true, Ordering::Release);
@@ -334,31 +344,46 @@ struct Wqe {
 /// Most segments a checked scatter list holds.
 const MAX_SEGS: usize = MAX_SEND_SGE as usize;
 
-/// A checked scatter list: (address, length) in registered memory of ours.
+/// The lkey of the registration `key` (an lkey or rkey) belongs to: it
+/// changes only when the region is deregistered, so a payload that spans
+/// polls checks it before each copy (an rkey invalidated meanwhile does not
+/// stop a transfer under way, as with a DMA; a freed region does).
+fn reg_key(mrs: &MrTable, key: u32) -> u32 {
+    mrs.lkey(key >> 8)
+}
+
+/// A checked scatter list: (address, length, registration lkey) in
+/// registered memory of ours.
 #[derive(Clone, Copy, Debug)]
 struct Segs {
-    s: [(usize, usize); MAX_SEGS],
+    s: [(usize, usize, u32); MAX_SEGS],
     n: usize,
 }
 
 impl Segs {
     const EMPTY: Segs = Segs {
-        s: [(0, 0); MAX_SEGS],
+        s: [(0, 0, 0); MAX_SEGS],
         n: 0,
     };
 
-    fn one(addr: usize, len: usize) -> Segs {
-        let mut s = Segs::EMPTY;
+    fn push(&mut self, addr: usize, len: usize, reg: u32) {
         if len > 0 {
-            s.s[0] = (addr, len);
-            s.n = 1;
+            self.s[self.n] = (addr, len, reg);
+            self.n += 1;
         }
-        s
     }
 
-    /// Copies `data` into the list starting `off` bytes in (clipped to the list).
+    /// Whether every segment's registration is still the one we checked.
+    fn alive(&self, mrs: &MrTable) -> bool {
+        self.s[..self.n]
+            .iter()
+            .all(|&(_, _, reg)| reg_key(mrs, reg) == reg)
+    }
+
+    /// Copies `data` into the list starting `off` bytes in (clipped to the
+    /// list). The caller checked `alive` just before.
     fn scatter(&self, mut off: usize, mut data: &[u8]) {
-        for &(addr, len) in &self.s[..self.n] {
+        for &(addr, len, _) in &self.s[..self.n] {
             if data.is_empty() {
                 break;
             }
@@ -367,9 +392,10 @@ impl Segs {
                 continue;
             }
             let n = (len - off).min(data.len());
-            // SAFETY: (addr, len) was checked against a live registration of
-            // ours with LOCAL_WRITE (or REMOTE_WRITE for the rkey of an RDMA
-            // WRITE) when the message started; off + n <= len.
+            // SAFETY: (addr, len) was checked against a registration of ours
+            // with LOCAL_WRITE (or REMOTE_WRITE for the rkey of an RDMA WRITE)
+            // when the message started, and the caller saw that registration
+            // still alive; off + n <= len.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), (addr + off) as *mut u8, n) };
             data = &data[n..];
             off = 0;
@@ -403,8 +429,21 @@ struct InResp {
 struct ReadOut {
     psn: u64,
     src: usize,
+    /// The source's registration (see `reg_key`).
+    reg: u32,
     len: u32,
     sent: u32,
+}
+
+/// Passive side: the RTU that opens the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rtu {
+    /// Not read yet: it comes before any frame.
+    Expected,
+    /// Read; the connection manager has yet to hear of it.
+    Seen,
+    /// Told (or not expected).
+    Done,
 }
 
 /// Where the payload of the frame being received goes.
@@ -504,6 +543,7 @@ struct Engine {
     tx: Buf,
     rx: Buf,
     frame: Option<RxFrame>,
+    rtu: Rtu,
     /// In the error state: finish what must go out (READ responses, the
     /// NAK), then shut the writing half; drain the reading half to EOF.
     shut: bool,
@@ -573,6 +613,7 @@ impl Engine {
             tx: Buf::new(cfg.tx_buf),
             rx: Buf::new(cfg.rx_buf),
             frame: None,
+            rtu: Rtu::Done,
             shut: false,
             eof: false,
         }
@@ -591,6 +632,11 @@ impl Engine {
                 self.link = Some(link.stream);
                 self.reads = link.reads;
                 self.peer_depth = link.peer_depth;
+                self.rtu = if link.expect_rtu {
+                    Rtu::Expected
+                } else {
+                    Rtu::Done
+                };
                 if self.core.state == QpState::Init {
                     self.core.state = QpState::Rts;
                 }
@@ -687,7 +733,7 @@ impl Engine {
         if inline {
             let dst = &mut self.inline[slot * self.inline_cap..][..len as usize];
             let mut off = 0;
-            for s in wr.sg_list {
+            for s in wr.sg_list.iter().filter(|s| s.len > 0) {
                 let n = s.len as usize;
                 // SAFETY: the lkey check above proved s.addr..+len lies in a
                 // live registration of ours.
@@ -738,6 +784,10 @@ impl Engine {
             if !e.wire && e.psn <= self.acked {
                 self.core.retire(self.acked);
             }
+        }
+        if self.rtu == Rtu::Seen {
+            shared.rtu_seen.store(true, Ordering::Release);
+            self.rtu = Rtu::Done;
         }
         shared.state.set(self.core.state);
     }
@@ -826,8 +876,8 @@ impl Engine {
                         break;
                     }
                     Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                     Err(_) => {
                         self.eof = true;
                         break;
@@ -854,8 +904,8 @@ impl Engine {
                     }
                     return Ok(());
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -884,8 +934,8 @@ impl Engine {
                         return;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => {
                     self.eof = true;
                     if self.core.state == QpState::Rts {
@@ -899,6 +949,19 @@ impl Engine {
 
     /// Executes the frames in the rx buffer; keeps a partial header for later.
     fn parse(&mut self) {
+        if self.rtu == Rtu::Expected {
+            if self.rx.hi - self.rx.lo < cm::MSG_LEN {
+                return;
+            }
+            let m: &[u8; cm::MSG_LEN] = self.rx.b[self.rx.lo..][..cm::MSG_LEN]
+                .try_into()
+                .expect("length checked");
+            if !cm::is_rtu(m) {
+                return self.protocol_error("the stream does not start with an RTU");
+            }
+            self.rx.lo += cm::MSG_LEN;
+            self.rtu = Rtu::Seen;
+        }
         loop {
             if self.core.state != QpState::Rts {
                 self.rx.lo = 0;
@@ -909,20 +972,21 @@ impl Engine {
                 let n = (f.left as usize).min(self.rx.hi - self.rx.lo);
                 if n > 0 {
                     let data = &self.rx.b[self.rx.lo..self.rx.lo + n];
-                    match f.sink {
-                        Sink::Discard => {}
-                        Sink::Req => {
-                            if let Some(r) = &mut self.in_req {
-                                r.dest.scatter(r.at as usize, data);
-                                r.at += n as u32;
-                            }
+                    let mrs = &self.pd.mrs;
+                    let dest = match f.sink {
+                        Sink::Discard => None,
+                        Sink::Req => self.in_req.as_mut().map(|r| (&r.dest, &mut r.at, r.psn)),
+                        Sink::Resp => self.in_resp.as_mut().map(|r| (&r.dest, &mut r.at, r.psn)),
+                    };
+                    if let Some((segs, at, psn)) = dest {
+                        if !segs.alive(mrs) {
+                            // The region went away under the transfer.
+                            let sink = f.sink;
+                            self.dead_dest(sink, psn);
+                            continue;
                         }
-                        Sink::Resp => {
-                            if let Some(r) = &mut self.in_resp {
-                                r.dest.scatter(r.at as usize, data);
-                                r.at += n as u32;
-                            }
-                        }
+                        segs.scatter(*at as usize, data);
+                        *at += n as u32;
                     }
                     self.rx.lo += n;
                     f.left -= n as u32;
@@ -948,6 +1012,23 @@ impl Engine {
             });
         }
         self.rx.compact();
+    }
+
+    /// The memory an inbound payload was landing in was deregistered.
+    fn dead_dest(&mut self, sink: Sink, psn: u64) {
+        if sink == Sink::Resp {
+            return self.fail(Some((psn, WcStatus::LocProtErr)));
+        }
+        let local = self
+            .in_req
+            .is_some_and(|r| matches!(r.op, op::SEND | op::SEND_IMM | op::SEND_INV))
+            .then_some(WcStatus::LocProtErr);
+        let status = if local.is_some() {
+            WcStatus::RemOpErr
+        } else {
+            WcStatus::RemAccessErr
+        };
+        self.refuse(psn, status, local);
     }
 
     fn take_ack(&mut self, ack: u64) {
@@ -1030,21 +1111,29 @@ impl Engine {
                         .mrs
                         .check_rkey(h.rkey, h.raddr, total, Access::REMOTE_WRITE)
                     {
-                        Ok(c) => Segs::one(c.ptr as usize, total as usize),
+                        Ok(c) => {
+                            let mut d = Segs::EMPTY;
+                            d.push(
+                                c.ptr as usize,
+                                total as usize,
+                                reg_key(&self.pd.mrs, h.rkey),
+                            );
+                            d
+                        }
                         Err(_) => return self.refuse(h.psn, WcStatus::RemAccessErr, None),
                     }
                 }
             }
             op::READ => {
-                let src = if total == 0 {
-                    0
+                let (src, reg) = if total == 0 {
+                    (0, 0)
                 } else {
                     match self
                         .pd
                         .mrs
                         .check_rkey(h.rkey, h.raddr, total, Access::REMOTE_READ)
                     {
-                        Ok(c) => c.ptr as usize,
+                        Ok(c) => (c.ptr as usize, reg_key(&self.pd.mrs, h.rkey)),
                         Err(_) => return self.refuse(h.psn, WcStatus::RemAccessErr, None),
                     }
                 };
@@ -1055,6 +1144,7 @@ impl Engine {
                 self.reads.push_back(ReadOut {
                     psn: h.psn,
                     src,
+                    reg,
                     len: h.total,
                     sent: 0,
                 });
@@ -1078,7 +1168,7 @@ impl Engine {
                         .mrs
                         .check_lkey(s.lkey, s.addr, take, Access::LOCAL_WRITE)
                     {
-                        Ok(c) => dest.s[dest.n] = (c.ptr as usize, take as usize),
+                        Ok(c) => dest.push(c.ptr as usize, take as usize, s.lkey),
                         Err(_) => {
                             return self.refuse(
                                 h.psn,
@@ -1087,7 +1177,6 @@ impl Engine {
                             )
                         }
                     }
-                    dest.n += 1;
                     left -= take;
                 }
                 if h.op == op::SEND_INV && !self.pd.mrs.invalidate(h.word) {
@@ -1140,12 +1229,7 @@ impl Engine {
                 .mrs
                 .check_lkey(s.lkey, s.addr, u64::from(s.len), Access::LOCAL_WRITE)
             {
-                Ok(c) => {
-                    if s.len > 0 {
-                        dest.s[dest.n] = (c.ptr as usize, s.len as usize);
-                        dest.n += 1;
-                    }
-                }
+                Ok(c) => dest.push(c.ptr as usize, s.len as usize, s.lkey),
                 Err(_) => {
                     self.fail(Some((h.psn, WcStatus::LocProtErr)));
                     return Sink::Discard;
@@ -1336,6 +1420,14 @@ impl Engine {
         let Some(n) = self.piece_room(r.len - r.sent) else {
             return false;
         };
+        if n > 0 && reg_key(&self.pd.mrs, r.reg) != r.reg {
+            // The region went away before we could read it: the stream
+            // cannot carry the response, so the connection ends.
+            self.reads.clear();
+            self.nak_out = None;
+            self.fail(None);
+            return false;
+        }
         let last = r.sent + n == r.len;
         let flags = if r.sent == 0 { F_FIRST } else { 0 } | if last { F_LAST } else { 0 };
         let hdr = Hdr {
