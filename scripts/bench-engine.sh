@@ -42,7 +42,7 @@ fio_nbd() { # IODEPTH -> "Nk IOPS, p50 X us"
   for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
   taskset -c 0 fio --name=nbd --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --rw=randwrite \
     --bs=4k --iodepth="$1" --runtime="$SECS" --time_based --output-format=json 2>/dev/null |
-    json '"%.0fk IOPS, p50 %.2f us" % (d["jobs"][0]["write"]["iops"] / 1e3, d["jobs"][0]["write"]["clat_ns"]["percentile"]["50.000000"] / 1e3)' ||
+    sed -n '/^{/,$p' | json '"%.0fk IOPS, p50 %.2f us" % (d["jobs"][0]["write"]["iops"] / 1e3, d["jobs"][0]["write"]["clat_ns"]["percentile"]["50.000000"] / 1e3)' ||
     echo "n/a"
   kill $srv 2>/dev/null || true
   wait $srv 2>/dev/null || true
@@ -52,7 +52,7 @@ ours_tcp() { # IODEPTH -> json line
   PORT=$((PORT + 1))
   $PERF server --listen "tcp:127.0.0.1:$PORT" --backend ram:1G --cores 1 >/dev/null 2>&1 &
   local srv=$!
-  sleep 1
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
   $PERF client --connect "tcp:127.0.0.1:$PORT" --rw randwrite --bs 4k --iodepth "$1" --cores 0 \
     --runtime "$SECS" --json 2>/dev/null || true
   kill -INT $srv 2>/dev/null || true
