@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds rtrs and rtrs-perf with the rdma backend and runs the interop guest
+# script in the VM: our client against the kernel's RTRS/RNBD server and the
+# kernel's client against ours, with verified data, then the four pairs side
+# by side. Needs root (scripts/vm.sh); exit 77 when it cannot run here.
+#
+#   scripts/interop.sh [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+ensure_packages "${TEST_PACKAGES[@]}"
+cargo build --release -q --features rdma -p rtrs-perf -p rtrs-cli
+guest=$(mktemp /tmp/rtrs-interop.XXXXXX.sh)
+{
+  echo "export BIN=$PWD/target/release SECS=${1:-5}"
+  cat scripts/vm-guest-interop.sh
+} > "$guest"
+chmod 644 "$guest"
+trap 'rm -f "$guest"' EXIT
+scripts/vm.sh "$guest"

@@ -1,0 +1,119 @@
+# Guest script (run by scripts/vm.sh; see scripts/interop.sh): rtrs-poll and
+# the kernel's RTRS/RNBD over soft-RoCE, both directions, with verified data,
+# then the four client/server pairs side by side.
+#   env: BIN (the directory of the rdma-built rtrs and rtrs-perf), SECS
+set -uo pipefail
+BIN=${BIN:?the directory of rtrs and rtrs-perf built with --features rdma}
+SECS=${SECS:-5}
+IP=10.0.2.15
+fail=0
+ok() { echo "INTEROP OK: $*"; }
+bad() { echo "INTEROP FAIL: $*"; fail=1; }
+
+rdma link add rxe0 type rxe netdev eth0 || { echo "no soft-RoCE"; exit 1; }
+for m in rtrs/rtrs-core rtrs/rtrs-server rtrs/rtrs-client; do insmod "$RTRS_KMODS/$m.ko"; done
+insmod "$RTRS_KMODS/rnbd/rnbd-client.ko"
+modprobe brd rd_nr=1 rd_size=65536 2>/dev/null || true
+[ -b /dev/ram0 ] || { echo "no /dev/ram0"; exit 1; }
+
+fio_on() { # DEV RW QD [extra...] -> fio's IOPS/latency lines
+  local dev=$1 rw=$2 qd=$3
+  shift 3
+  fio --name=i --filename="$dev" --direct=1 --rw="$rw" --bs=4k --iodepth="$qd" --ioengine=libaio \
+    --runtime="$SECS" --time_based --size=32M --verify_state_save=0 --group_reporting "$@" 2>&1 |
+    grep -E "IOPS=|clat \(|err=|verify" | head -4
+}
+
+map() { # SESSNAME DEVICE PORT -> /dev/rnbdN
+  echo "sessname=$1 path=ip:$IP device_path=$2 dest_port=$3" > /sys/devices/virtual/rnbd-client/ctl/map_device || return 1
+  for _ in $(seq 100); do
+    for d in /sys/block/rnbd*; do
+      [ -e "$d/rnbd/session" ] && [ "$(cat "$d/rnbd/session")" = "$1" ] && { echo "/dev/${d##*/}"; return 0; }
+    done
+    sleep 0.1
+  done
+  return 1
+}
+
+unmap() { echo normal > "/sys/block/${1##*/}/rnbd/unmap_device"; }
+
+# --- 1. our client -> the kernel's rtrs-server + rnbd-server (/dev/ram0), both always_invalidate
+for ai in Y N; do
+  rmmod rnbd-server 2>/dev/null; rmmod rtrs-server 2>/dev/null
+  insmod "$RTRS_KMODS/rtrs/rtrs-server.ko" always_invalidate=$ai
+  insmod "$RTRS_KMODS/rnbd/rnbd-server.ko"
+  if "$BIN/rtrs-perf" client --connect "rdma:$IP:1234" --rnbd-device /dev/ram0 --verify --rw randrw \
+    --bs 4k --iodepth 8 --runtime 3 --size 32M --cores 0 --json > /run/ours-kernel.json; then
+    errs=$(python3 -c 'import json; print(json.load(open("/run/ours-kernel.json"))["errors"])')
+    [ "$errs" = 0 ] && ok "our client -> kernel server (always_invalidate=$ai), verified" ||
+      bad "our client -> kernel server (always_invalidate=$ai): $errs errors"
+  else
+    bad "our client -> kernel server (always_invalidate=$ai) did not run"
+  fi
+done
+
+# --- 2. the kernel's rnbd-client -> our server (rtrs serve), both always_invalidate
+rmmod rnbd-server 2>/dev/null; rmmod rtrs-server 2>/dev/null
+for ai in on off; do
+  "$BIN/rtrs" serve --listen "rdma:$IP:1235" --export ram0=ram:64M --always-invalidate $ai > /run/serve.log 2>&1 &
+  srv=$!
+  sleep 2
+  if dev=$(map "ours-$ai" ram0 1235); then
+    if fio_on "$dev" randwrite 8 --verify=crc32c --do_verify=1 | tee /run/fio.log | grep -q "err= 0"; then
+      ok "kernel client -> our server (always_invalidate=$ai), fio crc32c verified"
+    else
+      bad "kernel client -> our server (always_invalidate=$ai): fio"; cat /run/fio.log
+    fi
+    unmap "$dev"
+  else
+    bad "kernel client -> our server (always_invalidate=$ai): map_device"; cat /run/serve.log
+  fi
+  kill -INT $srv; wait $srv
+done
+
+# --- 3. an idle session survives on heartbeats (> 30 s), and the kernel client
+#        reconnects after our server restarts
+"$BIN/rtrs" serve --listen "rdma:$IP:1235" --export ram0=ram:64M > /run/serve.log 2>&1 &
+srv=$!
+sleep 2
+if dev=$(map idle ram0 1235); then
+  sleep 35
+  if fio_on "$dev" randwrite 1 --verify=crc32c --runtime=2 | grep -q "err= 0"; then
+    ok "idle session alive after 35 s"
+  else
+    bad "idle session died"
+  fi
+  kill -INT $srv; wait $srv
+  "$BIN/rtrs" serve --listen "rdma:$IP:1235" --export ram0=ram:64M > /run/serve2.log 2>&1 &
+  srv=$!
+  # The kernel client reconnects (RNBD's delay: 30 s) and re-opens the device.
+  if fio_on "$dev" randwrite 1 --verify=crc32c --runtime=60 --time_based=0 --size=1M | grep -q "err= 0"; then
+    ok "kernel client reconnected after our server restarted"
+  else
+    bad "no reconnect after restart"
+  fi
+  unmap "$dev"
+  kill -INT $srv; wait $srv
+fi
+ls /sys/block | grep -q rnbd && bad "an rnbd device is left behind" || ok "nothing left behind"
+
+# --- 4. side by side: 4 KiB random reads and writes, QD 1 and 32
+echo "| pair | rw | QD | result |"
+echo "|---|---|---|---|"
+insmod "$RTRS_KMODS/rtrs/rtrs-server.ko"; insmod "$RTRS_KMODS/rnbd/rnbd-server.ko"
+"$BIN/rtrs" serve --listen "rdma:$IP:1235" --export ram0=ram:64M > /run/serve.log 2>&1 &
+srv=$!
+sleep 2
+kdev=$(map kk /dev/ram0 1234)
+odev=$(map ko ram0 1235)
+for rw in randread randwrite; do
+  for qd in 1 32; do
+    echo "| kernel -> kernel | $rw | $qd | $(fio_on "$kdev" $rw $qd | grep IOPS | head -1) |"
+    echo "| kernel -> ours | $rw | $qd | $(fio_on "$odev" $rw $qd | grep IOPS | head -1) |"
+    echo "| ours -> kernel | $rw | $qd | $("$BIN/rtrs-perf" client --connect "rdma:$IP:1234" --rnbd-device /dev/ram0 --rw $rw --bs 4k --iodepth $qd --runtime "$SECS" --size 32M 2>/dev/null | head -1) |"
+    echo "| ours -> ours | $rw | $qd | $("$BIN/rtrs-perf" client --connect "rdma:$IP:1235" --rnbd-device ram0 --rw $rw --bs 4k --iodepth $qd --runtime "$SECS" --size 32M 2>/dev/null | head -1) |"
+  done
+done
+unmap "$kdev"; unmap "$odev"
+kill -INT $srv; wait $srv
+exit $fail
