@@ -6,7 +6,7 @@ use super::con::{CltCon, WR_IO, WR_KIND, WR_RECV};
 use super::path::{bump, LinkState};
 use super::{CltError, CltSess, IoPermit};
 use crate::fabric::memory::bytes_mut;
-use crate::fabric::{Fabric, Mr, Qp, SendWr, Wc, WcOpcode, WcStatus};
+use crate::fabric::{Fabric, Mr, Qp, SendWr, Sge, Wc, WcOpcode, WcStatus};
 use crate::proto::chunk;
 use crate::proto::imm::Imm;
 use crate::proto::{RdmaReadRepr, RkeyRsp, SgDesc};
@@ -53,7 +53,14 @@ struct Req {
     start: Instant,
     /// The submitter (another thread) to hand the completion to.
     remote: Option<u8>,
+    /// A write's data in the caller's registered memory (`sg_n` entries);
+    /// none: the permit's buffer.
+    sg: [Sge; MAX_SG],
+    sg_n: u8,
 }
+
+/// Most scatter-gather entries of one write's data.
+pub const MAX_SG: usize = 8;
 
 /// Longest user header a [`Submitter`] carries inline.
 pub const REMOTE_USR_MAX: usize = 64;
@@ -212,6 +219,8 @@ impl<F: Fabric> CltCore<F> {
             tag: 0,
             start: Instant::now(),
             remote: None,
+            sg: [Sge::default(); MAX_SG],
+            sg_n: 0,
         };
         let (remote_tx, remote_rx) = pollers::mpsc::channel(qd.max(2));
         CltCore {
@@ -304,6 +313,28 @@ impl<F: Fabric> CltCore<F> {
         self.submit(p, Dir::Write, usr, len, tag, now, None)
     }
 
+    /// Submits a write whose data is gathered from `sg` (up to [`MAX_SG`]
+    /// entries of memory registered with [`super::Client::reg_buf`]), zero
+    /// copy; the permit's buffer is not used. The memory must stay untouched
+    /// until the completion.
+    pub fn write_sg(
+        &mut self,
+        p: IoPermit,
+        usr: &[u8],
+        sg: &[Sge],
+        tag: u64,
+        now: Instant,
+    ) -> Result<(), (IoPermit, CltError)> {
+        if sg.len() > MAX_SG {
+            return Err((p, CltError::MsgSize));
+        }
+        let len: u64 = sg.iter().map(|s| u64::from(s.len)).sum();
+        let Ok(len) = u32::try_from(len) else {
+            return Err((p, CltError::MsgSize));
+        };
+        self.submit_sg(p, Dir::Write, usr, len, tag, now, None, sg)
+    }
+
     /// Submits a read of `len` bytes into the permit's buffer with user
     /// header `usr`.
     pub fn read(
@@ -328,12 +359,27 @@ impl<F: Fabric> CltCore<F> {
         now: Instant,
         remote: Option<u8>,
     ) -> Result<(), (IoPermit, CltError)> {
+        self.submit_sg(p, dir, usr, len, tag, now, remote, &[])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_sg(
+        &mut self,
+        p: IoPermit,
+        dir: Dir,
+        usr: &[u8],
+        len: u32,
+        tag: u64,
+        now: Instant,
+        remote: Option<u8>,
+        sg: &[Sge],
+    ) -> Result<(), (IoPermit, CltError)> {
         let s = &self.sess;
         let msg_len = match dir {
             Dir::Write => 4,
             Dir::Read => 8 + SgDesc::LEN,
         };
-        if len as usize > s.buf_size
+        if (sg.is_empty() && len as usize > s.buf_size)
             || usr.len() + msg_len > s.max_hdr_size as usize
             || len as u64 + (usr.len() + msg_len) as u64 > u64::from(s.chunk_size)
         {
@@ -349,7 +395,11 @@ impl<F: Fabric> CltCore<F> {
             tag,
             start: now,
             remote,
+            sg: [Sge::default(); MAX_SG],
+            sg_n: sg.len() as u8,
         };
+        let mut req = req;
+        req.sg[..sg.len()].copy_from_slice(sg);
         // The user header and message go to the permit's header slot.
         if let Err(e) = self.build_tail(p.0, usr, &req) {
             return Err((p, e));
@@ -442,7 +492,12 @@ impl<F: Fabric> CltCore<F> {
         let wr_id = WR_IO | u64::from(buf_id);
         let both = [data, hdr];
         let only = [hdr];
+        let mut gathered = [hdr; MAX_SG + 1];
+        let n = req.sg_n as usize;
+        gathered[..n].copy_from_slice(&req.sg[..n]);
+        gathered[n] = hdr;
         let wr = match req.dir {
+            Dir::Write if n > 0 => SendWr::write_with_imm(wr_id, &gathered[..=n], addr, rkey, imm),
             Dir::Write if req.len > 0 => SendWr::write_with_imm(wr_id, &both, addr, rkey, imm),
             Dir::Write => SendWr::write_with_imm(wr_id, &only, addr, rkey, imm),
             Dir::Read => SendWr::write_with_imm(wr_id, &only, addr + u64::from(req.len), rkey, imm),

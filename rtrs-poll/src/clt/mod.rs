@@ -19,7 +19,7 @@ mod con;
 mod core;
 mod path;
 
-pub use self::core::{CltCore, Completion, Dir, Submitter, REMOTE_USR_MAX};
+pub use self::core::{CltCore, Completion, Dir, Submitter, MAX_SG, REMOTE_USR_MAX};
 pub use path::{CltPath, LinkState, PathStats};
 
 use self::core::CoreMsg;
@@ -345,6 +345,16 @@ impl<F: Fabric> Client<F> {
         self.sess.paths.clone()
     }
 
+    /// Registers the caller's memory for [`CltCore::write_sg`] (its sg
+    /// entries come from the returned MR: `mr.sge(offset, len)`).
+    pub fn reg_buf(&self, mem: Arc<dyn Memory>) -> Result<F::Mr, CltError> {
+        Ok(crate::fabric::Pd::reg_mr(
+            &self.pd,
+            mem,
+            Access::LOCAL_WRITE,
+        )?)
+    }
+
     /// The session's queue depth (the server's).
     pub fn queue_depth(&self) -> u32 {
         self.sess.queue_depth
@@ -422,7 +432,7 @@ impl<F: Fabric> Client<F> {
             let cap = QpCap {
                 max_send_wr: qd * 4 + 1,
                 max_recv_wr: qd * 3 + 1,
-                max_send_sge: 2,
+                max_send_sge: MAX_SG as u32 + 1,
                 max_recv_sge: 1,
                 max_inline_data: 0,
                 rnr_retry: 7,

@@ -375,6 +375,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         let read = slot.read.take();
         slot.active = false;
         let path = self.path.clone();
+        path.stats.on_response_at(self.cid);
         if path.state() != PathState::Connected {
             return;
         }

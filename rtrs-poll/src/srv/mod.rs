@@ -16,7 +16,7 @@ mod con;
 mod path;
 
 pub use con::SrvCon;
-pub use path::{ConCounters, PathState, PathStats, SrvPath};
+pub use path::{ConCounters, PathState, PathStats, PathTotals, SrvPath};
 
 use crate::fabric::{
     memory, Access, Address, Cm, CmEvent, ConnId, Fabric, FabricError, Mr, Pd, QpCap,

@@ -49,6 +49,25 @@ pub struct ConCounters {
     pub bytes_read: AtomicU64,
     /// Responses with a non-zero errno.
     pub errors: AtomicU64,
+    /// Requests in the handler's hands now.
+    pub inflight: AtomicU64,
+}
+
+/// A server path's figures, summed over its connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathTotals {
+    /// Write requests.
+    pub writes: u64,
+    /// Read requests.
+    pub reads: u64,
+    /// Bytes written by the client.
+    pub bytes_written: u64,
+    /// Bytes read by the client.
+    pub bytes_read: u64,
+    /// Responses with an errno.
+    pub errors: u64,
+    /// Requests in flight.
+    pub inflight: u64,
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -71,22 +90,22 @@ impl PathStats {
     pub(crate) fn con(&self, cid: u16) -> &ConCounters {
         &self.cons[cid as usize]
     }
-    /// Totals over the path's connections: (writes, reads, bytes written,
-    /// bytes read, errors).
-    pub fn totals(&self) -> (u64, u64, u64, u64, u64) {
+    /// Totals over the path's connections.
+    pub fn totals(&self) -> PathTotals {
         let sum = |f: fn(&ConCounters) -> &AtomicU64| {
             self.cons
                 .iter()
                 .map(|c| f(c).load(Ordering::Relaxed))
                 .sum::<u64>()
         };
-        (
-            sum(|c| &c.writes),
-            sum(|c| &c.reads),
-            sum(|c| &c.bytes_written),
-            sum(|c| &c.bytes_read),
-            sum(|c| &c.errors),
-        )
+        PathTotals {
+            writes: sum(|c| &c.writes),
+            reads: sum(|c| &c.reads),
+            bytes_written: sum(|c| &c.bytes_written),
+            bytes_read: sum(|c| &c.bytes_read),
+            errors: sum(|c| &c.errors),
+            inflight: sum(|c| &c.inflight),
+        }
     }
 }
 
@@ -282,6 +301,7 @@ impl<F: Fabric> SrvPath<F> {
 impl PathStats {
     pub(crate) fn on_request_at(&self, cid: u16, dir: IoDir, len: usize) {
         let c = self.con(cid);
+        bump(&c.inflight, 1);
         match dir {
             IoDir::Write => {
                 bump(&c.writes, 1);
@@ -295,5 +315,8 @@ impl PathStats {
     }
     pub(crate) fn on_error_at(&self, cid: u16) {
         bump(&self.con(cid).errors, 1);
+    }
+    pub(crate) fn on_response_at(&self, cid: u16) {
+        bump(&self.con(cid).inflight, u64::MAX);
     }
 }
