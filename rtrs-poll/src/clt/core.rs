@@ -385,7 +385,7 @@ impl<F: Fabric> CltCore<F> {
         {
             return Err((p, CltError::MsgSize));
         }
-        let need_inval = dir == Dir::Read && len > 0;
+        let need_inval = dir == Dir::Read && len > 0 && s.need_inval;
         let req = Req {
             active: true,
             dir,
@@ -675,7 +675,7 @@ impl<F: Fabric> CltCore<F> {
         }
         req.active = false;
         let r = *req;
-        if r.dir == Dir::Read && r.need_inval && !inval {
+        if r.dir == Dir::Read && r.len > 0 && !inval {
             // The server did not invalidate our buffer: do it locally.
             self.sess.rd_mrs[msg_id as usize].invalidate();
         }
@@ -761,7 +761,7 @@ impl<F: Fabric> CltCore<F> {
         let key = mr.rekey()?;
         let rd = RdmaReadRepr {
             usr_len: req.usr_len,
-            need_inval: true,
+            need_inval: req.need_inval,
             desc: Some(SgDesc {
                 addr: mr.addr(),
                 key,

@@ -153,6 +153,9 @@ pub(crate) struct CltSess<F: Fabric> {
     pub(crate) permits: Permits,
     pub(crate) paths: Vec<Arc<CltPath>>,
     pub(crate) policy: AtomicU8,
+    /// Ask the server to invalidate read buffers (NEED_INVAL): only where
+    /// the fabric lets a peer invalidate our keys.
+    pub(crate) need_inval: bool,
 }
 
 impl<F: Fabric> CltSess<F> {
@@ -294,7 +297,9 @@ impl<F: Fabric> Client<F> {
         let Some((geo, svc0, id0)) = first else {
             return Err(CltError::Config("no path"));
         };
-        let sess = Arc::new(make_sess::<F>(&pd, &cfg, geo)?);
+        let mut sess = make_sess::<F>(&pd, &cfg, geo)?;
+        sess.need_inval = fabric.remote_invalidate();
+        let sess = Arc::new(sess);
         let mut to_cores = Vec::new();
         let mut cores = Vec::new();
         for c in 0..cfg.cores {
@@ -806,5 +811,6 @@ fn make_sess<F: Fabric>(
         permits: Permits::new(qd, cfg.cores as u32),
         paths,
         policy: AtomicU8::new(cfg.mp_policy.code()),
+        need_inval: true,
     })
 }

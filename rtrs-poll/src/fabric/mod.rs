@@ -203,6 +203,13 @@ pub trait Fabric: Send + Sync + Sized + 'static {
     fn alloc_pd(&self) -> Result<Self::Pd>;
     /// Creates a connection manager (one per slow-path thread).
     fn create_cm(&self) -> Result<Self::Cm>;
+    /// Whether a peer's SEND_WITH_INV can invalidate the rkeys of our MRs.
+    /// Userspace verbs cannot fast-register, and devices do not invalidate
+    /// ordinary MRs remotely: an engine on such a fabric does not ask its
+    /// peer to invalidate (RTRS's NEED_INVAL) and invalidates locally.
+    fn remote_invalidate(&self) -> bool {
+        true
+    }
 }
 
 /// A protection domain: memory registrations and the queues that may use them.
