@@ -345,6 +345,27 @@ impl<F: Fabric> Client<F> {
         Ok((clt, cores))
     }
 
+    /// The session's figures: every path's summed (the address and state
+    /// fields are left empty; the heartbeat RTT is the lowest of the paths).
+    pub fn stats(&self) -> PathStats {
+        let mut t = PathStats::default();
+        let mut rtt: Option<Duration> = None;
+        for p in &self.sess.paths {
+            let s = p.stats();
+            t.ios += s.ios;
+            t.bytes += s.bytes;
+            t.errors += s.errors;
+            t.inflight += s.inflight;
+            t.failovers += s.failovers;
+            t.reconnects += s.reconnects;
+            if s.hb_rtt > Duration::ZERO {
+                rtt = Some(rtt.map_or(s.hb_rtt, |r| r.min(s.hb_rtt)));
+            }
+        }
+        t.hb_rtt = rtt.unwrap_or_default();
+        t
+    }
+
     /// The session's paths.
     pub fn paths(&self) -> Vec<Arc<CltPath>> {
         self.sess.paths.clone()

@@ -72,7 +72,10 @@ pub struct PathTotals {
 
 fn bump(c: &AtomicU64, by: u64) {
     // One writer: a plain load and store, no locked instruction.
-    c.store(c.load(Ordering::Relaxed).wrapping_add(by), Ordering::Relaxed);
+    c.store(
+        c.load(Ordering::Relaxed).wrapping_add(by),
+        Ordering::Relaxed,
+    );
 }
 
 /// A path's counters, one slot per connection.

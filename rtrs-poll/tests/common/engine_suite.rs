@@ -224,6 +224,9 @@ pub fn path_closed_mid_io_second_path_lives<B: Backend>() {
         paths[0].stats().failovers > 0,
         "path 0's IO in flight moved over"
     );
+    let s = c.clt.stats();
+    assert_eq!(s.ios, 128, "the session counted every IO once: {s:?}");
+    assert_eq!((s.errors, s.inflight), (0, 0));
     let disk = srv.disk.lock().unwrap();
     for tag in 0..128u64 {
         let at = (tag * 4096 % (1 << 20)) as usize;
