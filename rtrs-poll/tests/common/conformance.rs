@@ -904,6 +904,10 @@ fn echo_once<F: Fabric>(me: &mut Side<F>, keys: (u64, u32), k: u32) {
     let data = pattern(4096, u64::from(k));
     me.mem.fill(slot, &data);
     me.post_recv(u64::from(k), 0, 0);
+    // Clear the echo's landing place before sending: a NIC (or soft-RoCE)
+    // may echo back before post_send even returns.
+    let echo = slot + SLOT * SLOTS as usize;
+    me.mem.fill(echo, &[0u8; 4096]);
     let sge = [me.sge(slot, 4096)];
     me.qp
         .post_send(&SendWr::write_with_imm(
@@ -914,8 +918,6 @@ fn echo_once<F: Fabric>(me: &mut Side<F>, keys: (u64, u32), k: u32) {
             k,
         ))
         .unwrap();
-    let echo = slot + SLOT * SLOTS as usize;
-    me.mem.fill(echo, &[0u8; 4096]);
     let t0 = Instant::now();
     let mut got_send = false;
     let mut got_echo = false;

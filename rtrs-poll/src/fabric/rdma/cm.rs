@@ -32,6 +32,10 @@ struct Conn {
     qp: Option<Arc<QpInner>>,
     pdata: [u8; crate::fabric::MAX_PRIVATE_DATA],
     established: bool,
+    /// `Disconnected` was already reported (by a local disconnect).
+    reported: bool,
+    /// The REQ went out (active side).
+    sent: bool,
 }
 
 /// The rdma_cm connection manager (one event channel).
@@ -215,6 +219,8 @@ impl RdmaCm {
                 qp,
                 pdata: [0; crate::fabric::MAX_PRIVATE_DATA],
                 established: false,
+                reported: false,
+                sent: false,
             },
         );
         self.by_id.insert(id as usize, n);
@@ -282,7 +288,10 @@ impl RdmaCm {
                     Ok(())
                 });
                 match r {
-                    Ok(()) => None,
+                    Ok(()) => {
+                        c.sent = true;
+                        None
+                    }
                     Err(e) => self.fail(n, unreachable(e.to_string())),
                 }
             }
@@ -368,11 +377,29 @@ impl RdmaCm {
                 if raw.event == t::RDMA_CM_EVENT_DEVICE_REMOVAL && c.kind == Kind::Listener {
                     return None;
                 }
+                // Answer the peer's DREQ (DREP) at once; destroying the id
+                // would too.
+                // SAFETY: the id is live.
+                unsafe { ib::rdma_disconnect(c.id) };
+                let reported = c.reported;
                 self.remove(n);
-                Some(CmEvent::Disconnected { id })
+                (!reported).then_some(CmEvent::Disconnected { id })
             }
             _ => None, // TIMEWAIT_EXIT, ADDR_CHANGE, ...
         }
+    }
+
+    /// Waits up to `d` for the channel to become readable.
+    fn wait_fd(&self, d: Duration) {
+        let mut pfd = libc::pollfd {
+            // SAFETY: the channel is live.
+            fd: unsafe { (*self.ch).fd },
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = d.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
     }
 
     /// Takes one raw event from the channel, if any (non-blocking).
@@ -409,8 +436,24 @@ impl RdmaCm {
         };
         // SAFETY: ev came from rdma_get_cm_event and is acked exactly once.
         unsafe { ib::rdma_ack_cm_event(ev) };
+        if debug() {
+            eprintln!(
+                "rdma cm {:p}: {} status {} id {:p} listen {:p}",
+                self.ch,
+                event_str(raw.event),
+                raw.status,
+                raw.id,
+                raw.listen_id
+            );
+        }
         Ok(Some(raw))
     }
+}
+
+/// Whether `RTRS_RDMA_DEBUG` asks for every CM event on stderr.
+fn debug() -> bool {
+    static D: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *D.get_or_init(|| std::env::var_os("RTRS_RDMA_DEBUG").is_some())
 }
 
 fn event_str(ev: u32) -> String {
@@ -517,6 +560,30 @@ impl Cm<RdmaFabric> for RdmaCm {
                 id: n,
                 reason: format!("rdma_resolve_addr {sa}: {e}"),
             });
+            return Ok(n);
+        }
+        // Resolve the address and the route and send the REQ before
+        // returning (milliseconds on a local subnet), so that the peer sees
+        // the request even if nobody polls this CM until it answers. Other
+        // connections' events met meanwhile are queued.
+        let t0 = Instant::now();
+        while self.conns.get(&n.0).is_some_and(|c| !c.sent) {
+            if t0.elapsed() > Duration::from_millis(3 * RESOLVE_MS as u64) {
+                self.remove(n.0);
+                self.pending.push_back(CmEvent::Unreachable {
+                    id: n,
+                    reason: format!("resolving {sa} timed out"),
+                });
+                break;
+            }
+            match self.next_raw()? {
+                Some(raw) => {
+                    if let Some(ev) = self.handle(raw) {
+                        self.pending.push_back(ev);
+                    }
+                }
+                None => self.wait_fd(Duration::from_millis(10)),
+            }
         }
         Ok(n)
     }
@@ -590,13 +657,22 @@ impl Cm<RdmaFabric> for RdmaCm {
                 if let Some(qp) = &c.qp {
                     qp.to_error();
                 }
+                if c.reported {
+                    return Ok(());
+                }
                 // SAFETY: the id is live.
                 let rc = unsafe { ib::rdma_disconnect(c.id) };
                 if rc != 0 || !c.established {
                     // Not connected (yet): no DISCONNECTED will come.
                     self.remove(id.0);
-                    self.pending.push_back(CmEvent::Disconnected { id });
+                } else if let Some(c) = self.conns.get_mut(&id.0) {
+                    // Our side is down now (the QP flushes); the CM's own
+                    // DISCONNECTED comes with the peer's DREP, or after the
+                    // DREQ times out if the peer is slow to answer: report
+                    // at once, and destroy the id when it comes.
+                    c.reported = true;
                 }
+                self.pending.push_back(CmEvent::Disconnected { id });
                 Ok(())
             }
         }
@@ -620,15 +696,7 @@ impl Cm<RdmaFabric> for RdmaCm {
             if left.is_zero() {
                 return Ok(None);
             }
-            let mut pfd = libc::pollfd {
-                // SAFETY: the channel is live.
-                fd: unsafe { (*self.ch).fd },
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
+            self.wait_fd(left);
         }
     }
 }

@@ -285,6 +285,33 @@ impl Pd<RdmaFabric> for RdmaPd {
         }
         // SAFETY: qp is a valid QP.
         let qp_num = unsafe { (*qp).qp_num };
+        // Receives may be posted before the connection exists (our API's
+        // Init state), which verbs allows from INIT on: go there now, on
+        // port 1; the CM's INIT -> INIT transition later sets the real port
+        // and pkey of the cm_id's route.
+        // SAFETY: an all-zero ibv_qp_attr is valid.
+        let mut a: ib::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = ib::ibv_qp_state::IBV_QPS_INIT;
+        a.port_num = 1;
+        a.pkey_index = 0;
+        a.qp_access_flags = (ib::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+            | ib::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
+            | ib::ibv_access_flags::IBV_ACCESS_REMOTE_READ)
+            .0;
+        let mask = ib::ibv_qp_attr_mask::IBV_QP_STATE
+            | ib::ibv_qp_attr_mask::IBV_QP_PORT
+            | ib::ibv_qp_attr_mask::IBV_QP_PKEY_INDEX
+            | ib::ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
+        // SAFETY: qp is live; `a` is initialised for the mask.
+        let rc = unsafe { ib::ibv_modify_qp(qp, &mut a, mask.0 as i32) };
+        if rc != 0 {
+            // SAFETY: qp is ours and unused.
+            unsafe { ib::ibv_destroy_qp(qp) };
+            return Err(FabricError::io(
+                "ibv_modify_qp to INIT",
+                std::io::Error::from_raw_os_error(rc.abs()),
+            ));
+        }
         Ok(RdmaQp {
             inner: Arc::new(QpInner {
                 qp,
@@ -756,9 +783,19 @@ impl RdmaQp {
             if wr.inline {
                 flags |= ib::ibv_send_flags::IBV_SEND_INLINE.0;
             }
-            let imm = match wr.opcode {
+            // SEND_WITH_INV goes out as a plain SEND: this backend's rkeys
+            // are user MRs, which no device invalidates remotely (rxe
+            // refuses with REM_INV_REQ and breaks the connection, mlx5
+            // likewise; only fast-registered MRs and type-2 MWs can be).
+            // The peer's receive then has no `with_inv`, and RTRS's client
+            // invalidates locally, as it does whenever the server did not.
+            let opcode = if wr.opcode == Opcode::SendWithInv {
+                Opcode::Send
+            } else {
+                wr.opcode
+            };
+            let imm = match opcode {
                 Opcode::SendWithImm | Opcode::RdmaWriteWithImm => wr.imm.to_be(),
-                Opcode::SendWithInv => wr.invalidate_rkey,
                 _ => 0,
             };
             let n = wr.sg_list.len();
@@ -766,7 +803,7 @@ impl RdmaQp {
             let mut w: ib::ibv_send_wr = unsafe { std::mem::zeroed() };
             w.wr_id = wr.wr_id;
             w.num_sge = n as i32;
-            w.opcode = Self::send_opcode(wr.opcode);
+            w.opcode = Self::send_opcode(opcode);
             w.send_flags = flags;
             w.imm_data_invalidated_rkey_union.imm_data = imm;
             w.wr.rdma = ib::rdma_t {
