@@ -40,3 +40,60 @@ impl common::conformance::Backend for Rdma {
 
 conformance_tests!(Rdma);
 engine_tests!(Rdma);
+
+/// What this backend does differently from the suite, on purpose (see
+/// `rtrs_poll::fabric::rdma`): re-keying is a new registration, so the key's
+/// index changes too, and SEND_WITH_INV reaches the peer as a plain SEND.
+mod rdma_specific {
+    use super::Rdma;
+    use crate::common::conformance::{self as c, Backend, Pair};
+    use rtrs_poll::fabric::{Mr, Qp, QpState, SendWr, WcOpcode};
+
+    #[test]
+    fn rekey_then_local_invalidate() {
+        if c::skip::<Rdma>() {
+            return;
+        }
+        let mut p = Pair::<<Rdma as Backend>::F>::connect::<Rdma>();
+        let old = p.b.mr.rkey();
+        let new = p.b.mr.rekey().unwrap();
+        assert_ne!(old, new);
+        let sge = [p.a.sge(0, 8)];
+        let raddr = p.b.mr.addr();
+        p.a.qp
+            .post_send(&SendWr::write(1, &sge, raddr, new))
+            .unwrap();
+        let (a, _) = p.wait(1, 0);
+        c::ok(&a[0], 1, WcOpcode::RdmaWrite);
+        p.b.qp.post_send(&SendWr::local_inv(5, new)).unwrap();
+        let (_, b) = p.wait(0, 1);
+        c::ok(&b[0], 5, WcOpcode::LocalInv);
+        assert_eq!(p.b.mr.rkey(), 0);
+        let wr = SendWr::write(2, &sge, raddr, new);
+        c::expect_access_error(&mut p, wr);
+    }
+
+    #[test]
+    fn send_with_invalidate_arrives_as_send() {
+        if c::skip::<Rdma>() {
+            return;
+        }
+        let mut p = Pair::<<Rdma as Backend>::F>::connect::<Rdma>();
+        let key = p.b.mr.rkey();
+        p.b.post_recv(3, 0, 64);
+        p.a.qp
+            .post_send(&SendWr::send_with_inv(1, &[], key))
+            .unwrap();
+        let (a, b) = p.wait(1, 1);
+        c::ok(&a[0], 1, WcOpcode::Send);
+        c::ok(&b[0], 3, WcOpcode::Recv);
+        assert!(!b[0].with_inv);
+        // The key still works: the receiver invalidates locally if it must.
+        assert_eq!(p.b.mr.rkey(), key);
+        assert_eq!(p.b.qp.state(), QpState::Rts);
+        p.b.mr.invalidate();
+        let sge = [p.a.sge(0, 8)];
+        let wr = SendWr::write(2, &sge, p.b.mr.addr(), key);
+        c::expect_access_error(&mut p, wr);
+    }
+}

@@ -183,7 +183,7 @@ impl<F: Fabric> Pair<F> {
     }
 }
 
-fn ok(wc: &Wc, wr_id: u64, opcode: WcOpcode) {
+pub fn ok(wc: &Wc, wr_id: u64, opcode: WcOpcode) {
     assert_eq!(
         (wc.wr_id, wc.status, wc.opcode),
         (wr_id, WcStatus::Success, opcode),
@@ -421,7 +421,7 @@ pub fn inline_data<B: Backend>() {
     ));
 }
 
-fn expect_access_error<F: Fabric>(p: &mut Pair<F>, wr: SendWr<'_>) {
+pub fn expect_access_error<F: Fabric>(p: &mut Pair<F>, wr: SendWr<'_>) {
     p.b.post_recv(50, 0, 64);
     p.a.qp.post_send(&wr).unwrap();
     // A second request behind it is flushed.

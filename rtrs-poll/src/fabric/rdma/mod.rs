@@ -55,8 +55,8 @@ fn device() -> Option<&'static Device> {
         if list.is_null() {
             return None;
         }
-        // SAFETY: `list` is a valid array of `n` entries.
         let ctx = if n > 0 {
+            // SAFETY: `list` is a valid array of `n` > 0 entries.
             unsafe { *list }
         } else {
             std::ptr::null_mut()
@@ -851,8 +851,8 @@ impl RdmaQp {
                 };
                 if self.inner.query_state() == ib::ibv_qp_state::IBV_QPS_ERR {
                     let mut soft = lock(&self.send_soft.soft);
-                    let mut k = 0;
-                    for wr in wrs.iter().filter(|w| w.opcode != Opcode::LocalInv) {
+                    let posted = wrs.iter().filter(|w| w.opcode != Opcode::LocalInv);
+                    for (k, wr) in posted.enumerate() {
                         if k >= first_bad {
                             soft.push_back(Wc::new(
                                 wr.wr_id,
@@ -861,7 +861,6 @@ impl RdmaQp {
                                 self.inner.qp_num,
                             ));
                         }
-                        k += 1;
                     }
                 } else if rc == libc::ENOMEM {
                     return Err(FabricError::QueueFull {
