@@ -231,8 +231,18 @@ impl RdmaCm {
     fn remove(&mut self, n: u64) {
         if let Some(c) = self.conns.remove(&n) {
             self.by_id.remove(&(c.id as usize));
+            let t0 = Instant::now();
             // SAFETY: the id is live and has no unacked event.
             unsafe { ib::rdma_destroy_id(c.id) };
+            if debug() {
+                eprintln!(
+                    "rdma cm {:p}: destroyed id {:p} ({:?}) in {:?}",
+                    self.ch,
+                    c.id,
+                    c.kind,
+                    t0.elapsed()
+                );
+            }
         }
     }
 
@@ -613,6 +623,21 @@ impl Cm<RdmaFabric> for RdmaCm {
                 }
                 Ok(())
             });
+        if debug() {
+            eprintln!(
+                "rdma cm {:p}: accept id {:p} qp {:#x}: {:?}",
+                self.ch,
+                cid,
+                q.qp_num(),
+                r.as_ref().err()
+            );
+        }
+        if r.is_ok() {
+            // The QP is in RTS: it may answer whatever the peer sends as
+            // soon as the peer has our REP, before our CM thread sees
+            // ESTABLISHED (RTRS's client sends INFO_REQ at once).
+            q.set_connected();
+        }
         if let Err(e) = r {
             q.to_error();
             // SAFETY: the id is live; tell the peer no.
@@ -659,6 +684,9 @@ impl Cm<RdmaFabric> for RdmaCm {
                 }
                 if c.reported {
                     return Ok(());
+                }
+                if debug() {
+                    eprintln!("rdma cm {:p}: disconnect id {:p}", self.ch, c.id);
                 }
                 // SAFETY: the id is live.
                 let rc = unsafe { ib::rdma_disconnect(c.id) };
