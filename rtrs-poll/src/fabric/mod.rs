@@ -18,6 +18,8 @@
 
 pub mod addr;
 pub mod memory;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod soft;
 pub mod types;
 

@@ -973,71 +973,122 @@ macro_rules! engine_tests {
 
             #[test]
             fn write_read_verified_always_invalidate() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::write_read_all_sizes::<$backend>(true);
             }
             #[test]
             fn write_read_verified_without_invalidate() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::write_read_all_sizes::<$backend>(false);
             }
             #[test]
             fn handler_errno_reaches_the_client() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::handler_errno::<$backend>();
             }
             #[test]
             fn full_queue_depth_and_deferred_completions() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::full_queue_depth_and_deferred::<$backend>();
             }
             #[test]
             fn oversized_io_is_refused_locally() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::oversized_io_refused_locally::<$backend>();
             }
             #[test]
             fn path_closed_mid_io_second_path_lives() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::path_closed_mid_io_second_path_lives::<$backend>();
             }
             #[test]
             fn reconnect_after_disconnect() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::reconnect_after_disconnect::<$backend>();
             }
             #[test]
             fn submitter_from_another_thread() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::submitter_from_another_thread::<$backend>();
             }
             #[test]
             fn write_sg_gathers_registered_memory() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::write_sg_gathers_registered_memory::<$backend>();
             }
             #[test]
             fn idle_session_lives_on_heartbeats() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::idle_session_lives_on_heartbeats::<$backend>();
             }
             #[test]
             fn silent_server_is_declared_dead() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::silent_server_is_declared_dead::<$backend>();
             }
             #[test]
             fn silent_client_is_declared_dead() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::silent_client_is_declared_dead::<$backend>();
             }
             #[test]
             fn rnbd_over_rtrs() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::rnbd_over_rtrs::<$backend>();
             }
             #[test]
             fn across_processes() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::across_processes::<$backend>("engine::child_server");
             }
             #[test]
             fn peer_killed_mid_io() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::peer_killed_mid_io::<$backend>("engine::child_server");
             }
             #[test]
             fn hostile_clients_lose_their_path_only() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::hostile_clients::<$backend>();
             }
             /// Not a test: the server process of the two tests above.
             #[test]
             fn child_server() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
                 e::child_server::<$backend>();
             }
         }

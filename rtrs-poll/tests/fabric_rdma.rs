@@ -1,0 +1,99 @@
+//! The fabric conformance suite and the engine's end-to-end suite over real
+//! verbs (feature `rdma`). Addresses are `rdma:10.0.2.15:PORT`, the guest
+//! address of `/work/shared/tools/kernel-peer-vm.sh` with soft-RoCE on eth0;
+//! set `RTRS_RDMA_HOST` to use another local address of an RDMA device. On a
+//! host without an RDMA device every test prints "no RDMA device: skipped"
+//! and passes.
+#![cfg(feature = "rdma")]
+
+mod common;
+
+use rtrs_poll::fabric::rdma::RdmaFabric;
+use rtrs_poll::fabric::Address;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Ports for this process: a block of 64 chosen by pid (the echo and server
+/// children pick their own, from the address they are given).
+fn port() -> u16 {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 300) * 64;
+    (base + N.fetch_add(1, Ordering::Relaxed) % 64) as u16
+}
+
+struct Rdma;
+
+impl common::conformance::Backend for Rdma {
+    type F = RdmaFabric;
+    fn fabric() -> RdmaFabric {
+        RdmaFabric::new().unwrap()
+    }
+    fn addr() -> Address {
+        Address::Rdma {
+            host: std::env::var("RTRS_RDMA_HOST").unwrap_or_else(|_| "10.0.2.15".into()),
+            port: port(),
+        }
+    }
+    fn skip_reason() -> Option<String> {
+        (!rtrs_poll::fabric::rdma::available()).then(|| "no RDMA device".to_string())
+    }
+}
+
+conformance_tests!(Rdma);
+engine_tests!(Rdma);
+
+/// What this backend does differently from the suite, on purpose (see
+/// `rtrs_poll::fabric::rdma`): re-keying is a new registration, so the key's
+/// index changes too, and SEND_WITH_INV reaches the peer as a plain SEND.
+mod rdma_specific {
+    use super::Rdma;
+    use crate::common::conformance::{self as c, Backend, Pair};
+    use rtrs_poll::fabric::{Mr, Qp, QpState, SendWr, WcOpcode};
+
+    #[test]
+    fn rekey_then_local_invalidate() {
+        if c::skip::<Rdma>() {
+            return;
+        }
+        let mut p = Pair::<<Rdma as Backend>::F>::connect::<Rdma>();
+        let old = p.b.mr.rkey();
+        let new = p.b.mr.rekey().unwrap();
+        assert_ne!(old, new);
+        let sge = [p.a.sge(0, 8)];
+        let raddr = p.b.mr.addr();
+        p.a.qp
+            .post_send(&SendWr::write(1, &sge, raddr, new))
+            .unwrap();
+        let (a, _) = p.wait(1, 0);
+        c::ok(&a[0], 1, WcOpcode::RdmaWrite);
+        p.b.qp.post_send(&SendWr::local_inv(5, new)).unwrap();
+        let (_, b) = p.wait(0, 1);
+        c::ok(&b[0], 5, WcOpcode::LocalInv);
+        assert_eq!(p.b.mr.rkey(), 0);
+        let wr = SendWr::write(2, &sge, raddr, new);
+        c::expect_access_error(&mut p, wr);
+    }
+
+    #[test]
+    fn send_with_invalidate_arrives_as_send() {
+        if c::skip::<Rdma>() {
+            return;
+        }
+        let mut p = Pair::<<Rdma as Backend>::F>::connect::<Rdma>();
+        let key = p.b.mr.rkey();
+        p.b.post_recv(3, 0, 64);
+        p.a.qp
+            .post_send(&SendWr::send_with_inv(1, &[], key))
+            .unwrap();
+        let (a, b) = p.wait(1, 1);
+        c::ok(&a[0], 1, WcOpcode::Send);
+        c::ok(&b[0], 3, WcOpcode::Recv);
+        assert!(!b[0].with_inv);
+        // The key still works: the receiver invalidates locally if it must.
+        assert_eq!(p.b.mr.rkey(), key);
+        assert_eq!(p.b.qp.state(), QpState::Rts);
+        p.b.mr.invalidate();
+        let sge = [p.a.sge(0, 8)];
+        let wr = SendWr::write(2, &sge, p.b.mr.addr(), key);
+        c::expect_access_error(&mut p, wr);
+    }
+}
