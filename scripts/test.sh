@@ -32,14 +32,21 @@ step "fuzz the wire decoders for ${RTRS_FUZZ_SECS:=20} s"
 RTRS_FUZZ_SECS=$RTRS_FUZZ_SECS cargo test -p rtrs-poll --release fuzz
 
 step "real verbs in a VM: soft-RoCE + the kernel's RTRS/RNBD (scripts/vm.sh)"
-set +e
-scripts/vm.sh scripts/vm-guest-selftest.sh
-rc=$?
-set -e
-case $rc in
-  0) ;;
-  77) echo "VM step skipped (see the reason above)" ;;
-  *) echo "VM step failed (rc $rc)"; exit "$rc" ;;
-esac
+vm_step() { # what -> runs "$@" in the VM harness; 77 = cannot run here
+  local what=$1 rc
+  shift
+  set +e
+  "$@"
+  rc=$?
+  set -e
+  case $rc in
+    0) ;;
+    77) echo "VM step '$what' skipped (see the reason above)" ;;
+    *) echo "VM step '$what' failed (rc $rc)"; exit "$rc" ;;
+  esac
+}
+vm_step "self-test: kernel RNBD client -> kernel server" scripts/vm.sh scripts/vm-guest-selftest.sh
+step "the fabric conformance and engine suites over soft-RoCE (the rdma backend, in the VM)"
+vm_step "rdma suites" scripts/vm-rdma-tests.sh
 
 step "all green"

@@ -110,6 +110,10 @@ impl Fabric for RdmaFabric {
         "rdma"
     }
 
+    fn remote_invalidate(&self) -> bool {
+        false
+    }
+
     fn alloc_pd(&self) -> Result<RdmaPd> {
         let d = dev()?;
         // SAFETY: d.ctx is an open device context.
@@ -783,17 +787,13 @@ impl RdmaQp {
             if wr.inline {
                 flags |= ib::ibv_send_flags::IBV_SEND_INLINE.0;
             }
-            // SEND_WITH_INV goes out as a plain SEND: this backend's rkeys
-            // are user MRs, which no device invalidates remotely (rxe
-            // refuses with REM_INV_REQ and breaks the connection, mlx5
-            // likewise; only fast-registered MRs and type-2 MWs can be).
-            // The peer's receive then has no `with_inv`, and RTRS's client
-            // invalidates locally, as it does whenever the server did not.
-            let opcode = if wr.opcode == Opcode::SendWithInv {
-                Opcode::Send
-            } else {
-                wr.opcode
-            };
+            // SEND_WITH_INV goes out as it is: the kernel's RTRS client
+            // asks for it (NEED_INVAL) on its fast-registered MRs, which
+            // the device invalidates. This backend's own rkeys are user
+            // MRs, which no device invalidates remotely (rxe answers
+            // REM_INV_REQ), so `remote_invalidate()` is false and our
+            // engine never asks a peer to invalidate them.
+            let opcode = wr.opcode;
             let imm = match opcode {
                 Opcode::SendWithImm | Opcode::RdmaWriteWithImm => wr.imm.to_be(),
                 _ => 0,
@@ -806,6 +806,9 @@ impl RdmaQp {
             w.opcode = Self::send_opcode(opcode);
             w.send_flags = flags;
             w.imm_data_invalidated_rkey_union.imm_data = imm;
+            if opcode == Opcode::SendWithInv {
+                w.imm_data_invalidated_rkey_union.invalidated_rkey = wr.invalidate_rkey;
+            }
             w.wr.rdma = ib::rdma_t {
                 remote_addr: wr.remote_addr,
                 rkey: wr.rkey,

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs the fabric conformance suite and the engine's end-to-end suite over
+# real verbs: builds tests/fabric_rdma.rs with the rdma feature and runs the
+# test binary in the VM (scripts/vm.sh) on soft-RoCE. Exit 77 when the VM
+# cannot run here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=$(cargo test -q -p rtrs-poll --features rdma --test fabric_rdma --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "fabric_rdma" in m["executable"]:
+        print(m["executable"])' | tail -1)
+[ -x "$bin" ] || { echo "vm-rdma-tests: the fabric_rdma test binary did not build" >&2; exit 1; }
+guest=$(mktemp /tmp/rtrs-rdma-tests.XXXXXX.sh)
+trap 'rm -f "$guest"' EXIT
+cat > "$guest" <<GUEST
+set -e
+rdma link add rxe0 type rxe netdev eth0
+ibv_devices
+$bin --test-threads=1 ${RDMA_TEST_FILTER:-}
+GUEST
+chmod 644 "$guest"
+scripts/vm.sh "$guest"
