@@ -127,6 +127,11 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => match &a.listen[0] {
             Address::Shm(_) => serve(ShmFabric::new(), &a),
             Address::Tcp { .. } => serve(TcpFabric::new(), &a),
+            #[cfg(feature = "rdma")]
+            Address::Rdma { .. } => rtrs_poll::fabric::rdma::RdmaFabric::new()
+                .map_err(|e| e.to_string())
+                .and_then(|f| serve(f, &a)),
+            #[allow(unreachable_patterns)]
             other => Err(format!(
                 "the {} backend is not built into this rtrs (build with --features rdma)",
                 other.scheme()

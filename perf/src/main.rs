@@ -303,8 +303,13 @@ fn with_fabric<R>(
     match addr {
         Address::Shm(_) => f(AnyFabric::Shm(ShmFabric::new())),
         Address::Tcp { .. } => f(AnyFabric::Tcp(TcpFabric::new())),
+        #[cfg(feature = "rdma")]
+        Address::Rdma { .. } => f(AnyFabric::Rdma(
+            rtrs_poll::fabric::rdma::RdmaFabric::new().map_err(|e| e.to_string())?,
+        )),
+        #[allow(unreachable_patterns)]
         other => Err(format!(
-            "the {} backend is not built into this rtrs-perf",
+            "the {} backend is not built into this rtrs-perf (build with --features rdma)",
             other.scheme()
         )),
     }
@@ -313,6 +318,8 @@ fn with_fabric<R>(
 enum AnyFabric {
     Shm(ShmFabric),
     Tcp(TcpFabric),
+    #[cfg(feature = "rdma")]
+    Rdma(rtrs_poll::fabric::rdma::RdmaFabric),
 }
 
 impl AnyFabric {
@@ -320,12 +327,16 @@ impl AnyFabric {
         match self {
             AnyFabric::Shm(f) => fabric_bench::server(f, addr, o),
             AnyFabric::Tcp(f) => fabric_bench::server(f, addr, o),
+            #[cfg(feature = "rdma")]
+            AnyFabric::Rdma(f) => fabric_bench::server(f, addr, o),
         }
     }
     fn client(self, addr: &Address, o: &Opts) -> Result<serde_json::Value, String> {
         match self {
             AnyFabric::Shm(f) => fabric_bench::client(f, addr, o),
             AnyFabric::Tcp(f) => fabric_bench::client(f, addr, o),
+            #[cfg(feature = "rdma")]
+            AnyFabric::Rdma(f) => fabric_bench::client(f, addr, o),
         }
     }
 }
@@ -402,6 +413,8 @@ fn run_client(a: ClientArgs) -> Result<(), String> {
     let s = with_engine_fabric(&a.connect[0], |f| match f {
         AnyFabric::Shm(f) => engine_bench::run_client(&f, &o),
         AnyFabric::Tcp(f) => engine_bench::run_client(&f, &o),
+        #[cfg(feature = "rdma")]
+        AnyFabric::Rdma(f) => engine_bench::run_client(&f, &o),
     })?;
     report(&s, a.io.json, a.io.hist.as_deref())
 }
@@ -435,6 +448,15 @@ fn run_server(a: ServerArgs) -> Result<(), String> {
             stop.clone(),
         ),
         AnyFabric::Tcp(f) => engine_bench::PerfServer::start(
+            f,
+            a.listen.clone(),
+            a.backend.clone(),
+            a.cores.0.clone(),
+            cfg,
+            stop.clone(),
+        ),
+        #[cfg(feature = "rdma")]
+        AnyFabric::Rdma(f) => engine_bench::PerfServer::start(
             f,
             a.listen.clone(),
             a.backend.clone(),
