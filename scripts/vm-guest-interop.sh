@@ -13,7 +13,7 @@ bad() { echo "INTEROP FAIL: $*"; fail=1; }
 rdma link add rxe0 type rxe netdev eth0 || { echo "no soft-RoCE"; exit 1; }
 for m in rtrs/rtrs-core rtrs/rtrs-server rtrs/rtrs-client; do insmod "$RTRS_KMODS/$m.ko"; done
 insmod "$RTRS_KMODS/rnbd/rnbd-client.ko"
-modprobe brd rd_nr=1 rd_size=65536 2>/dev/null || true
+modprobe brd rd_nr=2 rd_size=65536 2>/dev/null || true
 [ -b /dev/ram0 ] || { echo "no /dev/ram0"; exit 1; }
 
 fio_on() { # DEV RW QD [extra...] -> fio's IOPS/latency lines
@@ -25,7 +25,8 @@ fio_on() { # DEV RW QD [extra...] -> fio's IOPS/latency lines
 }
 
 map() { # SESSNAME DEVICE PORT -> /dev/rnbdN
-  echo "sessname=$1 path=ip:$IP device_path=$2 dest_port=$3" > /sys/devices/virtual/rnbd-client/ctl/map_device || return 1
+  # dest_port must come before path= (the kernel converts each path at once).
+  echo "sessname=$1 dest_port=$3 path=ip:$IP device_path=$2" > /sys/devices/virtual/rnbd-client/ctl/map_device || return 1
   for _ in $(seq 100); do
     for d in /sys/block/rnbd*; do
       [ -e "$d/rnbd/session" ] && [ "$(cat "$d/rnbd/session")" = "$1" ] && { echo "/dev/${d##*/}"; return 0; }
@@ -45,7 +46,8 @@ for ai in Y N; do
   if "$BIN/rtrs-perf" client --connect "rdma:$IP:1234" --rnbd-device /dev/ram0 --verify --rw randrw \
     --bs 4k --iodepth 8 --runtime 3 --size 32M --cores 0 --json > /run/ours-kernel.json; then
     errs=$(python3 -c 'import json; print(json.load(open("/run/ours-kernel.json"))["errors"])')
-    [ "$errs" = 0 ] && ok "our client -> kernel server (always_invalidate=$ai), verified" ||
+    iops=$(python3 -c 'import json; d=json.load(open("/run/ours-kernel.json")); print("%d ios, %.0f IOPS, p50 %d us" % (d["ios"], d["iops"], d["lat_ns"]["p50"] / 1000))')
+    [ "$errs" = 0 ] && ok "our client -> kernel server (always_invalidate=$ai), verified: $iops" ||
       bad "our client -> kernel server (always_invalidate=$ai): $errs errors"
   else
     bad "our client -> kernel server (always_invalidate=$ai) did not run"
@@ -55,7 +57,7 @@ done
 # --- 2. the kernel's rnbd-client -> our server (rtrs serve), both always_invalidate
 rmmod rnbd-server 2>/dev/null; rmmod rtrs-server 2>/dev/null
 for ai in on off; do
-  "$BIN/rtrs" serve --listen "rdma:$IP:1235" --export ram0=ram:64M --always-invalidate $ai > /run/serve.log 2>&1 &
+  "$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M --always-invalidate $ai > /run/serve.log 2>&1 &
   srv=$!
   sleep 2
   if dev=$(map "ours-$ai" ram0 1235); then
@@ -73,7 +75,7 @@ done
 
 # --- 3. an idle session survives on heartbeats (> 30 s), and the kernel client
 #        reconnects after our server restarts
-"$BIN/rtrs" serve --listen "rdma:$IP:1235" --export ram0=ram:64M > /run/serve.log 2>&1 &
+"$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M > /run/serve.log 2>&1 &
 srv=$!
 sleep 2
 if dev=$(map idle ram0 1235); then
@@ -84,13 +86,24 @@ if dev=$(map idle ram0 1235); then
     bad "idle session died"
   fi
   kill -INT $srv; wait $srv
-  "$BIN/rtrs" serve --listen "rdma:$IP:1235" --export ram0=ram:64M > /run/serve2.log 2>&1 &
+  "$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M > /run/serve2.log 2>&1 &
   srv=$!
-  # The kernel client reconnects (RNBD's delay: 30 s) and re-opens the device.
-  if fio_on "$dev" randwrite 1 --verify=crc32c --runtime=60 --time_based=0 --size=1M | grep -q "err= 0"; then
-    ok "kernel client reconnected after our server restarted"
+  # The kernel client sees the path go down, then reconnects after RNBD's
+  # delay (30 s + jitter) and re-opens the device.
+  st=$(ls -d /sys/class/rtrs-client/idle/paths/* 2>/dev/null | head -1)/state
+  down=0
+  for _ in $(seq 900); do
+    s=$(cat "$st" 2>/dev/null)
+    [ "$s" != connected ] && down=1
+    [ $down = 1 ] && [ "$s" = connected ] && break
+    sleep 0.1
+  done
+  echo "path state after restart: $(cat "$st" 2>/dev/null) (went down: $down)"
+  sleep 1
+  if [ $down = 1 ] && fio_on "$dev" randwrite 1 --verify=crc32c --runtime=2 | grep -q "err= 0"; then
+    ok "kernel client reconnected after our server restarted, verified"
   else
-    bad "no reconnect after restart"
+    bad "no reconnect after restart"; tail -5 /run/serve2.log
   fi
   unmap "$dev"
   kill -INT $srv; wait $srv
@@ -101,17 +114,18 @@ ls /sys/block | grep -q rnbd && bad "an rnbd device is left behind" || ok "nothi
 echo "| pair | rw | QD | result |"
 echo "|---|---|---|---|"
 insmod "$RTRS_KMODS/rtrs/rtrs-server.ko"; insmod "$RTRS_KMODS/rnbd/rnbd-server.ko"
-"$BIN/rtrs" serve --listen "rdma:$IP:1235" --export ram0=ram:64M > /run/serve.log 2>&1 &
+"$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M --export ram1=ram:64M > /run/serve.log 2>&1 &
 srv=$!
 sleep 2
+# Each pair gets its own device: an RW open excludes other writers.
 kdev=$(map kk /dev/ram0 1234)
 odev=$(map ko ram0 1235)
 for rw in randread randwrite; do
   for qd in 1 32; do
     echo "| kernel -> kernel | $rw | $qd | $(fio_on "$kdev" $rw $qd | grep IOPS | head -1) |"
     echo "| kernel -> ours | $rw | $qd | $(fio_on "$odev" $rw $qd | grep IOPS | head -1) |"
-    echo "| ours -> kernel | $rw | $qd | $("$BIN/rtrs-perf" client --connect "rdma:$IP:1234" --rnbd-device /dev/ram0 --rw $rw --bs 4k --iodepth $qd --runtime "$SECS" --size 32M 2>/dev/null | head -1) |"
-    echo "| ours -> ours | $rw | $qd | $("$BIN/rtrs-perf" client --connect "rdma:$IP:1235" --rnbd-device ram0 --rw $rw --bs 4k --iodepth $qd --runtime "$SECS" --size 32M 2>/dev/null | head -1) |"
+    echo "| ours -> kernel | $rw | $qd | $("$BIN/rtrs-perf" client --connect "rdma:$IP:1234" --rnbd-device /dev/ram1 --rw $rw --bs 4k --iodepth $qd --runtime "$SECS" --size 32M 2>&1 | grep -E "IOPS=|rtrs-perf:" | head -1) |"
+    echo "| ours -> ours | $rw | $qd | $("$BIN/rtrs-perf" client --connect "rdma:$IP:1235" --rnbd-device ram1 --rw $rw --bs 4k --iodepth $qd --runtime "$SECS" --size 32M 2>&1 | grep -E "IOPS=|rtrs-perf:" | head -1) |"
   done
 done
 unmap "$kdev"; unmap "$odev"
