@@ -48,5 +48,7 @@ vm_step() { # what -> runs "$@" in the VM harness; 77 = cannot run here
 vm_step "self-test: kernel RNBD client -> kernel server" scripts/vm.sh scripts/vm-guest-selftest.sh
 step "the fabric conformance and engine suites over soft-RoCE (the rdma backend, in the VM)"
 vm_step "rdma suites" scripts/vm-rdma-tests.sh
+step "interop with the kernel's RTRS/RNBD over soft-RoCE, both directions (in the VM)"
+vm_step "interop" scripts/interop.sh 2
 
 step "all green"
