@@ -90,3 +90,16 @@ fn another_process_maps_a_shareable_region() {
     r.read(0, &mut b).unwrap();
     assert_eq!(&b, b"child!");
 }
+
+#[test]
+fn prefault_keeps_the_bytes() {
+    let r = Region::anonymous(3 << 20).unwrap();
+    r.write(4096 * 7 + 5, b"kept").unwrap();
+    r.prefault();
+    let mut b = [0u8; 4];
+    r.read(4096 * 7 + 5, &mut b).unwrap();
+    assert_eq!(&b, b"kept");
+    let mut z = [1u8; 8];
+    r.read(r.len() - 8, &mut z).unwrap();
+    assert_eq!(z, [0; 8]);
+}

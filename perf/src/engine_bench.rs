@@ -127,7 +127,13 @@ impl PerfServer {
     ) -> Result<PerfServer, String> {
         let ram: Option<Arc<dyn Memory>> = match backend {
             Backend::Null => None,
-            Backend::Ram(n) => Some(crate::shareable(n as usize)?),
+            Backend::Ram(n) => {
+                // A RAM disk exists before it serves: fault its pages in now.
+                let r =
+                    mempool::Region::anonymous(n as usize).map_err(|e| format!("ram:{n}: {e}"))?;
+                r.prefault();
+                Some(Arc::new(r))
+            }
         };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let s2 = stop.clone();

@@ -75,6 +75,7 @@ impl Export {
         }
         let mem = mempool::Region::anonymous(size as usize)
             .map_err(|e| ExportError::Io(name.into(), std::io::Error::other(e)))?;
+        mem.prefault();
         Ok(Export {
             name: name.to_string(),
             store: Store::Ram(Arc::new(mem)),
