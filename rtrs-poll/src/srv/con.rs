@@ -192,23 +192,8 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
     }
 
     fn post(&mut self, wr: SendWr<'_>) -> crate::fabric::Result<()> {
-        let wr = self.signal(wr);
+        let wr = signal(&mut self.since_signal, self.signal_every, wr);
         self.qp.post_send(&wr)
-    }
-
-    /// Signals every `signal_every`-th posted WR (the kernel's rule), so the
-    /// send queue is reaped without a completion per IO.
-    fn signal<'a>(&mut self, wr: SendWr<'a>) -> SendWr<'a> {
-        self.since_signal += 1;
-        if self.since_signal >= self.signal_every {
-            self.since_signal = 0;
-            SendWr {
-                signaled: true,
-                ..wr
-            }
-        } else {
-            wr.unsignaled()
-        }
     }
 
     fn on_wc(&mut self, wc: Wc, now: Instant) {
@@ -307,7 +292,9 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
     }
 
     fn on_request(&mut self, buf_id: u32, off: u32) {
-        let path = self.path.clone();
+        // No Arc clone per IO: a locked increment would wait for the
+        // handler's stores to drain. Fields are borrowed one by one instead.
+        let path = &*self.path;
         if path.state() != PathState::Connected {
             return; // the kernel drops requests on a path that is not connected
         }
@@ -326,15 +313,19 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         let Some(chunk_bytes) = (unsafe { bytes(&*path.mem, base, path.chunk_size) }) else {
             return;
         };
-        let (usr_len, data_len, dir, read) = match chunk::parse(chunk_bytes, off) {
-            Ok(r) => match r.kind {
+        let parsed = match chunk::parse(chunk_bytes, off) {
+            Ok(r) => Ok(match r.kind {
                 IoReqKind::Write { data } => (r.usr.len(), data.len(), IoDir::Write, None),
                 IoReqKind::Read { msg, .. } => {
                     let d = msg.descs().get(0);
                     let len = d.map_or(0, |d| d.len as usize);
                     (r.usr.len(), len, IoDir::Read, Some((d, msg.need_inval())))
                 }
-            },
+            }),
+            Err(e) => Err(e),
+        };
+        let (usr_len, data_len, dir, read) = match parsed {
+            Ok(v) => v,
             Err(e) => return self.close(format_args!("chunk {buf_id}, offset {off}: {e}")),
         };
         let usr_at = off as usize - usr_len;
@@ -342,6 +333,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             active: true,
             read: read.and_then(|(d, inv)| d.map(|d| (d, inv))),
         };
+        let path = &*self.path;
         path.stats.on_request_at(self.cid, dir, data_len);
         // SAFETY: as above; [0, data_len) and [usr_at, off) do not overlap
         // (data_len <= usr_at: a write's data ends where its header starts, a
@@ -365,29 +357,32 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
 
     /// Posts the response chain for chunk `buf_id` (spec §5.5).
     fn respond(&mut self, buf_id: u32, errno: i32) {
+        if let Err(why) = self.try_respond(buf_id, errno) {
+            self.close(format_args!("response for chunk {buf_id}: {why}"));
+        }
+    }
+
+    fn try_respond(&mut self, buf_id: u32, errno: i32) -> Result<(), RespondError> {
         let Some(slot) = self.inflight.get_mut(buf_id as usize) else {
-            return;
+            return Ok(());
         };
         if !slot.active {
             tracing::warn!(buf_id, "handler completed an IO twice; ignored");
-            return;
+            return Ok(());
         }
         let read = slot.read.take();
         slot.active = false;
-        let path = self.path.clone();
+        let path = &*self.path;
         path.stats.on_response_at(self.cid);
         if path.state() != PathState::Connected {
-            return;
+            return Ok(());
         }
         let errno = clamp_errno(errno);
         if errno != 0 {
             path.stats.on_error_at(self.cid);
         }
         let inv_key = read.and_then(|(d, inv)| inv.then_some(d.key));
-        let imm = match io_rsp(buf_id, errno, inv_key.is_some()) {
-            Ok(imm) => imm,
-            Err(e) => return self.close(format_args!("response for chunk {buf_id}: {e}")),
-        };
+        let imm = io_rsp(buf_id, errno, inv_key.is_some()).map_err(RespondError::Proto)?;
         let data_sge;
         let slot_sge;
         let mut wrs: [SendWr<'_>; 3] = [SendWr::local_inv(0, 0); 3];
@@ -402,10 +397,9 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             n += 1;
         }
         let last = if path.always_invalidate {
-            let rkey = match path.mrs[buf_id as usize].rekey() {
-                Ok(k) => k,
-                Err(e) => return self.close(format_args!("cannot re-key chunk {buf_id}: {e}")),
-            };
+            let rkey = path.mrs[buf_id as usize]
+                .rekey()
+                .map_err(RespondError::Rekey)?;
             let at = buf_id as usize * 8;
             let mut msg = [0u8; 8];
             let _ = RkeyRspRepr {
@@ -413,21 +407,43 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
                 rkey,
             }
             .emit(&mut msg);
-            if let Err(e) = self.mem.write(at, &msg) {
-                return self.close(format_args!("RKEY_RSP slot: {e}"));
-            }
+            self.mem.write(at, &msg).map_err(RespondError::Fabric)?;
             slot_sge = [self.mr.sge(at, 8)];
             SendWr::send_with_imm(WR_RSP | u64::from(buf_id), &slot_sge, imm)
         } else {
             SendWr::write_with_imm(WR_RSP | u64::from(buf_id), &[], 0, 0, imm)
         };
-        wrs[n] = self.signal(last);
+        wrs[n] = signal(&mut self.since_signal, self.signal_every, last);
         n += 1;
-        if let Err(e) = self.qp.post_send_batch(&wrs[..n]) {
-            self.close(format_args!(
-                "cannot post the response for chunk {buf_id}: {e}"
-            ));
+        self.qp
+            .post_send_batch(&wrs[..n])
+            .map_err(RespondError::Fabric)
+    }
+}
+
+/// Why a response could not be posted (the path then closes).
+#[derive(Debug, thiserror::Error)]
+enum RespondError {
+    #[error("{0}")]
+    Proto(crate::proto::ProtoError),
+    #[error("cannot re-key the chunk: {0}")]
+    Rekey(crate::fabric::FabricError),
+    #[error("{0}")]
+    Fabric(crate::fabric::FabricError),
+}
+
+/// Signals every `every`-th posted WR (the kernel's rule), so the send
+/// queue is reaped without a completion per IO.
+fn signal<'a>(since: &mut u32, every: u32, wr: SendWr<'a>) -> SendWr<'a> {
+    *since += 1;
+    if *since >= every {
+        *since = 0;
+        SendWr {
+            signaled: true,
+            ..wr
         }
+    } else {
+        wr.unsignaled()
     }
 }
 
