@@ -38,6 +38,15 @@ map() { # SESSNAME DEVICE PORT -> /dev/rnbdN
 
 unmap() { echo normal > "/sys/block/${1##*/}/rnbd/unmap_device"; }
 
+serving() { # LOG -> waits until rtrs serve listens (RAM exports fault in first)
+  for _ in $(seq 600); do
+    grep -q "listening on" "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "rtrs serve did not start:"; cat "$1"
+  return 1
+}
+
 # --- 1. our client -> the kernel's rtrs-server + rnbd-server (/dev/ram0), both always_invalidate
 for ai in Y N; do
   rmmod rnbd-server 2>/dev/null; rmmod rtrs-server 2>/dev/null
@@ -59,7 +68,7 @@ rmmod rnbd-server 2>/dev/null; rmmod rtrs-server 2>/dev/null
 for ai in on off; do
   "$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M --always-invalidate $ai > /run/serve.log 2>&1 &
   srv=$!
-  sleep 2
+  serving /run/serve.log
   if dev=$(map "ours-$ai" ram0 1235); then
     if fio_on "$dev" randwrite 8 --verify=crc32c --do_verify=1 | tee /run/fio.log | grep -q "err= 0"; then
       ok "kernel client -> our server (always_invalidate=$ai), fio crc32c verified"
@@ -77,7 +86,7 @@ done
 #        reconnects after our server restarts
 "$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M > /run/serve.log 2>&1 &
 srv=$!
-sleep 2
+serving /run/serve.log
 if dev=$(map idle ram0 1235); then
   sleep 35
   if fio_on "$dev" randwrite 1 --verify=crc32c --runtime=2 | grep -q "err= 0"; then
@@ -88,6 +97,7 @@ if dev=$(map idle ram0 1235); then
   kill -INT $srv; wait $srv
   "$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M > /run/serve2.log 2>&1 &
   srv=$!
+  serving /run/serve2.log
   # The kernel client sees the path go down, then reconnects after RNBD's
   # delay (30 s + jitter) and re-opens the device.
   st=$(ls -d /sys/class/rtrs-client/idle/paths/* 2>/dev/null | head -1)/state
@@ -116,10 +126,10 @@ echo "|---|---|---|---|"
 insmod "$RTRS_KMODS/rtrs/rtrs-server.ko"; insmod "$RTRS_KMODS/rnbd/rnbd-server.ko"
 "$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M --export ram1=ram:64M > /run/serve.log 2>&1 &
 srv=$!
-sleep 2
+serving /run/serve.log
 # Each pair gets its own device: an RW open excludes other writers.
-kdev=$(map kk /dev/ram0 1234)
-odev=$(map ko ram0 1235)
+kdev=$(map kk /dev/ram0 1234) || { bad "map kk"; exit 1; }
+odev=$(map ko ram0 1235) || { bad "map ko"; exit 1; }
 for rw in randread randwrite; do
   for qd in 1 32; do
     echo "| kernel -> kernel | $rw | $qd | $(fio_on "$kdev" $rw $qd | grep IOPS | head -1) |"

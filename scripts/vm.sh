@@ -105,7 +105,7 @@ timeout "${VM_TIMEOUT:-900}" qemu-system-x86_64 -accel tcg -cpu max -m "${VM_MEM
   -append "console=ttyS0 quiet panic=-1 rtrs_guest=$GUEST rtrs_kmods=$KMODS" \
   -netdev user,id=n0 -device virtio-net-pci,netdev=n0 \
   -virtfs local,path=/,mount_tag=hostfs,security_model=none,readonly=on,multidevs=remap 2>&1 |
-  sed -u -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | tr -d '\r' |
+  sed -u -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' -e 's/\r//g' |
   grep --line-buffered -v -E '^(SeaBIOS|iPXE|Press Ctrl-B|Booting from ROM)' | tee "$LOG" || true
 rc=$(sed -n 's/^=== guest rc=\([0-9]*\).*/\1/p' "$LOG" | tail -1)
 rm -f "$LOG"
