@@ -236,6 +236,36 @@ impl Region {
         }
     }
 
+    /// Copies `data` in at `off` with non-temporal stores where the CPU has
+    /// them (x86_64, 16-byte aligned, whole 64-byte lines): the old bytes
+    /// are not read into the cache first, which halves the memory traffic of
+    /// a RAM disk taking writes at cold places. Otherwise as [`Region::write`].
+    pub fn write_stream(&self, off: usize, data: &[u8]) -> Result<(), PoolError> {
+        self.check(off, data.len())?;
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+            // SAFETY: pointer arithmetic within the checked range.
+            let dst = unsafe { self.ptr.add(off) };
+            if dst as usize % 16 == 0 && data.len() % 64 == 0 && !data.is_empty() {
+                let mut i = 0;
+                while i < data.len() {
+                    // SAFETY: i + 16 <= len for both ranges (len % 64 == 0);
+                    // dst + i is 16-byte aligned; SSE2 is part of x86_64.
+                    unsafe {
+                        let v = _mm_loadu_si128(data.as_ptr().add(i) as *const __m128i);
+                        _mm_stream_si128(dst.add(i) as *mut __m128i, v);
+                    }
+                    i += 16;
+                }
+                // SAFETY: orders the streaming stores before later stores.
+                unsafe { _mm_sfence() };
+                return Ok(());
+            }
+        }
+        self.write(off, data)
+    }
+
     /// Copies `buf.len()` bytes out from `off`.
     pub fn read(&self, off: usize, buf: &mut [u8]) -> Result<(), PoolError> {
         self.check(off, buf.len())?;

@@ -103,3 +103,22 @@ fn prefault_keeps_the_bytes() {
     r.read(r.len() - 8, &mut z).unwrap();
     assert_eq!(z, [0; 8]);
 }
+
+#[test]
+fn streaming_writes_land_like_plain_ones() {
+    let r = Region::anonymous(1 << 20).unwrap();
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 31 + 7) as u8).collect();
+    for (off, len) in [
+        (0usize, 4096usize),
+        (8192, 8192),
+        (100, 640),
+        (4096, 100),
+        (65536, 0),
+    ] {
+        r.write_stream(off, &data[..len]).unwrap();
+        let mut b = vec![0u8; len];
+        r.read(off, &mut b).unwrap();
+        assert_eq!(b, &data[..len], "at {off}, {len} bytes");
+    }
+    assert!(r.write_stream(r.len() - 10, &data[..64]).is_err());
+}

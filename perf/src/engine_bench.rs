@@ -14,7 +14,7 @@ use crate::report::{histogram, LatNs};
 use hdrhistogram::Histogram;
 use minstant::Instant;
 use rtrs_poll::clt::{Client, CltConfig, CltCore, Dir};
-use rtrs_poll::fabric::{Address, Fabric, Memory};
+use rtrs_poll::fabric::{Address, Fabric};
 use rtrs_poll::sess::mp_policy::MpPolicy;
 use rtrs_poll::srv::{Handler, IoDir, Server, SrvConfig, SrvIo, Verdict};
 use serde::Serialize;
@@ -87,7 +87,7 @@ pub fn parse_on_off(s: &str) -> Result<bool, String> {
 /// The handler rtrs-perf's server runs: the user header is
 /// `[op u8][pad 7][offset u64 LE]`.
 pub struct PerfHandler {
-    ram: Option<Arc<dyn Memory>>,
+    ram: Option<Arc<mempool::Region>>,
 }
 
 impl Handler for PerfHandler {
@@ -102,7 +102,7 @@ impl Handler for PerfHandler {
         o.copy_from_slice(&io.usr[8..16]);
         let off = u64::from_le_bytes(o) as usize;
         let r = match io.dir {
-            IoDir::Write => ram.write(off, io.data),
+            IoDir::Write => ram.write_stream(off, io.data),
             IoDir::Read => ram.read(off, io.data),
         };
         Verdict::Done(if r.is_ok() { 0 } else { -libc::ENOSPC })
@@ -125,7 +125,7 @@ impl PerfServer {
         cfg: SrvConfig,
         stop: Arc<AtomicBool>,
     ) -> Result<PerfServer, String> {
-        let ram: Option<Arc<dyn Memory>> = match backend {
+        let ram: Option<Arc<mempool::Region>> = match backend {
             Backend::Null => None,
             Backend::Ram(n) => {
                 // A RAM disk exists before it serves: fault its pages in now.
