@@ -2,7 +2,6 @@
 //! and answers SESS_INFO, OPEN, CLOSE and IO as the kernel's rnbd-server does
 //! (wire spec §9.4-9.6).
 
-use crate::fabric::Memory;
 use crate::proto::rnbd::*;
 use crate::srv::{ConInfo, Handler, IoDir, SrvIo, Verdict};
 use std::collections::HashMap;
@@ -15,7 +14,7 @@ pub const MAX_OPEN: usize = 256;
 const SECTOR: u64 = 512;
 
 enum Store {
-    Ram(Arc<dyn Memory>),
+    Ram(mempool::Region),
     File(std::fs::File),
 }
 
@@ -78,7 +77,7 @@ impl Export {
         mem.prefault();
         Ok(Export {
             name: name.to_string(),
-            store: Store::Ram(Arc::new(mem)),
+            store: Store::Ram(mem),
             size,
             writers: AtomicU32::new(0),
         })
@@ -139,7 +138,8 @@ impl Export {
     fn write(&self, off: u64, data: &[u8]) -> Result<(), i32> {
         self.range(off, data.len())?;
         match &self.store {
-            Store::Ram(m) => m.write(off as usize, data).map_err(|_| -libc::EIO),
+            // Non-temporal stores: a RAM disk's writes land at cold places.
+            Store::Ram(m) => m.write_stream(off as usize, data).map_err(|_| -libc::EIO),
             Store::File(f) => f.write_all_at(data, off).map_err(|_| -libc::EIO),
         }
     }
