@@ -578,7 +578,8 @@ impl<F: Fabric> CltCore<F> {
         now: Instant,
         done: &mut dyn FnMut(Completion),
     ) -> bool {
-        let p = self.sess.paths[path].clone();
+        // Borrowed, not cloned: no locked increment per completion.
+        let p = &*self.sess.paths[path];
         if wc.status != WcStatus::Success {
             p.fail(format_args!(
                 "core {}: {:?} completion of {:?}",

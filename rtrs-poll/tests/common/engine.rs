@@ -246,15 +246,7 @@ impl<F: Fabric> TestClient<F> {
     }
 }
 
-/// Bytes that differ for every (seed, index).
+/// Bytes that differ for every (seed, index): the shared pattern, seed first.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    super::pattern(len, seed)
 }
