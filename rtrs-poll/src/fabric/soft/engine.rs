@@ -314,6 +314,110 @@ impl QpCore {
     }
 }
 
+/// What a software CQ needs of a backend's QP: whether it is gone, and to
+/// drive it and take its completions.
+pub(crate) trait PolledQp: Send + Sync + 'static {
+    /// The QP was destroyed: its CQ forgets it.
+    fn destroyed(&self) -> bool;
+    /// Drives the QP's transport, then moves up to `out.len()` of its send
+    /// and/or receive completions into `out`; returns how many.
+    fn progress_into(&self, send: bool, recv: bool, out: &mut [Wc]) -> usize;
+}
+
+struct CqEntry<Q> {
+    qp: std::sync::Arc<Q>,
+    send: bool,
+    recv: bool,
+}
+
+struct CqShared<Q> {
+    pending: std::sync::Mutex<Vec<CqEntry<Q>>>,
+    changed: std::sync::atomic::AtomicBool,
+}
+
+/// The completion queue of the software backends: the QPs attached to it,
+/// polled round-robin (polling drives their transports). QPs are attached
+/// from the slow path through a mutex-guarded pending list the core picks up
+/// when the `changed` flag says so: no lock on a poll otherwise.
+pub(crate) struct SoftCq<Q> {
+    id: u64,
+    shared: std::sync::Arc<CqShared<Q>>,
+    qps: Vec<CqEntry<Q>>,
+    next: usize,
+}
+
+impl<Q: PolledQp> SoftCq<Q> {
+    pub(crate) fn new(id: u64) -> SoftCq<Q> {
+        SoftCq {
+            id,
+            shared: std::sync::Arc::new(CqShared {
+                pending: std::sync::Mutex::new(Vec::new()),
+                changed: std::sync::atomic::AtomicBool::new(false),
+            }),
+            qps: Vec::new(),
+            next: 0,
+        }
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.qps.len()
+    }
+
+    /// Attaches `qp`'s send and/or receive completions.
+    pub(crate) fn attach(&self, qp: &std::sync::Arc<Q>, send: bool, recv: bool) {
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(CqEntry {
+                qp: qp.clone(),
+                send,
+                recv,
+            });
+        self.shared.changed.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn poll(&mut self, wcs: &mut [Wc]) -> usize {
+        if self.shared.changed.swap(false, Ordering::Acquire) {
+            let mut p = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.qps.append(&mut p);
+        }
+        let n_qps = self.qps.len();
+        if n_qps == 0 {
+            return 0;
+        }
+        let mut n = 0;
+        let mut dead = false;
+        for k in 0..n_qps {
+            let entry = &self.qps[(self.next + k) % n_qps];
+            if entry.qp.destroyed() {
+                dead = true;
+                continue;
+            }
+            n += entry
+                .qp
+                .progress_into(entry.send, entry.recv, &mut wcs[n..]);
+            if n == wcs.len() {
+                break;
+            }
+        }
+        self.next = (self.next + 1) % n_qps;
+        if dead {
+            self.qps.retain(|e| !e.qp.destroyed());
+            self.next = 0;
+        }
+        n
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ mod wire;
 
 pub use cm::ShmCm;
 
-use super::engine::{CoreCell, QpCore, SharedState};
+use super::engine::{CoreCell, PolledQp, QpCore, SharedState, SoftCq};
 use super::mr::MrTable;
 use super::{sg_copy, Mapping};
 use crate::fabric::{
@@ -306,12 +306,9 @@ impl Pd<ShmFabric> for ShmPd {
         if depth == 0 {
             return Err(FabricError::InvalidWr("CQ depth must be > 0"));
         }
-        Ok(ShmCq {
-            id: self.inner.fabric.next_cq.fetch_add(1, Ordering::Relaxed),
-            shared: Arc::new(CqShared::default()),
-            qps: Vec::new(),
-            next: 0,
-        })
+        Ok(ShmCq(SoftCq::new(
+            self.inner.fabric.next_cq.fetch_add(1, Ordering::Relaxed),
+        )))
     }
 
     fn create_qp(&self, send_cq: &ShmCq, recv_cq: &ShmCq, cap: QpCap) -> Result<ShmQp> {
@@ -340,10 +337,10 @@ impl Pd<ShmFabric> for ShmPd {
                 acked_seen: 0,
             }),
         });
-        let same = send_cq.id == recv_cq.id;
-        send_cq.attach(&shared, true, same);
+        let same = send_cq.0.id() == recv_cq.0.id();
+        send_cq.0.attach(&shared, true, same);
         if !same {
-            recv_cq.attach(&shared, false, true);
+            recv_cq.0.attach(&shared, false, true);
         }
         Ok(ShmQp { shared })
     }
@@ -907,83 +904,31 @@ impl Qp for ShmQp {
 // ---------------------------------------------------------------------------
 // Completion queues.
 
-struct CqEntry {
-    qp: Arc<QpShared>,
-    send: bool,
-    recv: bool,
-}
-
-#[derive(Default)]
-struct CqShared {
-    pending: Mutex<Vec<CqEntry>>,
-    changed: AtomicBool,
-}
-
-/// A completion queue of the shm fabric. Polling it drives its QPs.
-pub struct ShmCq {
-    id: u64,
-    shared: Arc<CqShared>,
-    qps: Vec<CqEntry>,
-    next: usize,
-}
-
-impl std::fmt::Debug for ShmCq {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ShmCq({}, {} qps)", self.id, self.qps.len())
+impl PolledQp for QpShared {
+    fn destroyed(&self) -> bool {
+        self.destroyed.load(Ordering::Acquire)
+    }
+    fn progress_into(&self, send: bool, recv: bool, out: &mut [Wc]) -> usize {
+        self.engine
+            .with("qp", |e| {
+                e.progress(self);
+                e.core.drain_wcs(send, recv, out)
+            })
+            .unwrap_or(0)
     }
 }
 
-impl ShmCq {
-    fn attach(&self, qp: &Arc<QpShared>, send: bool, recv: bool) {
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(CqEntry {
-                qp: qp.clone(),
-                send,
-                recv,
-            });
-        self.shared.changed.store(true, Ordering::Release);
+/// A completion queue of the shm fabric. Polling it drives its QPs.
+pub struct ShmCq(SoftCq<QpShared>);
+
+impl std::fmt::Debug for ShmCq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ShmCq({}, {} qps)", self.0.id(), self.0.len())
     }
 }
 
 impl Cq for ShmCq {
     fn poll(&mut self, wcs: &mut [Wc]) -> usize {
-        if self.shared.changed.swap(false, Ordering::Acquire) {
-            let mut p = self
-                .shared
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            self.qps.append(&mut p);
-        }
-        let n_qps = self.qps.len();
-        if n_qps == 0 {
-            return 0;
-        }
-        let mut n = 0;
-        let mut dead = false;
-        for k in 0..n_qps {
-            let entry = &self.qps[(self.next + k) % n_qps];
-            let qp = &*entry.qp;
-            if qp.destroyed.load(Ordering::Acquire) {
-                dead = true;
-                continue;
-            }
-            let _ = qp.engine.with("qp", |e| {
-                e.progress(qp);
-                n += e.core.drain_wcs(entry.send, entry.recv, &mut wcs[n..]);
-            });
-            if n == wcs.len() {
-                break;
-            }
-        }
-        self.next = (self.next + 1) % n_qps;
-        if dead {
-            self.qps.retain(|e| !e.qp.destroyed.load(Ordering::Acquire));
-            self.next = 0;
-        }
-        n
+        self.0.poll(wcs)
     }
 }
