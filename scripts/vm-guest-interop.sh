@@ -63,10 +63,13 @@ for ai in Y N; do
   fi
 done
 
-# --- 2. the kernel's rnbd-client -> our server (rtrs serve), both always_invalidate
+# --- 2. the kernel's rnbd-client -> our server (rtrs serve), both always_invalidate;
+#        a RAM export and a file export
 rmmod rnbd-server 2>/dev/null; rmmod rtrs-server 2>/dev/null
+rm -f /run/disk0.img; truncate -s 32M /run/disk0.img
 for ai in on off; do
-  "$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M --always-invalidate $ai > /run/serve.log 2>&1 &
+  "$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M \
+    --export disk0=file:/run/disk0.img --always-invalidate $ai > /run/serve.log 2>&1 &
   srv=$!
   serving /run/serve.log
   if dev=$(map "ours-$ai" ram0 1235); then
@@ -79,8 +82,25 @@ for ai in on off; do
   else
     bad "kernel client -> our server (always_invalidate=$ai): map_device"; cat /run/serve.log
   fi
+  if fdev=$(map "file-$ai" disk0 1235); then
+    # The size rnbd-server would report, fio's verify, and the bytes in the file itself.
+    sz=$(blockdev --getsize64 "$fdev")
+    head -c 65536 /dev/urandom > /run/pat
+    dd if=/run/pat of="$fdev" bs=4k seek=100 oflag=direct status=none
+    if [ "$sz" = 33554432 ] &&
+      cmp -s /run/pat <(dd if=/run/disk0.img bs=4k skip=100 count=16 status=none) &&
+      fio_on "$fdev" randrw 8 --verify=crc32c --do_verify=1 | tee /run/fio.log | grep -q "err= 0"; then
+      ok "kernel client -> our file export (always_invalidate=$ai): size $sz, data in the file, fio crc32c verified"
+    else
+      bad "kernel client -> our file export (always_invalidate=$ai): size $sz"; cat /run/fio.log
+    fi
+    unmap "$fdev"
+  else
+    bad "kernel client -> our file export (always_invalidate=$ai): map_device"; cat /run/serve.log
+  fi
   kill -INT $srv; wait $srv
 done
+rm -f /run/disk0.img /run/pat
 
 # --- 3. an idle session survives on heartbeats (> 30 s), and the kernel client
 #        reconnects after our server restarts

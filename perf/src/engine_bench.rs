@@ -13,6 +13,7 @@
 use crate::report::{histogram, LatNs};
 use hdrhistogram::Histogram;
 use minstant::Instant;
+use rtrs_poll::clt::ReadKeys;
 use rtrs_poll::clt::{Client, CltConfig, CltCore, Dir};
 use rtrs_poll::fabric::{Address, Fabric};
 use rtrs_poll::sess::mp_policy::MpPolicy;
@@ -231,6 +232,9 @@ pub struct ClientOpts {
     /// Multipath policy.
     #[serde(serialize_with = "ser_display")]
     pub mp_policy: MpPolicy,
+    /// How read buffers are keyed.
+    #[serde(serialize_with = "ser_display")]
+    pub read_keys: ReadKeys,
     /// Device size for offsets (random and wrapping sequential).
     pub size: u64,
     /// Print a progress line every second.
@@ -248,7 +252,7 @@ fn ser_addrs<S: serde::Serializer>(a: &[Address], s: S) -> Result<S::Ok, S::Erro
     s.collect_seq(a.iter().map(|x| x.to_string()))
 }
 
-fn ser_display<S: serde::Serializer>(p: &MpPolicy, s: S) -> Result<S::Ok, S::Error> {
+fn ser_display<S: serde::Serializer, T: std::fmt::Display>(p: &T, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&p.to_string())
 }
 
@@ -556,6 +560,7 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     let mut cfg = CltConfig::new("rtrs-perf", o.addrs.clone());
     cfg.cores = o.cores.len();
     cfg.mp_policy = o.mp_policy;
+    cfg.read_keys = o.read_keys;
     cfg.max_io_size = o.bs.max(1);
     cfg.connect_timeout = Duration::from_secs(10);
     let (mut clt, mut cores) = Client::open(fabric, cfg).map_err(|e| e.to_string())?;

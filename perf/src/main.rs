@@ -145,6 +145,10 @@ struct IoArgs {
     /// Path selection: round-robin, min-inflight or min-latency.
     #[arg(long, default_value = "min-inflight")]
     mp_policy: rtrs_poll::sess::mp_policy::MpPolicy,
+    /// Read buffer keys: session (keyed once) or per-io (re-keyed and
+    /// invalidated per read, as the kernel client).
+    #[arg(long, default_value = "session")]
+    read_keys: rtrs_poll::clt::ReadKeys,
     /// Device size the offsets cover.
     #[arg(long, default_value = "1G", value_parser = engine_bench::parse_size)]
     size: u64,
@@ -384,6 +388,7 @@ fn io_opts(
         cores: a.cores.0.clone(),
         runtime: a.runtime,
         mp_policy: a.mp_policy,
+        read_keys: a.read_keys,
         size: a.size,
         progress,
         always_invalidate: None,

@@ -34,7 +34,8 @@ impl common::conformance::Backend for Rdma {
         }
     }
     fn rekey_keeps_index() -> bool {
-        false
+        // A memory window keeps its index; a new registration does not.
+        rtrs_poll::fabric::rdma::memory_windows()
     }
     fn skip_reason() -> Option<String> {
         (!rtrs_poll::fabric::rdma::available()).then(|| "no RDMA device".to_string())

@@ -418,7 +418,12 @@ impl<F: Fabric> CltCore<F> {
             Dir::Write => chunk::emit_write_tail(&mut self.scratch, usr),
             Dir::Read => {
                 let desc = if req.len > 0 {
-                    let key = s.rd_mrs[buf_id as usize].rekey()?;
+                    let mr = &s.rd_mrs[buf_id as usize];
+                    let key = if s.per_io_keys {
+                        mr.rekey()?
+                    } else {
+                        mr.rkey()
+                    };
                     Some(SgDesc {
                         addr: s.rd_mrs[buf_id as usize].addr(),
                         key,
@@ -676,7 +681,7 @@ impl<F: Fabric> CltCore<F> {
         }
         req.active = false;
         let r = *req;
-        if r.dir == Dir::Read && r.len > 0 && !inval {
+        if r.dir == Dir::Read && r.len > 0 && !inval && self.sess.per_io_keys {
             // The server did not invalidate our buffer: do it locally.
             self.sess.rd_mrs[msg_id as usize].invalidate();
         }
@@ -759,7 +764,11 @@ impl<F: Fabric> CltCore<F> {
         }
         let s = &self.sess;
         let mr = &s.rd_mrs[buf_id as usize];
-        let key = mr.rekey()?;
+        let key = if s.per_io_keys {
+            mr.rekey()?
+        } else {
+            mr.rkey()
+        };
         let rd = RdmaReadRepr {
             usr_len: req.usr_len,
             need_inval: req.need_inval,

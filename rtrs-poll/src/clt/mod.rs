@@ -74,6 +74,47 @@ pub struct CltConfig {
     pub connect_timeout: Duration,
     /// Heartbeat interval (the kernel's: 5 s).
     pub hb_interval: Duration,
+    /// How read buffers are keyed.
+    pub read_keys: ReadKeys,
+}
+
+/// How the client exposes its read buffers (one per permit) to the server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReadKeys {
+    /// Keyed once, for the session: each permit's buffer keeps one rkey, as
+    /// userspace initiators do with memory registered once (SPDK's NVMe-oF
+    /// host). The buffers are this session's own and hold nothing but data
+    /// the server reads into them, so a read costs no re-key.
+    #[default]
+    Session,
+    /// A fresh key for every read, invalidated before the read completes
+    /// (by the server's SEND_WITH_INV where the fabric allows, else
+    /// locally): the kernel client's fast registration per IO, so a server
+    /// can write a buffer only while the read it was given is in flight.
+    /// Costs a re-key and an invalidation per read.
+    PerIo,
+}
+
+impl std::fmt::Display for ReadKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReadKeys::Session => "session",
+            ReadKeys::PerIo => "per-io",
+        })
+    }
+}
+
+impl std::str::FromStr for ReadKeys {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ReadKeys, String> {
+        match s {
+            "session" => Ok(ReadKeys::Session),
+            "per-io" => Ok(ReadKeys::PerIo),
+            _ => Err(format!(
+                "unknown read-keys {s:?} (expected session or per-io)"
+            )),
+        }
+    }
 }
 
 impl CltConfig {
@@ -89,6 +130,7 @@ impl CltConfig {
             reconnect: ReconnectPolicy::default(),
             connect_timeout: Duration::from_secs(30),
             hb_interval: crate::sess::hb::HB_INTERVAL,
+            read_keys: ReadKeys::default(),
         }
     }
 }
@@ -156,6 +198,8 @@ pub(crate) struct CltSess<F: Fabric> {
     /// Ask the server to invalidate read buffers (NEED_INVAL): only where
     /// the fabric lets a peer invalidate our keys.
     pub(crate) need_inval: bool,
+    /// [`ReadKeys::PerIo`]: re-key each read buffer per read.
+    pub(crate) per_io_keys: bool,
 }
 
 impl<F: Fabric> CltSess<F> {
@@ -298,7 +342,7 @@ impl<F: Fabric> Client<F> {
             return Err(CltError::Config("no path"));
         };
         let mut sess = make_sess::<F>(&pd, &cfg, geo)?;
-        sess.need_inval = fabric.remote_invalidate();
+        sess.need_inval = sess.per_io_keys && fabric.remote_invalidate();
         let sess = Arc::new(sess);
         let mut to_cores = Vec::new();
         let mut cores = Vec::new();
@@ -812,8 +856,12 @@ fn make_sess<F: Fabric>(
             )
         })
         .collect::<crate::fabric::Result<Vec<_>>>()?;
-    for mr in &rd_mrs {
-        mr.invalidate();
+    let per_io_keys = cfg.read_keys == ReadKeys::PerIo;
+    if per_io_keys {
+        // Keyed per read: no key is valid until a read is submitted.
+        for mr in &rd_mrs {
+            mr.invalidate();
+        }
     }
     let paths = cfg
         .paths
@@ -832,6 +880,7 @@ fn make_sess<F: Fabric>(
         permits: Permits::new(qd, cfg.cores as u32),
         paths,
         policy: AtomicU8::new(cfg.mp_policy.code()),
-        need_inval: true,
+        need_inval: per_io_keys,
+        per_io_keys,
     })
 }

@@ -255,6 +255,14 @@ pub trait Mr: Send + Sync {
     fn rekey(&self) -> Result<u32>;
     /// Invalidates the current rkey without making a new one valid.
     fn invalidate(&self);
+    /// A re-key to post with [`SendWr::rekey`] on a connected QP, in order
+    /// with the requests after it (one doorbell: the kernel chains REG_MR
+    /// before the response that hands the key out). The key in the result
+    /// becomes valid, and the old one dies, when the request executes.
+    /// Backends that re-key in software do it here, at once.
+    fn rekey_wr(&self) -> Result<RekeyWr<'_>> {
+        Ok(RekeyWr::done(self.rekey()?))
+    }
     /// A local sg entry for `len` bytes at `offset` into the region.
     fn sge(&self, offset: usize, len: u32) -> Sge {
         Sge {

@@ -83,6 +83,43 @@ pub enum Opcode {
     RdmaRead,
     /// Invalidates the local rkey `invalidate_rkey`.
     LocalInv,
+    /// Re-keys a local MR in order with the requests around it (the
+    /// kernel's REG_MR with `ib_inc_rkey`); made by [`SendWr::rekey`].
+    Rekey,
+}
+
+/// A re-key to post as a work request, from
+/// [`Mr::rekey_wr`](super::Mr::rekey_wr): `rkey` is the MR's key once the
+/// request has executed. It borrows the MR, so it cannot outlive it.
+#[derive(Clone, Copy, Debug)]
+pub struct RekeyWr<'a> {
+    /// The new key.
+    pub rkey: u32,
+    /// The backend's handle of the MR's keys; 0: done already, by
+    /// `rekey_wr` itself (the request is then a no-op).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) handle: usize,
+    _mr: std::marker::PhantomData<&'a ()>,
+}
+
+impl<'a> RekeyWr<'a> {
+    /// A re-key that `rekey_wr` did at once.
+    pub fn done(rkey: u32) -> RekeyWr<'a> {
+        RekeyWr {
+            rkey,
+            handle: 0,
+            _mr: std::marker::PhantomData,
+        }
+    }
+    /// A re-key the backend does when the request executes.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn pending(rkey: u32, handle: usize) -> RekeyWr<'a> {
+        RekeyWr {
+            rkey,
+            handle,
+            _mr: std::marker::PhantomData,
+        }
+    }
 }
 
 /// A send work request (`ibv_send_wr`), borrowed for the duration of the post.
@@ -106,6 +143,8 @@ pub struct SendWr<'a> {
     pub remote_addr: u64,
     /// Remote key for RDMA operations.
     pub rkey: u32,
+    /// What a `Rekey` request re-keys.
+    pub rekey: Option<RekeyWr<'a>>,
 }
 
 impl<'a> SendWr<'a> {
@@ -120,6 +159,7 @@ impl<'a> SendWr<'a> {
             invalidate_rkey: 0,
             remote_addr: 0,
             rkey: 0,
+            rekey: None,
         }
     }
     /// A plain SEND.
@@ -176,6 +216,14 @@ impl<'a> SendWr<'a> {
         SendWr {
             invalidate_rkey: rkey,
             ..Self::base(wr_id, Opcode::LocalInv, &[])
+        }
+    }
+    /// A re-key of a local MR, executed in order with the other requests of
+    /// the QP (a response that hands the new key out goes after it).
+    pub fn rekey(wr_id: u64, r: RekeyWr<'a>) -> Self {
+        SendWr {
+            rekey: Some(r),
+            ..Self::base(wr_id, Opcode::Rekey, &[])
         }
     }
     /// Builder: post unsignaled (no completion on success).
@@ -264,6 +312,8 @@ pub enum WcOpcode {
     RdmaRead,
     /// A LOCAL_INV of ours.
     LocalInv,
+    /// A re-key of ours.
+    Rekey,
     /// A receive consumed by a peer's SEND (see the flags for imm / inv).
     Recv,
     /// A receive consumed by a peer's RDMA_WRITE_WITH_IMM.

@@ -385,8 +385,20 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         let imm = io_rsp(buf_id, errno, inv_key.is_some()).map_err(RespondError::Proto)?;
         let data_sge;
         let slot_sge;
-        let mut wrs: [SendWr<'_>; 3] = [SendWr::local_inv(0, 0); 3];
+        let mut wrs: [SendWr<'_>; 4] = [SendWr::local_inv(0, 0); 4];
         let mut n = 0;
+        // With always_invalidate the chunk gets its new key first, in the
+        // same chain as the RKEY_RSP that hands it out (the kernel's REG_MR).
+        let rekey = if path.always_invalidate {
+            let r = path.mrs[buf_id as usize]
+                .rekey_wr()
+                .map_err(RespondError::Rekey)?;
+            wrs[n] = SendWr::rekey(WR_DATA, r).unsignaled();
+            n += 1;
+            Some(r.rkey)
+        } else {
+            None
+        };
         if let (0, Some((d, _))) = (errno, read) {
             data_sge = [path.data_sge(buf_id, d.len)];
             wrs[n] = SendWr::write(WR_DATA, &data_sge, d.addr, d.key).unsignaled();
@@ -396,10 +408,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             wrs[n] = SendWr::send_with_inv(WR_DATA, &[], key).unsignaled();
             n += 1;
         }
-        let last = if path.always_invalidate {
-            let rkey = path.mrs[buf_id as usize]
-                .rekey()
-                .map_err(RespondError::Rekey)?;
+        let last = if let Some(rkey) = rekey {
             let at = buf_id as usize * 8;
             let mut msg = [0u8; 8];
             let _ = RkeyRspRepr {

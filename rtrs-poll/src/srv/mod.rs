@@ -508,11 +508,11 @@ impl<F: Fabric, H: Handler> Server<F, H> {
                 con::INFO_REQ_LEN + info_rsp.max(8 * qd as usize),
             )
         } else {
-            let send = if self.cfg.always_invalidate {
-                qd * 5 + 1
-            } else {
-                qd * 3 + 1
-            };
+            // Per response at most: re-key, data write, SEND_WITH_INV and
+            // the response; responses are signaled every queue depth, so
+            // up to two queue depths of them sit in the queue unreaped.
+            let per_io = if self.cfg.always_invalidate { 4 } else { 3 };
+            let send = qd * per_io * 2 + 1;
             (send, qd + 1, 8 * qd as usize)
         };
         let cq = self.pd.create_cq(send + recv)?;

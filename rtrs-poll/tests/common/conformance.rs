@@ -505,6 +505,47 @@ pub fn rekey_and_local_invalidate<B: Backend>() {
     expect_access_error(&mut p, wr);
 }
 
+/// A re-key posted as a work request (after an invalidation, as a server
+/// with always_invalidate does): the new key works once it completed, the
+/// old one never again.
+pub fn rekey_as_work_request<B: Backend>() {
+    let mut p = Pair::<B::F>::connect::<B>();
+    let old = p.b.mr.rkey();
+    p.b.mr.invalidate();
+    assert_eq!(p.b.mr.rkey(), 0);
+    let key = {
+        let r = p.b.mr.rekey_wr().unwrap();
+        p.b.qp.post_send(&SendWr::rekey(7, r)).unwrap();
+        r.rkey
+    };
+    assert_ne!(key, old);
+    assert_ne!(key, 0);
+    let (_, b) = p.wait(0, 1);
+    ok(&b[0], 7, WcOpcode::Rekey);
+    assert_eq!(p.b.mr.rkey(), key);
+    let sge = [p.a.sge(0, 8)];
+    p.a.qp
+        .post_send(&SendWr::write(1, &sge, p.b.mem.addr(0), key))
+        .unwrap();
+    let (a, _) = p.wait(1, 0);
+    ok(&a[0], 1, WcOpcode::RdmaWrite);
+    // Once more, unsignaled, chained before a send: the key moves on.
+    p.a.post_recv(4, 0, 64);
+    let key2 = {
+        let r = p.b.mr.rekey_wr().unwrap();
+        let chain = [SendWr::rekey(8, r).unsignaled(), SendWr::send(9, &[])];
+        p.b.qp.post_send_batch(&chain).unwrap();
+        r.rkey
+    };
+    assert_ne!(key2, key);
+    let (a, b) = p.wait(1, 1);
+    ok(&b[0], 9, WcOpcode::Send);
+    ok(&a[0], 4, WcOpcode::Recv);
+    assert_eq!(p.b.mr.rkey(), key2);
+    let wr = SendWr::write(2, &sge, p.b.mem.addr(0), old);
+    expect_access_error(&mut p, wr);
+}
+
 pub fn old_rkey_fails_after_rekey<B: Backend>() {
     let mut p = Pair::<B::F>::connect::<B>();
     let old = p.b.mr.rkey();
@@ -1110,6 +1151,13 @@ macro_rules! conformance_tests {
                     return;
                 }
                 c::old_rkey_fails_after_rekey::<$backend>();
+            }
+            #[test]
+            fn rekey_as_work_request() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
+                c::rekey_as_work_request::<$backend>();
             }
             #[test]
             fn send_with_invalidate() {

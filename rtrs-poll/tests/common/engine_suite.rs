@@ -8,7 +8,7 @@
 use super::conformance::Backend;
 use super::engine::*;
 use minstant::Instant;
-use rtrs_poll::clt::{CltConfig, LinkState};
+use rtrs_poll::clt::{CltConfig, LinkState, ReadKeys};
 use rtrs_poll::fabric::{
     memory, Access, Address, Cm, CmEvent, Cq, Fabric, Mr, Pd, Qp, QpCap, RecvWr, SendWr, Wc,
     WcStatus,
@@ -28,7 +28,9 @@ pub fn cfg(always_invalidate: bool) -> SrvConfig {
     }
 }
 
-pub fn write_read_all_sizes<B: Backend>(always_invalidate: bool) {
+/// Data of every size through writes and reads, checked on both sides;
+/// `read_keys` says how the client keys its read buffers.
+pub fn write_read_all_sizes<B: Backend>(always_invalidate: bool, read_keys: ReadKeys) {
     let a = B::addr();
     let srv = TestServer::start(
         B::fabric(),
@@ -36,7 +38,10 @@ pub fn write_read_all_sizes<B: Backend>(always_invalidate: bool) {
         cfg(always_invalidate),
         1 << 20,
     );
-    let mut c = TestClient::open(&B::fabric(), vec![a], "clt-sizes");
+    let mut cc = CltConfig::new("clt-sizes", vec![a]);
+    cc.connect_timeout = Duration::from_secs(10);
+    cc.read_keys = read_keys;
+    let mut c = TestClient::open_with(&B::fabric(), cc);
     assert_eq!(c.clt.always_invalidate(), always_invalidate);
     let max = c.core.max_io_size() as usize;
     assert_eq!(max, (64 << 10) - 4096);
@@ -972,18 +977,18 @@ macro_rules! engine_tests {
             use $crate::common::engine_suite as e;
 
             #[test]
-            fn write_read_verified_always_invalidate() {
+            fn write_read_verified_always_invalidate_keys_per_io() {
                 if $crate::common::conformance::skip::<$backend>() {
                     return;
                 }
-                e::write_read_all_sizes::<$backend>(true);
+                e::write_read_all_sizes::<$backend>(true, rtrs_poll::clt::ReadKeys::PerIo);
             }
             #[test]
-            fn write_read_verified_without_invalidate() {
+            fn write_read_verified_without_invalidate_keys_per_session() {
                 if $crate::common::conformance::skip::<$backend>() {
                     return;
                 }
-                e::write_read_all_sizes::<$backend>(false);
+                e::write_read_all_sizes::<$backend>(false, rtrs_poll::clt::ReadKeys::Session);
             }
             #[test]
             fn handler_errno_reaches_the_client() {

@@ -11,28 +11,31 @@
 //!   to 7, the RNR retry count to [`QpCap::rnr_retry`] and the RNR timer to
 //!   0.64 ms), answers `CONNECT_RESPONSE` with `rdma_establish`, and moves the
 //!   QP to the error state on `DISCONNECTED` so its work requests flush.
-//! * Memory: see [`RdmaMr`]. Userspace verbs cannot post fast registrations, so
-//!   a re-key is a registration (a syscall): each MR is two registrations, one
-//!   local (its lkey never changes) and one remote (its rkey is what peers
-//!   use); [`Mr::rekey`] registers a new remote MR and deregisters the old one,
-//!   [`Mr::invalidate`] and `LOCAL_INV` deregister it.
+//! * Memory: see [`RdmaMr`] and `keys`. Userspace verbs cannot post fast
+//!   registrations, so an MR is one local registration (its lkey never
+//!   changes, it has no remote rights) plus a type-1 memory window bound over
+//!   it, whose rkey is what peers use: [`Mr::rekey`] binds the window again
+//!   (a new key byte, the same index), [`Mr::invalidate`] and `LOCAL_INV`
+//!   unbind it. Devices without windows re-key by registering again.
 //! * Private data: over IB/RoCE with `RDMA_PS_TCP` the passive side always gets
 //!   56 bytes of REQ private data, whatever length was sent, so every CM
 //!   message carries a 56-byte block whose last byte tags a shorter payload
 //!   with its length (see [`encode_pdata`]).
 
 mod cm;
+mod keys;
 
 pub use cm::RdmaCm;
 
 use super::{
-    Access, Fabric, FabricError, Memory, Mr, Opcode, Pd, Qp, QpCap, QpState, RecvWr, Result,
-    SendWr, Wc, WcOpcode, WcStatus, MAX_PRIVATE_DATA,
+    Access, Fabric, FabricError, Memory, Mr, Opcode, Pd, Qp, QpCap, QpState, RecvWr, RekeyWr,
+    Result, SendWr, Wc, WcOpcode, WcStatus, MAX_PRIVATE_DATA,
 };
+use keys::{invalidate_rkey, Keys};
 use rdma_sys as ib;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The process-wide device context (librdmacm's, so cm_ids resolve to it).
 struct Device {
@@ -71,6 +74,15 @@ fn device() -> Option<&'static Device> {
 /// Whether this host has an RDMA device librdmacm can use.
 pub fn available() -> bool {
     device().is_some()
+}
+
+/// Whether the device re-keys with memory windows (else by registering
+/// again, which changes a key's index).
+pub fn memory_windows() -> bool {
+    let Ok(f) = RdmaFabric::new() else {
+        return false;
+    };
+    f.alloc_pd().is_ok_and(|pd| keys::windows(pd.inner.pd))
 }
 
 /// The verbs fabric.
@@ -122,7 +134,10 @@ impl Fabric for RdmaFabric {
             return Err(FabricError::last_os("ibv_alloc_pd"));
         }
         Ok(RdmaPd {
-            inner: Arc::new(PdInner { pd }),
+            inner: Arc::new(PdInner {
+                pd,
+                binders: keys::Binders::new(),
+            }),
         })
     }
 
@@ -134,6 +149,8 @@ impl Fabric for RdmaFabric {
 
 struct PdInner {
     pd: *mut ib::ibv_pd,
+    /// QPs of this PD that bind memory windows (see `keys`).
+    binders: keys::Binders,
 }
 
 // SAFETY: a PD handle may be used from any thread (verbs calls on it are
@@ -144,6 +161,7 @@ unsafe impl Sync for PdInner {}
 
 impl Drop for PdInner {
     fn drop(&mut self) {
+        self.binders.clear();
         // SAFETY: every MR, QP and CQ holds an Arc to us, so none is left.
         unsafe { ib::ibv_dealloc_pd(self.pd) };
     }
@@ -175,10 +193,14 @@ fn ibv_access(a: Access) -> i32 {
     f as i32
 }
 
-impl RdmaPd {
-    fn reg(&self, addr: *mut u8, len: usize, access: i32) -> Result<*mut ib::ibv_mr> {
-        // SAFETY: addr..addr+len lies in a Memory the MR keeps alive; the PD is live.
-        let mr = unsafe { ib::ibv_reg_mr(self.inner.pd, addr.cast::<c_void>(), len, access) };
+impl PdInner {
+    /// Registers `len` bytes at `addr`.
+    ///
+    /// # Safety
+    /// The range must stay mapped until the registration is dropped.
+    unsafe fn register(&self, addr: *mut u8, len: usize, access: i32) -> Result<*mut ib::ibv_mr> {
+        // SAFETY: the range is mapped (the caller's contract); the PD is live.
+        let mr = unsafe { ib::ibv_reg_mr(self.pd, addr.cast::<c_void>(), len, access) };
         if mr.is_null() {
             return Err(FabricError::last_os("ibv_reg_mr"));
         }
@@ -204,36 +226,25 @@ impl Pd<RdmaFabric> for RdmaPd {
         }
         // SAFETY: offset + len <= mem.len(), checked above.
         let addr = unsafe { mem.as_ptr().add(offset) };
-        let local_access =
-            ibv_access(access) | ib::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 as i32;
-        let local = self.reg(addr, len, local_access)?;
-        let remote_access =
-            access.contains(Access::REMOTE_READ) || access.contains(Access::REMOTE_WRITE);
-        let keys = Arc::new(MrKeys {
-            pd: self.clone(),
-            addr,
-            len,
-            access: local_access,
-            remote: Mutex::new(RemoteMr {
-                mr: std::ptr::null_mut(),
-            }),
-            rkey: std::sync::atomic::AtomicU32::new(0),
-        });
-        if remote_access {
-            let r = match self.reg(addr, len, local_access) {
-                Ok(r) => r,
+        let pd = &self.inner;
+        // SAFETY: the range lies in `mem`, which the MR keeps alive.
+        let local = unsafe { pd.register(addr, len, keys::local_access(pd.pd)) }?;
+        let remote = ibv_access(access)
+            & (ib::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
+                | ib::ibv_access_flags::IBV_ACCESS_REMOTE_READ.0) as i32;
+        let keys = if remote != 0 {
+            let dev = dev()?;
+            match Keys::new(pd.clone(), dev.ctx, local, addr, len, remote) {
+                Ok(k) => Some(k),
                 Err(e) => {
                     // SAFETY: `local` was registered above and is not used elsewhere.
                     unsafe { ib::ibv_dereg_mr(local) };
                     return Err(e);
                 }
-            };
-            keys.install(r);
+            }
         } else {
-            // SAFETY: `local` is a valid MR.
-            let rkey = unsafe { (*local).rkey };
-            keys.rkey.store(rkey, std::sync::atomic::Ordering::Release);
-        }
+            None
+        };
         Ok(RdmaMr {
             _mem: mem,
             addr: addr as u64,
@@ -262,6 +273,7 @@ impl Pd<RdmaFabric> for RdmaPd {
             inner: Arc::new(CqInner {
                 cq,
                 soft: Mutex::new(VecDeque::new()),
+                soft_pending: std::sync::atomic::AtomicBool::new(false),
                 _pd: self.inner.clone(),
             }),
             buf: Vec::new(),
@@ -336,85 +348,18 @@ impl Pd<RdmaFabric> for RdmaPd {
 // ---------------------------------------------------------------------------
 // Memory regions
 
-struct RemoteMr {
-    mr: *mut ib::ibv_mr,
-}
-
-/// The remote half of an MR: the registration whose rkey peers use.
-struct MrKeys {
-    pd: RdmaPd,
-    addr: *mut u8,
-    len: usize,
-    access: i32,
-    remote: Mutex<RemoteMr>,
-    rkey: std::sync::atomic::AtomicU32,
-}
-
-// SAFETY: the raw pointers are a registered address range (kept alive by the
-// owning RdmaMr's Arc<dyn Memory>) and an ibv_mr guarded by the mutex.
-unsafe impl Send for MrKeys {}
-// SAFETY: as above; all mutation goes through the mutex or the atomic.
-unsafe impl Sync for MrKeys {}
-
-/// rkey -> the MR that owns it, so that LOCAL_INV and a peer's SEND_WITH_INV
-/// can find the registration to drop.
-fn registry() -> &'static Mutex<HashMap<u32, Weak<MrKeys>>> {
-    static R: OnceLock<Mutex<HashMap<u32, Weak<MrKeys>>>> = OnceLock::new();
-    R.get_or_init(|| Mutex::new(HashMap::new()))
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl MrKeys {
-    /// Makes `mr` the remote registration (the previous one must be gone).
-    fn install(self: &Arc<Self>, mr: *mut ib::ibv_mr) {
-        // SAFETY: mr is a valid MR just registered.
-        let rkey = unsafe { (*mr).rkey };
-        lock(&self.remote).mr = mr;
-        self.rkey.store(rkey, std::sync::atomic::Ordering::Release);
-        lock(registry()).insert(rkey, Arc::downgrade(self));
-    }
-
-    /// Deregisters the remote registration (if any), returning whether there was one.
-    fn drop_remote(&self, r: &mut RemoteMr) -> bool {
-        if r.mr.is_null() {
-            return false;
-        }
-        // SAFETY: r.mr is a valid MR we own; nothing else references it.
-        let rkey = unsafe { (*r.mr).rkey };
-        // SAFETY: as above; after this call the rkey is invalid in the device.
-        unsafe { ib::ibv_dereg_mr(r.mr) };
-        r.mr = std::ptr::null_mut();
-        self.rkey.store(0, std::sync::atomic::Ordering::Release);
-        lock(registry()).remove(&rkey);
-        true
-    }
-
-    fn invalidate_key(&self, rkey: u32) -> bool {
-        let mut r = lock(&self.remote);
-        if self.rkey.load(std::sync::atomic::Ordering::Acquire) != rkey {
-            return false;
-        }
-        self.drop_remote(&mut r)
-    }
-}
-
-/// Invalidates `rkey` wherever it lives in this process (LOCAL_INV, or a
-/// peer's SEND_WITH_INV seen in a completion). Returns whether it was ours.
-fn invalidate_rkey(rkey: u32) -> bool {
-    let owner = lock(registry()).get(&rkey).and_then(Weak::upgrade);
-    owner.is_some_and(|k| k.invalidate_key(rkey))
-}
-
-/// A memory region: a local registration (lkey) plus a remote one (rkey).
+/// A memory region: a local registration (lkey) plus, with remote access,
+/// the keys peers use (a memory window over it; see `keys`).
 pub struct RdmaMr {
     _mem: Arc<dyn Memory>,
     addr: u64,
     len: usize,
     local: *mut ib::ibv_mr,
-    keys: Arc<MrKeys>,
+    keys: Option<Arc<Keys>>,
 }
 
 // SAFETY: `local` is an ibv_mr only deregistered on drop; the rest is Sync.
@@ -435,9 +380,10 @@ impl std::fmt::Debug for RdmaMr {
 
 impl Drop for RdmaMr {
     fn drop(&mut self) {
-        let mut r = lock(&self.keys.remote);
-        self.keys.drop_remote(&mut r);
-        drop(r);
+        // Windows first: a registration with a window bound cannot go.
+        if let Some(k) = &self.keys {
+            k.release();
+        }
         // SAFETY: `local` is our registration, used by nobody after this.
         unsafe { ib::ibv_dereg_mr(self.local) };
     }
@@ -455,20 +401,31 @@ impl Mr for RdmaMr {
         unsafe { (*self.local).lkey }
     }
     fn rkey(&self) -> u32 {
-        self.keys.rkey.load(std::sync::atomic::Ordering::Acquire)
+        self.keys.as_ref().map_or(0, |k| k.rkey())
     }
     fn rekey(&self) -> Result<u32> {
-        let k = &self.keys;
-        let mut r = lock(&k.remote);
-        k.drop_remote(&mut r);
-        drop(r);
-        let new = k.pd.reg(k.addr, k.len, k.access)?;
-        k.install(new);
-        Ok(self.rkey())
+        match &self.keys {
+            Some(k) => k.rekey(),
+            None => Err(FabricError::BadMemory(
+                "re-key of an MR without remote access",
+            )),
+        }
     }
     fn invalidate(&self) {
-        let mut r = lock(&self.keys.remote);
-        self.keys.drop_remote(&mut r);
+        if let Some(k) = &self.keys {
+            k.invalidate();
+        }
+    }
+    fn rekey_wr(&self) -> Result<RekeyWr<'_>> {
+        let Some(k) = &self.keys else {
+            return Err(FabricError::BadMemory(
+                "re-key of an MR without remote access",
+            ));
+        };
+        Ok(match k.next_window_key() {
+            Some(rkey) => RekeyWr::pending(rkey, Arc::as_ptr(k) as usize),
+            None => RekeyWr::done(k.rekey()?),
+        })
     }
 }
 
@@ -479,6 +436,8 @@ struct CqInner {
     cq: *mut ib::ibv_cq,
     /// Completions the backend makes itself (LOCAL_INV, posts on a QP in error).
     soft: Mutex<VecDeque<Wc>>,
+    /// Whether `soft` may hold completions (so a poll takes no lock otherwise).
+    soft_pending: std::sync::atomic::AtomicBool,
     _pd: Arc<PdInner>,
 }
 
@@ -486,6 +445,16 @@ struct CqInner {
 unsafe impl Send for CqInner {}
 // SAFETY: as above.
 unsafe impl Sync for CqInner {}
+
+impl CqInner {
+    /// Adds completions made in software.
+    fn push_soft(&self, wcs: impl IntoIterator<Item = Wc>) {
+        let mut soft = lock(&self.soft);
+        soft.extend(wcs);
+        self.soft_pending
+            .store(!soft.is_empty(), std::sync::atomic::Ordering::Release);
+    }
+}
 
 impl Drop for CqInner {
     fn drop(&mut self) {
@@ -530,6 +499,7 @@ fn wc_opcode(o: u32) -> WcOpcode {
         o_::IBV_WC_RDMA_WRITE => WcOpcode::RdmaWrite,
         o_::IBV_WC_RDMA_READ => WcOpcode::RdmaRead,
         o_::IBV_WC_LOCAL_INV => WcOpcode::LocalInv,
+        o_::IBV_WC_BIND_MW => WcOpcode::Rekey,
         o_::IBV_WC_RECV_RDMA_WITH_IMM => WcOpcode::RecvRdmaWithImm,
         _ => WcOpcode::Recv,
     }
@@ -538,6 +508,10 @@ fn wc_opcode(o: u32) -> WcOpcode {
 impl super::Cq for RdmaCq {
     fn poll(&mut self, wcs: &mut [Wc]) -> usize {
         let mut n = 0;
+        if self
+            .inner
+            .soft_pending
+            .load(std::sync::atomic::Ordering::Acquire)
         {
             let mut soft = lock(&self.inner.soft);
             while n < wcs.len() {
@@ -545,6 +519,9 @@ impl super::Cq for RdmaCq {
                 wcs[n] = w;
                 n += 1;
             }
+            self.inner
+                .soft_pending
+                .store(!soft.is_empty(), std::sync::atomic::Ordering::Release);
         }
         let want = wcs.len() - n;
         if want == 0 {
@@ -699,6 +676,20 @@ impl RdmaQp {
         &self.inner
     }
 
+    /// Whether `wr` is done in software by `post_chain`.
+    fn in_software(wr: &SendWr<'_>) -> bool {
+        wr.opcode == Opcode::LocalInv || wr.rekey.is_some_and(|r| r.handle == 0)
+    }
+
+    /// The keys a pending re-key request binds.
+    fn rekey_keys<'a>(wr: &SendWr<'a>) -> Option<(&'a Keys, u32)> {
+        let r = wr.rekey.filter(|r| r.handle != 0)?;
+        // SAFETY: `handle` is the address of the Keys of an RdmaMr that
+        // `r` borrows (RekeyWr::pending, made by RdmaMr::rekey_wr), so they
+        // live at least as long as the request.
+        Some((unsafe { &*(r.handle as *const Keys) }, r.rkey))
+    }
+
     fn send_opcode(op: Opcode) -> u32 {
         use ib::ibv_wr_opcode as w;
         match op {
@@ -709,6 +700,7 @@ impl RdmaQp {
             Opcode::RdmaWriteWithImm => w::IBV_WR_RDMA_WRITE_WITH_IMM,
             Opcode::RdmaRead => w::IBV_WR_RDMA_READ,
             Opcode::LocalInv => w::IBV_WR_LOCAL_INV,
+            Opcode::Rekey => w::IBV_WR_BIND_MW,
         }
     }
 
@@ -718,6 +710,7 @@ impl RdmaQp {
             Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => WcOpcode::RdmaWrite,
             Opcode::RdmaRead => WcOpcode::RdmaRead,
             Opcode::LocalInv => WcOpcode::LocalInv,
+            Opcode::Rekey => WcOpcode::Rekey,
         }
     }
 
@@ -747,23 +740,23 @@ impl RdmaQp {
 
     /// Posts `wrs` (already checked) as one chain.
     fn post_chain(&mut self, wrs: &[SendWr<'_>]) -> Result<()> {
-        // LOCAL_INV of a key of ours: the registration is dropped here (a
-        // syscall); the device never sees the request. Its completion is
-        // made in software, in order with the rest only for the caller's
-        // own bookkeeping (it has no effect on the wire).
+        // Done in software, with a completion made here (in order with the
+        // rest only for the caller's bookkeeping; nothing goes on the wire):
+        // LOCAL_INV of a key of ours (its window is unbound through a
+        // binder, see `keys`), and a re-key `rekey_wr` did at once.
         self.sges.clear();
         self.wrs.clear();
         let mut local_done = Vec::new();
         for wr in wrs {
-            if wr.opcode == Opcode::LocalInv {
-                invalidate_rkey(wr.invalidate_rkey);
+            if Self::in_software(wr) {
+                let op = if wr.opcode == Opcode::LocalInv {
+                    invalidate_rkey(wr.invalidate_rkey);
+                    WcOpcode::LocalInv
+                } else {
+                    WcOpcode::Rekey
+                };
                 if wr.signaled {
-                    local_done.push(Wc::new(
-                        wr.wr_id,
-                        WcStatus::Success,
-                        WcOpcode::LocalInv,
-                        self.inner.qp_num,
-                    ));
+                    local_done.push(Wc::new(wr.wr_id, WcStatus::Success, op, self.inner.qp_num));
                 }
                 continue;
             }
@@ -777,7 +770,7 @@ impl RdmaQp {
         }
         let mut at = 0;
         for wr in wrs {
-            if wr.opcode == Opcode::LocalInv {
+            if Self::in_software(wr) {
                 continue;
             }
             let mut flags = 0u32;
@@ -813,6 +806,9 @@ impl RdmaQp {
                 remote_addr: wr.remote_addr,
                 rkey: wr.rkey,
             };
+            if let Some((keys, rkey)) = Self::rekey_keys(wr) {
+                keys.bind_wr(&mut w, rkey)?;
+            }
             // sg_list pointers are filled below, once `sges` stops growing.
             w.sg_list = at as *mut ib::ibv_sge;
             at += n;
@@ -842,29 +838,35 @@ impl RdmaQp {
             // SAFETY: the chain and its sg lists live in self.wrs/self.sges
             // for the call; the QP is live.
             let rc = unsafe { ib::ibv_post_send(self.inner.qp, wrs_ptr, &mut bad) };
+            // The binds that were posted (all, or those before `bad`) hold
+            // their new keys from here on.
+            let posted = if rc == 0 {
+                count
+            } else if bad.is_null() {
+                0
+            } else {
+                // SAFETY: `bad` points into self.wrs.
+                unsafe { bad.offset_from(wrs_ptr) as usize }
+            };
+            let hw = wrs.iter().filter(|w| !Self::in_software(w));
+            for (keys, rkey) in hw.take(posted).filter_map(Self::rekey_keys) {
+                keys.bound(rkey);
+            }
             if rc != 0 {
                 // A QP in the error state refuses posts (EINVAL on rxe):
                 // complete the refused requests with a flush, as hardware
                 // that accepts the post would.
-                let first_bad = if bad.is_null() {
-                    0
-                } else {
-                    // SAFETY: `bad` points into self.wrs.
-                    unsafe { bad.offset_from(wrs_ptr) as usize }
-                };
                 if self.inner.query_state() == ib::ibv_qp_state::IBV_QPS_ERR {
-                    let mut soft = lock(&self.send_soft.soft);
-                    let posted = wrs.iter().filter(|w| w.opcode != Opcode::LocalInv);
-                    for (k, wr) in posted.enumerate() {
-                        if k >= first_bad {
-                            soft.push_back(Wc::new(
-                                wr.wr_id,
-                                WcStatus::WrFlushErr,
-                                Self::wc_opcode_of(wr.opcode),
-                                self.inner.qp_num,
-                            ));
-                        }
-                    }
+                    let qp_num = self.inner.qp_num;
+                    let hw = wrs.iter().filter(|w| !Self::in_software(w));
+                    self.send_soft.push_soft(hw.skip(posted).map(|wr| {
+                        Wc::new(
+                            wr.wr_id,
+                            WcStatus::WrFlushErr,
+                            Self::wc_opcode_of(wr.opcode),
+                            qp_num,
+                        )
+                    }));
                 } else if rc == libc::ENOMEM {
                     return Err(FabricError::QueueFull {
                         queue: "send",
@@ -879,7 +881,7 @@ impl RdmaQp {
             }
         }
         if !local_done.is_empty() {
-            lock(&self.send_soft.soft).extend(local_done);
+            self.send_soft.push_soft(local_done);
         }
         Ok(())
     }
@@ -936,12 +938,12 @@ impl Qp for RdmaQp {
         let rc = unsafe { ib::ibv_post_recv(self.inner.qp, &mut w, &mut bad) };
         if rc != 0 {
             if self.inner.query_state() == ib::ibv_qp_state::IBV_QPS_ERR {
-                lock(&self.recv_soft.soft).push_back(Wc::new(
+                self.recv_soft.push_soft([Wc::new(
                     wr.wr_id,
                     WcStatus::WrFlushErr,
                     WcOpcode::Recv,
                     self.inner.qp_num,
-                ));
+                )]);
                 return Ok(());
             }
             if rc == libc::ENOMEM {

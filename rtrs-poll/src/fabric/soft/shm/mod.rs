@@ -439,6 +439,7 @@ fn wc_opcode(op: Opcode) -> WcOpcode {
         Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => WcOpcode::RdmaWrite,
         Opcode::RdmaRead => WcOpcode::RdmaRead,
         Opcode::LocalInv => WcOpcode::LocalInv,
+        Opcode::Rekey => WcOpcode::Rekey,
     }
 }
 
@@ -546,6 +547,11 @@ impl Engine {
             return Err(FabricError::InvalidWr("payload above 2 GiB"));
         }
         let len = len as u32;
+        if wr.opcode == Opcode::Rekey {
+            // `rekey_wr` re-keyed in software already: a local no-op.
+            self.core.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
+            return Ok(());
+        }
         if wr.opcode == Opcode::LocalInv {
             let ok = self.pd.mrs.invalidate_local(wr.invalidate_rkey);
             if !ok {
@@ -598,7 +604,7 @@ impl Engine {
             Opcode::RdmaWrite => (op::WRITE, 0),
             Opcode::RdmaWriteWithImm => (op::WRITE_IMM, 0),
             Opcode::RdmaRead => (op::READ, 0),
-            Opcode::LocalInv => unreachable!("handled above"),
+            Opcode::LocalInv | Opcode::Rekey => unreachable!("handled above"),
         };
         let flags = if inline { flags | F_INLINE } else { flags };
         let d = Desc {

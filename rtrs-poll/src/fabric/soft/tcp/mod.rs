@@ -553,6 +553,7 @@ fn wc_opcode(op: Opcode) -> WcOpcode {
         Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => WcOpcode::RdmaWrite,
         Opcode::RdmaRead => WcOpcode::RdmaRead,
         Opcode::LocalInv => WcOpcode::LocalInv,
+        Opcode::Rekey => WcOpcode::Rekey,
     }
 }
 
@@ -693,6 +694,11 @@ impl Engine {
             return Err(FabricError::InvalidWr("payload above 2 GiB"));
         }
         let len = len as u32;
+        if wr.opcode == Opcode::Rekey {
+            // `rekey_wr` re-keyed in software already: a local no-op.
+            self.core.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
+            return Ok(());
+        }
         if wr.opcode == Opcode::LocalInv {
             if self.pd.mrs.invalidate_local(wr.invalidate_rkey) {
                 self.core.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
@@ -748,7 +754,7 @@ impl Engine {
             Opcode::RdmaWrite => (op::WRITE, 0),
             Opcode::RdmaWriteWithImm => (op::WRITE_IMM, wr.imm),
             Opcode::RdmaRead => (op::READ, 0),
-            Opcode::LocalInv => unreachable!("handled above"),
+            Opcode::LocalInv | Opcode::Rekey => unreachable!("handled above"),
         };
         self.wqes[slot] = Wqe {
             op: wop,
