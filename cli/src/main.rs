@@ -15,7 +15,6 @@ use rtrs_poll::fabric::{Address, Fabric};
 use rtrs_poll::rnbd::{Export, RnbdServer};
 use rtrs_poll::srv::{CorePool, Server, SrvConfig};
 use std::process::ExitCode;
-use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(name = "rtrs", version, about = "rtrs-poll's operator CLI")]
@@ -102,7 +101,7 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         a.chunk_size
     );
     while !stop.is_set() {
-        srv.poll(Instant::now(), Duration::from_millis(1));
+        srv.poll(Instant::now(), rtrs_poll::sess::CONTROL_TICK);
         for c in srv.take_closed() {
             eprintln!(
                 "path {} ({}) closed: {}",

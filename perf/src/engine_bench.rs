@@ -168,7 +168,7 @@ impl PerfServer {
                 }
                 let _ = ready_tx.send(Ok(()));
                 while !s2.load(Ordering::Relaxed) {
-                    srv.poll(Instant::now(), Duration::from_millis(1));
+                    srv.poll(Instant::now(), rtrs_poll::sess::CONTROL_TICK);
                     for c in srv.take_closed() {
                         eprintln!(
                             "path {} ({}) closed: {}",
@@ -655,7 +655,7 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
             );
             next += Duration::from_secs(1);
         }
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(rtrs_poll::sess::CONTROL_TICK);
     }
     measuring.store(false, Ordering::Relaxed);
     let seconds = start.elapsed().as_secs_f64();
