@@ -418,12 +418,7 @@ impl<F: Fabric> CltCore<F> {
             Dir::Write => chunk::emit_write_tail(&mut self.scratch, usr),
             Dir::Read => {
                 let desc = if req.len > 0 {
-                    let mr = &s.rd_mrs[buf_id as usize];
-                    let key = if s.per_io_keys {
-                        mr.rekey()?
-                    } else {
-                        mr.rkey()
-                    };
+                    let key = s.read_key(buf_id)?;
                     Some(SgDesc {
                         addr: s.rd_mrs[buf_id as usize].addr(),
                         key,
@@ -764,11 +759,7 @@ impl<F: Fabric> CltCore<F> {
         }
         let s = &self.sess;
         let mr = &s.rd_mrs[buf_id as usize];
-        let key = if s.per_io_keys {
-            mr.rekey()?
-        } else {
-            mr.rkey()
-        };
+        let key = s.read_key(buf_id)?;
         let rd = RdmaReadRepr {
             usr_len: req.usr_len,
             need_inval: req.need_inval,

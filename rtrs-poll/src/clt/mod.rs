@@ -203,6 +203,16 @@ pub(crate) struct CltSess<F: Fabric> {
 }
 
 impl<F: Fabric> CltSess<F> {
+    /// The key a read into permit `id`'s buffer goes out with: a fresh one
+    /// per read with [`ReadKeys::PerIo`], else the session's.
+    pub(crate) fn read_key(&self, id: u32) -> crate::fabric::Result<u32> {
+        let mr = &self.rd_mrs[id as usize];
+        if self.per_io_keys {
+            mr.rekey()
+        } else {
+            Ok(mr.rkey())
+        }
+    }
     pub(crate) fn buf_off(&self, id: u32) -> usize {
         id as usize * self.buf_size
     }

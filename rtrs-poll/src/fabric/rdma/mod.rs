@@ -378,6 +378,15 @@ impl std::fmt::Debug for RdmaMr {
     }
 }
 
+impl RdmaMr {
+    /// The keys peers use, which only an MR with remote access has.
+    fn remote_keys(&self) -> Result<&Arc<Keys>> {
+        self.keys.as_ref().ok_or(FabricError::BadMemory(
+            "re-key of an MR without remote access",
+        ))
+    }
+}
+
 impl Drop for RdmaMr {
     fn drop(&mut self) {
         // Windows first: a registration with a window bound cannot go.
@@ -404,12 +413,7 @@ impl Mr for RdmaMr {
         self.keys.as_ref().map_or(0, |k| k.rkey())
     }
     fn rekey(&self) -> Result<u32> {
-        match &self.keys {
-            Some(k) => k.rekey(),
-            None => Err(FabricError::BadMemory(
-                "re-key of an MR without remote access",
-            )),
-        }
+        self.remote_keys()?.rekey()
     }
     fn invalidate(&self) {
         if let Some(k) = &self.keys {
@@ -417,11 +421,7 @@ impl Mr for RdmaMr {
         }
     }
     fn rekey_wr(&self) -> Result<RekeyWr<'_>> {
-        let Some(k) = &self.keys else {
-            return Err(FabricError::BadMemory(
-                "re-key of an MR without remote access",
-            ));
-        };
+        let k = self.remote_keys()?;
         Ok(match k.next_window_key() {
             Some(rkey) => RekeyWr::pending(rkey, Arc::as_ptr(k) as usize),
             None => RekeyWr::done(k.rekey()?),
