@@ -8,12 +8,11 @@
 //! kernel's rnbd-client maps its exports with `map_device`.
 
 use clap::{Parser, Subcommand};
-use minstant::Instant;
 use rtrs_poll::fabric::soft::shm::ShmFabric;
 use rtrs_poll::fabric::soft::tcp::TcpFabric;
 use rtrs_poll::fabric::{Address, Fabric};
 use rtrs_poll::rnbd::{Export, RnbdServer};
-use rtrs_poll::srv::{CorePool, Server, SrvConfig};
+use rtrs_poll::srv::{CorePool, Server, SrvConfig, SrvEvent};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
@@ -49,6 +48,15 @@ struct ServeArgs {
     /// Bytes per chunk (the kernel's max_chunk_size: a power of two >= 8192).
     #[arg(long, default_value_t = 128 << 10)]
     chunk_size: u32,
+    /// Heartbeat interval in milliseconds (the kernel's: 5000).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    hb_interval_ms: u64,
+    /// Missed heartbeats before a path is dead (the kernel's: 5).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    hb_missed: u32,
+    /// A housekeeping CPU for the control thread (default: unpinned).
+    #[arg(long)]
+    control_cpu: Option<usize>,
 }
 
 fn on_off(s: &str) -> Result<bool, String> {
@@ -64,7 +72,9 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         queue_depth: a.queue_depth,
         max_chunk_size: a.chunk_size,
         always_invalidate: a.always_invalidate,
-        ..Default::default()
+        hb_interval: std::time::Duration::from_millis(a.hb_interval_ms),
+        hb_missed_max: a.hb_missed,
+        control_cpu: a.control_cpu,
     };
     cfg.layout().map_err(|e| e.to_string())?;
     let exports = a
@@ -80,7 +90,7 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
     let pool = CorePool::launch(&a.cores).map_err(|e| e.to_string())?;
     let place = pool.place();
     let r2 = rnbd.clone();
-    let mut srv = Server::listen(
+    let srv = Server::listen(
         &fabric,
         &a.listen[0],
         cfg,
@@ -92,6 +102,17 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         srv.listen_also(l)
             .map_err(|e| format!("listen on {l}: {e}"))?;
     }
+    // The session's end closes what it had open (as the kernel's
+    // rnbd-server on its link event).
+    let r3 = rnbd.clone();
+    srv.on_event(move |ev| {
+        if let SrvEvent::PathClosed(c) = ev {
+            if c.session_ended {
+                r3.session_ended(&c.paths_uuid);
+            }
+        }
+    })
+    .map_err(|e| e.to_string())?;
     eprintln!(
         "rtrs serve: listening on {} ({} backend, always_invalidate {}, queue depth {}, chunk {} B); Ctrl-C stops",
         a.listen.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","),
@@ -101,26 +122,24 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         a.chunk_size
     );
     while !stop.is_set() {
-        srv.poll(Instant::now(), rtrs_poll::sess::CONTROL_TICK);
-        for c in srv.take_closed() {
-            eprintln!(
-                "path {} ({}) closed: {}",
-                c.sessname.as_deref().unwrap_or("?"),
-                c.peer,
-                c.reason
-            );
-            if c.session_ended {
-                rnbd.session_ended(&c.paths_uuid);
-            }
-        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     eprintln!("rtrs serve: stopping");
-    drop(srv);
+    srv.stop();
     pool.stop();
     Ok(())
 }
 
 fn main() -> ExitCode {
+    // Path changes, refusals and fallbacks are logged: RUST_LOG sets the
+    // level, info by default.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Serve(a) => match &a.listen[0] {

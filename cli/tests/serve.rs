@@ -6,7 +6,7 @@ use rtrs_poll::clt::{Client, CltConfig};
 use rtrs_poll::fabric::soft::shm::ShmFabric;
 use rtrs_poll::fabric::Address;
 use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
-use rtrs_poll::rnbd::clt as rc;
+use rtrs_poll::rnbd::{clt as rc, RnbdClient};
 use std::process::Command;
 use std::time::Duration;
 
@@ -34,12 +34,16 @@ fn serve_exports_ram_and_file_devices() {
     std::thread::sleep(Duration::from_millis(500));
     let mut cfg = CltConfig::new("serve-test", vec![Address::Shm(name.clone())]);
     cfg.connect_timeout = Duration::from_secs(10);
-    let (mut clt, mut cores) = Client::open(&ShmFabric::new(), cfg).unwrap();
+    let (clt, mut cores) = Client::open(&ShmFabric::new(), cfg).unwrap();
     let core = &mut cores[0];
-    assert_eq!(rc::sess_info(&mut clt, core).unwrap(), 2);
-    let disk = rc::open(&mut clt, core, "disk0", AccessMode::Rw).unwrap();
+    let mut rn = RnbdClient::new(&clt, core.submitter().unwrap());
+    let mut spin = || {
+        core.poll(Instant::now(), &mut |_| {});
+    };
+    assert_eq!(rn.sess_info(&mut spin).unwrap(), 2);
+    let disk = rn.open("disk0", AccessMode::Rw, &mut spin).unwrap();
     assert_eq!(disk.size(), 1 << 20);
-    let ram = rc::open(&mut clt, core, "ram0", AccessMode::Ro).unwrap();
+    let ram = rn.open("ram0", AccessMode::Ro, &mut spin).unwrap();
     assert_eq!(ram.size(), 4 << 20);
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
     let mut p = core.get_permit().unwrap();
@@ -56,7 +60,10 @@ fn serve_exports_ram_and_file_devices() {
     let c = got.expect("a completion");
     assert_eq!(c.errno, 0);
     core.put_permit(c.permit);
-    rc::close(&mut clt, core, &disk).unwrap();
+    rn.close(&disk, &mut || {
+        core.poll(Instant::now(), &mut |_| {});
+    })
+    .unwrap();
     drop(cores);
     drop(clt);
     let _ = srv.kill();

@@ -4,24 +4,37 @@
 //! ```text
 //!  client cores: pinned threads, each keeps `iodepth` IOs in flight on its
 //!                CltCore, records every latency in its own histogram
-//!  client control: the main thread, waking every millisecond (heartbeats,
-//!                reconnects) and printing a progress line per second
-//!  server: IO connections on pinned cores (pollers::Cores), control loop on
-//!                its own thread; handler null (answers at once) or ram:SIZE
+//!  client control: the library's own thread (heartbeats, reconnects); the
+//!                main thread prints the session's events as they come and a
+//!                progress line per second with each path's state
+//!  server: IO connections on pinned cores (pollers::Cores), control on the
+//!                library's thread; handler null (answers at once) or ram:SIZE
 //! ```
 
 use crate::report::{histogram, LatNs};
 use hdrhistogram::Histogram;
 use minstant::Instant;
-use rtrs_poll::clt::ReadKeys;
-use rtrs_poll::clt::{Client, CltConfig, CltCore, Dir};
+use rtrs_poll::clt::{
+    Client, CltConfig, CltCore, CltError, CltEvent, Dir, PathState, ReadKeys, ReconnectPolicy,
+};
 use rtrs_poll::fabric::{Address, Fabric};
+use rtrs_poll::rnbd::{RnbdClient, RnbdDev};
 use rtrs_poll::sess::mp_policy::MpPolicy;
-use rtrs_poll::srv::{Handler, IoDir, Server, SrvConfig, SrvIo, Verdict};
+use rtrs_poll::srv::{Handler, IoDir, Server, SrvConfig, SrvEvent, SrvIo, Verdict};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+/// Seconds since the Unix epoch, to the millisecond: event lines carry it
+/// so scripts can line them up with what they did (a link cut, say).
+pub fn wall() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+}
 
 /// The IO pattern.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -112,19 +125,18 @@ impl Handler for PerfHandler {
 
 /// A running server.
 pub struct PerfServer {
-    stop: Arc<AtomicBool>,
-    control: Option<std::thread::JoinHandle<Result<(), String>>>,
+    stop: Box<dyn FnOnce() + Send>,
 }
 
 impl PerfServer {
-    /// Starts a server on `addrs` with IO connections on `cores`.
+    /// Starts a server on `addrs` with IO connections on `cores`; its
+    /// control runs on the library's thread.
     pub fn start<F: Fabric>(
         fabric: F,
         addrs: Vec<Address>,
         backend: Backend,
         cores: Vec<usize>,
         cfg: SrvConfig,
-        stop: Arc<AtomicBool>,
     ) -> Result<PerfServer, String> {
         let ram: Option<Arc<mempool::Region>> = match backend {
             Backend::Null => None,
@@ -136,80 +148,48 @@ impl PerfServer {
                 Some(Arc::new(r))
             }
         };
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        let s2 = stop.clone();
-        let control = std::thread::Builder::new()
-            .name("rtrs-srv-ctl".into())
-            .spawn(move || {
-                let pool = rtrs_poll::srv::CorePool::launch(&cores).map_err(|e| e.to_string())?;
-                let place = pool.place();
-                let srv = Server::listen(
-                    &fabric,
-                    &addrs[0],
-                    cfg,
-                    move |_: &rtrs_poll::srv::ConInfo| PerfHandler { ram: ram.clone() },
-                    place,
-                );
-                let mut srv = match srv {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let msg = format!("listen on {}: {e}", addrs[0]);
-                        let _ = ready_tx.send(Err(msg.clone()));
-                        pool.stop();
-                        return Err(msg);
-                    }
-                };
-                for a in &addrs[1..] {
-                    if let Err(e) = srv.listen_also(a) {
-                        let _ = ready_tx.send(Err(format!("listen on {a}: {e}")));
-                        pool.stop();
-                        return Err(e.to_string());
-                    }
-                }
-                let _ = ready_tx.send(Ok(()));
-                while !s2.load(Ordering::Relaxed) {
-                    srv.poll(Instant::now(), rtrs_poll::sess::CONTROL_TICK);
-                    for c in srv.take_closed() {
-                        eprintln!(
-                            "path {} ({}) closed: {}",
-                            c.sessname.as_deref().unwrap_or("?"),
-                            c.peer,
-                            c.reason
-                        );
-                    }
-                }
+        let pool = rtrs_poll::srv::CorePool::launch(&cores).map_err(|e| e.to_string())?;
+        let srv = Server::listen(
+            &fabric,
+            &addrs[0],
+            cfg,
+            move |_: &rtrs_poll::srv::ConInfo| PerfHandler { ram: ram.clone() },
+            pool.place(),
+        );
+        let srv = match srv {
+            Ok(s) => s,
+            Err(e) => {
+                pool.stop();
+                return Err(format!("listen on {}: {e}", addrs[0]));
+            }
+        };
+        for a in &addrs[1..] {
+            if let Err(e) = srv.listen_also(a) {
                 drop(srv);
                 pool.stop();
-                Ok(())
-            })
-            .map_err(|e| e.to_string())?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(PerfServer {
-                stop,
-                control: Some(control),
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err("the server thread died while starting".into()),
+                return Err(format!("listen on {a}: {e}"));
+            }
         }
+        let events = srv.on_event(|ev| {
+            if !matches!(ev, SrvEvent::PathUp { .. }) {
+                eprintln!("event {} server: {ev}", wall());
+            }
+        });
+        if let Err(e) = events {
+            return Err(e.to_string());
+        }
+        Ok(PerfServer {
+            stop: Box::new(move || {
+                srv.stop();
+                pool.stop();
+            }),
+        })
     }
 
     /// Stops the server and waits for it.
-    pub fn stop(mut self) -> Result<(), String> {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.control.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err("the server thread panicked".into()),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for PerfServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.control.take() {
-            let _ = t.join();
-        }
+    pub fn stop(self) -> Result<(), String> {
+        (self.stop)();
+        Ok(())
     }
 }
 
@@ -246,6 +226,27 @@ pub struct ClientOpts {
     pub rnbd_device: Option<String>,
     /// Write a checked pattern and check every block read back.
     pub verify: bool,
+    /// Heartbeat interval.
+    #[serde(serialize_with = "ser_millis")]
+    pub hb_interval: Duration,
+    /// Missed heartbeats before a path is dead.
+    pub hb_missed: u32,
+    /// Reconnect delay and attempts.
+    #[serde(serialize_with = "ser_reconnect")]
+    pub reconnect: ReconnectPolicy,
+}
+
+fn ser_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+fn ser_reconnect<S: serde::Serializer>(r: &ReconnectPolicy, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(3))?;
+    m.serialize_entry("delay_ms", &(r.delay.as_millis() as u64))?;
+    m.serialize_entry("max_attempts", &r.max_attempts)?;
+    m.serialize_entry("backoff_ms", &(r.backoff.as_millis() as u64))?;
+    m.end()
 }
 
 fn ser_addrs<S: serde::Serializer>(a: &[Address], s: S) -> Result<S::Ok, S::Error> {
@@ -265,8 +266,24 @@ pub struct Summary {
     pub bw_bytes: f64,
     /// IOs completed.
     pub ios: u64,
-    /// IOs completed with an error.
+    /// IOs completed with an error (including verify mismatches).
     pub errors: u64,
+    /// Errors by errno (0: a verify mismatch or a duplicate completion).
+    pub errors_by_errno: BTreeMap<i32, u64>,
+    /// Blocks read back that did not hold what was written.
+    pub verify_failures: u64,
+    /// Completions of IOs that were not in flight (an IO completing twice).
+    pub duplicates: u64,
+    /// IOs moved to another path when theirs failed (not errors).
+    pub failovers: u64,
+    /// Paths that went down, and successful reconnects.
+    pub path_downs: u64,
+    /// Successful reconnects.
+    pub reconnects: u64,
+    /// The session's events, as printed.
+    pub events: Vec<String>,
+    /// Seconds no path could take IO (new IO waited).
+    pub stalled_secs: f64,
     /// Completion latency.
     pub lat_ns: LatNs,
     /// What ran.
@@ -284,12 +301,18 @@ pub struct Summary {
     pub hist: Option<Histogram<u64>>,
 }
 
-struct CoreResult {
+struct CoreResult<F: Fabric> {
+    /// Handed back so the session closes before its cores go.
+    core: CltCore<F>,
     hist: Histogram<u64>,
     ios: u64,
     errors: u64,
+    by_errno: BTreeMap<i32, u64>,
+    verify_failures: u64,
+    duplicates: u64,
     bytes: u64,
     allocs: u64,
+    stalled_ns: u64,
 }
 
 /// Counts heap allocations on threads that opt in (rtrs-perf installs it as
@@ -407,15 +430,19 @@ fn check_block(buf: &[u8], off: u64) -> bool {
     w(0) == VERIFY_MAGIC && w(1) == off && w(3) == checksum(&buf[32..])
 }
 
+/// How long a core waits before trying again when no path takes IO.
+const NO_PATH_WAIT: Duration = Duration::from_millis(1);
+
+#[allow(clippy::too_many_arguments)]
 fn run_core<F: Fabric>(
     mut core: CltCore<F>,
     o: &ClientOpts,
-    dev: Option<rtrs_poll::rnbd::RnbdDev>,
+    dev: &OnceLock<Arc<RnbdDev>>,
     seed: u64,
     stop: &AtomicBool,
     measuring: &AtomicBool,
     progress: &AtomicU64,
-) -> Result<CoreResult, String> {
+) -> Result<CoreResult<F>, String> {
     let mut hist = histogram();
     let bs = o.bs;
     let mut gen = Gen {
@@ -425,21 +452,38 @@ fn run_core<F: Fabric>(
         blocks: (o.size / u64::from(bs)).max(1),
         seq: seed % 1024,
     };
+    let qd = core.queue_depth() as usize;
     let (mut ios, mut errors, mut bytes) = (0u64, 0u64, 0u64);
+    let mut by_errno: BTreeMap<i32, u64> = BTreeMap::new();
     let mut inflight = 0u32;
+    // Which permits have an IO in flight: a completion of one that has not
+    // is an IO completing twice.
+    let mut in_flight = vec![false; qd];
+    let mut duplicates = 0u64;
     let mut err: Option<String> = None;
     // Sized once: completions of one poll wait here to be resubmitted.
-    let mut ready: Vec<(rtrs_poll::clt::IoPermit, Dir, u64, i32)> =
-        Vec::with_capacity(core.queue_depth() as usize);
-    let mut free: Vec<rtrs_poll::clt::IoPermit> = Vec::with_capacity(core.queue_depth() as usize);
+    let mut ready: Vec<(rtrs_poll::clt::IoPermit, Dir, u64, i32)> = Vec::with_capacity(qd);
+    let mut free: Vec<rtrs_poll::clt::IoPermit> = Vec::with_capacity(qd);
     let mut seq = seed << 32;
     let mut allocs_at = None;
     let mut allocs = 0u64;
     let mut verify_failures = 0u64;
+    let mut stalled_ns = 0u64;
+    let mut no_path_since: Option<Instant> = None;
+    let mut sized = false;
     loop {
         let now = Instant::now();
+        if let (false, Some(d)) = (sized, dev.get()) {
+            // Offsets stay inside the device.
+            gen.blocks = (o.size.min(d.size()) / u64::from(bs)).max(1);
+            sized = true;
+        }
         let stopping = stop.load(Ordering::Relaxed);
-        if !stopping && err.is_none() {
+        // RNBD: no IO until the device is open (and while the session is
+        // lost, until it is open again).
+        let dev_ready = o.rnbd_device.is_none() || dev.get().is_some_and(|d| d.is_open());
+        let waiting = no_path_since.is_some_and(|t| now.duration_since(t) < NO_PATH_WAIT);
+        if !stopping && err.is_none() && dev_ready && !waiting {
             while inflight < o.iodepth {
                 let mut p = match free.pop() {
                     Some(p) => p,
@@ -450,7 +494,7 @@ fn run_core<F: Fabric>(
                 };
                 let (dir, off) = gen.next();
                 let mut u = [0u8; 32];
-                let ulen = match &dev {
+                let ulen = match dev.get() {
                     Some(d) => {
                         let op = match dir {
                             Dir::Write => rtrs_poll::proto::rnbd::RnbdOp::Write,
@@ -468,12 +512,26 @@ fn run_core<F: Fabric>(
                     seq += 1;
                     fill_block(&mut core.buf(&mut p)[..bs as usize], off, seq);
                 }
+                let id = p.id() as usize;
                 let r = match dir {
                     Dir::Write => core.write(p, &u[..ulen], bs, off, now),
                     Dir::Read => core.read(p, &u[..ulen], bs, off, now),
                 };
                 match r {
-                    Ok(()) => inflight += 1,
+                    Ok(()) => {
+                        inflight += 1;
+                        in_flight[id] = true;
+                        if let Some(t) = no_path_since.take() {
+                            stalled_ns += now.duration_since(t).as_nanos() as u64;
+                        }
+                    }
+                    Err((p, CltError::NoPath)) => {
+                        // No path takes IO now (the session is lost): wait
+                        // for one; an IO never submitted is not an error.
+                        free.push(p);
+                        no_path_since.get_or_insert(now);
+                        break;
+                    }
                     Err((p, e)) => {
                         core.put_permit(p);
                         err = Some(e.to_string());
@@ -495,15 +553,25 @@ fn run_core<F: Fabric>(
             }
         }
         core.poll(now, &mut |c| {
+            let id = c.permit.id() as usize;
+            if !std::mem::replace(&mut in_flight[id], false) {
+                duplicates += 1;
+                errors += 1;
+                *by_errno.entry(0).or_default() += 1;
+                ready.push((c.permit, c.dir, c.tag, c.errno));
+                return;
+            }
             inflight -= 1;
+            if c.errno != 0 {
+                // Counted measuring or not: a failed IO is never hidden.
+                errors += 1;
+                *by_errno.entry(c.errno).or_default() += 1;
+            }
             if on {
                 let ns = Instant::now().saturating_duration_since(c.start).as_nanos() as u64;
                 let _ = hist.record(ns.max(1));
                 ios += 1;
                 bytes += u64::from(c.len);
-                if c.errno != 0 {
-                    errors += 1;
-                }
             }
             ready.push((c.permit, c.dir, c.tag, c.errno));
         });
@@ -514,6 +582,7 @@ fn run_core<F: Fabric>(
                 && !check_block(&core.buf(&mut p)[..bs as usize], off)
             {
                 errors += 1;
+                *by_errno.entry(0).or_default() += 1;
                 if verify_failures < 3 {
                     eprintln!(
                         "verify: block at offset {off} does not match what was written there"
@@ -535,6 +604,9 @@ fn run_core<F: Fabric>(
     for p in free.drain(..) {
         core.put_permit(p);
     }
+    if let Some(t) = no_path_since {
+        stalled_ns += Instant::now().duration_since(t).as_nanos() as u64;
+    }
     progress.store(ios, Ordering::Relaxed);
     if let Some(a) = allocs_at {
         allocs = alloc_count::this_thread() - a;
@@ -546,16 +618,45 @@ fn run_core<F: Fabric>(
         eprintln!("core stopped submitting: {e}");
     }
     Ok(CoreResult {
+        core,
         hist,
         ios,
         errors,
+        by_errno,
+        verify_failures,
+        duplicates,
         bytes,
         allocs,
+        stalled_ns,
     })
+}
+
+/// Prints and keeps the session's events.
+struct EventLog {
+    rx: rtrs_poll::clt::Events,
+    lines: Vec<String>,
+    quiet: bool,
+}
+
+impl EventLog {
+    fn drain(&mut self) {
+        while let Ok(ev) = self.rx.try_recv() {
+            let line = format!("event {} {ev}", wall());
+            if !self.quiet {
+                eprintln!("{line}");
+            }
+            self.lines.push(line);
+            if matches!(ev, CltEvent::SessionLost) && self.lines.len() > 10_000 {
+                self.lines.remove(0);
+            }
+        }
+    }
 }
 
 /// Runs the client: opens the session, runs the cores for `runtime`
 /// (after a warm-up of a tenth of it, at most one second), and sums up.
+/// Failover is not an error: IO that moves to another path completes
+/// there; errors are IO that really failed.
 pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, String> {
     let mut cfg = CltConfig::new("rtrs-perf", o.addrs.clone());
     cfg.cores = o.cores.len();
@@ -563,34 +664,15 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     cfg.read_keys = o.read_keys;
     cfg.max_io_size = o.bs.max(1);
     cfg.connect_timeout = Duration::from_secs(10);
-    let (mut clt, mut cores) = Client::open(fabric, cfg).map_err(|e| e.to_string())?;
-    let mut o = o.clone();
-    let dev = match &o.rnbd_device {
-        Some(name) => {
-            let c0 = &mut cores[0];
-            let ver = rtrs_poll::rnbd::clt::sess_info(&mut clt, c0)
-                .map_err(|e| format!("RNBD sess_info: {e}"))?;
-            let dev = rtrs_poll::rnbd::clt::open(
-                &mut clt,
-                c0,
-                name,
-                rtrs_poll::proto::rnbd::AccessMode::Rw,
-            )
-            .map_err(|e| format!("RNBD open {name}: {e}"))?;
-            if o.progress {
-                eprintln!(
-                    "RNBD {ver}: device {name} id {} of {} bytes, logical block {} B",
-                    dev.device_id,
-                    dev.size(),
-                    dev.logical_block_size
-                );
-            }
-            o.size = o.size.min(dev.size());
-            Some(dev)
-        }
-        None => None,
+    cfg.hb_interval = o.hb_interval;
+    cfg.hb_missed_max = o.hb_missed;
+    cfg.reconnect = o.reconnect;
+    let (clt, mut cores) = Client::open(fabric, cfg).map_err(|e| e.to_string())?;
+    let mut events = EventLog {
+        rx: clt.subscribe(),
+        lines: Vec::new(),
+        quiet: !o.progress,
     };
-    let o = &o;
     if o.bs > cores[0].max_io_size() {
         return Err(format!(
             "--bs {} exceeds the server's max_io_size {}",
@@ -598,6 +680,14 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
             cores[0].max_io_size()
         ));
     }
+    let mut rnbd = match &o.rnbd_device {
+        Some(_) => Some(RnbdClient::new(
+            &clt,
+            cores[0].submitter().map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let dev: Arc<OnceLock<Arc<RnbdDev>>> = Arc::new(OnceLock::new());
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let progress: Arc<Vec<AtomicU64>> =
@@ -606,6 +696,7 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     for (i, core) in cores.into_iter().enumerate() {
         let (stop, measuring, progress) = (stop.clone(), measuring.clone(), progress.clone());
         let o2 = o.clone();
+        let dev = dev.clone();
         let cpu = o.cores[i];
         threads.push(
             std::thread::Builder::new()
@@ -615,7 +706,7 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
                     run_core(
                         core,
                         &o2,
-                        dev,
+                        &dev,
                         0x1234_5678 + i as u64 * 7919,
                         &stop,
                         &measuring,
@@ -625,11 +716,46 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
                 .map_err(|e| e.to_string())?,
         );
     }
+    // Admin IO goes through core 0's submitter: its thread polls it.
+    let mut nap = || std::thread::sleep(Duration::from_micros(50));
+    if let (Some(rn), Some(name)) = (rnbd.as_mut(), &o.rnbd_device) {
+        let opened = rn.sess_info(&mut nap).and_then(|ver| {
+            rn.open(name, rtrs_poll::proto::rnbd::AccessMode::Rw, &mut nap)
+                .map(|d| (ver, d))
+        });
+        match opened {
+            Ok((ver, d)) => {
+                if o.progress {
+                    eprintln!(
+                        "RNBD {ver}: device {name} id {} of {} bytes, logical block {} B",
+                        d.device_id(),
+                        d.size(),
+                        d.logical_block_size
+                    );
+                }
+                if u64::from(o.bs) % u64::from(d.logical_block_size.max(1)) != 0 {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(format!(
+                        "--bs {} is not a multiple of the device's logical block size {}",
+                        o.bs, d.logical_block_size
+                    ));
+                }
+                let _ = dev.set(d);
+            }
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                for t in threads {
+                    let _ = t.join();
+                }
+                return Err(format!("RNBD open {name}: {e}"));
+            }
+        }
+    }
     let warmup = Duration::from_secs_f64((o.runtime / 10.0).min(1.0));
     let t0 = Instant::now();
     while t0.elapsed() < warmup {
-        clt.poll(Instant::now());
-        std::thread::sleep(Duration::from_millis(1));
+        events.drain();
+        std::thread::sleep(rtrs_poll::sess::CONTROL_TICK);
     }
     measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
@@ -637,7 +763,16 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     let mut next = start + Duration::from_secs(1);
     let mut last = 0u64;
     while start.elapsed() < runtime && !crate::interrupted() {
-        clt.poll(Instant::now());
+        events.drain();
+        if let Some(rn) = rnbd.as_mut() {
+            for ev in rn.poll(&mut nap) {
+                let line = format!("event {} rnbd: {ev:?}", wall());
+                if o.progress {
+                    eprintln!("{line}");
+                }
+                events.lines.push(line);
+            }
+        }
         if threads.iter().all(|t| t.is_finished()) {
             break;
         }
@@ -662,19 +797,29 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     stop.store(true, Ordering::Relaxed);
     let mut hist = histogram();
     let (mut ios, mut errors, mut bytes, mut allocs) = (0, 0, 0, 0);
+    let (mut verify_failures, mut duplicates, mut stalled_ns) = (0, 0, 0);
+    let mut by_errno: BTreeMap<i32, u64> = BTreeMap::new();
     let mut first_err = None;
+    let mut cores = Vec::new();
     for t in threads {
         while !t.is_finished() {
-            clt.poll(Instant::now());
+            events.drain();
             std::thread::sleep(Duration::from_millis(1));
         }
         match t.join() {
             Ok(Ok(r)) => {
+                cores.push(r.core);
                 let _ = hist.add(&r.hist);
                 ios += r.ios;
                 errors += r.errors;
                 bytes += r.bytes;
                 allocs += r.allocs;
+                verify_failures += r.verify_failures;
+                duplicates += r.duplicates;
+                stalled_ns = stalled_ns.max(r.stalled_ns);
+                for (e, n) in r.by_errno {
+                    *by_errno.entry(e).or_default() += n;
+                }
             }
             Ok(Err(e)) => {
                 first_err.get_or_insert(e);
@@ -684,6 +829,14 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
             }
         }
     }
+    events.drain();
+    let st = clt.stats();
+    let always_invalidate = clt.always_invalidate();
+    // The session closes first (its paths torn down in order), then its
+    // cores go: a core dropped under a live session is a path failure.
+    drop(rnbd);
+    clt.close();
+    drop(cores);
     if ios == 0 {
         return Err(first_err.unwrap_or_else(|| "no IO completed".into()));
     }
@@ -692,10 +845,18 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
         bw_bytes: bytes as f64 / seconds,
         ios,
         errors,
+        errors_by_errno: by_errno,
+        verify_failures,
+        duplicates,
+        failovers: st.failovers,
+        path_downs: st.downs,
+        reconnects: st.reconnects,
+        events: events.lines,
+        stalled_secs: stalled_ns as f64 / 1e9,
         lat_ns: LatNs::from_hist(&hist),
         config: o.clone(),
         seconds,
-        always_invalidate: clt.always_invalidate(),
+        always_invalidate,
         allocs_per_io: crate::COUNTING.then(|| allocs as f64 / ios as f64),
         hist: Some(hist),
     })
@@ -707,10 +868,11 @@ fn path_line<F: Fabric>(clt: &Client<F>) -> String {
         .map(|p| {
             let s = p.stats();
             format!(
-                "{} {:?} inflight {}",
+                "{} {} inflight {} failovers {}",
                 s.addr,
-                s.state.unwrap_or(rtrs_poll::clt::LinkState::Closed),
-                s.inflight
+                s.state.unwrap_or(PathState::Closed).name(),
+                s.inflight,
+                s.failovers
             )
         })
         .collect::<Vec<_>>()
@@ -738,7 +900,17 @@ impl Summary {
             "  lat (nsec): min={}, mean={}, p50={}, p90={}, p99={}, p99.9={}, p99.99={}, max={}",
             l.min, l.mean, l.p50, l.p90, l.p99, l.p99_9, l.p99_99, l.max
         );
-        println!("  errors={}", self.errors);
+        println!(
+            "  errors={} {:?} (verify mismatches {}, completed twice {}); failovers={} path downs={} reconnects={} stalled={:.2}s",
+            self.errors,
+            self.errors_by_errno,
+            self.verify_failures,
+            self.duplicates,
+            self.failovers,
+            self.path_downs,
+            self.reconnects,
+            self.stalled_secs
+        );
         if let Some(a) = self.allocs_per_io {
             println!("  heap allocations per IO on the client cores: {a:.4}");
         }

@@ -114,6 +114,18 @@ struct ServerArgs {
     /// Bytes per chunk (a power of two >= 8192).
     #[arg(long, default_value = "128k", value_parser = engine_bench::parse_size)]
     chunk_size: u64,
+    #[command(flatten)]
+    hb: HbArgs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct HbArgs {
+    /// Heartbeat interval in milliseconds (the kernel's: 5000).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    hb_interval_ms: u64,
+    /// Missed heartbeats before a path is dead (the kernel's: 5).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    hb_missed: u32,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -166,6 +178,14 @@ struct IoArgs {
     /// --verify); a mismatch counts in "errors".
     #[arg(long)]
     verify: bool,
+    #[command(flatten)]
+    hb: HbArgs,
+    /// Seconds before a failed path's reconnect attempt (RNBD's: 30).
+    #[arg(long, default_value_t = 30.0)]
+    reconnect_delay: f64,
+    /// Reconnect attempts before a path closes for good; -1: forever.
+    #[arg(long, default_value_t = -1, value_parser = clap::value_parser!(i32).range(-1..=9999))]
+    max_reconnect_attempts: i32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -377,6 +397,12 @@ fn io_opts(
         ));
     }
     let bs = u32::try_from(a.bs).map_err(|_| format!("--bs {} is too large", a.bs))?;
+    if !(a.reconnect_delay >= 0.0 && a.reconnect_delay.is_finite()) {
+        return Err(format!(
+            "--reconnect-delay {} must be a number of seconds >= 0",
+            a.reconnect_delay
+        ));
+    }
     if a.size < a.bs {
         return Err(format!("--size {} is smaller than --bs {}", a.size, a.bs));
     }
@@ -394,6 +420,13 @@ fn io_opts(
         always_invalidate: None,
         rnbd_device: a.rnbd_device.clone(),
         verify: a.verify,
+        hb_interval: std::time::Duration::from_millis(a.hb.hb_interval_ms),
+        hb_missed: a.hb.hb_missed,
+        reconnect: rtrs_poll::clt::ReconnectPolicy {
+            delay: std::time::Duration::from_secs_f64(a.reconnect_delay),
+            max_attempts: a.max_reconnect_attempts,
+            ..Default::default()
+        },
     })
 }
 
@@ -409,6 +442,13 @@ fn report(
     }
     if let Some(h) = hist {
         s.write_hist(h)?;
+    }
+    if s.errors > 0 {
+        // fio's rule: a run with failed IO or a verify mismatch fails.
+        return Err(format!(
+            "{} IOs failed ({:?} by errno; 0 = verify mismatch or a second completion)",
+            s.errors, s.errors_by_errno
+        ));
     }
     Ok(())
 }
@@ -428,12 +468,15 @@ fn srv_config(
     queue_depth: u16,
     chunk: u64,
     always_invalidate: bool,
+    hb: &HbArgs,
 ) -> Result<rtrs_poll::srv::SrvConfig, String> {
     let cfg = rtrs_poll::srv::SrvConfig {
         queue_depth,
         max_chunk_size: u32::try_from(chunk)
             .map_err(|_| format!("--chunk-size {chunk} is too large"))?,
         always_invalidate,
+        hb_interval: std::time::Duration::from_millis(hb.hb_interval_ms),
+        hb_missed_max: hb.hb_missed,
         ..Default::default()
     };
     cfg.layout().map_err(|e| e.to_string())?;
@@ -441,8 +484,7 @@ fn srv_config(
 }
 
 fn run_server(a: ServerArgs) -> Result<(), String> {
-    let cfg = srv_config(a.queue_depth, a.chunk_size, a.always_invalidate)?;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cfg = srv_config(a.queue_depth, a.chunk_size, a.always_invalidate, &a.hb)?;
     let srv = with_engine_fabric(&a.listen[0], |f| match f {
         AnyFabric::Shm(f) => engine_bench::PerfServer::start(
             f,
@@ -450,7 +492,6 @@ fn run_server(a: ServerArgs) -> Result<(), String> {
             a.backend.clone(),
             a.cores.0.clone(),
             cfg,
-            stop.clone(),
         ),
         AnyFabric::Tcp(f) => engine_bench::PerfServer::start(
             f,
@@ -458,7 +499,6 @@ fn run_server(a: ServerArgs) -> Result<(), String> {
             a.backend.clone(),
             a.cores.0.clone(),
             cfg,
-            stop.clone(),
         ),
         #[cfg(feature = "rdma")]
         AnyFabric::Rdma(f) => engine_bench::PerfServer::start(
@@ -467,7 +507,6 @@ fn run_server(a: ServerArgs) -> Result<(), String> {
             a.backend.clone(),
             a.cores.0.clone(),
             cfg,
-            stop.clone(),
         ),
     })?;
     eprintln!(
@@ -495,15 +534,13 @@ fn run_embedded(
     json: bool,
 ) -> Result<(), String> {
     let addr = Address::Shm(format!("rtrs-perf-main-{}", std::process::id()));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let cfg = srv_config(512, 128 << 10, always_invalidate)?;
+    let cfg = srv_config(512, 128 << 10, always_invalidate, &io.hb)?;
     let srv = engine_bench::PerfServer::start(
         ShmFabric::new(),
         vec![addr.clone()],
         engine_bench::Backend::Null,
         vec![server_core],
         cfg,
-        stop,
     )?;
     let mut o = io_opts(vec![addr], io, !json)?;
     o.always_invalidate = Some(always_invalidate);
@@ -526,6 +563,15 @@ fn with_engine_fabric<R>(
 }
 
 fn main() -> ExitCode {
+    // The library's logs (refusals, path changes, fallbacks): RUST_LOG
+    // sets the level, warnings by default.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
     if let Ok(s) = pollers::Shutdown::on_ctrlc() {
         let _ = STOP.set(s);
     }

@@ -19,7 +19,7 @@ mod sync;
 
 pub use crate::core::{run_core, CoreReport, CoreStats, Cores, Poller};
 pub use shutdown::Shutdown;
-pub use slow::{Control, SlowLoop, SlowPath, TimerId, Timers};
+pub use slow::{Control, SlowLoop, SlowOpts, SlowPath, TimerId, Timers};
 
 /// A ring was full: the item comes back to the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

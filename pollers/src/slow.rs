@@ -2,13 +2,21 @@
 //! with timers, fed by cores over an MPSC ring. Its logic lives in a
 //! [`Control`] driven with `now` passed in, so [`SlowLoop::step`] runs the same
 //! code under virtual time in tests; [`SlowPath::spawn`] just loops it on a
-//! thread. Allocation and blocking are fine here; they are not on the cores.
+//! thread (pinned to a housekeeping CPU when [`SlowOpts::cpu`] names one).
+//! Allocation is fine here; it is not on the cores. Waiting is bounded: a
+//! control never blocks longer than the wait it is given.
+//!
+//! ```text
+//!  cores ──mpsc──> step(now): messages -> due timers -> on_idle(now, wait)
+//!                  wait = min(max_wait, next timer, Control::deadline())
+//! ```
 
 use crate::shutdown::Shutdown;
 use crate::{mpsc, PollersError};
+use minstant::Instant;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Identifies a scheduled timer (for cancelling).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -107,10 +115,37 @@ pub trait Control: Send + 'static {
     }
     /// The loop is stopping.
     fn on_stop(&mut self) {}
+    /// The control's own next deadline (besides its timers): the loop's
+    /// wait never runs past it.
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
 }
 
-/// Longest the loop waits before looking at the core ring again.
+/// Longest the loop waits before looking at the core ring again, by default.
 pub const MAX_WAIT: Duration = Duration::from_millis(1);
+
+/// How a slow-path thread runs.
+#[derive(Clone, Debug)]
+pub struct SlowOpts {
+    /// The thread's name.
+    pub name: String,
+    /// A housekeeping CPU to pin the thread to; `None`: unpinned.
+    pub cpu: Option<usize>,
+    /// Longest wait between looks at the inbox (the control's own waits,
+    /// e.g. for CM events, are capped by it).
+    pub max_wait: Duration,
+}
+
+impl Default for SlowOpts {
+    fn default() -> SlowOpts {
+        SlowOpts {
+            name: "rtrs-slow".into(),
+            cpu: None,
+            max_wait: MAX_WAIT,
+        }
+    }
+}
 
 /// The loop, separate from its thread.
 #[derive(Debug)]
@@ -126,14 +161,17 @@ impl<C: Control> SlowLoop<C> {
     /// A loop fed by a ring of `inbox` messages; returns it with the senders' half.
     pub fn new(control: C, inbox: usize) -> (SlowLoop<C>, mpsc::Sender<C::Msg>) {
         let (tx, rx) = mpsc::channel(inbox);
-        (
-            SlowLoop {
-                control,
-                timers: Timers::new(),
-                rx,
-            },
-            tx,
-        )
+        (SlowLoop::with_inbox(control, rx), tx)
+    }
+
+    /// A loop fed by `rx` (for a control that holds senders of its own
+    /// inbox, e.g. to hand them to cores).
+    pub fn with_inbox(control: C, rx: mpsc::Receiver<C::Msg>) -> SlowLoop<C> {
+        SlowLoop {
+            control,
+            timers: Timers::new(),
+            rx,
+        }
     }
 
     /// One turn at `now`: messages, due timers, then idle work for at most
@@ -144,10 +182,13 @@ impl<C: Control> SlowLoop<C> {
         while let Some(t) = self.timers.expire(now) {
             self.control.on_timer(t, now, &mut self.timers);
         }
-        let wait = match self.timers.next_deadline() {
-            Some(at) => at.saturating_duration_since(now).min(max_wait),
-            None => max_wait,
-        };
+        let mut wait = max_wait;
+        for at in [self.timers.next_deadline(), self.control.deadline()]
+            .into_iter()
+            .flatten()
+        {
+            wait = wait.min(at.saturating_duration_since(now));
+        }
         self.control.on_idle(now, wait, &mut self.timers);
     }
 }
@@ -161,15 +202,40 @@ pub struct SlowPath<C: Control> {
 }
 
 impl<C: Control> SlowPath<C> {
-    /// Starts the thread.
+    /// Starts the thread, unpinned, looking at its inbox every [`MAX_WAIT`].
     pub fn spawn(control: C, inbox: usize, stop: Shutdown) -> Result<SlowPath<C>, PollersError> {
-        let (mut lp, tx) = SlowLoop::new(control, inbox);
+        SlowPath::spawn_with(control, inbox, stop, SlowOpts::default())
+    }
+
+    /// Starts the thread as `opts` says.
+    pub fn spawn_with(
+        control: C,
+        inbox: usize,
+        stop: Shutdown,
+        opts: SlowOpts,
+    ) -> Result<SlowPath<C>, PollersError> {
+        let (lp, tx) = SlowLoop::new(control, inbox);
+        SlowPath::run(lp, tx, stop, opts)
+    }
+
+    /// Runs an existing loop (whose inbox sender is `tx`) on a new thread.
+    pub fn run(
+        mut lp: SlowLoop<C>,
+        tx: mpsc::Sender<C::Msg>,
+        stop: Shutdown,
+        opts: SlowOpts,
+    ) -> Result<SlowPath<C>, PollersError> {
         let stop2 = stop.clone();
         let handle = std::thread::Builder::new()
-            .name("rtrs-slow".into())
+            .name(opts.name.clone())
             .spawn(move || {
+                if let Some(cpu) = opts.cpu {
+                    if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+                        tracing::warn!(cpu, "{}: could not pin; running unpinned", opts.name);
+                    }
+                }
                 while !stop2.is_set() {
-                    lp.step(Instant::now(), MAX_WAIT);
+                    lp.step(Instant::now(), opts.max_wait);
                 }
                 lp.control.on_stop();
                 lp.control
@@ -183,10 +249,16 @@ impl<C: Control> SlowPath<C> {
         self.tx.clone()
     }
 
-    /// Stops the thread and returns its control state.
-    pub fn stop(self) -> C {
+    /// Stops the thread and returns its control state (`None` when the
+    /// thread panicked).
+    pub fn stop(self) -> Option<C> {
         self.stop.trigger();
-        self.handle.join().expect("the slow path panicked")
+        self.handle.join().ok()
+    }
+
+    /// Whether the thread has ended (stopped, or its control panicked).
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
     }
 }
 
@@ -245,11 +317,11 @@ mod tests {
         let tx = sp.sender();
         tx.push(1).unwrap();
         tx.push(2).unwrap();
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         while !tx.is_abandoned() && t0.elapsed() < Duration::from_millis(100) {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let log = sp.stop();
+        let log = sp.stop().unwrap();
         assert_eq!(log.events, ["msg 1", "msg 2"]);
     }
 }

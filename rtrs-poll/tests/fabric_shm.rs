@@ -26,3 +26,4 @@ impl common::conformance::Backend for Shm {
 
 conformance_tests!(Shm);
 engine_tests!(Shm);
+multipath_tests!(Shm);

@@ -49,6 +49,7 @@ impl common::conformance::Backend for Tcp {
 
 conformance_tests!(Tcp);
 engine_tests!(Tcp);
+multipath_tests!(Tcp);
 
 /// Small buffers and pieces, so every message streams in many pieces and
 /// sends and receives come back partial.

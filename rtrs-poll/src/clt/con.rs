@@ -2,7 +2,8 @@
 //!
 //! Buffers: `nrecv` 8-byte receive slots (RKEY_RSP payloads land there).
 
-use crate::fabric::{memory, Access, Cq, Fabric, Memory, Mr, Pd, Qp, QpCap, RecvWr, Wc};
+use crate::fabric::{memory, Access, Cq, Fabric, Memory, Mr, Pd, Qp, QpCap, RecvWr, SendWr, Wc};
+use crate::sess::hb::Signal;
 use std::sync::Arc;
 
 /// wr_id of a receive: its slot index in the low bits.
@@ -21,8 +22,10 @@ pub struct CltCon<F: Fabric> {
     pub(crate) mem: Arc<dyn Memory>,
     pub(crate) mr: F::Mr,
     pub(crate) nrecv: u32,
-    since_signal: u32,
-    pub(crate) signal_every: u32,
+    /// The connection round it belongs to (the path's `recon_cnt`): a
+    /// core's failure report names it, so a stale report is ignored.
+    pub(crate) epoch: u16,
+    pub(crate) signal: Signal,
 }
 
 impl<F: Fabric> std::fmt::Debug for CltCon<F> {
@@ -36,6 +39,7 @@ impl<F: Fabric> CltCon<F> {
     pub(crate) fn create(
         pd: &F::Pd,
         cid: u16,
+        epoch: u16,
         cap: QpCap,
         nrecv: u32,
     ) -> crate::fabric::Result<CltCon<F>> {
@@ -50,8 +54,8 @@ impl<F: Fabric> CltCon<F> {
             mem,
             mr,
             nrecv,
-            since_signal: 0,
-            signal_every: 1,
+            epoch,
+            signal: Signal::every(1),
         })
     }
 
@@ -72,15 +76,10 @@ impl<F: Fabric> CltCon<F> {
         Ok(())
     }
 
-    /// Whether the next WR is signaled (every `signal_every`-th).
-    pub(crate) fn signal_next(&mut self) -> bool {
-        self.since_signal += 1;
-        if self.since_signal >= self.signal_every {
-            self.since_signal = 0;
-            true
-        } else {
-            false
-        }
+    /// Posts `wr`, signaled when its turn comes.
+    pub(crate) fn post(&mut self, wr: SendWr<'_>) -> crate::fabric::Result<()> {
+        let wr = self.signal.apply(wr);
+        self.qp.post_send(&wr)
     }
 
     /// Polls the CQ.

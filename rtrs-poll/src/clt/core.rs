@@ -2,15 +2,19 @@
 //! requests it submitted, and their completions. Owned by one thread (the
 //! embedder's core); no lock, no allocation per IO.
 
-use super::con::{CltCon, WR_IO, WR_KIND, WR_RECV};
-use super::path::{bump, LinkState};
+use super::con::{CltCon, WR_HB, WR_IO, WR_KIND, WR_RECV};
+use super::ctl::CtlMsg;
+use super::path::{bump, CltPath};
 use super::{CltError, CltSess, IoPermit};
 use crate::fabric::memory::bytes_mut;
-use crate::fabric::{Fabric, Mr, Qp, SendWr, Sge, Wc, WcOpcode, WcStatus};
+use crate::fabric::{Fabric, Mr, SendWr, Sge, Wc, WcOpcode, WcStatus};
 use crate::proto::chunk;
 use crate::proto::imm::Imm;
-use crate::proto::{RdmaReadRepr, RkeyRsp, SgDesc};
-use crate::sess::mp_policy::{MpPolicy, PathIter, PathView};
+use crate::proto::{RdmaRead, RdmaReadRepr, RdmaWrite, RkeyRsp, SgDesc};
+use crate::sess::hb::hb_wr;
+use crate::sess::mp_policy::{MpPolicy, PathIter, PathView, MAX_PATHS};
+use crate::sess::path::PathState;
+use crate::sess::DownReason;
 use minstant::Instant;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -43,7 +47,7 @@ pub struct Completion {
 }
 
 #[derive(Clone, Copy)]
-struct Req {
+pub(crate) struct Req {
     active: bool,
     dir: Dir,
     len: u32,
@@ -62,16 +66,14 @@ struct Req {
 /// Most scatter-gather entries of one write's data.
 pub const MAX_SG: usize = 8;
 
-/// Longest user header a [`Submitter`] carries inline.
-pub const REMOTE_USR_MAX: usize = 64;
-
-/// A request from another thread.
+/// A request from another thread. Its user header is already in the
+/// permit's header slot (the submitter holds the permit, so the slot is
+/// its to write).
 struct RemoteReq {
     sub: u8,
     permit: u32,
     dir: Dir,
-    usr: [u8; REMOTE_USR_MAX],
-    usr_len: u8,
+    usr_len: u16,
     len: u32,
     tag: u64,
     start: Instant,
@@ -139,17 +141,18 @@ impl<F: Fabric> Submitter<F> {
         len: u32,
         tag: u64,
     ) -> Result<(), (IoPermit, CltError)> {
-        if usr.len() > REMOTE_USR_MAX {
+        let s = &self.sess;
+        if usr.len() > s.max_hdr_size as usize {
             return Err((p, CltError::MsgSize));
         }
-        let mut u = [0u8; REMOTE_USR_MAX];
-        u[..usr.len()].copy_from_slice(usr);
+        if let Err(e) = s.mem.write(s.hdr_off(p.0), usr) {
+            return Err((p, e.into()));
+        }
         let r = RemoteReq {
             sub: self.id,
             permit: p.0,
             dir,
-            usr: u,
-            usr_len: usr.len() as u8,
+            usr_len: usr.len() as u16,
             len,
             tag,
             start: Instant::now(),
@@ -169,28 +172,66 @@ impl<F: Fabric> Submitter<F> {
     }
 }
 
-/// Messages from the control loop to a core.
+/// Messages from the control thread to a core.
 pub(crate) enum CoreMsg<F: Fabric> {
-    /// Path `i`'s connection for this core (after (re)connect).
+    /// A path in slot `slot`, with its request table (allocated by the
+    /// control thread, so the core never allocates).
+    AddPath {
+        slot: usize,
+        path: Arc<CltPath>,
+        reqs: Box<[Req]>,
+    },
+    /// The path's connection for this core (after a (re)connect).
     Con(usize, CltCon<F>),
-    /// Path `i` is being torn down: drop its connection, fail its IO over.
+    /// The path is being torn down: drop its connection, fail its IO over.
     Drop(usize),
+    /// The path is gone for good: drop it and forget the slot.
+    Remove(usize),
+}
+
+/// A request table for one path on one core: every permit idle.
+pub(crate) fn req_table(queue_depth: u32) -> Box<[Req]> {
+    let idle = Req {
+        active: false,
+        dir: Dir::Write,
+        len: 0,
+        usr_len: 0,
+        need_inval: false,
+        tag: 0,
+        start: Instant::now(),
+        remote: None,
+        sg: [Sge::default(); MAX_SG],
+        sg_n: 0,
+    };
+    vec![idle; queue_depth as usize].into_boxed_slice()
 }
 
 const WC_BATCH: usize = 32;
+
+/// One path as a core sees it.
+struct CorePath<F: Fabric> {
+    path: Arc<CltPath>,
+    con: Option<CltCon<F>>,
+    reqs: Box<[Req]>,
+    recvs: u64,
+}
 
 /// One core's side of a client session.
 pub struct CltCore<F: Fabric> {
     core: u32,
     sess: Arc<CltSess<F>>,
-    cons: Vec<Option<CltCon<F>>>,
-    reqs: Vec<Box<[Req]>>,
-    recvs: Vec<u64>,
+    paths: Vec<Option<CorePath<F>>>,
     inbox: pollers::spsc::Consumer<CoreMsg<F>>,
+    to_ctl: pollers::mpsc::Sender<CtlMsg>,
+    /// Failure reports the control thread's inbox had no room for yet
+    /// (sized for every path: never grows).
+    unsent: Vec<CtlMsg>,
     views: Vec<PathView>,
     rr: Option<usize>,
     wcs: [Wc; WC_BATCH],
     scratch: Box<[u8]>,
+    /// A remote request's user header, read back from its header slot.
+    usr_scratch: Box<[u8]>,
     remote_tx: pollers::mpsc::Sender<RemoteReq>,
     remote_rx: pollers::mpsc::Receiver<RemoteReq>,
     subs: Vec<pollers::spsc::Producer<Completion>>,
@@ -207,45 +248,61 @@ impl<F: Fabric> CltCore<F> {
         core: u32,
         sess: Arc<CltSess<F>>,
         inbox: pollers::spsc::Consumer<CoreMsg<F>>,
+        to_ctl: pollers::mpsc::Sender<CtlMsg>,
     ) -> CltCore<F> {
-        let n = sess.paths.len();
         let qd = sess.queue_depth as usize;
-        let idle = Req {
-            active: false,
-            dir: Dir::Write,
-            len: 0,
-            usr_len: 0,
-            need_inval: false,
-            tag: 0,
-            start: Instant::now(),
-            remote: None,
-            sg: [Sge::default(); MAX_SG],
-            sg_n: 0,
-        };
         let (remote_tx, remote_rx) = pollers::mpsc::channel(qd.max(2));
         CltCore {
             remote_tx,
             remote_rx,
             subs: Vec::new(),
             core,
-            cons: (0..n).map(|_| None).collect(),
-            reqs: (0..n).map(|_| vec![idle; qd].into_boxed_slice()).collect(),
-            recvs: vec![0; n],
+            paths: Vec::with_capacity(MAX_PATHS),
             inbox,
-            views: vec![PathView::default(); n],
+            to_ctl,
+            unsent: Vec::with_capacity(MAX_PATHS),
+            views: Vec::with_capacity(MAX_PATHS),
             rr: None,
             wcs: [Wc::default(); WC_BATCH],
             scratch: vec![0u8; sess.max_hdr_size as usize].into_boxed_slice(),
+            usr_scratch: vec![0u8; sess.max_hdr_size as usize].into_boxed_slice(),
             sess,
         }
     }
 
-    /// Takes the connections the control loop handed over at open (no
-    /// other message can be queued then).
-    pub(crate) fn absorb_cons(&mut self) {
+    /// Takes what the control thread handed over at open (paths and their
+    /// connections), before the core runs.
+    pub(crate) fn absorb(&mut self, now: Instant) {
         while let Some(msg) = self.inbox.pop() {
-            if let CoreMsg::Con(i, con) = msg {
-                self.cons[i] = Some(con);
+            self.on_msg(msg, now, &mut |_| {});
+        }
+    }
+
+    fn on_msg(&mut self, msg: CoreMsg<F>, now: Instant, done: &mut dyn FnMut(Completion)) {
+        match msg {
+            CoreMsg::AddPath { slot, path, reqs } => {
+                while self.paths.len() <= slot {
+                    self.paths.push(None);
+                    self.views.push(PathView::default());
+                }
+                self.paths[slot] = Some(CorePath {
+                    path,
+                    con: None,
+                    reqs,
+                    recvs: 0,
+                });
+            }
+            CoreMsg::Con(slot, con) => {
+                if let Some(Some(p)) = self.paths.get_mut(slot) {
+                    p.con = Some(con);
+                }
+            }
+            CoreMsg::Drop(slot) => self.drop_path(slot, now, done),
+            CoreMsg::Remove(slot) => {
+                self.drop_path(slot, now, done);
+                if let Some(p) = self.paths.get_mut(slot) {
+                    *p = None;
+                }
             }
         }
     }
@@ -376,8 +433,8 @@ impl<F: Fabric> CltCore<F> {
     ) -> Result<(), (IoPermit, CltError)> {
         let s = &self.sess;
         let msg_len = match dir {
-            Dir::Write => 4,
-            Dir::Read => 8 + SgDesc::LEN,
+            Dir::Write => RdmaWrite::<&[u8]>::LEN,
+            Dir::Read => RdmaRead::<&[u8]>::HDR_LEN + SgDesc::LEN,
         };
         if (sg.is_empty() && len as usize > s.buf_size)
             || usr.len() + msg_len > s.max_hdr_size as usize
@@ -441,12 +498,17 @@ impl<F: Fabric> CltCore<F> {
     }
 
     fn refresh_views(&mut self) {
-        for (i, v) in self.views.iter_mut().enumerate() {
-            let p = &self.sess.paths[i];
-            *v = PathView {
-                connected: self.cons[i].is_some() && p.state() == LinkState::Connected,
-                inflight: p.inflight(),
-                latency: p.latency(),
+        for (v, p) in self.views.iter_mut().zip(&self.paths) {
+            *v = match p {
+                Some(p) => PathView {
+                    // A connection of an older round (its teardown not yet
+                    // taken from the inbox) is not the path's.
+                    connected: p.con.as_ref().is_some_and(|c| c.epoch == p.path.epoch())
+                        && p.path.state() == PathState::Connected,
+                    inflight: p.path.inflight(),
+                    latency: p.path.latency(),
+                },
+                None => PathView::default(),
             };
         }
     }
@@ -460,31 +522,32 @@ impl<F: Fabric> CltCore<F> {
         let policy = MpPolicy::from_code(self.sess.policy.load(Ordering::Relaxed));
         let mut it = PathIter::new(policy);
         let mut last = CltError::NoPath;
-        while let Some(path) = it.next(&self.views, &mut self.rr) {
-            match self.post_on(path, buf_id, &req) {
-                Ok(()) => {
-                    self.reqs[path][buf_id as usize] = req;
-                    bump(&self.sess.paths[path].cores[self.core as usize].inflight, 1);
-                    return Ok(());
-                }
+        while let Some(slot) = it.next(&self.views, &mut self.rr) {
+            match self.post_on(slot, buf_id, &req) {
+                Ok(()) => return Ok(()),
                 Err(e) => last = e,
             }
         }
         Err(last)
     }
 
-    fn post_on(&mut self, path: usize, buf_id: u32, req: &Req) -> Result<(), CltError> {
+    fn post_on(&mut self, slot: usize, buf_id: u32, req: &Req) -> Result<(), CltError> {
         let s = &self.sess;
-        let rbuf = &s.paths[path].rbufs[buf_id as usize];
+        let Some(Some(p)) = self.paths.get_mut(slot) else {
+            return Err(CltError::NoPath);
+        };
+        let rbuf = &p.path.rbufs[buf_id as usize];
         let (addr, rkey) = (
             rbuf.addr.load(Ordering::Acquire),
             rbuf.rkey.load(Ordering::Acquire),
         );
-        let con = self.cons[path].as_mut().ok_or(CltError::NoPath)?;
-        let tail = match req.dir {
-            Dir::Write => req.usr_len as u32 + 4,
-            Dir::Read => req.usr_len as u32 + 8 + if req.len > 0 { 16 } else { 0 },
-        };
+        let con = p.con.as_mut().ok_or(CltError::NoPath)?;
+        let tail = req.usr_len as u32
+            + match req.dir {
+                Dir::Write => RdmaWrite::<&[u8]>::LEN as u32,
+                Dir::Read if req.len > 0 => (RdmaRead::<&[u8]>::HDR_LEN + SgDesc::LEN) as u32,
+                Dir::Read => RdmaRead::<&[u8]>::HDR_LEN as u32,
+            };
         let hdr = s.lmr.sge(s.hdr_off(buf_id), tail);
         let data = s.lmr.sge(s.buf_off(buf_id), req.len);
         let off = chunk::msg_off(req.len, req.usr_len as usize);
@@ -502,12 +565,9 @@ impl<F: Fabric> CltCore<F> {
             Dir::Write => SendWr::write_with_imm(wr_id, &only, addr, rkey, imm),
             Dir::Read => SendWr::write_with_imm(wr_id, &only, addr + u64::from(req.len), rkey, imm),
         };
-        let wr = if con.signal_next() {
-            wr
-        } else {
-            wr.unsignaled()
-        };
-        con.qp.post_send(&wr)?;
+        con.post(wr)?;
+        p.reqs[buf_id as usize] = *req;
+        bump(&p.path.cores[self.core as usize].inflight, 1);
         Ok(())
     }
 
@@ -517,24 +577,33 @@ impl<F: Fabric> CltCore<F> {
         let mut work = 0;
         while let Some(msg) = self.inbox.pop() {
             work += 1;
-            match msg {
-                CoreMsg::Con(i, con) => self.cons[i] = Some(con),
-                CoreMsg::Drop(i) => self.drop_path(i, now, done),
-            }
+            self.on_msg(msg, now, done);
+        }
+        if !self.unsent.is_empty() {
+            self.send_reports();
         }
         for _ in 0..WC_BATCH {
             let Some(r) = self.remote_rx.pop() else { break };
             work += 1;
-            let usr = r.usr;
-            let res = self.submit(
-                IoPermit(r.permit),
-                r.dir,
-                &usr[..r.usr_len as usize],
-                r.len,
-                r.tag,
-                r.start,
-                Some(r.sub),
-            );
+            let mut usr = std::mem::take(&mut self.usr_scratch);
+            let n = (r.usr_len as usize).min(usr.len());
+            let res = match self
+                .sess
+                .mem
+                .read(self.sess.hdr_off(r.permit), &mut usr[..n])
+            {
+                Ok(()) => self.submit(
+                    IoPermit(r.permit),
+                    r.dir,
+                    &usr[..n],
+                    r.len,
+                    r.tag,
+                    r.start,
+                    Some(r.sub),
+                ),
+                Err(e) => Err((IoPermit(r.permit), e.into())),
+            };
+            self.usr_scratch = usr;
             if let Err((permit, e)) = res {
                 let c = Completion {
                     permit,
@@ -547,10 +616,11 @@ impl<F: Fabric> CltCore<F> {
                 self.deliver(Some(r.sub), c, done);
             }
         }
-        for path in 0..self.cons.len() {
-            let Some(con) = self.cons[path].as_mut() else {
+        for slot in 0..self.paths.len() {
+            let Some(Some(p)) = self.paths.get_mut(slot) else {
                 continue;
             };
+            let Some(con) = p.con.as_mut() else { continue };
             let n = con.poll(&mut self.wcs);
             if n == 0 {
                 continue;
@@ -558,64 +628,99 @@ impl<F: Fabric> CltCore<F> {
             work += n;
             for k in 0..n {
                 let wc = self.wcs[k];
-                if !self.on_wc(path, wc, now, done) {
-                    self.drop_path(path, now, done);
+                if let Err(why) = self.on_wc(slot, wc, done) {
+                    self.path_failed(slot, why, now, done);
                     break;
                 }
             }
-            self.sess.paths[path].cores[self.core as usize]
-                .recvs
-                .store(self.recvs[path], Ordering::Relaxed);
+            if let Some(Some(p)) = self.paths.get(slot) {
+                p.path.cores[self.core as usize]
+                    .recvs
+                    .store(p.recvs, Ordering::Relaxed);
+            }
         }
         work
     }
 
-    /// Returns false when the path failed.
-    fn on_wc(
+    /// This core saw path `slot` fail: its IO moves to other paths now, and
+    /// the control thread hears why (it tears the path down everywhere and
+    /// reconnects it).
+    fn path_failed(
         &mut self,
-        path: usize,
-        wc: Wc,
+        slot: usize,
+        why: DownReason,
         now: Instant,
         done: &mut dyn FnMut(Completion),
-    ) -> bool {
-        // Borrowed, not cloned: no locked increment per completion.
-        let p = &*self.sess.paths[path];
+    ) {
+        let Some(Some(p)) = self.paths.get(slot) else {
+            return;
+        };
+        let Some(epoch) = p.con.as_ref().map(|c| c.epoch) else {
+            return;
+        };
+        self.drop_path(slot, now, done);
+        self.unsent.push(CtlMsg::PathFailed {
+            slot,
+            epoch,
+            reason: why,
+        });
+        self.send_reports();
+    }
+
+    /// Hands failure reports to the control thread; what its inbox has no
+    /// room for waits for the next poll (never dropped).
+    fn send_reports(&mut self) {
+        while let Some(m) = self.unsent.pop() {
+            if let Err(pollers::Full(m)) = self.to_ctl.push(m) {
+                self.unsent.push(m);
+                return;
+            }
+        }
+    }
+
+    /// Err when the path failed.
+    fn on_wc(
+        &mut self,
+        slot: usize,
+        wc: Wc,
+        done: &mut dyn FnMut(Completion),
+    ) -> Result<(), DownReason> {
+        let Some(Some(p)) = self.paths.get_mut(slot) else {
+            return Ok(());
+        };
+        let Some(con) = p.con.as_mut() else {
+            return Ok(());
+        };
+        let cid = con.cid;
         if wc.status != WcStatus::Success {
-            p.fail(format_args!(
-                "core {}: {:?} completion of {:?}",
-                self.core, wc.status, wc.opcode
-            ));
-            return false;
+            return Err(DownReason::Completion {
+                cid,
+                status: wc.status,
+                opcode: wc.opcode,
+            });
         }
         if wc.wr_id & WR_KIND != WR_RECV {
-            return true;
+            return Ok(());
         }
-        self.recvs[path] += 1;
-        let slot = (wc.wr_id & 0xffff_ffff) as u32;
-        let con = match self.cons[path].as_mut() {
-            Some(c) => c,
-            None => return false,
-        };
+        let protocol = |what: String| DownReason::Protocol { cid, what };
+        p.recvs += 1;
+        let rslot = (wc.wr_id & 0xffff_ffff) as u32;
         let mut rkey_rsp = None;
         if wc.opcode == WcOpcode::Recv && wc.with_imm {
-            let mut b = [0u8; 8];
-            if con.mem.read(slot as usize * 8, &mut b).is_err() {
-                return false;
-            }
-            match RkeyRsp::new_checked(&b[..(wc.byte_len as usize).min(8)]) {
-                Ok(v) => rkey_rsp = Some((u32::from(v.buf_id()), v.rkey())),
-                Err(e) => {
-                    p.fail(format_args!("RKEY_RSP: {e}"));
-                    return false;
-                }
-            }
+            let mut b = [0u8; RkeyRsp::<&[u8]>::LEN];
+            con.mem
+                .read(rslot as usize * b.len(), &mut b)
+                .map_err(|e| protocol(format!("RKEY_RSP slot: {e}")))?;
+            let v = RkeyRsp::new_checked(&b[..(wc.byte_len as usize).min(b.len())])
+                .map_err(|e| protocol(format!("RKEY_RSP: {e}")))?;
+            rkey_rsp = Some((u32::from(v.buf_id()), v.rkey()));
         }
-        if let Err(e) = con.post_recv(slot) {
-            p.fail(format_args!("cannot repost a receive: {e}"));
-            return false;
-        }
+        con.post_recv(rslot).map_err(|e| DownReason::Local {
+            cid,
+            what: format!("cannot repost a receive: {e}"),
+        })?;
         if !wc.with_imm {
-            return true; // SEND_WITH_INV: the type-2 response follows
+            return Ok(()); // SEND_WITH_INV: the type-2 response follows
         }
         match Imm::decode_clt(wc.imm) {
             Ok(Imm::IoRsp {
@@ -624,52 +729,45 @@ impl<F: Fabric> CltCore<F> {
                 inval,
             }) => {
                 if msg_id >= self.sess.queue_depth {
-                    p.fail(format_args!("response for chunk {msg_id} >= queue depth"));
-                    return false;
+                    return Err(protocol(format!(
+                        "response for chunk {msg_id} >= queue depth"
+                    )));
                 }
                 if let Some((buf_id, rkey)) = rkey_rsp {
                     if buf_id != msg_id {
-                        p.fail(format_args!(
+                        return Err(protocol(format!(
                             "RKEY_RSP for chunk {buf_id} with response {msg_id}"
-                        ));
-                        return false;
+                        )));
                     }
-                    p.rbufs[buf_id as usize].rkey.store(rkey, Ordering::Release);
+                    p.path.rbufs[buf_id as usize]
+                        .rkey
+                        .store(rkey, Ordering::Release);
                 }
-                self.complete(path, msg_id, errno, inval, done);
-                true
+                self.complete(slot, msg_id, errno, inval, done);
+                Ok(())
             }
-            Ok(Imm::HbMsg) => {
-                let con = self.cons[path].as_mut();
-                if let Some(con) = con {
-                    let wr = SendWr::write_with_imm(super::con::WR_HB, &[], 0, 0, Imm::join(9, 0));
-                    let wr = if con.signal_next() {
-                        wr
-                    } else {
-                        wr.unsignaled()
-                    };
-                    let _ = con.qp.post_send(&wr);
-                }
-                true
-            }
-            Ok(_) => true,
-            Err(e) => {
-                let _ = now;
-                p.fail(format_args!("bad immediate {:#010x}: {e}", wc.imm));
-                false
-            }
+            // The kernel answers a heartbeat on whatever connection it came.
+            Ok(Imm::HbMsg) => con.post(hb_wr(WR_HB, true)).map_err(|e| DownReason::Local {
+                cid,
+                what: format!("cannot ack a heartbeat: {e}"),
+            }),
+            Ok(_) => Ok(()),
+            Err(e) => Err(protocol(format!("bad immediate {:#010x}: {e}", wc.imm))),
         }
     }
 
     fn complete(
         &mut self,
-        path: usize,
+        slot: usize,
         msg_id: u32,
         errno: i32,
         inval: bool,
         done: &mut dyn FnMut(Completion),
     ) {
-        let req = &mut self.reqs[path][msg_id as usize];
+        let Some(Some(p)) = self.paths.get_mut(slot) else {
+            return;
+        };
+        let req = &mut p.reqs[msg_id as usize];
         if !req.active {
             tracing::warn!(msg_id, "response for a chunk with no request; ignored");
             return;
@@ -680,7 +778,7 @@ impl<F: Fabric> CltCore<F> {
             // The server did not invalidate our buffer: do it locally.
             self.sess.rd_mrs[msg_id as usize].invalidate();
         }
-        let c = &self.sess.paths[path].cores[self.core as usize];
+        let c = &p.path.cores[self.core as usize];
         bump(&c.inflight, u64::MAX); // -1
         bump(&c.ios, 1);
         bump(&c.bytes, u64::from(r.len));
@@ -715,19 +813,25 @@ impl<F: Fabric> CltCore<F> {
     /// The path's connection on this core is gone: its requests go to
     /// another path (same permit, same chunk id), or fail with
     /// -ECONNABORTED when none is left.
-    fn drop_path(&mut self, path: usize, now: Instant, done: &mut dyn FnMut(Completion)) {
+    fn drop_path(&mut self, slot: usize, now: Instant, done: &mut dyn FnMut(Completion)) {
         let _ = now;
-        if self.cons[path].take().is_none() {
+        let Some(Some(p)) = self.paths.get_mut(slot) else {
+            return;
+        };
+        if p.con.take().is_none() {
             return;
         }
-        let sess = self.sess.clone();
-        let c = &sess.paths[path].cores[self.core as usize];
-        for buf_id in 0..sess.queue_depth {
-            let req = self.reqs[path][buf_id as usize];
+        let path = p.path.clone();
+        let c = &path.cores[self.core as usize];
+        for buf_id in 0..self.sess.queue_depth {
+            let Some(Some(p)) = self.paths.get_mut(slot) else {
+                return;
+            };
+            let req = p.reqs[buf_id as usize];
             if !req.active {
                 continue;
             }
-            self.reqs[path][buf_id as usize].active = false;
+            p.reqs[buf_id as usize].active = false;
             bump(&c.inflight, u64::MAX);
             // A read gets a fresh key: the old one may still be in use by
             // the failed path's server.
@@ -735,7 +839,7 @@ impl<F: Fabric> CltCore<F> {
                 Dir::Read => self.rebuild_read(buf_id, &req),
                 Dir::Write => Ok(()),
             };
-            let moved = rebuilt.and_then(|()| self.post_any(buf_id, req, Some(path)));
+            let moved = rebuilt.and_then(|()| self.post_any(buf_id, req, Some(slot)));
             if moved.is_ok() {
                 bump(&c.failovers, 1);
             } else {
@@ -778,9 +882,10 @@ impl<F: Fabric> CltCore<F> {
 
     /// Requests in flight on this core.
     pub fn inflight(&self) -> usize {
-        self.reqs
+        self.paths
             .iter()
-            .map(|r| r.iter().filter(|q| q.active).count())
+            .flatten()
+            .map(|p| p.reqs.iter().filter(|q| q.active).count())
             .sum()
     }
 }
@@ -789,8 +894,8 @@ impl<F: Fabric> Drop for CltCore<F> {
     fn drop(&mut self) {
         // Connections close with their QPs; permits held by requests in
         // flight are returned so the session's pool stays whole.
-        for path in &self.reqs {
-            for (i, r) in path.iter().enumerate() {
+        for p in self.paths.iter().flatten() {
+            for (i, r) in p.reqs.iter().enumerate() {
                 if r.active {
                     self.sess.permits.put(crate::sess::permit::Permit(i as u32));
                 }

@@ -2,41 +2,35 @@
 //! (cid 0) and one IO connection per core, as the kernel's rtrs-client.
 //!
 //! ```text
-//!  Client (control loop, slow-path thread)
-//!    open: per path, cid 0..=cores one after another (CON_REQ / CON_RSP),
-//!          then INFO_REQ / INFO_RSP on cid 0 -> the server's chunk table
-//!    cid 0: heartbeats (and their RTT for min-latency); failed paths:
-//!          tear down, reconnect with the kernel's delay, jitter and budget
-//!  CltCore (one per core, owned by the embedder's core thread)
-//!    permit (= server chunk id) -> header slot [usr][rdma_write|rdma_read]
-//!    -> WRITE_WITH_IMM on the path mp_policy picks -> response imm
-//!    -> Completion on the same core; a failed path's IO moves to another
+//!  Client (the embedder's handle)        commands ──> control thread (ctl, library-owned)
+//!    open / add_path / remove_path /                  per path: a ClientPath machine
+//!    disconnect / reconnect / subscribe               CON_REQ/RSP cid 0..=cores, INFO,
+//!                     <── CltEvent (path up/down,     heartbeats (RTT), reconnects on
+//!                         session lost/reconnected)   the kernel's schedule
+//!  CltCore (one per core, the embedder's thread)  <── spsc: paths, cons, teardowns
+//!    permit (= server chunk id) -> header slot     ──> mpsc: "path failed" reports
+//!    [usr][rdma_write|rdma_read] -> WRITE_WITH_IMM on the path mp_policy picks
+//!    -> response imm -> Completion on the same core; a failed path's IO moves over
 //!  CltSess (shared): one registered region of QD data buffers and QD header
-//!    slots, per-permit read MRs (re-keyed per read), the permit pool, paths
+//!    slots, per-permit read MRs, the permit pool
 //! ```
 
 mod con;
 mod core;
+mod ctl;
 mod path;
 
-pub use self::core::{CltCore, Completion, Dir, Submitter, MAX_SG, REMOTE_USR_MAX};
-pub use path::{CltPath, LinkState, PathStats};
+pub use self::core::{CltCore, Completion, Dir, Submitter, MAX_SG};
+pub use crate::sess::path::{PathState, ReconnectPolicy};
+pub use crate::sess::DownReason;
+pub use path::{CltPath, PathId, PathStats};
 
-use self::core::CoreMsg;
-use crate::fabric::{
-    memory, Access, Address, Cm, CmEvent, ConnId, Fabric, FabricError, Memory, Mr, Qp, QpCap,
-    RecvWr, SendWr, Wc, WcOpcode, WcStatus,
-};
-use crate::proto::imm::{Imm, ImmLayout};
-use crate::proto::{
-    slice_chunks, ConnReqRepr, ConnRsp, ConnRspRepr, InfoReqRepr, InfoRsp, ProtoError, NAME_MAX,
-    SERVICE_CON_QUEUE_DEPTH,
-};
-use crate::sess::hb::{HbAction, Heartbeat};
+use crate::fabric::{memory, Access, Address, Fabric, FabricError, Memory, Mr, Pd};
+use crate::proto::imm::ImmLayout;
+use crate::proto::{ProtoError, NAME_MAX};
 use crate::sess::mp_policy::MpPolicy;
-use crate::sess::path::{ClientPath, PathAction, ReconnectPolicy};
 use crate::sess::permit::Permits;
-use con::{CltCon, WR_HB, WR_INFO_REQ, WR_INFO_RSP, WR_KIND, WR_RECV};
+use ctl::{CltControl, Cmd, CtlMsg, Shared};
 use minstant::Instant;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -74,8 +68,12 @@ pub struct CltConfig {
     pub connect_timeout: Duration,
     /// Heartbeat interval (the kernel's: 5 s).
     pub hb_interval: Duration,
+    /// Missed heartbeats before a path is dead (the kernel's: 5).
+    pub hb_missed_max: u32,
     /// How read buffers are keyed.
     pub read_keys: ReadKeys,
+    /// A housekeeping CPU for the control thread; `None`: unpinned.
+    pub control_cpu: Option<usize>,
 }
 
 /// How the client exposes its read buffers (one per permit) to the server.
@@ -130,7 +128,9 @@ impl CltConfig {
             reconnect: ReconnectPolicy::default(),
             connect_timeout: Duration::from_secs(30),
             hb_interval: crate::sess::hb::HB_INTERVAL,
+            hb_missed_max: crate::sess::hb::HB_MISSED_MAX,
             read_keys: ReadKeys::default(),
+            control_cpu: None,
         }
     }
 }
@@ -147,25 +147,35 @@ pub enum CltError {
     /// The server sent something malformed.
     #[error("protocol: {0}")]
     Proto(ProtoError),
-    /// The server refused the connection with this errno.
-    #[error("server rejected the connection: errno {0}")]
-    Rejected(i32),
-    /// A connection or the INFO exchange failed.
-    #[error("connecting {addr}: {why}")]
-    Connect {
+    /// A path went down (or could not come up), with why.
+    #[error("path {addr}: {reason}")]
+    PathDown {
         /// The path's address.
         addr: String,
-        /// What went wrong.
-        why: String,
+        /// Why.
+        reason: DownReason,
     },
+    /// The session already has a path to this address (-EEXIST).
+    #[error("the session already has a path to {0}")]
+    Exists(String),
+    /// No path with this id (-ENOENT).
+    #[error("no path {0}")]
+    NoSuchPath(PathId),
+    /// The last path of a session cannot be removed (-EBUSY).
+    #[error("the last path of a session cannot be removed")]
+    LastPath,
+    /// The control thread is gone (the client is closing).
+    #[error("the client's control thread is gone")]
+    Gone,
     /// Header or data too large for the session's chunks (-EMSGSIZE).
     #[error("IO too large for the session's chunks")]
     MsgSize,
     /// No connected path could take the IO (-ECONNABORTED).
     #[error("no connected path")]
     NoPath,
-    /// A ring to a core is full, or a core has too many submitters (-EBUSY).
-    #[error("the core's submission ring is full")]
+    /// A ring is full, a core has too many submitters, or the path is busy
+    /// connecting (-EBUSY).
+    #[error("busy: a ring is full or the path is connecting")]
     Busy,
 }
 
@@ -175,8 +185,11 @@ impl CltError {
         match self {
             CltError::MsgSize => -libc::EMSGSIZE,
             CltError::NoPath => -libc::ECONNABORTED,
-            CltError::Busy => -libc::EBUSY,
-            CltError::Rejected(e) => *e,
+            CltError::Busy | CltError::LastPath => -libc::EBUSY,
+            CltError::PathDown { reason, .. } => reason.errno(),
+            CltError::Exists(_) => -libc::EEXIST,
+            CltError::NoSuchPath(_) => -libc::ENOENT,
+            CltError::Config(_) => -libc::EINVAL,
             _ => -libc::ECONNRESET,
         }
     }
@@ -193,8 +206,9 @@ pub(crate) struct CltSess<F: Fabric> {
     pub(crate) lmr: F::Mr,
     pub(crate) rd_mrs: Vec<F::Mr>,
     pub(crate) permits: Permits,
-    pub(crate) paths: Vec<Arc<CltPath>>,
     pub(crate) policy: AtomicU8,
+    /// The server refreshes chunk keys (always_invalidate).
+    pub(crate) new_rkey: bool,
     /// Ask the server to invalidate read buffers (NEED_INVAL): only where
     /// the fabric lets a peer invalidate our keys.
     pub(crate) need_inval: bool,
@@ -223,56 +237,111 @@ impl<F: Fabric> CltSess<F> {
 
 /// Geometry from cid 0's CON_RSP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Geometry {
-    queue_depth: u16,
-    max_io_size: u32,
-    max_hdr_size: u32,
-    new_rkey: bool,
+pub(crate) struct Geometry {
+    pub(crate) queue_depth: u16,
+    pub(crate) max_io_size: u32,
+    pub(crate) max_hdr_size: u32,
+    pub(crate) new_rkey: bool,
 }
 
-struct PathCtl<F: Fabric> {
-    addr: Address,
-    sess_uuid: [u8; 16],
-    sm: ClientPath,
-    svc: Option<CltCon<F>>,
-    ids: Vec<ConnId>,
-    hb: Option<Heartbeat>,
-    seen_recvs: u64,
-    shared: Arc<CltPath>,
+/// What happened to a session's paths, for the embedder
+/// ([`Client::subscribe`]); each is also logged once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CltEvent {
+    /// A path came up (`reconnect`: it was up before).
+    PathUp {
+        /// The path.
+        path: PathId,
+        /// Its server address.
+        addr: String,
+        /// Whether this is a reconnect.
+        reconnect: bool,
+    },
+    /// A path went down; its IO moved to the others; it reconnects on the
+    /// kernel's schedule.
+    PathDown {
+        /// The path.
+        path: PathId,
+        /// Its server address.
+        addr: String,
+        /// Why.
+        reason: DownReason,
+    },
+    /// A path closed for good (out of attempts, or disconnected by the
+    /// operator); `reconnect_path` brings it back.
+    PathClosed {
+        /// The path.
+        path: PathId,
+        /// Its server address.
+        addr: String,
+        /// Why.
+        reason: DownReason,
+    },
+    /// A path was removed.
+    PathRemoved {
+        /// The path.
+        path: PathId,
+        /// Its server address.
+        addr: String,
+    },
+    /// The last connected path went down (the kernel's
+    /// `RTRS_CLT_LINK_EV_DISCONNECTED`): new IO fails until a path is back.
+    SessionLost,
+    /// A path came up while none was (the kernel's
+    /// `RTRS_CLT_LINK_EV_RECONNECTED`): the server may have dropped the
+    /// session meanwhile, so upper layers re-open what they had open.
+    SessionReconnected,
 }
 
-/// The client's control side: run [`Client::poll`] on the slow-path thread.
+impl std::fmt::Display for CltEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CltEvent::PathUp {
+                path,
+                addr,
+                reconnect,
+            } => write!(
+                f,
+                "{path} {addr}: {}",
+                if *reconnect { "reconnected" } else { "up" }
+            ),
+            CltEvent::PathDown { path, addr, reason } => {
+                write!(f, "{path} {addr}: down ({reason}); IO moved to other paths")
+            }
+            CltEvent::PathClosed { path, addr, reason } => {
+                write!(f, "{path} {addr}: closed ({reason})")
+            }
+            CltEvent::PathRemoved { path, addr } => write!(f, "{path} {addr}: removed"),
+            CltEvent::SessionLost => f.write_str("session lost: no path is connected"),
+            CltEvent::SessionReconnected => f.write_str("session reconnected"),
+        }
+    }
+}
+
+/// Events of one subscriber.
+pub type Events = std::sync::mpsc::Receiver<CltEvent>;
+
+/// The client session, as its embedder holds it. The session's control
+/// (connects, heartbeats, reconnects) runs on a thread of its own that
+/// this handle starts and stops; the embedder runs only its cores
+/// ([`CltCore::poll`]). Methods take `&self`: the handle can be shared.
 pub struct Client<F: Fabric> {
     pd: F::Pd,
-    cm: F::Cm,
-    cfg: CltConfig,
-    geo: Geometry,
-    paths_uuid: [u8; 16],
-    paths: Vec<PathCtl<F>>,
     sess: Arc<CltSess<F>>,
-    to_cores: Vec<pollers::spsc::Producer<CoreMsg<F>>>,
-    wcs: [Wc; 16],
+    geo_new_rkey: bool,
+    sessname: String,
+    tx: pollers::mpsc::Sender<CtlMsg>,
+    shared: Arc<Shared>,
+    slow: Option<pollers::SlowPath<CltControl<F>>>,
 }
 
 impl<F: Fabric> std::fmt::Debug for Client<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("sessname", &self.cfg.sessname)
-            .field("paths", &self.paths.len())
+            .field("sessname", &self.sessname)
+            .field("paths", &self.paths().len())
             .finish()
     }
-}
-
-fn uuid(seed: u64) -> [u8; 16] {
-    let mut x = seed ^ 0x9e37_79b9_7f4a_7c15;
-    let mut u = [0u8; 16];
-    for b in u.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes());
-    }
-    u
 }
 
 fn random_seed() -> u64 {
@@ -282,31 +351,11 @@ fn random_seed() -> u64 {
     t ^ (u64::from(std::process::id()) << 32) ^ (&t as *const u64 as u64)
 }
 
-fn ev_id(ev: &CmEvent) -> ConnId {
-    match ev {
-        CmEvent::ConnectRequest { id, .. }
-        | CmEvent::Established { id, .. }
-        | CmEvent::Rejected { id, .. }
-        | CmEvent::Unreachable { id, .. }
-        | CmEvent::Disconnected { id } => *id,
-    }
-}
-
-fn service_cap() -> QpCap {
-    QpCap {
-        max_send_wr: SERVICE_CON_QUEUE_DEPTH * 2 + 2,
-        max_recv_wr: SERVICE_CON_QUEUE_DEPTH * 2 + 2,
-        max_send_sge: 1,
-        max_recv_sge: 1,
-        max_inline_data: 0,
-        rnr_retry: 7,
-    }
-}
-
 impl<F: Fabric> Client<F> {
-    /// Opens the session: connects every path (all must come up, as
-    /// `rtrs_clt_open` requires) and returns the control side and one
-    /// [`CltCore`] per core, to be moved to the core threads.
+    /// Opens the session: connects every path, one after another (all
+    /// must come up, as `rtrs_clt_open` requires), on the session's own
+    /// control thread, and returns the handle and one [`CltCore`] per core,
+    /// to be moved to the core threads.
     pub fn open(fabric: &F, cfg: CltConfig) -> Result<(Client<F>, Vec<CltCore<F>>), CltError> {
         if cfg.sessname.is_empty()
             || cfg.sessname.len() >= NAME_MAX
@@ -322,81 +371,113 @@ impl<F: Fabric> Client<F> {
         if cfg.cores == 0 || cfg.cores >= usize::from(crate::proto::MAX_CID_NUM) {
             return Err(CltError::Config("cores must be 1..4095"));
         }
+        if cfg.hb_interval.is_zero() {
+            return Err(CltError::Config("the heartbeat interval must not be zero"));
+        }
         let pd = fabric.alloc_pd()?;
-        let mut cm = fabric.create_cm()?;
-        let seed = random_seed();
-        let paths_uuid = uuid(seed);
-        // cid 0 of the first path gives the session's geometry.
-        let mut ctls = Vec::new();
-        let mut first: Option<(Geometry, CltCon<F>, ConnId)> = None;
-        for (i, addr) in cfg.paths.iter().enumerate() {
-            let mut sm = ClientPath::new(cfg.reconnect, seed.wrapping_add(i as u64));
-            let _ = sm.open();
-            let sess_uuid = uuid(seed.wrapping_add(0x100 + i as u64));
-            if i == 0 {
-                let req = ConnReqRepr {
-                    cid: 0,
-                    cid_num: cfg.cores as u16 + 1,
-                    recon_cnt: 1,
-                    sess_uuid,
-                    paths_uuid,
-                    first_conn: true,
-                };
-                let con = CltCon::create(&pd, 0, service_cap(), 2 * SERVICE_CON_QUEUE_DEPTH)?;
-                let (geo, id) = connect_one(&mut cm, addr, &con, &req, cfg.connect_timeout)?;
-                first = Some((geo, con, id));
-            }
-            ctls.push((addr.clone(), sess_uuid, sm));
-        }
-        let Some((geo, svc0, id0)) = first else {
-            return Err(CltError::Config("no path"));
-        };
-        let mut sess = make_sess::<F>(&pd, &cfg, geo)?;
-        sess.need_inval = sess.per_io_keys && fabric.remote_invalidate();
-        let sess = Arc::new(sess);
-        let mut to_cores = Vec::new();
-        let mut cores = Vec::new();
-        for c in 0..cfg.cores {
-            let (tx, rx) = pollers::spsc::channel(4 * cfg.paths.len() + 8);
-            to_cores.push(tx);
-            cores.push(CltCore::new(c as u32, sess.clone(), rx));
-        }
-        let paths = ctls
-            .into_iter()
-            .enumerate()
-            .map(|(i, (addr, sess_uuid, sm))| PathCtl {
-                addr,
-                sess_uuid,
-                sm,
-                svc: None,
-                ids: Vec::new(),
-                hb: None,
-                seen_recvs: 0,
-                shared: sess.paths[i].clone(),
-            })
-            .collect();
-        let mut clt = Client {
-            pd,
+        let cm = fabric.create_cm()?;
+        let shared = Arc::new(Shared::default());
+        let (reply_tx, reply_rx) = std::sync::mpsc::sync_channel(1);
+        let stop = pollers::Shutdown::new();
+        let (tx, rx) = pollers::mpsc::channel(1024);
+        let control = CltControl::new(
+            pd.clone(),
             cm,
-            cfg,
-            geo,
-            paths_uuid,
-            paths,
-            sess,
-            to_cores,
-            wcs: [Wc::default(); 16],
+            cfg.clone(),
+            random_seed(),
+            fabric.remote_invalidate(),
+            shared.clone(),
+            tx.clone(),
+            stop.clone(),
+            reply_tx,
+            Instant::now(),
+        );
+        let lp = pollers::SlowLoop::with_inbox(control, rx);
+        let opts = pollers::SlowOpts {
+            name: format!("rtrs-clt-{}", cfg.sessname),
+            cpu: cfg.control_cpu,
+            max_wait: crate::sess::CONTROL_TICK,
         };
-        let mut first = Some((svc0, id0));
-        for i in 0..clt.paths.len() {
-            if let Err(e) = clt.connect_path(i, 1, first.take()) {
-                clt.close();
+        let slow = pollers::SlowPath::run(lp, tx.clone(), stop, opts)
+            .map_err(|_| CltError::Config("cannot start the control thread"))?;
+        let opened = reply_rx.recv().unwrap_or(Err(CltError::Gone));
+        let (sess, mut cores) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                slow.stop();
                 return Err(e);
             }
-        }
+        };
+        let now = Instant::now();
         for c in &mut cores {
-            c.absorb_cons();
+            c.absorb(now);
         }
-        Ok((clt, cores))
+        let geo_new_rkey = sess.new_rkey;
+        Ok((
+            Client {
+                pd,
+                sess,
+                geo_new_rkey,
+                sessname: cfg.sessname,
+                tx,
+                shared,
+                slow: Some(slow),
+            },
+            cores,
+        ))
+    }
+
+    fn call<T>(&self, make: impl FnOnce(ctl::Reply<T>) -> Cmd) -> Result<T, CltError> {
+        let (rtx, rrx) = std::sync::mpsc::sync_channel(1);
+        self.tx
+            .push(CtlMsg::Cmd(make(rtx)))
+            .map_err(|_| CltError::Busy)?;
+        rrx.recv().unwrap_or(Err(CltError::Gone))
+    }
+
+    /// Adds a path to `addr` at runtime (the kernel's sysfs `add_path`):
+    /// returns once it is up, or with why it could not come up (it is then
+    /// removed again).
+    pub fn add_path(&self, addr: Address) -> Result<PathId, CltError> {
+        self.call(|r| Cmd::AddPath(addr, r))
+    }
+
+    /// Removes a path (the kernel's `remove_path`): its IO in flight moves
+    /// to the others. The last path cannot be removed (-EBUSY).
+    pub fn remove_path(&self, id: PathId) -> Result<(), CltError> {
+        self.call(|r| Cmd::RemovePath(id, r))
+    }
+
+    /// Disconnects a path for good (the kernel's sysfs `disconnect`): its
+    /// IO in flight moves to the other paths; it stays down until
+    /// [`Client::reconnect_path`].
+    pub fn disconnect_path(&self, id: PathId) -> Result<(), CltError> {
+        self.call(|r| Cmd::Disconnect(id, r))
+    }
+
+    /// Reconnects a path now (the kernel's sysfs `reconnect`: after the
+    /// 1 s backoff); returns once it is up, or why the attempt failed.
+    /// -EBUSY while it is connecting.
+    pub fn reconnect_path(&self, id: PathId) -> Result<(), CltError> {
+        self.call(|r| Cmd::Reconnect(id, r))
+    }
+
+    /// Changes every path's reconnect delay and attempts at runtime (the
+    /// kernel's `max_reconnect_attempts`, `reconnect_delay_sec`).
+    pub fn set_reconnect(&self, policy: ReconnectPolicy) -> Result<(), CltError> {
+        self.tx
+            .push(CtlMsg::Cmd(Cmd::SetReconnect(policy)))
+            .map_err(|_| CltError::Busy)
+    }
+
+    /// A new subscription to the session's events (each subscriber gets
+    /// every event from now on).
+    pub fn subscribe(&self) -> Events {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Ok(mut s) = self.shared.subs.lock() {
+            s.push(tx);
+        }
+        rx
     }
 
     /// The session's figures: every path's summed (the address and state
@@ -404,7 +485,7 @@ impl<F: Fabric> Client<F> {
     pub fn stats(&self) -> PathStats {
         let mut t = PathStats::default();
         let mut rtt: Option<Duration> = None;
-        for p in &self.sess.paths {
+        for p in self.paths() {
             let s = p.stats();
             t.ios += s.ios;
             t.bytes += s.bytes;
@@ -412,6 +493,8 @@ impl<F: Fabric> Client<F> {
             t.inflight += s.inflight;
             t.failovers += s.failovers;
             t.reconnects += s.reconnects;
+            t.failed_reconnects += s.failed_reconnects;
+            t.downs += s.downs;
             if s.hb_rtt > Duration::ZERO {
                 rtt = Some(rtt.map_or(s.hb_rtt, |r| r.min(s.hb_rtt)));
             }
@@ -420,19 +503,24 @@ impl<F: Fabric> Client<F> {
         t
     }
 
-    /// The session's paths.
+    /// The session's live paths, in the order they were added.
     pub fn paths(&self) -> Vec<Arc<CltPath>> {
-        self.sess.paths.clone()
+        self.shared
+            .paths
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    }
+
+    /// A live path by id.
+    pub fn path(&self, id: PathId) -> Option<Arc<CltPath>> {
+        self.paths().into_iter().find(|p| p.id() == id)
     }
 
     /// Registers the caller's memory for [`CltCore::write_sg`] (its sg
     /// entries come from the returned MR: `mr.sge(offset, len)`).
     pub fn reg_buf(&self, mem: Arc<dyn Memory>) -> Result<F::Mr, CltError> {
-        Ok(crate::fabric::Pd::reg_mr(
-            &self.pd,
-            mem,
-            Access::LOCAL_WRITE,
-        )?)
+        Ok(self.pd.reg_mr(mem, Access::LOCAL_WRITE)?)
     }
 
     /// The session's queue depth (the server's).
@@ -442,7 +530,7 @@ impl<F: Fabric> Client<F> {
 
     /// Whether the server refreshes chunk keys (always_invalidate).
     pub fn always_invalidate(&self) -> bool {
-        self.geo.new_rkey
+        self.geo_new_rkey
     }
 
     /// Permits in use.
@@ -455,390 +543,28 @@ impl<F: Fabric> Client<F> {
         self.sess.policy.store(p.code(), Ordering::Relaxed);
     }
 
-    /// Connects (or reconnects) path `i`: cid 0..=cores in order, then INFO.
-    /// `svc0` is an already-established cid 0 (the first path at open).
-    fn connect_path(
-        &mut self,
-        i: usize,
-        recon_cnt: u16,
-        svc0: Option<(CltCon<F>, ConnId)>,
-    ) -> Result<(), CltError> {
-        let addr = self.paths[i].addr.clone();
-        let shared = self.paths[i].shared.clone();
-        shared.set_state(LinkState::Connecting);
-        let cid_num = self.cfg.cores as u16 + 1;
-        let mut req = ConnReqRepr {
-            cid: 0,
-            cid_num,
-            recon_cnt,
-            sess_uuid: self.paths[i].sess_uuid,
-            paths_uuid: self.paths_uuid,
-            first_conn: true,
-        };
-        let mut ids = Vec::new();
-        let mut svc = match svc0 {
-            Some((con, id)) => {
-                ids.push(id);
-                con
-            }
-            None => {
-                // cid 0 of a later path at open may not create a session.
-                req.first_conn = recon_cnt > 1 || i == 0;
-                let con = CltCon::create(&self.pd, 0, service_cap(), 2 * SERVICE_CON_QUEUE_DEPTH)?;
-                let (geo, id) =
-                    connect_one(&mut self.cm, &addr, &con, &req, self.cfg.connect_timeout)?;
-                ids.push(id);
-                if geo.queue_depth != self.geo.queue_depth {
-                    self.paths[i].sm.set_policy(ReconnectPolicy {
-                        max_attempts: 0,
-                        ..self.cfg.reconnect
-                    });
-                    return Err(CltError::Connect {
-                        addr: addr.to_string(),
-                        why: format!(
-                            "queue depth changed from {} to {}: reconnect disabled",
-                            self.geo.queue_depth, geo.queue_depth
-                        ),
-                    });
-                }
-                con
-            }
-        };
-        req.first_conn = true;
-        let qd = self.sess.queue_depth;
-        let mut io_cons = Vec::new();
-        for cid in 1..cid_num {
-            req.cid = cid;
-            let cap = QpCap {
-                max_send_wr: qd * 4 + 1,
-                max_recv_wr: qd * 3 + 1,
-                max_send_sge: MAX_SG as u32 + 1,
-                max_recv_sge: 1,
-                max_inline_data: 0,
-                rnr_retry: 7,
-            };
-            let con = CltCon::create(&self.pd, cid, cap, 2 * qd)?;
-            let (_, id) = connect_one(&mut self.cm, &addr, &con, &req, self.cfg.connect_timeout)?;
-            ids.push(id);
-            io_cons.push(con);
-        }
-        self.paths[i].ids = ids;
-        // INFO_REQ / INFO_RSP on cid 0, with a buffer made for QD descriptors.
-        let info = self.info_exchange(&mut svc, &shared, &addr)?;
-        debug_assert!(info);
-        svc.signal_every = qd.clamp(1, 512);
-        svc.post_all_recvs()?;
-        for (k, mut con) in io_cons.into_iter().enumerate() {
-            con.signal_every = qd.clamp(1, 512);
-            con.post_all_recvs()?;
-            if let Err(pollers::Full(_)) = self.to_cores[k].push(CoreMsg::Con(i, con)) {
-                return Err(CltError::Config("a core's inbox is full"));
-            }
-        }
-        self.paths[i].svc = Some(svc);
-        self.paths[i].hb = Some(Heartbeat::start(
-            Instant::now(),
-            self.cfg.hb_interval,
-            crate::sess::hb::HB_MISSED_MAX,
-        ));
-        shared.set_state(LinkState::Connected);
-        let _ = self.paths[i].sm.connected();
-        if recon_cnt > 1 {
-            shared
-                .reconnects
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(())
+    /// Closes the session: every path is torn down (IO in flight completes
+    /// with -ECONNABORTED on its core) and the control thread stops.
+    pub fn close(mut self) {
+        self.stop();
     }
 
-    fn info_exchange(
-        &mut self,
-        svc: &mut CltCon<F>,
-        shared: &CltPath,
-        addr: &Address,
-    ) -> Result<bool, CltError> {
-        let qd = self.sess.queue_depth as usize;
-        let rsp_len = 8 + 16 * qd;
-        let fail = |why: String| CltError::Connect {
-            addr: addr.to_string(),
-            why,
-        };
-        // The service connection's own buffers hold only receive slots: the
-        // INFO messages use a scratch registration for the exchange.
-        let mem = memory::shareable(272 + rsp_len)?;
-        let mr = crate::fabric::Pd::reg_mr(&self.pd, mem.clone(), Access::LOCAL_WRITE)?;
-        let mut req = [0u8; 272];
-        InfoReqRepr {
-            sessname: &self.cfg.sessname,
-        }
-        .emit(&mut req)
-        .map_err(CltError::Proto)?;
-        mem.write(0, &req)?;
-        let rsge = [mr.sge(272, rsp_len as u32)];
-        svc.qp.post_recv(&RecvWr {
-            wr_id: WR_INFO_RSP,
-            sg_list: &rsge,
-        })?;
-        let ssge = [mr.sge(0, 272)];
-        svc.qp.post_send(&SendWr::send(WR_INFO_REQ, &ssge))?;
-        let deadline = Instant::now() + self.cfg.connect_timeout;
-        let mut got = None;
-        while got.is_none() {
-            if Instant::now() > deadline {
-                return Err(fail("no INFO_RSP within the connect timeout".into()));
+    fn stop(&mut self) {
+        if let Some(s) = self.slow.take() {
+            if s.stop().is_none() {
+                tracing::error!(sessname = %self.sessname, "the control thread panicked");
             }
-            let n = svc.poll(&mut self.wcs);
-            for wc in &self.wcs[..n] {
-                if wc.status != WcStatus::Success {
-                    return Err(fail(format!("{:?} during the INFO exchange", wc.status)));
-                }
-                if wc.wr_id == WR_INFO_RSP && wc.opcode == WcOpcode::Recv {
-                    got = Some(wc.byte_len as usize);
-                }
-            }
-            if n == 0 {
-                std::thread::yield_now();
-            }
-        }
-        let len = got.unwrap_or(0).min(rsp_len);
-        let mut b = vec![0u8; len];
-        mem.read(272, &mut b)?;
-        let v = InfoRsp::new_checked(&b[..]).map_err(CltError::Proto)?;
-        let chunk_size = u64::from(self.geo.max_io_size) + u64::from(self.geo.max_hdr_size);
-        slice_chunks(&v, self.geo.queue_depth, chunk_size, |k, a, key| {
-            shared.rbufs[k].addr.store(a, Ordering::Relaxed);
-            shared.rbufs[k].rkey.store(key, Ordering::Release);
-        })
-        .map_err(CltError::Proto)?;
-        Ok(true)
-    }
-
-    /// One turn of the control loop: heartbeats on cid 0, failed paths torn
-    /// down and reconnected on the kernel's schedule, CM events. Returns the
-    /// work done.
-    pub fn poll(&mut self, now: Instant) -> usize {
-        let mut work = 0;
-        while let Ok(Some(ev)) = self.cm.poll_event(Duration::ZERO) {
-            work += 1;
-            self.on_event(ev);
-        }
-        for i in 0..self.paths.len() {
-            work += self.poll_service(i, now);
-            let shared = self.paths[i].shared.clone();
-            if shared.state() == LinkState::Failed {
-                if let Some(PathAction::Teardown) = self.paths[i].sm.error(now) {
-                    self.teardown(i);
-                }
-                shared.set_state(LinkState::Connecting);
-                work += 1;
-            }
-            if let Some(PathAction::Connect { recon_cnt }) = self.paths[i].sm.handle_timeout(now) {
-                work += 1;
-                if let Err(e) = self.connect_path(i, recon_cnt, None) {
-                    tracing::warn!(addr = %self.paths[i].addr, "reconnect failed: {e}");
-                    self.teardown(i);
-                    let _ = self.paths[i].sm.error(now);
-                }
-            }
-            if self.paths[i].sm.state() == crate::sess::path::PathState::Closed {
-                shared.set_state(LinkState::Closed);
-            }
-        }
-        work
-    }
-
-    fn on_event(&mut self, ev: CmEvent) {
-        if let CmEvent::Disconnected { id } = ev {
-            if let Some(p) = self.paths.iter().find(|p| p.ids.contains(&id)) {
-                p.shared.fail(format_args!("disconnected"));
-            }
-        }
-        let _ = ev_id;
-    }
-
-    fn poll_service(&mut self, i: usize, now: Instant) -> usize {
-        let p = &mut self.paths[i];
-        let Some(svc) = p.svc.as_mut() else { return 0 };
-        let n = svc.poll(&mut self.wcs);
-        for wc in &self.wcs[..n] {
-            if wc.status != WcStatus::Success {
-                p.shared.fail(format_args!(
-                    "cid 0: {:?} completion of {:?}",
-                    wc.status, wc.opcode
-                ));
-                return n;
-            }
-            if wc.wr_id & WR_KIND != WR_RECV {
-                continue;
-            }
-            let _ = svc.post_recv((wc.wr_id & 0xffff_ffff) as u32);
-            if let Some(hb) = p.hb.as_mut() {
-                hb.on_recv();
-                match Imm::decode_clt(wc.imm) {
-                    Ok(Imm::HbAck) => {
-                        hb.on_ack(now);
-                        p.shared.set_latency(hb.latency());
-                    }
-                    Ok(Imm::HbMsg) => {
-                        let wr = SendWr::write_with_imm(WR_HB, &[], 0, 0, Imm::join(9, 0));
-                        let wr = if svc.signal_next() {
-                            wr
-                        } else {
-                            wr.unsignaled()
-                        };
-                        let _ = svc.qp.post_send(&wr);
-                    }
-                    _ => {}
-                }
-            }
-        }
-        let recvs = p.shared.recvs();
-        let Some(hb) = p.hb.as_mut() else { return n };
-        if recvs != p.seen_recvs {
-            p.seen_recvs = recvs;
-            hb.on_recv();
-        }
-        match hb.handle_timeout(now) {
-            HbAction::Wait => {}
-            HbAction::Send => {
-                let wr = SendWr::write_with_imm(WR_HB, &[], 0, 0, Imm::join(8, 0));
-                let wr = if svc.signal_next() {
-                    wr
-                } else {
-                    wr.unsignaled()
-                };
-                if let Err(e) = svc.qp.post_send(&wr) {
-                    p.shared.fail(format_args!("cannot send a heartbeat: {e}"));
-                }
-            }
-            HbAction::Dead => {
-                let m = hb.missed();
-                p.shared.fail(format_args!("heartbeat: {m} beats missed"));
-            }
-        }
-        n
-    }
-
-    /// Disconnects path `i`'s connections and tells the cores to fail its
-    /// IO over.
-    fn teardown(&mut self, i: usize) {
-        let ids = std::mem::take(&mut self.paths[i].ids);
-        for id in ids {
-            let _ = self.cm.disconnect(id);
-        }
-        self.paths[i].svc = None;
-        self.paths[i].hb = None;
-        for tx in &mut self.to_cores {
-            let _ = tx.push(CoreMsg::Drop(i));
-        }
-    }
-
-    /// Disconnects path `i` for good (the kernel's sysfs `disconnect`): its
-    /// IO in flight moves to the other paths; it stays down until
-    /// [`Client::reconnect_path`].
-    pub fn disconnect_path(&mut self, i: usize) -> Result<(), CltError> {
-        if i >= self.paths.len() {
-            return Err(CltError::Config("no such path"));
-        }
-        let _ = self.paths[i].sm.close();
-        self.paths[i].shared.set_state(LinkState::Closed);
-        self.teardown(i);
-        Ok(())
-    }
-
-    /// Reconnects path `i` now (the kernel's sysfs `reconnect`): the attempt
-    /// starts after the reconnect backoff, in [`Client::poll`].
-    pub fn reconnect_path(&mut self, i: usize, now: Instant) -> Result<(), CltError> {
-        let p = self
-            .paths
-            .get_mut(i)
-            .ok_or(CltError::Config("no such path"))?;
-        if let Some(PathAction::Teardown) = p.sm.reconnect_now(now) {
-            self.teardown(i);
-        }
-        self.paths[i].shared.set_state(LinkState::Connecting);
-        Ok(())
-    }
-
-    /// Closes every path (the session's end).
-    pub fn close(&mut self) {
-        for i in 0..self.paths.len() {
-            let _ = self.paths[i].sm.close();
-            self.paths[i].shared.set_state(LinkState::Closed);
-            self.teardown(i);
         }
     }
 }
 
 impl<F: Fabric> Drop for Client<F> {
     fn drop(&mut self) {
-        self.close();
+        self.stop();
     }
 }
 
-/// Connects one connection and waits for its outcome; returns the geometry
-/// its CON_RSP carries.
-fn connect_one<F: Fabric>(
-    cm: &mut F::Cm,
-    addr: &Address,
-    con: &CltCon<F>,
-    req: &ConnReqRepr,
-    timeout: Duration,
-) -> Result<(Geometry, ConnId), CltError> {
-    let mut pd = [0u8; 56];
-    req.emit(&mut pd).map_err(CltError::Proto)?;
-    let id = cm.connect(addr, &con.qp, &pd)?;
-    let deadline = Instant::now() + timeout;
-    let fail = |why: String| CltError::Connect {
-        addr: addr.to_string(),
-        why,
-    };
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(fail(format!(
-                "cid {}: no answer within {timeout:?}",
-                req.cid
-            )));
-        }
-        let ev = cm.poll_event(left.min(Duration::from_millis(50)))?;
-        let Some(ev) = ev else { continue };
-        if ev_id(&ev) != id {
-            continue;
-        }
-        return match ev {
-            CmEvent::Established { private_data, .. } => {
-                let v = ConnRsp::new_checked(private_data.as_bytes()).map_err(CltError::Proto)?;
-                let r = ConnRspRepr::parse(&v);
-                if r.errno != 0 {
-                    return Err(CltError::Rejected(r.errno.into()));
-                }
-                Ok((
-                    Geometry {
-                        queue_depth: r.queue_depth,
-                        max_io_size: r.max_io_size,
-                        max_hdr_size: r.max_hdr_size,
-                        new_rkey: r.new_rkey,
-                    },
-                    id,
-                ))
-            }
-            CmEvent::Rejected { private_data, .. } => {
-                let errno = ConnRsp::new_checked(private_data.as_bytes())
-                    .map(|v| i32::from(v.errno()))
-                    .unwrap_or(-libc::ECONNRESET);
-                Err(CltError::Rejected(errno))
-            }
-            CmEvent::Unreachable { reason, .. } => Err(fail(reason)),
-            _ => Err(fail(format!(
-                "cid {}: disconnected while connecting",
-                req.cid
-            ))),
-        };
-    }
-}
-
-fn make_sess<F: Fabric>(
+pub(crate) fn make_sess<F: Fabric>(
     pd: &F::Pd,
     cfg: &CltConfig,
     geo: Geometry,
@@ -873,11 +599,6 @@ fn make_sess<F: Fabric>(
             mr.invalidate();
         }
     }
-    let paths = cfg
-        .paths
-        .iter()
-        .map(|a| Arc::new(CltPath::new(a.to_string(), qd, cfg.cores)))
-        .collect();
     Ok(CltSess {
         queue_depth: qd,
         chunk_size,
@@ -888,7 +609,7 @@ fn make_sess<F: Fabric>(
         lmr,
         rd_mrs,
         permits: Permits::new(qd, cfg.cores as u32),
-        paths,
+        new_rkey: geo.new_rkey,
         policy: AtomicU8::new(cfg.mp_policy.code()),
         need_inval: per_io_keys,
         per_io_keys,

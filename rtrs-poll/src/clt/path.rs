@@ -1,32 +1,22 @@
-//! What a client path's connections and the control loop share: its state,
-//! the server's chunk table (`rbufs`), and per-core counters.
+//! What a client path's cores and the control thread share: the state the
+//! control thread publishes, the server's chunk table (`rbufs`), the
+//! heartbeat RTT, and per-core counters (one writer each).
 
+use crate::sess::path::PathState;
+use crate::sess::DownReason;
 use crossbeam_utils::CachePadded;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// A client path's state as IO sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum LinkState {
-    /// Being (re)connected: IO avoids it.
-    Connecting,
-    /// Up: IO may use it.
-    Connected,
-    /// A connection failed: IO fails over; the control loop reconnects.
-    Failed,
-    /// Closed for good.
-    Closed,
-}
+/// A path's identity in its session: unique for the session's life (a
+/// removed path's id is never reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PathId(pub u32);
 
-impl LinkState {
-    fn from_u8(v: u8) -> LinkState {
-        match v {
-            0 => LinkState::Connecting,
-            1 => LinkState::Connected,
-            2 => LinkState::Failed,
-            _ => LinkState::Closed,
-        }
+impl std::fmt::Display for PathId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "path{}", self.0)
     }
 }
 
@@ -58,22 +48,30 @@ pub(crate) fn bump(c: &AtomicU64, by: u64) {
 /// One path of a client session.
 #[derive(Debug)]
 pub struct CltPath {
+    pub(crate) id: PathId,
     pub(crate) addr: String,
     state: AtomicU8,
+    /// The connection round now up (`recon_cnt`): a core's connection of
+    /// an older round is stale even while the path shows Connected.
+    epoch: std::sync::atomic::AtomicU16,
     pub(crate) rbufs: Box<[RBuf]>,
     pub(crate) cores: Box<[CachePadded<CoreCounters>]>,
     latency_ns: AtomicU64,
-    reason: Mutex<Option<String>>,
+    reason: Mutex<Option<DownReason>>,
     pub(crate) reconnects: AtomicU64,
+    pub(crate) failed_reconnects: AtomicU64,
+    pub(crate) downs: AtomicU64,
 }
 
 /// A path's figures.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PathStats {
+    /// The path.
+    pub id: Option<PathId>,
     /// The server address.
     pub addr: String,
     /// State now.
-    pub state: Option<LinkState>,
+    pub state: Option<PathState>,
     /// IOs completed.
     pub ios: u64,
     /// Bytes moved.
@@ -86,58 +84,77 @@ pub struct PathStats {
     pub failovers: u64,
     /// Successful reconnects.
     pub reconnects: u64,
+    /// Failed reconnect attempts.
+    pub failed_reconnects: u64,
+    /// Times the path went down.
+    pub downs: u64,
+    /// Why it last went down.
+    pub last_reason: Option<DownReason>,
     /// Last heartbeat round trip.
     pub hb_rtt: Duration,
 }
 
 impl CltPath {
-    pub(crate) fn new(addr: String, queue_depth: u32, cores: usize) -> CltPath {
+    pub(crate) fn new(id: PathId, addr: String, queue_depth: u32, cores: usize) -> CltPath {
         CltPath {
+            id,
             addr,
-            state: AtomicU8::new(LinkState::Connecting as u8),
+            state: AtomicU8::new(PathState::Connecting.to_u8()),
+            epoch: std::sync::atomic::AtomicU16::new(0),
             rbufs: (0..queue_depth).map(|_| RBuf::default()).collect(),
             cores: (0..cores.max(1)).map(|_| CachePadded::default()).collect(),
             latency_ns: AtomicU64::new(0),
             reason: Mutex::new(None),
             reconnects: AtomicU64::new(0),
+            failed_reconnects: AtomicU64::new(0),
+            downs: AtomicU64::new(0),
         }
     }
 
-    /// The state.
-    pub fn state(&self) -> LinkState {
-        LinkState::from_u8(self.state.load(Ordering::Acquire))
+    /// The path's id.
+    pub fn id(&self) -> PathId {
+        self.id
     }
 
-    pub(crate) fn set_state(&self, s: LinkState) {
-        self.state.store(s as u8, Ordering::Release);
+    /// The server address.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
-    /// Marks the path failed (from a core or the control loop), logging why.
-    /// Only a connected or connecting path can fail; the first reason wins.
-    pub(crate) fn fail(&self, why: std::fmt::Arguments<'_>) {
-        let mut cur = self.state.load(Ordering::Acquire);
-        while cur < LinkState::Failed as u8 {
-            match self.state.compare_exchange(
-                cur,
-                LinkState::Failed as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    let reason = why.to_string();
-                    tracing::warn!(addr = %self.addr, "path failed: {reason}");
-                    if let Ok(mut r) = self.reason.lock() {
-                        *r = Some(reason);
-                    }
-                    return;
-                }
-                Err(now) => cur = now,
-            }
+    /// The state, as the control thread last published it.
+    pub fn state(&self) -> PathState {
+        PathState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Published by the control thread only, after each transition.
+    pub(crate) fn publish(&self, s: PathState) {
+        self.state.store(s.to_u8(), Ordering::Release);
+    }
+
+    /// The round now up (published before the state says Connected).
+    pub(crate) fn epoch(&self) -> u16 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_epoch(&self, e: u16) {
+        self.epoch.store(e, Ordering::Release);
+    }
+
+    /// Records why the path went down (the control thread only).
+    pub(crate) fn went_down(&self, why: &DownReason) {
+        self.downs.fetch_add(1, Ordering::Relaxed);
+        self.set_reason(why);
+    }
+
+    /// Records why the path changed (closed for good, say).
+    pub(crate) fn set_reason(&self, why: &DownReason) {
+        if let Ok(mut r) = self.reason.lock() {
+            *r = Some(why.clone());
         }
     }
 
-    /// Why the path last failed.
-    pub fn last_error(&self) -> Option<String> {
+    /// Why the path last went down.
+    pub fn last_reason(&self) -> Option<DownReason> {
         self.reason.lock().ok().and_then(|r| r.clone())
     }
 
@@ -175,6 +192,7 @@ impl CltPath {
                 .sum::<u64>()
         };
         PathStats {
+            id: Some(self.id),
             addr: self.addr.clone(),
             state: Some(self.state()),
             ios: sum(|c| &c.ios),
@@ -183,6 +201,9 @@ impl CltPath {
             inflight: sum(|c| &c.inflight),
             failovers: sum(|c| &c.failovers),
             reconnects: self.reconnects.load(Ordering::Relaxed),
+            failed_reconnects: self.failed_reconnects.load(Ordering::Relaxed),
+            downs: self.downs.load(Ordering::Relaxed),
+            last_reason: self.last_reason(),
             hb_rtt: self.latency(),
         }
     }

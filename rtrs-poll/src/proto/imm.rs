@@ -19,6 +19,10 @@ pub const HB_ACK_IMM: u32 = 9;
 const PAYLOAD_MASK: u32 = (1 << 28) - 1;
 const RSP_ID_BITS: u32 = 19;
 const RSP_ID_MASK: u32 = (1 << RSP_ID_BITS) - 1;
+/// A heartbeat's immediate (`0x80000000`).
+pub const HB_MSG: u32 = Imm::join(HB_MSG_IMM, 0);
+/// A heartbeat acknowledgement's immediate (`0x90000000`).
+pub const HB_ACK: u32 = Imm::join(HB_ACK_IMM, 0);
 /// Largest errno magnitude an IO response carries (9 bits).
 pub const MAX_RSP_ERRNO: u32 = 0x1FF;
 
@@ -55,7 +59,7 @@ impl Imm {
     }
 
     /// Joins type and payload (the kernel's `rtrs_to_imm`).
-    pub fn join(ty: u32, payload: u32) -> u32 {
+    pub const fn join(ty: u32, payload: u32) -> u32 {
         ((ty & 0xF) << 28) | (payload & PAYLOAD_MASK)
     }
 
@@ -83,8 +87,8 @@ impl Imm {
                 errno,
                 inval,
             } => io_rsp(msg_id, errno, inval)?,
-            Imm::HbMsg => Imm::join(HB_MSG_IMM, 0),
-            Imm::HbAck => Imm::join(HB_ACK_IMM, 0),
+            Imm::HbMsg => HB_MSG,
+            Imm::HbAck => HB_ACK,
         })
     }
 

@@ -13,5 +13,5 @@
 pub mod clt;
 pub mod srv;
 
-pub use clt::{RnbdDev, RnbdError};
+pub use clt::{RnbdClient, RnbdDev, RnbdError, RnbdEvent};
 pub use srv::{Export, RnbdHandler, RnbdServer};

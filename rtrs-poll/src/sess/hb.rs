@@ -7,6 +7,8 @@
 //! path never sends more than one beat per interval and an idle peer that stops
 //! answering is declared dead 30-35 s (7 timer runs) after its last message.
 
+use crate::fabric::SendWr;
+use crate::proto::imm::{HB_ACK, HB_MSG};
 use minstant::Instant;
 use std::time::Duration;
 
@@ -14,6 +16,55 @@ use std::time::Duration;
 pub const HB_INTERVAL: Duration = Duration::from_millis(5000);
 /// The kernel's missed-beat limit (`RTRS_HB_MISSED_MAX`).
 pub const HB_MISSED_MAX: u32 = 5;
+
+/// A heartbeat (`ack`: its acknowledgement) as both sides post it on cid 0:
+/// a zero-length RDMA_WRITE_WITH_IMM to address 0, rkey 0 (spec §6).
+pub fn hb_wr(wr_id: u64, ack: bool) -> SendWr<'static> {
+    SendWr::write_with_imm(wr_id, &[], 0, 0, if ack { HB_ACK } else { HB_MSG })
+}
+
+/// Signals every `every`-th posted work request, as the kernel does with
+/// its signal interval (`min(queue_depth, 512)`), so a send queue is reaped
+/// without a completion per request.
+#[derive(Clone, Copy, Debug)]
+pub struct Signal {
+    since: u32,
+    every: u32,
+}
+
+impl Signal {
+    /// Signals every `every`-th request (at least every one).
+    pub fn every(every: u32) -> Signal {
+        Signal {
+            since: 0,
+            every: every.max(1),
+        }
+    }
+
+    /// The kernel's interval for a queue depth: `min(queue_depth, 512)`.
+    pub fn for_queue_depth(queue_depth: u32) -> Signal {
+        Signal::every(queue_depth.clamp(1, 512))
+    }
+
+    /// Whether the next request is signaled (counts it).
+    pub fn take_turn(&mut self) -> bool {
+        self.since += 1;
+        if self.since >= self.every {
+            self.since = 0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// `wr`, signaled or not as its turn says.
+    pub fn apply<'a>(&mut self, wr: SendWr<'a>) -> SendWr<'a> {
+        SendWr {
+            signaled: self.take_turn(),
+            ..wr
+        }
+    }
+}
 
 /// What the caller must do after a timer run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,6 +5,9 @@ pub mod hb;
 pub mod mp_policy;
 pub mod path;
 pub mod permit;
+pub mod reason;
+
+pub use reason::{DownReason, Step};
 
 /// How often an embedder's control loop (`Server::poll`, `Client::poll`)
 /// needs to run when nothing wakes it: its work is heartbeats (every 5 s)

@@ -10,7 +10,8 @@ use crate::fabric::{Cq, Fabric, Memory, Mr, Qp, RecvWr, SendWr, Wc, WcOpcode, Wc
 use crate::proto::chunk::{self, IoReqKind};
 use crate::proto::imm::{io_rsp, Imm};
 use crate::proto::{check_sessname, InfoReq, InfoRspRepr, RkeyRspRepr, SgDesc};
-use crate::sess::hb::{HbAction, Heartbeat};
+use crate::sess::hb::{hb_wr, HbAction, Heartbeat, Signal};
+use crate::sess::DownReason;
 use minstant::Instant;
 use std::sync::Arc;
 
@@ -50,8 +51,7 @@ pub struct SrvCon<F: Fabric, H: Handler> {
     handler: H,
     wcs: [Wc; WC_BATCH],
     inflight: Box<[Inflight]>,
-    since_signal: u32,
-    signal_every: u32,
+    signal: Signal,
     hb: Option<Heartbeat>,
     seen_recvs: u64,
     recvs: u64,
@@ -81,7 +81,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
     ) -> SrvCon<F, H> {
         let qd = path.queue_depth as usize;
         SrvCon {
-            signal_every: path.signal_interval(),
+            signal: Signal::for_queue_depth(path.queue_depth),
             path,
             cid,
             qp,
@@ -91,7 +91,6 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             handler,
             wcs: [Wc::default(); WC_BATCH],
             inflight: vec![Inflight::default(); qd].into_boxed_slice(),
-            since_signal: 0,
             hb: None,
             seen_recvs: 0,
             recvs: 0,
@@ -129,9 +128,24 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         })
     }
 
-    fn close(&mut self, why: std::fmt::Arguments<'_>) {
-        self.path.close(self.cid, why);
+    fn close(&mut self, why: DownReason) {
+        self.path.close(why);
         self.done = true;
+    }
+
+    fn protocol(&mut self, what: String) {
+        let cid = self.cid;
+        self.close(DownReason::Protocol { cid, what });
+    }
+
+    fn local(&mut self, what: String) {
+        let cid = self.cid;
+        self.close(DownReason::Local { cid, what });
+    }
+
+    /// When the heartbeat timer runs next (cid 0 once connected).
+    pub(crate) fn hb_deadline(&self) -> Option<Instant> {
+        self.hb.as_ref().map(Heartbeat::poll_timeout)
     }
 
     /// Polls the CQ and the handler; returns the work done.
@@ -140,7 +154,9 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             return 0;
         }
         self.polls = self.polls.wrapping_add(1);
-        if self.polls % SLOW_CHECK_EVERY == 0 || self.hb.is_some() && self.polls % 64 == 0 {
+        // cid 0 is polled by the control thread, at its pace: check it at
+        // every poll; IO connections look at the path now and then.
+        if self.cid == 0 || self.polls % SLOW_CHECK_EVERY == 0 {
             self.slow_checks(now);
             if self.done {
                 return 0;
@@ -179,30 +195,30 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         match hb.handle_timeout(now) {
             HbAction::Wait => {}
             HbAction::Send => {
-                let wr = SendWr::write_with_imm(WR_HB, &[], 0, 0, Imm::join(8, 0));
-                if let Err(e) = self.post(wr) {
-                    self.close(format_args!("cannot send a heartbeat: {e}"));
+                if let Err(e) = self.post(hb_wr(WR_HB, false)) {
+                    self.local(format!("cannot send a heartbeat: {e}"));
                 }
             }
             HbAction::Dead => {
                 let missed = hb.missed();
-                self.close(format_args!("heartbeat: {missed} beats missed"));
+                self.close(DownReason::Heartbeat { missed });
             }
         }
     }
 
     fn post(&mut self, wr: SendWr<'_>) -> crate::fabric::Result<()> {
-        let wr = signal(&mut self.since_signal, self.signal_every, wr);
+        let wr = self.signal.apply(wr);
         self.qp.post_send(&wr)
     }
 
     fn on_wc(&mut self, wc: Wc, now: Instant) {
         if wc.status != WcStatus::Success {
             if self.path.state() < PathState::Closing {
-                self.close(format_args!(
-                    "{:?} completion of {:?}",
-                    wc.status, wc.opcode
-                ));
+                self.close(DownReason::Completion {
+                    cid: self.cid,
+                    status: wc.status,
+                    opcode: wc.opcode,
+                });
             }
             self.done = true;
             return;
@@ -211,15 +227,13 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             WcOpcode::RecvRdmaWithImm => {
                 self.recvs += 1;
                 if let Err(e) = self.post_recv() {
-                    self.close(format_args!("cannot repost a receive: {e}"));
-                    return;
+                    return self.local(format!("cannot repost a receive: {e}"));
                 }
                 match self.path.layout.decode_srv(wc.imm) {
                     Ok(Imm::IoReq { buf_id, off }) => self.on_request(buf_id, off),
                     Ok(Imm::HbMsg) => {
-                        let wr = SendWr::write_with_imm(WR_HB, &[], 0, 0, Imm::join(9, 0));
-                        if let Err(e) = self.post(wr) {
-                            self.close(format_args!("cannot ack a heartbeat: {e}"));
+                        if let Err(e) = self.post(hb_wr(WR_HB, true)) {
+                            self.local(format!("cannot ack a heartbeat: {e}"));
                         }
                     }
                     Ok(Imm::HbAck) => {
@@ -228,13 +242,12 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
                         }
                     }
                     Ok(Imm::IoRsp { .. }) | Err(_) => {
-                        let imm = wc.imm;
-                        self.close(format_args!("bad immediate {imm:#010x}"));
+                        self.protocol(format!("bad immediate {:#010x}", wc.imm));
                     }
                 }
             }
             WcOpcode::Recv if wc.wr_id == WR_INFO_REQ => self.on_info_req(wc.byte_len, now),
-            WcOpcode::Recv => self.close(format_args!("unexpected SEND from the client")),
+            WcOpcode::Recv => self.protocol("unexpected SEND from the client".into()),
             _ => {}
         }
     }
@@ -242,11 +255,10 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
     fn on_info_req(&mut self, byte_len: u32, now: Instant) {
         let path = self.path.clone();
         if path.cons_created() < u32::from(path.cid_num) {
-            self.close(format_args!(
+            return self.protocol(format!(
                 "INFO_REQ before all {} connections were made",
                 path.cid_num
             ));
-            return;
         }
         // SAFETY: the INFO_REQ receive has completed; nothing else writes
         // this buffer (no receive is posted on it any more).
@@ -257,37 +269,33 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         let name = match InfoReq::new_checked(buf) {
             Ok(v) => match check_sessname(v.sessname()) {
                 Ok(()) => v.sessname().to_string(),
-                Err(e) => return self.close(format_args!("INFO_REQ: {e}")),
+                Err(e) => return self.protocol(format!("INFO_REQ: {e}")),
             },
-            Err(e) => return self.close(format_args!("INFO_REQ: {e}")),
+            Err(e) => return self.protocol(format!("INFO_REQ: {e}")),
         };
         path.set_sessname(name);
         for _ in 0..crate::proto::SERVICE_CON_QUEUE_DEPTH {
             if let Err(e) = self.post_recv() {
-                return self.close(format_args!("cannot post cid 0 receives: {e}"));
+                return self.local(format!("cannot post cid 0 receives: {e}"));
             }
         }
         if !path.set_connected() {
-            return self.close(format_args!("INFO_REQ on a path that is not connecting"));
+            return self.protocol("INFO_REQ on a path that is not connecting".into());
         }
-        self.hb = Some(Heartbeat::start(
-            now,
-            path.hb_interval,
-            crate::sess::hb::HB_MISSED_MAX,
-        ));
+        self.hb = Some(Heartbeat::start(now, path.hb_interval, path.hb_missed_max));
         let descs = path.descs();
         let rsp = InfoRspRepr { descs: &descs };
         let len = rsp.buffer_len();
         let mut out = vec![0u8; len];
         if let Err(e) = rsp.emit(&mut out) {
-            return self.close(format_args!("INFO_RSP: {e}"));
+            return self.local(format!("INFO_RSP: {e}"));
         }
         if let Err(e) = self.mem.write(INFO_REQ_LEN, &out) {
-            return self.close(format_args!("INFO_RSP: {e}"));
+            return self.local(format!("INFO_RSP: {e}"));
         }
         let sge = [self.mr.sge(INFO_REQ_LEN, len as u32)];
         if let Err(e) = self.qp.post_send(&SendWr::send(WR_INFO_RSP, &sge)) {
-            self.close(format_args!("cannot send INFO_RSP: {e}"));
+            self.local(format!("cannot send INFO_RSP: {e}"));
         }
     }
 
@@ -299,7 +307,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             return; // the kernel drops requests on a path that is not connected
         }
         if self.inflight[buf_id as usize].active {
-            return self.close(format_args!("request for chunk {buf_id}, which is in use"));
+            return self.protocol(format!("request for chunk {buf_id}, which is in use"));
         }
         if path.always_invalidate {
             // LOCAL_INV before touching the chunk: from here the client
@@ -326,7 +334,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         };
         let (usr_len, data_len, dir, read) = match parsed {
             Ok(v) => v,
-            Err(e) => return self.close(format_args!("chunk {buf_id}, offset {off}: {e}")),
+            Err(e) => return self.protocol(format!("chunk {buf_id}, offset {off}: {e}")),
         };
         let usr_at = off as usize - usr_len;
         self.inflight[buf_id as usize] = Inflight {
@@ -358,7 +366,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
     /// Posts the response chain for chunk `buf_id` (spec §5.5).
     fn respond(&mut self, buf_id: u32, errno: i32) {
         if let Err(why) = self.try_respond(buf_id, errno) {
-            self.close(format_args!("response for chunk {buf_id}: {why}"));
+            self.local(format!("response for chunk {buf_id}: {why}"));
         }
     }
 
@@ -422,7 +430,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         } else {
             SendWr::write_with_imm(WR_RSP | u64::from(buf_id), &[], 0, 0, imm)
         };
-        wrs[n] = signal(&mut self.since_signal, self.signal_every, last);
+        wrs[n] = self.signal.apply(last);
         n += 1;
         self.qp
             .post_send_batch(&wrs[..n])
@@ -439,21 +447,6 @@ enum RespondError {
     Rekey(crate::fabric::FabricError),
     #[error("{0}")]
     Fabric(crate::fabric::FabricError),
-}
-
-/// Signals every `every`-th posted WR (the kernel's rule), so the send
-/// queue is reaped without a completion per IO.
-fn signal<'a>(since: &mut u32, every: u32, wr: SendWr<'a>) -> SendWr<'a> {
-    *since += 1;
-    if *since >= every {
-        *since = 0;
-        SendWr {
-            signaled: true,
-            ..wr
-        }
-    } else {
-        wr.unsignaled()
-    }
 }
 
 /// The errno an IO response can carry: 0 or negative, magnitude <= 511

@@ -6,6 +6,7 @@ use super::IoDir;
 use crate::fabric::{Fabric, Memory, Mr, Sge};
 use crate::proto::imm::ImmLayout;
 use crate::proto::SgDesc;
+use crate::sess::DownReason;
 use crossbeam_utils::CachePadded;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -125,12 +126,13 @@ pub struct SrvPath<F: Fabric> {
     pub(crate) layout: ImmLayout,
     pub(crate) always_invalidate: bool,
     pub(crate) hb_interval: std::time::Duration,
+    pub(crate) hb_missed_max: u32,
     /// The session's chunks (shared by its paths).
     pub(crate) mem: Arc<dyn Memory>,
     /// One MR per chunk (always_invalidate) or one over all chunks.
     pub(crate) mrs: Vec<F::Mr>,
     state: AtomicU8,
-    reason: OnceLock<String>,
+    reason: OnceLock<DownReason>,
     sessname: OnceLock<String>,
     created: AtomicU32,
     pub(crate) stats: PathStats,
@@ -158,7 +160,7 @@ impl<F: Fabric> SrvPath<F> {
         queue_depth: u32,
         chunk_size: usize,
         always_invalidate: bool,
-        hb_interval: std::time::Duration,
+        hb: (std::time::Duration, u32),
         mem: Arc<dyn Memory>,
         mrs: Vec<F::Mr>,
     ) -> SrvPath<F> {
@@ -172,7 +174,8 @@ impl<F: Fabric> SrvPath<F> {
             chunk_size,
             layout,
             always_invalidate,
-            hb_interval,
+            hb_interval: hb.0,
+            hb_missed_max: hb.1,
             mem,
             mrs,
             state: AtomicU8::new(PathState::Connecting as u8),
@@ -194,8 +197,8 @@ impl<F: Fabric> SrvPath<F> {
     }
 
     /// Why the path closed, if it did.
-    pub fn close_reason(&self) -> Option<&str> {
-        self.reason.get().map(String::as_str)
+    pub fn close_reason(&self) -> Option<&DownReason> {
+        self.reason.get()
     }
 
     /// The client session's uuid (`paths_uuid`) and this path's (`sess_uuid`).
@@ -218,7 +221,7 @@ impl<F: Fabric> SrvPath<F> {
     }
 
     /// Marks the path closing with a logged reason (the first reason wins).
-    pub(crate) fn close(&self, cid: u16, why: std::fmt::Arguments<'_>) {
+    pub(crate) fn close(&self, why: DownReason) {
         let mut cur = self.state.load(Ordering::Acquire);
         while cur < PathState::Closing as u8 {
             match self.state.compare_exchange(
@@ -228,9 +231,9 @@ impl<F: Fabric> SrvPath<F> {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    let reason = format!("cid {cid}: {why}");
-                    tracing::warn!(peer = %self.peer, sessname = ?self.sessname(), "closing path: {reason}");
-                    let _ = self.reason.set(reason);
+                    tracing::warn!(peer = %self.peer, sessname = ?self.sessname(), "closing path: {why}");
+                    // The first reason wins: only the CAS winner sets it.
+                    let _ = self.reason.set(why);
                     return;
                 }
                 Err(now) => cur = now,
@@ -272,11 +275,6 @@ impl<F: Fabric> SrvPath<F> {
             .iter()
             .map(|c| c.recvs.load(Ordering::Relaxed))
             .sum()
-    }
-
-    /// `min(queue_depth, 512)`, as the kernel signals.
-    pub(crate) fn signal_interval(&self) -> u32 {
-        self.queue_depth.clamp(1, 512)
     }
 
     /// INFO_RSP's descriptors: one per MR.

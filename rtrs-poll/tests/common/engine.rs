@@ -6,7 +6,7 @@
 use minstant::Instant;
 use rtrs_poll::clt::{Client, CltConfig, CltCore, Completion};
 use rtrs_poll::fabric::{Address, Fabric};
-use rtrs_poll::srv::{ClosedPath, Handler, IoDir, Server, SrvConfig, SrvIo, Verdict};
+use rtrs_poll::srv::{ClosedPath, Handler, IoDir, Server, SrvConfig, SrvEvent, SrvIo, Verdict};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,10 +65,11 @@ impl Handler for Ram {
     }
 }
 
-/// A server on its own thread: control loop and IO connections polled there.
+/// A server (its control on the library's thread) whose IO connections
+/// are polled by a thread of the test's.
 pub struct TestServer {
     stop: Arc<AtomicBool>,
-    /// While set, the server polls nothing (a hung peer).
+    /// While set, the IO connections are not polled (a hung core).
     pub pause: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Vec<ClosedPath>>>,
     pub disk: Arc<Mutex<Vec<u8>>>,
@@ -114,7 +115,7 @@ impl TestServer {
         let thread = std::thread::spawn(move || {
             let cons: Arc<Mutex<Vec<Box<dyn pollers::Poller>>>> = Arc::default();
             let c2 = cons.clone();
-            let mut srv = Server::listen(
+            let srv = Server::listen(
                 &fabric,
                 &addrs[0],
                 cfg,
@@ -125,26 +126,30 @@ impl TestServer {
             for a in &addrs[1..] {
                 srv.listen_also(a).unwrap();
             }
+            let closed = Arc::new(Mutex::new(Vec::new()));
+            let cl = closed.clone();
+            srv.on_event(move |ev| {
+                if let SrvEvent::PathClosed(c) = ev {
+                    on_closed(c);
+                    cl.lock().unwrap().push(c.clone());
+                }
+            })
+            .unwrap();
             ready_tx.send(()).unwrap();
-            let mut closed = Vec::new();
             while !s.load(Ordering::Relaxed) {
                 if paused.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(1));
                     continue;
                 }
                 let now = Instant::now();
-                srv.poll(now, Duration::ZERO);
                 let mut cs = cons.lock().unwrap();
                 for c in cs.iter_mut() {
                     c.poll(now);
                 }
                 cs.retain(|c| !c.finished());
-                drop(cs);
-                for c in srv.take_closed() {
-                    on_closed(&c);
-                    closed.push(c);
-                }
             }
+            srv.stop();
+            let closed = closed.lock().unwrap().clone();
             closed
         });
         ready_rx.recv().unwrap();
@@ -197,17 +202,11 @@ impl<F: Fabric> TestClient<F> {
     pub fn wait(&mut self, n: usize) -> Vec<Completion> {
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut turns = 0u32;
         if n == 0 {
             return out;
         }
         while out.len() < n && Instant::now() < deadline {
-            let now = Instant::now();
-            self.core.poll(now, &mut |c| out.push(c));
-            turns += 1;
-            if turns % 256 == 0 {
-                self.clt.poll(now);
-            }
+            self.core.poll(Instant::now(), &mut |c| out.push(c));
         }
         assert!(
             out.len() >= n,

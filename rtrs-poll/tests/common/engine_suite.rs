@@ -8,7 +8,7 @@
 use super::conformance::Backend;
 use super::engine::*;
 use minstant::Instant;
-use rtrs_poll::clt::{CltConfig, LinkState, ReadKeys};
+use rtrs_poll::clt::{CltConfig, CltCore, PathState, ReadKeys};
 use rtrs_poll::fabric::{
     memory, Access, Address, Cm, CmEvent, Cq, Fabric, Mr, Pd, Qp, QpCap, RecvWr, SendWr, Wc,
     WcStatus,
@@ -16,6 +16,7 @@ use rtrs_poll::fabric::{
 use rtrs_poll::proto::imm::ImmLayout;
 use rtrs_poll::proto::*;
 use rtrs_poll::sess::mp_policy::MpPolicy;
+use rtrs_poll::sess::DownReason;
 use rtrs_poll::srv::SrvConfig;
 use std::time::Duration;
 
@@ -63,7 +64,9 @@ pub fn write_read_all_sizes<B: Backend>(always_invalidate: bool, read_keys: Read
     drop(c);
     let closed = srv.stop();
     assert!(
-        closed.iter().all(|p| !p.reason.contains("chunk")),
+        closed
+            .iter()
+            .all(|p| !p.reason.to_string().contains("chunk")),
         "no protocol error: {closed:?}"
     );
 }
@@ -200,7 +203,8 @@ pub fn path_closed_mid_io_second_path_lives<B: Backend>() {
         // Round 1 cuts path 0 while all 32 writes are in flight on both.
         let done = writes_with_cut(&mut c, round * 32, 32, 0, |c| {
             if round == 1 {
-                c.clt.disconnect_path(0).unwrap();
+                let id = c.clt.paths()[0].id();
+                c.clt.disconnect_path(id).unwrap();
             }
         });
         let mut tags: Vec<u64> = done.iter().map(|d| d.tag).collect();
@@ -219,8 +223,8 @@ pub fn path_closed_mid_io_second_path_lives<B: Backend>() {
         }
     }
     let paths = c.clt.paths();
-    assert_eq!(paths[0].state(), LinkState::Closed);
-    assert_eq!(paths[1].state(), LinkState::Connected);
+    assert_eq!(paths[0].state(), PathState::Closed);
+    assert_eq!(paths[1].state(), PathState::Connected);
     assert!(
         paths[1].stats().ios >= 64,
         "the second path carried the rest"
@@ -244,19 +248,12 @@ pub fn path_closed_mid_io_second_path_lives<B: Backend>() {
 
 pub fn reconnect_after_disconnect<B: Backend>() {
     let (_srv, mut c, _) = two_path_client::<B>("clt-reconnect");
-    c.clt.disconnect_path(0).unwrap();
+    let id = c.clt.paths()[0].id();
+    c.clt.disconnect_path(id).unwrap();
     assert_eq!(c.write(0, &[1; 100]), 0, "IO goes on over path 1");
-    c.clt.reconnect_path(0, Instant::now()).unwrap();
-    let t0 = Instant::now();
-    while c.clt.paths()[0].state() != LinkState::Connected {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "path 0 never came back"
-        );
-        c.clt.poll(Instant::now());
-        c.core.poll(Instant::now(), &mut |_| {});
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    // Returns once the path is up again (after the 10 ms backoff).
+    c.clt.reconnect_path(id).unwrap();
+    assert_eq!(c.clt.paths()[0].state(), PathState::Connected);
     assert_eq!(c.clt.paths()[0].stats().reconnects, 1);
     // Both paths carry IO again.
     for i in 0..16u64 {
@@ -357,11 +354,10 @@ fn hb_pair<B: Backend>(name: &str) -> (TestServer, TestClient<B::F>) {
     (srv, TestClient::open_with(&B::fabric(), cc))
 }
 
-/// Polls the client (control and core) for `d`.
+/// Polls the client's core for `d` (its control runs on its own thread).
 fn idle<F: Fabric>(c: &mut TestClient<F>, d: Duration) {
     let t0 = Instant::now();
     while t0.elapsed() < d {
-        c.clt.poll(Instant::now());
         c.core.poll(Instant::now(), &mut |_| {});
         std::thread::sleep(Duration::from_micros(200));
     }
@@ -373,7 +369,7 @@ pub fn idle_session_lives_on_heartbeats<B: Backend>() {
     // 40 heartbeat intervals with no IO: far past the 7 that kill a silent path.
     idle(&mut c, HB * 40);
     let p = &c.clt.paths()[0];
-    assert_eq!(p.state(), LinkState::Connected, "{:?}", p.last_error());
+    assert_eq!(p.state(), PathState::Connected, "{:?}", p.last_reason());
     assert!(
         p.latency() > Duration::ZERO,
         "heartbeat acks measured a round trip"
@@ -382,7 +378,9 @@ pub fn idle_session_lives_on_heartbeats<B: Backend>() {
     drop(c);
     let closed = srv.stop();
     assert!(
-        closed.iter().all(|p| !p.reason.contains("heartbeat")),
+        closed
+            .iter()
+            .all(|p| !matches!(p.reason, DownReason::Heartbeat { .. })),
         "{closed:?}"
     );
 }
@@ -392,15 +390,15 @@ pub fn silent_server_is_declared_dead<B: Backend>() {
     assert_eq!(c.write(0, &[5; 512]), 0);
     srv.pause.store(true, std::sync::atomic::Ordering::Relaxed);
     let t0 = Instant::now();
-    while c.clt.paths()[0].state() == LinkState::Connected {
+    while c.clt.paths()[0].state() == PathState::Connected {
         assert!(
             t0.elapsed() < HB * 200,
             "the silent server was never declared dead"
         );
         idle(&mut c, HB);
     }
-    let why = c.clt.paths()[0].last_error().unwrap_or_default();
-    assert!(why.contains("heartbeat"), "{why}");
+    let why = c.clt.paths()[0].last_reason();
+    assert!(matches!(why, Some(DownReason::Heartbeat { .. })), "{why:?}");
     // The kernel's timing: dead on the 7th timer run after the last message.
     assert!(
         t0.elapsed() >= HB * 5,
@@ -417,7 +415,9 @@ pub fn silent_client_is_declared_dead<B: Backend>() {
     std::thread::sleep(HB * 20);
     let closed = srv.stop();
     assert!(
-        closed.iter().any(|p| p.reason.contains("heartbeat")),
+        closed
+            .iter()
+            .any(|p| matches!(p.reason, DownReason::Heartbeat { .. })),
         "the server closed the silent path: {closed:?}"
     );
     drop(c);
@@ -425,9 +425,17 @@ pub fn silent_client_is_declared_dead<B: Backend>() {
 
 // ---------------------------------------------------------------- RNBD
 
+/// Polls a core that serves a submitter on this thread (an admin call's
+/// wait).
+fn spin<F: Fabric>(core: &mut CltCore<F>) {
+    core.poll(Instant::now(), &mut |c| {
+        panic!("a block IO completion during an admin call: {c:?}")
+    });
+}
+
 pub fn rnbd_over_rtrs<B: Backend>() {
     use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
-    use rtrs_poll::rnbd::{clt as rc, Export, RnbdError, RnbdServer};
+    use rtrs_poll::rnbd::{clt as rc, Export, RnbdClient, RnbdError, RnbdServer};
     let a = B::addr();
     let file = std::env::temp_dir().join(format!(
         "rtrs-rnbd-{}-{}.img",
@@ -454,30 +462,35 @@ pub fn rnbd_over_rtrs<B: Backend>() {
         },
     );
     let mut c = TestClient::open(&B::fabric(), vec![a.clone()], "rnbd-clt");
-    assert_eq!(rc::sess_info(&mut c.clt, &mut c.core).unwrap(), 2);
-    let ram = rc::open(&mut c.clt, &mut c.core, "ram0", AccessMode::Rw).unwrap();
+    let mut rn = RnbdClient::new(&c.clt, c.core.submitter().unwrap());
+    assert_eq!(rn.sess_info(&mut || spin(&mut c.core)).unwrap(), 2);
+    let ram = rn
+        .open("ram0", AccessMode::Rw, &mut || spin(&mut c.core))
+        .unwrap();
     assert_eq!(ram.size(), 2 << 20);
     assert_eq!(ram.logical_block_size, 512);
-    let disk = rc::open(&mut c.clt, &mut c.core, "disk0", AccessMode::Rw).unwrap();
+    let disk = rn
+        .open("disk0", AccessMode::Rw, &mut || spin(&mut c.core))
+        .unwrap();
     assert_eq!(disk.size(), 1 << 20);
-    assert_ne!(ram.device_id, disk.device_id);
+    assert_ne!(ram.device_id(), disk.device_id());
     // Opening again in the same session gives the same id.
-    assert_eq!(
-        rc::open(&mut c.clt, &mut c.core, "ram0", AccessMode::Rw).unwrap(),
-        ram
-    );
+    let again = rn
+        .open("ram0", AccessMode::Rw, &mut || spin(&mut c.core))
+        .unwrap();
+    assert_eq!(again.device_id(), ram.device_id());
     assert!(matches!(
-        rc::open(&mut c.clt, &mut c.core, "nope", AccessMode::Ro),
+        rn.open("nope", AccessMode::Ro, &mut || spin(&mut c.core)),
         Err(RnbdError::Errno(e)) if e == -libc::ENOENT
     ));
     // Block IO, verified, on both devices.
-    for (dev, n) in [(ram, 0u64), (disk, 1)] {
+    for (dev, n) in [(&ram, 0u64), (&disk, 1)] {
         for (i, len) in [512usize, 4096, 32768].into_iter().enumerate() {
             let off = i as u64 * 65536;
             let data = pattern(n * 10 + i as u64, len);
             let mut p = c.core.get_permit().unwrap();
             c.core.buf(&mut p)[..len].copy_from_slice(&data);
-            let h = rc::io_hdr(&dev, RnbdOp::Write, off, len as u32, 0);
+            let h = rc::io_hdr(dev, RnbdOp::Write, off, len as u32, 0);
             c.core
                 .write(p, &h, len as u32, 1, Instant::now())
                 .map_err(|(_, e)| e)
@@ -486,7 +499,7 @@ pub fn rnbd_over_rtrs<B: Backend>() {
             assert_eq!(d.errno, 0);
             c.core.put_permit(d.permit);
             let p = c.core.get_permit().unwrap();
-            let h = rc::io_hdr(&dev, RnbdOp::Read, off, len as u32, 0);
+            let h = rc::io_hdr(dev, RnbdOp::Read, off, len as u32, 0);
             c.core
                 .read(p, &h, len as u32, 2, Instant::now())
                 .map_err(|(_, e)| e)
@@ -530,13 +543,16 @@ pub fn rnbd_over_rtrs<B: Backend>() {
     c.core.put_permit(d.permit);
     // A second session may not open ram0 read-write while we hold it.
     let mut c2 = TestClient::open(&B::fabric(), vec![a.clone()], "rnbd-clt2");
+    let mut rn2 = RnbdClient::new(&c2.clt, c2.core.submitter().unwrap());
     assert!(matches!(
-        rc::open(&mut c2.clt, &mut c2.core, "ram0", AccessMode::Rw),
+        rn2.open("ram0", AccessMode::Rw, &mut || spin(&mut c2.core)),
         Err(RnbdError::Errno(e)) if e == -libc::EPERM
     ));
-    assert!(rc::open(&mut c2.clt, &mut c2.core, "ram0", AccessMode::Ro).is_ok());
+    assert!(rn2
+        .open("ram0", AccessMode::Ro, &mut || spin(&mut c2.core))
+        .is_ok());
     // IO on a closed id: ENOTCONN.
-    rc::close(&mut c.clt, &mut c.core, &disk).unwrap();
+    rn.close(&disk, &mut || spin(&mut c.core)).unwrap();
     let p = c.core.get_permit().unwrap();
     let h = rc::io_hdr(&disk, RnbdOp::Read, 0, 512, 0);
     c.core
@@ -558,7 +574,9 @@ pub fn rnbd_over_rtrs<B: Backend>() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(rc::open(&mut c2.clt, &mut c2.core, "ram0", AccessMode::Rw).is_ok());
+    assert!(rn2
+        .open("ram0", AccessMode::Rw, &mut || spin(&mut c2.core))
+        .is_ok());
     drop(c2);
     drop(srv);
     let _ = std::fs::remove_file(&file);
@@ -653,9 +671,8 @@ pub fn peer_killed_mid_io<B: Backend>(child_test: &str) {
     // The path is down: new IO is refused with ECONNABORTED, not hung.
     let t0 = Instant::now();
     loop {
-        c.clt.poll(Instant::now());
         c.core.poll(Instant::now(), &mut |_| {});
-        if c.clt.paths()[0].state() != LinkState::Connected {
+        if c.clt.paths()[0].state() != PathState::Connected {
             break;
         }
         assert!(
@@ -966,7 +983,12 @@ pub fn hostile_clients<B: Backend>() {
         hostile.len() >= n,
         "each hostile path closed with a reason: {closed:#?}"
     );
-    assert!(hostile.iter().all(|p| !p.reason.is_empty()));
+    assert!(
+        hostile
+            .iter()
+            .all(|p| !matches!(p.reason, DownReason::SessionClosed)),
+        "each closed for what it did: {hostile:#?}"
+    );
 }
 
 #[macro_export]

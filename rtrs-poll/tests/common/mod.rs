@@ -5,6 +5,7 @@
 pub mod conformance;
 pub mod engine;
 pub mod engine_suite;
+pub mod multipath_suite;
 
 use rtrs_poll::fabric::Memory;
 use std::sync::Arc;

@@ -1,0 +1,534 @@
+//! The server's control thread: CM events (connect checks, accepts,
+//! rejects), every path's cid 0 (INFO_REQ, heartbeats), and closing paths
+//! (their connections disconnected, a session dropped with its last path).
+//! IO connections go to the embedder's cores through `place`. The only wait
+//! is the CM's bounded wait for its next event.
+//!
+//! ```text
+//!  CM ──events──> SrvControl ── accept: cid 0 kept here, IO cids -> place(cid, con)
+//!  Server handle ──SrvMsg──┘    reap: Closing paths -> disconnect -> Closed -> SrvEvent
+//! ```
+
+use super::con::SrvCon;
+use super::path::{PathState, SrvPath};
+use super::{ClosedPath, ConInfo, Handler, Place, SrvConfig, SrvError, SrvEvent};
+use crate::fabric::{memory, Access, Address, Cm, CmEvent, ConnId, Fabric, Mr, Pd, QpCap};
+use crate::proto::imm::ImmLayout;
+use crate::proto::{
+    ConnReq, ConnReqRepr, ConnRspRepr, MAX_HDR_SIZE, MAX_PATHS_NUM, PRIVATE_DATA_LEN,
+    SERVICE_CON_QUEUE_DEPTH,
+};
+use crate::sess::DownReason;
+use minstant::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// An event callback, run on the control thread.
+pub(crate) type OnEvent = Box<dyn FnMut(&SrvEvent) + Send>;
+
+/// What reaches the control thread.
+pub(crate) enum SrvMsg {
+    /// Listen on one more address.
+    Listen(Address, std::sync::mpsc::SyncSender<Result<(), SrvError>>),
+    /// Run a callback on every event from now on.
+    OnEvent(OnEvent),
+}
+
+/// What the handle and the control thread share.
+pub(crate) struct Shared<F: Fabric> {
+    pub(crate) paths: Mutex<Vec<Arc<SrvPath<F>>>>,
+    pub(crate) subs: Mutex<Vec<std::sync::mpsc::Sender<SrvEvent>>>,
+    pub(crate) refused: std::sync::atomic::AtomicU64,
+}
+
+impl<F: Fabric> Default for Shared<F> {
+    fn default() -> Self {
+        Shared {
+            paths: Mutex::new(Vec::new()),
+            subs: Mutex::new(Vec::new()),
+            refused: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+struct Sess<F: Fabric> {
+    mem: Arc<dyn crate::fabric::Memory>,
+    paths: Vec<Arc<SrvPath<F>>>,
+}
+
+struct ConRef {
+    paths_uuid: [u8; 16],
+    path: usize,
+    cid: u16,
+}
+
+/// The server's control state, run by its slow-path thread.
+pub(crate) struct SrvControl<F: Fabric, H: Handler> {
+    pub(crate) pd: F::Pd,
+    pub(crate) cm: F::Cm,
+    pub(crate) cfg: SrvConfig,
+    pub(crate) layout: ImmLayout,
+    pub(crate) make_handler: Box<dyn FnMut(&ConInfo) -> H + Send>,
+    pub(crate) place: Place,
+    sessions: HashMap<[u8; 16], Sess<F>>,
+    cons: HashMap<ConnId, ConRef>,
+    service: Vec<SrvCon<F, H>>,
+    shared: Arc<Shared<F>>,
+    callbacks: Vec<OnEvent>,
+    cm_failing: bool,
+}
+
+impl<F: Fabric, H: Handler> SrvControl<F, H> {
+    pub(crate) fn new(
+        pd: F::Pd,
+        cm: F::Cm,
+        cfg: SrvConfig,
+        layout: ImmLayout,
+        make_handler: Box<dyn FnMut(&ConInfo) -> H + Send>,
+        place: Place,
+        shared: Arc<Shared<F>>,
+    ) -> SrvControl<F, H> {
+        SrvControl {
+            pd,
+            cm,
+            cfg,
+            layout,
+            make_handler,
+            place,
+            sessions: HashMap::new(),
+            cons: HashMap::new(),
+            service: Vec::new(),
+            shared,
+            callbacks: Vec::new(),
+            cm_failing: false,
+        }
+    }
+
+    fn emit(&mut self, ev: SrvEvent) {
+        match &ev {
+            SrvEvent::PathUp { .. } => tracing::info!("{ev}"),
+            _ => tracing::warn!("{ev}"),
+        }
+        for f in &mut self.callbacks {
+            f(&ev);
+        }
+        if let Ok(mut subs) = self.shared.subs.lock() {
+            subs.retain(|s| s.send(ev.clone()).is_ok());
+        }
+    }
+
+    fn refuse(&mut self, peer: &str, errno: i32, why: String) {
+        self.shared
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.emit(SrvEvent::Refused {
+            peer: peer.to_string(),
+            errno: -errno,
+            why,
+        });
+    }
+
+    /// One pass: CM events (the first waited for up to `wait`), cid 0 of
+    /// every path, closing paths.
+    fn step(&mut self, now: Instant, wait: Duration) {
+        let mut wait = wait;
+        loop {
+            match self.cm.poll_event(wait) {
+                Ok(Some(ev)) => {
+                    self.on_cm_event(ev);
+                    wait = Duration::ZERO;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if !self.cm_failing {
+                        self.cm_failing = true;
+                        tracing::warn!("server CM: {e}");
+                    }
+                    std::thread::sleep(wait);
+                    break;
+                }
+            }
+        }
+        let now = now.max(Instant::now());
+        let mut newly_up = Vec::new();
+        for con in &mut self.service {
+            let was = con.path.state();
+            con.poll_at(now);
+            if was == PathState::Connecting && con.path.state() == PathState::Connected {
+                newly_up.push(con.path.clone());
+            }
+        }
+        for p in newly_up {
+            self.emit(SrvEvent::PathUp {
+                sessname: p.sessname().unwrap_or("?").to_string(),
+                peer: p.peer.clone(),
+                paths_uuid: p.paths_uuid,
+            });
+        }
+        self.reap();
+    }
+
+    fn publish_paths(&self) {
+        if let Ok(mut l) = self.shared.paths.lock() {
+            *l = self
+                .sessions
+                .values()
+                .flat_map(|s| s.paths.iter())
+                .filter(|p| p.state() < PathState::Closed)
+                .cloned()
+                .collect();
+        }
+    }
+
+    fn on_cm_event(&mut self, ev: CmEvent) {
+        match ev {
+            CmEvent::ConnectRequest {
+                id,
+                listener,
+                private_data,
+                peer,
+            } => {
+                if let Err((errno, why)) =
+                    self.on_connect(id, listener, private_data.as_bytes(), &peer)
+                {
+                    let mut rsp = [0u8; PRIVATE_DATA_LEN];
+                    let _ = ConnRspRepr::reject(-(errno as i16)).emit(&mut rsp);
+                    if let Err(e) = self.cm.reject(id, &rsp) {
+                        tracing::warn!("reject {peer}: {e}");
+                    }
+                    self.refuse(&peer, errno, why);
+                }
+            }
+            CmEvent::Disconnected { id } => {
+                let cid = self.cons.get(&id).map_or(0, |r| r.cid);
+                if let Some(path) = self.path_of(id) {
+                    path.close(DownReason::Disconnected { cid });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn path_of(&self, id: ConnId) -> Option<Arc<SrvPath<F>>> {
+        let r = self.cons.get(&id)?;
+        self.sessions.get(&r.paths_uuid)?.paths.get(r.path).cloned()
+    }
+
+    /// Spec §4.3, in order. Err is the (positive) errno of the reject and
+    /// why (the caller logs and counts it once).
+    fn on_connect(
+        &mut self,
+        id: ConnId,
+        listener: ConnId,
+        pd: &[u8],
+        peer: &str,
+    ) -> Result<(), (i32, String)> {
+        let req = match ConnReq::new_checked(pd) {
+            Ok(v) => ConnReqRepr::parse(&v),
+            Err(e) => return Err((libc::ECONNRESET, format!("CON_REQ: {e}"))),
+        };
+        if !self.sessions.contains_key(&req.paths_uuid) {
+            if !req.first_conn {
+                return Err((libc::ENXIO, "no such session and not first_conn".into()));
+            }
+            let len = self.cfg.queue_depth as usize * self.cfg.max_chunk_size as usize;
+            let mem = memory::shareable(len)
+                .map_err(|e| (libc::ENOMEM, format!("session chunks: {e}")))?;
+            self.sessions.insert(
+                req.paths_uuid,
+                Sess {
+                    mem,
+                    paths: Vec::new(),
+                },
+            );
+        }
+        let sess = self
+            .sessions
+            .get_mut(&req.paths_uuid)
+            .ok_or((libc::ENXIO, "no such session".to_string()))?;
+        let live = sess
+            .paths
+            .iter()
+            .position(|p| p.sess_uuid == req.sess_uuid && p.state() < PathState::Closed);
+        let (idx, path) = match live {
+            Some(i) => {
+                let p = sess.paths[i].clone();
+                if p.state() != PathState::Connecting || p.cid_num != req.cid_num {
+                    return Err((
+                        libc::ECONNRESET,
+                        format!("path exists and is {:?}", p.state()),
+                    ));
+                }
+                // No cid twice in one path (the kernel's `con[cid]` check).
+                if self
+                    .cons
+                    .values()
+                    .any(|c| c.paths_uuid == req.paths_uuid && c.path == i && c.cid == req.cid)
+                {
+                    return Err((
+                        libc::ECONNRESET,
+                        format!("cid {} already connected", req.cid),
+                    ));
+                }
+                (i, p)
+            }
+            None => {
+                let alive = sess.paths.iter().filter(|p| p.state() < PathState::Closing);
+                if alive.clone().count() >= MAX_PATHS_NUM {
+                    return Err((libc::ECONNRESET, "the session has 128 paths".into()));
+                }
+                // The kernel refuses a second path between the same two
+                // addresses (client host, server address; ports ignored).
+                if alive
+                    .clone()
+                    .any(|p| p.listener == listener && host_of(&p.peer) == host_of(peer))
+                {
+                    return Err((libc::EEXIST, "a path from this address exists".into()));
+                }
+                let mrs = register::<F>(&self.pd, &self.cfg, &sess.mem)
+                    .map_err(|e| (libc::ENOMEM, format!("registering chunks: {e}")))?;
+                let p = Arc::new(SrvPath::new(
+                    req.sess_uuid,
+                    req.paths_uuid,
+                    req.cid_num,
+                    peer.to_string(),
+                    listener,
+                    self.layout,
+                    self.cfg.queue_depth.into(),
+                    self.cfg.max_chunk_size as usize,
+                    self.cfg.always_invalidate,
+                    (self.cfg.hb_interval, self.cfg.hb_missed_max),
+                    sess.mem.clone(),
+                    mrs,
+                ));
+                sess.paths.push(p.clone());
+                (sess.paths.len() - 1, p)
+            }
+        };
+        let cid = req.cid;
+        let local = |what: String| DownReason::Local { cid, what };
+        let mut con = self.create_con(&path, req.cid).map_err(|e| {
+            let what = format!("cannot create the connection: {e}");
+            path.close(local(what.clone()));
+            (libc::ENOMEM, what)
+        })?;
+        let rsp = ConnRspRepr {
+            errno: 0,
+            queue_depth: self.cfg.queue_depth,
+            max_io_size: self.cfg.max_io_size(),
+            max_hdr_size: MAX_HDR_SIZE,
+            new_rkey: self.cfg.always_invalidate,
+        };
+        let mut buf = [0u8; PRIVATE_DATA_LEN];
+        rsp.emit(&mut buf)
+            .map_err(|e| (libc::EINVAL, format!("CON_RSP: {e}")))?;
+        if let Err(e) = con.post_initial_recvs() {
+            let what = format!("cannot post receives: {e}");
+            path.close(local(what.clone()));
+            return Err((libc::ENOMEM, what));
+        }
+        if let Err(e) = self.cm.accept(id, con.qp(), &buf) {
+            let what = format!("accept failed: {e}");
+            path.close(local(what.clone()));
+            return Err((libc::ECONNRESET, what));
+        }
+        path.con_created();
+        self.cons.insert(
+            id,
+            ConRef {
+                paths_uuid: req.paths_uuid,
+                path: idx,
+                cid: req.cid,
+            },
+        );
+        if req.cid == 0 {
+            self.service.push(con);
+        } else {
+            (self.place)(req.cid, Box::new(con));
+        }
+        self.publish_paths();
+        Ok(())
+    }
+
+    fn create_con(&mut self, path: &Arc<SrvPath<F>>, cid: u16) -> Result<SrvCon<F, H>, SrvError> {
+        let qd = u32::from(self.cfg.queue_depth);
+        let (send, recv, buf_len) = if cid == 0 {
+            let info_rsp =
+                crate::proto::InfoRsp::<&[u8]>::HDR_LEN + crate::proto::SgDesc::LEN * qd as usize;
+            (
+                SERVICE_CON_QUEUE_DEPTH * 2 + 2,
+                SERVICE_CON_QUEUE_DEPTH * 2 + 2,
+                super::con::INFO_REQ_LEN + info_rsp.max(8 * qd as usize),
+            )
+        } else {
+            // Per response at most: re-key, data write, SEND_WITH_INV and
+            // the response; responses are signaled every queue depth, so
+            // up to two queue depths of them sit in the queue unreaped.
+            let per_io = if self.cfg.always_invalidate { 4 } else { 3 };
+            let send = qd * per_io * 2 + 1;
+            (send, qd + 1, 8 * qd as usize)
+        };
+        let cq = self.pd.create_cq(send + recv)?;
+        let cap = QpCap {
+            max_send_wr: send,
+            max_recv_wr: recv,
+            max_send_sge: 1,
+            max_recv_sge: 1,
+            max_inline_data: 0,
+            rnr_retry: 7,
+        };
+        let qp = self.pd.create_qp(&cq, &cq, cap)?;
+        let mem = memory::shareable(buf_len)?;
+        let mr = self.pd.reg_mr(mem.clone(), Access::LOCAL_WRITE)?;
+        Ok(SrvCon::new(
+            path.clone(),
+            cid,
+            qp,
+            cq,
+            mem,
+            mr,
+            (self.make_handler)(&ConInfo {
+                paths_uuid: path.paths_uuid,
+                sess_uuid: path.sess_uuid,
+                cid,
+                peer: path.peer.clone(),
+            }),
+        ))
+    }
+
+    /// Tears down closing paths: disconnects their connections, forgets
+    /// them, and drops a session with its last path.
+    fn reap(&mut self) {
+        let mut closed = Vec::new();
+        let closing: Vec<([u8; 16], usize)> = self
+            .sessions
+            .iter()
+            .flat_map(|(u, s)| {
+                s.paths
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.state() == PathState::Closing)
+                    .map(move |(i, _)| (*u, i))
+            })
+            .collect();
+        for (uuid, i) in closing {
+            let ids: Vec<ConnId> = self
+                .cons
+                .iter()
+                .filter(|(_, c)| c.paths_uuid == uuid && c.path == i)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                if let Err(e) = self.cm.disconnect(id) {
+                    tracing::debug!("disconnect: {e}");
+                }
+            }
+            if let Some(s) = self.sessions.get(&uuid) {
+                let p = &s.paths[i];
+                p.set_closed();
+                closed.push(ClosedPath {
+                    paths_uuid: uuid,
+                    session_ended: false,
+                    sessname: p.sessname().map(str::to_string),
+                    peer: p.peer.clone(),
+                    reason: p
+                        .close_reason()
+                        .cloned()
+                        .unwrap_or(DownReason::SessionClosed),
+                });
+            }
+        }
+        self.service.retain(|c| c.path.state() < PathState::Closed);
+        let dead: Vec<[u8; 16]> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.paths.iter().all(|p| p.state() == PathState::Closed))
+            .map(|(u, _)| *u)
+            .collect();
+        for u in dead {
+            if let Some(c) = closed.iter_mut().rev().find(|c| c.paths_uuid == u) {
+                c.session_ended = true;
+            }
+            self.sessions.remove(&u);
+            self.cons.retain(|_, c| c.paths_uuid != u);
+        }
+        if !closed.is_empty() {
+            self.publish_paths();
+        }
+        for c in closed {
+            self.emit(SrvEvent::PathClosed(c));
+        }
+    }
+}
+
+impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
+    type Msg = SrvMsg;
+    type Timer = ();
+
+    fn on_msg(&mut self, msg: SrvMsg, _now: Instant, _timers: &mut pollers::Timers<()>) {
+        match msg {
+            SrvMsg::Listen(addr, reply) => {
+                let r = self.cm.listen(&addr).map(|_| ()).map_err(SrvError::from);
+                if r.is_ok() {
+                    tracing::info!(%addr, "listening");
+                }
+                let _ = reply.send(r);
+            }
+            SrvMsg::OnEvent(f) => self.callbacks.push(f),
+        }
+    }
+
+    fn on_timer(&mut self, _t: (), _now: Instant, _timers: &mut pollers::Timers<()>) {}
+
+    fn on_idle(&mut self, now: Instant, wait: Duration, _timers: &mut pollers::Timers<()>) {
+        self.step(now, wait);
+    }
+
+    fn on_stop(&mut self) {
+        for s in self.sessions.values() {
+            for p in &s.paths {
+                p.close(DownReason::SessionClosed);
+            }
+        }
+        self.reap();
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.service.iter().filter_map(SrvCon::hb_deadline).min()
+    }
+}
+
+/// MRs over the session's chunks for a new path: one per chunk with
+/// always_invalidate, else one over them all. Each key is bumped once before
+/// first use, as the kernel does.
+fn register<F: Fabric>(
+    pd: &F::Pd,
+    cfg: &SrvConfig,
+    mem: &Arc<dyn crate::fabric::Memory>,
+) -> crate::fabric::Result<Vec<F::Mr>> {
+    let access = Access::LOCAL_WRITE | Access::REMOTE_WRITE;
+    let cs = cfg.max_chunk_size as usize;
+    let qd = cfg.queue_depth as usize;
+    let mrs = if cfg.always_invalidate {
+        (0..qd)
+            .map(|i| pd.reg_mr_range(mem.clone(), i * cs, cs, access))
+            .collect::<crate::fabric::Result<Vec<_>>>()?
+    } else {
+        vec![pd.reg_mr_range(mem.clone(), 0, qd * cs, access)?]
+    };
+    for mr in &mrs {
+        mr.rekey()?;
+    }
+    Ok(mrs)
+}
+
+/// The host part of a peer address ("tcp:1.2.3.4:5" -> "1.2.3.4"), for the
+/// kernel's one-path-per-address rule (ports are ignored).
+fn host_of(peer: &str) -> &str {
+    let ip = peer.starts_with("tcp:") || peer.starts_with("rdma:");
+    match peer.rsplit_once(':') {
+        Some((h, _)) if ip => h,
+        _ => peer,
+    }
+}
