@@ -231,6 +231,9 @@ pub struct ClientOpts {
     pub hb_interval: Duration,
     /// Missed heartbeats before a path is dead.
     pub hb_missed: u32,
+    /// How long each connection (and INFO) may take.
+    #[serde(serialize_with = "ser_millis")]
+    pub connect_timeout: Duration,
     /// Reconnect delay and attempts.
     #[serde(serialize_with = "ser_reconnect")]
     pub reconnect: ReconnectPolicy,
@@ -284,6 +287,8 @@ pub struct Summary {
     pub events: Vec<String>,
     /// Seconds no path could take IO (new IO waited).
     pub stalled_secs: f64,
+    /// Each path at the end.
+    pub paths: Vec<PathSummary>,
     /// Completion latency.
     pub lat_ns: LatNs,
     /// What ran.
@@ -299,6 +304,31 @@ pub struct Summary {
     /// The merged latency histogram.
     #[serde(skip)]
     pub hist: Option<Histogram<u64>>,
+}
+
+/// A path's figures at the end of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct PathSummary {
+    /// The server address.
+    pub addr: String,
+    /// Its state.
+    pub state: String,
+    /// IOs it completed.
+    pub ios: u64,
+    /// IOs moved off it when it failed.
+    pub failovers: u64,
+    /// Times it went down.
+    pub downs: u64,
+    /// Successful reconnects.
+    pub reconnects: u64,
+    /// Failed reconnect attempts.
+    pub failed_reconnects: u64,
+    /// Last heartbeat round trip, ns.
+    pub hb_rtt_ns: u64,
+    /// Most heartbeat intervals in a row without an answer.
+    pub hb_missed_peak: u32,
+    /// Why it last went down.
+    pub last_reason: Option<String>,
 }
 
 struct CoreResult<F: Fabric> {
@@ -663,7 +693,7 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     cfg.mp_policy = o.mp_policy;
     cfg.read_keys = o.read_keys;
     cfg.max_io_size = o.bs.max(1);
-    cfg.connect_timeout = Duration::from_secs(10);
+    cfg.connect_timeout = o.connect_timeout;
     cfg.hb_interval = o.hb_interval;
     cfg.hb_missed_max = o.hb_missed;
     cfg.reconnect = o.reconnect;
@@ -776,6 +806,13 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
         if threads.iter().all(|t| t.is_finished()) {
             break;
         }
+        if clt.paths().iter().all(|p| p.state() == PathState::Closed) {
+            // Out of reconnect attempts everywhere: nothing will carry IO.
+            let line = format!("event {} every path is closed: stopping", wall());
+            eprintln!("{line}");
+            events.lines.push(line);
+            break;
+        }
         let now = Instant::now();
         if o.progress && now >= next {
             let ios: u64 = progress.iter().map(|p| p.load(Ordering::Relaxed)).sum();
@@ -831,10 +868,32 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     }
     events.drain();
     let st = clt.stats();
+    let paths = clt
+        .paths()
+        .iter()
+        .map(|p| {
+            let s = p.stats();
+            PathSummary {
+                addr: s.addr,
+                state: s.state.unwrap_or(PathState::Closed).name().to_string(),
+                ios: s.ios,
+                failovers: s.failovers,
+                downs: s.downs,
+                reconnects: s.reconnects,
+                failed_reconnects: s.failed_reconnects,
+                hb_rtt_ns: s.hb_rtt.as_nanos() as u64,
+                hb_missed_peak: s.hb_missed_peak,
+                last_reason: s.last_reason.map(|r| r.to_string()),
+            }
+        })
+        .collect();
     let always_invalidate = clt.always_invalidate();
     // The session closes first (its paths torn down in order), then its
     // cores go: a core dropped under a live session is a path failure.
     drop(rnbd);
+    events
+        .lines
+        .push(format!("event {} run over: closing the session", wall()));
     clt.close();
     drop(cores);
     if ios == 0 {
@@ -853,6 +912,7 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
         reconnects: st.reconnects,
         events: events.lines,
         stalled_secs: stalled_ns as f64 / 1e9,
+        paths,
         lat_ns: LatNs::from_hist(&hist),
         config: o.clone(),
         seconds,

@@ -186,6 +186,9 @@ struct IoArgs {
     /// Reconnect attempts before a path closes for good; -1: forever.
     #[arg(long, default_value_t = -1, value_parser = clap::value_parser!(i32).range(-1..=9999))]
     max_reconnect_attempts: i32,
+    /// Seconds each connection (and the INFO exchange) may take.
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout: f64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -397,6 +400,12 @@ fn io_opts(
         ));
     }
     let bs = u32::try_from(a.bs).map_err(|_| format!("--bs {} is too large", a.bs))?;
+    if !(a.connect_timeout > 0.0 && a.connect_timeout.is_finite()) {
+        return Err(format!(
+            "--connect-timeout {} must be a positive number of seconds",
+            a.connect_timeout
+        ));
+    }
     if !(a.reconnect_delay >= 0.0 && a.reconnect_delay.is_finite()) {
         return Err(format!(
             "--reconnect-delay {} must be a number of seconds >= 0",
@@ -422,6 +431,7 @@ fn io_opts(
         verify: a.verify,
         hb_interval: std::time::Duration::from_millis(a.hb.hb_interval_ms),
         hb_missed: a.hb.hb_missed,
+        connect_timeout: std::time::Duration::from_secs_f64(a.connect_timeout),
         reconnect: rtrs_poll::clt::ReconnectPolicy {
             delay: std::time::Duration::from_secs_f64(a.reconnect_delay),
             max_attempts: a.max_reconnect_attempts,

@@ -614,7 +614,11 @@ impl<F: Fabric> CltControl<F> {
         // once; tearing down what is already down is not news.
         let news = was_up || state == PathState::ConnectingErr;
         if let (Some(sh), true) = (&p.shared, news) {
-            sh.went_down(&why);
+            if was_up {
+                sh.went_down(&why);
+            } else {
+                sh.set_reason(&why);
+            }
             sh.failed_reconnects
                 .store(p.sm.reconnects.1, Ordering::Relaxed);
         }
@@ -926,7 +930,14 @@ impl<F: Fabric> CltControl<F> {
             p.seen_recvs = recvs;
             hb.on_recv();
         }
-        let why = match hb.handle_timeout(now) {
+        let action = hb.handle_timeout(now);
+        if let Some(sh) = &p.shared {
+            // missed() counts the beat outstanding: intervals without an
+            // answer are one fewer.
+            sh.hb_missed_peak
+                .fetch_max(hb.missed().saturating_sub(1), Ordering::Relaxed);
+        }
+        let why = match action {
             HbAction::Wait => return,
             HbAction::Send => match svc.post(hb_wr(WR_HB, false)) {
                 Ok(()) => {

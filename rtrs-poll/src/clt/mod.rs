@@ -495,6 +495,7 @@ impl<F: Fabric> Client<F> {
             t.reconnects += s.reconnects;
             t.failed_reconnects += s.failed_reconnects;
             t.downs += s.downs;
+            t.hb_missed_peak = t.hb_missed_peak.max(s.hb_missed_peak);
             if s.hb_rtt > Duration::ZERO {
                 rtt = Some(rtt.map_or(s.hb_rtt, |r| r.min(s.hb_rtt)));
             }

@@ -61,6 +61,8 @@ pub struct CltPath {
     pub(crate) reconnects: AtomicU64,
     pub(crate) failed_reconnects: AtomicU64,
     pub(crate) downs: AtomicU64,
+    /// Most heartbeat intervals in a row that passed without an answer.
+    pub(crate) hb_missed_peak: AtomicU32,
 }
 
 /// A path's figures.
@@ -92,6 +94,9 @@ pub struct PathStats {
     pub last_reason: Option<DownReason>,
     /// Last heartbeat round trip.
     pub hb_rtt: Duration,
+    /// Most heartbeat intervals in a row that passed without an answer
+    /// (0: the path never missed a beat).
+    pub hb_missed_peak: u32,
 }
 
 impl CltPath {
@@ -108,6 +113,7 @@ impl CltPath {
             reconnects: AtomicU64::new(0),
             failed_reconnects: AtomicU64::new(0),
             downs: AtomicU64::new(0),
+            hb_missed_peak: AtomicU32::new(0),
         }
     }
 
@@ -205,6 +211,7 @@ impl CltPath {
             downs: self.downs.load(Ordering::Relaxed),
             last_reason: self.last_reason(),
             hb_rtt: self.latency(),
+            hb_missed_peak: self.hb_missed_peak.load(Ordering::Relaxed),
         }
     }
 }

@@ -233,10 +233,7 @@ pub fn reconnect_attempts_run_out<B: Backend>() {
     assert_eq!(c.write(0, &[1; 512]), 0);
     drop(srv);
     let seen = wait_event(&events, |e| matches!(e, CltEvent::PathClosed { .. }));
-    assert!(
-        seen.contains(&CltEvent::SessionLost),
-        "{seen:#?}"
-    );
+    assert!(seen.contains(&CltEvent::SessionLost), "{seen:#?}");
     let p = &c.clt.paths()[0];
     assert_eq!(p.state(), PathState::Closed);
     assert_eq!(
