@@ -282,16 +282,6 @@ fn random_seed() -> u64 {
     t ^ (u64::from(std::process::id()) << 32) ^ (&t as *const u64 as u64)
 }
 
-fn ev_id(ev: &CmEvent) -> ConnId {
-    match ev {
-        CmEvent::ConnectRequest { id, .. }
-        | CmEvent::Established { id, .. }
-        | CmEvent::Rejected { id, .. }
-        | CmEvent::Unreachable { id, .. }
-        | CmEvent::Disconnected { id } => *id,
-    }
-}
-
 fn service_cap() -> QpCap {
     QpCap {
         max_send_wr: SERVICE_CON_QUEUE_DEPTH * 2 + 2,
@@ -653,7 +643,6 @@ impl<F: Fabric> Client<F> {
                 p.shared.fail(format_args!("disconnected"));
             }
         }
-        let _ = ev_id;
     }
 
     fn poll_service(&mut self, i: usize, now: Instant) -> usize {
@@ -803,7 +792,7 @@ fn connect_one<F: Fabric>(
         }
         let ev = cm.poll_event(left.min(Duration::from_millis(50)))?;
         let Some(ev) = ev else { continue };
-        if ev_id(&ev) != id {
+        if ev.id() != id {
             continue;
         }
         return match ev {
