@@ -9,30 +9,10 @@ use rtrs_poll::fabric::{
     Access, Address, Cm, CmEvent, Cq, Fabric, FabricError, Mr, Pd, Qp, QpCap, RecvWr, SendWr, Wc,
     WcOpcode, WcStatus,
 };
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// Ports for this process: a block of 64 below the kernel's ephemeral range
-/// (32768..), chosen by pid so parallel test binaries rarely meet; a port
-/// something else already holds is skipped.
-fn port() -> u16 {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let base = 12_000 + (std::process::id() % 300) * 64;
-    loop {
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let port = (base + n % 64) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-        assert!(n < 1024, "no free tcp port near {base}");
-    }
-}
-
 fn addr() -> Address {
-    Address::Tcp {
-        host: "127.0.0.1".into(),
-        port: port(),
-    }
+    common::tcp_addr()
 }
 
 struct Tcp;

@@ -222,10 +222,10 @@ pub struct CltCore<F: Fabric> {
     sess: Arc<CltSess<F>>,
     paths: Vec<Option<CorePath<F>>>,
     inbox: pollers::spsc::Consumer<CoreMsg<F>>,
-    to_ctl: pollers::mpsc::Sender<CtlMsg>,
-    /// Failure reports the control thread's inbox had no room for yet
-    /// (sized for every path: never grows).
-    unsent: Vec<CtlMsg>,
+    to_ctl: pollers::mpsc::Sender<CtlMsg<F>>,
+    /// Reports and retired connections the control thread's inbox had no
+    /// room for yet (sized for two per path: never grows in practice).
+    unsent: Vec<CtlMsg<F>>,
     views: Vec<PathView>,
     rr: Option<usize>,
     wcs: [Wc; WC_BATCH],
@@ -248,7 +248,7 @@ impl<F: Fabric> CltCore<F> {
         core: u32,
         sess: Arc<CltSess<F>>,
         inbox: pollers::spsc::Consumer<CoreMsg<F>>,
-        to_ctl: pollers::mpsc::Sender<CtlMsg>,
+        to_ctl: pollers::mpsc::Sender<CtlMsg<F>>,
     ) -> CltCore<F> {
         let qd = sess.queue_depth as usize;
         let (remote_tx, remote_rx) = pollers::mpsc::channel(qd.max(2));
@@ -260,7 +260,7 @@ impl<F: Fabric> CltCore<F> {
             paths: Vec::with_capacity(MAX_PATHS),
             inbox,
             to_ctl,
-            unsent: Vec::with_capacity(MAX_PATHS),
+            unsent: Vec::with_capacity(2 * MAX_PATHS),
             views: Vec::with_capacity(MAX_PATHS),
             rr: None,
             wcs: [Wc::default(); WC_BATCH],
@@ -297,9 +297,9 @@ impl<F: Fabric> CltCore<F> {
                     p.con = Some(con);
                 }
             }
-            CoreMsg::Drop(slot) => self.drop_path(slot, now, done),
+            CoreMsg::Drop(slot) => self.retire(slot, now, done),
             CoreMsg::Remove(slot) => {
-                self.drop_path(slot, now, done);
+                self.retire(slot, now, done);
                 if let Some(p) = self.paths.get_mut(slot) {
                     *p = None;
                 }
@@ -644,7 +644,7 @@ impl<F: Fabric> CltCore<F> {
 
     /// This core saw path `slot` fail: its IO moves to other paths now, and
     /// the control thread hears why (it tears the path down everywhere and
-    /// reconnects it).
+    /// reconnects it) and gets the connection back to destroy.
     fn path_failed(
         &mut self,
         slot: usize,
@@ -652,19 +652,25 @@ impl<F: Fabric> CltCore<F> {
         now: Instant,
         done: &mut dyn FnMut(Completion),
     ) {
-        let Some(Some(p)) = self.paths.get(slot) else {
+        let Some(con) = self.drop_path(slot, now, done) else {
             return;
         };
-        let Some(epoch) = p.con.as_ref().map(|c| c.epoch) else {
-            return;
-        };
-        self.drop_path(slot, now, done);
         self.unsent.push(CtlMsg::PathFailed {
             slot,
-            epoch,
+            epoch: con.epoch,
             reason: why,
+            con,
         });
         self.send_reports();
+    }
+
+    /// The control thread tore path `slot` down: its IO moves over and its
+    /// connection goes back to be destroyed off the core.
+    fn retire(&mut self, slot: usize, now: Instant, done: &mut dyn FnMut(Completion)) {
+        if let Some(con) = self.drop_path(slot, now, done) {
+            self.unsent.push(CtlMsg::Retired(con));
+            self.send_reports();
+        }
     }
 
     /// Hands failure reports to the control thread; what its inbox has no
@@ -812,20 +818,23 @@ impl<F: Fabric> CltCore<F> {
 
     /// The path's connection on this core is gone: its requests go to
     /// another path (same permit, same chunk id), or fail with
-    /// -ECONNABORTED when none is left.
-    fn drop_path(&mut self, slot: usize, now: Instant, done: &mut dyn FnMut(Completion)) {
+    /// -ECONNABORTED when none is left. Returns the connection.
+    fn drop_path(
+        &mut self,
+        slot: usize,
+        now: Instant,
+        done: &mut dyn FnMut(Completion),
+    ) -> Option<CltCon<F>> {
         let _ = now;
         let Some(Some(p)) = self.paths.get_mut(slot) else {
-            return;
+            return None;
         };
-        if p.con.take().is_none() {
-            return;
-        }
+        let con = p.con.take()?;
         let path = p.path.clone();
         let c = &path.cores[self.core as usize];
         for buf_id in 0..self.sess.queue_depth {
             let Some(Some(p)) = self.paths.get_mut(slot) else {
-                return;
+                break;
             };
             let req = p.reqs[buf_id as usize];
             if !req.active {
@@ -854,6 +863,7 @@ impl<F: Fabric> CltCore<F> {
                 self.deliver(req.remote, done_c, done);
             }
         }
+        Some(con)
     }
 
     /// Re-keys a read's buffer and rewrites its descriptor in the header slot.

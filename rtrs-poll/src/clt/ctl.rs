@@ -40,13 +40,18 @@ use std::time::Duration;
 pub(crate) type Reply<T> = SyncSender<Result<T, CltError>>;
 
 /// What reaches the control thread's inbox.
-pub(crate) enum CtlMsg {
-    /// A core saw path `slot` fail in connection round `epoch`.
+pub(crate) enum CtlMsg<F: Fabric> {
+    /// A core saw path `slot` fail in connection round `epoch`; its
+    /// connection comes back to be destroyed here, off the core (after the
+    /// CM has disconnected it).
     PathFailed {
         slot: usize,
         epoch: u16,
         reason: DownReason,
+        con: CltCon<F>,
     },
+    /// A core let go of a connection the control thread tore down.
+    Retired(CltCon<F>),
     /// An operator command from the [`super::Client`] handle.
     Cmd(Cmd),
 }
@@ -161,7 +166,7 @@ pub(crate) struct CltControl<F: Fabric> {
     slots: Vec<Option<PathCtl<F>>>,
     next_id: u32,
     cores: Vec<CoreLink<F>>,
-    to_ctl: pollers::mpsc::Sender<CtlMsg>,
+    to_ctl: pollers::mpsc::Sender<CtlMsg<F>>,
     conns: HashMap<ConnId, (usize, u16)>,
     opening: Option<Opening<F>>,
     /// Set when the open failed: the thread has nothing left to do.
@@ -169,6 +174,10 @@ pub(crate) struct CltControl<F: Fabric> {
     up: usize,
     wcs: [Wc; 16],
     cm_failing: bool,
+    /// A CM event that woke the loop: taken at the next step, after the
+    /// cores' reports (which come without waking it), so a core's first-hand
+    /// reason wins over its echo through the CM.
+    woke_by: Option<CmEvent>,
 }
 
 fn uuid(seed: u64) -> [u8; 16] {
@@ -219,7 +228,7 @@ impl<F: Fabric> CltControl<F> {
         seed: u64,
         need_inval: bool,
         shared: Arc<Shared>,
-        to_ctl: pollers::mpsc::Sender<CtlMsg>,
+        to_ctl: pollers::mpsc::Sender<CtlMsg<F>>,
         stop: pollers::Shutdown,
         reply: Reply<Opened<F>>,
         now: Instant,
@@ -248,6 +257,7 @@ impl<F: Fabric> CltControl<F> {
             up: 0,
             wcs: [Wc::default(); 16],
             cm_failing: false,
+            woke_by: None,
             cfg,
         };
         c.open_next(now);
@@ -731,17 +741,14 @@ impl<F: Fabric> CltControl<F> {
     }
 
     fn on_cm(&mut self, ev: CmEvent, now: Instant) {
-        let id = match &ev {
-            CmEvent::Established { id, .. }
-            | CmEvent::Rejected { id, .. }
-            | CmEvent::Unreachable { id, .. }
-            | CmEvent::Disconnected { id } => *id,
-            CmEvent::ConnectRequest { id, .. } => {
-                tracing::warn!("a connect request reached the client's CM; refused");
-                let _ = self.cm.reject(*id, &[]);
-                return;
+        let id = ev.id();
+        if let CmEvent::ConnectRequest { .. } = ev {
+            tracing::warn!("a connect request reached the client's CM; refused");
+            if let Err(e) = self.cm.reject(id, &[]) {
+                tracing::warn!("reject: {e}");
             }
-        };
+            return;
+        }
         let Some(&(slot, cid)) = self.conns.get(&id) else {
             return; // an event of a round already torn down
         };
@@ -959,6 +966,9 @@ impl<F: Fabric> CltControl<F> {
 
     /// One pass over everything, at `now`.
     fn drive(&mut self, now: Instant) {
+        if let Some(ev) = self.woke_by.take() {
+            self.on_cm(ev, now);
+        }
         loop {
             match self.cm.poll_event(Duration::ZERO) {
                 Ok(Some(ev)) => self.on_cm(ev, now),
@@ -975,6 +985,10 @@ impl<F: Fabric> CltControl<F> {
                 p.sm.handle_timeout(now);
             }
             self.run_actions(slot, now);
+            // Once more: a software fabric sends what was just posted (a
+            // beat, an ack, INFO_REQ) when its CQ is polled, and the loop
+            // may sleep next.
+            self.poll_svc(slot, now);
         }
         for c in &mut self.cores {
             c.flush();
@@ -1078,15 +1092,18 @@ impl<F: Fabric> CltControl<F> {
 }
 
 impl<F: Fabric> pollers::Control for CltControl<F> {
-    type Msg = CtlMsg;
+    type Msg = CtlMsg<F>;
     type Timer = ();
 
-    fn on_msg(&mut self, msg: CtlMsg, now: Instant, _timers: &mut pollers::Timers<()>) {
+    fn on_msg(&mut self, msg: CtlMsg<F>, now: Instant, _timers: &mut pollers::Timers<()>) {
         match msg {
+            // Dropped here: the QP is destroyed off the cores.
+            CtlMsg::Retired(con) => drop(con),
             CtlMsg::PathFailed {
                 slot,
                 epoch,
                 reason,
+                con,
             } => {
                 let current = self
                     .slots
@@ -1099,6 +1116,8 @@ impl<F: Fabric> pollers::Control for CltControl<F> {
                     self.fail(slot, reason, now);
                     self.run_actions(slot, now);
                 }
+                // After the teardown's CM disconnect: the QP goes last.
+                drop(con);
             }
             CtlMsg::Cmd(c) => self.command(c, now),
         }
@@ -1115,11 +1134,7 @@ impl<F: Fabric> pollers::Control for CltControl<F> {
             return;
         }
         match self.cm.poll_event(max_wait) {
-            Ok(Some(ev)) => {
-                let now = Instant::now();
-                self.on_cm(ev, now);
-                self.drive(now);
-            }
+            Ok(Some(ev)) => self.woke_by = Some(ev),
             Ok(None) => {}
             Err(e) => {
                 self.cm_error(e);

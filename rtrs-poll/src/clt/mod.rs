@@ -330,7 +330,7 @@ pub struct Client<F: Fabric> {
     sess: Arc<CltSess<F>>,
     geo_new_rkey: bool,
     sessname: String,
-    tx: pollers::mpsc::Sender<CtlMsg>,
+    tx: pollers::mpsc::Sender<CtlMsg<F>>,
     shared: Arc<Shared>,
     slow: Option<pollers::SlowPath<CltControl<F>>>,
 }

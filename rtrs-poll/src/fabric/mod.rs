@@ -14,9 +14,12 @@
 //!
 //! Backends: [`soft::shm`] (processes on one host, no syscall on the data path),
 //! [`soft::tcp`] (hosts over TCP, busy-polled sockets) and, with the `rdma`
-//! feature, real verbs.
+//! feature, real verbs. [`fault::FaultFabric`] wraps any of them to inject
+//! faults (black holes, delays, failed completions, killed QPs, lost CM events)
+//! for tests.
 
 pub mod addr;
+pub mod fault;
 pub mod memory;
 #[cfg(feature = "rdma")]
 pub mod rdma;
@@ -384,6 +387,19 @@ pub enum CmEvent {
         /// Which connection.
         id: ConnId,
     },
+}
+
+impl CmEvent {
+    /// The connection the event is about.
+    pub fn id(&self) -> ConnId {
+        match self {
+            CmEvent::ConnectRequest { id, .. }
+            | CmEvent::Established { id, .. }
+            | CmEvent::Rejected { id, .. }
+            | CmEvent::Unreachable { id, .. }
+            | CmEvent::Disconnected { id } => *id,
+        }
+    }
 }
 
 /// A connection manager shaped like rdma_cm. It runs on the slow-path thread;

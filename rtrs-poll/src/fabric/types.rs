@@ -88,6 +88,19 @@ pub enum Opcode {
     Rekey,
 }
 
+impl Opcode {
+    /// What a completion of this request reports.
+    pub fn wc_opcode(self) -> WcOpcode {
+        match self {
+            Opcode::Send | Opcode::SendWithImm | Opcode::SendWithInv => WcOpcode::Send,
+            Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => WcOpcode::RdmaWrite,
+            Opcode::RdmaRead => WcOpcode::RdmaRead,
+            Opcode::LocalInv => WcOpcode::LocalInv,
+            Opcode::Rekey => WcOpcode::Rekey,
+        }
+    }
+}
+
 /// A re-key to post as a work request, from
 /// [`Mr::rekey_wr`](super::Mr::rekey_wr): `rkey` is the MR's key once the
 /// request has executed. It borrows the MR, so it cannot outlive it.
@@ -298,6 +311,25 @@ impl WcStatus {
             WcStatus::RnrRetryExcErr => 13,
             WcStatus::GeneralErr => 21,
         }
+    }
+    /// The status of a libibverbs value ([`WcStatus::ibv_code`]); values this
+    /// type does not name are `GeneralErr`.
+    pub fn from_ibv_code(code: u32) -> WcStatus {
+        [
+            WcStatus::Success,
+            WcStatus::LocLenErr,
+            WcStatus::LocQpOpErr,
+            WcStatus::LocProtErr,
+            WcStatus::WrFlushErr,
+            WcStatus::RemAccessErr,
+            WcStatus::RemInvReqErr,
+            WcStatus::RemOpErr,
+            WcStatus::RnrRetryExcErr,
+            WcStatus::RetryExcErr,
+        ]
+        .into_iter()
+        .find(|s| s.ibv_code() == code)
+        .unwrap_or(WcStatus::GeneralErr)
     }
 }
 

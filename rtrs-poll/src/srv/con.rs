@@ -14,6 +14,7 @@ use crate::sess::hb::{hb_wr, HbAction, Heartbeat, Signal};
 use crate::sess::DownReason;
 use minstant::Instant;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// wr_id kinds (top byte); the low bits carry the chunk id where there is one.
 pub(crate) const WR_RECV: u64 = 1 << 56;
@@ -22,6 +23,11 @@ pub(crate) const WR_INFO_RSP: u64 = 3 << 56;
 pub(crate) const WR_RSP: u64 = 4 << 56;
 pub(crate) const WR_DATA: u64 = 5 << 56;
 pub(crate) const WR_HB: u64 = 6 << 56;
+
+/// How early before a client's heartbeat is due the control thread polls
+/// cid 0 closely (once it took one on time), and how long after it stops.
+const HB_WATCH_EARLY: Duration = Duration::from_millis(2);
+const HB_WATCH_LATE: Duration = Duration::from_millis(8);
 
 /// The receive buffer for INFO_REQ, at offset 0 of cid 0's buffers.
 pub(crate) const INFO_REQ_LEN: usize = InfoReq::<&[u8]>::LEN;
@@ -53,6 +59,15 @@ pub struct SrvCon<F: Fabric, H: Handler> {
     inflight: Box<[Inflight]>,
     signal: Signal,
     hb: Option<Heartbeat>,
+    /// The client's beats: when the last one arrived and how far apart
+    /// they come, so the control thread can be polling when the next one
+    /// lands and answer it at once (its RTT steers min-latency).
+    peer_hb: Option<(Instant, Option<Duration>)>,
+    /// The control thread is polling closely for the next beat.
+    watching: bool,
+    /// The last beat was taken while watching: its time is exact, not
+    /// a tick late, so the next window can be narrow.
+    hb_locked: bool,
     seen_recvs: u64,
     recvs: u64,
     polls: u32,
@@ -92,6 +107,9 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             wcs: [Wc::default(); WC_BATCH],
             inflight: vec![Inflight::default(); qd].into_boxed_slice(),
             hb: None,
+            peer_hb: None,
+            watching: false,
+            hb_locked: false,
             seen_recvs: 0,
             recvs: 0,
             polls: 0,
@@ -146,6 +164,36 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
     /// When the heartbeat timer runs next (cid 0 once connected).
     pub(crate) fn hb_deadline(&self) -> Option<Instant> {
         self.hb.as_ref().map(Heartbeat::poll_timeout)
+    }
+
+    /// When to poll closely for the client's next heartbeat (once two were
+    /// seen): from a little before it is due (a tick before, until one was
+    /// taken on time) to a little after.
+    pub(crate) fn peer_hb_window(&self) -> Option<(Instant, Instant)> {
+        let (at, period) = self.peer_hb?;
+        let due = at + period?;
+        let early = if self.hb_locked {
+            HB_WATCH_EARLY
+        } else {
+            HB_WATCH_EARLY + crate::sess::CONTROL_TICK
+        };
+        Some((due - early, due + HB_WATCH_LATE))
+    }
+
+    /// The control thread polls closely now (or stopped).
+    pub(crate) fn set_watching(&mut self, on: bool) {
+        self.watching = on;
+    }
+
+    fn on_peer_hb(&mut self) {
+        self.hb_locked = self.watching;
+        let now = Instant::now();
+        let period = self.peer_hb.map(|(last, period)| {
+            let d = now.saturating_duration_since(last);
+            // A smoothed period: one late beat does not move it much.
+            period.map_or(d, |p| (p * 3 + d) / 4)
+        });
+        self.peer_hb = Some((now, period));
     }
 
     /// Polls the CQ and the handler; returns the work done.
@@ -235,6 +283,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
                         if let Err(e) = self.post(hb_wr(WR_HB, true)) {
                             self.local(format!("cannot ack a heartbeat: {e}"));
                         }
+                        self.on_peer_hb();
                     }
                     Ok(Imm::HbAck) => {
                         if let Some(hb) = self.hb.as_mut() {

@@ -155,6 +155,10 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         for con in &mut self.service {
             let was = con.path.state();
             con.poll_at(now);
+            // Once more: a software fabric sends what the first poll posted
+            // (an ack, INFO_RSP) when its CQ is polled, and the loop may
+            // sleep next.
+            con.poll_at(now);
             if was == PathState::Connecting && con.path.state() == PathState::Connected {
                 newly_up.push(con.path.clone());
             }
@@ -482,7 +486,22 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
     fn on_timer(&mut self, _t: (), _now: Instant, _timers: &mut pollers::Timers<()>) {}
 
     fn on_idle(&mut self, now: Instant, wait: Duration, _timers: &mut pollers::Timers<()>) {
-        self.step(now, wait);
+        // A client's beat about to land: answer it as it comes (its RTT
+        // steers the client's min-latency), not at the next tick.
+        let mut watching = false;
+        for c in &mut self.service {
+            let on = c
+                .peer_hb_window()
+                .is_some_and(|(from, to)| from <= now && now <= to);
+            c.set_watching(on);
+            watching |= on;
+        }
+        if watching {
+            self.step(now, Duration::ZERO);
+            std::thread::yield_now();
+        } else {
+            self.step(now, wait);
+        }
     }
 
     fn on_stop(&mut self) {
@@ -495,7 +514,15 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        self.service.iter().filter_map(SrvCon::hb_deadline).min()
+        let beats = self.service.iter().filter_map(SrvCon::hb_deadline);
+        let now = Instant::now();
+        let watch = self
+            .service
+            .iter()
+            .filter_map(SrvCon::peer_hb_window)
+            .filter(|&(_, to)| now <= to)
+            .map(|(from, _)| from);
+        beats.chain(watch).min()
     }
 }
 

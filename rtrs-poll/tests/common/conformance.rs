@@ -59,7 +59,7 @@ pub struct Side<F: Fabric> {
 }
 
 impl<F: Fabric> Side<F> {
-    fn new(fab: &F, cap: QpCap, mem_len: usize) -> Side<F> {
+    pub fn new(fab: &F, cap: QpCap, mem_len: usize) -> Side<F> {
         let pd = fab.alloc_pd().unwrap();
         let cq = pd.create_cq(4096).unwrap();
         let qp = pd.create_qp(&cq, &cq, cap).unwrap();
@@ -97,7 +97,7 @@ impl<F: Fabric> Side<F> {
             .unwrap();
     }
 
-    fn poll(&mut self) {
+    pub fn poll(&mut self) {
         let mut buf = [Wc::default(); 32];
         let n = self.cq.poll(&mut buf);
         self.wcs.extend_from_slice(&buf[..n]);
@@ -117,11 +117,22 @@ impl<F: Fabric> Pair<F> {
 
     pub fn connect_with<B: Backend<F = F>>(cap_a: QpCap, cap_b: QpCap, mem_len: usize) -> Pair<F> {
         let fab = B::fabric();
-        let mut a = Side::new(&fab, cap_a, mem_len);
-        let mut b = Side::new(&fab, cap_b, mem_len);
-        let addr = B::addr();
-        b.cm.listen(&addr).unwrap();
-        a.id = a.cm.connect(&addr, &a.qp, b"hello").unwrap();
+        Self::connect_on(&fab, &fab, &B::addr(), cap_a, cap_b, mem_len)
+    }
+
+    /// `a` on `fab_a` connects to `b` on `fab_b` listening on `addr`.
+    pub fn connect_on(
+        fab_a: &F,
+        fab_b: &F,
+        addr: &Address,
+        cap_a: QpCap,
+        cap_b: QpCap,
+        mem_len: usize,
+    ) -> Pair<F> {
+        let mut a = Side::new(fab_a, cap_a, mem_len);
+        let mut b = Side::new(fab_b, cap_b, mem_len);
+        b.cm.listen(addr).unwrap();
+        a.id = a.cm.connect(addr, &a.qp, b"hello").unwrap();
         let (mut a_up, mut b_up) = (false, false);
         let t0 = Instant::now();
         while !(a_up && b_up) {
@@ -638,7 +649,7 @@ pub fn rnr_retry_exceeded<B: Backend>() {
 }
 
 /// Polls both sides' CQs until `me` sees a CM event.
-fn wait_event<F: Fabric>(me: &mut Side<F>, other: &mut Side<F>) -> CmEvent {
+pub fn wait_event<F: Fabric>(me: &mut Side<F>, other: &mut Side<F>) -> CmEvent {
     let t0 = Instant::now();
     loop {
         assert!(t0.elapsed() < DEADLINE, "no CM event");
@@ -927,16 +938,12 @@ impl Drop for Child {
     }
 }
 
-/// Starts the echo child and connects to it.
-fn connect_child<B: Backend>() -> (Child, Side<B::F>, (u64, u32)) {
+/// Starts the echo child (the test `child_test`, the instance of
+/// `child_echo_server` for `B`) and connects to it.
+fn connect_child<B: Backend>(child_test: &str) -> (Child, Side<B::F>, (u64, u32)) {
     let addr = B::addr();
     let child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "conformance::child_echo_server",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", child_test, "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, addr.to_string())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -1008,8 +1015,8 @@ fn echo_once<F: Fabric>(me: &mut Side<F>, keys: (u64, u32), k: u32) {
     assert_eq!(me.mem.read_vec(echo, 4096), data, "echo {k}");
 }
 
-pub fn across_processes<B: Backend>() {
-    let (mut child, mut me, keys) = connect_child::<B>();
+pub fn across_processes<B: Backend>(child_test: &str) {
+    let (mut child, mut me, keys) = connect_child::<B>(child_test);
     for k in 0..200 {
         echo_once(&mut me, keys, k);
     }
@@ -1018,8 +1025,8 @@ pub fn across_processes<B: Backend>() {
     assert!(status.success(), "child: {status:?}");
 }
 
-pub fn peer_killed_mid_traffic<B: Backend>() {
-    let (mut child, mut me, keys) = connect_child::<B>();
+pub fn peer_killed_mid_traffic<B: Backend>(child_test: &str) {
+    let (mut child, mut me, keys) = connect_child::<B>(child_test);
     for k in 0..20 {
         echo_once(&mut me, keys, k);
     }
@@ -1054,11 +1061,15 @@ pub fn peer_killed_mid_traffic<B: Backend>() {
     assert_eq!(me.qp.state(), QpState::Error);
 }
 
-/// Instantiates the suite for a backend.
+/// Instantiates the suite for a backend, in a module `conformance` or the
+/// one named first (to run it for several backends in one test binary).
 #[macro_export]
 macro_rules! conformance_tests {
     ($backend:ty) => {
-        mod conformance {
+        $crate::conformance_tests!(conformance, $backend);
+    };
+    ($module:ident, $backend:ty) => {
+        mod $module {
             use super::*;
             use $crate::common::conformance as c;
             #[test]
@@ -1213,14 +1224,20 @@ macro_rules! conformance_tests {
                 if $crate::common::conformance::skip::<$backend>() {
                     return;
                 }
-                c::across_processes::<$backend>();
+                c::across_processes::<$backend>(concat!(
+                    stringify!($module),
+                    "::child_echo_server"
+                ));
             }
             #[test]
             fn peer_killed_mid_traffic() {
                 if $crate::common::conformance::skip::<$backend>() {
                     return;
                 }
-                c::peer_killed_mid_traffic::<$backend>();
+                c::peer_killed_mid_traffic::<$backend>(concat!(
+                    stringify!($module),
+                    "::child_echo_server"
+                ));
             }
             /// Not a test: the child process of the two tests above.
             #[test]

@@ -72,6 +72,7 @@ pub struct TestServer {
     /// While set, the IO connections are not polled (a hung core).
     pub pause: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Vec<ClosedPath>>>,
+    closed: Arc<Mutex<Vec<ClosedPath>>>,
     pub disk: Arc<Mutex<Vec<u8>>>,
 }
 
@@ -112,6 +113,8 @@ impl TestServer {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (s, paused) = (stop.clone(), pause.clone());
         let addrs = addrs.to_vec();
+        let closed = Arc::new(Mutex::new(Vec::new()));
+        let cl = closed.clone();
         let thread = std::thread::spawn(move || {
             let cons: Arc<Mutex<Vec<Box<dyn pollers::Poller>>>> = Arc::default();
             let c2 = cons.clone();
@@ -126,12 +129,11 @@ impl TestServer {
             for a in &addrs[1..] {
                 srv.listen_also(a).unwrap();
             }
-            let closed = Arc::new(Mutex::new(Vec::new()));
-            let cl = closed.clone();
+            let ev_cl = cl.clone();
             srv.on_event(move |ev| {
                 if let SrvEvent::PathClosed(c) = ev {
                     on_closed(c);
-                    cl.lock().unwrap().push(c.clone());
+                    ev_cl.lock().unwrap().push(c.clone());
                 }
             })
             .unwrap();
@@ -149,7 +151,7 @@ impl TestServer {
                 cs.retain(|c| !c.finished());
             }
             srv.stop();
-            let closed = closed.lock().unwrap().clone();
+            let closed = cl.lock().unwrap().clone();
             closed
         });
         ready_rx.recv().unwrap();
@@ -157,8 +159,14 @@ impl TestServer {
             stop,
             pause,
             thread: Some(thread),
+            closed,
             disk,
         }
+    }
+
+    /// The paths closed so far, with reasons.
+    pub fn closed(&self) -> Vec<ClosedPath> {
+        self.closed.lock().unwrap().clone()
     }
 
     /// Stops the server; returns the paths it closed, with reasons.

@@ -5,9 +5,11 @@
 pub mod conformance;
 pub mod engine;
 pub mod engine_suite;
+pub mod fault_suite;
 pub mod multipath_suite;
 
-use rtrs_poll::fabric::Memory;
+use rtrs_poll::fabric::{Address, Memory};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 /// Test memory: the library's shareable memory, with helpers.
@@ -53,4 +55,23 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// A loopback tcp address on a port of this process: a block of 64 below the
+/// kernel's ephemeral range (32768..), chosen by pid so parallel test
+/// binaries rarely meet; a port something else already holds is skipped.
+pub fn tcp_addr() -> Address {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let base = 12_000 + (std::process::id() % 300) * 64;
+    loop {
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let port = (base + n % 64) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Address::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            };
+        }
+        assert!(n < 1024, "no free tcp port near {base}");
+    }
 }

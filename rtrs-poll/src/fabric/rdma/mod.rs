@@ -704,16 +704,6 @@ impl RdmaQp {
         }
     }
 
-    fn wc_opcode_of(op: Opcode) -> WcOpcode {
-        match op {
-            Opcode::Send | Opcode::SendWithImm | Opcode::SendWithInv => WcOpcode::Send,
-            Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => WcOpcode::RdmaWrite,
-            Opcode::RdmaRead => WcOpcode::RdmaRead,
-            Opcode::LocalInv => WcOpcode::LocalInv,
-            Opcode::Rekey => WcOpcode::Rekey,
-        }
-    }
-
     fn check(&self, wr: &SendWr<'_>) -> Result<()> {
         let cap = self.inner.cap;
         if wr.sg_list.len() > cap.max_send_sge.max(1) as usize {
@@ -863,7 +853,7 @@ impl RdmaQp {
                         Wc::new(
                             wr.wr_id,
                             WcStatus::WrFlushErr,
-                            Self::wc_opcode_of(wr.opcode),
+                            wr.opcode.wc_opcode(),
                             qp_num,
                         )
                     }));

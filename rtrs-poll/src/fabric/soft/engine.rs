@@ -330,18 +330,50 @@ struct CqEntry<Q> {
     recv: bool,
 }
 
-struct CqShared<Q> {
-    pending: std::sync::Mutex<Vec<CqEntry<Q>>>,
-    changed: std::sync::atomic::AtomicBool,
+/// Values the slow path hands to a core: pushed under a lock, taken by the
+/// core only when the flag says there are some, so the core's check is one
+/// atomic swap and no lock otherwise.
+pub(crate) struct Handoff<T> {
+    ready: AtomicBool,
+    list: std::sync::Mutex<Vec<T>>,
+}
+
+impl<T> Default for Handoff<T> {
+    fn default() -> Self {
+        Handoff {
+            ready: AtomicBool::new(false),
+            list: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Handoff<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Handoff(ready {})", self.ready.load(Ordering::Relaxed))
+    }
+}
+
+impl<T> Handoff<T> {
+    /// Hands `v` over.
+    pub(crate) fn push(&self, v: T) {
+        self.list.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Appends what was handed over since the last take to `out`.
+    pub(crate) fn take_into(&self, out: &mut Vec<T>) {
+        if self.ready.swap(false, Ordering::Acquire) {
+            out.append(&mut self.list.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
 }
 
 /// The completion queue of the software backends: the QPs attached to it,
 /// polled round-robin (polling drives their transports). QPs are attached
-/// from the slow path through a mutex-guarded pending list the core picks up
-/// when the `changed` flag says so: no lock on a poll otherwise.
+/// from the slow path through a [`Handoff`]: no lock on a poll otherwise.
 pub(crate) struct SoftCq<Q> {
     id: u64,
-    shared: std::sync::Arc<CqShared<Q>>,
+    pending: std::sync::Arc<Handoff<CqEntry<Q>>>,
     qps: Vec<CqEntry<Q>>,
     next: usize,
 }
@@ -350,10 +382,7 @@ impl<Q: PolledQp> SoftCq<Q> {
     pub(crate) fn new(id: u64) -> SoftCq<Q> {
         SoftCq {
             id,
-            shared: std::sync::Arc::new(CqShared {
-                pending: std::sync::Mutex::new(Vec::new()),
-                changed: std::sync::atomic::AtomicBool::new(false),
-            }),
+            pending: std::sync::Arc::default(),
             qps: Vec::new(),
             next: 0,
         }
@@ -369,27 +398,15 @@ impl<Q: PolledQp> SoftCq<Q> {
 
     /// Attaches `qp`'s send and/or receive completions.
     pub(crate) fn attach(&self, qp: &std::sync::Arc<Q>, send: bool, recv: bool) {
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(CqEntry {
-                qp: qp.clone(),
-                send,
-                recv,
-            });
-        self.shared.changed.store(true, Ordering::Release);
+        self.pending.push(CqEntry {
+            qp: qp.clone(),
+            send,
+            recv,
+        });
     }
 
     pub(crate) fn poll(&mut self, wcs: &mut [Wc]) -> usize {
-        if self.shared.changed.swap(false, Ordering::Acquire) {
-            let mut p = self
-                .shared
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            self.qps.append(&mut p);
-        }
+        self.pending.take_into(&mut self.qps);
         let n_qps = self.qps.len();
         if n_qps == 0 {
             return 0;

@@ -433,33 +433,6 @@ enum Stop {
     Refuse { status: WcStatus, fatal: bool },
 }
 
-fn wc_opcode(op: Opcode) -> WcOpcode {
-    match op {
-        Opcode::Send | Opcode::SendWithImm | Opcode::SendWithInv => WcOpcode::Send,
-        Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => WcOpcode::RdmaWrite,
-        Opcode::RdmaRead => WcOpcode::RdmaRead,
-        Opcode::LocalInv => WcOpcode::LocalInv,
-        Opcode::Rekey => WcOpcode::Rekey,
-    }
-}
-
-fn status_from_code(code: u32) -> WcStatus {
-    [
-        WcStatus::LocLenErr,
-        WcStatus::LocQpOpErr,
-        WcStatus::LocProtErr,
-        WcStatus::WrFlushErr,
-        WcStatus::RemAccessErr,
-        WcStatus::RemInvReqErr,
-        WcStatus::RemOpErr,
-        WcStatus::RnrRetryExcErr,
-        WcStatus::RetryExcErr,
-    ]
-    .into_iter()
-    .find(|s| s.ibv_code() == code)
-    .unwrap_or(WcStatus::GeneralErr)
-}
-
 /// Room for every segment of a request plus one.
 type Segs<P> = [(P, usize); wire::MAX_SEND_SGE as usize + 1];
 
@@ -497,7 +470,7 @@ impl Engine {
                 // request that failed, even if the peer has closed since.
                 if let Some((psn, code)) = self.out.nak() {
                     self.core.retire(psn);
-                    self.fail(Some((psn, status_from_code(code))));
+                    self.fail(Some((psn, WcStatus::from_ibv_code(code))));
                 } else {
                     self.core.retire(self.out.acked(self.core.next_psn));
                     if gone {
@@ -523,7 +496,7 @@ impl Engine {
     }
 
     fn post_send(&mut self, wr: &SendWr<'_>) -> Result<()> {
-        let opcode = wc_opcode(wr.opcode);
+        let opcode = wr.opcode.wc_opcode();
         match self.core.state {
             QpState::Init => {
                 return Err(FabricError::BadQpState {

@@ -547,33 +547,6 @@ struct Engine {
     eof: bool,
 }
 
-fn wc_opcode(op: Opcode) -> WcOpcode {
-    match op {
-        Opcode::Send | Opcode::SendWithImm | Opcode::SendWithInv => WcOpcode::Send,
-        Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => WcOpcode::RdmaWrite,
-        Opcode::RdmaRead => WcOpcode::RdmaRead,
-        Opcode::LocalInv => WcOpcode::LocalInv,
-        Opcode::Rekey => WcOpcode::Rekey,
-    }
-}
-
-fn status_from_code(code: u32) -> WcStatus {
-    [
-        WcStatus::LocLenErr,
-        WcStatus::LocQpOpErr,
-        WcStatus::LocProtErr,
-        WcStatus::WrFlushErr,
-        WcStatus::RemAccessErr,
-        WcStatus::RemInvReqErr,
-        WcStatus::RemOpErr,
-        WcStatus::RnrRetryExcErr,
-        WcStatus::RetryExcErr,
-    ]
-    .into_iter()
-    .find(|s| s.ibv_code() == code)
-    .unwrap_or(WcStatus::GeneralErr)
-}
-
 impl Engine {
     fn new(core: QpCore, pd: Arc<PdInner>, cfg: &TcpConfig) -> Engine {
         let cap = core.cap;
@@ -670,7 +643,7 @@ impl Engine {
     }
 
     fn post_send(&mut self, wr: &SendWr<'_>) -> Result<()> {
-        let opcode = wc_opcode(wr.opcode);
+        let opcode = wr.opcode.wc_opcode();
         match self.core.state {
             QpState::Init => {
                 return Err(FabricError::BadQpState {
@@ -1253,7 +1226,7 @@ impl Engine {
             return self.protocol_error("NAK for no outstanding request");
         }
         if h.kind == kind::NAK {
-            return self.fail(Some((h.psn, status_from_code(h.word))));
+            return self.fail(Some((h.psn, WcStatus::from_ibv_code(h.word))));
         }
         let n = if self.rnr.0 == h.psn {
             self.rnr.1 + 1
