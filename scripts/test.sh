@@ -31,8 +31,7 @@ RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
 step "fuzz the wire decoders for ${RTRS_FUZZ_SECS:=20} s"
 RTRS_FUZZ_SECS=$RTRS_FUZZ_SECS cargo test -p rtrs-poll --release fuzz
 
-step "real verbs in a VM: soft-RoCE + the kernel's RTRS/RNBD (scripts/vm.sh)"
-vm_step() { # what -> runs "$@" in the VM harness; 77 = cannot run here
+root_step() { # what -> runs "$@"; 77 = cannot run here (not root, no qemu...)
   local what=$1 rc
   shift
   set +e
@@ -41,14 +40,19 @@ vm_step() { # what -> runs "$@" in the VM harness; 77 = cannot run here
   set -e
   case $rc in
     0) ;;
-    77) echo "VM step '$what' skipped (see the reason above)" ;;
-    *) echo "VM step '$what' failed (rc $rc)"; exit "$rc" ;;
+    77) echo "step '$what' skipped (see the reason above)" ;;
+    *) echo "step '$what' failed (rc $rc)"; exit "$rc" ;;
   esac
 }
-vm_step "self-test: kernel RNBD client -> kernel server" scripts/vm.sh scripts/vm-guest-selftest.sh
+
+step "real link faults: network namespaces, two veth paths, tcp (scripts/faults.sh)"
+root_step "link faults" scripts/faults.sh
+
+step "real verbs in a VM: soft-RoCE + the kernel's RTRS/RNBD (scripts/vm.sh)"
+root_step "self-test: kernel RNBD client -> kernel server" scripts/vm.sh scripts/vm-guest-selftest.sh
 step "the fabric conformance and engine suites over soft-RoCE (the rdma backend, in the VM)"
-vm_step "rdma suites" scripts/vm-rdma-tests.sh
+root_step "rdma suites" scripts/vm-rdma-tests.sh
 step "interop with the kernel's RTRS/RNBD over soft-RoCE, both directions (in the VM)"
-vm_step "interop" scripts/interop.sh 2
+root_step "interop" scripts/interop.sh 2
 
 step "all green"
