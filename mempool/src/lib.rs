@@ -8,15 +8,21 @@
 //!               registered once through the caller's Registrar
 //!   LocalCache  a core's own batch of free chunks: alloc/free without touching
 //!               shared state most of the time; no lock anywhere
+//!   Slots       slots taken as tokens from a bitmap (a client's permits):
+//!               `&mut Slot` is the slot's bytes, no `unsafe` for the holder
+//!   Claims      chunks a peer names, claimed one holder at a time (a
+//!               server's chunks): the claim is the chunk's bytes
 //! ```
 #![warn(missing_docs)]
 
 mod pool;
 mod region;
+mod slots;
 mod sync;
 
 pub use pool::{Chunk, ChunkPool, LocalCache, PoolStats, Registrar};
 pub use region::{Region, HUGE_PAGE};
+pub use slots::{Claim, Claims, Slot, Slots};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

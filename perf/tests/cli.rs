@@ -8,6 +8,13 @@ fn perf() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rtrs-perf"))
 }
 
+/// One test at a time: each pins busy-polling cores to CPUs 0 and 1, and
+/// two of them at once would share those two CPUs four ways.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn json(out: &[u8]) -> serde_json::Value {
     let s = String::from_utf8_lossy(out);
     let line = s.lines().last().unwrap_or_default();
@@ -16,6 +23,7 @@ fn json(out: &[u8]) -> serde_json::Value {
 
 #[test]
 fn embedded_main_job_prints_the_summary_as_json() {
+    let _one = one_at_a_time();
     let out = perf()
         .args([
             "embedded",
@@ -24,7 +32,7 @@ fn embedded_main_job_prints_the_summary_as_json() {
             "--iodepth",
             "4",
             "--runtime",
-            "0.5",
+            "1",
             "--json",
         ])
         .output()
@@ -42,15 +50,16 @@ fn embedded_main_job_prints_the_summary_as_json() {
         assert!(v["lat_ns"][k].as_u64().is_some(), "lat_ns.{k}");
     }
     assert_eq!(v["config"]["bs"].as_u64(), Some(4096));
-    assert_eq!(
-        v["allocs_per_io"].as_f64(),
-        Some(0.0),
-        "no heap allocation per IO"
-    );
+    // None per IO. The shm fabric maps a peer's region the first time a
+    // request touches it (a path string, once per region): on a loaded
+    // machine one of those can fall after the warm-up.
+    let allocs = v["allocs_per_io"].as_f64().unwrap();
+    assert!(allocs < 1e-3, "heap allocations per IO: {allocs}");
 }
 
 #[test]
 fn server_and_client_processes_with_verify_and_hist() {
+    let _one = one_at_a_time();
     let name = format!("shm:perf-cli-{}", std::process::id());
     let mut srv = perf()
         .args([
@@ -110,6 +119,7 @@ fn server_and_client_processes_with_verify_and_hist() {
 
 #[test]
 fn bad_arguments_get_a_clear_message_and_a_non_zero_exit() {
+    let _one = one_at_a_time();
     for args in [
         vec!["client", "--connect", "nonsense", "--runtime", "1"],
         vec!["client", "--connect", "shm:x", "--bs", "0"],

@@ -6,6 +6,9 @@ use crate::fabric::{memory, Access, Cq, Fabric, Memory, Mr, Pd, Qp, QpCap, RecvW
 use crate::sess::hb::Signal;
 use std::sync::Arc;
 
+/// A receive slot: room for an RKEY_RSP.
+pub(crate) const SLOT: usize = crate::proto::RkeyRsp::<&[u8]>::LEN;
+
 /// wr_id of a receive: its slot index in the low bits.
 pub(crate) const WR_RECV: u64 = 1 << 56;
 pub(crate) const WR_INFO_RSP: u64 = 2 << 56;
@@ -45,7 +48,7 @@ impl<F: Fabric> CltCon<F> {
     ) -> crate::fabric::Result<CltCon<F>> {
         let cq = pd.create_cq(cap.max_send_wr + cap.max_recv_wr)?;
         let qp = pd.create_qp(&cq, &cq, cap)?;
-        let mem = memory::shareable(nrecv as usize * 8)?;
+        let mem = memory::shareable(nrecv as usize * SLOT)?;
         let mr = pd.reg_mr(mem.clone(), Access::LOCAL_WRITE)?;
         Ok(CltCon {
             cid,
@@ -61,7 +64,7 @@ impl<F: Fabric> CltCon<F> {
 
     /// Posts receive slot `i` (an 8-byte buffer).
     pub(crate) fn post_recv(&mut self, i: u32) -> crate::fabric::Result<()> {
-        let sge = [self.mr.sge(i as usize * 8, 8)];
+        let sge = [self.mr.sge(i as usize * SLOT, SLOT as u32)];
         self.qp.post_recv(&RecvWr {
             wr_id: WR_RECV | u64::from(i),
             sg_list: &sge,

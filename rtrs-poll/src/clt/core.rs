@@ -6,7 +6,6 @@ use super::con::{CltCon, WR_HB, WR_IO, WR_KIND, WR_RECV};
 use super::ctl::CtlMsg;
 use super::path::{bump, CltPath};
 use super::{CltError, CltSess, IoPermit};
-use crate::fabric::memory::bytes_mut;
 use crate::fabric::{Fabric, Mr, SendWr, Sge, Wc, WcOpcode, WcStatus};
 use crate::proto::chunk;
 use crate::proto::imm::Imm;
@@ -71,7 +70,7 @@ pub const MAX_SG: usize = 8;
 /// its to write).
 struct RemoteReq {
     sub: u8,
-    permit: u32,
+    permit: IoPermit,
     dir: Dir,
     usr_len: u16,
     len: u32,
@@ -99,19 +98,15 @@ impl<F: Fabric> std::fmt::Debug for Submitter<F> {
 impl<F: Fabric> Submitter<F> {
     /// Takes a permit (`None`: all in flight).
     pub fn get_permit(&self) -> Option<IoPermit> {
-        self.sess.permits.get(self.core).map(|p| IoPermit(p.0))
+        self.sess.get_permit(self.core)
     }
     /// Returns a permit.
     pub fn put_permit(&self, p: IoPermit) {
-        self.sess.permits.put(crate::sess::permit::Permit(p.0));
+        self.sess.put_permit(p);
     }
     /// The permit's data buffer (as [`CltCore::buf`]).
-    pub fn buf(&mut self, p: &mut IoPermit) -> &mut [u8] {
-        let s = &self.sess;
-        // SAFETY: as in CltCore::buf: the caller holds the permit (`&mut`,
-        // not Copy), so no request of it is in flight and no other slice
-        // over its buffer exists.
-        unsafe { bytes_mut(&*s.mem, s.buf_off(p.0), s.buf_size) }.unwrap_or(&mut [])
+    pub fn buf<'a>(&'a mut self, p: &'a mut IoPermit) -> &'a mut [u8] {
+        self.sess.slots.bytes_mut(&mut p.0)
     }
     /// Submits a write (the core picks it up on its next poll).
     pub fn write(
@@ -145,12 +140,12 @@ impl<F: Fabric> Submitter<F> {
         if usr.len() > s.max_hdr_size as usize {
             return Err((p, CltError::MsgSize));
         }
-        if let Err(e) = s.mem.write(s.hdr_off(p.0), usr) {
+        if let Err(e) = s.mem.write(s.hdr_off(p.id()), usr) {
             return Err((p, e.into()));
         }
         let r = RemoteReq {
             sub: self.id,
-            permit: p.0,
+            permit: p,
             dir,
             usr_len: usr.len() as u16,
             len,
@@ -159,7 +154,7 @@ impl<F: Fabric> Submitter<F> {
         };
         self.tx
             .push(r)
-            .map_err(|pollers::Full(r)| (IoPermit(r.permit), CltError::Busy))
+            .map_err(|pollers::Full(r)| (r.permit, CltError::Busy))
     }
     /// Hands finished IOs to `f`; returns how many.
     pub fn poll(&mut self, f: &mut dyn FnMut(Completion)) -> usize {
@@ -221,6 +216,10 @@ pub struct CltCore<F: Fabric> {
     core: u32,
     sess: Arc<CltSess<F>>,
     paths: Vec<Option<CorePath<F>>>,
+    /// The permits of this core's requests in flight, by chunk id (the
+    /// request sits in one path's table; its permit is held here until
+    /// the completion hands it back).
+    held: Box<[Option<IoPermit>]>,
     inbox: pollers::spsc::Consumer<CoreMsg<F>>,
     to_ctl: pollers::mpsc::Sender<CtlMsg<F>>,
     /// Reports and retired connections the control thread's inbox had no
@@ -258,6 +257,7 @@ impl<F: Fabric> CltCore<F> {
             subs: Vec::new(),
             core,
             paths: Vec::with_capacity(MAX_PATHS),
+            held: (0..qd).map(|_| None).collect(),
             inbox,
             to_ctl,
             unsent: Vec::with_capacity(2 * MAX_PATHS),
@@ -338,23 +338,18 @@ impl<F: Fabric> CltCore<F> {
 
     /// Takes a permit (the kernel's NOWAIT): `None` when all are in flight.
     pub fn get_permit(&mut self) -> Option<IoPermit> {
-        self.sess.permits.get(self.core).map(|p| IoPermit(p.0))
+        self.sess.get_permit(self.core)
     }
 
     /// Returns a permit to the pool.
     pub fn put_permit(&mut self, p: IoPermit) {
-        self.sess.permits.put(crate::sess::permit::Permit(p.0));
+        self.sess.put_permit(p);
     }
 
     /// The permit's data buffer: fill it before a write, read it after a
     /// read completes. Registered memory; the IO uses it in place.
-    pub fn buf(&mut self, p: &mut IoPermit) -> &mut [u8] {
-        let s = &self.sess;
-        // SAFETY: the buffer belongs to the permit, which the caller holds
-        // (`&mut`, not Copy): no request of it is in flight, so no peer
-        // writes it, and no other slice over it exists while this borrow
-        // of the permit lasts.
-        unsafe { bytes_mut(&*s.mem, s.buf_off(p.0), s.buf_size) }.unwrap_or(&mut [])
+    pub fn buf<'a>(&'a mut self, p: &'a mut IoPermit) -> &'a mut [u8] {
+        self.sess.slots.bytes_mut(&mut p.0)
     }
 
     /// Submits a write of `len` bytes of the permit's buffer with user
@@ -457,12 +452,16 @@ impl<F: Fabric> CltCore<F> {
         };
         let mut req = req;
         req.sg[..sg.len()].copy_from_slice(sg);
+        let id = p.id();
         // The user header and message go to the permit's header slot.
-        if let Err(e) = self.build_tail(p.0, usr, &req) {
+        if let Err(e) = self.build_tail(id, usr, &req) {
             return Err((p, e));
         }
-        match self.post_any(p.0, req, None) {
-            Ok(()) => Ok(()),
+        match self.post_any(id, req, None) {
+            Ok(()) => {
+                self.held[id as usize] = Some(p);
+                Ok(())
+            }
             Err(e) => Err((p, e)),
         }
     }
@@ -587,13 +586,10 @@ impl<F: Fabric> CltCore<F> {
             work += 1;
             let mut usr = std::mem::take(&mut self.usr_scratch);
             let n = (r.usr_len as usize).min(usr.len());
-            let res = match self
-                .sess
-                .mem
-                .read(self.sess.hdr_off(r.permit), &mut usr[..n])
-            {
+            let at = self.sess.hdr_off(r.permit.id());
+            let res = match self.sess.mem.read(at, &mut usr[..n]) {
                 Ok(()) => self.submit(
-                    IoPermit(r.permit),
+                    r.permit,
                     r.dir,
                     &usr[..n],
                     r.len,
@@ -601,7 +597,7 @@ impl<F: Fabric> CltCore<F> {
                     r.start,
                     Some(r.sub),
                 ),
-                Err(e) => Err((IoPermit(r.permit), e.into())),
+                Err(e) => Err((r.permit, e.into())),
             };
             self.usr_scratch = usr;
             if let Err((permit, e)) = res {
@@ -774,10 +770,14 @@ impl<F: Fabric> CltCore<F> {
             return;
         };
         let req = &mut p.reqs[msg_id as usize];
-        if !req.active {
-            tracing::warn!(msg_id, "response for a chunk with no request; ignored");
-            return;
-        }
+        let permit = match self.held[msg_id as usize].take() {
+            Some(permit) if req.active => permit,
+            held => {
+                self.held[msg_id as usize] = held;
+                tracing::warn!(msg_id, "response for a chunk with no request; ignored");
+                return;
+            }
+        };
         req.active = false;
         let r = *req;
         if r.dir == Dir::Read && r.len > 0 && !inval && self.sess.per_io_keys {
@@ -792,7 +792,7 @@ impl<F: Fabric> CltCore<F> {
             bump(&c.errors, 1);
         }
         let c = Completion {
-            permit: IoPermit(msg_id),
+            permit,
             tag: r.tag,
             errno,
             dir: r.dir,
@@ -851,9 +851,9 @@ impl<F: Fabric> CltCore<F> {
             let moved = rebuilt.and_then(|()| self.post_any(buf_id, req, Some(slot)));
             if moved.is_ok() {
                 bump(&c.failovers, 1);
-            } else {
+            } else if let Some(permit) = self.held[buf_id as usize].take() {
                 let done_c = Completion {
-                    permit: IoPermit(buf_id),
+                    permit,
                     tag: req.tag,
                     errno: -libc::ECONNABORTED,
                     dir: req.dir,
@@ -883,7 +883,7 @@ impl<F: Fabric> CltCore<F> {
                 len: req.len,
             }),
         };
-        let mut b = [0u8; 24];
+        let mut b = [0u8; RdmaRead::<&[u8]>::HDR_LEN + SgDesc::LEN];
         let n = rd.emit(&mut b).map_err(CltError::Proto)?;
         s.mem
             .write(s.hdr_off(buf_id) + req.usr_len as usize, &b[..n])?;
@@ -904,12 +904,8 @@ impl<F: Fabric> Drop for CltCore<F> {
     fn drop(&mut self) {
         // Connections close with their QPs; permits held by requests in
         // flight are returned so the session's pool stays whole.
-        for p in self.paths.iter().flatten() {
-            for (i, r) in p.reqs.iter().enumerate() {
-                if r.active {
-                    self.sess.permits.put(crate::sess::permit::Permit(i as u32));
-                }
-            }
+        for p in self.held.iter_mut().filter_map(Option::take) {
+            self.sess.put_permit(p);
         }
     }
 }

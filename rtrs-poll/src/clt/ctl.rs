@@ -171,6 +171,8 @@ pub(crate) struct CltControl<F: Fabric> {
     opening: Option<Opening<F>>,
     /// Set when the open failed: the thread has nothing left to do.
     stop: pollers::Shutdown,
+    /// The session is closing (the handle dropped).
+    closing: bool,
     up: usize,
     wcs: [Wc; 16],
     cm_failing: bool,
@@ -254,6 +256,7 @@ impl<F: Fabric> CltControl<F> {
                 cores: Vec::new(),
             }),
             stop,
+            closing: false,
             up: 0,
             wcs: [Wc::default(); 16],
             cm_failing: false,
@@ -362,9 +365,12 @@ impl<F: Fabric> CltControl<F> {
 
     fn emit(&self, ev: CltEvent) {
         match &ev {
+            // Ups, and everything the session's own close does, are news;
+            // the rest is trouble.
             CltEvent::PathUp { .. } | CltEvent::SessionReconnected => {
                 tracing::info!("{ev}")
             }
+            _ if self.closing => tracing::info!("{ev}"),
             _ => tracing::warn!("{ev}"),
         }
         if let Ok(mut subs) = self.shared.subs.lock() {
@@ -1144,6 +1150,7 @@ impl<F: Fabric> pollers::Control for CltControl<F> {
     }
 
     fn on_stop(&mut self) {
+        self.closing = true;
         let now = Instant::now();
         for slot in 0..self.slots.len() {
             if let Some(p) = self.slots[slot].as_mut() {

@@ -25,11 +25,10 @@ pub use crate::sess::path::{PathState, ReconnectPolicy};
 pub use crate::sess::DownReason;
 pub use path::{CltPath, PathId, PathStats};
 
-use crate::fabric::{memory, Access, Address, Fabric, FabricError, Memory, Mr, Pd};
+use crate::fabric::{Access, Address, Fabric, FabricError, Memory, Mr, Pd};
 use crate::proto::imm::ImmLayout;
 use crate::proto::{ProtoError, NAME_MAX};
 use crate::sess::mp_policy::MpPolicy;
-use crate::sess::permit::Permits;
 use ctl::{CltControl, Cmd, CtlMsg, Shared};
 use minstant::Instant;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -37,14 +36,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// A permit: the right to one IO in flight, and the server chunk (and local
-/// buffer) it uses. Not `Copy`: whoever holds it owns the buffer.
+/// buffer) it uses. Not `Copy` or `Clone`: whoever holds it owns the buffer;
+/// it is taken from the session's pool, lent to the core while its IO is in
+/// flight, and comes back in the IO's [`Completion`].
 #[derive(Debug, PartialEq, Eq)]
-pub struct IoPermit(pub(crate) u32);
+pub struct IoPermit(pub(crate) mempool::Slot);
 
 impl IoPermit {
     /// The chunk id.
     pub fn id(&self) -> u32 {
-        self.0
+        self.0.index()
     }
 }
 
@@ -205,7 +206,8 @@ pub(crate) struct CltSess<F: Fabric> {
     pub(crate) mem: Arc<dyn Memory>,
     pub(crate) lmr: F::Mr,
     pub(crate) rd_mrs: Vec<F::Mr>,
-    pub(crate) permits: Permits,
+    /// The permits: slots of the data buffers, taken as tokens.
+    pub(crate) slots: mempool::Slots,
     pub(crate) policy: AtomicU8,
     /// The server refreshes chunk keys (always_invalidate).
     pub(crate) new_rkey: bool,
@@ -217,6 +219,17 @@ pub(crate) struct CltSess<F: Fabric> {
 }
 
 impl<F: Fabric> CltSess<F> {
+    /// Takes a permit, searching from `core`'s part of the pool.
+    pub(crate) fn get_permit(&self, core: u32) -> Option<IoPermit> {
+        self.slots.get(core).map(IoPermit)
+    }
+    /// Returns a permit to the pool.
+    pub(crate) fn put_permit(&self, p: IoPermit) {
+        if let Err(e) = self.slots.put(p.0) {
+            // Cannot happen: a permit comes from this session's pool.
+            tracing::error!("a permit of another session was put back: {e}");
+        }
+    }
     /// The key a read into permit `id`'s buffer goes out with: a fresh one
     /// per read with [`ReadKeys::PerIo`], else the session's.
     pub(crate) fn read_key(&self, id: u32) -> crate::fabric::Result<u32> {
@@ -536,7 +549,7 @@ impl<F: Fabric> Client<F> {
 
     /// Permits in use.
     pub fn permits_in_use(&self) -> u32 {
-        self.sess.permits.in_use()
+        self.sess.slots.in_use()
     }
 
     /// Switches the multipath policy at runtime.
@@ -581,7 +594,14 @@ pub(crate) fn make_sess<F: Fabric>(
     let layout = ImmLayout::new(qd, chunk_size).map_err(CltError::Proto)?;
     let buf_size = geo.max_io_size.min(cfg.max_io_size).max(1) as usize;
     let len = qd as usize * (buf_size + geo.max_hdr_size as usize);
-    let mem = memory::shareable(len)?;
+    // Data buffers first (the permits' slots), header slots after.
+    let region =
+        Arc::new(mempool::Region::shareable(len).map_err(|e| {
+            FabricError::io("create the session's buffers", std::io::Error::other(e))
+        })?);
+    let slots = mempool::Slots::new(region.clone(), 0, buf_size, qd, cfg.cores as u32)
+        .map_err(|e| FabricError::io("carve the session's buffers", std::io::Error::other(e)))?;
+    let mem: Arc<dyn Memory> = region;
     let lmr = pd.reg_mr(mem.clone(), Access::LOCAL_WRITE)?;
     let rd_mrs = (0..qd as usize)
         .map(|i| {
@@ -609,7 +629,7 @@ pub(crate) fn make_sess<F: Fabric>(
         mem,
         lmr,
         rd_mrs,
-        permits: Permits::new(qd, cfg.cores as u32),
+        slots,
         new_rkey: geo.new_rkey,
         policy: AtomicU8::new(cfg.mp_policy.code()),
         need_inval: per_io_keys,

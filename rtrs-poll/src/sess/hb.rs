@@ -166,7 +166,10 @@ mod tests {
         assert_eq!(hb.handle_timeout(t0), HbAction::Wait, "not due yet");
         let mut actions = Vec::new();
         for k in 1..=7 {
-            actions.push(hb.handle_timeout(t0 + HB_INTERVAL * k));
+            // A microsecond past each run: minstant counts TSC cycles, so
+            // (t0 + 5 s) + 5 s can land a cycle after t0 + 10 s.
+            let at = t0 + HB_INTERVAL * k + Duration::from_micros(k.into());
+            actions.push(hb.handle_timeout(at));
         }
         use HbAction::*;
         assert_eq!(actions, [Send, Wait, Wait, Wait, Wait, Wait, Dead]);

@@ -1,10 +1,11 @@
 //! Session pieces both sides share, without I/O: the heartbeat, the client
-//! path state machine with reconnect timing, multipath policies and permits.
+//! path state machine with reconnect timing, multipath policies, and why a
+//! path goes down. (Permits are `mempool::Slots`: a bitmap pool whose slot
+//! index is the server chunk a request uses, wire spec §5.1.)
 
 pub mod hb;
 pub mod mp_policy;
 pub mod path;
-pub mod permit;
 pub mod reason;
 
 pub use reason::{DownReason, Step};

@@ -5,7 +5,6 @@
 
 use super::path::{PathState, SrvPath};
 use super::{Handler, IoDir, IoId, SrvIo, Verdict};
-use crate::fabric::memory::{bytes, bytes_mut};
 use crate::fabric::{Cq, Fabric, Memory, Mr, Qp, RecvWr, SendWr, Wc, WcOpcode, WcStatus};
 use crate::proto::chunk::{self, IoReqKind};
 use crate::proto::imm::{io_rsp, Imm};
@@ -29,6 +28,9 @@ pub(crate) const WR_HB: u64 = 6 << 56;
 const HB_WATCH_EARLY: Duration = Duration::from_millis(2);
 const HB_WATCH_LATE: Duration = Duration::from_millis(8);
 
+/// An RKEY_RSP, as each IO connection's per-chunk slot holds it.
+pub(crate) const RKEY_RSP_LEN: usize = crate::proto::RkeyRsp::<&[u8]>::LEN;
+
 /// The receive buffer for INFO_REQ, at offset 0 of cid 0's buffers.
 pub(crate) const INFO_REQ_LEN: usize = InfoReq::<&[u8]>::LEN;
 
@@ -37,9 +39,10 @@ const WC_BATCH: usize = 32;
 const SLOW_CHECK_EVERY: u32 = 4096;
 
 /// What a request in the handler's hands needs at response time.
-#[derive(Clone, Copy, Default)]
+#[derive(Default)]
 struct Inflight {
-    active: bool,
+    /// The chunk, claimed while the request is in the handler's hands.
+    claim: Option<mempool::Claim>,
     /// A read: the client buffer, and whether to invalidate its key.
     read: Option<(SgDesc, bool)>,
 }
@@ -57,6 +60,10 @@ pub struct SrvCon<F: Fabric, H: Handler> {
     handler: H,
     wcs: [Wc; WC_BATCH],
     inflight: Box<[Inflight]>,
+    /// Requests whose chunk another connection still holds (a request the
+    /// client sent again on this path after another path failed, while
+    /// that path's handler is not done with it): taken in order once free.
+    waiting: std::collections::VecDeque<(u32, u32)>,
     signal: Signal,
     hb: Option<Heartbeat>,
     /// The client's beats: when the last one arrived and how far apart
@@ -105,7 +112,8 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             mr,
             handler,
             wcs: [Wc::default(); WC_BATCH],
-            inflight: vec![Inflight::default(); qd].into_boxed_slice(),
+            inflight: (0..qd).map(|_| Inflight::default()).collect(),
+            waiting: std::collections::VecDeque::with_capacity(qd),
             hb: None,
             peer_hb: None,
             watching: false,
@@ -223,6 +231,9 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             self.respond(id.0, errno);
             work += 1;
         }
+        if !self.waiting.is_empty() {
+            work += self.take_waiting();
+        }
         if n > 0 {
             self.path.note_recvs(self.cid, self.recvs);
         }
@@ -309,12 +320,12 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
                 path.cid_num
             ));
         }
-        // SAFETY: the INFO_REQ receive has completed; nothing else writes
-        // this buffer (no receive is posted on it any more).
-        let Some(buf) = (unsafe { bytes(&*self.mem, 0, INFO_REQ_LEN) }) else {
-            return;
-        };
-        let buf = &buf[..(byte_len as usize).min(INFO_REQ_LEN)];
+        let mut req = [0u8; INFO_REQ_LEN];
+        let n = (byte_len as usize).min(INFO_REQ_LEN);
+        if let Err(e) = self.mem.read(0, &mut req[..n]) {
+            return self.local(format!("INFO_REQ: {e}"));
+        }
+        let buf = &req[..n];
         let name = match InfoReq::new_checked(buf) {
             Ok(v) => match check_sessname(v.sessname()) {
                 Ok(()) => v.sessname().to_string(),
@@ -355,59 +366,90 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         if path.state() != PathState::Connected {
             return; // the kernel drops requests on a path that is not connected
         }
-        if self.inflight[buf_id as usize].active {
+        if self.inflight[buf_id as usize].claim.is_some() {
             return self.protocol(format!("request for chunk {buf_id}, which is in use"));
         }
+        match path.chunks.claim(buf_id) {
+            Some(claim) => self.serve(buf_id, off, claim),
+            // Another connection of the session still holds the chunk: the
+            // client sent the request again here after another path failed,
+            // before that path's handler was done with it. It waits.
+            None if self.waiting.len() < self.inflight.len() => {
+                self.waiting.push_back((buf_id, off))
+            }
+            None => self.protocol(format!("request for chunk {buf_id}, which is in use")),
+        }
+    }
+
+    /// Serves the requests that waited for their chunks, in order, as far
+    /// as the chunks are free; returns how many.
+    fn take_waiting(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(&(buf_id, off)) = self.waiting.front() {
+            let Some(claim) = self.path.chunks.claim(buf_id) else {
+                break;
+            };
+            self.waiting.pop_front();
+            self.serve(buf_id, off, claim);
+            n += 1;
+            if self.done {
+                break;
+            }
+        }
+        n
+    }
+
+    /// Hands the request in claimed chunk `buf_id` to the handler.
+    fn serve(&mut self, buf_id: u32, off: u32, mut claim: mempool::Claim) {
+        let path = &*self.path;
         if path.always_invalidate {
             // LOCAL_INV before touching the chunk: from here the client
             // cannot reach it until the RKEY_RSP gives it a new key.
             path.mrs[buf_id as usize].invalidate();
         }
-        let base = buf_id as usize * path.chunk_size;
-        // SAFETY: the client wrote the chunk and handed it over with this
-        // immediate; it holds the permit until our response, and with
-        // always_invalidate its rkey is already dead.
-        let Some(chunk_bytes) = (unsafe { bytes(&*path.mem, base, path.chunk_size) }) else {
-            return;
-        };
-        let parsed = match chunk::parse(chunk_bytes, off) {
-            Ok(r) => Ok(match r.kind {
-                IoReqKind::Write { data } => (r.usr.len(), data.len(), IoDir::Write, None),
-                IoReqKind::Read { msg, .. } => {
-                    let d = msg.descs().get(0);
-                    let len = d.map_or(0, |d| d.len as usize);
-                    (r.usr.len(), len, IoDir::Read, Some((d, msg.need_inval())))
-                }
-            }),
-            Err(e) => Err(e),
+        let chunks = &*path.chunks;
+        let parsed = match chunks.bytes(&claim, 0..path.chunk_size) {
+            None => Err(format!("chunk {buf_id} is not this session's")),
+            Some(chunk_bytes) => match chunk::parse(chunk_bytes, off) {
+                Ok(r) => Ok(match r.kind {
+                    IoReqKind::Write { data } => (r.usr.len(), data.len(), IoDir::Write, None),
+                    IoReqKind::Read { msg, .. } => {
+                        let d = msg.descs().get(0);
+                        let len = d.map_or(0, |d| d.len as usize);
+                        (r.usr.len(), len, IoDir::Read, Some((d, msg.need_inval())))
+                    }
+                }),
+                Err(e) => Err(format!("chunk {buf_id}, offset {off}: {e}")),
+            },
         };
         let (usr_len, data_len, dir, read) = match parsed {
             Ok(v) => v,
-            Err(e) => return self.protocol(format!("chunk {buf_id}, offset {off}: {e}")),
+            Err(what) => {
+                if let Err(e) = chunks.release(claim) {
+                    tracing::error!("releasing chunk {buf_id}: {e}");
+                }
+                return self.protocol(what);
+            }
         };
+        path.stats.on_request_at(self.cid, dir, data_len);
         let usr_at = off as usize - usr_len;
+        // [0, data_len) and [usr_at, off) do not overlap (data_len <= usr_at:
+        // a write's data ends where its header starts, a read's length was
+        // checked against its reserved room); split checks it again.
+        let verdict = match chunks.split(&mut claim, usr_at..off as usize, 0..data_len) {
+            Some((usr, data)) => self.handler.on_io(SrvIo {
+                id: IoId(buf_id),
+                dir,
+                usr,
+                data,
+            }),
+            None => Verdict::Done(-libc::EIO),
+        };
         self.inflight[buf_id as usize] = Inflight {
-            active: true,
+            claim: Some(claim),
             read: read.and_then(|(d, inv)| d.map(|d| (d, inv))),
         };
-        let path = &*self.path;
-        path.stats.on_request_at(self.cid, dir, data_len);
-        // SAFETY: as above; [0, data_len) and [usr_at, off) do not overlap
-        // (data_len <= usr_at: a write's data ends where its header starts, a
-        // read's length was checked against its reserved room).
-        let (usr, data) = unsafe {
-            (
-                bytes(&*path.mem, base + usr_at, usr_len).unwrap_or(&[]),
-                bytes_mut(&*path.mem, base, data_len).unwrap_or(&mut []),
-            )
-        };
-        let io = SrvIo {
-            id: IoId(buf_id),
-            dir,
-            usr,
-            data,
-        };
-        if let Verdict::Done(errno) = self.handler.on_io(io) {
+        if let Verdict::Done(errno) = verdict {
             self.respond(buf_id, errno);
         }
     }
@@ -423,13 +465,17 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         let Some(slot) = self.inflight.get_mut(buf_id as usize) else {
             return Ok(());
         };
-        if !slot.active {
+        let Some(claim) = slot.claim.take() else {
             tracing::warn!(buf_id, "handler completed an IO twice; ignored");
             return Ok(());
-        }
+        };
         let read = slot.read.take();
-        slot.active = false;
         let path = &*self.path;
+        // The chunk is free again before the client can hear so: it may
+        // send the next request on it the moment the response lands.
+        if let Err(e) = path.chunks.release(claim) {
+            tracing::error!("releasing chunk {buf_id}: {e}");
+        }
         path.stats.on_response_at(self.cid);
         if path.state() != PathState::Connected {
             return Ok(());
@@ -466,15 +512,15 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             n += 1;
         }
         let last = if let Some(rkey) = rekey {
-            let at = buf_id as usize * 8;
-            let mut msg = [0u8; 8];
+            let at = buf_id as usize * RKEY_RSP_LEN;
+            let mut msg = [0u8; RKEY_RSP_LEN];
             let _ = RkeyRspRepr {
                 buf_id: buf_id as u16,
                 rkey,
             }
             .emit(&mut msg);
             self.mem.write(at, &msg).map_err(RespondError::Fabric)?;
-            slot_sge = [self.mr.sge(at, 8)];
+            slot_sge = [self.mr.sge(at, RKEY_RSP_LEN as u32)];
             SendWr::send_with_imm(WR_RSP | u64::from(buf_id), &slot_sge, imm)
         } else {
             SendWr::write_with_imm(WR_RSP | u64::from(buf_id), &[], 0, 0, imm)
@@ -509,13 +555,25 @@ fn clamp_errno(errno: i32) -> i32 {
     }
 }
 
+impl<F: Fabric, H: Handler> Drop for SrvCon<F, H> {
+    fn drop(&mut self) {
+        // Chunks whose requests never got a response are free for the
+        // session's other connections.
+        for c in self.inflight.iter_mut().filter_map(|s| s.claim.take()) {
+            if let Err(e) = self.path.chunks.release(c) {
+                tracing::error!("releasing a chunk: {e}");
+            }
+        }
+    }
+}
+
 impl<F: Fabric, H: Handler> pollers::Poller for SrvCon<F, H> {
     fn poll(&mut self, now: Instant) -> usize {
         self.poll_at(now)
     }
     fn drain(&mut self, now: Instant) -> bool {
         self.poll_at(now);
-        self.done || self.inflight.iter().all(|s| !s.active)
+        self.done || self.inflight.iter().all(|s| s.claim.is_none())
     }
     fn name(&self) -> &str {
         "srv-con"

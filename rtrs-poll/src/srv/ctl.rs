@@ -9,7 +9,7 @@
 //!  Server handle ──SrvMsg──┘    reap: Closing paths -> disconnect -> Closed -> SrvEvent
 //! ```
 
-use super::con::SrvCon;
+use super::con::{SrvCon, RKEY_RSP_LEN};
 use super::path::{PathState, SrvPath};
 use super::{ClosedPath, ConInfo, Handler, Place, SrvConfig, SrvError, SrvEvent};
 use crate::fabric::{memory, Access, Address, Cm, CmEvent, ConnId, Fabric, Mr, Pd, QpCap};
@@ -54,6 +54,8 @@ impl<F: Fabric> Default for Shared<F> {
 
 struct Sess<F: Fabric> {
     mem: Arc<dyn crate::fabric::Memory>,
+    /// The session's chunks, claimed one request at a time.
+    chunks: Arc<mempool::Claims>,
     paths: Vec<Arc<SrvPath<F>>>,
 }
 
@@ -236,13 +238,17 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             if !req.first_conn {
                 return Err((libc::ENXIO, "no such session and not first_conn".into()));
             }
-            let len = self.cfg.queue_depth as usize * self.cfg.max_chunk_size as usize;
-            let mem = memory::shareable(len)
+            let (qd, cs) = (self.cfg.queue_depth, self.cfg.max_chunk_size as usize);
+            let region = mempool::Region::shareable(usize::from(qd) * cs)
+                .map(Arc::new)
+                .map_err(|e| (libc::ENOMEM, format!("session chunks: {e}")))?;
+            let chunks = mempool::Claims::new(region.clone(), cs, qd.into())
                 .map_err(|e| (libc::ENOMEM, format!("session chunks: {e}")))?;
             self.sessions.insert(
                 req.paths_uuid,
                 Sess {
-                    mem,
+                    mem: region,
+                    chunks: Arc::new(chunks),
                     paths: Vec::new(),
                 },
             );
@@ -303,7 +309,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                     self.cfg.max_chunk_size as usize,
                     self.cfg.always_invalidate,
                     (self.cfg.hb_interval, self.cfg.hb_missed_max),
-                    sess.mem.clone(),
+                    sess.chunks.clone(),
                     mrs,
                 ));
                 sess.paths.push(p.clone());
@@ -363,7 +369,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             (
                 SERVICE_CON_QUEUE_DEPTH * 2 + 2,
                 SERVICE_CON_QUEUE_DEPTH * 2 + 2,
-                super::con::INFO_REQ_LEN + info_rsp.max(8 * qd as usize),
+                super::con::INFO_REQ_LEN + info_rsp.max(RKEY_RSP_LEN * qd as usize),
             )
         } else {
             // Per response at most: re-key, data write, SEND_WITH_INV and
@@ -371,7 +377,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             // up to two queue depths of them sit in the queue unreaped.
             let per_io = if self.cfg.always_invalidate { 4 } else { 3 };
             let send = qd * per_io * 2 + 1;
-            (send, qd + 1, 8 * qd as usize)
+            (send, qd + 1, RKEY_RSP_LEN * qd as usize)
         };
         let cq = self.pd.create_cq(send + recv)?;
         let cap = QpCap {

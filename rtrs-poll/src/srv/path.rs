@@ -3,7 +3,7 @@
 //! contend on a cache line.
 
 use super::IoDir;
-use crate::fabric::{Fabric, Memory, Mr, Sge};
+use crate::fabric::{Fabric, Mr, Sge};
 use crate::proto::imm::ImmLayout;
 use crate::proto::SgDesc;
 use crate::sess::DownReason;
@@ -127,8 +127,9 @@ pub struct SrvPath<F: Fabric> {
     pub(crate) always_invalidate: bool,
     pub(crate) hb_interval: std::time::Duration,
     pub(crate) hb_missed_max: u32,
-    /// The session's chunks (shared by its paths).
-    pub(crate) mem: Arc<dyn Memory>,
+    /// The session's chunks (shared by its paths), claimed one request
+    /// at a time whichever path or core it comes on.
+    pub(crate) chunks: Arc<mempool::Claims>,
     /// One MR per chunk (always_invalidate) or one over all chunks.
     pub(crate) mrs: Vec<F::Mr>,
     state: AtomicU8,
@@ -161,7 +162,7 @@ impl<F: Fabric> SrvPath<F> {
         chunk_size: usize,
         always_invalidate: bool,
         hb: (std::time::Duration, u32),
-        mem: Arc<dyn Memory>,
+        chunks: Arc<mempool::Claims>,
         mrs: Vec<F::Mr>,
     ) -> SrvPath<F> {
         SrvPath {
@@ -176,7 +177,7 @@ impl<F: Fabric> SrvPath<F> {
             always_invalidate,
             hb_interval: hb.0,
             hb_missed_max: hb.1,
-            mem,
+            chunks,
             mrs,
             state: AtomicU8::new(PathState::Connecting as u8),
             reason: OnceLock::new(),

@@ -332,7 +332,7 @@ struct CqEntry<Q> {
 
 /// Values the slow path hands to a core: pushed under a lock, taken by the
 /// core only when the flag says there are some, so the core's check is one
-/// atomic swap and no lock otherwise.
+/// plain load (no locked instruction, no lock) when there are none.
 pub(crate) struct Handoff<T> {
     ready: AtomicBool,
     list: std::sync::Mutex<Vec<T>>,
@@ -362,7 +362,7 @@ impl<T> Handoff<T> {
 
     /// Appends what was handed over since the last take to `out`.
     pub(crate) fn take_into(&self, out: &mut Vec<T>) {
-        if self.ready.swap(false, Ordering::Acquire) {
+        if self.ready.load(Ordering::Relaxed) && self.ready.swap(false, Ordering::Acquire) {
             out.append(&mut self.list.lock().unwrap_or_else(|e| e.into_inner()));
         }
     }
@@ -383,7 +383,9 @@ impl<Q: PolledQp> SoftCq<Q> {
         SoftCq {
             id,
             pending: std::sync::Arc::default(),
-            qps: Vec::new(),
+            // Room for a core's usual QPs, so attaching allocates on the
+            // slow path's side only.
+            qps: Vec::with_capacity(4),
             next: 0,
         }
     }
