@@ -360,6 +360,32 @@ pub fn completion_errors_and_killed_qps_are_typed<W: Wrapped>() {
     );
 }
 
+pub fn min_latency_steers_by_heartbeat_rtt<W: Wrapped>() {
+    let faults = Faults::new();
+    let (a, b) = (W::addr(), W::addr());
+    let mut cc = clt_cfg("clt-minlat", vec![a.clone(), b.clone()]);
+    cc.hb_interval = Duration::from_millis(50);
+    let (_srv, mut c) = pair_with::<W>(&faults, &[a.clone(), b], srv_cfg(), cc);
+    // Path a's answers come 30 ms late: its heartbeat RTT shows it.
+    faults.link(&a).delay(Dir::S2c, Duration::from_millis(30));
+    poll_until(&mut c, "both RTTs measured", |c| {
+        let p = c.clt.paths();
+        p[0].latency() >= Duration::from_millis(30) && p[1].latency() > Duration::ZERO
+    });
+    let (slow, fast) = (c.clt.paths()[0].latency(), c.clt.paths()[1].latency());
+    assert!(fast < slow, "a {slow:?}, b {fast:?}");
+    c.clt.set_mp_policy(MpPolicy::MinLatency);
+    let before = c.clt.paths()[0].stats().ios;
+    for i in 0..32u64 {
+        assert_eq!(c.write(i * 512, &[i as u8; 512]), 0);
+    }
+    assert_eq!(
+        c.clt.paths()[0].stats().ios,
+        before,
+        "min-latency sent nothing to the slow path (a {slow:?}, b {fast:?})"
+    );
+}
+
 #[macro_export]
 macro_rules! fault_engine_tests {
     ($module:ident, $wrapped:ty) => {
@@ -386,6 +412,10 @@ macro_rules! fault_engine_tests {
             #[test]
             fn completion_errors_and_killed_qps_are_typed() {
                 f::completion_errors_and_killed_qps_are_typed::<$wrapped>();
+            }
+            #[test]
+            fn min_latency_steers_by_heartbeat_rtt() {
+                f::min_latency_steers_by_heartbeat_rtt::<$wrapped>();
             }
         }
     };
