@@ -1044,13 +1044,14 @@ impl<F: Fabric> CltControl<F> {
                     let _ = reply.send(Err(CltError::LastPath));
                     return;
                 }
-                if let Some(p) = self.slots[slot].as_mut() {
+                let closed = self.slots[slot].as_mut().is_some_and(|p| {
                     p.removing = true;
-                    if !p.sm.close(DownReason::Removed) && p.sm.state() == PathState::Closed {
-                        // Already closed: nothing to tear down.
-                        p.sm.reconnect_now(now);
-                        p.sm.close(DownReason::Removed);
-                    }
+                    // Closing already: removed when its close completes.
+                    !p.sm.close(DownReason::Removed) && p.sm.state() == PathState::Closed
+                });
+                if closed {
+                    // Nothing to tear down: forget it now.
+                    self.closed(slot, DownReason::Removed);
                 }
                 self.run_actions(slot, now);
                 let _ = reply.send(Ok(()));

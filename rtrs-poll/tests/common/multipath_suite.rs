@@ -116,6 +116,13 @@ pub fn add_and_remove_paths_at_runtime<B: Backend>() {
     assert!(matches!(c.clt.remove_path(second), Err(CltError::LastPath)));
     assert_eq!(c.clt.remove_path(first).unwrap_err().errno(), -libc::ENOENT);
     writes_all_ok(&mut c, 200);
+    // A path closed by the operator is removed at once.
+    let again = c.clt.add_path(a.clone()).unwrap();
+    c.clt.disconnect_path(again).unwrap();
+    assert_eq!(c.clt.path(again).unwrap().state(), PathState::Closed);
+    c.clt.remove_path(again).unwrap();
+    assert!(c.clt.path(again).is_none());
+    assert_eq!(c.clt.paths().len(), 1);
     let disk = srv.disk.lock().unwrap();
     for i in 0..32u64 {
         let at = ((200 + i) % 256 * 4096) as usize;
