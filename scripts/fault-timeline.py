@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The timeline of one fault case of scripts/faults.sh, on the host's clock.
+"""The timeline of one fault case of scripts/vm-faults.sh, on the host's clock.
 
 Reads the run directory scripts/vm2-host-fault.sh and the guests
 (scripts/vm2-guest-fault.sh) filled: the host's events (host.events: "<ms>

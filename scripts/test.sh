@@ -57,7 +57,7 @@ step "link faults between two VMs: path 1's link cut and restored under verified
 # where they stand; FAULT_XFAIL keeps that from failing this step (and says
 # when one passes). About 8 minutes.
 FAULT_XFAIL=${FAULT_XFAIL-"ours-server ours-client"} \
-  vm_step "two-host link faults" scripts/faults.sh kernel ours-server ours-client \
+  vm_step "two-host link faults" scripts/vm-faults.sh kernel ours-server ours-client \
   ours-server@one-link ours-client@one-link
 
 step "all green"

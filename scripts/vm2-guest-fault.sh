@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Guest script of scripts/faults.sh, run by scripts/vm2.sh in both VMs: "b"
+# Guest script of scripts/vm-faults.sh, run by scripts/vm2.sh in both VMs: "b"
 # serves a RAM device over RTRS/RNBD on both links, "a" runs verified IO over
 # two paths (one a link) until the host says stop, while a sampler writes what
 # it sees twice a second to the shared directory for the host's timeline.

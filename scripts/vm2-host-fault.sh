@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The host's side of a fault case (scripts/faults.sh runs it as scripts/vm2.sh's
+# The host's side of a fault case (scripts/vm-faults.sh runs it as scripts/vm2.sh's
 # HOST_CMD): watches the guests' samples in the shared directory and drives the
 # timeline: IO for FAULT_PRE s, link 1 cut, wait until the client sees path 1
 # dead, FAULT_HOLD s more, link 1 restored, wait until path 1 is connected and

@@ -6,7 +6,7 @@
 # connected and carries IO again. Each case boots its own VM pair and prints
 # its timeline on the host's clock (scripts/fault-timeline.py).
 #
-#   scripts/faults.sh [CASE[@TOPO]...]     default: kernel ours-server ours-client
+#   scripts/vm-faults.sh [CASE[@TOPO]...]     default: kernel ours-server ours-client
 #     kernel       the kernel's rnbd-client (VM a) -> the kernel's rnbd-server (VM b), fio crc32c
 #     ours-server  (or a) the kernel's rnbd-client -> our `rtrs serve`, fio crc32c
 #     ours-client  (or b) our `rtrs-perf client --verify` -> the kernel's rnbd-server
@@ -65,7 +65,7 @@ OUT=${FAULTS_OUT:-target/vm-faults}
 mkdir -p "$OUT"
 RESULTS=$OUT/results.txt
 {
-  echo "# scripts/faults.sh ${cases[*]}: $(date -u '+%Y-%m-%d %H:%M UTC'), $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "# scripts/vm-faults.sh ${cases[*]}: $(date -u '+%Y-%m-%d %H:%M UTC'), $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo "# host: $(nproc) cores, $(uname -r); guests: Debian $(cut -d' ' -f1 "${RTRS_VM_CACHE:-/var/cache/rtrs-poll-vm}/kver" 2>/dev/null || echo '?'), 1 vCPU each, TCG, soft-RoCE"
 } > "$RESULTS"
 
