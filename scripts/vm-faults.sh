@@ -16,9 +16,9 @@
 #                  cut black-holes path 1's subnet only. For our engine, whose
 #                  rdma backend drives one RDMA device per process.
 #
-# Results: the "FAULT" lines on stdout and in $FAULTS_OUT/results.txt (default
-# target/vm-faults); each case's log in $FAULTS_OUT/<case>.log and its run
-# directory (samples, consoles, kernel logs, the tools' logs) in $FAULTS_OUT/<case>/.
+# Results: the "FAULT" lines on stdout and in $VM_FAULTS_OUT/results.txt (default
+# target/vm-faults); each case's log in $VM_FAULTS_OUT/<case>.log and its run
+# directory (samples, consoles, kernel logs, the tools' logs) in $VM_FAULTS_OUT/<case>/.
 # Timeline knobs: see scripts/vm2-host-fault.sh. FAULT_BIN: the directory of
 # rtrs and rtrs-perf built with --features rdma (default: build them into
 # target/release). FAULT_XFAIL lists cases
@@ -61,7 +61,7 @@ if [[ " ${cases[*]}" == *" ours-"* ]] && [ -z "${FAULT_BIN:-}" ]; then
   cargo build --release -q --features rdma -p rtrs-perf -p rtrs-cli
 fi
 export FAULT_BIN=${FAULT_BIN:-$PWD/target/release}
-OUT=${FAULTS_OUT:-target/vm-faults}
+OUT=${VM_FAULTS_OUT:-target/vm-faults}
 mkdir -p "$OUT"
 RESULTS=$OUT/results.txt
 {
