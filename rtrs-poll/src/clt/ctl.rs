@@ -756,7 +756,17 @@ impl<F: Fabric> CltControl<F> {
             return;
         }
         let Some(&(slot, cid)) = self.conns.get(&id) else {
-            return; // an event of a round already torn down
+            // An event of a round already torn down. A connect of it that
+            // completed anyway (a CM that retried its REQ after we gave
+            // up) is closed, so the server does not keep a half-made path
+            // that refuses the next round's cid 0.
+            if let CmEvent::Established { .. } = ev {
+                tracing::info!("closing a connection of an abandoned round");
+                if let Err(e) = self.cm.disconnect(id) {
+                    tracing::warn!("disconnect of an abandoned connection: {e}");
+                }
+            }
+            return;
         };
         let ev = match ev {
             CmEvent::Established { private_data, .. } => {
