@@ -186,7 +186,7 @@ sample_kclient() { # the kernel client's paths (sysfs) and the device's completi
 }
 
 sample_perf() { # rtrs-perf's progress lines (stderr, one a second) -> samples
-  # "[ 12s] 0.001 M IOPS  5.2 MiB/s  paths: rdma:10.1.0.2:1234 Connected inflight 3, rdma:..."
+  # "[ 12s] 0.001 M IOPS  5.2 MiB/s  paths: rdma:10.1.0.2:1234 connected inflight 3 failovers 0, rdma:..."
   local t l tenths=0 mib paths p1 p2
   while read -r t l; do
     echo "$t $l" >> "$CTL/a.perf.log"
@@ -197,8 +197,8 @@ sample_perf() { # rtrs-perf's progress lines (stderr, one a second) -> samples
     paths=${BASH_REMATCH[3]}
     tenths=$((tenths + mib * 256)) # 4 KiB IOs: 256 a MiB, in tenths of MiB
     p1=down p2=down
-    [[ $paths =~ $PEER1:[0-9]+\ Connected ]] && p1=up
-    [[ $paths =~ $PEER2:[0-9]+\ Connected ]] && p2=up
+    [[ $paths =~ $PEER1:[0-9]+\ [Cc]onnected ]] && p1=up
+    [[ $paths =~ $PEER2:[0-9]+\ [Cc]onnected ]] && p2=up
     echo "S t=$t p1=$p1 p2=$p2 ios=$((tenths / 10))" >> "$CTL/a.samples"
   done
 }
