@@ -5,7 +5,7 @@
 use super::con::{CltCon, WR_HB, WR_IO, WR_KIND, WR_RECV};
 use super::ctl::CtlMsg;
 use super::path::{bump, CltPath};
-use super::{CltError, CltSess, IoPermit};
+use super::{CltError, CltSess, IoPermit, PathMem};
 use crate::fabric::{Fabric, Mr, SendWr, Sge, Wc, WcOpcode, WcStatus};
 use crate::proto::chunk;
 use crate::proto::imm::Imm;
@@ -174,6 +174,11 @@ pub(crate) enum CoreMsg<F: Fabric> {
     AddPath {
         slot: usize,
         path: Arc<CltPath>,
+        /// The session's memory on the path's device.
+        mem: Arc<PathMem<F>>,
+        /// That device is the first path's (where `Client::reg_buf`
+        /// memory is registered, so a gathered write may go there).
+        first_device: bool,
         reqs: Box<[Req]>,
     },
     /// The path's connection for this core (after a (re)connect).
@@ -206,6 +211,8 @@ const WC_BATCH: usize = 32;
 /// One path as a core sees it.
 struct CorePath<F: Fabric> {
     path: Arc<CltPath>,
+    mem: Arc<PathMem<F>>,
+    first_device: bool,
     con: Option<CltCon<F>>,
     reqs: Box<[Req]>,
     recvs: u64,
@@ -280,13 +287,21 @@ impl<F: Fabric> CltCore<F> {
 
     fn on_msg(&mut self, msg: CoreMsg<F>, now: Instant, done: &mut dyn FnMut(Completion)) {
         match msg {
-            CoreMsg::AddPath { slot, path, reqs } => {
+            CoreMsg::AddPath {
+                slot,
+                path,
+                mem,
+                first_device,
+                reqs,
+            } => {
                 while self.paths.len() <= slot {
                     self.paths.push(None);
                     self.views.push(PathView::default());
                 }
                 self.paths[slot] = Some(CorePath {
                     path,
+                    mem,
+                    first_device,
                     con: None,
                     reqs,
                     recvs: 0,
@@ -473,10 +488,12 @@ impl<F: Fabric> CltCore<F> {
         let n = match req.dir {
             Dir::Write => chunk::emit_write_tail(&mut self.scratch, usr),
             Dir::Read => {
+                // The first path's device's key; a path on another device
+                // writes its own when it posts (`post_on`).
                 let desc = if req.len > 0 {
-                    let key = s.read_key(buf_id)?;
+                    let key = s.first.read_key(buf_id, s.per_io_keys)?;
                     Some(SgDesc {
-                        addr: s.rd_mrs[buf_id as usize].addr(),
+                        addr: s.first.rd_mrs[buf_id as usize].addr(),
                         key,
                         len: req.len,
                     })
@@ -522,7 +539,7 @@ impl<F: Fabric> CltCore<F> {
         let mut it = PathIter::new(policy);
         let mut last = CltError::NoPath;
         while let Some(slot) = it.next(&self.views, &mut self.rr) {
-            match self.post_on(slot, buf_id, &req) {
+            match self.post_on(slot, buf_id, &req, not.is_some()) {
                 Ok(()) => return Ok(()),
                 Err(e) => last = e,
             }
@@ -530,25 +547,40 @@ impl<F: Fabric> CltCore<F> {
         Err(last)
     }
 
-    fn post_on(&mut self, slot: usize, buf_id: u32, req: &Req) -> Result<(), CltError> {
+    /// Posts the request on path `slot`. `moved`: it failed over from
+    /// another path (a read then goes out with a fresh key).
+    fn post_on(
+        &mut self,
+        slot: usize,
+        buf_id: u32,
+        req: &Req,
+        moved: bool,
+    ) -> Result<(), CltError> {
         let s = &self.sess;
         let Some(Some(p)) = self.paths.get_mut(slot) else {
             return Err(CltError::NoPath);
         };
+        if req.sg_n > 0 && !p.first_device {
+            // Gathered from memory registered on another device.
+            return Err(CltError::NoPath);
+        }
         let rbuf = &p.path.rbufs[buf_id as usize];
         let (addr, rkey) = (
             rbuf.addr.load(Ordering::Acquire),
             rbuf.rkey.load(Ordering::Acquire),
         );
         let con = p.con.as_mut().ok_or(CltError::NoPath)?;
+        if req.dir == Dir::Read && req.len > 0 && (moved || !Arc::ptr_eq(&p.mem, &s.first)) {
+            write_read_desc(s, &p.mem, buf_id, req)?;
+        }
         let tail = req.usr_len as u32
             + match req.dir {
                 Dir::Write => RdmaWrite::<&[u8]>::LEN as u32,
                 Dir::Read if req.len > 0 => (RdmaRead::<&[u8]>::HDR_LEN + SgDesc::LEN) as u32,
                 Dir::Read => RdmaRead::<&[u8]>::HDR_LEN as u32,
             };
-        let hdr = s.lmr.sge(s.hdr_off(buf_id), tail);
-        let data = s.lmr.sge(s.buf_off(buf_id), req.len);
+        let hdr = p.mem.lmr.sge(s.hdr_off(buf_id), tail);
+        let data = p.mem.lmr.sge(s.buf_off(buf_id), req.len);
         let off = chunk::msg_off(req.len, req.usr_len as usize);
         let imm = s.layout.io_req(buf_id, off).map_err(CltError::Proto)?;
         let wr_id = WR_IO | u64::from(buf_id);
@@ -782,7 +814,7 @@ impl<F: Fabric> CltCore<F> {
         let r = *req;
         if r.dir == Dir::Read && r.len > 0 && !inval && self.sess.per_io_keys {
             // The server did not invalidate our buffer: do it locally.
-            self.sess.rd_mrs[msg_id as usize].invalidate();
+            p.mem.rd_mrs[msg_id as usize].invalidate();
         }
         let c = &p.path.cores[self.core as usize];
         bump(&c.inflight, u64::MAX); // -1
@@ -842,13 +874,9 @@ impl<F: Fabric> CltCore<F> {
             }
             p.reqs[buf_id as usize].active = false;
             bump(&c.inflight, u64::MAX);
-            // A read gets a fresh key: the old one may still be in use by
-            // the failed path's server.
-            let rebuilt = match req.dir {
-                Dir::Read => self.rebuild_read(buf_id, &req),
-                Dir::Write => Ok(()),
-            };
-            let moved = rebuilt.and_then(|()| self.post_any(buf_id, req, Some(slot)));
+            // A read gets a fresh key where it goes (post_on): the old one
+            // may still be in use by the failed path's server.
+            let moved = self.post_any(buf_id, req, Some(slot));
             if moved.is_ok() {
                 bump(&c.failovers, 1);
             } else if let Some(permit) = self.held[buf_id as usize].take() {
@@ -866,30 +894,6 @@ impl<F: Fabric> CltCore<F> {
         Some(con)
     }
 
-    /// Re-keys a read's buffer and rewrites its descriptor in the header slot.
-    fn rebuild_read(&mut self, buf_id: u32, req: &Req) -> Result<(), CltError> {
-        if req.len == 0 {
-            return Ok(());
-        }
-        let s = &self.sess;
-        let mr = &s.rd_mrs[buf_id as usize];
-        let key = s.read_key(buf_id)?;
-        let rd = RdmaReadRepr {
-            usr_len: req.usr_len,
-            need_inval: req.need_inval,
-            desc: Some(SgDesc {
-                addr: mr.addr(),
-                key,
-                len: req.len,
-            }),
-        };
-        let mut b = [0u8; RdmaRead::<&[u8]>::HDR_LEN + SgDesc::LEN];
-        let n = rd.emit(&mut b).map_err(CltError::Proto)?;
-        s.mem
-            .write(s.hdr_off(buf_id) + req.usr_len as usize, &b[..n])?;
-        Ok(())
-    }
-
     /// Requests in flight on this core.
     pub fn inflight(&self) -> usize {
         self.paths
@@ -898,6 +902,30 @@ impl<F: Fabric> CltCore<F> {
             .map(|p| p.reqs.iter().filter(|q| q.active).count())
             .sum()
     }
+}
+
+/// Writes a read's buffer descriptor into its header slot with the key of
+/// `mem`'s device (a fresh one with per-IO read keys).
+fn write_read_desc<F: Fabric>(
+    s: &CltSess<F>,
+    mem: &PathMem<F>,
+    buf_id: u32,
+    req: &Req,
+) -> Result<(), CltError> {
+    let rd = RdmaReadRepr {
+        usr_len: req.usr_len,
+        need_inval: req.need_inval,
+        desc: Some(SgDesc {
+            addr: mem.rd_mrs[buf_id as usize].addr(),
+            key: mem.read_key(buf_id, s.per_io_keys)?,
+            len: req.len,
+        }),
+    };
+    let mut b = [0u8; RdmaRead::<&[u8]>::HDR_LEN + SgDesc::LEN];
+    let n = rd.emit(&mut b).map_err(CltError::Proto)?;
+    s.mem
+        .write(s.hdr_off(buf_id) + req.usr_len as usize, &b[..n])?;
+    Ok(())
 }
 
 impl<F: Fabric> Drop for CltCore<F> {

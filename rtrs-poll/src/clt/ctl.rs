@@ -16,7 +16,9 @@
 use super::con::{CltCon, WR_HB, WR_INFO_REQ, WR_INFO_RSP, WR_KIND, WR_RECV};
 use super::core::{req_table, CoreMsg};
 use super::path::{CltPath, PathId};
-use super::{make_sess, CltConfig, CltCore, CltError, CltEvent, CltSess, Geometry, MAX_SG};
+use super::{
+    make_sess, CltConfig, CltCore, CltError, CltEvent, CltSess, Geometry, PathMem, MAX_SG,
+};
 use crate::fabric::{
     memory, Access, Address, Cm, CmEvent, ConnId, Fabric, Memory, Mr, Pd, Qp, QpCap, RecvWr,
     SendWr, Wc, WcOpcode, WcStatus,
@@ -134,6 +136,11 @@ struct PathCtl<F: Fabric> {
     first: bool,
     cid0_seen: bool,
     sm: ClientPath,
+    /// On the device that reaches the path's address (or why there is
+    /// none).
+    pd: Result<F::Pd, String>,
+    /// The session's memory registered on that device.
+    mem: Option<Arc<PathMem<F>>>,
     shared: Option<Arc<CltPath>>,
     svc: Option<CltCon<F>>,
     /// IO connections of the round, until the path is up.
@@ -162,6 +169,8 @@ pub(crate) struct CltControl<F: Fabric> {
     geo: Option<Geometry>,
     need_inval: bool,
     sess: Option<Arc<CltSess<F>>>,
+    /// The session's memory registered per device (paths share them).
+    mems: Vec<Arc<PathMem<F>>>,
     shared: Arc<Shared>,
     slots: Vec<Option<PathCtl<F>>>,
     next_id: u32,
@@ -244,6 +253,7 @@ impl<F: Fabric> CltControl<F> {
             geo: None,
             need_inval,
             sess: None,
+            mems: Vec::new(),
             shared,
             slots: Vec::new(),
             next_id: 0,
@@ -286,7 +296,13 @@ impl<F: Fabric> CltControl<F> {
             self.cfg.connect_timeout,
             self.seed.wrapping_add(u64::from(id.0)),
         );
+        let pd = self
+            .pd
+            .for_address(&addr, false)
+            .map_err(|e| format!("no device reaches {addr}: {e}"));
         let ctl = PathCtl {
+            pd,
+            mem: None,
             id,
             sess_uuid: uuid(self.seed.wrapping_add(0x100 + u64::from(id.0))),
             addr,
@@ -316,22 +332,41 @@ impl<F: Fabric> CltControl<F> {
                 self.slots.len() - 1
             }
         };
-        self.attach(slot);
         slot
     }
 
-    /// Gives path `slot` its shared half and tells the cores, once the
-    /// session's geometry is known.
-    fn attach(&mut self, slot: usize) {
+    /// Gives path `slot` its shared half and its device's registrations,
+    /// and tells the cores, once the session's geometry is known.
+    fn attach(&mut self, slot: usize) -> Result<(), DownReason> {
         let Some(sess) = self.sess.clone() else {
-            return;
+            return Ok(());
         };
         let Some(p) = self.slots[slot].as_mut() else {
-            return;
+            return Ok(());
         };
         if p.shared.is_some() {
-            return;
+            return Ok(());
         }
+        let local = |what: String| DownReason::Local { cid: 0, what };
+        let pd = p.pd.as_ref().map_err(|e| local(e.clone()))?;
+        let mem = match self.mems.iter().find(|m| m.pd.same_device(pd)) {
+            Some(m) => m.clone(),
+            None => {
+                let m = PathMem::register(
+                    pd.clone(),
+                    &sess.mem,
+                    sess.queue_depth,
+                    sess.buf_size,
+                    sess.per_io_keys,
+                )
+                .map_err(|e| local(format!("registering the session's memory: {e}")))?;
+                let m = Arc::new(m);
+                self.mems.push(m.clone());
+                m
+            }
+        };
+        let first = Arc::ptr_eq(&mem, &sess.first);
+        p.mem = Some(mem.clone());
         let shared = Arc::new(CltPath::new(
             p.id,
             p.addr.to_string(),
@@ -349,15 +384,22 @@ impl<F: Fabric> CltControl<F> {
                 CoreMsg::AddPath {
                     slot,
                     path: shared.clone(),
+                    mem: mem.clone(),
+                    first_device: first,
                     reqs: req_table(sess.queue_depth),
                 },
             );
         }
+        Ok(())
     }
 
     fn start(&mut self, slot: usize, now: Instant) {
+        let attached = self.attach(slot);
         if let Some(p) = self.slots[slot].as_mut() {
             p.sm.open(now);
+            if let Err(why) = attached {
+                p.sm.handle_event(PathEvent::Failed(why), now);
+            }
             tracing::info!(path = %p.id, addr = %p.addr, "connecting");
         }
         self.run_actions(slot, now);
@@ -429,17 +471,12 @@ impl<F: Fabric> CltControl<F> {
         let Some(p) = self.slots[slot].as_mut() else {
             return Ok(());
         };
+        let pd = p.pd.as_ref().map_err(|e| local(e.clone()))?;
         let con = if cid == 0 {
-            CltCon::create(
-                &self.pd,
-                0,
-                recon_cnt,
-                service_cap(),
-                2 * SERVICE_CON_QUEUE_DEPTH,
-            )
+            CltCon::create(pd, 0, recon_cnt, service_cap(), 2 * SERVICE_CON_QUEUE_DEPTH)
         } else {
             let qd = qd.ok_or_else(|| local("no session geometry".into()))?;
-            CltCon::create(&self.pd, cid, recon_cnt, io_cap(qd), 2 * qd)
+            CltCon::create(pd, cid, recon_cnt, io_cap(qd), 2 * qd)
         }
         .map_err(|e| local(format!("cannot create the connection: {e}")))?;
         let req = ConnReqRepr {
@@ -482,8 +519,8 @@ impl<F: Fabric> CltControl<F> {
         // INFO messages use a scratch registration for the exchange.
         let mem = memory::shareable(req_len + rsp_len)
             .map_err(|e| local(format!("INFO scratch memory: {e}")))?;
-        let mr = self
-            .pd
+        let pd = p.pd.as_ref().map_err(|e| local(e.clone()))?;
+        let mr = pd
             .reg_mr(mem.clone(), Access::LOCAL_WRITE)
             .map_err(|e| local(format!("INFO scratch registration: {e}")))?;
         let mut req = [0u8; InfoReq::<&[u8]>::LEN];
@@ -816,7 +853,7 @@ impl<F: Fabric> CltControl<F> {
             new_rkey: r.new_rkey,
         };
         match self.geo {
-            None => self.make_session(geo),
+            None => self.make_session(slot, geo),
             Some(g) if g.queue_depth != geo.queue_depth => {
                 if let Some(p) = self.slots[slot].as_mut() {
                     p.sm.set_policy(ReconnectPolicy {
@@ -834,11 +871,15 @@ impl<F: Fabric> CltControl<F> {
     }
 
     /// The first CON_RSP sizes the session: its memory, permits and cores.
-    fn make_session(&mut self, geo: Geometry) -> Result<(), DownReason> {
-        let mut sess = make_sess::<F>(&self.pd, &self.cfg, geo).map_err(|e| DownReason::Local {
-            cid: 0,
-            what: format!("session memory: {e}"),
-        })?;
+    fn make_session(&mut self, slot: usize, geo: Geometry) -> Result<(), DownReason> {
+        let local = |what: String| DownReason::Local { cid: 0, what };
+        let pd = match self.slots[slot].as_ref().map(|p| &p.pd) {
+            Some(Ok(pd)) => pd.clone(),
+            Some(Err(e)) => return Err(local(e.clone())),
+            None => self.pd.clone(),
+        };
+        let mut sess = make_sess::<F>(&pd, &self.cfg, geo)
+            .map_err(|e| local(format!("session memory: {e}")))?;
         sess.need_inval = sess.per_io_keys && self.need_inval;
         let sess = Arc::new(sess);
         let n = self.cfg.paths.len().max(1);
@@ -861,9 +902,10 @@ impl<F: Fabric> CltControl<F> {
             o.cores = cores;
         }
         self.geo = Some(geo);
+        self.mems.push(sess.first.clone());
         self.sess = Some(sess);
-        for slot in 0..self.slots.len() {
-            self.attach(slot);
+        for s in 0..self.slots.len() {
+            self.attach(s)?;
         }
         Ok(())
     }

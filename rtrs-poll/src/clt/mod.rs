@@ -204,8 +204,9 @@ pub(crate) struct CltSess<F: Fabric> {
     pub(crate) layout: ImmLayout,
     pub(crate) buf_size: usize,
     pub(crate) mem: Arc<dyn Memory>,
-    pub(crate) lmr: F::Mr,
-    pub(crate) rd_mrs: Vec<F::Mr>,
+    /// The registrations on the first path's device (the others share it
+    /// or have their own: [`PathMem`]).
+    pub(crate) first: Arc<PathMem<F>>,
     /// The permits: slots of the data buffers, taken as tokens.
     pub(crate) slots: mempool::Slots,
     pub(crate) policy: AtomicU8,
@@ -230,21 +231,61 @@ impl<F: Fabric> CltSess<F> {
             tracing::error!("a permit of another session was put back: {e}");
         }
     }
-    /// The key a read into permit `id`'s buffer goes out with: a fresh one
-    /// per read with [`ReadKeys::PerIo`], else the session's.
-    pub(crate) fn read_key(&self, id: u32) -> crate::fabric::Result<u32> {
-        let mr = &self.rd_mrs[id as usize];
-        if self.per_io_keys {
-            mr.rekey()
-        } else {
-            Ok(mr.rkey())
-        }
-    }
     pub(crate) fn buf_off(&self, id: u32) -> usize {
         id as usize * self.buf_size
     }
     pub(crate) fn hdr_off(&self, id: u32) -> usize {
         self.queue_depth as usize * self.buf_size + id as usize * self.max_hdr_size as usize
+    }
+}
+
+/// The session's memory registered on one device: what paths on that
+/// device post from (`lmr`) and let the server write reads into (`rd_mrs`,
+/// one per permit). Paths on one device share it.
+pub(crate) struct PathMem<F: Fabric> {
+    pub(crate) pd: F::Pd,
+    pub(crate) lmr: F::Mr,
+    pub(crate) rd_mrs: Vec<F::Mr>,
+}
+
+impl<F: Fabric> PathMem<F> {
+    /// Registers the session's memory on `pd`'s device.
+    pub(crate) fn register(
+        pd: F::Pd,
+        mem: &Arc<dyn Memory>,
+        queue_depth: u32,
+        buf_size: usize,
+        per_io_keys: bool,
+    ) -> crate::fabric::Result<PathMem<F>> {
+        let lmr = pd.reg_mr(mem.clone(), Access::LOCAL_WRITE)?;
+        let rd_mrs = (0..queue_depth as usize)
+            .map(|i| {
+                pd.reg_mr_range(
+                    mem.clone(),
+                    i * buf_size,
+                    buf_size,
+                    Access::LOCAL_WRITE | Access::REMOTE_WRITE,
+                )
+            })
+            .collect::<crate::fabric::Result<Vec<_>>>()?;
+        if per_io_keys {
+            // Keyed per read: no key is valid until a read is submitted.
+            for mr in &rd_mrs {
+                mr.invalidate();
+            }
+        }
+        Ok(PathMem { pd, lmr, rd_mrs })
+    }
+
+    /// The key a read into permit `id`'s buffer goes out with: a fresh one
+    /// per read with [`ReadKeys::PerIo`], else the registration's.
+    pub(crate) fn read_key(&self, id: u32, per_io: bool) -> crate::fabric::Result<u32> {
+        let mr = &self.rd_mrs[id as usize];
+        if per_io {
+            mr.rekey()
+        } else {
+            Ok(mr.rkey())
+        }
     }
 }
 
@@ -339,7 +380,6 @@ pub type Events = std::sync::mpsc::Receiver<CltEvent>;
 /// this handle starts and stops; the embedder runs only its cores
 /// ([`CltCore::poll`]). Methods take `&self`: the handle can be shared.
 pub struct Client<F: Fabric> {
-    pd: F::Pd,
     sess: Arc<CltSess<F>>,
     geo_new_rkey: bool,
     sessname: String,
@@ -428,7 +468,6 @@ impl<F: Fabric> Client<F> {
         let geo_new_rkey = sess.new_rkey;
         Ok((
             Client {
-                pd,
                 sess,
                 geo_new_rkey,
                 sessname: cfg.sessname,
@@ -532,9 +571,11 @@ impl<F: Fabric> Client<F> {
     }
 
     /// Registers the caller's memory for [`CltCore::write_sg`] (its sg
-    /// entries come from the returned MR: `mr.sge(offset, len)`).
+    /// entries come from the returned MR: `mr.sge(offset, len)`). It is
+    /// registered on the first path's device: where a session's paths are
+    /// on several RDMA devices, `write_sg` goes on that device's paths.
     pub fn reg_buf(&self, mem: Arc<dyn Memory>) -> Result<F::Mr, CltError> {
-        Ok(self.pd.reg_mr(mem, Access::LOCAL_WRITE)?)
+        Ok(self.sess.first.pd.reg_mr(mem, Access::LOCAL_WRITE)?)
     }
 
     /// The session's queue depth (the server's).
@@ -583,7 +624,6 @@ pub(crate) fn make_sess<F: Fabric>(
     cfg: &CltConfig,
     geo: Geometry,
 ) -> Result<CltSess<F>, CltError> {
-    use crate::fabric::Pd;
     let qd = u32::from(geo.queue_depth);
     if qd == 0 || geo.max_hdr_size < 64 || geo.max_io_size == 0 {
         return Err(CltError::Config(
@@ -602,24 +642,14 @@ pub(crate) fn make_sess<F: Fabric>(
     let slots = mempool::Slots::new(region.clone(), 0, buf_size, qd, cfg.cores as u32)
         .map_err(|e| FabricError::io("carve the session's buffers", std::io::Error::other(e)))?;
     let mem: Arc<dyn Memory> = region;
-    let lmr = pd.reg_mr(mem.clone(), Access::LOCAL_WRITE)?;
-    let rd_mrs = (0..qd as usize)
-        .map(|i| {
-            pd.reg_mr_range(
-                mem.clone(),
-                i * buf_size,
-                buf_size,
-                Access::LOCAL_WRITE | Access::REMOTE_WRITE,
-            )
-        })
-        .collect::<crate::fabric::Result<Vec<_>>>()?;
     let per_io_keys = cfg.read_keys == ReadKeys::PerIo;
-    if per_io_keys {
-        // Keyed per read: no key is valid until a read is submitted.
-        for mr in &rd_mrs {
-            mr.invalidate();
-        }
-    }
+    let first = Arc::new(PathMem::register(
+        pd.clone(),
+        &mem,
+        qd,
+        buf_size,
+        per_io_keys,
+    )?);
     Ok(CltSess {
         queue_depth: qd,
         chunk_size,
@@ -627,8 +657,7 @@ pub(crate) fn make_sess<F: Fabric>(
         layout,
         buf_size,
         mem,
-        lmr,
-        rd_mrs,
+        first,
         slots,
         new_rkey: geo.new_rkey,
         policy: AtomicU8::new(cfg.mp_policy.code()),

@@ -219,6 +219,21 @@ pub trait Fabric: Send + Sync + Sized + 'static {
 
 /// A protection domain: memory registrations and the queues that may use them.
 pub trait Pd<F: Fabric>: Send + Sync + Clone {
+    /// A protection domain on the device that carries `addr`: a peer's
+    /// address (`local` false: the device of the route to it) or one of
+    /// ours (`local` true: a listener's, or a connection's local address).
+    /// This one when it is already on that device, or when the backend has
+    /// one device (the software fabrics).
+    fn for_address(&self, addr: &Address, local: bool) -> Result<Self> {
+        let _ = (addr, local);
+        Ok(self.clone())
+    }
+    /// Whether `other` is on the same device (its registrations' keys work
+    /// for this one's queues).
+    fn same_device(&self, other: &Self) -> bool {
+        let _ = other;
+        true
+    }
     /// Registers the whole of `mem` once. The MR keeps `mem` alive.
     fn reg_mr(&self, mem: std::sync::Arc<dyn Memory>, access: Access) -> Result<F::Mr>;
     /// Registers `len` bytes of `mem` from `offset` (one MR per chunk, as the

@@ -74,6 +74,9 @@ pub(crate) struct SrvControl<F: Fabric, H: Handler> {
     pub(crate) make_handler: Box<dyn FnMut(&ConInfo) -> H + Send>,
     pub(crate) place: Place,
     sessions: HashMap<[u8; 16], Sess<F>>,
+    /// What each listener listens on: a path's PD is on that address's
+    /// device.
+    listeners: HashMap<ConnId, Address>,
     cons: HashMap<ConnId, ConRef>,
     service: Vec<SrvCon<F, H>>,
     shared: Arc<Shared<F>>,
@@ -82,9 +85,11 @@ pub(crate) struct SrvControl<F: Fabric, H: Handler> {
 }
 
 impl<F: Fabric, H: Handler> SrvControl<F, H> {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         pd: F::Pd,
         cm: F::Cm,
+        listener: (ConnId, Address),
         cfg: SrvConfig,
         layout: ImmLayout,
         make_handler: Box<dyn FnMut(&ConInfo) -> H + Send>,
@@ -92,6 +97,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         shared: Arc<Shared<F>>,
     ) -> SrvControl<F, H> {
         SrvControl {
+            listeners: HashMap::from([listener]),
             pd,
             cm,
             cfg,
@@ -296,7 +302,16 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                 {
                     return Err((libc::EEXIST, "a path from this address exists".into()));
                 }
-                let mrs = register::<F>(&self.pd, &self.cfg, &sess.mem)
+                // The path's PD is on its listener's device (each link's
+                // own, where a host has several).
+                let pd = match self.listeners.get(&listener) {
+                    Some(a) => self
+                        .pd
+                        .for_address(a, true)
+                        .map_err(|e| (libc::ENODEV, format!("the device of {a}: {e}")))?,
+                    None => self.pd.clone(),
+                };
+                let mrs = register::<F>(&pd, &self.cfg, &sess.mem)
                     .map_err(|e| (libc::ENOMEM, format!("registering chunks: {e}")))?;
                 let p = Arc::new(SrvPath::new(
                     req.sess_uuid,
@@ -310,6 +325,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                     self.cfg.always_invalidate,
                     (self.cfg.hb_interval, self.cfg.hb_missed_max),
                     sess.chunks.clone(),
+                    pd,
                     mrs,
                 ));
                 sess.paths.push(p.clone());
@@ -379,7 +395,8 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             let send = qd * per_io * 2 + 1;
             (send, qd + 1, RKEY_RSP_LEN * qd as usize)
         };
-        let cq = self.pd.create_cq(send + recv)?;
+        let pd = &path.pd;
+        let cq = pd.create_cq(send + recv)?;
         let cap = QpCap {
             max_send_wr: send,
             max_recv_wr: recv,
@@ -388,9 +405,9 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             max_inline_data: 0,
             rnr_retry: 7,
         };
-        let qp = self.pd.create_qp(&cq, &cq, cap)?;
+        let qp = pd.create_qp(&cq, &cq, cap)?;
         let mem = memory::shareable(buf_len)?;
-        let mr = self.pd.reg_mr(mem.clone(), Access::LOCAL_WRITE)?;
+        let mr = pd.reg_mr(mem.clone(), Access::LOCAL_WRITE)?;
         Ok(SrvCon::new(
             path.clone(),
             cid,
@@ -479,7 +496,9 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
     fn on_msg(&mut self, msg: SrvMsg, _now: Instant, _timers: &mut pollers::Timers<()>) {
         match msg {
             SrvMsg::Listen(addr, reply) => {
-                let r = self.cm.listen(&addr).map(|_| ()).map_err(SrvError::from);
+                let r = self.cm.listen(&addr).map_err(SrvError::from).map(|id| {
+                    self.listeners.insert(id, addr.clone());
+                });
                 if r.is_ok() {
                     tracing::info!(%addr, "listening");
                 }

@@ -322,12 +322,13 @@ impl<F: Fabric, H: Handler> Server<F, H> {
         let layout = cfg.layout()?;
         let pd = fabric.alloc_pd()?;
         let mut cm = fabric.create_cm()?;
-        crate::fabric::Cm::listen(&mut cm, addr)?;
+        let lid = crate::fabric::Cm::listen(&mut cm, addr)?;
         tracing::info!(%addr, "listening");
         let shared = Arc::new(Shared::default());
         let control = SrvControl::new(
             pd,
             cm,
+            (lid, addr.clone()),
             cfg,
             layout,
             Box::new(make_handler),

@@ -130,6 +130,8 @@ pub struct SrvPath<F: Fabric> {
     /// The session's chunks (shared by its paths), claimed one request
     /// at a time whichever path or core it comes on.
     pub(crate) chunks: Arc<mempool::Claims>,
+    /// The path's protection domain, on its link's device.
+    pub(crate) pd: F::Pd,
     /// One MR per chunk (always_invalidate) or one over all chunks.
     pub(crate) mrs: Vec<F::Mr>,
     state: AtomicU8,
@@ -163,6 +165,7 @@ impl<F: Fabric> SrvPath<F> {
         always_invalidate: bool,
         hb: (std::time::Duration, u32),
         chunks: Arc<mempool::Claims>,
+        pd: F::Pd,
         mrs: Vec<F::Mr>,
     ) -> SrvPath<F> {
         SrvPath {
@@ -178,6 +181,7 @@ impl<F: Fabric> SrvPath<F> {
             hb_interval: hb.0,
             hb_missed_max: hb.1,
             chunks,
+            pd,
             mrs,
             state: AtomicU8::new(PathState::Connecting as u8),
             reason: OnceLock::new(),

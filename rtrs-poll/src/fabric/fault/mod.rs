@@ -123,6 +123,17 @@ impl<F: Fabric> std::fmt::Debug for FaultPd<F> {
 }
 
 impl<F: Fabric> Pd<FaultFabric<F>> for FaultPd<F> {
+    fn for_address(&self, addr: &super::Address, local: bool) -> Result<Self> {
+        Ok(FaultPd {
+            inner: self.inner.for_address(addr, local)?,
+            faults: self.faults.clone(),
+        })
+    }
+
+    fn same_device(&self, other: &Self) -> bool {
+        self.inner.same_device(&other.inner)
+    }
+
     fn reg_mr(&self, mem: Arc<dyn Memory>, access: super::Access) -> Result<F::Mr> {
         self.inner.reg_mr(mem, access)
     }

@@ -34,8 +34,6 @@ struct Conn {
     established: bool,
     /// `Disconnected` was already reported (by a local disconnect).
     reported: bool,
-    /// The REQ went out (active side).
-    sent: bool,
 }
 
 /// The rdma_cm connection manager (one event channel).
@@ -84,6 +82,70 @@ fn to_sockaddr(sa: &SocketAddr) -> libc::sockaddr_storage {
         }
     }
     st
+}
+
+/// The device that carries `addr`: a local address itself (`local`), or
+/// the source address the routing table picks to reach a peer. It binds a
+/// throwaway `cm_id` to that address (no network involved) and takes the
+/// device librdmacm attaches to it.
+pub(super) fn device_of(addr: &Address, local: bool) -> Result<*mut ib::ibv_context> {
+    let sa = resolve(addr)?;
+    let src = if local {
+        sa.ip()
+    } else {
+        let any: SocketAddr = match sa {
+            SocketAddr::V4(_) => "0.0.0.0:0"
+                .parse()
+                .map_err(|_| FabricError::Protocol("addr"))?,
+            SocketAddr::V6(_) => "[::]:0"
+                .parse()
+                .map_err(|_| FabricError::Protocol("addr"))?,
+        };
+        let u = std::net::UdpSocket::bind(any)
+            .and_then(|u| u.connect(sa).map(|()| u))
+            .and_then(|u| u.local_addr())
+            .map_err(|e| FabricError::io("find the route's source address", e))?;
+        u.ip()
+    };
+    if src.is_unspecified() {
+        // A wildcard: no one device; the first one.
+        return super::dev().map(|d| d.ctx);
+    }
+    let mut id = std::ptr::null_mut();
+    // SAFETY: a synchronous id (no channel); id is an out-parameter.
+    let rc = unsafe {
+        ib::rdma_create_id(
+            std::ptr::null_mut(),
+            &mut id,
+            std::ptr::null_mut(),
+            ib::rdma_port_space::RDMA_PS_TCP,
+        )
+    };
+    if rc != 0 {
+        return Err(os_err("rdma_create_id"));
+    }
+    let mut st = to_sockaddr(&SocketAddr::new(src, 0));
+    // SAFETY: id is live; st is a valid local address.
+    let rc = unsafe { ib::rdma_bind_addr(id, &mut st as *mut _ as *mut libc::sockaddr) };
+    let ctx = if rc == 0 {
+        // SAFETY: a bound id's `verbs` is its device (or NULL).
+        unsafe { (*id).verbs }
+    } else {
+        std::ptr::null_mut()
+    };
+    let err = (rc != 0).then(|| os_err("rdma_bind_addr"));
+    // SAFETY: id is ours, with no events.
+    unsafe { ib::rdma_destroy_id(id) };
+    if let Some(e) = err {
+        return Err(e);
+    }
+    if ctx.is_null() {
+        return Err(FabricError::BadAddress {
+            addr: addr.to_string(),
+            why: "no RDMA device carries this address",
+        });
+    }
+    Ok(ctx)
 }
 
 fn resolve(addr: &Address) -> Result<SocketAddr> {
@@ -220,7 +282,6 @@ impl RdmaCm {
                 pdata: [0; crate::fabric::MAX_PRIVATE_DATA],
                 established: false,
                 reported: false,
-                sent: false,
             },
         );
         self.by_id.insert(id as usize, n);
@@ -298,10 +359,7 @@ impl RdmaCm {
                     Ok(())
                 });
                 match r {
-                    Ok(()) => {
-                        c.sent = true;
-                        None
-                    }
+                    Ok(()) => None,
                     Err(e) => self.fail(n, unreachable(e.to_string())),
                 }
             }
@@ -572,29 +630,8 @@ impl Cm<RdmaFabric> for RdmaCm {
             });
             return Ok(n);
         }
-        // Resolve the address and the route and send the REQ before
-        // returning (milliseconds on a local subnet), so that the peer sees
-        // the request even if nobody polls this CM until it answers. Other
-        // connections' events met meanwhile are queued.
-        let t0 = Instant::now();
-        while self.conns.get(&n.0).is_some_and(|c| !c.sent) {
-            if t0.elapsed() > Duration::from_millis(3 * RESOLVE_MS as u64) {
-                self.remove(n.0);
-                self.pending.push_back(CmEvent::Unreachable {
-                    id: n,
-                    reason: format!("resolving {sa} timed out"),
-                });
-                break;
-            }
-            match self.next_raw()? {
-                Some(raw) => {
-                    if let Some(ev) = self.handle(raw) {
-                        self.pending.push_back(ev);
-                    }
-                }
-                None => self.wait_fd(Duration::from_millis(10)),
-            }
-        }
+        // The route is resolved and the REQ sent as the CM's events come
+        // (poll_event): a control thread never waits for the network here.
         Ok(n)
     }
 

@@ -1,8 +1,12 @@
 //! The real verbs backend: libibverbs + librdmacm through `rdma-sys`.
 //!
-//! * Device: the first device librdmacm knows (`rdma_get_devices`), opened once
-//!   per process; PDs, CQs, MRs and QPs live on it, and a `cm_id` resolves to
-//!   the same device (one RDMA device per host is what this backend supports).
+//! * Devices: librdmacm's (`rdma_get_devices`), opened once per process. A
+//!   PD is on one device: `alloc_pd` gives one on the first device, and
+//!   [`Pd::for_address`] one on the device that carries an address (the
+//!   route's source address for a peer, the address itself for a local
+//!   one), so each path of a session lives on its own link's device, as a
+//!   `cm_id` to that address resolves to it. CQs, MRs and QPs are on their
+//!   PD's device.
 //! * QPs are created by [`Pd::create_qp`] with `ibv_create_qp`, before any
 //!   connection exists, so the CM uses librdmacm's "user-managed QP" pattern:
 //!   `rdma_connect`/`rdma_accept` carry the QP number in `rdma_conn_param` and
@@ -127,18 +131,7 @@ impl Fabric for RdmaFabric {
     }
 
     fn alloc_pd(&self) -> Result<RdmaPd> {
-        let d = dev()?;
-        // SAFETY: d.ctx is an open device context.
-        let pd = unsafe { ib::ibv_alloc_pd(d.ctx) };
-        if pd.is_null() {
-            return Err(FabricError::last_os("ibv_alloc_pd"));
-        }
-        Ok(RdmaPd {
-            inner: Arc::new(PdInner {
-                pd,
-                binders: keys::Binders::new(),
-            }),
-        })
+        RdmaPd::on(dev()?.ctx)
     }
 
     fn create_cm(&self) -> Result<RdmaCm> {
@@ -148,6 +141,8 @@ impl Fabric for RdmaFabric {
 }
 
 struct PdInner {
+    /// The device the PD is on.
+    ctx: *mut ib::ibv_context,
     pd: *mut ib::ibv_pd,
     /// QPs of this PD that bind memory windows (see `keys`).
     binders: keys::Binders,
@@ -171,6 +166,24 @@ impl Drop for PdInner {
 #[derive(Clone)]
 pub struct RdmaPd {
     inner: Arc<PdInner>,
+}
+
+impl RdmaPd {
+    /// A PD on device `ctx` (an open context librdmacm keeps).
+    fn on(ctx: *mut ib::ibv_context) -> Result<RdmaPd> {
+        // SAFETY: ctx is an open device context, never closed.
+        let pd = unsafe { ib::ibv_alloc_pd(ctx) };
+        if pd.is_null() {
+            return Err(FabricError::last_os("ibv_alloc_pd"));
+        }
+        Ok(RdmaPd {
+            inner: Arc::new(PdInner {
+                ctx,
+                pd,
+                binders: keys::Binders::new(),
+            }),
+        })
+    }
 }
 
 impl std::fmt::Debug for RdmaPd {
@@ -209,6 +222,18 @@ impl PdInner {
 }
 
 impl Pd<RdmaFabric> for RdmaPd {
+    fn for_address(&self, addr: &super::Address, local: bool) -> Result<RdmaPd> {
+        let ctx = cm::device_of(addr, local)?;
+        if ctx == self.inner.ctx {
+            return Ok(self.clone());
+        }
+        RdmaPd::on(ctx)
+    }
+
+    fn same_device(&self, other: &RdmaPd) -> bool {
+        self.inner.ctx == other.inner.ctx
+    }
+
     fn reg_mr(&self, mem: Arc<dyn Memory>, access: Access) -> Result<RdmaMr> {
         let len = mem.len();
         self.reg_mr_range(mem, 0, len, access)
@@ -233,8 +258,7 @@ impl Pd<RdmaFabric> for RdmaPd {
             & (ib::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
                 | ib::ibv_access_flags::IBV_ACCESS_REMOTE_READ.0) as i32;
         let keys = if remote != 0 {
-            let dev = dev()?;
-            match Keys::new(pd.clone(), dev.ctx, local, addr, len, remote) {
+            match Keys::new(pd.clone(), pd.ctx, local, addr, len, remote) {
                 Ok(k) => Some(k),
                 Err(e) => {
                     // SAFETY: `local` was registered above and is not used elsewhere.
@@ -255,11 +279,10 @@ impl Pd<RdmaFabric> for RdmaPd {
     }
 
     fn create_cq(&self, depth: u32) -> Result<RdmaCq> {
-        let d = dev()?;
-        // SAFETY: d.ctx is open; no completion channel, no context.
+        // SAFETY: the PD's device is open; no completion channel, no context.
         let cq = unsafe {
             ib::ibv_create_cq(
-                d.ctx,
+                self.inner.ctx,
                 depth.max(1) as i32,
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
