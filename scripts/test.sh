@@ -55,10 +55,9 @@ root_step "rdma suites" scripts/vm-rdma-tests.sh
 step "interop with the kernel's RTRS/RNBD over soft-RoCE, both directions (in the VM)"
 root_step "interop" scripts/interop.sh 2
 step "link faults between two VMs: path 1's link cut and restored under verified IO (docs/faults.md)"
-# The kernel pair over two links; ours both ways over one link (our rdma
-# backend drives one RDMA device per process, so a second path on a second
-# device cannot come up yet: docs/faults.md). About 6 minutes.
-root_step "two-host link faults" scripts/vm-faults.sh kernel ours-server@one-link \
-  ours-client@one-link
+# Over two links, a soft-RoCE device each: the kernel pair, then the kernel's
+# client against our server and our client against the kernel's server.
+# About 6 minutes.
+root_step "two-host link faults" scripts/vm-faults.sh kernel ours-server ours-client
 
 step "all green"

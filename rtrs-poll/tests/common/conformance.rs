@@ -721,7 +721,13 @@ pub fn reject_and_unreachable<B: Backend>() {
     );
     b.cm.listen(&addr).unwrap();
     let id = a.cm.connect(&addr, &a.qp, b"please").unwrap();
+    let t0 = Instant::now();
     loop {
+        assert!(t0.elapsed() < DEADLINE, "no connect request");
+        // Both CMs: a connect may go on (route, REQ) as its CM is polled.
+        if let Some(ev) = a.cm.poll_event(Duration::from_millis(1)).unwrap() {
+            panic!("active side before the reject: {ev:?}");
+        }
         if let Some(CmEvent::ConnectRequest { id, .. }) =
             b.cm.poll_event(Duration::from_millis(5)).unwrap()
         {
