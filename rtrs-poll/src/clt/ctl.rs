@@ -41,6 +41,14 @@ use std::time::Duration;
 /// A command's answer, sent back to the caller waiting on it.
 pub(crate) type Reply<T> = SyncSender<Result<T, CltError>>;
 
+/// Answers a command. A caller that stopped waiting (its handle dropped)
+/// loses nothing by not hearing it.
+fn answer<T>(to: Reply<T>, r: Result<T, CltError>) {
+    if to.send(r).is_err() {
+        tracing::debug!("a command's caller stopped waiting for its answer");
+    }
+}
+
 /// What reaches the control thread's inbox.
 pub(crate) enum CtlMsg<F: Fabric> {
     /// A core saw path `slot` fail in connection round `epoch`; its
@@ -614,10 +622,10 @@ impl<F: Fabric> CltControl<F> {
         }
         self.up += 1;
         for w in waiters {
-            let _ = w.send(Ok(()));
+            answer(w, Ok(()));
         }
         if let Some(w) = add {
-            let _ = w.send(Ok(id));
+            answer(w, Ok(id));
         }
         if opening {
             let more = self.opening.as_ref().is_some_and(|o| !o.addrs.is_empty());
@@ -630,7 +638,7 @@ impl<F: Fabric> CltControl<F> {
                     Some(s) => Ok((s, o.cores)),
                     None => Err(CltError::Config("no session")),
                 };
-                let _ = o.reply.send(reply);
+                answer(o.reply, reply);
             }
             return;
         }
@@ -691,10 +699,13 @@ impl<F: Fabric> CltControl<F> {
             }
         }
         for w in waiters {
-            let _ = w.send(Err(CltError::PathDown {
-                addr: addr.clone(),
-                reason: why.clone(),
-            }));
+            answer(
+                w,
+                Err(CltError::PathDown {
+                    addr: addr.clone(),
+                    reason: why.clone(),
+                }),
+            );
         }
         if was_up {
             self.up -= 1;
@@ -715,10 +726,13 @@ impl<F: Fabric> CltControl<F> {
         }
         if let Some(w) = add {
             // The kernel's add_path: a path that cannot connect is removed.
-            let _ = w.send(Err(CltError::PathDown {
-                addr,
-                reason: why.clone(),
-            }));
+            answer(
+                w,
+                Err(CltError::PathDown {
+                    addr,
+                    reason: why.clone(),
+                }),
+            );
             if let Some(p) = self.slots[slot].as_mut() {
                 p.removing = true;
                 p.sm.torn_down(now);
@@ -742,7 +756,7 @@ impl<F: Fabric> CltControl<F> {
             }
             self.run_actions(slot, now);
         }
-        let _ = o.reply.send(Err(err));
+        answer(o.reply, Err(err));
         self.stop.trigger();
     }
 
@@ -756,10 +770,13 @@ impl<F: Fabric> CltControl<F> {
             sh.publish(PathState::Closed);
         }
         for w in std::mem::take(&mut p.waiters) {
-            let _ = w.send(Err(CltError::PathDown {
-                addr: addr.clone(),
-                reason: why.clone(),
-            }));
+            answer(
+                w,
+                Err(CltError::PathDown {
+                    addr: addr.clone(),
+                    reason: why.clone(),
+                }),
+            );
         }
         let removing = p.removing;
         let shared = p.shared.clone();
@@ -1073,11 +1090,14 @@ impl<F: Fabric> CltControl<F> {
             Cmd::AddPath(addr, reply) => {
                 let live: Vec<&PathCtl<F>> = self.slots.iter().flatten().collect();
                 if live.len() >= MAX_PATHS_NUM {
-                    let _ = reply.send(Err(CltError::Config("a session has at most 128 paths")));
+                    answer(
+                        reply,
+                        Err(CltError::Config("a session has at most 128 paths")),
+                    );
                     return;
                 }
                 if live.iter().any(|p| p.addr == addr) {
-                    let _ = reply.send(Err(CltError::Exists(addr.to_string())));
+                    answer(reply, Err(CltError::Exists(addr.to_string())));
                     return;
                 }
                 let first = self.up == 0;
@@ -1089,11 +1109,11 @@ impl<F: Fabric> CltControl<F> {
             }
             Cmd::RemovePath(id, reply) => {
                 let Some(slot) = self.slot_of(id) else {
-                    let _ = reply.send(Err(CltError::NoSuchPath(id)));
+                    answer(reply, Err(CltError::NoSuchPath(id)));
                     return;
                 };
                 if self.slots.iter().flatten().count() <= 1 {
-                    let _ = reply.send(Err(CltError::LastPath));
+                    answer(reply, Err(CltError::LastPath));
                     return;
                 }
                 let closed = self.slots[slot].as_mut().is_some_and(|p| {
@@ -1106,29 +1126,29 @@ impl<F: Fabric> CltControl<F> {
                     self.closed(slot, DownReason::Removed);
                 }
                 self.run_actions(slot, now);
-                let _ = reply.send(Ok(()));
+                answer(reply, Ok(()));
             }
             Cmd::Disconnect(id, reply) => {
                 let Some(slot) = self.slot_of(id) else {
-                    let _ = reply.send(Err(CltError::NoSuchPath(id)));
+                    answer(reply, Err(CltError::NoSuchPath(id)));
                     return;
                 };
                 if let Some(p) = self.slots[slot].as_mut() {
                     p.sm.close(DownReason::Operator);
                 }
                 self.run_actions(slot, now);
-                let _ = reply.send(Ok(()));
+                answer(reply, Ok(()));
             }
             Cmd::Reconnect(id, reply) => {
                 let Some(slot) = self.slot_of(id) else {
-                    let _ = reply.send(Err(CltError::NoSuchPath(id)));
+                    answer(reply, Err(CltError::NoSuchPath(id)));
                     return;
                 };
                 let Some(p) = self.slots[slot].as_mut() else {
                     return;
                 };
                 if !p.sm.reconnect_now(now) {
-                    let _ = reply.send(Err(CltError::Busy));
+                    answer(reply, Err(CltError::Busy));
                     return;
                 }
                 p.waiters.push(reply);
@@ -1215,9 +1235,7 @@ impl<F: Fabric> pollers::Control for CltControl<F> {
             c.flush();
         }
         if let Some(o) = self.opening.take() {
-            let _ = o
-                .reply
-                .send(Err(CltError::Config("the client was stopped")));
+            answer(o.reply, Err(CltError::Config("the client was stopped")));
         }
     }
 
