@@ -179,7 +179,10 @@ pub fn cut_path_fails_over_and_comes_back<W: Wrapped>() {
     let addrs = [a.clone(), b];
     let (srv, mut c) = pair_with::<W>(&faults, &addrs, scfg, clt_cfg("clt-cut", addrs.to_vec()));
     let events = c.clt.subscribe();
-    // 32 writes in flight on both paths, then path 0 is cut both ways.
+    // Path 0 is cut both ways, then 32 writes go out round-robin: half of
+    // them into the cut, where they wait for the heartbeat to find it.
+    let cut = faults.link(&a);
+    cut_link(&cut);
     for i in 0..32u64 {
         let mut p = c.core.get_permit().unwrap();
         c.core.buf(&mut p)[..4096].copy_from_slice(&pattern(i, 4096));
@@ -188,8 +191,6 @@ pub fn cut_path_fails_over_and_comes_back<W: Wrapped>() {
             .map_err(|(_, e)| e)
             .unwrap();
     }
-    let cut = faults.link(&a);
-    cut_link(&cut);
     let done = c.wait(32);
     let mut tags: Vec<u64> = done.iter().map(|d| d.tag).collect();
     tags.sort();
