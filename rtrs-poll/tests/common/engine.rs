@@ -169,6 +169,30 @@ impl TestServer {
         self.closed.lock().unwrap().clone()
     }
 
+    /// An RNBD server of `exports` whose ended sessions close what they
+    /// had open (as `rtrs serve` wires it).
+    pub fn rnbd<F: Fabric>(
+        fabric: F,
+        addrs: &[Address],
+        cfg: SrvConfig,
+        exports: Vec<rtrs_poll::rnbd::Export>,
+    ) -> (TestServer, Arc<rtrs_poll::rnbd::RnbdServer>) {
+        let rnbd = rtrs_poll::rnbd::RnbdServer::new(exports, cfg.max_io_size());
+        let (r2, r3) = (rnbd.clone(), rnbd.clone());
+        let srv = Self::start_with(
+            fabric,
+            addrs,
+            cfg,
+            move |info: &rtrs_poll::srv::ConInfo| r2.handler(info),
+            move |c| {
+                if c.session_ended {
+                    r3.session_ended(&c.paths_uuid);
+                }
+            },
+        );
+        (srv, rnbd)
+    }
+
     /// Stops the server; returns the paths it closed, with reasons.
     pub fn stop(mut self) -> Vec<ClosedPath> {
         self.stop.store(true, Ordering::Relaxed);
@@ -222,6 +246,17 @@ impl<F: Fabric> TestClient<F> {
             out.len()
         );
         out
+    }
+
+    /// Submits a 4 KiB write of `pattern(tag)` at `off` (tag `tag`) without
+    /// waiting for it.
+    pub fn submit_write(&mut self, tag: u64, off: u64) {
+        let mut p = self.core.get_permit().expect("a permit");
+        self.core.buf(&mut p)[..4096].copy_from_slice(&pattern(tag, 4096));
+        self.core
+            .write(p, &usr(OP_IO, off), 4096, tag, Instant::now())
+            .map_err(|(_, e)| e)
+            .unwrap();
     }
 
     /// Writes `data` at `off` of the RAM disk; returns the errno.

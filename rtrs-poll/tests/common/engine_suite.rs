@@ -401,7 +401,7 @@ fn spin<F: Fabric>(core: &mut CltCore<F>) {
 
 pub fn rnbd_over_rtrs<B: Backend>() {
     use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
-    use rtrs_poll::rnbd::{clt as rc, Export, RnbdClient, RnbdError, RnbdServer};
+    use rtrs_poll::rnbd::{clt as rc, Export, RnbdClient, RnbdError};
     let a = B::addr();
     let file = std::env::temp_dir().join(format!(
         "rtrs-rnbd-{}-{}.img",
@@ -414,19 +414,7 @@ pub fn rnbd_over_rtrs<B: Backend>() {
         Export::parse(&format!("disk0=file:{}", file.display())).unwrap(),
     ];
     let scfg = cfg(true);
-    let rnbd = RnbdServer::new(exports, scfg.max_io_size());
-    let (r2, r3) = (rnbd.clone(), rnbd.clone());
-    let srv = TestServer::start_with(
-        B::fabric(),
-        std::slice::from_ref(&a),
-        scfg,
-        move |info: &rtrs_poll::srv::ConInfo| r2.handler(info),
-        move |c| {
-            if c.session_ended {
-                r3.session_ended(&c.paths_uuid);
-            }
-        },
-    );
+    let (srv, rnbd) = TestServer::rnbd(B::fabric(), std::slice::from_ref(&a), scfg, exports);
     let mut c = TestClient::open(&B::fabric(), vec![a.clone()], "rnbd-clt");
     let mut rn = RnbdClient::new(&c.clt, c.core.submitter().unwrap());
     assert_eq!(rn.sess_info(&mut || spin(&mut c.core)).unwrap(), 2);
@@ -613,12 +601,7 @@ pub fn peer_killed_mid_io<B: Backend>(child_test: &str) {
     let mut child = spawn_child(&a, child_test);
     let mut c = TestClient::open(&B::fabric(), vec![a], "clt-killed");
     for i in 0..32u64 {
-        let mut p = c.core.get_permit().unwrap();
-        c.core.buf(&mut p)[..4096].copy_from_slice(&pattern(i, 4096));
-        c.core
-            .write(p, &usr(OP_IO, i * 4096), 4096, i, Instant::now())
-            .map_err(|(_, e)| e)
-            .unwrap();
+        c.submit_write(i, i * 4096);
     }
     let _ = child.0.kill();
     let _ = child.0.wait();

@@ -184,12 +184,7 @@ pub fn cut_path_fails_over_and_comes_back<W: Wrapped>() {
     let cut = faults.link(&a);
     cut_link(&cut);
     for i in 0..32u64 {
-        let mut p = c.core.get_permit().unwrap();
-        c.core.buf(&mut p)[..4096].copy_from_slice(&pattern(i, 4096));
-        c.core
-            .write(p, &usr(OP_IO, i * 4096), 4096, i, Instant::now())
-            .map_err(|(_, e)| e)
-            .unwrap();
+        c.submit_write(i, i * 4096);
     }
     let done = c.wait(32);
     let mut tags: Vec<u64> = done.iter().map(|d| d.tag).collect();

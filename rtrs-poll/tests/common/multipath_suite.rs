@@ -132,24 +132,14 @@ pub fn add_and_remove_paths_at_runtime<B: Backend>() {
 
 pub fn session_lost_and_back_reopens_rnbd_devices<B: Backend>() {
     use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
-    use rtrs_poll::rnbd::{clt as rc, Export, RnbdClient, RnbdEvent, RnbdServer};
+    use rtrs_poll::rnbd::{clt as rc, Export, RnbdClient, RnbdEvent};
     let a = B::addr();
     let scfg = cfg(true);
-    let rnbd = RnbdServer::new(
-        vec![Export::ram("ram0", 1 << 20).unwrap()],
-        scfg.max_io_size(),
-    );
-    let (r2, r3) = (rnbd.clone(), rnbd.clone());
-    let _srv = TestServer::start_with(
+    let (_srv, rnbd) = TestServer::rnbd(
         B::fabric(),
         std::slice::from_ref(&a),
         scfg,
-        move |info: &rtrs_poll::srv::ConInfo| r2.handler(info),
-        move |c| {
-            if c.session_ended {
-                r3.session_ended(&c.paths_uuid);
-            }
-        },
+        vec![Export::ram("ram0", 1 << 20).unwrap()],
     );
     let mut cc = CltConfig::new("clt-lost", vec![a]);
     quick_reconnect(&mut cc);
