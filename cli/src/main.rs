@@ -57,6 +57,108 @@ struct ServeArgs {
     /// A housekeeping CPU for the control thread (default: unpinned).
     #[arg(long)]
     control_cpu: Option<usize>,
+    #[command(flatten)]
+    access: AccessArgs,
+}
+
+/// Who may connect, and how much they may take.
+#[derive(clap::Args, Debug)]
+struct AccessArgs {
+    /// Source networks that may connect, e.g. 10.0.0.0/8,192.168.1.7/32
+    /// (default: any).
+    #[arg(long, value_delimiter = ',')]
+    allow: Vec<ipnet::IpNet>,
+    /// Serve a non-loopback tcp address with no access rule (--allow): any
+    /// host that reaches the port may open any export.
+    #[arg(long)]
+    insecure: bool,
+    /// Sessions in all.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_sessions: u64,
+    /// Sessions from one source host.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_sessions_per_host: u64,
+    /// Paths of one session (the kernel's limit: 128).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=128))]
+    max_paths_per_session: u64,
+    /// Connections of one source host still in their handshake.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_handshakes_per_host: u64,
+    /// Seconds a path may take to finish its handshake.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    handshake_timeout: u64,
+    /// Chunk memory all sessions may hold (e.g. 4G; default: a quarter of
+    /// the host's memory).
+    #[arg(long, value_parser = parse_bytes)]
+    memory_budget: Option<u64>,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+        Some((i, 't' | 'T')) => (&t[..i], 1 << 40),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("bad size {s:?}: expected e.g. 512M, 4G"))
+}
+
+impl AccessArgs {
+    fn limits(&self) -> rtrs_poll::srv::Limits {
+        let d = rtrs_poll::srv::Limits::default();
+        rtrs_poll::srv::Limits {
+            allow: self.allow.clone(),
+            max_sessions: self.max_sessions as usize,
+            max_sessions_per_host: self.max_sessions_per_host as usize,
+            max_paths_per_session: self.max_paths_per_session as usize,
+            max_handshakes_per_host: self.max_handshakes_per_host as usize,
+            handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout),
+            memory_budget: self.memory_budget.unwrap_or(d.memory_budget),
+        }
+    }
+
+    /// A tcp listener that other hosts reach needs an access rule, or
+    /// --insecure said out loud.
+    fn check(&self, listen: &[Address]) -> Result<(), String> {
+        let open: Vec<String> = listen
+            .iter()
+            .filter(|a| match a {
+                Address::Tcp { host, .. } => !is_loopback(host),
+                _ => false,
+            })
+            .map(|a| a.to_string())
+            .collect();
+        if open.is_empty() || !self.allow.is_empty() {
+            return Ok(());
+        }
+        if !self.insecure {
+            return Err(format!(
+                "{} is reachable by other hosts and has no access rule: give --allow NETWORKS, \
+                 or --insecure to serve it to any host",
+                open.join(",")
+            ));
+        }
+        eprintln!(
+            "rtrs serve: INSECURE: {} accepts any host that reaches it (no --allow)",
+            open.join(",")
+        );
+        Ok(())
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn on_off(s: &str) -> Result<bool, String> {
@@ -75,8 +177,10 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         hb_interval: std::time::Duration::from_millis(a.hb_interval_ms),
         hb_missed_max: a.hb_missed,
         control_cpu: a.control_cpu,
+        limits: a.access.limits(),
     };
     cfg.layout().map_err(|e| e.to_string())?;
+    a.access.check(&a.listen)?;
     let exports = a
         .exports
         .iter()

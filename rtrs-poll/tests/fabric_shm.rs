@@ -27,3 +27,4 @@ impl common::conformance::Backend for Shm {
 conformance_tests!(Shm);
 engine_tests!(Shm);
 multipath_tests!(Shm);
+admission_tests!(Shm);

@@ -30,6 +30,7 @@ impl common::conformance::Backend for Tcp {
 conformance_tests!(Tcp);
 engine_tests!(Tcp);
 multipath_tests!(Tcp);
+admission_tests!(Tcp);
 
 /// Small buffers and pieces, so every message streams in many pieces and
 /// sends and receives come back partial.
@@ -247,4 +248,10 @@ fn region_deregistered_under_a_streaming_write() {
         pattern(len, 7)[len - 16..].to_vec(),
         "the tail never landed"
     );
+}
+
+/// The allowlist needs source IPs: tcp.
+#[test]
+fn admission_allowlist() {
+    common::admission_suite::allowlist::<Tcp>();
 }

@@ -11,7 +11,7 @@
 
 use super::con::{SrvCon, RKEY_RSP_LEN};
 use super::path::{PathState, SrvPath};
-use super::{ClosedPath, ConInfo, Handler, Place, SrvConfig, SrvError, SrvEvent};
+use super::{ClosedPath, ConInfo, Handler, Place, Refusal, SrvConfig, SrvError, SrvEvent};
 use crate::fabric::{memory, Access, Address, Cm, CmEvent, ConnId, Fabric, Mr, Pd, QpCap};
 use crate::proto::imm::ImmLayout;
 use crate::proto::{
@@ -39,7 +39,7 @@ pub(crate) enum SrvMsg {
 pub(crate) struct Shared<F: Fabric> {
     pub(crate) paths: Mutex<Vec<Arc<SrvPath<F>>>>,
     pub(crate) subs: Mutex<Vec<std::sync::mpsc::Sender<SrvEvent>>>,
-    pub(crate) refused: std::sync::atomic::AtomicU64,
+    pub(crate) counters: Arc<super::SrvCounters>,
 }
 
 impl<F: Fabric> Default for Shared<F> {
@@ -47,12 +47,16 @@ impl<F: Fabric> Default for Shared<F> {
         Shared {
             paths: Mutex::new(Vec::new()),
             subs: Mutex::new(Vec::new()),
-            refused: std::sync::atomic::AtomicU64::new(0),
+            counters: Arc::default(),
         }
     }
 }
 
 struct Sess<F: Fabric> {
+    /// The source host of the connect that made it.
+    host: String,
+    /// Chunk memory it holds (bytes), under the memory budget.
+    bytes: u64,
     mem: Arc<dyn crate::fabric::Memory>,
     /// The session's chunks, claimed one request at a time.
     chunks: Arc<mempool::Claims>,
@@ -126,15 +130,52 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         }
     }
 
-    fn refuse(&mut self, peer: &str, errno: i32, why: String) {
-        self.shared
-            .refused
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn refuse(&mut self, peer: &str, r: Refused) {
+        self.shared.counters.refused(r.kind);
         self.emit(SrvEvent::Refused {
             peer: peer.to_string(),
-            errno: -errno,
-            why,
+            kind: r.kind,
+            errno: -r.errno,
+            why: r.why,
         });
+    }
+
+    fn publish_sessions(&self) {
+        let bytes = self.sessions.values().map(|s| s.bytes).sum();
+        self.shared
+            .counters
+            .set_sessions(self.sessions.len(), bytes);
+    }
+
+    /// Connections of `host` in paths still in their handshake.
+    fn handshakes_of(&self, host: &str) -> usize {
+        self.cons
+            .values()
+            .filter(|c| {
+                self.sessions
+                    .get(&c.paths_uuid)
+                    .and_then(|s| s.paths.get(c.path))
+                    .is_some_and(|p| p.state() == PathState::Connecting && host_of(&p.peer) == host)
+            })
+            .count()
+    }
+
+    /// Paths that did not finish their handshake in time are closed (their
+    /// session, and its memory, go with its last path).
+    fn reap_handshakes(&mut self, now: Instant) {
+        let limit = self.cfg.limits.handshake_timeout;
+        for s in self.sessions.values() {
+            for p in &s.paths {
+                if p.state() == PathState::Connecting
+                    && now.saturating_duration_since(p.born) > limit
+                {
+                    p.close(DownReason::Timeout {
+                        cid: 0,
+                        step: crate::sess::Step::Info,
+                    });
+                }
+            }
+        }
     }
 
     /// One pass: CM events (the first waited for up to `wait`), cid 0 of
@@ -171,6 +212,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                 newly_up.push(con.path.clone());
             }
         }
+        self.reap_handshakes(now);
         for p in newly_up {
             self.emit(SrvEvent::PathUp {
                 sessname: p.sessname().unwrap_or("?").to_string(),
@@ -201,15 +243,15 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                 private_data,
                 peer,
             } => {
-                if let Err((errno, why)) =
-                    self.on_connect(id, listener, private_data.as_bytes(), &peer)
-                {
+                if let Err(r) = self.on_connect(id, listener, private_data.as_bytes(), &peer) {
                     let mut rsp = [0u8; PRIVATE_DATA_LEN];
-                    let _ = ConnRspRepr::reject(-(errno as i16)).emit(&mut rsp);
+                    if let Err(e) = ConnRspRepr::reject(-(r.errno as i16)).emit(&mut rsp) {
+                        tracing::warn!("reject {peer}: {e}");
+                    }
                     if let Err(e) = self.cm.reject(id, &rsp) {
                         tracing::warn!("reject {peer}: {e}");
                     }
-                    self.refuse(&peer, errno, why);
+                    self.refuse(&peer, r);
                 }
             }
             CmEvent::Disconnected { id } => {
@@ -227,42 +269,122 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         self.sessions.get(&r.paths_uuid)?.paths.get(r.path).cloned()
     }
 
-    /// Spec §4.3, in order. Err is the (positive) errno of the reject and
-    /// why (the caller logs and counts it once).
+    /// The access rules and limits, then spec §4.3 in order, each refusal
+    /// with its errno, kind and why (the caller logs and counts it once).
     fn on_connect(
         &mut self,
         id: ConnId,
         listener: ConnId,
         pd: &[u8],
         peer: &str,
-    ) -> Result<(), (i32, String)> {
+    ) -> Result<(), Refused> {
+        let host = host_of(peer).to_string();
+        let limits = &self.cfg.limits;
+        if !limits.allow.is_empty() {
+            // shm peers are local processes: the segment's permissions
+            // guard them, not source networks.
+            let ok = match ip_of(&host) {
+                Some(ip) => limits.allows(ip),
+                None => peer.starts_with("shm:"),
+            };
+            if !ok {
+                return Err(refused(
+                    Refusal::Access,
+                    libc::EACCES,
+                    "not in the allowlist",
+                ));
+            }
+        }
         let req = match ConnReq::new_checked(pd) {
             Ok(v) => ConnReqRepr::parse(&v),
-            Err(e) => return Err((libc::ECONNRESET, format!("CON_REQ: {e}"))),
+            Err(e) => {
+                return Err(refused(
+                    Refusal::Protocol,
+                    libc::ECONNRESET,
+                    format!("CON_REQ: {e}"),
+                ))
+            }
         };
+        if self.handshakes_of(&host) >= limits.max_handshakes_per_host {
+            return Err(refused(
+                Refusal::Handshakes,
+                libc::EBUSY,
+                format!(
+                    "{} connections of this host in handshakes",
+                    limits.max_handshakes_per_host
+                ),
+            ));
+        }
         if !self.sessions.contains_key(&req.paths_uuid) {
             if !req.first_conn {
-                return Err((libc::ENXIO, "no such session and not first_conn".into()));
+                return Err(refused(
+                    Refusal::Protocol,
+                    libc::ENXIO,
+                    "no such session and not first_conn",
+                ));
+            }
+            if self.sessions.len() >= limits.max_sessions {
+                return Err(refused(
+                    Refusal::Sessions,
+                    libc::ENOMEM,
+                    format!("{} sessions already", limits.max_sessions),
+                ));
+            }
+            let of_host = self.sessions.values().filter(|s| s.host == host).count();
+            if of_host >= limits.max_sessions_per_host {
+                return Err(refused(
+                    Refusal::SessionsPerHost,
+                    libc::ENOMEM,
+                    format!("{of_host} sessions of this host already"),
+                ));
             }
             let (qd, cs) = (self.cfg.queue_depth, self.cfg.max_chunk_size as usize);
-            let region = mempool::Region::shareable(usize::from(qd) * cs)
+            let bytes = usize::from(qd) * cs;
+            let held: u64 = self.sessions.values().map(|s| s.bytes).sum();
+            if held + bytes as u64 > limits.memory_budget {
+                return Err(refused(
+                    Refusal::Memory,
+                    libc::ENOMEM,
+                    format!(
+                        "the memory budget ({} MiB) has {} MiB left, a session takes {} MiB",
+                        limits.memory_budget >> 20,
+                        limits.memory_budget.saturating_sub(held) >> 20,
+                        bytes >> 20
+                    ),
+                ));
+            }
+            let region = mempool::Region::shareable(bytes)
                 .map(Arc::new)
-                .map_err(|e| (libc::ENOMEM, format!("session chunks: {e}")))?;
-            let chunks = mempool::Claims::new(region.clone(), cs, qd.into())
-                .map_err(|e| (libc::ENOMEM, format!("session chunks: {e}")))?;
+                .map_err(|e| {
+                    refused(
+                        Refusal::Memory,
+                        libc::ENOMEM,
+                        format!("session chunks: {e}"),
+                    )
+                })?;
+            let chunks = mempool::Claims::new(region.clone(), cs, qd.into()).map_err(|e| {
+                refused(
+                    Refusal::Memory,
+                    libc::ENOMEM,
+                    format!("session chunks: {e}"),
+                )
+            })?;
             self.sessions.insert(
                 req.paths_uuid,
                 Sess {
+                    host: host.clone(),
+                    bytes: bytes as u64,
                     mem: region,
                     chunks: Arc::new(chunks),
                     paths: Vec::new(),
                 },
             );
+            self.publish_sessions();
         }
         let sess = self
             .sessions
             .get_mut(&req.paths_uuid)
-            .ok_or((libc::ENXIO, "no such session".to_string()))?;
+            .ok_or_else(|| refused(Refusal::Protocol, libc::ENXIO, "no such session"))?;
         let live = sess
             .paths
             .iter()
@@ -271,7 +393,8 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             Some(i) => {
                 let p = sess.paths[i].clone();
                 if p.state() != PathState::Connecting || p.cid_num != req.cid_num {
-                    return Err((
+                    return Err(refused(
+                        Refusal::Protocol,
                         libc::ECONNRESET,
                         format!("path exists and is {:?}", p.state()),
                     ));
@@ -282,7 +405,8 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                     .values()
                     .any(|c| c.paths_uuid == req.paths_uuid && c.path == i && c.cid == req.cid)
                 {
-                    return Err((
+                    return Err(refused(
+                        Refusal::Protocol,
                         libc::ECONNRESET,
                         format!("cid {} already connected", req.cid),
                     ));
@@ -291,8 +415,13 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             }
             None => {
                 let alive = sess.paths.iter().filter(|p| p.state() < PathState::Closing);
-                if alive.clone().count() >= MAX_PATHS_NUM {
-                    return Err((libc::ECONNRESET, "the session has 128 paths".into()));
+                let most = self.cfg.limits.max_paths_per_session.min(MAX_PATHS_NUM);
+                if alive.clone().count() >= most {
+                    return Err(refused(
+                        Refusal::Paths,
+                        libc::ECONNRESET,
+                        format!("the session has {most} paths"),
+                    ));
                 }
                 // The kernel refuses a second path between the same two
                 // addresses (client host, server address; ports ignored).
@@ -300,19 +429,31 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                     .clone()
                     .any(|p| p.listener == listener && host_of(&p.peer) == host_of(peer))
                 {
-                    return Err((libc::EEXIST, "a path from this address exists".into()));
+                    return Err(refused(
+                        Refusal::Duplicate,
+                        libc::EEXIST,
+                        "a path from this address exists",
+                    ));
                 }
                 // The path's PD is on its listener's device (each link's
                 // own, where a host has several).
                 let pd = match self.listeners.get(&listener) {
-                    Some(a) => self
-                        .pd
-                        .for_address(a, true)
-                        .map_err(|e| (libc::ENODEV, format!("the device of {a}: {e}")))?,
+                    Some(a) => self.pd.for_address(a, true).map_err(|e| {
+                        refused(
+                            Refusal::Protocol,
+                            libc::ENODEV,
+                            format!("the device of {a}: {e}"),
+                        )
+                    })?,
                     None => self.pd.clone(),
                 };
-                let mrs = register::<F>(&pd, &self.cfg, &sess.mem)
-                    .map_err(|e| (libc::ENOMEM, format!("registering chunks: {e}")))?;
+                let mrs = register::<F>(&pd, &self.cfg, &sess.mem).map_err(|e| {
+                    refused(
+                        Refusal::Memory,
+                        libc::ENOMEM,
+                        format!("registering chunks: {e}"),
+                    )
+                })?;
                 let p = Arc::new(SrvPath::new(
                     req.sess_uuid,
                     req.paths_uuid,
@@ -337,7 +478,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         let mut con = self.create_con(&path, req.cid).map_err(|e| {
             let what = format!("cannot create the connection: {e}");
             path.close(local(what.clone()));
-            (libc::ENOMEM, what)
+            refused(Refusal::Memory, libc::ENOMEM, what)
         })?;
         let rsp = ConnRspRepr {
             errno: 0,
@@ -348,16 +489,16 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         };
         let mut buf = [0u8; PRIVATE_DATA_LEN];
         rsp.emit(&mut buf)
-            .map_err(|e| (libc::EINVAL, format!("CON_RSP: {e}")))?;
+            .map_err(|e| refused(Refusal::Protocol, libc::EINVAL, format!("CON_RSP: {e}")))?;
         if let Err(e) = con.post_initial_recvs() {
             let what = format!("cannot post receives: {e}");
             path.close(local(what.clone()));
-            return Err((libc::ENOMEM, what));
+            return Err(refused(Refusal::Memory, libc::ENOMEM, what));
         }
         if let Err(e) = self.cm.accept(id, con.qp(), &buf) {
             let what = format!("accept failed: {e}");
             path.close(local(what.clone()));
-            return Err((libc::ECONNRESET, what));
+            return Err(refused(Refusal::Protocol, libc::ECONNRESET, what));
         }
         path.con_created();
         self.cons.insert(
@@ -482,6 +623,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         }
         if !closed.is_empty() {
             self.publish_paths();
+            self.publish_sessions();
         }
         for c in closed {
             self.emit(SrvEvent::PathClosed(c));
@@ -551,6 +693,30 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
     }
 }
 
+/// Why a connect request is refused.
+pub(crate) struct Refused {
+    kind: Refusal,
+    /// Positive.
+    errno: i32,
+    why: String,
+}
+
+fn refused(kind: Refusal, errno: i32, why: impl Into<String>) -> Refused {
+    Refused {
+        kind,
+        errno,
+        why: why.into(),
+    }
+}
+
+/// The IP of a host part ("tcp:1.2.3.4", "rdma:[::1]"); none for shm.
+fn ip_of(host: &str) -> Option<std::net::IpAddr> {
+    let h = host
+        .strip_prefix("tcp:")
+        .or_else(|| host.strip_prefix("rdma:"))?;
+    h.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
 /// MRs over the session's chunks for a new path: one per chunk with
 /// always_invalidate, else one over them all. Each key is bumped once before
 /// first use, as the kernel does.
@@ -582,5 +748,27 @@ fn host_of(peer: &str) -> &str {
     match peer.rsplit_once(':') {
         Some((h, _)) if ip => h,
         _ => peer,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_hosts_and_ips() {
+        assert_eq!(host_of("tcp:127.0.0.1:5000"), "tcp:127.0.0.1");
+        assert_eq!(ip_of("tcp:127.0.0.1"), "127.0.0.1".parse().ok());
+        assert_eq!(ip_of(host_of("rdma:[::1]:1234")), "::1".parse().ok());
+        assert_eq!(ip_of(host_of("shm:x@pid7")), None);
+        let l = super::super::Limits {
+            allow: vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "127.0.0.0/8".parse().unwrap(),
+            ],
+            ..Default::default()
+        };
+        assert!(l.allows("127.0.0.1".parse().unwrap()));
+        assert!(!l.allows("192.168.0.1".parse().unwrap()));
     }
 }

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Server settings (the kernel module's parameters).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SrvConfig {
     /// Chunks per session (`sess_queue_depth`).
     pub queue_depth: u16,
@@ -47,6 +47,156 @@ pub struct SrvConfig {
     pub hb_missed_max: u32,
     /// A housekeeping CPU for the control thread; `None`: unpinned.
     pub control_cpu: Option<usize>,
+    /// Who may connect and how much they may take.
+    pub limits: Limits,
+}
+
+/// Admission limits and access rules of a server: checked at each connect
+/// request, before anything is allocated. Each refusal answers with the
+/// errno shown, is logged once with its reason and counted
+/// ([`Server::refusals`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Source networks that may connect (empty: any). Checked first:
+    /// -EACCES.
+    pub allow: Vec<ipnet::IpNet>,
+    /// Sessions in all (-ENOMEM beyond).
+    pub max_sessions: usize,
+    /// Sessions from one source host (-ENOMEM beyond).
+    pub max_sessions_per_host: usize,
+    /// Paths of one session (the kernel's 128 at most; -ECONNRESET beyond,
+    /// as the kernel's).
+    pub max_paths_per_session: usize,
+    /// Connections of one source host in paths that have not finished
+    /// their handshake (-EBUSY beyond).
+    pub max_handshakes_per_host: usize,
+    /// A path must finish its handshake (every cid, then INFO_REQ) in this
+    /// long; else it is torn down, and its session with its memory when it
+    /// was the last.
+    pub handshake_timeout: Duration,
+    /// Chunk memory of all sessions (queue_depth x max_chunk_size each),
+    /// checked before a session is allocated (-ENOMEM beyond).
+    pub memory_budget: u64,
+}
+
+impl Default for Limits {
+    /// Room for a few hundred kernel-sized sessions, on a quarter of the
+    /// host's memory at most.
+    fn default() -> Limits {
+        Limits {
+            allow: Vec::new(),
+            max_sessions: 256,
+            max_sessions_per_host: 16,
+            max_paths_per_session: crate::proto::MAX_PATHS_NUM,
+            max_handshakes_per_host: 256,
+            handshake_timeout: Duration::from_secs(30),
+            memory_budget: default_memory_budget(),
+        }
+    }
+}
+
+/// A quarter of the host's memory (16 GiB when it cannot be read).
+fn default_memory_budget() -> u64 {
+    // SAFETY: sysconf only reads system values.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && size > 0 {
+        pages as u64 * size as u64 / 4
+    } else {
+        16 << 30
+    }
+}
+
+impl Limits {
+    /// Whether `ip` may connect.
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// The server's counters, kept by its control thread.
+#[derive(Debug, Default)]
+pub struct SrvCounters {
+    refused: std::sync::atomic::AtomicU64,
+    refusals: std::sync::Mutex<std::collections::BTreeMap<Refusal, u64>>,
+    sessions: std::sync::atomic::AtomicU64,
+    memory: std::sync::atomic::AtomicU64,
+}
+
+impl SrvCounters {
+    pub(crate) fn refused(&self, kind: Refusal) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut m) = self.refusals.lock() {
+            *m.entry(kind).or_default() += 1;
+        }
+    }
+
+    pub(crate) fn set_sessions(&self, n: usize, bytes: u64) {
+        self.sessions.store(n as u64, Ordering::Relaxed);
+        self.memory.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Connect requests refused so far.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Connect requests refused so far, by what for.
+    pub fn refusals(&self) -> Vec<(Refusal, u64)> {
+        self.refusals
+            .lock()
+            .map(|m| m.iter().map(|(k, n)| (*k, *n)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Sessions now, and the chunk memory they hold (bytes).
+    pub fn sessions(&self) -> (usize, u64) {
+        (
+            self.sessions.load(Ordering::Relaxed) as usize,
+            self.memory.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// What a refusal was for (counted per kind: [`SrvCounters::refusals`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Refusal {
+    /// The source is not in the allowlist.
+    Access,
+    /// A malformed or out-of-order connect request (the kernel's checks).
+    Protocol,
+    /// Too many sessions in all.
+    Sessions,
+    /// Too many sessions from this host.
+    SessionsPerHost,
+    /// Too many paths in the session.
+    Paths,
+    /// Too many connections of this host in handshakes.
+    Handshakes,
+    /// The memory budget (or the system) has no room for the session.
+    Memory,
+    /// A path between these addresses exists (-EEXIST).
+    Duplicate,
+}
+
+impl Refusal {
+    /// A short stable name, for counters and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Access => "access",
+            Refusal::Protocol => "protocol",
+            Refusal::Sessions => "sessions",
+            Refusal::SessionsPerHost => "sessions_per_host",
+            Refusal::Paths => "paths",
+            Refusal::Handshakes => "handshakes",
+            Refusal::Memory => "memory",
+            Refusal::Duplicate => "duplicate",
+        }
+    }
 }
 
 impl Default for SrvConfig {
@@ -58,6 +208,7 @@ impl Default for SrvConfig {
             hb_interval: crate::sess::hb::HB_INTERVAL,
             hb_missed_max: crate::sess::hb::HB_MISSED_MAX,
             control_cpu: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -253,10 +404,12 @@ pub enum SrvEvent {
     },
     /// A path closed.
     PathClosed(ClosedPath),
-    /// A connect request was refused (also counted: [`Server::refused`]).
+    /// A connect request was refused (also counted: [`Server::counters`]).
     Refused {
         /// The client's address.
         peer: String,
+        /// What for.
+        kind: Refusal,
         /// The reject's errno (negative).
         errno: i32,
         /// Why.
@@ -282,9 +435,16 @@ impl std::fmt::Display for SrvEvent {
                     ""
                 }
             ),
-            SrvEvent::Refused { peer, errno, why } => {
-                write!(f, "connect from {peer} refused ({errno}): {why}")
-            }
+            SrvEvent::Refused {
+                peer,
+                kind,
+                errno,
+                why,
+            } => write!(
+                f,
+                "connect from {peer} refused ({}, {errno}): {why}",
+                kind.name()
+            ),
         }
     }
 }
@@ -329,7 +489,7 @@ impl<F: Fabric, H: Handler> Server<F, H> {
             pd,
             cm,
             (lid, addr.clone()),
-            cfg,
+            cfg.clone(),
             layout,
             Box::new(make_handler),
             place,
@@ -392,9 +552,10 @@ impl<F: Fabric, H: Handler> Server<F, H> {
             .unwrap_or_default()
     }
 
-    /// Connect requests refused so far.
-    pub fn refused(&self) -> u64 {
-        self.shared.refused.load(Ordering::Relaxed)
+    /// The server's counters (refusals by kind, sessions and their
+    /// memory), readable from any thread for as long as it is held.
+    pub fn counters(&self) -> Arc<SrvCounters> {
+        self.shared.counters.clone()
     }
 
     /// Closes every path and stops the control thread.

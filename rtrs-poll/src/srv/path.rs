@@ -135,6 +135,8 @@ pub struct SrvPath<F: Fabric> {
     /// One MR per chunk (always_invalidate) or one over all chunks.
     pub(crate) mrs: Vec<F::Mr>,
     state: AtomicU8,
+    /// When its first connection came (its handshake's deadline starts).
+    pub(crate) born: minstant::Instant,
     reason: OnceLock<DownReason>,
     sessname: OnceLock<String>,
     created: AtomicU32,
@@ -184,6 +186,7 @@ impl<F: Fabric> SrvPath<F> {
             pd,
             mrs,
             state: AtomicU8::new(PathState::Connecting as u8),
+            born: minstant::Instant::now(),
             reason: OnceLock::new(),
             sessname: OnceLock::new(),
             created: AtomicU32::new(0),

@@ -73,6 +73,7 @@ pub struct TestServer {
     pub pause: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Vec<ClosedPath>>>,
     closed: Arc<Mutex<Vec<ClosedPath>>>,
+    counters: Arc<rtrs_poll::srv::SrvCounters>,
     pub disk: Arc<Mutex<Vec<u8>>>,
 }
 
@@ -137,7 +138,7 @@ impl TestServer {
                 }
             })
             .unwrap();
-            ready_tx.send(()).unwrap();
+            ready_tx.send(srv.counters()).unwrap();
             while !s.load(Ordering::Relaxed) {
                 if paused.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(1));
@@ -154,14 +155,25 @@ impl TestServer {
             let closed = cl.lock().unwrap().clone();
             closed
         });
-        ready_rx.recv().unwrap();
+        let counters = ready_rx.recv().unwrap();
         TestServer {
+            counters,
             stop,
             pause,
             thread: Some(thread),
             closed,
             disk,
         }
+    }
+
+    /// The server's refusals so far, by kind.
+    pub fn refusals(&self) -> Vec<(rtrs_poll::srv::Refusal, u64)> {
+        self.counters.refusals()
+    }
+
+    /// Sessions now, and their chunk memory.
+    pub fn sessions(&self) -> (usize, u64) {
+        self.counters.sessions()
     }
 
     /// The paths closed so far, with reasons.

@@ -641,7 +641,7 @@ pub fn peer_killed_mid_io<B: Backend>(child_test: &str) {
 // ---------------------------------------------------------------- hostile
 
 /// A raw RTRS client on the fabric API: cid 0 only, so it can send anything.
-struct Raw<F: Fabric> {
+pub struct Raw<F: Fabric> {
     cm: F::Cm,
     qp: F::Qp,
     cq: F::Cq,
@@ -655,7 +655,7 @@ const RAW_QD: u16 = 32;
 
 impl<F: Fabric> Raw<F> {
     /// Connects with conn_req `req`; returns the CM's answer as an errno.
-    fn connect(fab: &F, addr: &Address, req: &[u8]) -> (Option<Raw<F>>, i32) {
+    pub fn connect(fab: &F, addr: &Address, req: &[u8]) -> (Option<Raw<F>>, i32) {
         let pd = fab.alloc_pd().unwrap();
         let mut cm = fab.create_cm().unwrap();
         let cq = pd.create_cq(256).unwrap();
@@ -756,7 +756,8 @@ impl<F: Fabric> Raw<F> {
     }
 }
 
-fn req_bytes(cid: u16, cid_num: u16, first: bool, seed: u8) -> [u8; 56] {
+/// A conn_req of a session and path named by `seed`.
+pub fn req_bytes(cid: u16, cid_num: u16, first: bool, seed: u8) -> [u8; 56] {
     let mut b = [0u8; 56];
     ConnReqRepr {
         cid,

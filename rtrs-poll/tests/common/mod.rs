@@ -2,6 +2,7 @@
 //! conformance suite every backend runs.
 #![allow(dead_code)]
 
+pub mod admission_suite;
 pub mod conformance;
 pub mod engine;
 pub mod engine_suite;

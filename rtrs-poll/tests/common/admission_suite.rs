@@ -1,0 +1,241 @@
+//! Admission limits and access rules of the server (`srv::Limits`), run by
+//! `admission_tests!`: each limit refuses with its errno, counts the
+//! refusal by kind, and lets a well-behaved client in beside it; a path
+//! that never finishes its handshake is torn down with its session's
+//! memory.
+
+use super::conformance::Backend;
+use super::engine::*;
+use super::engine_suite::{cfg, req_bytes, Raw};
+use minstant::Instant;
+use rtrs_poll::clt::{Client, CltConfig, CltError};
+use rtrs_poll::fabric::Address;
+use rtrs_poll::sess::DownReason;
+use rtrs_poll::srv::{Limits, Refusal, SrvConfig};
+use std::time::Duration;
+
+fn srv_with(limits: Limits) -> SrvConfig {
+    SrvConfig {
+        limits,
+        ..cfg(true)
+    }
+}
+
+/// Opens a one-path client; the errno of a refusal.
+fn open<B: Backend>(addr: &Address, name: &str) -> Result<TestClient<B::F>, i32> {
+    let mut cc = CltConfig::new(name, vec![addr.clone()]);
+    cc.connect_timeout = Duration::from_secs(10);
+    match Client::open(&B::fabric(), cc) {
+        Ok((clt, mut cores)) => Ok(TestClient {
+            clt,
+            core: cores.pop().unwrap(),
+        }),
+        Err(CltError::PathDown {
+            reason: DownReason::Rejected { errno, .. },
+            ..
+        }) => Err(errno),
+        Err(e) => panic!("{name}: {e}"),
+    }
+}
+
+/// Waits until `f` holds (10 s at most).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn count(srv: &TestServer, kind: Refusal) -> u64 {
+    srv.refusals()
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or(0, |(_, n)| *n)
+}
+
+/// The allowlist: a source outside it is refused before anything else
+/// (-EACCES); one inside is served. (An IP fabric: tcp here.)
+pub fn allowlist<B: Backend>() {
+    let a = B::addr();
+    let outside = Limits {
+        allow: vec!["10.0.0.0/8".parse().unwrap()],
+        ..Limits::default()
+    };
+    let srv = TestServer::start(
+        B::fabric(),
+        std::slice::from_ref(&a),
+        srv_with(outside),
+        1 << 16,
+    );
+    assert_eq!(open::<B>(&a, "clt-outside").err(), Some(-libc::EACCES));
+    assert_eq!(count(&srv, Refusal::Access), 1);
+    assert_eq!(srv.sessions(), (0, 0), "nothing was allocated for it");
+    drop(srv);
+    let a = B::addr();
+    let inside = Limits {
+        allow: vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "127.0.0.0/8".parse().unwrap(),
+        ],
+        ..Limits::default()
+    };
+    let _srv = TestServer::start(
+        B::fabric(),
+        std::slice::from_ref(&a),
+        srv_with(inside),
+        1 << 16,
+    );
+    let mut c = open::<B>(&a, "clt-inside").unwrap();
+    assert_eq!(c.write(0, &[1; 512]), 0);
+}
+
+/// Sessions from one host, sessions in all, and the memory budget.
+pub fn session_and_memory_limits<B: Backend>() {
+    let a = B::addr();
+    let per_session = u64::from(cfg(true).queue_depth) * u64::from(cfg(true).max_chunk_size);
+    let limits = Limits {
+        max_sessions_per_host: 2,
+        ..Limits::default()
+    };
+    let srv = TestServer::start(
+        B::fabric(),
+        std::slice::from_ref(&a),
+        srv_with(limits),
+        1 << 16,
+    );
+    let mut one = open::<B>(&a, "clt-1").unwrap();
+    let two = open::<B>(&a, "clt-2").unwrap();
+    assert_eq!(srv.sessions(), (2, 2 * per_session));
+    assert_eq!(open::<B>(&a, "clt-3").err(), Some(-libc::ENOMEM));
+    assert_eq!(count(&srv, Refusal::SessionsPerHost), 1);
+    assert_eq!(one.write(0, &[1; 512]), 0, "the others go on");
+    drop(two);
+    eventually("the closed session's memory comes back", || {
+        srv.sessions() == (1, per_session)
+    });
+    let _three = open::<B>(&a, "clt-3").unwrap();
+    drop(srv);
+
+    let a = B::addr();
+    let limits = Limits {
+        memory_budget: per_session + per_session / 2,
+        ..Limits::default()
+    };
+    let srv = TestServer::start(
+        B::fabric(),
+        std::slice::from_ref(&a),
+        srv_with(limits),
+        1 << 16,
+    );
+    let _one = open::<B>(&a, "clt-m1").unwrap();
+    assert_eq!(open::<B>(&a, "clt-m2").err(), Some(-libc::ENOMEM));
+    assert_eq!(count(&srv, Refusal::Memory), 1);
+    drop(srv);
+
+    let a = B::addr();
+    let limits = Limits {
+        max_sessions: 1,
+        ..Limits::default()
+    };
+    let srv = TestServer::start(
+        B::fabric(),
+        std::slice::from_ref(&a),
+        srv_with(limits),
+        1 << 16,
+    );
+    let _one = open::<B>(&a, "clt-s1").unwrap();
+    assert_eq!(open::<B>(&a, "clt-s2").err(), Some(-libc::ENOMEM));
+    assert_eq!(count(&srv, Refusal::Sessions), 1);
+}
+
+/// Handshake squatting: paths that connect cid 0 and say nothing more are
+/// torn down after the handshake timeout, with their sessions' memory;
+/// meanwhile one host's unfinished handshakes are limited (-EBUSY), and a
+/// well-behaved client gets in.
+pub fn handshake_squatters_are_limited_and_torn_down<B: Backend>() {
+    let a = B::addr();
+    let limits = Limits {
+        max_handshakes_per_host: 3,
+        handshake_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let srv = TestServer::start(
+        B::fabric(),
+        std::slice::from_ref(&a),
+        srv_with(limits),
+        1 << 16,
+    );
+    let fab = B::fabric();
+    // Each squatter is its own session: cid 0 of 2, then silence.
+    let mut squatters = Vec::new();
+    for seed in 0..3u8 {
+        let (raw, errno) = Raw::connect(&fab, &a, &req_bytes(0, 2, true, seed));
+        assert_eq!(errno, 0, "squatter {seed} gets in");
+        squatters.push(raw);
+    }
+    let (raw, errno) = Raw::<B::F>::connect(&fab, &a, &req_bytes(0, 2, true, 9));
+    assert!(raw.is_none());
+    assert_eq!(errno, -libc::EBUSY, "a fourth handshake of this host");
+    assert_eq!(count(&srv, Refusal::Handshakes), 1);
+    eventually("the squatters are torn down with their memory", || {
+        srv.sessions() == (0, 0)
+    });
+    let closed = srv.closed();
+    assert_eq!(closed.len(), 3, "{closed:?}");
+    assert!(closed
+        .iter()
+        .all(|c| c.session_ended && matches!(c.reason, DownReason::Timeout { .. })));
+    // The host may handshake again, and a real client finishes in time.
+    let mut good = open::<B>(&a, "clt-good").unwrap();
+    assert_eq!(good.write(0, &[2; 512]), 0);
+    drop(squatters);
+}
+
+/// Paths per session.
+pub fn paths_per_session<B: Backend>() {
+    let (a, b) = (B::addr(), B::addr());
+    let limits = Limits {
+        max_paths_per_session: 1,
+        ..Limits::default()
+    };
+    let srv = TestServer::start(
+        B::fabric(),
+        &[a.clone(), b.clone()],
+        srv_with(limits),
+        1 << 16,
+    );
+    let mut cc = CltConfig::new("clt-paths", vec![a, b]);
+    cc.connect_timeout = Duration::from_secs(10);
+    match Client::open(&B::fabric(), cc) {
+        Err(CltError::PathDown {
+            reason: DownReason::Rejected { errno, .. },
+            ..
+        }) => assert_eq!(errno, -libc::ECONNRESET),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(count(&srv, Refusal::Paths), 1);
+}
+
+#[macro_export]
+macro_rules! admission_tests {
+    ($backend:ty) => {
+        mod admission {
+            use super::*;
+            use $crate::common::admission_suite as ad;
+
+            #[test]
+            fn session_and_memory_limits() {
+                ad::session_and_memory_limits::<$backend>();
+            }
+            #[test]
+            fn handshake_squatters_are_limited_and_torn_down() {
+                ad::handshake_squatters_are_limited_and_torn_down::<$backend>();
+            }
+            #[test]
+            fn paths_per_session() {
+                ad::paths_per_session::<$backend>();
+            }
+        }
+    };
+}
