@@ -91,6 +91,11 @@ struct AccessArgs {
     /// the host's memory).
     #[arg(long, value_parser = parse_bytes)]
     memory_budget: Option<u64>,
+    /// Hugepage memory this server takes at most (e.g. 2G; default: three
+    /// quarters of the host's reserved hugepages); past it, regions come
+    /// from 4 KiB pages (logged once).
+    #[arg(long, value_parser = parse_bytes)]
+    hugepage_limit: Option<u64>,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -181,6 +186,9 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
     };
     cfg.layout().map_err(|e| e.to_string())?;
     a.access.check(&a.listen)?;
+    if let Some(h) = a.access.hugepage_limit {
+        mempool::set_hugepage_limit(h);
+    }
     let exports = a
         .exports
         .iter()

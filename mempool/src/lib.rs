@@ -21,7 +21,7 @@ mod slots;
 mod sync;
 
 pub use pool::{Chunk, ChunkPool, LocalCache, PoolStats, Registrar};
-pub use region::{Region, HUGE_PAGE};
+pub use region::{huge_stats, set_hugepage_limit, HugeStats, Region, HUGE_PAGE};
 pub use slots::{Claim, Claims, Slot, Slots};
 
 /// Errors of this crate.

@@ -7,14 +7,98 @@
 use crate::PoolError;
 use std::alloc::Layout;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
 /// The hugepage size this crate asks for.
 pub const HUGE_PAGE: usize = 2 << 20;
 
 static FALLBACK_LOGGED: Once = Once::new();
+static BUDGET_LOGGED: Once = Once::new();
+
+/// Hugepage bytes this process's regions hold, and how many regions fell
+/// back to 4 KiB pages.
+static HUGE_HELD: AtomicU64 = AtomicU64::new(0);
+static FALLBACKS: AtomicU64 = AtomicU64::new(0);
+/// The most hugepage bytes this process takes (u64::MAX: not set yet).
+static HUGE_LIMIT: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Caps the hugepage bytes this process's regions take; past it, regions
+/// come from 4 KiB pages (logged once, counted). By default three
+/// quarters of the hugepages the host has reserved, so one process never
+/// takes the host's last ones.
+pub fn set_hugepage_limit(bytes: u64) {
+    HUGE_LIMIT.store(bytes, Ordering::Relaxed);
+}
+
+/// Hugepage use of this process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HugeStats {
+    /// Bytes of hugepages its regions hold.
+    pub held: u64,
+    /// The cap.
+    pub limit: u64,
+    /// Regions that came from 4 KiB pages (none reserved, or the cap).
+    pub fallbacks: u64,
+}
+
+/// This process's hugepage use.
+pub fn huge_stats() -> HugeStats {
+    HugeStats {
+        held: HUGE_HELD.load(Ordering::Relaxed),
+        limit: huge_limit(),
+        fallbacks: FALLBACKS.load(Ordering::Relaxed),
+    }
+}
+
+fn huge_limit() -> u64 {
+    let l = HUGE_LIMIT.load(Ordering::Relaxed);
+    if l != u64::MAX {
+        return l;
+    }
+    static DEFAULT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *DEFAULT.get_or_init(|| {
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("HugePages_Total:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        total * HUGE_PAGE as u64 / 4 * 3
+    })
+}
+
+/// Takes `len` hugepage bytes from the cap, if it has room.
+fn take_huge(len: usize) -> bool {
+    let limit = huge_limit();
+    let mut cur = HUGE_HELD.load(Ordering::Relaxed);
+    loop {
+        if cur + len as u64 > limit {
+            BUDGET_LOGGED.call_once(|| {
+                tracing::warn!(
+                    "the hugepage cap ({} MiB) is reached: regions come from 4 KiB pages \
+                     (mempool::set_hugepage_limit)",
+                    limit >> 20
+                )
+            });
+            return false;
+        }
+        match HUGE_HELD.compare_exchange(cur, cur + len as u64, Ordering::AcqRel, Ordering::Relaxed)
+        {
+            Ok(_) => return true,
+            Err(now) => cur = now,
+        }
+    }
+}
+
+fn give_huge(len: usize) {
+    HUGE_HELD.fetch_sub(len as u64, Ordering::AcqRel);
+}
 
 fn log_fallback(len: usize) {
+    FALLBACKS.fetch_add(1, Ordering::Relaxed);
     FALLBACK_LOGGED.call_once(|| {
         tracing::warn!(
             "no 2 MiB hugepages available: falling back to 4 KiB pages with MADV_HUGEPAGE; \
@@ -49,6 +133,8 @@ pub struct Region {
     ptr: *mut u8,
     len: usize,
     huge: bool,
+    /// Hugepage bytes taken from the process's cap (given back on drop).
+    counted: usize,
     backing: Backing,
 }
 
@@ -88,9 +174,13 @@ impl Region {
         let layout =
             Layout::from_size_align(huge_len, 4096).map_err(|_| PoolError::TooLarge(len))?;
         // hugepage-rs panics on a kernel without hugetlb (no Hugepagesize line).
-        let p = if kernel_has_hugetlb() {
+        let p = if kernel_has_hugetlb() && take_huge(huge_len) {
             // SAFETY: layout has a non-zero size.
-            unsafe { hugepage_rs::alloc(layout) }
+            let p = unsafe { hugepage_rs::alloc(layout) };
+            if p.is_null() {
+                give_huge(huge_len);
+            }
+            p
         } else {
             std::ptr::null_mut()
         };
@@ -99,6 +189,7 @@ impl Region {
                 ptr: p,
                 len: huge_len,
                 huge: true,
+                counted: huge_len,
                 backing: Backing::Huge(layout),
             });
         }
@@ -111,6 +202,7 @@ impl Region {
             ptr: p,
             len,
             huge: false,
+            counted: 0,
             backing: Backing::Anon,
         })
     }
@@ -122,8 +214,14 @@ impl Region {
             return Err(PoolError::Empty);
         }
         let huge_len = len.next_multiple_of(HUGE_PAGE);
-        if let Some(r) = Self::memfd(huge_len, libc::MFD_HUGETLB) {
-            return Ok(r);
+        if kernel_has_hugetlb() && take_huge(huge_len) {
+            match Self::memfd(huge_len, libc::MFD_HUGETLB) {
+                Some(mut r) => {
+                    r.counted = huge_len;
+                    return Ok(r);
+                }
+                None => give_huge(huge_len),
+            }
         }
         log_fallback(len);
         let len = len.next_multiple_of(4096);
@@ -150,6 +248,7 @@ impl Region {
             ptr: p,
             len,
             huge: extra & libc::MFD_HUGETLB != 0,
+            counted: 0,
             backing: Backing::Memfd(fd),
         })
     }
@@ -177,6 +276,7 @@ impl Region {
             ptr: p,
             len,
             huge,
+            counted: 0,
             backing: Backing::Memfd(fd),
         })
     }
@@ -277,6 +377,9 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
+        if self.counted > 0 {
+            give_huge(self.counted);
+        }
         match &self.backing {
             // SAFETY: allocated by hugepage_rs with this layout.
             Backing::Huge(layout) => unsafe { hugepage_rs::dealloc(self.ptr, *layout) },
