@@ -2,12 +2,64 @@
 //! no syscall, no allocation per iteration; it only counts busy and idle
 //! iterations (and their time) with the TSC clock. On shutdown it stops taking
 //! new work, drains every poller (bounded by a deadline) and reports.
+//!
+//! ```text
+//!   active ──park(now, bell) = Some(until)──> parked   (not polled at all)
+//!   active <── woken(now) = None ──────────── parked   asked only when the
+//!                                                      core's bell rang or
+//!                                                      `until` passed
+//! ```
+//! A poller with nothing to do for a while (an idle connection) may park: it
+//! arranges for a [`Wake`] of the core's [`Bell`] to ring when work comes
+//! (e.g. a socket turns readable) and costs the loop nothing until then, so
+//! a thousand idle connections do not slow the busy one beside them.
 
 use crate::shutdown::Shutdown;
 use crate::{spsc, Full, PollersError};
 use minstant::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// A core's doorbell: rung from any thread when one of its parked pollers
+/// has work. The core reads it once per iteration (one plain load).
+#[derive(Debug, Default)]
+pub struct Bell(AtomicBool);
+
+impl Bell {
+    fn take(&self) -> bool {
+        self.0.load(Ordering::Relaxed) && self.0.swap(false, Ordering::Acquire)
+    }
+}
+
+/// A parked poller's wake: whoever sees work for it (another thread, a
+/// readiness watcher) rings it, which rings its core's bell too.
+#[derive(Debug)]
+pub struct Wake {
+    bell: Arc<Bell>,
+    woken: AtomicBool,
+}
+
+impl Wake {
+    /// A wake that rings `bell`.
+    pub fn new(bell: &Arc<Bell>) -> Arc<Wake> {
+        Arc::new(Wake {
+            bell: bell.clone(),
+            woken: AtomicBool::new(false),
+        })
+    }
+
+    /// There is work: the poller's core looks at it on its next iteration.
+    pub fn ring(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.bell.0.store(true, Ordering::Release);
+    }
+
+    /// Whether it rang since the last take (and clears it).
+    pub fn take(&self) -> bool {
+        self.woken.load(Ordering::Relaxed) && self.woken.swap(false, Ordering::Acquire)
+    }
+}
 
 /// Work a core does: called in a loop, with the time of this iteration.
 pub trait Poller: Send {
@@ -28,10 +80,27 @@ pub trait Poller: Send {
     fn finished(&self) -> bool {
         false
     }
+    /// Offered every [`PARK_CHECK_EVERY`] iterations: a poller that has had
+    /// nothing to do for a while may park. It arranges for a [`Wake`] of
+    /// `bell` to ring when work comes and returns how long it may stay
+    /// parked at most; `None` (the default): keep polling it.
+    fn park(&mut self, now: Instant, bell: &Arc<Bell>) -> Option<Instant> {
+        let _ = (now, bell);
+        None
+    }
+    /// A parked poller, asked when its core's bell rang or its time is up:
+    /// `None` to be polled again, or how long it stays parked.
+    fn woken(&mut self, now: Instant) -> Option<Instant> {
+        let _ = now;
+        None
+    }
 }
 
 /// How often (in loop iterations) a core asks its pollers whether they finished.
 pub const FINISHED_CHECK_EVERY: u64 = 1024;
+
+/// How often (in loop iterations) a core offers its pollers to park.
+pub const PARK_CHECK_EVERY: u64 = 256;
 
 /// What a core measured.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -44,6 +113,10 @@ pub struct CoreStats {
     pub busy_ns: u64,
     /// Time spent in idle iterations.
     pub idle_ns: u64,
+    /// Times a poller parked (stopped being polled until woken).
+    pub parks: u64,
+    /// Times a parked poller was polled again.
+    pub unparks: u64,
 }
 
 impl CoreStats {
@@ -78,7 +151,7 @@ type Factory = Arc<dyn Fn(usize) -> Vec<Box<dyn Poller>> + Send + Sync>;
 /// Runs pollers on the calling thread until `stop` is set; then drains.
 pub fn run_core(
     cpu: usize,
-    mut pollers: Vec<Box<dyn Poller>>,
+    pollers: Vec<Box<dyn Poller>>,
     mut adds: Option<spsc::Consumer<Box<dyn Poller>>>,
     stop: &Shutdown,
     drain_deadline: Duration,
@@ -87,21 +160,24 @@ pub fn run_core(
     if !pinned {
         tracing::warn!("core {cpu}: could not pin; running unpinned");
     }
-    pollers.reserve(16);
-    let mut work: Vec<u64> = vec![0; pollers.len()];
-    work.reserve(16);
+    let mut active: Vec<(Box<dyn Poller>, u64)> = pollers.into_iter().map(|p| (p, 0)).collect();
+    let mut parked: Vec<(Box<dyn Poller>, u64, Instant)> = Vec::new();
+    room_for_all(&mut active, &mut parked, 16);
+    let bell = Arc::new(Bell::default());
     let mut stats = CoreStats::default();
     let mut last = Instant::now();
+    // When the earliest parked poller's time is up.
+    let mut next_wake: Option<Instant> = None;
     while !stop.is_set() {
         if let Some(rx) = adds.as_mut() {
             // Rare: a poller added at runtime (allocated by the sender).
             while let Some(p) = rx.pop() {
-                pollers.push(p);
-                work.push(0);
+                active.push((p, 0));
+                room_for_all(&mut active, &mut parked, 1);
             }
         }
         let mut did = 0;
-        for (p, w) in pollers.iter_mut().zip(work.iter_mut()) {
+        for (p, w) in active.iter_mut() {
             let n = p.poll(last);
             *w += n as u64;
             did += n;
@@ -116,26 +192,52 @@ pub fn run_core(
             stats.idle_ns += spent;
         }
         last = now;
-        if stats.iterations % FINISHED_CHECK_EVERY == 0 {
-            // Rare: retire finished pollers (their memory is freed here, off
-            // the per-iteration path).
+        if stats.iterations % PARK_CHECK_EVERY == 0 {
             let mut i = 0;
-            while i < pollers.len() {
-                if pollers[i].finished() {
-                    pollers.swap_remove(i);
-                    work.swap_remove(i);
-                } else {
-                    i += 1;
+            while i < active.len() {
+                match active[i].0.park(now, &bell) {
+                    Some(until) => {
+                        let (p, w) = active.swap_remove(i);
+                        parked.push((p, w, until));
+                        next_wake = Some(next_wake.map_or(until, |t| t.min(until)));
+                        stats.parks += 1;
+                    }
+                    None => i += 1,
                 }
             }
         }
+        if !parked.is_empty() && (bell.take() || next_wake.is_some_and(|t| now >= t)) {
+            next_wake = None;
+            let mut i = 0;
+            while i < parked.len() {
+                match parked[i].0.woken(now) {
+                    Some(until) => {
+                        parked[i].2 = until;
+                        next_wake = Some(next_wake.map_or(until, |t| t.min(until)));
+                        i += 1;
+                    }
+                    None => {
+                        let (p, w, _) = parked.swap_remove(i);
+                        active.push((p, w));
+                        stats.unparks += 1;
+                    }
+                }
+            }
+        }
+        if stats.iterations % FINISHED_CHECK_EVERY == 0 {
+            // Rare: retire finished pollers (their memory is freed here, off
+            // the per-iteration path).
+            active.retain(|(p, _)| !p.finished());
+            parked.retain(|(p, _, _)| !p.finished());
+        }
     }
+    active.extend(parked.drain(..).map(|(p, w, _)| (p, w)));
     let deadline = Instant::now() + drain_deadline;
     let mut drained = false;
     while Instant::now() < deadline {
         let now = Instant::now();
         let mut all = true;
-        for p in pollers.iter_mut() {
+        for (p, _) in active.iter_mut() {
             all &= p.drain(now);
         }
         if all {
@@ -147,13 +249,24 @@ pub fn run_core(
         cpu,
         pinned,
         stats,
-        pollers: pollers
+        pollers: active
             .iter()
-            .zip(work)
-            .map(|(p, w)| (p.name().to_string(), w))
+            .map(|(p, w)| (p.name().to_string(), *w))
             .collect(),
         drained,
     }
+}
+
+/// Makes room in both lists for every poller plus `extra`, so moving one
+/// between them never allocates in the loop.
+fn room_for_all(
+    active: &mut Vec<(Box<dyn Poller>, u64)>,
+    parked: &mut Vec<(Box<dyn Poller>, u64, Instant)>,
+    extra: usize,
+) {
+    let total = active.len() + parked.len() + extra;
+    active.reserve(total.saturating_sub(active.len()));
+    parked.reserve(total.saturating_sub(parked.len()));
 }
 
 /// A set of running cores.
@@ -310,5 +423,101 @@ mod tests {
         assert!(work > 0);
         assert!(!reports[0].pollers.is_empty());
         assert!(done.load(Ordering::Relaxed) >= work);
+    }
+
+    /// Parks at once (for an hour, or `nap` when given) each time it is
+    /// offered, and publishes its wake.
+    struct Sleeper {
+        polls: Arc<AtomicU64>,
+        woken_calls: Arc<AtomicU64>,
+        wake: Arc<std::sync::Mutex<Option<Arc<Wake>>>>,
+        nap: Option<Duration>,
+    }
+
+    impl Poller for Sleeper {
+        fn poll(&mut self, _now: Instant) -> usize {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            0
+        }
+        fn park(&mut self, now: Instant, bell: &Arc<Bell>) -> Option<Instant> {
+            let w = Wake::new(bell);
+            *self.wake.lock().unwrap() = Some(w);
+            Some(now + self.nap.unwrap_or(Duration::from_secs(3600)))
+        }
+        fn woken(&mut self, now: Instant) -> Option<Instant> {
+            self.woken_calls.fetch_add(1, Ordering::Relaxed);
+            let rang = self.wake.lock().unwrap().as_ref().is_some_and(|w| w.take());
+            match self.nap {
+                // A timed nap: back when its time is up.
+                Some(_) => None,
+                // Parked until rung; a bell for another poller is ignored.
+                None if rang => None,
+                None => Some(now + Duration::from_secs(3600)),
+            }
+        }
+    }
+
+    fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let t0 = std::time::Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn parked_pollers_are_not_polled_until_rung() {
+        let stop = Shutdown::new();
+        let (polls, calls) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let wake = Arc::new(std::sync::Mutex::new(None));
+        let (p2, c2, w2) = (polls.clone(), calls.clone(), wake.clone());
+        let mut cores = Cores::launch(&[0], stop, Duration::from_secs(1), |_| Vec::new()).unwrap();
+        cores
+            .add(
+                0,
+                Box::new(Sleeper {
+                    polls: p2,
+                    woken_calls: c2,
+                    wake: w2,
+                    nap: None,
+                }),
+            )
+            .map_err(|_| "full")
+            .unwrap();
+        wait_for("parked", || wake.lock().unwrap().is_some());
+        let before = polls.load(Ordering::Relaxed);
+        // Parked: many core iterations go by and it is never polled.
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(polls.load(Ordering::Relaxed), before);
+        assert_eq!(calls.load(Ordering::Relaxed), 0);
+        wake.lock().unwrap().as_ref().unwrap().ring();
+        wait_for("polled after the ring", || {
+            polls.load(Ordering::Relaxed) > before
+        });
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        let r = cores.stop();
+        assert!(r[0].stats.parks >= 1 && r[0].stats.unparks >= 1, "{r:?}");
+        assert_eq!(r[0].pollers.len(), 1, "a parked poller is still reported");
+    }
+
+    #[test]
+    fn a_parked_poller_comes_back_when_its_time_is_up() {
+        let stop = Shutdown::new();
+        let (polls, calls) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let wake = Arc::new(std::sync::Mutex::new(None));
+        let (p2, c2, w2) = (polls.clone(), calls.clone(), wake.clone());
+        let cores = Cores::launch(&[0], stop, Duration::from_secs(1), move |_| {
+            vec![Box::new(Sleeper {
+                polls: p2.clone(),
+                woken_calls: c2.clone(),
+                wake: w2.clone(),
+                nap: Some(Duration::from_millis(2)),
+            }) as Box<dyn Poller>]
+        })
+        .unwrap();
+        // Never rung: it parks, its time runs out, it is polled, it parks...
+        wait_for("three naps", || calls.load(Ordering::Relaxed) >= 3);
+        let r = cores.stop();
+        assert!(r[0].stats.unparks >= 3, "{r:?}");
     }
 }

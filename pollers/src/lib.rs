@@ -17,7 +17,7 @@ pub mod slow;
 pub mod spsc;
 mod sync;
 
-pub use crate::core::{run_core, CoreReport, CoreStats, Cores, Poller};
+pub use crate::core::{run_core, Bell, CoreReport, CoreStats, Cores, Poller, Wake};
 pub use shutdown::Shutdown;
 pub use slow::{Control, SlowLoop, SlowOpts, SlowPath, TimerId, Timers};
 

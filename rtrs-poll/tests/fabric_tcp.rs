@@ -255,3 +255,92 @@ fn region_deregistered_under_a_streaming_write() {
 fn admission_allowlist() {
     common::admission_suite::allowlist::<Tcp>();
 }
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// An idle QP's CQ arms (the core may stop polling it); the peer's SEND
+/// rings the wake; a CQ with a completion waiting, or a QP with something
+/// outstanding to send, does not arm; the peer going away rings it too.
+#[test]
+fn idle_cq_arms_and_the_peer_wakes_it() {
+    use common::conformance::Pair;
+    let mut p = Pair::<TcpFabric>::connect::<Tcp>();
+    let bell = std::sync::Arc::new(pollers::Bell::default());
+    let wake = pollers::Wake::new(&bell);
+    p.b.post_recv(1, 0, 4096);
+    p.idle(Duration::from_millis(5));
+    assert!(p.b.cq.arm(&wake), "an idle QP arms");
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(!wake.take(), "nothing came: no ring");
+    p.a.mem.fill(0, b"knock");
+    let s = [p.a.sge(0, 5)];
+    p.a.qp.post_send(&SendWr::send(7, &s)).unwrap();
+    // Only `a` is polled: `b` is parked until its wake rings.
+    wait_until("the wake rings", || {
+        p.a.poll();
+        wake.take()
+    });
+    let (_, wb) = p.wait(1, 1);
+    assert_eq!((wb[0].wr_id, wb[0].byte_len), (1, 5));
+    // A completion not yet taken: no arm.
+    p.b.post_recv(2, 0, 4096);
+    p.a.qp.post_send(&SendWr::send(8, &s)).unwrap();
+    wait_until("b's receive completes", || {
+        p.a.poll();
+        let mut one = [Wc::default(); 1];
+        let n = p.b.cq.poll(&mut one[..0]);
+        n == 0 && !p.b.cq.arm(&wake)
+    });
+    p.wait(1, 1);
+    // Idle again: armed; the peer goes away and the wake rings.
+    p.idle(Duration::from_millis(5));
+    assert!(p.b.cq.arm(&wake));
+    wake.take();
+    drop(p.a);
+    wait_until("the hang-up rings", || wake.take());
+}
+
+/// A server on a real pinned core: its IO connection parks while the
+/// client is idle (so idle connections cost the core nothing) and the
+/// client's next IO wakes it: verified IO before and after.
+#[test]
+fn idle_io_connections_park_on_their_core() {
+    use common::engine::{Ram, TestClient};
+    use std::sync::{Arc, Mutex};
+    let a = addr();
+    let pool = rtrs_poll::srv::CorePool::launch(&[0]).unwrap();
+    let disk = Arc::new(Mutex::new(vec![0u8; 1 << 20]));
+    let d = disk.clone();
+    let srv = rtrs_poll::srv::Server::listen(
+        &TcpFabric::new(),
+        &a,
+        common::engine_suite::cfg(true),
+        move |_: &rtrs_poll::srv::ConInfo| Ram::new(d.clone()),
+        pool.place(),
+    )
+    .unwrap();
+    let mut c = TestClient::open(&TcpFabric::new(), vec![a], "clt-park");
+    for round in 0..3u64 {
+        let data = common::pattern(8192, round);
+        assert_eq!(c.write(round * 8192, &data), 0);
+        let (e, back) = c.read(round * 8192, 8192);
+        assert_eq!(e, 0);
+        assert!(back == data, "round {round}: read back differs");
+        // Idle long enough to park (5 ms without work, then the core's
+        // next offer).
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(c);
+    srv.stop();
+    let reports = pool.stop();
+    let (parks, unparks) = reports
+        .iter()
+        .fold((0, 0), |(p, u), r| (p + r.stats.parks, u + r.stats.unparks));
+    assert!(parks >= 2 && unparks >= 2, "{reports:?}");
+}

@@ -296,6 +296,16 @@ pub trait Mr: Send + Sync {
 pub trait Cq: Send {
     /// Fills `wcs` with up to `wcs.len()` completions, returning how many.
     fn poll(&mut self, wcs: &mut [Wc]) -> usize;
+    /// Asks to be woken rather than polled (`ibv_req_notify_cq`'s role):
+    /// when every QP on this CQ is quiet (nothing outstanding, nothing
+    /// received and not yet taken) the fabric arranges for `wake` to ring
+    /// when something arrives and returns true; the caller may then stop
+    /// polling until it rings (or until it has something to post). False
+    /// (the default): keep polling, as a NIC's CQ costs one memory read.
+    fn arm(&mut self, wake: &std::sync::Arc<pollers::Wake>) -> bool {
+        let _ = wake;
+        false
+    }
 }
 
 /// A reliable-connected queue pair.

@@ -37,6 +37,12 @@ pub(crate) const INFO_REQ_LEN: usize = InfoReq::<&[u8]>::LEN;
 const WC_BATCH: usize = 32;
 /// Heartbeat timer and liveness checks run once per this many polls.
 const SLOW_CHECK_EVERY: u32 = 4096;
+/// An IO connection with nothing to do for this long parks (when its fabric
+/// can wake it): it costs its core nothing until the peer sends.
+const PARK_AFTER_IDLE: Duration = Duration::from_millis(5);
+/// A parked connection still looks at its path this often (a path closed
+/// by the control thread does not ring the wake).
+const PARKED_RECHECK: Duration = Duration::from_millis(50);
 
 /// What a request in the handler's hands needs at response time.
 #[derive(Default)]
@@ -79,6 +85,10 @@ pub struct SrvCon<F: Fabric, H: Handler> {
     recvs: u64,
     polls: u32,
     done: bool,
+    /// When this connection last did work (parks after [`PARK_AFTER_IDLE`]).
+    last_work: Instant,
+    /// Rung by the fabric when a parked connection's peer sends.
+    wake: Option<Arc<pollers::Wake>>,
 }
 
 impl<F: Fabric, H: Handler> std::fmt::Debug for SrvCon<F, H> {
@@ -122,6 +132,8 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             recvs: 0,
             polls: 0,
             done: false,
+            last_work: Instant::now(),
+            wake: None,
         }
     }
 
@@ -237,7 +249,43 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         if n > 0 {
             self.path.note_recvs(self.cid, self.recvs);
         }
+        if work > 0 {
+            self.last_work = now;
+        }
         work
+    }
+
+    /// Whether this IO connection may stop being polled: idle for a while,
+    /// nothing in the handler's hands or waiting, and its CQ armed to ring
+    /// the wake when the client sends. Returns until when it may stay parked.
+    fn try_park(&mut self, now: Instant, bell: &Arc<pollers::Bell>) -> Option<Instant> {
+        if self.done
+            || self.cid == 0
+            || now.saturating_duration_since(self.last_work) < PARK_AFTER_IDLE
+            || !self.waiting.is_empty()
+            || self.inflight.iter().any(|s| s.claim.is_some())
+        {
+            return None;
+        }
+        // Allocated once, on the first park (off the per-IO path).
+        let wake = self.wake.get_or_insert_with(|| pollers::Wake::new(bell));
+        // A ring from before (the peer sent while we were polling) is stale.
+        wake.take();
+        if !self.cq.arm(wake) {
+            return None;
+        }
+        Some(now + PARKED_RECHECK)
+    }
+
+    /// A parked connection: back to polling when the client sent or its
+    /// path is closing.
+    fn try_unpark(&mut self, now: Instant) -> Option<Instant> {
+        let rang = self.wake.as_ref().is_some_and(|w| w.take());
+        if rang || self.path.state() >= PathState::Closing {
+            self.last_work = now;
+            return None;
+        }
+        Some(now + PARKED_RECHECK)
     }
 
     fn slow_checks(&mut self, now: Instant) {
@@ -580,5 +628,11 @@ impl<F: Fabric, H: Handler> pollers::Poller for SrvCon<F, H> {
     }
     fn finished(&self) -> bool {
         self.done
+    }
+    fn park(&mut self, now: Instant, bell: &Arc<pollers::Bell>) -> Option<Instant> {
+        self.try_park(now, bell)
+    }
+    fn woken(&mut self, now: Instant) -> Option<Instant> {
+        self.try_unpark(now)
     }
 }

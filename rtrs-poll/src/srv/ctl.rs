@@ -69,6 +69,10 @@ struct ConRef {
     cid: u16,
 }
 
+/// How soon the control thread offers a connection again to a core whose
+/// inbox was full.
+const UNPLACED_RETRY: Duration = Duration::from_millis(1);
+
 /// The server's control state, run by its slow-path thread.
 pub(crate) struct SrvControl<F: Fabric, H: Handler> {
     pub(crate) pd: F::Pd,
@@ -83,6 +87,10 @@ pub(crate) struct SrvControl<F: Fabric, H: Handler> {
     listeners: HashMap<ConnId, Address>,
     cons: HashMap<ConnId, ConRef>,
     service: Vec<SrvCon<F, H>>,
+    /// IO connections a core could not take yet (its inbox was full),
+    /// offered again at every step, in order.
+    /// (cid, connection, counted as deferred yet).
+    unplaced: std::collections::VecDeque<(u16, Box<dyn pollers::Poller>, bool)>,
     shared: Arc<Shared<F>>,
     callbacks: Vec<OnEvent>,
     cm_failing: bool,
@@ -111,6 +119,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             sessions: HashMap::new(),
             cons: HashMap::new(),
             service: Vec::new(),
+            unplaced: std::collections::VecDeque::new(),
             shared,
             callbacks: Vec::new(),
             cm_failing: false,
@@ -213,6 +222,9 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             }
         }
         self.reap_handshakes(now);
+        if !self.unplaced.is_empty() {
+            self.place_waiting();
+        }
         for p in newly_up {
             self.emit(SrvEvent::PathUp {
                 sessname: p.sessname().unwrap_or("?").to_string(),
@@ -221,6 +233,32 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             });
         }
         self.reap();
+    }
+
+    /// Hands waiting IO connections to their cores, in order, until one
+    /// cannot take more.
+    fn place_waiting(&mut self) {
+        while let Some((cid, con, counted)) = self.unplaced.pop_front() {
+            match (self.place)(cid, con) {
+                Ok(()) => continue,
+                Err(con) => self.unplaced.push_front((cid, con, counted)),
+            }
+            // Every connection now waiting is counted once; the log line is
+            // once per backlog (it says how many wait).
+            let new = self.unplaced.iter().filter(|(_, _, c)| !c).count();
+            if new > 0 && self.unplaced.len() == new {
+                tracing::warn!(
+                    cid,
+                    waiting = new,
+                    "a core's inbox is full: new connections wait for the next step"
+                );
+            }
+            for (_, _, c) in self.unplaced.iter_mut().filter(|(_, _, c)| !*c) {
+                *c = true;
+                self.shared.counters.deferred_placement();
+            }
+            return;
+        }
     }
 
     fn publish_paths(&self) {
@@ -512,7 +550,8 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         if req.cid == 0 {
             self.service.push(con);
         } else {
-            (self.place)(req.cid, Box::new(con));
+            self.unplaced.push_back((req.cid, Box::new(con), false));
+            self.place_waiting();
         }
         self.publish_paths();
         Ok(())
@@ -681,8 +720,12 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        let beats = self.service.iter().filter_map(SrvCon::hb_deadline);
         let now = Instant::now();
+        if !self.unplaced.is_empty() {
+            // A core's inbox was full: offer again soon.
+            return Some(now + UNPLACED_RETRY);
+        }
+        let beats = self.service.iter().filter_map(SrvCon::hb_deadline);
         let watch = self
             .service
             .iter()

@@ -125,6 +125,7 @@ pub struct SrvCounters {
     refusals: std::sync::Mutex<std::collections::BTreeMap<Refusal, u64>>,
     sessions: std::sync::atomic::AtomicU64,
     memory: std::sync::atomic::AtomicU64,
+    deferred: std::sync::atomic::AtomicU64,
 }
 
 impl SrvCounters {
@@ -151,6 +152,16 @@ impl SrvCounters {
             .lock()
             .map(|m| m.iter().map(|(k, n)| (*k, *n)).collect())
             .unwrap_or_default()
+    }
+
+    pub(crate) fn deferred_placement(&self) {
+        self.deferred.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Times a core could not take a new connection at once (its inbox was
+    /// full) and the control thread offered it again later.
+    pub fn deferred_placements(&self) -> u64 {
+        self.deferred.load(Ordering::Relaxed)
     }
 
     /// Sessions now, and the chunk memory they hold (bytes).
@@ -319,8 +330,12 @@ pub struct ConInfo {
 }
 
 /// Where IO connections go: called once per IO cid with the connection as a
-/// poller (e.g. `Cores::add` on core `(cid - 1) % cores`).
-pub type Place = Box<dyn FnMut(u16, Box<dyn pollers::Poller>) + Send>;
+/// poller (e.g. `Cores::add` on core `(cid - 1) % cores`). A core that
+/// cannot take it now (its inbox is full) gives it back: the control thread
+/// keeps it and offers it again at its next step (logged, counted as
+/// `deferred_placements`), so no connection is dropped.
+pub type Place =
+    Box<dyn FnMut(u16, Box<dyn pollers::Poller>) -> Result<(), Box<dyn pollers::Poller>> + Send>;
 
 /// IO connections on pinned cores: connection `cid` goes to core
 /// `(cid - 1) % cores`, so a client's per-core connections spread out.
@@ -354,12 +369,15 @@ impl CorePool {
     pub fn place(&self) -> Place {
         let (cores, n) = (self.cores.clone(), self.n);
         Box::new(move |cid, con| {
-            if let Ok(mut g) = cores.lock() {
-                if let Some(c) = g.as_mut() {
-                    if c.add((usize::from(cid).max(1) - 1) % n, con).is_err() {
-                        tracing::warn!(cid, "a core's inbox is full: connection dropped");
-                    }
-                }
+            let Ok(mut g) = cores.lock() else {
+                return Err(con);
+            };
+            match g.as_mut() {
+                Some(c) => c
+                    .add((usize::from(cid).max(1) - 1) % n, con)
+                    .map_err(|pollers::Full(con)| con),
+                // Stopped: the connection closes with the server.
+                None => Ok(()),
             }
         })
     }

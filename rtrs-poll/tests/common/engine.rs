@@ -31,6 +31,16 @@ pub struct Ram {
     later: Vec<(rtrs_poll::srv::IoId, i32)>,
 }
 
+impl Ram {
+    /// A handler over `disk`.
+    pub fn new(disk: Arc<Mutex<Vec<u8>>>) -> Ram {
+        Ram {
+            disk,
+            later: Vec::new(),
+        }
+    }
+}
+
 impl Handler for Ram {
     fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
         if io.usr.len() < 16 {
@@ -119,12 +129,25 @@ impl TestServer {
         let thread = std::thread::spawn(move || {
             let cons: Arc<Mutex<Vec<Box<dyn pollers::Poller>>>> = Arc::default();
             let c2 = cons.clone();
+            let mut offered = false;
             let srv = Server::listen(
                 &fabric,
                 &addrs[0],
                 cfg,
                 make,
-                Box::new(move |_cid, p| c2.lock().unwrap().push(p)),
+                // Every connection is first refused, as by a core whose
+                // inbox is full: the control thread must offer it again.
+                Box::new(move |_cid, p| {
+                    let mut cs = c2.lock().unwrap();
+                    if offered {
+                        offered = false;
+                        cs.push(p);
+                        Ok(())
+                    } else {
+                        offered = true;
+                        Err(p)
+                    }
+                }),
             )
             .unwrap();
             for a in &addrs[1..] {
@@ -164,6 +187,11 @@ impl TestServer {
             closed,
             disk,
         }
+    }
+
+    /// The server's counters.
+    pub fn counters(&self) -> &rtrs_poll::srv::SrvCounters {
+        &self.counters
     }
 
     /// The server's refusals so far, by kind.

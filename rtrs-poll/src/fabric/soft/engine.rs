@@ -322,6 +322,12 @@ pub(crate) trait PolledQp: Send + Sync + 'static {
     /// Drives the QP's transport, then moves up to `out.len()` of its send
     /// and/or receive completions into `out`; returns how many.
     fn progress_into(&self, send: bool, recv: bool, out: &mut [Wc]) -> usize;
+    /// Arms the QP (see `Cq::arm`): true when it is quiet and will ring
+    /// `wake` when something arrives. The default: never (keep polling).
+    fn arm(&self, wake: &std::sync::Arc<pollers::Wake>) -> bool {
+        let _ = wake;
+        false
+    }
 }
 
 struct CqEntry<Q> {
@@ -405,6 +411,13 @@ impl<Q: PolledQp> SoftCq<Q> {
             send,
             recv,
         });
+    }
+
+    /// Arms every QP on this CQ (see `Cq::arm`); false when one is not
+    /// quiet (a QP armed before it stays armed: at worst a spare wake).
+    pub(crate) fn arm(&mut self, wake: &std::sync::Arc<pollers::Wake>) -> bool {
+        self.pending.take_into(&mut self.qps);
+        !self.qps.is_empty() && self.qps.iter().all(|e| !e.qp.destroyed() && e.qp.arm(wake))
     }
 
     pub(crate) fn poll(&mut self, wcs: &mut [Wc]) -> usize {

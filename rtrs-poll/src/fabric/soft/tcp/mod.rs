@@ -27,6 +27,7 @@
 
 mod cm;
 mod sock;
+mod watch;
 mod wire;
 
 pub use cm::TcpCm;
@@ -88,6 +89,8 @@ struct FabricInner {
     cfg: TcpConfig,
     next_qp: AtomicU32,
     next_cq: AtomicU64,
+    /// Watches the sockets of armed (idle) QPs.
+    watcher: watch::Watcher,
 }
 
 impl TcpFabric {
@@ -113,6 +116,7 @@ impl TcpFabric {
                 },
                 next_qp: AtomicU32::new(1),
                 next_cq: AtomicU64::new(1),
+                watcher: watch::Watcher::default(),
             }),
         }
     }
@@ -242,6 +246,8 @@ impl Pd<TcpFabric> for TcpPd {
             attach_ready: AtomicBool::new(false),
             rtu_seen: AtomicBool::new(false),
             sock: OnceLock::new(),
+            wake: OnceLock::new(),
+            fabric: self.inner.fabric.clone(),
             engine: CoreCell::new(engine),
         });
         let same = send_cq.0.id() == recv_cq.0.id();
@@ -296,7 +302,19 @@ pub(crate) struct QpShared {
     rtu_seen: AtomicBool,
     /// The connection, once attached (kept here so dropping the QP can shut it).
     sock: OnceLock<RawFd>,
+    /// Rung when an armed (idle, unpolled) QP has news: the socket turned
+    /// readable (the watcher), or the CM broke the QP.
+    wake: OnceLock<Arc<pollers::Wake>>,
+    fabric: Arc<FabricInner>,
     engine: CoreCell<Engine>,
+}
+
+impl Drop for QpShared {
+    fn drop(&mut self) {
+        if let (Some(_), Some(&fd)) = (self.wake.get(), self.sock.get()) {
+            self.fabric.watcher.forget(self.qp_num, fd);
+        }
+    }
 }
 
 impl QpShared {
@@ -320,6 +338,9 @@ impl QpShared {
     }
     pub(crate) fn mark_broken(&self) {
         self.broken.store(true, Ordering::Release);
+        if let Some(w) = self.wake.get() {
+            w.ring();
+        }
     }
 }
 
@@ -766,6 +787,24 @@ impl Engine {
             self.rtu = Rtu::Done;
         }
         shared.state.set(self.core.state);
+    }
+
+    /// Everything posted is on the wire, nothing is buffered either way
+    /// and no timer runs: polling would only `recv` nothing until the peer
+    /// sends (its acks of what is outstanding included).
+    fn quiet(&self) -> bool {
+        self.link.is_some()
+            && self.core.state == QpState::Rts
+            && self.rtu == Rtu::Done
+            && self.core.send_wcs.is_empty()
+            && self.core.recv_wcs.is_empty()
+            && !self.has_output()
+            && self.rx.is_empty()
+            && self.frame.is_none()
+            && self.in_req.is_none()
+            && self.in_resp.is_none()
+            && self.rnr_until.is_none()
+            && !self.eof
     }
 
     fn has_output(&self) -> bool {
@@ -1602,6 +1641,30 @@ impl PolledQp for QpShared {
     fn destroyed(&self) -> bool {
         self.destroyed.load(Ordering::Acquire)
     }
+    fn arm(&self, wake: &Arc<pollers::Wake>) -> bool {
+        let quiet = self
+            .engine
+            .with("qp", |e| {
+                e.sync(self);
+                e.quiet()
+            })
+            .unwrap_or(false);
+        let Some(&fd) = self.sock.get() else {
+            return false;
+        };
+        if !quiet {
+            return false;
+        }
+        let first = self.wake.set(wake.clone()).is_ok();
+        let wake = self.wake.get().unwrap_or(wake);
+        match self.fabric.watcher.arm(self.qp_num, fd, wake, first) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(qp_num = self.qp_num, "tcp fabric: cannot arm: {e}");
+                false
+            }
+        }
+    }
     fn progress_into(&self, send: bool, recv: bool, out: &mut [Wc]) -> usize {
         self.engine
             .with("qp", |e| {
@@ -1624,5 +1687,8 @@ impl std::fmt::Debug for TcpCq {
 impl Cq for TcpCq {
     fn poll(&mut self, wcs: &mut [Wc]) -> usize {
         self.0.poll(wcs)
+    }
+    fn arm(&mut self, wake: &Arc<pollers::Wake>) -> bool {
+        self.0.arm(wake)
     }
 }
