@@ -68,8 +68,13 @@ struct AccessArgs {
     /// (default: any).
     #[arg(long, value_delimiter = ',')]
     allow: Vec<ipnet::IpNet>,
-    /// Serve a non-loopback tcp address with no access rule (--allow): any
-    /// host that reaches the port may open any export.
+    /// tcp: admit only clients that prove they hold this pre-shared key
+    /// (mutual HMAC-SHA256 challenge-response before any RTRS byte; a file
+    /// of at least 16 bytes that only its owner may read).
+    #[arg(long)]
+    auth_key: Option<std::path::PathBuf>,
+    /// Serve a non-loopback tcp address with no access rule (--allow or
+    /// --auth-key): any host that reaches the port may open any export.
     #[arg(long)]
     insecure: bool,
     /// Sessions in all.
@@ -139,22 +144,40 @@ impl AccessArgs {
             })
             .map(|a| a.to_string())
             .collect();
-        if open.is_empty() || !self.allow.is_empty() {
+        if self.auth_key.is_some() && listen.iter().any(|a| !matches!(a, Address::Tcp { .. })) {
+            return Err("--auth-key applies to tcp listeners only".into());
+        }
+        if open.is_empty() || !self.allow.is_empty() || self.auth_key.is_some() {
             return Ok(());
         }
         if !self.insecure {
             return Err(format!(
-                "{} is reachable by other hosts and has no access rule: give --allow NETWORKS, \
-                 or --insecure to serve it to any host",
+                "{} is reachable by other hosts and has no access rule: give --allow NETWORKS \
+                 and/or --auth-key FILE, or --insecure to serve it to any host",
                 open.join(",")
             ));
         }
         eprintln!(
-            "rtrs serve: INSECURE: {} accepts any host that reaches it (no --allow)",
+            "rtrs serve: INSECURE: {} accepts any host that reaches it (no --allow, no --auth-key)",
             open.join(",")
         );
         Ok(())
     }
+}
+
+/// The tcp fabric with the listener's key and handshake allowance.
+fn tcp_fabric(access: &AccessArgs) -> Result<TcpFabric, String> {
+    let mut cfg = rtrs_poll::fabric::soft::tcp::TcpConfig {
+        max_pending_per_host: access.max_handshakes_per_host as usize,
+        ..Default::default()
+    };
+    if let Some(path) = &access.auth_key {
+        cfg = cfg.with_auth_key_file(path)?;
+        if let Some(k) = &cfg.auth {
+            tracing::info!(key = k.id(), "tcp clients must prove the pre-shared key");
+        }
+    }
+    Ok(TcpFabric::with_config(cfg))
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -256,7 +279,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Serve(a) => match &a.listen[0] {
             Address::Shm(_) => serve(ShmFabric::new(), &a),
-            Address::Tcp { .. } => serve(TcpFabric::new(), &a),
+            Address::Tcp { .. } => tcp_fabric(&a.access).and_then(|f| serve(f, &a)),
             #[cfg(feature = "rdma")]
             Address::Rdma { .. } => rtrs_poll::fabric::rdma::RdmaFabric::new()
                 .map_err(|e| e.to_string())

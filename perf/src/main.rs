@@ -116,6 +116,10 @@ struct ServerArgs {
     chunk_size: u64,
     #[command(flatten)]
     hb: HbArgs,
+    /// tcp: admit only clients that prove they hold this pre-shared key
+    /// (a file of at least 16 bytes, mode 600).
+    #[arg(long)]
+    auth_key: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -189,6 +193,10 @@ struct IoArgs {
     /// Seconds each connection (and the INFO exchange) may take.
     #[arg(long, default_value_t = 10.0)]
     connect_timeout: f64,
+    /// tcp: prove this pre-shared key to the server, and have it prove it
+    /// (a file of at least 16 bytes, mode 600).
+    #[arg(long)]
+    auth_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -465,7 +473,7 @@ fn report(
 
 fn run_client(a: ClientArgs) -> Result<(), String> {
     let o = io_opts(a.connect.clone(), &a.io, !a.io.json)?;
-    let s = with_engine_fabric(&a.connect[0], |f| match f {
+    let s = with_engine_fabric(&a.connect[0], a.io.auth_key.as_deref(), |f| match f {
         AnyFabric::Shm(f) => engine_bench::run_client(&f, &o),
         AnyFabric::Tcp(f) => engine_bench::run_client(&f, &o),
         #[cfg(feature = "rdma")]
@@ -495,7 +503,7 @@ fn srv_config(
 
 fn run_server(a: ServerArgs) -> Result<(), String> {
     let cfg = srv_config(a.queue_depth, a.chunk_size, a.always_invalidate, &a.hb)?;
-    let srv = with_engine_fabric(&a.listen[0], |f| match f {
+    let srv = with_engine_fabric(&a.listen[0], a.auth_key.as_deref(), |f| match f {
         AnyFabric::Shm(f) => engine_bench::PerfServer::start(
             f,
             a.listen.clone(),
@@ -565,11 +573,21 @@ fn run_embedded(
     report(&r?, json, io.hist.as_deref())
 }
 
+/// [`with_fabric`], with a tcp fabric that authenticates with `auth_key`.
 fn with_engine_fabric<R>(
     addr: &Address,
+    auth_key: Option<&std::path::Path>,
     f: impl FnOnce(AnyFabric) -> Result<R, String>,
 ) -> Result<R, String> {
-    with_fabric(addr, f)
+    match (addr, auth_key) {
+        (Address::Tcp { .. }, Some(path)) => {
+            let cfg =
+                rtrs_poll::fabric::soft::tcp::TcpConfig::default().with_auth_key_file(path)?;
+            f(AnyFabric::Tcp(TcpFabric::with_config(cfg)))
+        }
+        (_, Some(_)) => Err("--auth-key applies to tcp addresses only".into()),
+        (_, None) => with_fabric(addr, f),
+    }
 }
 
 fn main() -> ExitCode {

@@ -344,3 +344,161 @@ fn idle_io_connections_park_on_their_core() {
         .fold((0, 0), |(p, u), r| (p + r.stats.parks, u + r.stats.unparks));
     assert!(parks >= 2 && unparks >= 2, "{reports:?}");
 }
+
+fn keyed(key: Option<&[u8]>) -> TcpFabric {
+    TcpFabric::with_config(TcpConfig {
+        auth: key
+            .map(|k| std::sync::Arc::new(rtrs_poll::fabric::soft::tcp::AuthKey::new(k).unwrap())),
+        max_pending_per_host: 3,
+        ..TcpConfig::default()
+    })
+}
+
+/// Drives a connect from `client` to a listener on `server` (the listener
+/// accepts every request): what the active side heard, and the passive
+/// side's refusals.
+fn try_connect(client: &TcpFabric, server: &TcpFabric) -> (CmEvent, Vec<CmEvent>) {
+    let a = addr();
+    let mut cm_s = server.create_cm().unwrap();
+    cm_s.listen(&a).unwrap();
+    let pd_s = server.alloc_pd().unwrap();
+    let cq_s = pd_s.create_cq(16).unwrap();
+    let qp_s = pd_s.create_qp(&cq_s, &cq_s, QpCap::default()).unwrap();
+    let pd_c = client.alloc_pd().unwrap();
+    let cq_c = pd_c.create_cq(16).unwrap();
+    let qp_c = pd_c.create_qp(&cq_c, &cq_c, QpCap::default()).unwrap();
+    let mut cm_c = client.create_cm().unwrap();
+    cm_c.connect(&a, &qp_c, b"hi").unwrap();
+    let mut refusals = Vec::new();
+    let t0 = Instant::now();
+    loop {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no outcome");
+        if let Some(ev) = cm_s.poll_event(Duration::from_millis(1)).unwrap() {
+            match ev {
+                CmEvent::ConnectRequest { id, .. } => cm_s.accept(id, &qp_s, b"").unwrap(),
+                CmEvent::Refused { .. } => refusals.push(ev),
+                _ => {}
+            }
+        }
+        if let Some(ev) = cm_c.poll_event(Duration::from_millis(1)).unwrap() {
+            // Let the passive side report its side of it.
+            let t1 = Instant::now();
+            while t1.elapsed() < Duration::from_millis(50) {
+                if let Some(e @ CmEvent::Refused { .. }) =
+                    cm_s.poll_event(Duration::from_millis(1)).unwrap()
+                {
+                    refusals.push(e);
+                }
+            }
+            return (ev, refusals);
+        }
+    }
+}
+
+fn refused_for(evs: &[CmEvent]) -> Vec<rtrs_poll::fabric::CmRefusal> {
+    evs.iter()
+        .filter_map(|e| match e {
+            CmEvent::Refused { why, .. } => Some(*why),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The pre-shared key: the same key on both sides connects; another key,
+/// no key, or a key against a listener without one never gets a REQ
+/// through, and each side says why.
+#[test]
+fn preshared_key_mutual_auth() {
+    use rtrs_poll::fabric::CmRefusal;
+    let k1: &[u8] = b"0123456789abcdef-key-one";
+    let k2: &[u8] = b"0123456789abcdef-key-two";
+    let (ev, refusals) = try_connect(&keyed(Some(k1)), &keyed(Some(k1)));
+    assert!(matches!(ev, CmEvent::Established { .. }), "{ev:?}");
+    assert!(refusals.is_empty(), "{refusals:?}");
+    // Keyed conformance too: data flows after the auth messages.
+    let mut p = Pair::connect_on(
+        &keyed(Some(k1)),
+        &keyed(Some(k1)),
+        &addr(),
+        QpCap::default(),
+        QpCap::default(),
+        1 << 16,
+    );
+    p.b.post_recv(1, 0, 64);
+    p.a.mem.fill(0, b"after auth");
+    let s = [p.a.sge(0, 10)];
+    p.a.qp.post_send(&SendWr::send(2, &s)).unwrap();
+    let (_, wb) = p.wait(1, 1);
+    assert_eq!(wb[0].byte_len, 10);
+    assert_eq!(p.b.mem.read_vec(0, 10), b"after auth".to_vec());
+
+    for (client, server, says, refusal) in [
+        (
+            Some(k2),
+            Some(k1),
+            "does not hold our pre-shared key",
+            CmRefusal::Auth,
+        ),
+        (None, Some(k1), "requires a pre-shared key", CmRefusal::Auth),
+        (Some(k1), None, "has no pre-shared key", CmRefusal::Auth),
+    ] {
+        let (ev, refusals) = try_connect(&keyed(client), &keyed(server));
+        match &ev {
+            CmEvent::Unreachable { reason, .. } => {
+                assert!(reason.contains(says), "{client:?}/{server:?}: {reason}")
+            }
+            other => panic!("{client:?}/{server:?}: {other:?}"),
+        }
+        assert_eq!(refused_for(&refusals), vec![refusal], "{refusals:?}");
+    }
+}
+
+use common::conformance::Pair;
+
+/// At the door: garbage and a message cut short are refused as malformed,
+/// a host past its handshake allowance is closed at once, an address the
+/// application does not admit never gets a handshake slot.
+#[test]
+fn the_door_refuses_malformed_busy_and_unadmitted_peers() {
+    use rtrs_poll::fabric::CmRefusal;
+    use std::io::Write;
+    let fab = keyed(None);
+    let a = addr();
+    let mut cm = fab.create_cm().unwrap();
+    cm.listen(&a).unwrap();
+    let Address::Tcp { host, port } = &a else {
+        unreachable!()
+    };
+    let target = format!("{host}:{port}");
+    let events = |cm: &mut rtrs_poll::fabric::soft::tcp::TcpCm, n: usize| {
+        let mut got = Vec::new();
+        let t0 = Instant::now();
+        while got.len() < n {
+            assert!(t0.elapsed() < Duration::from_secs(10), "got {got:?}");
+            if let Some(ev) = cm.poll_event(Duration::from_millis(1)).unwrap() {
+                got.push(ev);
+            }
+        }
+        refused_for(&got)
+    };
+    let mut g = std::net::TcpStream::connect(&target).unwrap();
+    g.write_all(&[0xAB; 96]).unwrap();
+    assert_eq!(events(&mut cm, 1), vec![CmRefusal::Malformed]);
+    let mut t = std::net::TcpStream::connect(&target).unwrap();
+    t.write_all(&0x7074_6372u32.to_le_bytes()).unwrap();
+    drop(t);
+    assert_eq!(events(&mut cm, 1), vec![CmRefusal::Malformed]);
+    // Three may wait in handshakes (this fabric's allowance); the fourth is
+    // closed at once.
+    let idle: Vec<_> = (0..4)
+        .map(|_| std::net::TcpStream::connect(&target).unwrap())
+        .collect();
+    assert_eq!(events(&mut cm, 1), vec![CmRefusal::Handshakes]);
+    drop(idle);
+    cm.admit(std::sync::Arc::new(|ip: std::net::IpAddr| {
+        !ip.is_loopback()
+    }));
+    let _c = std::net::TcpStream::connect(&target).unwrap();
+    let got = events(&mut cm, 1);
+    assert_eq!(got, vec![CmRefusal::Access]);
+}

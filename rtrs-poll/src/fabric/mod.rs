@@ -412,7 +412,40 @@ pub enum CmEvent {
         /// Which connection.
         id: ConnId,
     },
+    /// The fabric turned a peer away before its connect request reached
+    /// the application (the connection is closed; nothing to answer). For
+    /// the application's logs and counters.
+    Refused {
+        /// The listener it came to.
+        listener: ConnId,
+        /// The peer's address.
+        peer: String,
+        /// What for.
+        why: CmRefusal,
+        /// Details for the log.
+        detail: String,
+    },
 }
+
+/// Why a fabric turned a peer away at the door.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CmRefusal {
+    /// Its address is not admitted ([`Cm::admit`]).
+    Access,
+    /// It failed the listener's authentication (no key, or another key).
+    Auth,
+    /// Its handshake was malformed.
+    Malformed,
+    /// Its handshake did not finish in time.
+    TimedOut,
+    /// Too many of its connections are in handshakes already.
+    Handshakes,
+    /// No file descriptors (or memory) were left to take it.
+    Resources,
+}
+
+/// Which source addresses a listener admits (see [`Cm::admit`]).
+pub type Admit = std::sync::Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
 
 impl CmEvent {
     /// The connection the event is about.
@@ -423,6 +456,7 @@ impl CmEvent {
             | CmEvent::Rejected { id, .. }
             | CmEvent::Unreachable { id, .. }
             | CmEvent::Disconnected { id } => *id,
+            CmEvent::Refused { listener, .. } => *listener,
         }
     }
 }
@@ -432,6 +466,14 @@ impl CmEvent {
 pub trait Cm<F: Fabric>: Send {
     /// Listens on `addr`; connect requests arrive as [`CmEvent::ConnectRequest`].
     fn listen(&mut self, addr: &Address) -> Result<ConnId>;
+    /// Turns away at the door the peers whose source address `admit`
+    /// refuses, on every listener (tcp: closed right after `accept`, before
+    /// they take a handshake slot; reported as [`CmEvent::Refused`]).
+    /// Fabrics that only learn the address with the connect request ignore
+    /// it (the application checks the request).
+    fn admit(&mut self, admit: Admit) {
+        let _ = admit;
+    }
     /// Starts connecting `qp` to `addr` with `private_data`; the outcome arrives
     /// as an event ([`CmEvent::Established`], `Rejected` or `Unreachable`).
     fn connect(&mut self, addr: &Address, qp: &F::Qp, private_data: &[u8]) -> Result<ConnId>;

@@ -12,7 +12,9 @@
 use super::con::{SrvCon, RKEY_RSP_LEN};
 use super::path::{PathState, SrvPath};
 use super::{ClosedPath, ConInfo, Handler, Place, Refusal, SrvConfig, SrvError, SrvEvent};
-use crate::fabric::{memory, Access, Address, Cm, CmEvent, ConnId, Fabric, Mr, Pd, QpCap};
+use crate::fabric::{
+    memory, Access, Address, Cm, CmEvent, CmRefusal, ConnId, Fabric, Mr, Pd, QpCap,
+};
 use crate::proto::imm::ImmLayout;
 use crate::proto::{
     ConnReq, ConnReqRepr, ConnRspRepr, MAX_HDR_SIZE, MAX_PATHS_NUM, PRIVATE_DATA_LEN,
@@ -69,6 +71,9 @@ struct ConRef {
     cid: u16,
 }
 
+/// At most one refusal log line per kind this often.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+
 /// How soon the control thread offers a connection again to a core whose
 /// inbox was full.
 const UNPLACED_RETRY: Duration = Duration::from_millis(1);
@@ -94,6 +99,9 @@ pub(crate) struct SrvControl<F: Fabric, H: Handler> {
     shared: Arc<Shared<F>>,
     callbacks: Vec<OnEvent>,
     cm_failing: bool,
+    /// Refusal log lines: when the last went out per kind, and how many
+    /// refusals came since.
+    log_gate: HashMap<Refusal, (Instant, u64)>,
 }
 
 impl<F: Fabric, H: Handler> SrvControl<F, H> {
@@ -123,6 +131,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             shared,
             callbacks: Vec::new(),
             cm_failing: false,
+            log_gate: HashMap::new(),
         }
     }
 
@@ -131,6 +140,11 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             SrvEvent::PathUp { .. } => tracing::info!("{ev}"),
             _ => tracing::warn!("{ev}"),
         }
+        self.notify(ev);
+    }
+
+    /// Tells the embedder's callbacks and subscribers (no log line).
+    fn notify(&mut self, ev: SrvEvent) {
         for f in &mut self.callbacks {
             f(&ev);
         }
@@ -141,12 +155,31 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
 
     fn refuse(&mut self, peer: &str, r: Refused) {
         self.shared.counters.refused(r.kind);
-        self.emit(SrvEvent::Refused {
+        let ev = SrvEvent::Refused {
             peer: peer.to_string(),
             kind: r.kind,
             errno: -r.errno,
             why: r.why,
-        });
+        };
+        // A flood is not a flood of log lines: one line per kind per
+        // second, then how many more there were (every one is counted and
+        // reaches the event subscribers).
+        let now = Instant::now();
+        let gate = self.log_gate.entry(r.kind).or_insert((now, 0));
+        if now.saturating_duration_since(gate.0) >= REFUSAL_LOG_EVERY || gate.1 == 0 {
+            let more = gate.1.saturating_sub(1);
+            *gate = (now, 1);
+            if more > 0 {
+                tracing::warn!(
+                    "{more} more refusals of kind {} in the last second",
+                    r.kind.name()
+                );
+            }
+            self.emit(ev);
+        } else {
+            gate.1 += 1;
+            self.notify(ev);
+        }
     }
 
     fn publish_sessions(&self) {
@@ -297,6 +330,19 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                 if let Some(path) = self.path_of(id) {
                     path.close(DownReason::Disconnected { cid });
                 }
+            }
+            CmEvent::Refused {
+                peer, why, detail, ..
+            } => {
+                let (kind, errno) = match why {
+                    CmRefusal::Access => (Refusal::Access, libc::EACCES),
+                    CmRefusal::Auth => (Refusal::Auth, libc::EACCES),
+                    CmRefusal::Malformed => (Refusal::Protocol, libc::EPROTO),
+                    CmRefusal::TimedOut => (Refusal::Timeout, libc::ETIMEDOUT),
+                    CmRefusal::Handshakes => (Refusal::Handshakes, libc::EBUSY),
+                    CmRefusal::Resources => (Refusal::Resources, libc::EMFILE),
+                };
+                self.refuse(&peer, refused(kind, errno, detail));
             }
             _ => {}
         }

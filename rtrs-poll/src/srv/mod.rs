@@ -192,6 +192,12 @@ pub enum Refusal {
     Memory,
     /// A path between these addresses exists (-EEXIST).
     Duplicate,
+    /// The peer failed the listener's authentication (tcp pre-shared key).
+    Auth,
+    /// The peer's handshake did not finish in time (the fabric's).
+    Timeout,
+    /// No file descriptors or memory were left to take the connection.
+    Resources,
 }
 
 impl Refusal {
@@ -206,6 +212,9 @@ impl Refusal {
             Refusal::Handshakes => "handshakes",
             Refusal::Memory => "memory",
             Refusal::Duplicate => "duplicate",
+            Refusal::Auth => "auth",
+            Refusal::Timeout => "timeout",
+            Refusal::Resources => "resources",
         }
     }
 }
@@ -500,6 +509,13 @@ impl<F: Fabric, H: Handler> Server<F, H> {
         let layout = cfg.layout()?;
         let pd = fabric.alloc_pd()?;
         let mut cm = fabric.create_cm()?;
+        if !cfg.limits.allow.is_empty() {
+            // Turned away at the door where the fabric can (tcp), before a
+            // handshake slot or a descriptor is spent; checked again on
+            // every connect request (rdma, and shm peers are exempt).
+            let limits = cfg.limits.clone();
+            crate::fabric::Cm::admit(&mut cm, Arc::new(move |ip| limits.allows(ip)));
+        }
         let lid = crate::fabric::Cm::listen(&mut cm, addr)?;
         tracing::info!(%addr, "listening");
         let shared = Arc::new(Shared::default());

@@ -34,6 +34,12 @@ fn open<B: Backend>(addr: &Address, name: &str) -> Result<TestClient<B::F>, i32>
             reason: DownReason::Rejected { errno, .. },
             ..
         }) => Err(errno),
+        // A fabric that turns the peer away at the door (tcp: not
+        // admitted) says so before the RTRS exchange.
+        Err(CltError::PathDown {
+            reason: DownReason::Unreachable { why, .. },
+            ..
+        }) if why.contains("does not admit") => Err(-libc::EACCES),
         Err(e) => panic!("{name}: {e}"),
     }
 }

@@ -94,6 +94,9 @@ impl<F: Fabric> FaultCm<F> {
 }
 
 impl<F: Fabric> Cm<FaultFabric<F>> for FaultCm<F> {
+    fn admit(&mut self, admit: crate::fabric::Admit) {
+        self.inner.admit(admit);
+    }
     fn listen(&mut self, addr: &Address) -> Result<ConnId> {
         let id = self.inner.listen(addr)?;
         self.listeners.insert(id, self.faults.link_state(addr));

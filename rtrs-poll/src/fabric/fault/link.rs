@@ -92,6 +92,8 @@ pub enum CmEventKind {
     Unreachable,
     /// [`CmEvent::Disconnected`] (both sides).
     Disconnected,
+    /// [`CmEvent::Refused`] (passive side).
+    Refused,
 }
 
 impl CmEventKind {
@@ -103,6 +105,7 @@ impl CmEventKind {
             CmEvent::Rejected { .. } => CmEventKind::Rejected,
             CmEvent::Unreachable { .. } => CmEventKind::Unreachable,
             CmEvent::Disconnected { .. } => CmEventKind::Disconnected,
+            CmEvent::Refused { .. } => CmEventKind::Refused,
         }
     }
     fn index(self) -> usize {
@@ -110,7 +113,7 @@ impl CmEventKind {
     }
 }
 
-const KINDS: usize = 5;
+const KINDS: usize = 6;
 
 /// What the faults of a link (or of every link) did, as counted when they
 /// fired.

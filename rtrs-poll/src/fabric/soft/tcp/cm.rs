@@ -11,6 +11,16 @@
 //!  Established
 //!  FIN / RST / TCP user timeout <─────>  Disconnected event, QP flushed
 //! ```
+//! With a pre-shared key ([`TcpConfig::auth`](super::TcpConfig)), a mutual
+//! challenge-response comes first (HELLO, CHALLENGE, PROOF: see
+//! [`auth`](super::auth)); a peer without the key never gets to send a REQ.
+//! Before that, at the door: a source address the application does not
+//! admit, or a host with too many connections in handshakes already, is
+//! closed right after `accept`; out of descriptors (EMFILE), the listener
+//! sheds the connection at the head of its backlog with a spare descriptor
+//! and rests a moment, so it neither spins nor leaves peers hanging. Each is
+//! a [`CmEvent::Refused`] for the application to log and count.
+//!
 //! Messages are 96 bytes, read exactly, so nothing after them is consumed
 //! here. The passive QP is ready to send from `accept` on (as after
 //! rdma_accept), so its core reads the stream from the RTU on; the CM learns
@@ -19,12 +29,15 @@
 //! peer go away; the core that drives the QP sees the same end of stream and
 //! flushes.
 
+use super::auth::{self, AuthKey, Role, NONCE_LEN, PROOF_LEN};
 use super::{sock, Link, QpShared, TcpFabric, TcpQp};
 use crate::fabric::{
-    Address, Cm, CmEvent, ConnId, FabricError, PrivateData, QpState, Result, MAX_PRIVATE_DATA,
+    Address, Admit, Cm, CmEvent, CmRefusal, ConnId, FabricError, PrivateData, QpState, Result,
+    MAX_PRIVATE_DATA,
 };
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::net::IpAddr;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -43,6 +56,46 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_WAIT_MS: i32 = 0;
 /// How often `poll_event` looks for an accepted QP's RTU.
 const RTU_POLL: Duration = Duration::from_millis(1);
+/// How long a listener rests after running out of descriptors.
+const FD_REST: Duration = Duration::from_millis(50);
+/// Where the auth messages carry their nonce and proof.
+const NONCE_AT: usize = 8;
+const PROOF_AT: usize = NONCE_AT + NONCE_LEN;
+
+/// Why an AUTH_FAIL (its byte 8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AuthFail {
+    /// The listener needs a key; the peer sent none.
+    KeyRequired = 1,
+    /// The proof did not match: another key.
+    BadProof = 2,
+    /// The peer offered a key; this listener has none.
+    NoKey = 3,
+    /// The listener does not admit the peer's address.
+    NotAdmitted = 4,
+    /// Too many of the peer's connections are in handshakes.
+    Busy = 5,
+}
+
+impl AuthFail {
+    fn from_byte(b: u8) -> &'static str {
+        match b {
+            1 => "the listener requires a pre-shared key (--auth-key) and we have none",
+            2 => "the listener refused our proof: our pre-shared keys differ",
+            3 => "the listener has no pre-shared key, so it cannot prove it holds ours",
+            4 => "the listener does not admit our address (its --allow)",
+            5 => "the listener has too many of our connections in handshakes",
+            _ => "the listener refused our authentication",
+        }
+    }
+}
+
+/// What the CM of a fabric is set up with.
+#[derive(Clone, Debug)]
+pub(super) struct CmConfig {
+    pub auth: Option<Arc<AuthKey>>,
+    pub max_pending_per_host: usize,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -51,6 +104,19 @@ enum Kind {
     Acc = 2,
     Rej = 3,
     Rtu = 4,
+    Hello = 5,
+    Challenge = 6,
+    Proof = 7,
+    AuthFail = 8,
+}
+
+impl Kind {
+    fn is_auth(self) -> bool {
+        matches!(
+            self,
+            Kind::Hello | Kind::Challenge | Kind::Proof | Kind::AuthFail
+        )
+    }
 }
 
 /// A CM message: the kind, the sender's QP limits, and the private data.
@@ -61,6 +127,10 @@ struct Msg {
     max_send_wr: u32,
     max_recv_wr: u32,
     pdata: PrivateData,
+    /// Auth messages: the sender's nonce (HELLO, CHALLENGE), and its proof
+    /// (CHALLENGE, PROOF); AUTH_FAIL: its reason in `nonce[0]`.
+    nonce: [u8; NONCE_LEN],
+    proof: [u8; PROOF_LEN],
 }
 
 impl Msg {
@@ -71,7 +141,21 @@ impl Msg {
             max_send_wr: 0,
             max_recv_wr: 0,
             pdata: PrivateData::empty(),
+            nonce: [0; NONCE_LEN],
+            proof: [0; PROOF_LEN],
         }
+    }
+    fn auth(kind: Kind, nonce: [u8; NONCE_LEN], proof: [u8; PROOF_LEN]) -> Msg {
+        Msg {
+            nonce,
+            proof,
+            ..Msg::bare(kind)
+        }
+    }
+    fn auth_fail(why: AuthFail) -> Msg {
+        let mut nonce = [0; NONCE_LEN];
+        nonce[0] = why as u8;
+        Msg::auth(Kind::AuthFail, nonce, [0; PROOF_LEN])
     }
     fn with_qp(kind: Kind, qp: &QpShared, pdata: PrivateData) -> Msg {
         let cap = qp.cap();
@@ -81,6 +165,7 @@ impl Msg {
             max_send_wr: cap.max_send_wr,
             max_recv_wr: cap.max_recv_wr,
             pdata,
+            ..Msg::bare(kind)
         }
     }
     fn encode(&self) -> [u8; MSG_LEN] {
@@ -88,6 +173,11 @@ impl Msg {
         b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         b[4..6].copy_from_slice(&VERSION.to_le_bytes());
         b[6] = self.kind as u8;
+        if self.kind.is_auth() {
+            b[NONCE_AT..NONCE_AT + NONCE_LEN].copy_from_slice(&self.nonce);
+            b[PROOF_AT..PROOF_AT + PROOF_LEN].copy_from_slice(&self.proof);
+            return b;
+        }
         let p = self.pdata.as_bytes();
         b[7] = p.len() as u8;
         b[8..12].copy_from_slice(&self.qp_num.to_le_bytes());
@@ -111,8 +201,18 @@ impl Msg {
             2 => Kind::Acc,
             3 => Kind::Rej,
             4 => Kind::Rtu,
+            5 => Kind::Hello,
+            6 => Kind::Challenge,
+            7 => Kind::Proof,
+            8 => Kind::AuthFail,
             _ => return Err(FabricError::Protocol("unknown tcp CM message")),
         };
+        if kind.is_auth() {
+            let mut m = Msg::bare(kind);
+            m.nonce.copy_from_slice(&b[NONCE_AT..NONCE_AT + NONCE_LEN]);
+            m.proof.copy_from_slice(&b[PROOF_AT..PROOF_AT + PROOF_LEN]);
+            return Ok(m);
+        }
         let plen = usize::from(b[7]);
         if plen > MAX_PRIVATE_DATA {
             return Err(FabricError::Protocol("private data too long"));
@@ -123,6 +223,7 @@ impl Msg {
             max_send_wr: u32_at(12),
             max_recv_wr: u32_at(16),
             pdata: PrivateData::new(&b[PDATA_AT..PDATA_AT + plen])?,
+            ..Msg::bare(kind)
         })
     }
 }
@@ -131,9 +232,15 @@ impl Msg {
 enum St {
     /// Active: TCP connect in progress; the REQ goes once it completes.
     TcpConnecting,
+    /// Active, with a key: HELLO sent, waiting for the CHALLENGE.
+    AwaitChallenge,
     /// Active: REQ sent, waiting for ACC or REJ.
     AwaitAcc,
-    /// Passive: socket accepted, waiting for REQ.
+    /// Passive, with a key: socket accepted, waiting for HELLO.
+    AwaitHello,
+    /// Passive, with a key: CHALLENGE sent, waiting for PROOF.
+    AwaitProof,
+    /// Passive: socket accepted (and authenticated), waiting for REQ.
     AwaitReq,
     /// Passive: REQ reported, waiting for the application's accept/reject.
     Requested,
@@ -160,6 +267,17 @@ struct Conn {
     /// Passive, accepted: the stream holds something other than an RTU at
     /// its start, so the QP's core has taken the RTU (or will refuse it).
     rtu_taken: bool,
+    /// Passive: the peer's address (per-host handshake limit).
+    ip: Option<IpAddr>,
+    /// With a key: (the active side's nonce, the passive side's).
+    nonces: ([u8; NONCE_LEN], [u8; NONCE_LEN]),
+}
+
+impl Conn {
+    /// A passive connection not yet past its REQ (a handshake slot).
+    fn in_handshake(&self) -> bool {
+        matches!(self.st, St::AwaitHello | St::AwaitProof | St::AwaitReq)
+    }
 }
 
 /// The tcp connection manager (runs on the slow-path thread).
@@ -168,6 +286,15 @@ pub struct TcpCm {
     listeners: HashMap<ConnId, TcpListener>,
     conns: HashMap<ConnId, Conn>,
     events: VecDeque<CmEvent>,
+    cfg: CmConfig,
+    admit: Option<Admit>,
+    /// A descriptor kept free, given up to shed one connection when the
+    /// process runs out (EMFILE).
+    spare: Option<std::fs::File>,
+    /// Listeners resting after running out of descriptors, until when.
+    resting: HashMap<ConnId, Instant>,
+    /// Out of descriptors now (logged once per episode).
+    starved: bool,
 }
 
 impl std::fmt::Debug for TcpCm {
@@ -190,41 +317,116 @@ fn send_msg(stream: &TcpStream, m: &Msg) -> Result<()> {
     }
 }
 
-/// Reads what has arrived of the next message: Ok(Some) once whole, Ok(None)
-/// while incomplete, Err on EOF or error. Never reads past the message.
-fn read_msg(c: &mut Conn) -> std::result::Result<Option<Msg>, String> {
-    loop {
-        match sock::recv(c.stream.as_raw_fd(), &mut c.rbuf[c.rlen..]) {
-            Ok(0) => return Err("peer closed the connection".into()),
-            Ok(n) => {
-                c.rlen += n;
-                if c.rlen == MSG_LEN {
-                    c.rlen = 0;
-                    return Msg::decode(&c.rbuf).map(Some).map_err(|e| e.to_string());
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("recv: {e}")),
+/// Tells a peer turned away at the door why (best effort, never waits:
+/// its first message may not have come yet), then it is closed.
+fn turn_away(stream: &TcpStream, why: AuthFail) {
+    if stream.set_nonblocking(true).is_ok() {
+        if let Err(e) = send_msg(stream, &Msg::auth_fail(why)) {
+            tracing::debug!("tcp CM: telling a peer it is turned away: {e}");
         }
     }
 }
 
-impl Default for TcpCm {
-    fn default() -> Self {
-        TcpCm::new()
+/// Why no message came.
+enum ReadErr {
+    /// Not a valid message, or a stream cut in the middle of one.
+    Malformed(String),
+    /// The stream ended (between messages) or failed.
+    Closed(String),
+}
+
+/// Reads what has arrived of the next message: Ok(Some) once whole, Ok(None)
+/// while incomplete, Err on EOF or error. Never reads past the message.
+fn read_msg(c: &mut Conn) -> std::result::Result<Option<Msg>, ReadErr> {
+    loop {
+        match sock::recv(c.stream.as_raw_fd(), &mut c.rbuf[c.rlen..]) {
+            Ok(0) if c.rlen > 0 => {
+                let why = format!("the stream ended {} bytes into a message", c.rlen);
+                return Err(ReadErr::Malformed(why));
+            }
+            Ok(0) => return Err(ReadErr::Closed("peer closed the connection".into())),
+            Ok(n) => {
+                c.rlen += n;
+                if c.rlen == MSG_LEN {
+                    c.rlen = 0;
+                    return Msg::decode(&c.rbuf)
+                        .map(Some)
+                        .map_err(|e| ReadErr::Malformed(e.to_string()));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadErr::Closed(format!("recv: {e}"))),
+        }
     }
 }
 
 impl TcpCm {
     /// A connection manager with no listeners or connections.
-    pub fn new() -> TcpCm {
+    pub(super) fn new(cfg: CmConfig) -> TcpCm {
         TcpCm {
             next_id: 1,
             listeners: HashMap::new(),
             conns: HashMap::new(),
             events: VecDeque::new(),
+            cfg,
+            admit: None,
+            spare: None,
+            resting: HashMap::new(),
+            starved: false,
         }
+    }
+
+    /// Closes a passive connection before its REQ and tells the
+    /// application why.
+    fn refuse(&mut self, id: ConnId, why: CmRefusal, detail: &str) {
+        if let Some(c) = self.conns.get(&id) {
+            let (listener, peer) = (c.listener, c.peer.clone());
+            self.close(id, None, false);
+            self.events.push_back(CmEvent::Refused {
+                listener,
+                peer,
+                why,
+                detail: detail.to_string(),
+            });
+        }
+    }
+
+    /// Sends an AUTH_FAIL (best effort: the connection closes next).
+    fn auth_fail(&mut self, id: ConnId, why: AuthFail, detail: &str) {
+        if let Some(c) = self.conns.get(&id) {
+            if let Err(e) = send_msg(&c.stream, &Msg::auth_fail(why)) {
+                tracing::debug!("tcp CM: AUTH_FAIL to {}: {e}", c.peer);
+            }
+        }
+        self.refuse(id, CmRefusal::Auth, detail);
+    }
+
+    /// Out of descriptors: shed the connection at the head of `listener`'s
+    /// backlog with the spare descriptor (its peer hears a close, not
+    /// silence) and let the listener rest a moment (no spinning on a
+    /// listener that stays readable).
+    fn starving(&mut self, listener: ConnId, e: &io::Error) {
+        if !self.starved {
+            self.starved = true;
+            tracing::warn!(
+                "tcp CM: out of file descriptors ({e}): new connections are closed at once \
+                 until some free up"
+            );
+        }
+        self.spare = None;
+        let shed = self.listeners.get(&listener).and_then(|l| l.accept().ok());
+        if let Some((stream, peer)) = shed {
+            drop(stream);
+            self.events.push_back(CmEvent::Refused {
+                listener,
+                peer: format!("tcp:{peer}"),
+                why: CmRefusal::Resources,
+                detail: format!("no file descriptors left ({e})"),
+            });
+        }
+        self.spare = std::fs::File::open("/dev/null").ok();
+        self.resting.insert(listener, Instant::now() + FD_REST);
     }
 
     fn id(&mut self) -> ConnId {
@@ -259,26 +461,82 @@ impl TcpCm {
             let (stream, peer) = match l.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
+                    return self.starving(listener, &e);
+                }
+                // The peer gave up before we took it (ECONNABORTED), or a
+                // firewall said no: that one is gone, the next may be fine.
+                Err(e) => {
+                    tracing::debug!("tcp CM: accept: {e}");
+                    continue;
+                }
             };
-            if sock::tune(&stream).is_err() {
+            if self.starved {
+                self.starved = false;
+                tracing::info!("tcp CM: file descriptors are free again");
+            }
+            if self.spare.is_none() {
+                self.spare = std::fs::File::open("/dev/null").ok();
+            }
+            let ip = peer.ip();
+            let peer = format!("tcp:{peer}");
+            let refused = |why, detail: String| CmEvent::Refused {
+                listener,
+                peer: peer.clone(),
+                why,
+                detail,
+            };
+            if self.admit.as_ref().is_some_and(|admit| !admit(ip)) {
+                turn_away(&stream, AuthFail::NotAdmitted);
+                self.events
+                    .push_back(refused(CmRefusal::Access, "not in the allowlist".into()));
+                continue;
+            }
+            let pending = self
+                .conns
+                .values()
+                .filter(|c| c.ip == Some(ip) && c.in_handshake())
+                .count();
+            if pending >= self.cfg.max_pending_per_host {
+                turn_away(&stream, AuthFail::Busy);
+                self.events.push_back(refused(
+                    CmRefusal::Handshakes,
+                    format!("{pending} connections of this host are in handshakes already"),
+                ));
+                continue;
+            }
+            if let Err(e) = sock::tune(&stream) {
+                tracing::debug!("tcp CM: {peer}: {e}");
                 continue;
             }
             let id = self.id();
+            let st = if self.cfg.auth.is_some() {
+                St::AwaitHello
+            } else {
+                St::AwaitReq
+            };
             self.conns.insert(
                 id,
                 Conn {
                     stream,
-                    st: St::AwaitReq,
+                    st,
                     qp: None,
                     listener,
-                    peer: format!("tcp:{peer}"),
+                    peer,
                     req: None,
                     out: None,
                     rbuf: [0; MSG_LEN],
                     rlen: 0,
                     deadline: Some(Instant::now() + CONNECT_TIMEOUT),
                     rtu_taken: false,
+                    ip: Some(ip),
+                    nonces: ([0; NONCE_LEN], [0; NONCE_LEN]),
                 },
             );
         }
@@ -300,6 +558,20 @@ impl TcpCm {
             .out
             .take()
             .expect("connecting connections carry their REQ");
+        if self.cfg.auth.is_some() {
+            // The REQ waits for the listener's proof.
+            let nonce = match auth::nonce() {
+                Ok(n) => n,
+                Err(e) => return self.gone(id, &format!("no random nonce: {e}")),
+            };
+            c.nonces.0 = nonce;
+            c.out = Some(req);
+            if let Err(e) = send_msg(&c.stream, &Msg::auth(Kind::Hello, nonce, [0; PROOF_LEN])) {
+                return self.gone(id, &e.to_string());
+            }
+            c.st = St::AwaitChallenge;
+            return;
+        }
         if let Err(e) = send_msg(&c.stream, &req) {
             return self.gone(id, &e.to_string());
         }
@@ -310,10 +582,22 @@ impl TcpCm {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        let (in_handshake, st) = (c.in_handshake(), c.st);
         match read_msg(c) {
             Ok(None) => {}
             Ok(Some(m)) => self.handle(id, m),
-            Err(why) => self.gone(id, &why),
+            // It sent something that is not a whole, valid message.
+            Err(ReadErr::Malformed(why)) if in_handshake => {
+                self.refuse(id, CmRefusal::Malformed, &why)
+            }
+            // It had our challenge and left without proving the key (a
+            // client that found our proof wrong: another key).
+            Err(ReadErr::Closed(_)) if st == St::AwaitProof => self.refuse(
+                id,
+                CmRefusal::Auth,
+                "left without proving it holds the key (another key?)",
+            ),
+            Err(ReadErr::Malformed(why) | ReadErr::Closed(why)) => self.gone(id, &why),
         }
     }
 
@@ -357,14 +641,14 @@ impl TcpCm {
         let (ev, broken) = match c.st {
             St::Established => (Some(CmEvent::Disconnected { id }), false),
             St::AwaitRtu => (Some(CmEvent::Disconnected { id }), true),
-            St::TcpConnecting | St::AwaitAcc => (
+            St::TcpConnecting | St::AwaitChallenge | St::AwaitAcc => (
                 Some(CmEvent::Unreachable {
                     id,
                     reason: why.to_string(),
                 }),
                 false,
             ),
-            St::AwaitReq | St::Requested => (None, false),
+            St::AwaitHello | St::AwaitProof | St::AwaitReq | St::Requested => (None, false),
         };
         self.close(id, ev, broken);
     }
@@ -384,6 +668,69 @@ impl TcpCm {
             return;
         };
         match (c.st, m.kind) {
+            (St::AwaitHello, Kind::Hello) => {
+                let Some(key) = self.cfg.auth.clone() else {
+                    return self.gone(id, "no key");
+                };
+                let nonce_p = match auth::nonce() {
+                    Ok(n) => n,
+                    Err(e) => return self.gone(id, &format!("no random nonce: {e}")),
+                };
+                c.nonces = (m.nonce, nonce_p);
+                let proof = key.prove(Role::Passive, &m.nonce, &nonce_p);
+                if let Err(e) = send_msg(&c.stream, &Msg::auth(Kind::Challenge, nonce_p, proof)) {
+                    return self.gone(id, &e.to_string());
+                }
+                c.st = St::AwaitProof;
+            }
+            (St::AwaitHello, _) => self.auth_fail(
+                id,
+                AuthFail::KeyRequired,
+                "no pre-shared key: the listener requires one",
+            ),
+            (St::AwaitProof, Kind::Proof) => {
+                let ok = self
+                    .cfg
+                    .auth
+                    .as_ref()
+                    .is_some_and(|k| k.check(Role::Active, &c.nonces.0, &c.nonces.1, &m.proof));
+                if !ok {
+                    return self.auth_fail(id, AuthFail::BadProof, "wrong pre-shared key");
+                }
+                c.st = St::AwaitReq;
+            }
+            (St::AwaitProof, _) => self.auth_fail(id, AuthFail::BadProof, "no proof of the key"),
+            (St::AwaitReq, Kind::Hello) => self.auth_fail(
+                id,
+                AuthFail::NoKey,
+                "the peer offers a pre-shared key; this listener has none",
+            ),
+            (St::AwaitChallenge, Kind::Challenge) => {
+                let Some(key) = self.cfg.auth.clone() else {
+                    return self.gone(id, "no key");
+                };
+                if !key.check(Role::Passive, &c.nonces.0, &m.nonce, &m.proof) {
+                    return self.gone(
+                        id,
+                        "authentication failed: the listener does not hold our pre-shared key",
+                    );
+                }
+                let proof = key.prove(Role::Active, &c.nonces.0, &m.nonce);
+                let req = c
+                    .out
+                    .take()
+                    .expect("a connection awaiting its challenge keeps its REQ");
+                if let Err(e) = send_msg(&c.stream, &Msg::auth(Kind::Proof, [0; NONCE_LEN], proof))
+                    .and_then(|()| send_msg(&c.stream, &req))
+                {
+                    return self.gone(id, &e.to_string());
+                }
+                c.st = St::AwaitAcc;
+            }
+            (St::AwaitChallenge | St::AwaitAcc, Kind::AuthFail) => {
+                let why = format!("refused: {}", AuthFail::from_byte(m.nonce[0]));
+                self.gone(id, &why)
+            }
             (St::AwaitReq, Kind::Req) => {
                 c.st = St::Requested;
                 c.req = Some(m);
@@ -424,6 +771,10 @@ impl TcpCm {
                 }),
                 false,
             ),
+            (st, kind) if c.in_handshake() => {
+                let why = format!("unexpected {kind:?} in state {st:?}");
+                self.refuse(id, CmRefusal::Malformed, &why)
+            }
             (st, kind) => {
                 tracing::warn!("tcp CM: unexpected {kind:?} in state {st:?}; closing");
                 self.gone(id, "protocol error");
@@ -457,6 +808,9 @@ impl Drop for TcpCm {
 }
 
 impl Cm<TcpFabric> for TcpCm {
+    fn admit(&mut self, admit: Admit) {
+        self.admit = Some(admit);
+    }
     fn listen(&mut self, addr: &Address) -> Result<ConnId> {
         let sa = sock::resolve(addr)?;
         let l = TcpListener::bind(sa).map_err(|e| {
@@ -511,6 +865,8 @@ impl Cm<TcpFabric> for TcpCm {
                 rlen: 0,
                 deadline: Some(Instant::now() + CONNECT_TIMEOUT),
                 rtu_taken: false,
+                ip: None,
+                nonces: ([0; NONCE_LEN], [0; NONCE_LEN]),
             },
         );
         // A connect that completes at once (the usual case on a LAN) sends
@@ -618,7 +974,15 @@ impl Cm<TcpFabric> for TcpCm {
             .map(|(id, _)| *id)
             .collect();
         for id in late {
-            self.gone(id, "timed out");
+            if self.conns.get(&id).is_some_and(Conn::in_handshake) {
+                self.refuse(
+                    id,
+                    CmRefusal::TimedOut,
+                    "the handshake did not finish in time",
+                );
+            } else {
+                self.gone(id, "timed out");
+            }
         }
         if let Some(e) = self.events.pop_front() {
             return Ok(Some(e));
@@ -631,7 +995,12 @@ impl Cm<TcpFabric> for TcpCm {
         };
         let mut ids = Vec::with_capacity(self.listeners.len() + self.conns.len());
         let mut fds = Vec::with_capacity(ids.capacity());
+        self.resting.retain(|_, until| *until > now);
         for (id, l) in &self.listeners {
+            if let Some(until) = self.resting.get(id) {
+                wait = wait.min(until.saturating_duration_since(now));
+                continue;
+            }
             ids.push((*id, None));
             fds.push(libc::pollfd {
                 fd: l.as_raw_fd(),

@@ -25,11 +25,13 @@
 //! times), and a peer that goes away (EOF, reset, or TCP's user timeout)
 //! flushes everything outstanding.
 
+mod auth;
 mod cm;
 mod sock;
 mod watch;
 mod wire;
 
+pub use auth::{AuthKey, MIN_KEY_LEN};
 pub use cm::TcpCm;
 
 use super::engine::{CoreCell, PolledQp, QpCore, SharedState, SoftCq};
@@ -54,8 +56,8 @@ const MIN_PIECE: u32 = 512;
 /// Receives per QP per poll at most (each fills the rx buffer).
 const RECV_BATCH: usize = 4;
 
-/// Sizes a fabric allocates up front.
-#[derive(Clone, Copy, Debug)]
+/// Sizes a fabric allocates up front, and its access rules.
+#[derive(Clone, Debug)]
 pub struct TcpConfig {
     /// Memory regions per PD.
     pub max_mrs: u32,
@@ -65,6 +67,24 @@ pub struct TcpConfig {
     pub rx_buf: usize,
     /// Largest payload piece per frame; longer messages stream in pieces.
     pub piece: u32,
+    /// A pre-shared key: listeners admit only peers that prove they hold
+    /// it, connects only listeners that prove it (mutual HMAC-SHA256
+    /// challenge-response before any RTRS byte).
+    pub auth: Option<Arc<AuthKey>>,
+    /// Connections one host may have between accept and its connect
+    /// request (authentication included); more are closed at once.
+    pub max_pending_per_host: usize,
+}
+
+impl TcpConfig {
+    /// This config with the pre-shared key read from `path` (see
+    /// [`AuthKey::from_file`]).
+    pub fn with_auth_key_file(self, path: &std::path::Path) -> std::result::Result<Self, String> {
+        Ok(TcpConfig {
+            auth: Some(Arc::new(AuthKey::from_file(path)?)),
+            ..self
+        })
+    }
 }
 
 impl Default for TcpConfig {
@@ -74,6 +94,8 @@ impl Default for TcpConfig {
             tx_buf: 256 << 10,
             rx_buf: 256 << 10,
             piece: 64 << 10,
+            auth: None,
+            max_pending_per_host: 64,
         }
     }
 }
@@ -143,7 +165,10 @@ impl Fabric for TcpFabric {
     }
 
     fn create_cm(&self) -> Result<TcpCm> {
-        Ok(TcpCm::new())
+        Ok(TcpCm::new(cm::CmConfig {
+            auth: self.inner.cfg.auth.clone(),
+            max_pending_per_host: self.inner.cfg.max_pending_per_host.max(1),
+        }))
     }
 }
 
