@@ -43,6 +43,12 @@ impl Mapping {
         }
         // SAFETY: fd is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // The owner's alone: a memfd is born 777, and a peer reaches it by
+        // /proc/PID/fd, which checks the file's mode too.
+        // SAFETY: fchmod on our own memfd.
+        if unsafe { libc::fchmod(fd.as_raw_fd(), 0o600) } != 0 {
+            return Err(FabricError::last_os("fchmod memfd"));
+        }
         // SAFETY: ftruncate on our own memfd.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
             return Err(FabricError::last_os("ftruncate memfd"));
@@ -185,4 +191,19 @@ fn prefetch(p: *const u8, len: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (p, len);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memfds_are_the_owners_alone() {
+        let (fd, _map) = Mapping::memfd("perm-test", 4096).unwrap();
+        // SAFETY: fstat into a zeroed stat buffer on our own descriptor.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is valid, st writable.
+        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+        assert_eq!(st.st_mode & 0o777, 0o600, "mode {:o}", st.st_mode & 0o777);
+    }
 }

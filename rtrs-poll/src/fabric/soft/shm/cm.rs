@@ -11,10 +11,16 @@
 //! ```
 //! The socket stays open for the life of the connection: when a peer process
 //! dies the kernel closes it, which is how we learn of it.
+//!
+//! An abstract socket has no file permissions, so the CM checks the peer's
+//! credentials (SO_PEERCRED) both ways: a listener serves only processes
+//! of its own user (or root), and a client talks only to a listener of its
+//! own user (or root), which is who maps its memory. The memfds themselves
+//! are the owner's alone (mode 600).
 
 use super::{Link, QpShared, ShmFabric, ShmQp};
 use crate::fabric::{
-    Address, Cm, CmEvent, ConnId, FabricError, PrivateData, Result, MAX_PRIVATE_DATA,
+    Address, Cm, CmEvent, CmRefusal, ConnId, FabricError, PrivateData, Result, MAX_PRIVATE_DATA,
 };
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -216,7 +222,8 @@ fn recv_msg(fd: RawFd) -> std::result::Result<Option<Msg>, String> {
         .map_err(|e| e.to_string())
 }
 
-fn peer_pid(fd: RawFd) -> Option<u32> {
+/// The peer's pid and uid as the kernel vouches for them.
+fn peer_cred(fd: RawFd) -> Option<(u32, u32)> {
     // SAFETY: ucred is plain old data.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
@@ -230,7 +237,15 @@ fn peer_pid(fd: RawFd) -> Option<u32> {
             &mut len,
         )
     };
-    (r == 0).then_some(cred.pid as u32)
+    (r == 0).then_some((cred.pid as u32, cred.uid))
+}
+
+/// Whether a peer of `uid` may share memory with us: our own user, or root
+/// (who can open any process's memory anyway).
+fn same_owner(uid: u32) -> bool {
+    // SAFETY: geteuid(2) cannot fail.
+    let me = unsafe { libc::geteuid() };
+    uid == me || uid == 0
 }
 
 impl Default for ShmCm {
@@ -295,9 +310,19 @@ impl ShmCm {
             }
             // SAFETY: fd is fresh and ours.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let Some(pid) = peer_pid(fd.as_raw_fd()) else {
+            let Some((pid, uid)) = peer_cred(fd.as_raw_fd()) else {
                 continue;
             };
+            if !same_owner(uid) {
+                drop(fd);
+                self.events.push_back(CmEvent::Refused {
+                    listener,
+                    peer: format!("shm:pid {pid}"),
+                    why: CmRefusal::Access,
+                    detail: format!("uid {uid} is not this listener's user"),
+                });
+                continue;
+            }
             let id = self.id();
             self.conns.insert(
                 id,
@@ -477,6 +502,21 @@ impl Cm<ShmFabric> for ShmCm {
             return Ok(id);
         }
         let qp = qp.shared().clone();
+        let Some((peer_pid, uid)) = peer_cred(fd.as_raw_fd()) else {
+            self.events.push_back(CmEvent::Unreachable {
+                id,
+                reason: "cannot learn the shm listener's credentials".into(),
+            });
+            return Ok(id);
+        };
+        if !same_owner(uid) {
+            // It would map our memory: only our own user's, or root's.
+            self.events.push_back(CmEvent::Unreachable {
+                id,
+                reason: format!("the shm listener {addr} belongs to uid {uid}, not to us"),
+            });
+            return Ok(id);
+        }
         if let Err(e) = send_msg(fd.as_raw_fd(), &Msg::with_qp(Kind::Req, &qp, pdata)) {
             self.events.push_back(CmEvent::Unreachable {
                 id,
@@ -484,7 +524,6 @@ impl Cm<ShmFabric> for ShmCm {
             });
             return Ok(id);
         }
-        let peer_pid = peer_pid(fd.as_raw_fd()).unwrap_or(0);
         self.conns.insert(
             id,
             Conn {
