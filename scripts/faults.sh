@@ -37,15 +37,6 @@ WORK=$(mktemp -d /tmp/rtrs-faults.XXXXXX)
 SRV_PID=
 CLT_PID=
 
-stop_pid() { # pid -> stops it (TERM, then KILL), waits for it
-  local p=$1
-  [ -n "$p" ] || return 0
-  kill -TERM "$p" 2>/dev/null || return 0
-  for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$p" 2>/dev/null || true
-  wait "$p" 2>/dev/null || true
-}
-
 cleanup() {
   stop_pid "$CLT_PID"
   stop_pid "$SRV_PID"

@@ -41,3 +41,13 @@ reserve_hugepages() {
   if [ "$have" -lt "$want" ]; then echo "$want" > "$f" || true; fi
   echo "hugepages reserved: $(cat "$f") x 2 MiB"
 }
+
+# Stops a process we started, by its PID: TERM, then KILL after 5 s; waits for it.
+stop_pid() {
+  local p=$1
+  [ -n "$p" ] || return 0
+  kill -TERM "$p" 2>/dev/null || return 0
+  for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
+}

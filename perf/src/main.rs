@@ -8,11 +8,13 @@
 //!                   [--mp-policy P] [--json] [--hist FILE]
 //!  rtrs-perf fabric-lat --fabric shm|tcp --size B --iters N [--json]   fabric round trips
 //!  rtrs-perf fabric-bw  --fabric shm|tcp --size B --iters N [--json]   fabric streaming
+//!  rtrs-perf hostile --target tcp:IP:PORT --attack NAME [--secs S] [--count N]   a hostile peer
 //! ```
 
 mod engine_bench;
 mod fabric_bench;
 mod floor;
+mod hostile;
 mod report;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -199,8 +201,45 @@ struct IoArgs {
     auth_key: Option<std::path::PathBuf>,
 }
 
+#[derive(clap::Args, Debug, Clone)]
+struct HostileArgs {
+    /// The server: tcp:HOST:PORT.
+    #[arg(long)]
+    target: Address,
+    /// The attack (see docs/security.md, "Hostile peers").
+    #[arg(long, value_enum)]
+    attack: hostile::Attack,
+    /// Seconds the attack lasts (it holds what it opened until then).
+    #[arg(long, default_value_t = 10.0)]
+    secs: f64,
+    /// Connections or sessions the attack opens and holds (squat,
+    /// conn-flood, idle-flood, slowloris; truncated: its stalled ones).
+    #[arg(long, default_value_t = 100)]
+    count: usize,
+    /// idle-flood: IO connections per session.
+    #[arg(long, default_value_t = 64)]
+    cons: usize,
+    /// ro-write: the RNBD device to open read-only.
+    #[arg(long, default_value = "ram0")]
+    device: String,
+    /// Print one JSON object instead of the summary line.
+    #[arg(long)]
+    json: bool,
+    /// Continuous attacks: connections or messages per second.
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    /// A file written once the attack is in place.
+    #[arg(long)]
+    ready: Option<std::path::PathBuf>,
+    /// The attack ends when this file appears (or after --secs).
+    #[arg(long)]
+    stop_file: Option<std::path::PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// A hostile peer: attacks a tcp server and says what it saw.
+    Hostile(HostileArgs),
     /// Serve RTRS sessions until Ctrl-C.
     Server(ServerArgs),
     /// Run IO against a server and report IOPS and latency.
@@ -607,6 +646,18 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Some(Cmd::Server(a)) => run_server(a),
         Some(Cmd::Client(a)) => run_client(a),
+        Some(Cmd::Hostile(a)) => hostile::run(&hostile::Opts {
+            target: a.target,
+            attack: a.attack,
+            secs: a.secs,
+            count: a.count,
+            cons: a.cons,
+            device: a.device,
+            json: a.json,
+            rate: a.rate,
+            ready: a.ready,
+            stop_file: a.stop_file,
+        }),
         Some(Cmd::Embedded {
             io,
             server_core,
