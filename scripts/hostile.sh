@@ -41,10 +41,9 @@ fi
 
 ALL=(garbage truncated oversized cm-fuzz squat conn-flood idle-flood slowloris
   emfile ro-write outside-allow no-key wrong-key)
-# The defences these need are not in yet (issue 10): idle connections that
-# cost the data core nothing, accept that survives EMFILE, read-only opens
-# that refuse writes.
-PENDING=" ${HOSTILE_PENDING-idle-flood emfile ro-write} "
+# The defences these need are not in yet: read-only opens that refuse
+# writes.
+PENDING=" ${HOSTILE_PENDING-ro-write} "
 SECS=${HOSTILE_SECS:-3}
 ROUNDS=${HOSTILE_ROUNDS:-2}
 TABLE=${HOSTILE_TABLE:-}
@@ -65,6 +64,11 @@ WORK=$(mktemp -d /tmp/rtrs-hostile.XXXXXX)
 PORT=17900
 SRV_PID=
 ATK_PID=
+GOOD_KEY=
+# Pre-shared keys for the key attacks: the listener's, and another.
+(umask 077
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/good.key"
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/wrong.key")
 
 cleanup() {
   stop_pid "$ATK_PID"
@@ -93,16 +97,17 @@ setup_net() {
   ip netns exec "$NS_S" ip link set "${TAG}sa" up
 }
 
-start_server() { # allow-list [prlimit-nofile]
-  local allow=$1 nofile=${2:-}
-  local pre=()
+start_server() { # allow-list [prlimit-nofile] [key-file]
+  local allow=$1 nofile=${2:-} key=${3:-}
+  local pre=() auth=()
+  [ -z "$key" ] || auth=(--auth-key "$key")
   [ -z "$nofile" ] || pre=(prlimit "--nofile=$nofile:$nofile")
   PORT=$((PORT + 1))
   : >"$WORK/server.log"
   # `ip netns exec`, prlimit and taskset exec: $! is the server's PID.
   ip netns exec "$NS_S" "${pre[@]}" taskset -c 0 "$RTRS" serve \
     --listen "tcp:10.78.1.2:$PORT,tcp:10.78.2.2:$PORT" --export ram0=ram:64M \
-    --cores 0 --queue-depth 128 --allow "$allow" 2>>"$WORK/server.log" &
+    --cores 0 --queue-depth 128 --allow "$allow" "${auth[@]}" 2>>"$WORK/server.log" &
   SRV_PID=$!
   for _ in $(seq 100); do
     if ip netns exec "$NS_S" ss -ltn 2>/dev/null | grep -q "10.78.2.2:$PORT"; then return 0; fi
@@ -114,8 +119,9 @@ start_server() { # allow-list [prlimit-nofile]
 }
 
 good() { # runtime out.json -> the good client's run (its status is in the JSON file's .rc)
-  local rc=0
-  ip netns exec "$NS_G" "$PERF" client --connect "tcp:10.78.1.2:$PORT" --rnbd-device ram0 \
+  local rc=0 auth=()
+  [ -z "$GOOD_KEY" ] || auth=(--auth-key "$GOOD_KEY")
+  ip netns exec "$NS_G" "$PERF" client --connect "tcp:10.78.1.2:$PORT" --rnbd-device ram0 "${auth[@]}" \
     --rw randrw --verify --bs 4k --iodepth 1 --size 64M --cores 1 --runtime "$1" \
     --connect-timeout 5 --json >"$2" 2>"$2.log" || rc=$?
   echo "$rc" >"$2.rc"
@@ -133,7 +139,8 @@ attack_args() {
     emfile) echo "--attack conn-flood --count 400" ;;
     ro-write) echo "--attack ro-write --rate 100" ;;
     outside-allow) echo "--attack outside-allow --rate 20" ;;
-    no-key|wrong-key) echo "--attack $1" ;;
+    no-key) echo "--attack no-key --rate 20" ;;
+    wrong-key) echo "--attack wrong-key --rate 20 --auth-key $WORK/wrong.key" ;;
   esac
 }
 
@@ -176,7 +183,11 @@ run_attack() { # name -> results in $WORK/$name/
   mkdir -p "$d"
   [ "$a" != outside-allow ] || allow="10.78.1.0/24"
   [ "$a" != emfile ] || nofile=256
-  start_server "$allow" "$nofile" || { echo "server did not start" >"$d/fail"; return 0; }
+  # The key attacks meet a listener with a pre-shared key (the good client
+  # holds it).
+  GOOD_KEY=
+  case $a in no-key|wrong-key) GOOD_KEY=$WORK/good.key ;; esac
+  start_server "$allow" "$nofile" "$GOOD_KEY" || { echo "server did not start" >"$d/fail"; return 0; }
   for r in $(seq "$ROUNDS"); do
     good "$SECS" "$d/alone$r.json"
     if [ "$a" = emfile ]; then

@@ -22,18 +22,14 @@
 //!  slowloris      CM REQs one byte at a time, slowly
 //!  ro-write       an RNBD device opened read-only, then written
 //!  outside-allow  sessions opened from an address the server does not allow
-//!  no-key         a session opened with no key
-//!  wrong-key      a session opened with a wrong key
+//!  no-key         sessions opened with no key against a keyed listener
+//!  wrong-key      sessions opened with another key (--auth-key FILE)
 //! ```
-//!
-//! TODO (issue 10, with the tcp pre-shared key `--auth-key`): `no-key` and
-//! `wrong-key` only open a plain session today; when the server accepts it
-//! they report "not applicable: the server asked for no key". Once the
-//! fabric's challenge-response lands, `wrong-key` must answer the challenge
-//! with a key of its own and `no-key` must stop after the REQ.
+//! The suite runs these two against a listener with a key: a session that
+//! opens is a breach.
 
 use rtrs_poll::clt::{Client, CltConfig, CltCore, PathState, ReconnectPolicy};
-use rtrs_poll::fabric::soft::tcp::TcpFabric;
+use rtrs_poll::fabric::soft::tcp::{TcpConfig, TcpFabric};
 use rtrs_poll::fabric::Address;
 use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
 use rtrs_poll::proto::{ConnReqRepr, ConnRsp, PRIVATE_DATA_LEN};
@@ -76,6 +72,8 @@ pub struct Opts {
     pub ready: Option<std::path::PathBuf>,
     /// The attack ends when this file appears (or after `secs`).
     pub stop_file: Option<std::path::PathBuf>,
+    /// The pre-shared key sessions prove (wrong-key: another one).
+    pub auth_key: Option<std::path::PathBuf>,
 }
 
 /// Whether the attack is over: its time is up, Ctrl-C, or the stop file.
@@ -697,7 +695,11 @@ fn open_session(o: &Opts, name: &str, cores: usize) -> Result<Session, String> {
         max_attempts: 0,
         ..Default::default()
     };
-    Client::open(&TcpFabric::new(), cfg).map_err(|e| e.to_string())
+    let mut tcfg = TcpConfig::default();
+    if let Some(k) = &o.auth_key {
+        tcfg = tcfg.with_auth_key_file(k)?;
+    }
+    Client::open(&TcpFabric::with_config(tcfg), cfg).map_err(|e| e.to_string())
 }
 
 fn idle_flood(o: &Opts, t: &mut Tally) {
@@ -827,20 +829,26 @@ fn outside_allow(o: &Opts, t: &mut Tally) {
     }
 }
 
+/// Against a listener with a pre-shared key (the suite starts it so):
+/// every session must be refused before any RTRS byte.
 fn no_key(o: &Opts, t: &mut Tally, which: &str) {
     ready(o, t);
-    t.made += 1;
-    match open_session(o, &format!("{which}-{}", std::process::id()), 1) {
-        Ok((clt, cores)) => {
-            t.saw("session opened");
-            t.notes.push(format!(
-                "not applicable: the server asked for no key ({which} needs the tcp \
-                 pre-shared key, issue 10)"
-            ));
-            clt.close();
-            drop(cores);
+    let end = deadline(o);
+    let mut i = 0;
+    while !over(o, end) {
+        i += 1;
+        t.made += 1;
+        match open_session(o, &format!("{which}{i}-{}", std::process::id()), 1) {
+            Ok((clt, cores)) => {
+                t.breach(format!(
+                    "{which}: a session opened without the listener's key"
+                ));
+                clt.close();
+                drop(cores);
+            }
+            Err(e) => t.saw(format!("refused: {e}")),
         }
-        Err(e) => t.saw(format!("refused: {e}")),
+        pace(o);
     }
 }
 

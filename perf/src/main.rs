@@ -234,6 +234,10 @@ struct HostileArgs {
     /// The attack ends when this file appears (or after --secs).
     #[arg(long)]
     stop_file: Option<std::path::PathBuf>,
+    /// Sessions prove this pre-shared key (wrong-key: another one than the
+    /// server's).
+    #[arg(long)]
+    auth_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -657,6 +661,7 @@ fn main() -> ExitCode {
             rate: a.rate,
             ready: a.ready,
             stop_file: a.stop_file,
+            auth_key: a.auth_key,
         }),
         Some(Cmd::Embedded {
             io,
