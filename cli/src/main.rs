@@ -101,6 +101,11 @@ struct AccessArgs {
     /// from 4 KiB pages (logged once).
     #[arg(long, value_parser = parse_bytes)]
     hugepage_limit: Option<u64>,
+    /// Memory registrations (keys) of all paths; one host may hold a
+    /// quarter (default: from the memory budget: its chunks twice, plus
+    /// 4096).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(64..=(1 << 22)))]
+    max_registrations: Option<u32>,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -130,6 +135,7 @@ impl AccessArgs {
             max_handshakes_per_host: self.max_handshakes_per_host as usize,
             handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout),
             memory_budget: self.memory_budget.unwrap_or(d.memory_budget),
+            max_registrations: self.max_registrations,
         }
     }
 

@@ -206,6 +206,13 @@ pub trait Fabric: Send + Sync + Sized + 'static {
     fn name(&self) -> &'static str;
     /// Allocates a protection domain.
     fn alloc_pd(&self) -> Result<Self::Pd>;
+    /// Allocates a protection domain for `max_mrs` registrations at most
+    /// (the software fabrics size their registration table so; a NIC has
+    /// its own limits).
+    fn alloc_pd_sized(&self, max_mrs: u32) -> Result<Self::Pd> {
+        let _ = max_mrs;
+        self.alloc_pd()
+    }
     /// Creates a connection manager (one per slow-path thread).
     fn create_cm(&self) -> Result<Self::Cm>;
     /// Whether a peer's SEND_WITH_INV can invalidate the rkeys of our MRs.

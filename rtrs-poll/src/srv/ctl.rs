@@ -531,6 +531,11 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                     })?,
                     None => self.pd.clone(),
                 };
+                self.check_registrations(peer, req.cid_num)?;
+                let sess = self
+                    .sessions
+                    .get_mut(&req.paths_uuid)
+                    .expect("the session was found above");
                 let mrs = register::<F>(&pd, &self.cfg, &sess.mem).map_err(|e| {
                     refused(
                         Refusal::Memory,
@@ -600,6 +605,39 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             self.place_waiting();
         }
         self.publish_paths();
+        Ok(())
+    }
+
+    /// The registration table's share: a new path of `cid_num` connections
+    /// from `peer` must fit in the table, and its host in a quarter of it.
+    fn check_registrations(&self, peer: &str, cid_num: u16) -> Result<(), Refused> {
+        let cap = u64::from(self.cfg.limits.registrations(self.cfg.max_chunk_size));
+        let need = path_registrations(&self.cfg, cid_num);
+        let host = host_of(peer);
+        let (mut all, mut of_host) = (0u64, 0u64);
+        for p in self.sessions.values().flat_map(|s| &s.paths) {
+            let n = path_registrations(&self.cfg, p.cid_num);
+            all += n;
+            if host_of(&p.peer) == host {
+                of_host += n;
+            }
+        }
+        if all + need > cap {
+            return Err(refused(
+                Refusal::Memory,
+                libc::ENOMEM,
+                format!("the registration table is full ({all} of {cap} held, {need} asked)"),
+            ));
+        }
+        if of_host + need > cap / 4 {
+            return Err(refused(
+                Refusal::Memory,
+                libc::ENOMEM,
+                format!(
+                    "this host holds {of_host} registrations; a host may hold a quarter of {cap}"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -828,6 +866,17 @@ fn register<F: Fabric>(
         mr.rekey()?;
     }
     Ok(mrs)
+}
+
+/// Registrations a path takes: its chunks' (one each with
+/// always_invalidate, one for them all otherwise) and one per connection.
+fn path_registrations(cfg: &SrvConfig, cid_num: u16) -> u64 {
+    let chunks = if cfg.always_invalidate {
+        u64::from(cfg.queue_depth)
+    } else {
+        1
+    };
+    chunks + u64::from(cid_num)
 }
 
 /// The host part of a peer address ("tcp:1.2.3.4:5" -> "1.2.3.4"), for the

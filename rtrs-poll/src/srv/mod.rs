@@ -77,6 +77,13 @@ pub struct Limits {
     /// Chunk memory of all sessions (queue_depth x max_chunk_size each),
     /// checked before a session is allocated (-ENOMEM beyond).
     pub memory_budget: u64,
+    /// Memory registrations (keys) of all paths: the software fabrics'
+    /// registration table is this big. None: from the budget (its chunks,
+    /// registered on two paths each, and room for connections). A path
+    /// takes queue_depth of them with always_invalidate (one otherwise)
+    /// plus one per connection; one host may hold a quarter (-ENOMEM
+    /// beyond), so no host fills the table for the others.
+    pub max_registrations: Option<u32>,
 }
 
 impl Default for Limits {
@@ -91,6 +98,7 @@ impl Default for Limits {
             max_handshakes_per_host: 256,
             handshake_timeout: Duration::from_secs(30),
             memory_budget: default_memory_budget(),
+            max_registrations: None,
         }
     }
 }
@@ -112,6 +120,15 @@ fn default_memory_budget() -> u64 {
 }
 
 impl Limits {
+    /// The registration table's size for chunks of `chunk` bytes (see
+    /// [`Limits::max_registrations`]).
+    pub fn registrations(&self, chunk: u32) -> u32 {
+        self.max_registrations.unwrap_or_else(|| {
+            let chunks = self.memory_budget / u64::from(chunk.max(1));
+            (chunks.saturating_mul(2) + 4096).min(1 << 22) as u32
+        })
+    }
+
     /// Whether `ip` may connect.
     pub fn allows(&self, ip: std::net::IpAddr) -> bool {
         self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip))
@@ -507,7 +524,7 @@ impl<F: Fabric, H: Handler> Server<F, H> {
         place: Place,
     ) -> Result<Server<F, H>, SrvError> {
         let layout = cfg.layout()?;
-        let pd = fabric.alloc_pd()?;
+        let pd = fabric.alloc_pd_sized(cfg.limits.registrations(cfg.max_chunk_size))?;
         let mut cm = fabric.create_cm()?;
         if !cfg.limits.allow.is_empty() {
             // Turned away at the door where the fabric can (tcp), before a

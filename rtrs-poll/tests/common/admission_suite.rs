@@ -14,6 +14,16 @@ use rtrs_poll::sess::DownReason;
 use rtrs_poll::srv::{Limits, Refusal, SrvConfig};
 use std::time::Duration;
 
+/// A server on `a` with `limits` (and a 64 KiB RAM disk).
+fn serve<B: Backend>(a: &Address, limits: Limits) -> TestServer {
+    TestServer::start(
+        B::fabric(),
+        std::slice::from_ref(a),
+        srv_with(limits),
+        1 << 16,
+    )
+}
+
 fn srv_with(limits: Limits) -> SrvConfig {
     SrvConfig {
         limits,
@@ -68,12 +78,7 @@ pub fn allowlist<B: Backend>() {
         allow: vec!["10.0.0.0/8".parse().unwrap()],
         ..Limits::default()
     };
-    let srv = TestServer::start(
-        B::fabric(),
-        std::slice::from_ref(&a),
-        srv_with(outside),
-        1 << 16,
-    );
+    let srv = serve::<B>(&a, outside);
     assert_eq!(open::<B>(&a, "clt-outside").err(), Some(-libc::EACCES));
     assert_eq!(count(&srv, Refusal::Access), 1);
     assert_eq!(srv.sessions(), (0, 0), "nothing was allocated for it");
@@ -86,12 +91,7 @@ pub fn allowlist<B: Backend>() {
         ],
         ..Limits::default()
     };
-    let _srv = TestServer::start(
-        B::fabric(),
-        std::slice::from_ref(&a),
-        srv_with(inside),
-        1 << 16,
-    );
+    let _srv = serve::<B>(&a, inside);
     let mut c = open::<B>(&a, "clt-inside").unwrap();
     assert_eq!(c.write(0, &[1; 512]), 0);
 }
@@ -104,12 +104,7 @@ pub fn session_and_memory_limits<B: Backend>() {
         max_sessions_per_host: 2,
         ..Limits::default()
     };
-    let srv = TestServer::start(
-        B::fabric(),
-        std::slice::from_ref(&a),
-        srv_with(limits),
-        1 << 16,
-    );
+    let srv = serve::<B>(&a, limits);
     let mut one = open::<B>(&a, "clt-1").unwrap();
     let two = open::<B>(&a, "clt-2").unwrap();
     assert_eq!(srv.sessions(), (2, 2 * per_session));
@@ -128,12 +123,7 @@ pub fn session_and_memory_limits<B: Backend>() {
         memory_budget: per_session + per_session / 2,
         ..Limits::default()
     };
-    let srv = TestServer::start(
-        B::fabric(),
-        std::slice::from_ref(&a),
-        srv_with(limits),
-        1 << 16,
-    );
+    let srv = serve::<B>(&a, limits);
     let _one = open::<B>(&a, "clt-m1").unwrap();
     assert_eq!(open::<B>(&a, "clt-m2").err(), Some(-libc::ENOMEM));
     assert_eq!(count(&srv, Refusal::Memory), 1);
@@ -144,12 +134,7 @@ pub fn session_and_memory_limits<B: Backend>() {
         max_sessions: 1,
         ..Limits::default()
     };
-    let srv = TestServer::start(
-        B::fabric(),
-        std::slice::from_ref(&a),
-        srv_with(limits),
-        1 << 16,
-    );
+    let srv = serve::<B>(&a, limits);
     let _one = open::<B>(&a, "clt-s1").unwrap();
     assert_eq!(open::<B>(&a, "clt-s2").err(), Some(-libc::ENOMEM));
     assert_eq!(count(&srv, Refusal::Sessions), 1);
@@ -166,12 +151,7 @@ pub fn handshake_squatters_are_limited_and_torn_down<B: Backend>() {
         handshake_timeout: Duration::from_millis(300),
         ..Limits::default()
     };
-    let srv = TestServer::start(
-        B::fabric(),
-        std::slice::from_ref(&a),
-        srv_with(limits),
-        1 << 16,
-    );
+    let srv = serve::<B>(&a, limits);
     let fab = B::fabric();
     // Each squatter is its own session: cid 0 of 2, then silence.
     let mut squatters = Vec::new();
@@ -223,6 +203,30 @@ pub fn paths_per_session<B: Backend>() {
     assert_eq!(count(&srv, Refusal::Paths), 1);
 }
 
+/// The registration table: sized from the limits, and one host may hold a
+/// quarter of it; a session past that is refused (-ENOMEM, counted), and
+/// served once the host's other session has gone.
+pub fn registrations_per_host<B: Backend>() {
+    let a = B::addr();
+    // A path here takes queue_depth (32) registrations plus one per
+    // connection (2): a quarter of 150 holds one such path, not two.
+    let limits = Limits {
+        max_registrations: Some(150),
+        ..Limits::default()
+    };
+    let srv = serve::<B>(&a, limits);
+    let mut first = open::<B>(&a, "clt-reg-1").unwrap();
+    assert_eq!(first.write(0, &[1; 512]), 0);
+    assert_eq!(open::<B>(&a, "clt-reg-2").err(), Some(-libc::ENOMEM));
+    assert_eq!(count(&srv, Refusal::Memory), 1);
+    drop(first);
+    eventually("the first session's registrations are given back", || {
+        srv.sessions().0 == 0
+    });
+    let mut second = open::<B>(&a, "clt-reg-3").unwrap();
+    assert_eq!(second.write(0, &[2; 512]), 0);
+}
+
 #[macro_export]
 macro_rules! admission_tests {
     ($backend:ty) => {
@@ -241,6 +245,10 @@ macro_rules! admission_tests {
             #[test]
             fn paths_per_session() {
                 ad::paths_per_session::<$backend>();
+            }
+            #[test]
+            fn registrations_per_host() {
+                ad::registrations_per_host::<$backend>();
             }
         }
     };

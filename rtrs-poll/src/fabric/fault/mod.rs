@@ -92,6 +92,13 @@ impl<F: Fabric> Fabric for FaultFabric<F> {
         })
     }
 
+    fn alloc_pd_sized(&self, max_mrs: u32) -> Result<FaultPd<F>> {
+        Ok(FaultPd {
+            inner: self.inner.alloc_pd_sized(max_mrs)?,
+            faults: self.faults.clone(),
+        })
+    }
+
     fn create_cm(&self) -> Result<FaultCm<F>> {
         Ok(FaultCm::new(self.inner.create_cm()?, self.faults.clone()))
     }

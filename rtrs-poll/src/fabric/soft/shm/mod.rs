@@ -97,11 +97,15 @@ impl Fabric for ShmFabric {
     }
 
     fn alloc_pd(&self) -> Result<ShmPd> {
+        self.alloc_pd_sized(self.inner.cfg.max_mrs)
+    }
+
+    fn alloc_pd_sized(&self, max_mrs: u32) -> Result<ShmPd> {
         let cfg = self.inner.cfg;
         Ok(ShmPd {
             inner: Arc::new(PdInner {
                 fabric: self.inner.clone(),
-                mrs: MrTable::new(cfg.max_mrs),
+                mrs: MrTable::new(max_mrs),
                 regions: RegionTable::new(cfg.max_regions)?,
             }),
         })

@@ -156,10 +156,14 @@ impl Fabric for TcpFabric {
     }
 
     fn alloc_pd(&self) -> Result<TcpPd> {
+        self.alloc_pd_sized(self.inner.cfg.max_mrs)
+    }
+
+    fn alloc_pd_sized(&self, max_mrs: u32) -> Result<TcpPd> {
         Ok(TcpPd {
             inner: Arc::new(PdInner {
                 fabric: self.inner.clone(),
-                mrs: MrTable::new(self.inner.cfg.max_mrs),
+                mrs: MrTable::new(max_mrs),
             }),
         })
     }
