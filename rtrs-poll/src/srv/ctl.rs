@@ -646,6 +646,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                 sess_uuid: path.sess_uuid,
                 cid,
                 peer: path.peer.clone(),
+                identity: path.identity().clone(),
             }),
         ))
     }

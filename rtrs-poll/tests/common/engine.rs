@@ -217,7 +217,7 @@ impl TestServer {
         cfg: SrvConfig,
         exports: Vec<rtrs_poll::rnbd::Export>,
     ) -> (TestServer, Arc<rtrs_poll::rnbd::RnbdServer>) {
-        let rnbd = rtrs_poll::rnbd::RnbdServer::new(exports, cfg.max_io_size());
+        let rnbd = rtrs_poll::rnbd::RnbdServer::new(exports, cfg.max_io_size()).unwrap();
         let (r2, r3) = (rnbd.clone(), rnbd.clone());
         let srv = Self::start_with(
             fabric,
