@@ -252,6 +252,24 @@ impl Export {
         self.size
     }
 
+    /// Takes a writer for an open in `mode` (the kernel's rule: one RW
+    /// opener, or two MIGRATION ones); false when it has them.
+    fn take_writer(&self, mode: AccessMode) -> bool {
+        match mode {
+            AccessMode::Ro => true,
+            AccessMode::Rw => self
+                .writers
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok(),
+            AccessMode::Migration => self
+                .writers
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                    (w < 2).then_some(w + 1)
+                })
+                .is_ok(),
+        }
+    }
+
     fn range(&self, off: u64, len: usize) -> Result<(), i32> {
         match off.checked_add(len as u64) {
             Some(end) if end <= self.size => Ok(()),
@@ -335,7 +353,7 @@ pub enum RnbdRefusal {
     /// OPEN for writing (RW or MIGRATION) of a read-only export (-EPERM).
     ReadOnlyExport = 1,
     /// OPEN for writing of a device that has its writers (the kernel's
-    /// rule), or of one this session has open read-only (-EPERM).
+    /// rule; a re-open for writing of a read-only open too) (-EPERM).
     WriterBusy = 2,
     /// An IO that would change a device this session opened read-only
     /// (-EPERM; nothing is written).
@@ -542,6 +560,10 @@ impl RnbdHandler {
         };
         let e = &self.srv.exports[idx];
         let mode = v.access_mode();
+        if out.len() < OpenRsp::<&[u8]>::LEN {
+            // No room for the answer: open nothing the client cannot know.
+            return -libc::EINVAL;
+        }
         // Checked on every open, a re-open too (stricter than the kernel,
         // which checks nothing on a re-open).
         if !self.allowed(e) {
@@ -558,58 +580,52 @@ impl RnbdHandler {
                 "an open for writing of a read-only export",
             );
         }
-        // The same device again in this session: the same id (and its
-        // first mode: a write re-open of a read-only open is refused).
+        // The same device again in this session: the same id. A re-open
+        // for writing of a read-only open takes a writer first (the kernel
+        // checks nothing on a re-open, but it checks no IO either).
         let open = self.sess.devs.iter().enumerate().find_map(|(id, d)| {
             let slot = d.load(Ordering::Acquire);
             (slot & SLOT_EXPORT == idx as u32 + 1).then_some((id, slot))
         });
-        let id = match open {
-            Some((_, slot))
-                if slot_mode(slot) == AccessMode::Ro as u32 && mode != AccessMode::Ro =>
-            {
-                return self.refuse(
-                    RnbdRefusal::WriterBusy,
-                    name,
-                    "an open for writing of a device this session has open read-only",
-                );
-            }
-            Some((id, _)) => id,
-            None => {
-                let ok = match mode {
-                    AccessMode::Ro => true,
-                    AccessMode::Rw => e
-                        .writers
-                        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok(),
-                    AccessMode::Migration => e
-                        .writers
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                            (w < 2).then_some(w + 1)
-                        })
-                        .is_ok(),
-                };
-                if !ok {
-                    return self.refuse(
-                        RnbdRefusal::WriterBusy,
-                        name,
-                        "an open for writing of a device that has its writers",
-                    );
-                }
-                let slot = (idx as u32 + 1) | ((mode as u32) << SLOT_MODE_SHIFT);
-                let free = self.sess.devs.iter().position(|d| {
-                    d.compare_exchange(0, slot, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                });
-                match free {
-                    Some(id) => id,
-                    None => {
-                        self.srv.release(slot);
-                        return -libc::EMFILE;
-                    }
-                }
-            }
+        let upgrade = open.filter(|&(_, slot)| {
+            slot_mode(slot) == AccessMode::Ro as u32 && mode != AccessMode::Ro
+        });
+        if let Some((id, _)) = open.filter(|_| upgrade.is_none()) {
+            return self.open_rsp(id, e, out);
+        }
+        if !e.take_writer(mode) {
+            return self.refuse(
+                RnbdRefusal::WriterBusy,
+                name,
+                "an open for writing of a device that has its writers",
+            );
+        }
+        let slot = (idx as u32 + 1) | ((mode as u32) << SLOT_MODE_SHIFT);
+        let id = match upgrade {
+            Some((id, ro)) => self.sess.devs[id]
+                .compare_exchange(ro, slot, Ordering::AcqRel, Ordering::Acquire)
+                .ok()
+                .map(|_| id),
+            None => self.sess.devs.iter().position(|d| {
+                d.compare_exchange(0, slot, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            }),
         };
+        match id {
+            Some(id) => self.open_rsp(id, e, out),
+            None => {
+                self.srv.release(slot);
+                // No free id; or the read-only open was closed meanwhile.
+                if upgrade.is_some() {
+                    -libc::EBUSY
+                } else {
+                    -libc::EMFILE
+                }
+            }
+        }
+    }
+
+    fn open_rsp(&self, id: usize, e: &Export, out: &mut [u8]) -> i32 {
         let rsp = OpenRspRepr {
             device_id: id as u32,
             nsectors: e.size / SECTOR,
@@ -873,23 +889,60 @@ mod tests {
     }
 
     #[test]
-    fn a_write_reopen_of_a_read_only_open_is_refused() {
+    fn a_write_reopen_of_a_read_only_open_takes_a_writer() {
         let srv = server(vec![Export::ram("r", MB).unwrap()]);
         let mut h = con(&srv, 1, named("s"));
-        let id = open(&mut h, "r", AccessMode::Ro).unwrap();
-        assert_eq!(open(&mut h, "r", AccessMode::Rw), Err(-libc::EPERM));
-        assert_eq!(open(&mut h, "r", AccessMode::Ro), Ok(id));
-        // The kernel's rule stays: one writer (two for migration).
         let mut a = con(&srv, 2, named("a"));
-        let mut b = con(&srv, 3, named("b"));
-        open(&mut a, "r", AccessMode::Rw).unwrap();
-        assert_eq!(open(&mut b, "r", AccessMode::Rw), Err(-libc::EPERM));
-        open(&mut b, "r", AccessMode::Migration).unwrap();
-        assert_eq!(srv.writers("r"), Some(2));
+        let id = open(&mut h, "r", AccessMode::Ro).unwrap();
+        let w = open(&mut a, "r", AccessMode::Rw).unwrap();
+        // The device has its writer: the re-open is refused and the
+        // read-only open stays read-only.
+        assert_eq!(open(&mut h, "r", AccessMode::Rw), Err(-libc::EPERM));
+        let mut b = vec![1u8; 512];
         assert_eq!(
-            srv.counters().refusals(),
-            vec![(RnbdRefusal::WriterBusy, 2)]
+            io(&mut h, id, RnbdOp::Write, IoDir::Write, 0, &mut b),
+            -libc::EPERM
         );
+        let mut close = [0u8; Close::<&[u8]>::LEN];
+        CloseRepr { device_id: w }.emit(&mut close).unwrap();
+        assert_eq!(call(&mut a, &close, IoDir::Write, &mut []), 0);
+        // Now it takes the writer, with the same id, and writes.
+        assert_eq!(open(&mut h, "r", AccessMode::Rw), Ok(id));
+        assert_eq!(srv.writers("r"), Some(1));
+        assert_eq!(io(&mut h, id, RnbdOp::Write, IoDir::Write, 0, &mut b), 0);
+        assert_eq!(
+            open(&mut h, "r", AccessMode::Rw),
+            Ok(id),
+            "no second writer"
+        );
+        assert_eq!(srv.writers("r"), Some(1));
+        // The kernel's rule stays: one writer (two for migration).
+        assert_eq!(open(&mut a, "r", AccessMode::Rw), Err(-libc::EPERM));
+        open(&mut a, "r", AccessMode::Migration).unwrap();
+        assert_eq!(srv.writers("r"), Some(2));
+        srv.session_ended(&[1; 16]);
+        srv.session_ended(&[2; 16]);
+        assert_eq!(srv.writers("r"), Some(0));
+        let c = srv.counters();
+        assert_eq!(c.refused(RnbdRefusal::WriterBusy), 2);
+        assert_eq!(c.refused(RnbdRefusal::ReadOnlyWrite), 1);
+    }
+
+    #[test]
+    fn an_open_with_no_room_for_its_answer_opens_nothing() {
+        let srv = server(vec![Export::ram("r", MB).unwrap()]);
+        let mut h = con(&srv, 1, named("s"));
+        let mut usr = [0u8; Open::<&[u8]>::LEN];
+        OpenRepr {
+            access_mode: AccessMode::Rw,
+            dev_name: "r",
+        }
+        .emit(&mut usr)
+        .unwrap();
+        let mut short = [0u8; 8];
+        assert_eq!(call(&mut h, &usr, IoDir::Read, &mut short), -libc::EINVAL);
+        assert_eq!(srv.writers("r"), Some(0));
+        assert_eq!(open(&mut h, "r", AccessMode::Rw), Ok(0));
     }
 
     #[test]
