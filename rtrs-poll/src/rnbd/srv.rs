@@ -56,9 +56,9 @@ impl std::fmt::Debug for Export {
 pub enum Rule {
     /// The session name the client gave in its handshake (`allow=NAME`).
     Sessname(String),
-    /// The id of the pre-shared key the client proved (`allow-key=ID`).
-    /// TODO(issue 10): the tcp fabric's key auth does not report key ids
-    /// yet, so until it does no session matches such a rule.
+    /// The id of the pre-shared key the client proved (`allow-key=ID`;
+    /// tcp with `--auth-key`): a client that proved none matches no such
+    /// rule.
     KeyId(String),
 }
 

@@ -349,8 +349,8 @@ pub struct Identity {
     /// The session name the client gave in INFO_REQ (the kernel's sessname).
     pub sessname: String,
     /// The id of the pre-shared key the client proved in the tcp fabric's
-    /// connection setup. TODO(issue 10): filled once the fabric reports it;
-    /// `None` until then and on fabrics without key auth.
+    /// connection setup (that of the path's first connection); `None` on
+    /// fabrics and listeners without key auth.
     pub key_id: Option<String>,
 }
 

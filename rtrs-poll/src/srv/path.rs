@@ -139,6 +139,8 @@ pub struct SrvPath<F: Fabric> {
     pub(crate) born: minstant::Instant,
     reason: OnceLock<DownReason>,
     identity: Arc<OnceLock<super::Identity>>,
+    /// The key the client proved on the path's first connection.
+    key_id: Option<String>,
     created: AtomicU32,
     pub(crate) stats: PathStats,
 }
@@ -169,6 +171,7 @@ impl<F: Fabric> SrvPath<F> {
         chunks: Arc<mempool::Claims>,
         pd: F::Pd,
         mrs: Vec<F::Mr>,
+        key_id: Option<String>,
     ) -> SrvPath<F> {
         SrvPath {
             sess_uuid,
@@ -189,6 +192,7 @@ impl<F: Fabric> SrvPath<F> {
             born: minstant::Instant::now(),
             reason: OnceLock::new(),
             identity: Arc::new(OnceLock::new()),
+            key_id,
             created: AtomicU32::new(0),
             stats: PathStats::new(cid_num),
         }
@@ -235,7 +239,7 @@ impl<F: Fabric> SrvPath<F> {
         // set_connected, so an unset name here loses nothing.
         let _ = self.identity.set(super::Identity {
             sessname: name,
-            key_id: None,
+            key_id: self.key_id.clone(),
         });
     }
 

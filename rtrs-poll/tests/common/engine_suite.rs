@@ -540,14 +540,14 @@ pub fn rnbd_over_rtrs<B: Backend>() {
 }
 
 /// An RNBD client on `c`'s session, past SESS_INFO.
-fn rnbd_client<F: Fabric>(c: &mut TestClient<F>) -> rtrs_poll::rnbd::RnbdClient<F> {
+pub fn rnbd_client<F: Fabric>(c: &mut TestClient<F>) -> rtrs_poll::rnbd::RnbdClient<F> {
     let mut rn = rtrs_poll::rnbd::RnbdClient::new(&c.clt, c.core.submitter().unwrap());
     rn.sess_info(&mut || spin(&mut c.core)).unwrap();
     rn
 }
 
 /// OPEN through `rn` on `c`'s core: the device, or the server's errno.
-fn rnbd_open<F: Fabric>(
+pub fn rnbd_open<F: Fabric>(
     c: &mut TestClient<F>,
     rn: &mut rtrs_poll::rnbd::RnbdClient<F>,
     name: &str,
