@@ -41,9 +41,8 @@ fi
 
 ALL=(garbage truncated oversized cm-fuzz squat conn-flood idle-flood slowloris
   emfile ro-write outside-allow no-key wrong-key)
-# The defences these need are not in yet: read-only opens that refuse
-# writes.
-PENDING=" ${HOSTILE_PENDING-ro-write} "
+# Attacks whose defence has not landed (none today).
+PENDING=" ${HOSTILE_PENDING-} "
 SECS=${HOSTILE_SECS:-3}
 ROUNDS=${HOSTILE_ROUNDS:-2}
 TABLE=${HOSTILE_TABLE:-}

@@ -1,7 +1,7 @@
 //! rtrs: the operator CLI.
 //!
 //! ```text
-//!  rtrs serve --listen ADDR[,ADDR] --export NAME=ram:SIZE [--export NAME=file:PATH]
+//!  rtrs serve --listen ADDR[,ADDR] --export NAME=ram:SIZE[,ro][,allow=SESS|...] [--export NAME=file:PATH]
 //!             [--cores LIST] [--always-invalidate on|off] [--queue-depth N] [--chunk-size BYTES]
 //! ```
 //! `serve` is an RNBD server over RTRS, as the kernel's rnbd-server: the
@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use rtrs_poll::fabric::soft::shm::ShmFabric;
 use rtrs_poll::fabric::soft::tcp::TcpFabric;
 use rtrs_poll::fabric::{Address, Fabric};
-use rtrs_poll::rnbd::{Export, RnbdServer};
+use rtrs_poll::rnbd::{Export, RnbdServer, Rule};
 use rtrs_poll::srv::{CorePool, Server, SrvConfig, SrvEvent};
 use std::process::ExitCode;
 
@@ -33,7 +33,11 @@ struct ServeArgs {
     /// Address(es) to listen on: shm:NAME, tcp:HOST:PORT or rdma:HOST:PORT.
     #[arg(long, value_delimiter = ',', required = true)]
     listen: Vec<Address>,
-    /// A device to export: NAME=ram:SIZE (e.g. ram0=ram:1G) or NAME=file:PATH.
+    /// A device to export: NAME=ram:SIZE (e.g. ram0=ram:1G) or NAME=file:PATH,
+    /// then options: ,ro (read-only: opens for writing get -EPERM),
+    /// ,allow=SESS[|SESS...] (only these session names may open it, others
+    /// get -EACCES), ,allow-key=ID[|ID...] (the same by key id). Names are
+    /// unique (docs/rnbd.md).
     #[arg(long = "export", required = true)]
     exports: Vec<String>,
     /// Cores for the IO connections, e.g. 1 or 0,1.
@@ -186,6 +190,26 @@ fn tcp_fabric(access: &AccessArgs) -> Result<TcpFabric, String> {
     Ok(TcpFabric::with_config(cfg))
 }
 
+/// How an export is restricted, for the startup line.
+fn access_note(e: &Export) -> String {
+    let mut s = String::new();
+    if e.is_read_only() {
+        s.push_str(", read-only");
+    }
+    if !e.rules().is_empty() {
+        let who: Vec<String> = e
+            .rules()
+            .iter()
+            .map(|r| match r {
+                Rule::Sessname(n) => format!("session {n}"),
+                Rule::KeyId(k) => format!("key {k}"),
+            })
+            .collect();
+        s.push_str(&format!(", only for {}", who.join(", ")));
+    }
+    s
+}
+
 fn is_loopback(host: &str) -> bool {
     host == "localhost"
         || host
@@ -224,9 +248,9 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         .map(|s| Export::parse(s).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     for e in &exports {
-        eprintln!("export {}: {} bytes", e.name(), e.size());
+        eprintln!("export {}: {} bytes{}", e.name(), e.size(), access_note(e));
     }
-    let rnbd = RnbdServer::new(exports, cfg.max_io_size());
+    let rnbd = RnbdServer::new(exports, cfg.max_io_size()).map_err(|e| e.to_string())?;
     let stop = pollers::Shutdown::on_ctrlc().map_err(|e| e.to_string())?;
     let pool = CorePool::launch(&a.cores).map_err(|e| e.to_string())?;
     let place = pool.place();
@@ -266,6 +290,9 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     eprintln!("rtrs serve: stopping");
+    for (kind, n) in rnbd.counters().refusals() {
+        eprintln!("rtrs serve: rnbd refusals {}: {n}", kind.name());
+    }
     srv.stop();
     pool.stop();
     Ok(())

@@ -502,3 +502,42 @@ fn the_door_refuses_malformed_busy_and_unadmitted_peers() {
     let got = events(&mut cm, 1);
     assert_eq!(got, vec![CmRefusal::Access]);
 }
+
+/// RNBD exports limited by key (`allow-key=ID`): a client that proved the
+/// listener's key is served an export that names that key's id, and refused
+/// (-EACCES) one that names another key.
+#[test]
+fn rnbd_allow_key_matches_the_proved_key() {
+    use common::engine::{TestClient, TestServer};
+    use common::engine_suite::{cfg, rnbd_client, rnbd_open};
+    use rtrs_poll::proto::rnbd::AccessMode;
+    use rtrs_poll::rnbd::{Export, RnbdRefusal};
+    let k1: &[u8] = b"0123456789abcdef-key-one";
+    let id = rtrs_poll::fabric::soft::tcp::AuthKey::new(k1)
+        .unwrap()
+        .id()
+        .to_string();
+    let a = addr();
+    let exports = vec![
+        Export::parse(&format!("mine=ram:1M,allow-key={id}")).unwrap(),
+        Export::parse("theirs=ram:1M,allow-key=00000000").unwrap(),
+    ];
+    let (srv, rnbd) = TestServer::rnbd(
+        keyed(Some(k1)),
+        std::slice::from_ref(&a),
+        cfg(true),
+        exports,
+    );
+    let mut c = TestClient::open(&keyed(Some(k1)), vec![a], "rnbd-keyed");
+    let mut rn = rnbd_client(&mut c);
+    assert!(rnbd_open(&mut c, &mut rn, "mine", AccessMode::Rw).is_ok());
+    let r = rnbd_open(&mut c, &mut rn, "theirs", AccessMode::Ro);
+    assert_eq!(r.err(), Some(-libc::EACCES));
+    assert_eq!(
+        rnbd.counters().refusals(),
+        vec![(RnbdRefusal::NotAllowed, 1)]
+    );
+    drop(rn);
+    drop(c);
+    drop(srv);
+}

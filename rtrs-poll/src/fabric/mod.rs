@@ -391,6 +391,9 @@ pub enum CmEvent {
         private_data: PrivateData,
         /// The peer's address, for logs and duplicate-path checks.
         peer: String,
+        /// The id of the pre-shared key the peer proved before its request
+        /// (tcp with a key); `None` on fabrics without key auth.
+        key_id: Option<String>,
     },
     /// The connection is up; its QP is ready to send.
     Established {

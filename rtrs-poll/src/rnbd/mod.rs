@@ -14,4 +14,4 @@ pub mod clt;
 pub mod srv;
 
 pub use clt::{RnbdClient, RnbdDev, RnbdError, RnbdEvent};
-pub use srv::{Export, RnbdHandler, RnbdServer};
+pub use srv::{Export, ExportError, RnbdCounters, RnbdHandler, RnbdRefusal, RnbdServer, Rule};

@@ -1,17 +1,26 @@
 //! The RNBD server on the RTRS server: exports named devices (RAM or a file)
 //! and answers SESS_INFO, OPEN, CLOSE and IO as the kernel's rnbd-server does
-//! (wire spec §9.4-9.6).
+//! (wire spec §9.4-9.6), with per-export access rules and access modes
+//! enforced on IO (docs/rnbd.md).
 
 use crate::proto::rnbd::*;
-use crate::srv::{ConInfo, Handler, IoDir, SrvIo, Verdict};
+use crate::srv::{ConInfo, Handler, Identity, IoDir, SrvIo, Verdict};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Devices one session may have open at once.
 pub const MAX_OPEN: usize = 256;
 const SECTOR: u64 = 512;
+/// A device slot: 0 free, else `export index + 1` in the low bits and the
+/// access mode above.
+const SLOT_EXPORT: u32 = 0xff_ffff;
+const SLOT_MODE_SHIFT: u32 = 24;
+
+fn slot_mode(slot: u32) -> u32 {
+    (slot >> SLOT_MODE_SHIFT) & 0x3
+}
 
 enum Store {
     Ram(mempool::Region),
@@ -24,11 +33,42 @@ pub struct Export {
     store: Store,
     size: u64,
     writers: AtomicU32,
+    read_only: bool,
+    allow: Vec<Rule>,
 }
 
 impl std::fmt::Debug for Export {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Export({} {} bytes)", self.name, self.size)
+        write!(f, "Export({} {} bytes", self.name, self.size)?;
+        if self.read_only {
+            write!(f, " ro")?;
+        }
+        if !self.allow.is_empty() {
+            write!(f, " allow {:?}", self.allow)?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// Who may open an export: an export with rules serves the sessions that
+/// match one of them; one without serves any session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// The session name the client gave in its handshake (`allow=NAME`).
+    Sessname(String),
+    /// The id of the pre-shared key the client proved (`allow-key=ID`;
+    /// tcp with `--auth-key`): a client that proved none matches no such
+    /// rule.
+    KeyId(String),
+}
+
+impl Rule {
+    /// Whether the client `id` matches the rule.
+    pub fn matches(&self, id: &Identity) -> bool {
+        match self {
+            Rule::Sessname(n) => *n == id.sessname,
+            Rule::KeyId(k) => id.key_id.as_deref() == Some(k.as_str()),
+        }
     }
 }
 
@@ -41,26 +81,110 @@ pub enum ExportError {
     /// The backing store failed.
     #[error("export {0:?}: {1}")]
     Io(String, std::io::Error),
+    /// Two exports of one name.
+    #[error("export {0:?} is given twice: export names must be unique")]
+    Duplicate(String),
+}
+
+/// The options after an export's device: `,ro`, `,allow=A|B`, `,allow-key=K`.
+fn parse_options<'a>(
+    opts: impl Iterator<Item = &'a str>,
+    bad: impl Fn(&str) -> ExportError,
+) -> Result<(bool, Vec<Rule>), ExportError> {
+    let (mut read_only, mut allow) = (false, Vec::new());
+    for opt in opts {
+        let rules = if opt == "ro" {
+            read_only = true;
+            continue;
+        } else if let Some(names) = opt.strip_prefix("allow=") {
+            names
+                .split('|')
+                .map(|n| {
+                    crate::proto::check_sessname(n)
+                        .map(|()| Rule::Sessname(n.to_string()))
+                        .map_err(|_| {
+                            bad(&format!(
+                                "bad session name {n:?} in allow= (1..=254 bytes without '/' or '.')"
+                            ))
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        } else if let Some(keys) = opt.strip_prefix("allow-key=") {
+            keys.split('|')
+                .map(|k| {
+                    if k.is_empty() {
+                        Err(bad("an empty key id in allow-key="))
+                    } else {
+                        Ok(Rule::KeyId(k.to_string()))
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            return Err(bad(&format!(
+                "unknown option {opt:?}: expected ro, allow=SESSNAME[|SESSNAME...] or allow-key=ID[|ID...]"
+            )));
+        };
+        allow.extend(rules);
+    }
+    Ok((read_only, allow))
 }
 
 impl Export {
-    /// Parses `NAME=ram:SIZE` or `NAME=file:PATH` (SIZE with K, M or G).
+    /// Parses `NAME=ram:SIZE[,OPTION...]` or `NAME=file:PATH[,OPTION...]`
+    /// (SIZE with K, M or G; PATH without commas). Options: `ro` (a
+    /// read-only export: RW and MIGRATION opens get -EPERM; a file is
+    /// opened read-only), `allow=SESS[|SESS...]` (only these session names
+    /// may open it; others get -EACCES) and `allow-key=ID[|ID...]` (the
+    /// same by authenticated key id); `allow` and `allow-key` may repeat
+    /// and add up.
     pub fn parse(spec: &str) -> Result<Export, ExportError> {
         let bad = |why: &str| ExportError::Spec(spec.to_string(), why.to_string());
-        let (name, what) = spec
+        let mut parts = spec.split(',');
+        let dev = parts.next().unwrap_or_default();
+        let (name, what) = dev
             .split_once('=')
             .ok_or_else(|| bad("expected NAME=ram:SIZE or NAME=file:PATH"))?;
         if name.is_empty() || name.len() > 254 || name.contains("..") {
             return Err(bad("the name must be 1..=254 bytes without '..'"));
         }
-        if let Some(size) = what.strip_prefix("ram:") {
+        let (read_only, allow) = parse_options(parts, bad)?;
+        let e = if let Some(size) = what.strip_prefix("ram:") {
             let size = parse_size(size).ok_or_else(|| bad("bad size (e.g. 64M, 1G)"))?;
-            Export::ram(name, size)
+            Export::ram(name, size)?
         } else if let Some(path) = what.strip_prefix("file:") {
-            Export::file(name, std::path::Path::new(path))
+            Export::open_file(name, std::path::Path::new(path), !read_only)?
         } else {
-            Err(bad("expected ram:SIZE or file:PATH"))
+            return Err(bad("expected ram:SIZE or file:PATH"));
+        };
+        Ok(Export {
+            read_only,
+            allow,
+            ..e
+        })
+    }
+
+    /// The export read-only: RW and MIGRATION opens are refused (-EPERM).
+    pub fn read_only(self) -> Export {
+        Export {
+            read_only: true,
+            ..self
         }
+    }
+
+    /// Adds a rule of who may open the export (with none: any session).
+    pub fn allow(mut self, rule: Rule) -> Export {
+        self.allow.push(rule);
+        self
+    }
+
+    /// Whether the export is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Who may open it (empty: any session).
+    pub fn rules(&self) -> &[Rule] {
+        &self.allow
     }
 
     /// A RAM device of `size` bytes (rounded down to whole sectors).
@@ -80,14 +204,20 @@ impl Export {
             store: Store::Ram(mem),
             size,
             writers: AtomicU32::new(0),
+            read_only: false,
+            allow: Vec::new(),
         })
     }
 
     /// A file (or block device) opened read-write.
     pub fn file(name: &str, path: &std::path::Path) -> Result<Export, ExportError> {
+        Export::open_file(name, path, true)
+    }
+
+    fn open_file(name: &str, path: &std::path::Path, write: bool) -> Result<Export, ExportError> {
         let f = std::fs::OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(write)
             .open(path)
             .map_err(|e| ExportError::Io(name.into(), e))?;
         let size = f
@@ -107,6 +237,8 @@ impl Export {
             store: Store::File(f),
             size,
             writers: AtomicU32::new(0),
+            read_only: false,
+            allow: Vec::new(),
         })
     }
 
@@ -118,6 +250,24 @@ impl Export {
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Takes a writer for an open in `mode` (the kernel's rule: one RW
+    /// opener, or two MIGRATION ones); false when it has them.
+    fn take_writer(&self, mode: AccessMode) -> bool {
+        match mode {
+            AccessMode::Ro => true,
+            AccessMode::Rw => self
+                .writers
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok(),
+            AccessMode::Migration => self
+                .writers
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                    (w < 2).then_some(w + 1)
+                })
+                .is_ok(),
+        }
     }
 
     fn range(&self, off: u64, len: usize) -> Result<(), i32> {
@@ -181,6 +331,8 @@ struct Sess {
     ver: AtomicU8,
     /// Per device id: 0 free, else `export + 1 | mode << 24`.
     devs: Box<[AtomicU32]>,
+    /// Refusal kinds already logged for this session (one bit each).
+    logged: AtomicU8,
 }
 
 impl Sess {
@@ -188,7 +340,78 @@ impl Sess {
         Sess {
             ver: AtomicU8::new(0),
             devs: (0..MAX_OPEN).map(|_| AtomicU32::new(0)).collect(),
+            logged: AtomicU8::new(0),
         }
+    }
+}
+
+/// What an RNBD refusal was for (counted per kind: [`RnbdCounters`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RnbdRefusal {
+    /// OPEN by a session the export's allow rules do not name (-EACCES).
+    NotAllowed = 0,
+    /// OPEN for writing (RW or MIGRATION) of a read-only export (-EPERM).
+    ReadOnlyExport = 1,
+    /// OPEN for writing of a device that has its writers (the kernel's
+    /// rule; a re-open for writing of a read-only open too) (-EPERM).
+    WriterBusy = 2,
+    /// An IO that would change a device this session opened read-only
+    /// (-EPERM; nothing is written).
+    ReadOnlyWrite = 3,
+}
+
+impl RnbdRefusal {
+    /// Every kind.
+    pub const ALL: [RnbdRefusal; 4] = [
+        RnbdRefusal::NotAllowed,
+        RnbdRefusal::ReadOnlyExport,
+        RnbdRefusal::WriterBusy,
+        RnbdRefusal::ReadOnlyWrite,
+    ];
+
+    /// A short stable name, for counters and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            RnbdRefusal::NotAllowed => "not_allowed",
+            RnbdRefusal::ReadOnlyExport => "read_only_export",
+            RnbdRefusal::WriterBusy => "writer_busy",
+            RnbdRefusal::ReadOnlyWrite => "read_only_write",
+        }
+    }
+
+    /// The errno the client gets.
+    pub fn errno(self) -> i32 {
+        match self {
+            RnbdRefusal::NotAllowed => -libc::EACCES,
+            _ => -libc::EPERM,
+        }
+    }
+}
+
+/// The RNBD server's refusals, counted per kind (lock-free: IO refusals
+/// are counted on the data cores).
+#[derive(Debug, Default)]
+pub struct RnbdCounters {
+    refused: [AtomicU64; RnbdRefusal::ALL.len()],
+}
+
+impl RnbdCounters {
+    fn count(&self, kind: RnbdRefusal) {
+        self.refused[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Refusals of one kind so far.
+    pub fn refused(&self, kind: RnbdRefusal) -> u64 {
+        self.refused[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// Refusals so far, by kind (the kinds seen).
+    pub fn refusals(&self) -> Vec<(RnbdRefusal, u64)> {
+        RnbdRefusal::ALL
+            .iter()
+            .map(|&k| (k, self.refused(k)))
+            .filter(|&(_, n)| n > 0)
+            .collect()
     }
 }
 
@@ -197,6 +420,7 @@ pub struct RnbdServer {
     exports: Vec<Export>,
     sessions: Mutex<HashMap<[u8; 16], Arc<Sess>>>,
     max_io_size: u32,
+    counters: RnbdCounters,
 }
 
 impl std::fmt::Debug for RnbdServer {
@@ -209,12 +433,24 @@ impl std::fmt::Debug for RnbdServer {
 
 impl RnbdServer {
     /// A server exporting `exports`; `max_io_size` is the RTRS server's.
-    pub fn new(exports: Vec<Export>, max_io_size: u32) -> Arc<RnbdServer> {
-        Arc::new(RnbdServer {
+    /// Two exports of one name are refused.
+    pub fn new(exports: Vec<Export>, max_io_size: u32) -> Result<Arc<RnbdServer>, ExportError> {
+        for (i, e) in exports.iter().enumerate() {
+            if exports[..i].iter().any(|o| o.name == e.name) {
+                return Err(ExportError::Duplicate(e.name.clone()));
+            }
+        }
+        Ok(Arc::new(RnbdServer {
             exports,
             sessions: Mutex::new(HashMap::new()),
             max_io_size,
-        })
+            counters: RnbdCounters::default(),
+        }))
+    }
+
+    /// Refusals of opens and IO, by kind.
+    pub fn counters(&self) -> &RnbdCounters {
+        &self.counters
     }
 
     /// The handler for a new connection (of a new or known session).
@@ -229,6 +465,8 @@ impl RnbdServer {
         RnbdHandler {
             srv: self.clone(),
             sess,
+            identity: info.identity.clone(),
+            peer: info.peer.clone(),
         }
     }
 
@@ -264,7 +502,7 @@ impl RnbdServer {
         if slot == 0 {
             return;
         }
-        let (idx, mode) = ((slot & 0xff_ffff) as usize - 1, slot >> 24);
+        let (idx, mode) = ((slot & SLOT_EXPORT) as usize - 1, slot_mode(slot));
         if mode != AccessMode::Ro as u32 {
             if let Some(e) = self.exports.get(idx) {
                 e.writers.fetch_sub(1, Ordering::AcqRel);
@@ -278,9 +516,43 @@ impl RnbdServer {
 pub struct RnbdHandler {
     srv: Arc<RnbdServer>,
     sess: Arc<Sess>,
+    /// Who the client of this connection's path is (set by its handshake).
+    identity: Arc<OnceLock<Identity>>,
+    peer: String,
 }
 
 impl RnbdHandler {
+    /// Counts a refusal and logs it: the first of its kind in the session
+    /// as a warning, the rest at debug (a client repeating a refused
+    /// request cannot flood the log). Returns the errno to answer.
+    fn refuse(&self, kind: RnbdRefusal, export: &str, why: &str) -> i32 {
+        self.srv.counters.count(kind);
+        let sessname = self.identity.get().map_or("?", |i| i.sessname.as_str());
+        let bit = 1u8 << kind as u8;
+        if self.sess.logged.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            tracing::warn!(
+                peer = %self.peer,
+                sessname,
+                export,
+                kind = kind.name(),
+                errno = kind.errno(),
+                "rnbd: refused: {why} (more of this kind from this session are counted, logged at debug)"
+            );
+        } else {
+            tracing::debug!(peer = %self.peer, sessname, export, kind = kind.name(), "rnbd: refused: {why}");
+        }
+        kind.errno()
+    }
+
+    /// Whether this connection's client may open `e`.
+    fn allowed(&self, e: &Export) -> bool {
+        e.allow.is_empty()
+            || self
+                .identity
+                .get()
+                .is_some_and(|id| e.allow.iter().any(|r| r.matches(id)))
+    }
+
     fn open(&mut self, v: &Open<&[u8]>, out: &mut [u8]) -> i32 {
         let name = v.dev_name();
         let Some(idx) = self.srv.exports.iter().position(|e| e.name == name) else {
@@ -288,45 +560,72 @@ impl RnbdHandler {
         };
         let e = &self.srv.exports[idx];
         let mode = v.access_mode();
-        // The same device again in this session: the same id.
-        let id = match self
-            .sess
-            .devs
-            .iter()
-            .position(|d| d.load(Ordering::Acquire) & 0xff_ffff == idx as u32 + 1)
-        {
-            Some(id) => id,
+        if out.len() < OpenRsp::<&[u8]>::LEN {
+            // No room for the answer: open nothing the client cannot know.
+            return -libc::EINVAL;
+        }
+        // Checked on every open, a re-open too (stricter than the kernel,
+        // which checks nothing on a re-open).
+        if !self.allowed(e) {
+            return self.refuse(
+                RnbdRefusal::NotAllowed,
+                name,
+                "the export's allow rules do not name this session",
+            );
+        }
+        if e.read_only && mode != AccessMode::Ro {
+            return self.refuse(
+                RnbdRefusal::ReadOnlyExport,
+                name,
+                "an open for writing of a read-only export",
+            );
+        }
+        // The same device again in this session: the same id. A re-open
+        // for writing of a read-only open takes a writer first (the kernel
+        // checks nothing on a re-open, but it checks no IO either).
+        let open = self.sess.devs.iter().enumerate().find_map(|(id, d)| {
+            let slot = d.load(Ordering::Acquire);
+            (slot & SLOT_EXPORT == idx as u32 + 1).then_some((id, slot))
+        });
+        let upgrade = open.filter(|&(_, slot)| {
+            slot_mode(slot) == AccessMode::Ro as u32 && mode != AccessMode::Ro
+        });
+        if let Some((id, _)) = open.filter(|_| upgrade.is_none()) {
+            return self.open_rsp(id, e, out);
+        }
+        if !e.take_writer(mode) {
+            return self.refuse(
+                RnbdRefusal::WriterBusy,
+                name,
+                "an open for writing of a device that has its writers",
+            );
+        }
+        let slot = (idx as u32 + 1) | ((mode as u32) << SLOT_MODE_SHIFT);
+        let id = match upgrade {
+            Some((id, ro)) => self.sess.devs[id]
+                .compare_exchange(ro, slot, Ordering::AcqRel, Ordering::Acquire)
+                .ok()
+                .map(|_| id),
+            None => self.sess.devs.iter().position(|d| {
+                d.compare_exchange(0, slot, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            }),
+        };
+        match id {
+            Some(id) => self.open_rsp(id, e, out),
             None => {
-                let ok = match mode {
-                    AccessMode::Ro => true,
-                    AccessMode::Rw => e
-                        .writers
-                        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok(),
-                    AccessMode::Migration => e
-                        .writers
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                            (w < 2).then_some(w + 1)
-                        })
-                        .is_ok(),
-                };
-                if !ok {
-                    return -libc::EPERM;
-                }
-                let slot = (idx as u32 + 1) | ((mode as u32) << 24);
-                let free = self.sess.devs.iter().position(|d| {
-                    d.compare_exchange(0, slot, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                });
-                match free {
-                    Some(id) => id,
-                    None => {
-                        self.srv.release(slot);
-                        return -libc::EMFILE;
-                    }
+                self.srv.release(slot);
+                // No free id; or the read-only open was closed meanwhile.
+                if upgrade.is_some() {
+                    -libc::EBUSY
+                } else {
+                    -libc::EMFILE
                 }
             }
-        };
+        }
+    }
+
+    fn open_rsp(&self, id: usize, e: &Export, out: &mut [u8]) -> i32 {
         let rsp = OpenRspRepr {
             device_id: id as u32,
             nsectors: e.size / SECTOR,
@@ -360,9 +659,18 @@ impl RnbdHandler {
         if slot == 0 {
             return -libc::ENOTCONN;
         }
-        let Some(e) = self.srv.exports.get((slot & 0xff_ffff) as usize - 1) else {
+        let Some(e) = self.srv.exports.get((slot & SLOT_EXPORT) as usize - 1) else {
             return -libc::ENOTCONN;
         };
+        // Stricter than the kernel, which checks the mode at open only: a
+        // device opened read-only is read and flushed, nothing else.
+        if slot_mode(slot) == AccessMode::Ro as u32 && !reads_only(v.op(), dir, data) {
+            return self.refuse(
+                RnbdRefusal::ReadOnlyWrite,
+                &e.name,
+                "an IO that would change a device opened read-only",
+            );
+        }
         let Some(off) = v.sector().checked_mul(SECTOR) else {
             return -libc::EIO;
         };
@@ -384,6 +692,16 @@ impl RnbdHandler {
             Ok(()) => 0,
             Err(errno) => errno,
         }
+    }
+}
+
+/// Whether an IO leaves the device's data as it is: a read, or a flush
+/// that carries no data.
+fn reads_only(op: RnbdOp, dir: IoDir, data: &[u8]) -> bool {
+    match op {
+        RnbdOp::Read => dir == IoDir::Read,
+        RnbdOp::Flush => dir == IoDir::Read || data.is_empty(),
+        RnbdOp::Write | RnbdOp::Discard | RnbdOp::SecureErase => false,
     }
 }
 
@@ -425,4 +743,289 @@ impl Handler for RnbdHandler {
 /// A server exporting `exports` builds one handler per connection.
 pub fn make_handler(srv: Arc<RnbdServer>) -> impl FnMut(&ConInfo) -> RnbdHandler + Send + 'static {
     move |info| srv.handler(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::srv::IoId;
+
+    const MB: u64 = 1 << 20;
+
+    fn server(exports: Vec<Export>) -> Arc<RnbdServer> {
+        RnbdServer::new(exports, 128 << 10).unwrap()
+    }
+
+    /// A connection of session `uuid` whose client is `id` (None: before
+    /// its handshake).
+    fn con(srv: &Arc<RnbdServer>, uuid: u8, id: Option<Identity>) -> RnbdHandler {
+        let identity = Arc::new(OnceLock::new());
+        if let Some(id) = id {
+            identity.set(id).unwrap();
+        }
+        srv.handler(&ConInfo {
+            paths_uuid: [uuid; 16],
+            sess_uuid: [uuid; 16],
+            cid: 1,
+            peer: "test".into(),
+            identity,
+        })
+    }
+
+    fn named(sessname: &str) -> Option<Identity> {
+        Some(Identity {
+            sessname: sessname.into(),
+            key_id: None,
+        })
+    }
+
+    fn call(h: &mut RnbdHandler, usr: &[u8], dir: IoDir, data: &mut [u8]) -> i32 {
+        match h.on_io(SrvIo {
+            id: IoId(0),
+            dir,
+            usr,
+            data,
+        }) {
+            Verdict::Done(e) => e,
+            Verdict::Later => panic!("the RNBD server answers at once"),
+        }
+    }
+
+    /// OPEN; the device id or the errno.
+    fn open(h: &mut RnbdHandler, name: &str, mode: AccessMode) -> Result<u32, i32> {
+        let mut usr = [0u8; Open::<&[u8]>::LEN];
+        OpenRepr {
+            access_mode: mode,
+            dev_name: name,
+        }
+        .emit(&mut usr)
+        .unwrap();
+        let mut rsp = [0u8; OpenRsp::<&[u8]>::LEN];
+        match call(h, &usr, IoDir::Read, &mut rsp) {
+            0 => Ok(OpenRspRepr::parse(&OpenRsp::new_checked(&rsp[..]).unwrap()).device_id),
+            e => Err(e),
+        }
+    }
+
+    fn io(h: &mut RnbdHandler, id: u32, op: RnbdOp, dir: IoDir, off: u64, data: &mut [u8]) -> i32 {
+        let mut usr = [0u8; 32];
+        IoRepr {
+            device_id: id,
+            sector: off / SECTOR,
+            op,
+            flags: 0,
+            bi_size: data.len() as u32,
+            prio: 0,
+        }
+        .emit(&mut usr)
+        .unwrap();
+        call(h, &usr, dir, data)
+    }
+
+    #[test]
+    fn a_read_only_open_reads_and_changes_nothing() {
+        let srv = server(vec![Export::ram("r", MB).unwrap()]);
+        let mut rw = con(&srv, 1, named("writer"));
+        let mut ro = con(&srv, 2, named("reader"));
+        let w = open(&mut rw, "r", AccessMode::Rw).unwrap();
+        let mut data: Vec<u8> = (0..8192u32).map(|i| (i * 13 + 1) as u8).collect();
+        assert_eq!(io(&mut rw, w, RnbdOp::Write, IoDir::Write, 0, &mut data), 0);
+        let r = open(&mut ro, "r", AccessMode::Ro).unwrap();
+        let mut junk = vec![0xa5u8; 8192];
+        for (op, dir, len) in [
+            (RnbdOp::Write, IoDir::Write, 8192),
+            (RnbdOp::Discard, IoDir::Write, 8192),
+            (RnbdOp::Discard, IoDir::Read, 0),
+            (RnbdOp::SecureErase, IoDir::Write, 8192),
+            (RnbdOp::Flush, IoDir::Write, 8192),
+            (RnbdOp::Read, IoDir::Write, 8192),
+        ] {
+            let e = io(&mut ro, r, op, dir, 0, &mut junk[..len]);
+            assert_eq!(e, -libc::EPERM, "{op:?} {dir:?} {len}");
+        }
+        // A discard of bi_size bytes with no data in the chunk.
+        let mut usr = [0u8; 32];
+        IoRepr {
+            device_id: r,
+            sector: 0,
+            op: RnbdOp::Discard,
+            flags: 0,
+            bi_size: 8192,
+            prio: 0,
+        }
+        .emit(&mut usr)
+        .unwrap();
+        assert_eq!(call(&mut ro, &usr, IoDir::Write, &mut []), -libc::EPERM);
+        assert_eq!(
+            srv.counters().refused(RnbdRefusal::ReadOnlyWrite),
+            7,
+            "every refusal counted"
+        );
+        // Reads and an empty flush are served; the data is the writer's.
+        assert_eq!(io(&mut ro, r, RnbdOp::Flush, IoDir::Read, 0, &mut []), 0);
+        let mut back = vec![0u8; 8192];
+        assert_eq!(io(&mut ro, r, RnbdOp::Read, IoDir::Read, 0, &mut back), 0);
+        assert!(back == data, "the read-only session changed the device");
+        // The writer still writes.
+        assert_eq!(io(&mut rw, w, RnbdOp::Discard, IoDir::Write, 0, &mut []), 0);
+    }
+
+    #[test]
+    fn a_read_only_export_refuses_opens_for_writing() {
+        let srv = server(vec![Export::parse("r=ram:1M,ro").unwrap()]);
+        let mut h = con(&srv, 1, named("s"));
+        assert_eq!(open(&mut h, "r", AccessMode::Rw), Err(-libc::EPERM));
+        assert_eq!(open(&mut h, "r", AccessMode::Migration), Err(-libc::EPERM));
+        assert_eq!(srv.writers("r"), Some(0));
+        let id = open(&mut h, "r", AccessMode::Ro).unwrap();
+        // A write re-open of the read-only open is refused too.
+        assert_eq!(open(&mut h, "r", AccessMode::Rw), Err(-libc::EPERM));
+        let mut b = vec![0u8; 512];
+        assert_eq!(io(&mut h, id, RnbdOp::Read, IoDir::Read, 0, &mut b), 0);
+        assert_eq!(
+            srv.counters().refusals(),
+            vec![(RnbdRefusal::ReadOnlyExport, 3)]
+        );
+    }
+
+    #[test]
+    fn a_write_reopen_of_a_read_only_open_takes_a_writer() {
+        let srv = server(vec![Export::ram("r", MB).unwrap()]);
+        let mut h = con(&srv, 1, named("s"));
+        let mut a = con(&srv, 2, named("a"));
+        let id = open(&mut h, "r", AccessMode::Ro).unwrap();
+        let w = open(&mut a, "r", AccessMode::Rw).unwrap();
+        // The device has its writer: the re-open is refused and the
+        // read-only open stays read-only.
+        assert_eq!(open(&mut h, "r", AccessMode::Rw), Err(-libc::EPERM));
+        let mut b = vec![1u8; 512];
+        assert_eq!(
+            io(&mut h, id, RnbdOp::Write, IoDir::Write, 0, &mut b),
+            -libc::EPERM
+        );
+        let mut close = [0u8; Close::<&[u8]>::LEN];
+        CloseRepr { device_id: w }.emit(&mut close).unwrap();
+        assert_eq!(call(&mut a, &close, IoDir::Write, &mut []), 0);
+        // Now it takes the writer, with the same id, and writes.
+        assert_eq!(open(&mut h, "r", AccessMode::Rw), Ok(id));
+        assert_eq!(srv.writers("r"), Some(1));
+        assert_eq!(io(&mut h, id, RnbdOp::Write, IoDir::Write, 0, &mut b), 0);
+        assert_eq!(
+            open(&mut h, "r", AccessMode::Rw),
+            Ok(id),
+            "no second writer"
+        );
+        assert_eq!(srv.writers("r"), Some(1));
+        // The kernel's rule stays: one writer (two for migration).
+        assert_eq!(open(&mut a, "r", AccessMode::Rw), Err(-libc::EPERM));
+        open(&mut a, "r", AccessMode::Migration).unwrap();
+        assert_eq!(srv.writers("r"), Some(2));
+        srv.session_ended(&[1; 16]);
+        srv.session_ended(&[2; 16]);
+        assert_eq!(srv.writers("r"), Some(0));
+        let c = srv.counters();
+        assert_eq!(c.refused(RnbdRefusal::WriterBusy), 2);
+        assert_eq!(c.refused(RnbdRefusal::ReadOnlyWrite), 1);
+    }
+
+    #[test]
+    fn an_open_with_no_room_for_its_answer_opens_nothing() {
+        let srv = server(vec![Export::ram("r", MB).unwrap()]);
+        let mut h = con(&srv, 1, named("s"));
+        let mut usr = [0u8; Open::<&[u8]>::LEN];
+        OpenRepr {
+            access_mode: AccessMode::Rw,
+            dev_name: "r",
+        }
+        .emit(&mut usr)
+        .unwrap();
+        let mut short = [0u8; 8];
+        assert_eq!(call(&mut h, &usr, IoDir::Read, &mut short), -libc::EINVAL);
+        assert_eq!(srv.writers("r"), Some(0));
+        assert_eq!(open(&mut h, "r", AccessMode::Rw), Ok(0));
+    }
+
+    #[test]
+    fn allow_rules_name_the_sessions_served() {
+        let srv = server(vec![
+            Export::parse("r=ram:1M,allow=alice|bob").unwrap(),
+            Export::ram("k", MB)
+                .unwrap()
+                .allow(Rule::KeyId("key1".into())),
+            Export::ram("open", MB).unwrap(),
+        ]);
+        let mut carol = con(&srv, 1, named("carol"));
+        assert_eq!(open(&mut carol, "r", AccessMode::Ro), Err(-libc::EACCES));
+        assert!(open(&mut carol, "open", AccessMode::Rw).is_ok());
+        // No handshake yet: nobody.
+        let mut anon = con(&srv, 2, None);
+        assert_eq!(open(&mut anon, "r", AccessMode::Ro), Err(-libc::EACCES));
+        let mut alice = con(&srv, 3, named("alice"));
+        assert!(open(&mut alice, "r", AccessMode::Rw).is_ok());
+        let mut bob = con(&srv, 4, named("bob"));
+        assert!(open(&mut bob, "r", AccessMode::Ro).is_ok());
+        // Key rules match the key id, not a session of that name.
+        let mut key1 = con(&srv, 5, named("key1"));
+        assert_eq!(open(&mut key1, "k", AccessMode::Ro), Err(-libc::EACCES));
+        let mut keyed = con(
+            &srv,
+            6,
+            Some(Identity {
+                sessname: "x".into(),
+                key_id: Some("key1".into()),
+            }),
+        );
+        assert!(open(&mut keyed, "k", AccessMode::Rw).is_ok());
+        assert_eq!(
+            srv.counters().refusals(),
+            vec![(RnbdRefusal::NotAllowed, 3)]
+        );
+    }
+
+    #[test]
+    fn export_specs() {
+        let e = Export::parse("r=ram:1M,ro,allow=a|b,allow=c,allow-key=k").unwrap();
+        assert!(e.is_read_only());
+        assert_eq!(
+            e.rules(),
+            [
+                Rule::Sessname("a".into()),
+                Rule::Sessname("b".into()),
+                Rule::Sessname("c".into()),
+                Rule::KeyId("k".into()),
+            ]
+        );
+        let e = Export::parse("r=ram:1M").unwrap();
+        assert!(!e.is_read_only() && e.rules().is_empty());
+        for bad in [
+            "r=ram:1M,",
+            "r=ram:1M,rw",
+            "r=ram:1M,RO",
+            "r=ram:1M,allow=",
+            "r=ram:1M,allow=a||b",
+            "r=ram:1M,allow=a.b",
+            "r=ram:1M,allow=a/b",
+            "r=ram:1M,allow-key=",
+            "r=ram:1M,ro=1",
+            ",ro",
+        ] {
+            assert!(
+                matches!(Export::parse(bad), Err(ExportError::Spec(..))),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_export_names_are_refused() {
+        let r = RnbdServer::new(
+            vec![
+                Export::ram("a", MB).unwrap(),
+                Export::ram("b", MB).unwrap(),
+                Export::parse("a=ram:1M,ro").unwrap(),
+            ],
+            128 << 10,
+        );
+        assert!(matches!(r, Err(ExportError::Duplicate(n)) if n == "a"));
+    }
 }

@@ -313,8 +313,10 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                 listener,
                 private_data,
                 peer,
+                key_id,
             } => {
-                if let Err(r) = self.on_connect(id, listener, private_data.as_bytes(), &peer) {
+                let pd = private_data.as_bytes();
+                if let Err(r) = self.on_connect(id, listener, pd, &peer, key_id) {
                     let mut rsp = [0u8; PRIVATE_DATA_LEN];
                     if let Err(e) = ConnRspRepr::reject(-(r.errno as i16)).emit(&mut rsp) {
                         tracing::warn!("reject {peer}: {e}");
@@ -361,6 +363,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         listener: ConnId,
         pd: &[u8],
         peer: &str,
+        key_id: Option<String>,
     ) -> Result<(), Refused> {
         let host = host_of(peer).to_string();
         let limits = &self.cfg.limits;
@@ -557,6 +560,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                     sess.chunks.clone(),
                     pd,
                     mrs,
+                    key_id,
                 ));
                 sess.paths.push(p.clone());
                 (sess.paths.len() - 1, p)
@@ -684,6 +688,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                 sess_uuid: path.sess_uuid,
                 cid,
                 peer: path.peer.clone(),
+                identity: path.identity().clone(),
             }),
         ))
     }

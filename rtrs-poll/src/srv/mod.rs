@@ -353,6 +353,22 @@ pub struct ConInfo {
     pub cid: u16,
     /// The client's address.
     pub peer: String,
+    /// Who the path's client is: set by the path's handshake (INFO_REQ on
+    /// cid 0), so a handler made earlier reads it when it needs it; empty
+    /// until then.
+    pub identity: Arc<std::sync::OnceLock<Identity>>,
+}
+
+/// Who a path's client is, as far as the server knows, for per-export
+/// access rules (`rnbd::srv::Rule`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The session name the client gave in INFO_REQ (the kernel's sessname).
+    pub sessname: String,
+    /// The id of the pre-shared key the client proved in the tcp fabric's
+    /// connection setup (that of the path's first connection); `None` on
+    /// fabrics and listeners without key auth.
+    pub key_id: Option<String>,
 }
 
 /// Where IO connections go: called once per IO cid with the connection as a

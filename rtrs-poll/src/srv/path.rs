@@ -138,7 +138,9 @@ pub struct SrvPath<F: Fabric> {
     /// When its first connection came (its handshake's deadline starts).
     pub(crate) born: minstant::Instant,
     reason: OnceLock<DownReason>,
-    sessname: OnceLock<String>,
+    identity: Arc<OnceLock<super::Identity>>,
+    /// The key the client proved on the path's first connection.
+    key_id: Option<String>,
     created: AtomicU32,
     pub(crate) stats: PathStats,
 }
@@ -147,7 +149,7 @@ impl<F: Fabric> std::fmt::Debug for SrvPath<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SrvPath")
             .field("peer", &self.peer)
-            .field("sessname", &self.sessname.get())
+            .field("sessname", &self.sessname())
             .field("state", &self.state())
             .finish()
     }
@@ -169,6 +171,7 @@ impl<F: Fabric> SrvPath<F> {
         chunks: Arc<mempool::Claims>,
         pd: F::Pd,
         mrs: Vec<F::Mr>,
+        key_id: Option<String>,
     ) -> SrvPath<F> {
         SrvPath {
             sess_uuid,
@@ -188,7 +191,8 @@ impl<F: Fabric> SrvPath<F> {
             state: AtomicU8::new(PathState::Connecting as u8),
             born: minstant::Instant::now(),
             reason: OnceLock::new(),
-            sessname: OnceLock::new(),
+            identity: Arc::new(OnceLock::new()),
+            key_id,
             created: AtomicU32::new(0),
             stats: PathStats::new(cid_num),
         }
@@ -201,7 +205,13 @@ impl<F: Fabric> SrvPath<F> {
 
     /// The session name the client gave in INFO_REQ.
     pub fn sessname(&self) -> Option<&str> {
-        self.sessname.get().map(String::as_str)
+        self.identity.get().map(|i| i.sessname.as_str())
+    }
+
+    /// Who the client is (set by INFO_REQ), shared with the path's
+    /// handlers (`ConInfo::identity`).
+    pub fn identity(&self) -> &Arc<OnceLock<super::Identity>> {
+        &self.identity
     }
 
     /// Why the path closed, if it did.
@@ -225,7 +235,12 @@ impl<F: Fabric> SrvPath<F> {
     }
 
     pub(crate) fn set_sessname(&self, name: String) {
-        let _ = self.sessname.set(name);
+        // The first INFO_REQ names the path: a second one is refused by
+        // set_connected, so an unset name here loses nothing.
+        let _ = self.identity.set(super::Identity {
+            sessname: name,
+            key_id: self.key_id.clone(),
+        });
     }
 
     /// Marks the path closing with a logged reason (the first reason wins).

@@ -217,7 +217,7 @@ impl TestServer {
         cfg: SrvConfig,
         exports: Vec<rtrs_poll::rnbd::Export>,
     ) -> (TestServer, Arc<rtrs_poll::rnbd::RnbdServer>) {
-        let rnbd = rtrs_poll::rnbd::RnbdServer::new(exports, cfg.max_io_size());
+        let rnbd = rtrs_poll::rnbd::RnbdServer::new(exports, cfg.max_io_size()).unwrap();
         let (r2, r3) = (rnbd.clone(), rnbd.clone());
         let srv = Self::start_with(
             fabric,
@@ -311,6 +311,37 @@ impl<F: Fabric> TestClient<F> {
         let e = c.errno;
         self.core.put_permit(c.permit);
         e
+    }
+
+    /// An RNBD IO on `dev`: `op` at byte `off` of `bi_size` bytes, with
+    /// `data` in the chunk (ops that travel as RTRS writes) or reading
+    /// `bi_size` bytes (the others); returns errno and the data read.
+    pub fn rnbd_io(
+        &mut self,
+        dev: &rtrs_poll::rnbd::RnbdDev,
+        op: rtrs_poll::proto::rnbd::RnbdOp,
+        off: u64,
+        bi_size: u32,
+        data: &[u8],
+    ) -> (i32, Vec<u8>) {
+        let h = rtrs_poll::rnbd::clt::io_hdr(dev, op, off, bi_size, 0);
+        let mut p = self.core.get_permit().expect("a permit");
+        let sent = if op.is_rtrs_write() {
+            self.core.buf(&mut p)[..data.len()].copy_from_slice(data);
+            self.core.write(p, &h, data.len() as u32, 9, Instant::now())
+        } else {
+            self.core.read(p, &h, bi_size, 9, Instant::now())
+        };
+        sent.map_err(|(_, e)| e).unwrap();
+        let mut c = self.wait(1).pop().unwrap();
+        let got = if op.is_rtrs_write() {
+            Vec::new()
+        } else {
+            self.core.buf(&mut c.permit)[..bi_size as usize].to_vec()
+        };
+        let e = c.errno;
+        self.core.put_permit(c.permit);
+        (e, got)
     }
 
     /// Reads `len` bytes at `off`; returns errno and data.

@@ -539,6 +539,104 @@ pub fn rnbd_over_rtrs<B: Backend>() {
     let _ = std::fs::remove_file(&file);
 }
 
+/// An RNBD client on `c`'s session, past SESS_INFO.
+pub fn rnbd_client<F: Fabric>(c: &mut TestClient<F>) -> rtrs_poll::rnbd::RnbdClient<F> {
+    let mut rn = rtrs_poll::rnbd::RnbdClient::new(&c.clt, c.core.submitter().unwrap());
+    rn.sess_info(&mut || spin(&mut c.core)).unwrap();
+    rn
+}
+
+/// OPEN through `rn` on `c`'s core: the device, or the server's errno.
+pub fn rnbd_open<F: Fabric>(
+    c: &mut TestClient<F>,
+    rn: &mut rtrs_poll::rnbd::RnbdClient<F>,
+    name: &str,
+    mode: rtrs_poll::proto::rnbd::AccessMode,
+) -> std::result::Result<std::sync::Arc<rtrs_poll::rnbd::RnbdDev>, i32> {
+    match rn.open(name, mode, &mut || spin(&mut c.core)) {
+        Ok(d) => Ok(d),
+        Err(rtrs_poll::rnbd::RnbdError::Errno(e)) => Err(e),
+        Err(e) => panic!("open {name}: {e}"),
+    }
+}
+
+/// The RNBD access rules end to end: a session that opened a device
+/// read-only cannot change it while another session holds it read-write
+/// (-EPERM, the data read back unchanged), a read-only export refuses opens
+/// for writing, an export with allow rules serves the sessions it names only
+/// (-EACCES), and every refusal is counted by kind.
+pub fn rnbd_access_rules<B: Backend>() {
+    use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
+    use rtrs_poll::rnbd::{Export, RnbdRefusal};
+    let a = B::addr();
+    let exports = vec![
+        Export::parse("ram0=ram:1M").unwrap(),
+        Export::parse("ro0=ram:1M,ro").unwrap(),
+        Export::parse("priv=ram:1M,allow=rnbd-owner|rnbd-third").unwrap(),
+    ];
+    let (srv, rnbd) = TestServer::rnbd(B::fabric(), std::slice::from_ref(&a), cfg(true), exports);
+
+    let mut owner = TestClient::open(&B::fabric(), vec![a.clone()], "rnbd-owner");
+    let mut rn = rnbd_client(&mut owner);
+    let ram = rnbd_open(&mut owner, &mut rn, "ram0", AccessMode::Rw).unwrap();
+    let data = pattern(41, 8192);
+    assert_eq!(owner.rnbd_io(&ram, RnbdOp::Write, 0, 8192, &data).0, 0);
+    let private = rnbd_open(&mut owner, &mut rn, "priv", AccessMode::Rw).unwrap();
+    let (e, _) = owner.rnbd_io(&private, RnbdOp::Write, 0, 4096, &data[..4096]);
+    assert_eq!(e, 0);
+
+    // A read-only open of a device another session writes: reads only.
+    let mut other = TestClient::open(&B::fabric(), vec![a.clone()], "rnbd-other");
+    let mut rn2 = rnbd_client(&mut other);
+    let ro = rnbd_open(&mut other, &mut rn2, "ram0", AccessMode::Ro).unwrap();
+    let junk = vec![0xa5u8; 8192];
+    for (op, len) in [
+        (RnbdOp::Write, 8192),
+        (RnbdOp::Write, 512),
+        (RnbdOp::Discard, 0),
+        (RnbdOp::SecureErase, 0),
+    ] {
+        let e = other.rnbd_io(&ro, op, 0, 8192, &junk[..len]).0;
+        assert_eq!(e, -libc::EPERM, "{op:?} of {len} bytes on a read-only open");
+    }
+    assert_eq!(other.rnbd_io(&ro, RnbdOp::Flush, 0, 0, &[]).0, 0);
+    let (e, back) = other.rnbd_io(&ro, RnbdOp::Read, 0, 8192, &[]);
+    assert_eq!(e, 0);
+    assert!(back == data, "the read-only session changed the device");
+    let (e, back) = owner.rnbd_io(&ram, RnbdOp::Read, 0, 8192, &[]);
+    assert!(e == 0 && back == data, "the writer reads its data");
+
+    // The read-only export: opens for writing refused, read-only served.
+    for mode in [AccessMode::Rw, AccessMode::Migration] {
+        let r = rnbd_open(&mut other, &mut rn2, "ro0", mode);
+        assert_eq!(r.err(), Some(-libc::EPERM), "{mode:?} open of ro0");
+    }
+    let ro0 = rnbd_open(&mut other, &mut rn2, "ro0", AccessMode::Ro).unwrap();
+    assert_eq!(other.rnbd_io(&ro0, RnbdOp::Read, 0, 512, &[]).0, 0);
+    assert_eq!(rnbd.writers("ro0"), Some(0));
+
+    // The private export: not for rnbd-other, served to rnbd-third.
+    let r = rnbd_open(&mut other, &mut rn2, "priv", AccessMode::Ro);
+    assert_eq!(r.err(), Some(-libc::EACCES));
+    let mut third = TestClient::open(&B::fabric(), vec![a.clone()], "rnbd-third");
+    let mut rn3 = rnbd_client(&mut third);
+    let p3 = rnbd_open(&mut third, &mut rn3, "priv", AccessMode::Ro).unwrap();
+    let (e, back) = third.rnbd_io(&p3, RnbdOp::Read, 0, 4096, &[]);
+    assert!(
+        e == 0 && back[..] == data[..4096],
+        "the allowed session reads"
+    );
+
+    let c = rnbd.counters();
+    assert_eq!(c.refused(RnbdRefusal::ReadOnlyWrite), 4);
+    assert_eq!(c.refused(RnbdRefusal::ReadOnlyExport), 2);
+    assert_eq!(c.refused(RnbdRefusal::NotAllowed), 1);
+    assert_eq!(c.refused(RnbdRefusal::WriterBusy), 0);
+    drop((rn3, rn2, rn));
+    drop((third, other, owner));
+    drop(srv);
+}
+
 // ---------------------------------------------------------------- processes
 
 pub const CHILD_ENV: &str = "RTRS_ENGINE_CHILD";
@@ -1027,6 +1125,13 @@ macro_rules! engine_tests {
                     return;
                 }
                 e::rnbd_over_rtrs::<$backend>();
+            }
+            #[test]
+            fn rnbd_access_rules() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
+                e::rnbd_access_rules::<$backend>();
             }
             #[test]
             fn across_processes() {

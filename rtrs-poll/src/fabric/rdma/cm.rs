@@ -333,6 +333,7 @@ impl RdmaCm {
                 listener: ConnId(listener),
                 private_data: raw.pdata,
                 peer,
+                key_id: None,
             });
         }
         let n = *self.by_id.get(&(raw.id as usize))?;

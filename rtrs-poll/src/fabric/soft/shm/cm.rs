@@ -389,6 +389,7 @@ impl ShmCm {
                     listener,
                     private_data: m.pdata,
                     peer: format!("shm:{name}@pid{pid}"),
+                    key_id: None,
                 });
             }
             (St::Connecting, Kind::Acc) => {

@@ -736,11 +736,15 @@ impl TcpCm {
                 c.req = Some(m);
                 c.deadline = None;
                 let (listener, peer) = (c.listener, c.peer.clone());
+                // With a key, a passive connection gets here only after the
+                // peer proved it (it starts in AwaitHello).
+                let key_id = self.cfg.auth.as_ref().map(|k| k.id().to_string());
                 self.events.push_back(CmEvent::ConnectRequest {
                     id,
                     listener,
                     private_data: m.pdata,
                     peer,
+                    key_id,
                 });
             }
             (St::AwaitAcc, Kind::Acc) => {
