@@ -44,6 +44,9 @@ mod requester;
 mod responder;
 mod sock;
 mod stream;
+mod testkit;
+#[cfg(test)]
+mod tests;
 mod verbs;
 mod watch;
 mod wire;
