@@ -331,10 +331,11 @@ impl<S: ByteStream> Engine<S> {
         self.rx.compact();
     }
 
-    /// The memory an inbound payload was landing in was deregistered.
+    /// A frame header arrived: checked, its ack taken, then the responder
+    /// (REQ) or the requester (RESP, NAK) says where its payload goes.
     pub(super) fn on_header(&mut self, h: &Hdr) -> Sink {
-        if !h.sane() {
-            self.protocol_error("malformed frame header");
+        if let Err(why) = h.check() {
+            self.protocol_error(why);
             return Sink::Discard;
         }
         self.take_ack(h.ack);
