@@ -19,6 +19,32 @@ pub mod tcp;
 use super::{FabricError, Result};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+/// Zeroed heap memory to register (tests, fuzzing: peers in the same
+/// process reach it; it has no memfd).
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) struct Heap(Box<[u8]>);
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl Heap {
+    pub(crate) fn zeroed(len: usize) -> Heap {
+        Heap(vec![0u8; len].into_boxed_slice())
+    }
+}
+
+// SAFETY: a boxed slice never moves while the Box lives, so `as_ptr` stays
+// valid for reads and writes of `len` bytes until the Heap drops.
+unsafe impl super::Memory for Heap {
+    fn as_ptr(&self) -> *mut u8 {
+        self.0.as_ptr() as *mut u8
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn memfd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
 /// A shared mapping of a file (a memfd of ours or a peer's), unmapped on drop.
 #[derive(Debug)]
 pub(crate) struct Mapping {

@@ -268,24 +268,10 @@ impl MrTable {
 mod tests {
     use super::*;
 
-    struct Heap(Box<[u8]>);
-    // SAFETY: a boxed slice never moves while the Box lives.
-    unsafe impl Memory for Heap {
-        fn as_ptr(&self) -> *mut u8 {
-            self.0.as_ptr() as *mut u8
-        }
-        fn len(&self) -> usize {
-            self.0.len()
-        }
-        fn memfd(&self) -> Option<std::os::fd::RawFd> {
-            None
-        }
-    }
-
     #[test]
     fn keys_rekey_and_invalidate() {
         let t = MrTable::new(16);
-        let mem: Arc<dyn Memory> = Arc::new(Heap(vec![0u8; 4096].into_boxed_slice()));
+        let mem: Arc<dyn Memory> = Arc::new(crate::fabric::soft::Heap::zeroed(4096));
         let base = mem.as_ptr() as u64;
         let i = t
             .register(
@@ -336,7 +322,7 @@ mod tests {
     #[test]
     fn key_byte_wraps_around() {
         let t = MrTable::new(4);
-        let mem: Arc<dyn Memory> = Arc::new(Heap(vec![0u8; 64].into_boxed_slice()));
+        let mem: Arc<dyn Memory> = Arc::new(crate::fabric::soft::Heap::zeroed(64));
         let i = t
             .register(mem, 0, 64, Access::REMOTE_WRITE, (0, 0))
             .unwrap();

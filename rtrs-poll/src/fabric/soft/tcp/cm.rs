@@ -1062,3 +1062,17 @@ impl Cm<TcpFabric> for TcpCm {
 pub(super) fn is_rtu(b: &[u8; MSG_LEN]) -> bool {
     Msg::decode(b).is_ok_and(|m| m.kind == Kind::Rtu)
 }
+
+/// The RTU as it goes on the wire.
+pub(super) fn rtu_bytes() -> [u8; MSG_LEN] {
+    Msg::bare(Kind::Rtu).encode()
+}
+
+/// Decodes a CM message and encodes what it decoded (fuzzing: a decoder
+/// that accepts must re-encode to a message it decodes the same).
+pub(super) fn decode_encode(b: &[u8]) -> Result<[u8; MSG_LEN]> {
+    let b: &[u8; MSG_LEN] = b
+        .try_into()
+        .map_err(|_| FabricError::Protocol("a tcp CM message is 96 bytes"))?;
+    Ok(Msg::decode(b)?.encode())
+}

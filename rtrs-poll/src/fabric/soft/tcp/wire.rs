@@ -14,16 +14,16 @@
 //! All fields are little-endian. `ack` rides on every frame.
 
 /// Header length in bytes.
-pub(crate) const HDR: usize = 48;
+pub const HDR: usize = 48;
 /// Largest piece a receiver accepts (the sender picks its own, up to this).
-pub(crate) const MAX_PIECE: u32 = 1 << 20;
+pub const MAX_PIECE: u32 = 1 << 20;
 /// Most sg entries a send work request may have.
-pub(crate) const MAX_SEND_SGE: u32 = 32;
+pub const MAX_SEND_SGE: u32 = 32;
 /// Most inline bytes a send work request may carry.
-pub(crate) const MAX_INLINE: u32 = 1024;
+pub const MAX_INLINE: u32 = 1024;
 
 /// Frame kinds.
-pub(crate) mod kind {
+pub mod kind {
     /// A piece of a request (its `op` says which).
     pub const REQ: u8 = 1;
     /// A piece of an RDMA READ response; `psn` is the READ's.
@@ -37,43 +37,61 @@ pub(crate) mod kind {
 }
 
 /// Request opcodes.
-pub(crate) mod op {
+pub mod op {
+    /// SEND.
     pub const SEND: u8 = 1;
+    /// SEND_WITH_IMM (`word`: the immediate).
     pub const SEND_IMM: u8 = 2;
+    /// SEND_WITH_INV (`word`: the rkey to invalidate).
     pub const SEND_INV: u8 = 3;
+    /// RDMA_WRITE to `raddr`/`rkey`.
     pub const WRITE: u8 = 4;
+    /// RDMA_WRITE_WITH_IMM (`word`: the immediate).
     pub const WRITE_IMM: u8 = 5;
+    /// RDMA_READ of `total` bytes at `raddr`/`rkey` (no payload).
     pub const READ: u8 = 6;
 }
 
 /// First piece of a message.
-pub(crate) const F_FIRST: u8 = 1;
+pub const F_FIRST: u8 = 1;
 /// Last piece of a message.
-pub(crate) const F_LAST: u8 = 2;
+pub const F_LAST: u8 = 2;
 /// The initiator wants this request acknowledged promptly (it is signaled, or
 /// its send queue needs room): the responder sends an ACK if nothing else
 /// carries one.
-pub(crate) const F_ACKREQ: u8 = 4;
+pub const F_ACKREQ: u8 = 4;
 
 /// A frame header.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Hdr {
+pub struct Hdr {
+    /// Frame kind (`kind::*`).
     pub kind: u8,
+    /// Request opcode (`op::*`; REQ frames only).
     pub op: u8,
+    /// `F_FIRST`, `F_LAST`, `F_ACKREQ`.
     pub flags: u8,
+    /// Payload bytes after the header.
     pub piece: u32,
+    /// The request's sequence number (of the READ for RESP, of the refused
+    /// request for NAKs).
     pub psn: u64,
+    /// How many of the peer's requests the sender has executed.
     pub ack: u64,
+    /// Message length.
     pub total: u32,
+    /// Offset of this piece in the message.
     pub off: u32,
+    /// Remote address (WRITE, READ).
     pub raddr: u64,
+    /// Remote key (WRITE, READ).
     pub rkey: u32,
+    /// Immediate, rkey to invalidate, or NAK status.
     pub word: u32,
 }
 
 impl Hdr {
     /// Writes the header into the first `HDR` bytes of `b`.
-    pub(crate) fn write(&self, b: &mut [u8]) {
+    pub fn write(&self, b: &mut [u8]) {
         let b = &mut b[..HDR];
         b[0] = self.kind;
         b[1] = self.op;
@@ -89,8 +107,9 @@ impl Hdr {
         b[44..48].copy_from_slice(&self.word.to_le_bytes());
     }
 
-    /// Reads a header from the first `HDR` bytes of `b`.
-    pub(crate) fn read(b: &[u8]) -> Hdr {
+    /// Reads a header from the first `HDR` bytes of `b` (unchecked: see
+    /// [`Hdr::parse`]).
+    pub fn read(b: &[u8]) -> Hdr {
         let b = &b[..HDR];
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let u64_at = |o: usize| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
@@ -109,20 +128,42 @@ impl Hdr {
         }
     }
 
-    /// Whether the header is well formed on its own (kind, op, piece bounds).
-    pub(crate) fn sane(&self) -> bool {
-        let bounds = u64::from(self.off) + u64::from(self.piece) <= u64::from(self.total)
-            && self.piece <= MAX_PIECE;
-        match self.kind {
-            kind::REQ => {
-                (op::SEND..=op::READ).contains(&self.op)
-                    && bounds
-                    && (self.op != op::READ || self.piece == 0)
-            }
-            kind::RESP => bounds,
-            kind::ACK | kind::NAK | kind::RNR_NAK => self.piece == 0,
-            _ => false,
+    /// A checked header from the first `HDR` bytes of `b`: too short, or a
+    /// field out of range, is an error naming it.
+    pub fn parse(b: &[u8]) -> Result<Hdr, &'static str> {
+        if b.len() < HDR {
+            return Err("frame header shorter than 48 bytes");
         }
+        let h = Hdr::read(b);
+        h.check()?;
+        Ok(h)
+    }
+
+    /// Whether the header is well formed on its own (kind, op, piece
+    /// bounds), and if not, what is wrong.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.piece > MAX_PIECE {
+            return Err("frame piece above 1 MiB");
+        }
+        let in_bounds = u64::from(self.off) + u64::from(self.piece) <= u64::from(self.total);
+        match self.kind {
+            kind::REQ if !(op::SEND..=op::READ).contains(&self.op) => Err("unknown request opcode"),
+            kind::REQ if self.op == op::READ && self.piece != 0 => {
+                Err("READ request with a payload")
+            }
+            kind::REQ | kind::RESP if !in_bounds => Err("frame piece beyond its message"),
+            kind::REQ | kind::RESP => Ok(()),
+            kind::ACK | kind::NAK | kind::RNR_NAK if self.piece != 0 => {
+                Err("control frame with a payload")
+            }
+            kind::ACK | kind::NAK | kind::RNR_NAK => Ok(()),
+            _ => Err("unknown frame kind"),
+        }
+    }
+
+    /// Whether the header is well formed on its own.
+    pub fn sane(&self) -> bool {
+        self.check().is_ok()
     }
 }
 
