@@ -316,7 +316,7 @@ impl QpCore {
 
 /// What a software CQ needs of a backend's QP: whether it is gone, and to
 /// drive it and take its completions.
-pub(crate) trait PolledQp: Send + Sync + 'static {
+pub trait PolledQp: Send + Sync + 'static {
     /// The QP was destroyed: its CQ forgets it.
     fn destroyed(&self) -> bool;
     /// Drives the QP's transport, then moves up to `out.len()` of its send
@@ -377,7 +377,7 @@ impl<T> Handoff<T> {
 /// The completion queue of the software backends: the QPs attached to it,
 /// polled round-robin (polling drives their transports). QPs are attached
 /// from the slow path through a [`Handoff`]: no lock on a poll otherwise.
-pub(crate) struct SoftCq<Q> {
+pub struct SoftCq<Q> {
     id: u64,
     pending: std::sync::Arc<Handoff<CqEntry<Q>>>,
     qps: Vec<CqEntry<Q>>,

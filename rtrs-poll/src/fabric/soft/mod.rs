@@ -15,6 +15,7 @@ pub(crate) mod engine;
 pub(crate) mod mr;
 pub mod shm;
 pub mod tcp;
+pub(crate) mod verbs;
 
 use super::{FabricError, Result};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
