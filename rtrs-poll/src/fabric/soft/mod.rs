@@ -11,6 +11,7 @@
 //! peer that goes away flushes everything outstanding (`WrFlushErr`) and raises
 //! a disconnect event.
 
+pub(crate) mod cm;
 pub(crate) mod engine;
 pub(crate) mod mr;
 pub mod shm;
