@@ -19,7 +19,7 @@ mod wire;
 
 pub use cm::ShmCm;
 
-use super::engine::{QpCore, SoftCq};
+use super::engine::{Post, QpCore, SoftCq};
 use super::mr::MrTable;
 use super::verbs::{Ids, SoftBackend, SoftEngine, SoftMr, SoftPd, SoftQp, SoftQpShared};
 use super::{sg_copy, Mapping};
@@ -471,54 +471,14 @@ impl Engine {
 
     fn post_send(&mut self, wr: &SendWr<'_>) -> Result<()> {
         let opcode = wr.opcode.wc_opcode();
-        match self.core.state {
-            QpState::Init => {
-                return Err(FabricError::BadQpState {
-                    qp_num: self.core.qp_num,
-                    state: QpState::Init,
-                })
-            }
-            QpState::Error => {
-                self.core.sq_room()?;
-                self.core.fail_now(wr.wr_id, opcode, WcStatus::WrFlushErr);
+        let inline_cap = self.out.inline_cap as usize;
+        let (len, inline, need) = match self.core.admit_send(wr, &self.pd.mrs, inline_cap)? {
+            Post::Wire { len, inline, need } => (len, inline, need),
+            Post::Done => return Ok(()),
+            Post::Failed => {
+                self.fail(None);
                 return Ok(());
             }
-            QpState::Rts => {}
-        }
-        if wr.sg_list.len() > self.core.cap.max_send_sge as usize {
-            return Err(FabricError::InvalidWr("sg list longer than max_send_sge"));
-        }
-        self.core.sq_room()?;
-        let len = wr.payload_len();
-        if len > i32::MAX as u64 {
-            return Err(FabricError::InvalidWr("payload above 2 GiB"));
-        }
-        let len = len as u32;
-        if wr.opcode == Opcode::Rekey {
-            // `rekey_wr` re-keyed in software already: a local no-op.
-            self.core.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
-            return Ok(());
-        }
-        if wr.opcode == Opcode::LocalInv {
-            let ok = self.pd.mrs.invalidate_local(wr.invalidate_rkey);
-            if !ok {
-                self.fail(None);
-                self.core.fail_now(wr.wr_id, opcode, WcStatus::LocProtErr);
-            } else {
-                self.core.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
-            }
-            return Ok(());
-        }
-        let inline = wr.inline && wr.opcode != Opcode::RdmaRead;
-        if inline && len > self.out.inline_cap {
-            return Err(FabricError::InvalidWr(
-                "inline payload above max_inline_data",
-            ));
-        }
-        let need = if wr.opcode == Opcode::RdmaRead {
-            Access::LOCAL_WRITE
-        } else {
-            Access::NONE
         };
         let mut sges = [WireSge::default(); wire::MAX_SEND_SGE as usize];
         let mut parts: Segs<*const u8> = [(std::ptr::null(), 0); wire::MAX_SEND_SGE as usize + 1];
