@@ -7,6 +7,7 @@ use super::super::{
     WcStatus,
 };
 use super::mr::MrTable;
+use super::op;
 use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -328,13 +329,19 @@ pub(crate) enum Post {
     /// flushed, then the LOCAL_INV completed with `LocProtErr`); the backend
     /// winds its transport down.
     Failed,
-    /// For the wire: `len` payload bytes (`inline`: copied now), whose sg
-    /// entries the backend checks for `need`.
-    Wire {
-        len: u32,
-        inline: bool,
-        need: Access,
-    },
+    /// For the wire.
+    Wire(ToWire),
+}
+
+/// A request for the wire: `op` (`soft::op`) of `len` payload bytes
+/// (`inline`: copied at post time), whose sg entries the backend checks
+/// for `need`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ToWire {
+    pub op: u8,
+    pub len: u32,
+    pub inline: bool,
+    pub need: Access,
 }
 
 impl QpCore {
@@ -372,7 +379,7 @@ impl QpCore {
             return Err(FabricError::InvalidWr("payload above 2 GiB"));
         }
         let len = len as u32;
-        match wr.opcode {
+        let op = match wr.opcode {
             Opcode::Rekey => {
                 // `rekey_wr` re-keyed in software already: a local no-op.
                 self.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
@@ -387,8 +394,13 @@ impl QpCore {
                 self.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
                 return Ok(Post::Done);
             }
-            _ => {}
-        }
+            Opcode::Send => op::SEND,
+            Opcode::SendWithImm => op::SEND_IMM,
+            Opcode::SendWithInv => op::SEND_INV,
+            Opcode::RdmaWrite => op::WRITE,
+            Opcode::RdmaWriteWithImm => op::WRITE_IMM,
+            Opcode::RdmaRead => op::READ,
+        };
         let inline = wr.inline && wr.opcode != Opcode::RdmaRead;
         if inline && len as usize > inline_cap {
             return Err(FabricError::InvalidWr(
@@ -400,7 +412,12 @@ impl QpCore {
         } else {
             Access::NONE
         };
-        Ok(Post::Wire { len, inline, need })
+        Ok(Post::Wire(ToWire {
+            op,
+            len,
+            inline,
+            need,
+        }))
     }
 }
 

@@ -19,13 +19,13 @@ mod wire;
 
 pub use cm::ShmCm;
 
-use super::engine::{Post, QpCore, SoftCq};
+use super::engine::{Post, QpCore, SoftCq, ToWire};
 use super::mr::MrTable;
 use super::verbs::{Ids, SoftBackend, SoftEngine, SoftMr, SoftPd, SoftQp, SoftQpShared};
 use super::{sg_copy, Mapping};
 use crate::fabric::{
-    Access, Fabric, FabricError, Memory, Opcode, QpCap, QpState, RecvWr, Result, SendWr, Wc,
-    WcOpcode, WcStatus,
+    Access, Fabric, FabricError, Memory, QpCap, QpState, RecvWr, Result, SendWr, Wc, WcOpcode,
+    WcStatus,
 };
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -472,8 +472,13 @@ impl Engine {
     fn post_send(&mut self, wr: &SendWr<'_>) -> Result<()> {
         let opcode = wr.opcode.wc_opcode();
         let inline_cap = self.out.inline_cap as usize;
-        let (len, inline, need) = match self.core.admit_send(wr, &self.pd.mrs, inline_cap)? {
-            Post::Wire { len, inline, need } => (len, inline, need),
+        let ToWire {
+            op: wop,
+            len,
+            inline,
+            need,
+        } = match self.core.admit_send(wr, &self.pd.mrs, inline_cap)? {
+            Post::Wire(w) => w,
             Post::Done => return Ok(()),
             Post::Failed => {
                 self.fail(None);
@@ -504,16 +509,7 @@ impl Engine {
             }
         }
         let n = wr.sg_list.len();
-        let (wop, flags) = match wr.opcode {
-            Opcode::Send => (op::SEND, 0),
-            Opcode::SendWithImm => (op::SEND_IMM, 0),
-            Opcode::SendWithInv => (op::SEND_INV, 0),
-            Opcode::RdmaWrite => (op::WRITE, 0),
-            Opcode::RdmaWriteWithImm => (op::WRITE_IMM, 0),
-            Opcode::RdmaRead => (op::READ, 0),
-            Opcode::LocalInv | Opcode::Rekey => unreachable!("handled above"),
-        };
-        let flags = if inline { flags | F_INLINE } else { flags };
+        let flags = if inline { F_INLINE } else { 0 };
         let d = Desc {
             ack: self.in_psn,
             op: wop,

@@ -15,8 +15,8 @@
 use super::rc::{Engine, Segs, MAX_SEGS};
 use super::stream::{ByteStream, Sink};
 use super::wire::{kind, op, Hdr, F_ACKREQ, F_FIRST, F_LAST};
-use crate::fabric::soft::engine::Post;
-use crate::fabric::{Access, Opcode, RecvWr, Result, SendWr, WcStatus};
+use crate::fabric::soft::engine::{Post, ToWire};
+use crate::fabric::{Access, RecvWr, Result, SendWr, WcStatus};
 use std::time::Duration;
 
 /// One RNR retry's wait (what rdma_cm's default min_rnr_timer gives: 0.64 ms).
@@ -54,8 +54,13 @@ impl<S: ByteStream> Engine<S> {
     /// acknowledged; it goes on the wire on the next poll.
     pub(crate) fn post_send(&mut self, wr: &SendWr<'_>) -> Result<()> {
         let opcode = wr.opcode.wc_opcode();
-        let (len, inline, need) = match self.core.admit_send(wr, &self.mrs, self.inline_cap)? {
-            Post::Wire { len, inline, need } => (len, inline, need),
+        let ToWire {
+            op: wop,
+            len,
+            inline,
+            need,
+        } = match self.core.admit_send(wr, &self.mrs, self.inline_cap)? {
+            Post::Wire(w) => w,
             Post::Done => return Ok(()),
             Post::Failed => {
                 self.fail(None);
@@ -89,14 +94,10 @@ impl<S: ByteStream> Engine<S> {
         } else {
             self.sges[slot * self.max_sge..][..wr.sg_list.len()].copy_from_slice(wr.sg_list);
         }
-        let (wop, word) = match wr.opcode {
-            Opcode::Send => (op::SEND, 0),
-            Opcode::SendWithImm => (op::SEND_IMM, wr.imm),
-            Opcode::SendWithInv => (op::SEND_INV, wr.invalidate_rkey),
-            Opcode::RdmaWrite => (op::WRITE, 0),
-            Opcode::RdmaWriteWithImm => (op::WRITE_IMM, wr.imm),
-            Opcode::RdmaRead => (op::READ, 0),
-            Opcode::LocalInv | Opcode::Rekey => unreachable!("handled above"),
+        let word = match wop {
+            op::SEND_IMM | op::WRITE_IMM => wr.imm,
+            op::SEND_INV => wr.invalidate_rkey,
+            _ => 0,
         };
         self.wqes[slot] = Wqe {
             op: wop,
