@@ -217,10 +217,10 @@ impl<B: SoftBackend> Pd<B::Fabric> for SoftPd<B> {
             state: SharedState::new(),
             broken: AtomicBool::new(false),
             destroyed: AtomicBool::new(false),
+            extra,
             attach: Mutex::new(None),
             attach_ready: AtomicBool::new(false),
             engine: CoreCell::new(engine),
-            extra,
         });
         let same = send_cq.id() == recv_cq.id();
         send_cq.attach(&shared, true, same);
@@ -245,11 +245,13 @@ pub struct SoftQpShared<B: SoftBackend> {
     pub(crate) broken: AtomicBool,
     /// Set when the QP handle is dropped.
     pub(crate) destroyed: AtomicBool,
+    /// Dropped before the link and the engine (fields drop in order): the
+    /// tcp extras take the socket off the watcher while it is still open.
+    pub(crate) extra: B::QpExtra,
     /// The link from the connection manager, until the core takes it.
     pub(crate) attach: Mutex<Option<B::Link>>,
     pub(crate) attach_ready: AtomicBool,
     pub(crate) engine: CoreCell<B::Engine>,
-    pub(crate) extra: B::QpExtra,
 }
 
 impl<B: SoftBackend> std::fmt::Debug for SoftQpShared<B> {
