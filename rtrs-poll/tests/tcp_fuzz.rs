@@ -3,11 +3,20 @@
 //! 96-byte CM message (auth kinds 5..=8 included), and the engine fed
 //! arbitrary byte streams without a socket. Nothing may panic; whatever a
 //! decoder accepts re-encodes to itself; every out-of-range field is refused;
-//! a fed engine ends in progress (RTS) or in the error state.
+//! a fed engine ends in progress (RTS) or in the error state. Plus
+//! time-bounded mutation targets (`fuzz_tcp_*`, as `proto_fuzz.rs`; run with
+//! `cargo test --release fuzz`, budget `RTRS_FUZZ_SECS`).
 
 use proptest::prelude::*;
 use rtrs_poll::fabric::soft::tcp::fuzz::*;
 use rtrs_poll::fabric::QpState;
+
+#[path = "common/mutate.rs"]
+mod mutate;
+
+/// Each mutation target gets 1/12 of `RTRS_FUZZ_SECS`, as each of
+/// `proto_fuzz.rs`'s twelve does (this file's four take a third more).
+const TARGETS: u32 = 12;
 
 const MAGIC: u32 = 0x7074_6372;
 const NONCE_AT: usize = 8;
@@ -276,4 +285,102 @@ fn engine_fed_a_valid_read_response_and_acks_completes() {
     // READ and WRITE (signaled) complete; the unsignaled SEND retires silently.
     assert_eq!(f.completions, 2);
     assert!(f.sent > 0);
+}
+
+// ---------------------------------------------------------------------------
+// Mutation targets.
+
+fn hdr_bytes(h: Hdr, payload: usize) -> Vec<u8> {
+    let mut b = encode_frame_header(&h).to_vec();
+    b.resize(HDR + payload, 0x33);
+    b
+}
+
+/// Valid frames: a request of each opcode, a READ response, ACK, NAKs.
+fn frame_seeds() -> Vec<Vec<u8>> {
+    let req = |op, piece, total| Hdr {
+        kind: kind::REQ,
+        op,
+        flags: F_FIRST | F_LAST | F_ACKREQ,
+        piece,
+        total,
+        rkey: 0x101,
+        ..Hdr::default()
+    };
+    let mut v: Vec<Vec<u8>> = (1..=5).map(|o| hdr_bytes(req(o, 64, 64), 64)).collect();
+    v.push(hdr_bytes(req(op::READ, 0, 3000), 0));
+    let resp = Hdr {
+        kind: kind::RESP,
+        flags: F_FIRST,
+        piece: 500,
+        total: 3000,
+        ..Hdr::default()
+    };
+    v.push(hdr_bytes(resp, 500));
+    for k in [kind::ACK, kind::NAK, kind::RNR_NAK] {
+        v.push(hdr_bytes(
+            Hdr {
+                kind: k,
+                ack: 1,
+                word: 10,
+                ..Hdr::default()
+            },
+            0,
+        ));
+    }
+    v
+}
+
+fn check_frame(b: &[u8]) {
+    if let Ok(h) = decode_frame_header(b) {
+        assert_eq!(decode_frame_header(&encode_frame_header(&h)), Ok(h));
+    }
+}
+
+#[test]
+fn fuzz_tcp_frame_header() {
+    mutate::fuzz("tcp_frame_header", TARGETS, frame_seeds(), check_frame);
+}
+
+#[test]
+fn fuzz_tcp_cm() {
+    let seeds = (1..=8u8)
+        .map(|k| cm_msg(k, 8, &[0x42; 88]).to_vec())
+        .collect();
+    mutate::fuzz("tcp_cm", TARGETS, seeds, |b| {
+        if let Ok(e) = decode_encode_cm(b) {
+            assert_eq!(decode_encode_cm(&e).ok(), Some(e));
+        }
+    });
+}
+
+#[test]
+fn fuzz_tcp_engine() {
+    // Streams of valid frames (the fed engine's READ answered, acks, requests
+    // aimed at its memory) mutated, then fed in a few chunks.
+    let mut stream = Vec::new();
+    for s in frame_seeds() {
+        stream.extend_from_slice(&s);
+    }
+    let cut = stream[..200].to_vec();
+    let seeds = vec![stream, cut];
+    for passive in [false, true] {
+        let name = if passive {
+            "tcp_engine_passive"
+        } else {
+            "tcp_engine"
+        };
+        mutate::fuzz(name, TARGETS, seeds.clone(), |b| {
+            let f = feed_engine(passive, |_, _| {
+                let mut v = Vec::new();
+                if passive {
+                    v.push(cm_rtu().to_vec());
+                }
+                v.extend(b.chunks(97).map(<[u8]>::to_vec));
+                v
+            });
+            assert!(matches!(f.state, QpState::Rts | QpState::Error), "{f:?}");
+            assert!(f.completions <= f.posted + f.receives, "{f:?}");
+        });
+    }
 }

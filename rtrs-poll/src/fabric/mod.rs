@@ -242,7 +242,10 @@ pub trait Pd<F: Fabric>: Send + Sync + Clone {
         true
     }
     /// Registers the whole of `mem` once. The MR keeps `mem` alive.
-    fn reg_mr(&self, mem: std::sync::Arc<dyn Memory>, access: Access) -> Result<F::Mr>;
+    fn reg_mr(&self, mem: std::sync::Arc<dyn Memory>, access: Access) -> Result<F::Mr> {
+        let len = mem.len();
+        self.reg_mr_range(mem, 0, len, access)
+    }
     /// Registers `len` bytes of `mem` from `offset` (one MR per chunk, as the
     /// kernel's server does with always_invalidate).
     fn reg_mr_range(

@@ -234,11 +234,6 @@ impl Pd<RdmaFabric> for RdmaPd {
         self.inner.ctx == other.inner.ctx
     }
 
-    fn reg_mr(&self, mem: Arc<dyn Memory>, access: Access) -> Result<RdmaMr> {
-        let len = mem.len();
-        self.reg_mr_range(mem, 0, len, access)
-    }
-
     fn reg_mr_range(
         &self,
         mem: Arc<dyn Memory>,

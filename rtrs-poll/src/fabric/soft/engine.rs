@@ -2,7 +2,12 @@
 //! provider (send-queue shadow, receive queue, completions waiting for the
 //! CQ, the error/flush state machine) and the one-core cell that holds it.
 
-use super::super::{FabricError, QpCap, QpState, RecvWr, Result, Sge, Wc, WcOpcode, WcStatus};
+use super::super::{
+    Access, FabricError, Opcode, QpCap, QpState, RecvWr, Result, SendWr, Sge, Wc, WcOpcode,
+    WcStatus,
+};
+use super::mr::MrTable;
+use super::op;
 use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -314,9 +319,111 @@ impl QpCore {
     }
 }
 
+/// A send work request after the checks every software backend makes at
+/// post time (see [`QpCore::admit_send`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Post {
+    /// Handled: flushed (QP in error), or a local operation queued.
+    Done,
+    /// A LOCAL_INV of a key we do not own: the QP went to error (everything
+    /// flushed, then the LOCAL_INV completed with `LocProtErr`); the backend
+    /// winds its transport down.
+    Failed,
+    /// For the wire.
+    Wire(ToWire),
+}
+
+/// A request for the wire: `op` (`soft::op`) of `len` payload bytes
+/// (`inline`: copied at post time), whose sg entries the backend checks
+/// for `need`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ToWire {
+    pub op: u8,
+    pub len: u32,
+    pub inline: bool,
+    pub need: Access,
+}
+
+impl QpCore {
+    /// The post-time checks of both software backends: the QP's state, the
+    /// sg list against `max_send_sge`, room in the send queue, the payload
+    /// size, inline size against `inline_cap`, and the local operations
+    /// (re-key: done in software already; LOCAL_INV of `mrs`' key).
+    pub(crate) fn admit_send(
+        &mut self,
+        wr: &SendWr<'_>,
+        mrs: &MrTable,
+        inline_cap: usize,
+    ) -> Result<Post> {
+        let opcode = wr.opcode.wc_opcode();
+        match self.state {
+            QpState::Init => {
+                return Err(FabricError::BadQpState {
+                    qp_num: self.qp_num,
+                    state: QpState::Init,
+                })
+            }
+            QpState::Error => {
+                self.sq_room()?;
+                self.fail_now(wr.wr_id, opcode, WcStatus::WrFlushErr);
+                return Ok(Post::Done);
+            }
+            QpState::Rts => {}
+        }
+        if wr.sg_list.len() > self.cap.max_send_sge as usize {
+            return Err(FabricError::InvalidWr("sg list longer than max_send_sge"));
+        }
+        self.sq_room()?;
+        let len = wr.payload_len();
+        if len > i32::MAX as u64 {
+            return Err(FabricError::InvalidWr("payload above 2 GiB"));
+        }
+        let len = len as u32;
+        let op = match wr.opcode {
+            Opcode::Rekey => {
+                // `rekey_wr` re-keyed in software already: a local no-op.
+                self.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
+                return Ok(Post::Done);
+            }
+            Opcode::LocalInv if !mrs.invalidate_local(wr.invalidate_rkey) => {
+                self.enter_error(None);
+                self.fail_now(wr.wr_id, opcode, WcStatus::LocProtErr);
+                return Ok(Post::Failed);
+            }
+            Opcode::LocalInv => {
+                self.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
+                return Ok(Post::Done);
+            }
+            Opcode::Send => op::SEND,
+            Opcode::SendWithImm => op::SEND_IMM,
+            Opcode::SendWithInv => op::SEND_INV,
+            Opcode::RdmaWrite => op::WRITE,
+            Opcode::RdmaWriteWithImm => op::WRITE_IMM,
+            Opcode::RdmaRead => op::READ,
+        };
+        let inline = wr.inline && wr.opcode != Opcode::RdmaRead;
+        if inline && len as usize > inline_cap {
+            return Err(FabricError::InvalidWr(
+                "inline payload above max_inline_data",
+            ));
+        }
+        let need = if wr.opcode == Opcode::RdmaRead {
+            Access::LOCAL_WRITE
+        } else {
+            Access::NONE
+        };
+        Ok(Post::Wire(ToWire {
+            op,
+            len,
+            inline,
+            need,
+        }))
+    }
+}
+
 /// What a software CQ needs of a backend's QP: whether it is gone, and to
 /// drive it and take its completions.
-pub(crate) trait PolledQp: Send + Sync + 'static {
+pub trait PolledQp: Send + Sync + 'static {
     /// The QP was destroyed: its CQ forgets it.
     fn destroyed(&self) -> bool;
     /// Drives the QP's transport, then moves up to `out.len()` of its send
@@ -377,7 +484,7 @@ impl<T> Handoff<T> {
 /// The completion queue of the software backends: the QPs attached to it,
 /// polled round-robin (polling drives their transports). QPs are attached
 /// from the slow path through a [`Handoff`]: no lock on a poll otherwise.
-pub(crate) struct SoftCq<Q> {
+pub struct SoftCq<Q> {
     id: u64,
     pending: std::sync::Arc<Handoff<CqEntry<Q>>>,
     qps: Vec<CqEntry<Q>>,

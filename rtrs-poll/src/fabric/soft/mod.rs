@@ -11,10 +11,29 @@
 //! peer that goes away flushes everything outstanding (`WrFlushErr`) and raises
 //! a disconnect event.
 
+/// Request opcodes on the wire of both software backends (shm descriptors,
+/// tcp frames).
+pub mod op {
+    /// SEND.
+    pub const SEND: u8 = 1;
+    /// SEND_WITH_IMM.
+    pub const SEND_IMM: u8 = 2;
+    /// SEND_WITH_INV.
+    pub const SEND_INV: u8 = 3;
+    /// RDMA_WRITE.
+    pub const WRITE: u8 = 4;
+    /// RDMA_WRITE_WITH_IMM.
+    pub const WRITE_IMM: u8 = 5;
+    /// RDMA_READ (no payload travels with the request).
+    pub const READ: u8 = 6;
+}
+
+pub(crate) mod cm;
 pub(crate) mod engine;
 pub(crate) mod mr;
 pub mod shm;
 pub mod tcp;
+pub(crate) mod verbs;
 
 use super::{FabricError, Result};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

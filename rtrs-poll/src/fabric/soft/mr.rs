@@ -53,7 +53,7 @@ pub(crate) enum KeyError {
 }
 
 /// The table: fixed capacity, chosen when the PD is created.
-pub(crate) struct MrTable {
+pub struct MrTable {
     entries: Box<[Entry]>,
     /// Keeps registered memory alive; touched only at (de)registration.
     owners: Mutex<Owners>,

@@ -19,16 +19,30 @@
 //! are the owner's alone (mode 600).
 
 use super::{Link, QpShared, ShmFabric, ShmQp};
-use crate::fabric::{
-    Address, Cm, CmEvent, CmRefusal, ConnId, FabricError, PrivateData, Result, MAX_PRIVATE_DATA,
-};
+use crate::fabric::soft::cm::{conn_in, disconnected, u32_at, u64_at, Layout, MSG_LEN};
+use crate::fabric::{Address, Cm, CmEvent, CmRefusal, ConnId, FabricError, PrivateData, Result};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-const MSG_LEN: usize = 96;
-const VERSION: u16 = 1;
+/// The shm CM message: kind, private data length, version, then the
+/// sender's pid, ring and region table (fd, length), then the private data.
+const LAYOUT: Layout = Layout {
+    magic: None,
+    version: 1,
+    version_at: 2,
+    kind_at: 0,
+    kinds: 5,
+    plen_at: 1,
+    pdata_at: 32,
+    errors: [
+        "shm CM message of the wrong size",
+        "",
+        "shm CM version mismatch",
+        "unknown shm CM message",
+    ],
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -69,46 +83,29 @@ impl Msg {
         }
     }
     fn encode(&self) -> [u8; MSG_LEN] {
-        let mut b = [0u8; MSG_LEN];
-        b[0] = self.kind as u8;
-        b[1] = self.pdata.as_bytes().len() as u8;
-        b[2..4].copy_from_slice(&VERSION.to_le_bytes());
+        let mut b = LAYOUT.header(self.kind as u8);
+        LAYOUT.put_pdata(&mut b, &self.pdata);
         b[4..8].copy_from_slice(&self.pid.to_le_bytes());
         b[8..12].copy_from_slice(&self.ring.0.to_le_bytes());
         b[12..16].copy_from_slice(&self.regions.0.to_le_bytes());
         b[16..24].copy_from_slice(&self.ring.1.to_le_bytes());
         b[24..32].copy_from_slice(&self.regions.1.to_le_bytes());
-        let p = self.pdata.as_bytes();
-        b[32..32 + p.len()].copy_from_slice(p);
         b
     }
     fn decode(b: &[u8]) -> Result<Msg> {
-        if b.len() != MSG_LEN {
-            return Err(FabricError::Protocol("shm CM message of the wrong size"));
-        }
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let u64_at = |o: usize| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
-        if u16::from_le_bytes([b[2], b[3]]) != VERSION {
-            return Err(FabricError::Protocol("shm CM version mismatch"));
-        }
-        let kind = match b[0] {
+        let kind = match LAYOUT.check(b)? {
             1 => Kind::Req,
             2 => Kind::Acc,
             3 => Kind::Rej,
             4 => Kind::Rtu,
-            5 => Kind::Disc,
-            _ => return Err(FabricError::Protocol("unknown shm CM message")),
+            _ => Kind::Disc,
         };
-        let plen = usize::from(b[1]);
-        if plen > MAX_PRIVATE_DATA {
-            return Err(FabricError::Protocol("private data too long"));
-        }
         Ok(Msg {
             kind,
-            pid: u32_at(4),
-            ring: (u32_at(8) as i32, u64_at(16)),
-            regions: (u32_at(12) as i32, u64_at(24)),
-            pdata: PrivateData::new(&b[32..32 + plen])?,
+            pid: u32_at(b, 4),
+            ring: (u32_at(b, 8) as i32, u64_at(b, 16)),
+            regions: (u32_at(b, 12) as i32, u64_at(b, 24)),
+            pdata: LAYOUT.pdata(b)?,
         })
     }
 }
@@ -541,14 +538,9 @@ impl Cm<ShmFabric> for ShmCm {
 
     fn accept(&mut self, id: ConnId, qp: &ShmQp, private_data: &[u8]) -> Result<()> {
         let pdata = PrivateData::new(private_data)?;
-        let c = self
-            .conns
-            .get_mut(&id)
-            .filter(|c| c.st == St::Requested)
-            .ok_or(FabricError::Unknown {
-                what: "connect request",
-                id: id.0,
-            })?;
+        let c = conn_in(&mut self.conns, id, "connect request", |c| {
+            c.st == St::Requested
+        })?;
         let peer = c.peer.expect("requested connections have the REQ");
         let link = match Link::open(c.peer_pid, peer.ring, peer.regions) {
             Ok(l) => l,
@@ -572,14 +564,9 @@ impl Cm<ShmFabric> for ShmCm {
 
     fn reject(&mut self, id: ConnId, private_data: &[u8]) -> Result<()> {
         let pdata = PrivateData::new(private_data)?;
-        let c = self
-            .conns
-            .get(&id)
-            .filter(|c| c.st == St::Requested)
-            .ok_or(FabricError::Unknown {
-                what: "connect request",
-                id: id.0,
-            })?;
+        let c = conn_in(&mut self.conns, id, "connect request", |c| {
+            c.st == St::Requested
+        })?;
         let m = Msg {
             pdata,
             ..Msg::bare(Kind::Rej)
@@ -593,14 +580,10 @@ impl Cm<ShmFabric> for ShmCm {
         if self.listeners.remove(&id).is_some() {
             return Ok(());
         }
-        let c = self.conns.get(&id).ok_or(FabricError::Unknown {
-            what: "connection",
-            id: id.0,
-        })?;
+        let c = conn_in(&mut self.conns, id, "connection", |_| true)?;
         let _ = send_msg(c.fd.as_raw_fd(), &Msg::bare(Kind::Disc));
-        let ev =
-            matches!(c.st, St::Established | St::AwaitRtu).then_some(CmEvent::Disconnected { id });
-        self.close(id, ev);
+        let up = matches!(c.st, St::Established | St::AwaitRtu);
+        self.close(id, disconnected(id, up));
         Ok(())
     }
 

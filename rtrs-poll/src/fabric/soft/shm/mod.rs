@@ -19,15 +19,16 @@ mod wire;
 
 pub use cm::ShmCm;
 
-use super::engine::{CoreCell, PolledQp, QpCore, SharedState, SoftCq};
+use super::engine::{Post, QpCore, SoftCq, ToWire};
 use super::mr::MrTable;
+use super::verbs::{Ids, SoftBackend, SoftEngine, SoftMr, SoftPd, SoftQp, SoftQpShared};
 use super::{sg_copy, Mapping};
 use crate::fabric::{
-    Access, Cq, Fabric, FabricError, Memory, Mr, Opcode, Pd, Qp, QpCap, QpState, RecvWr, Result,
-    SendWr, Wc, WcOpcode, WcStatus,
+    Access, Fabric, FabricError, Memory, QpCap, QpState, RecvWr, Result, SendWr, Wc, WcOpcode,
+    WcStatus,
 };
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use wire::{op, Desc, Ring, WireSge, F_INLINE, NO_REGION};
 
@@ -64,8 +65,7 @@ pub struct ShmFabric {
 #[derive(Debug, Default)]
 struct FabricInner {
     cfg: ShmConfig,
-    next_qp: AtomicU32,
-    next_cq: AtomicU64,
+    ids: Ids,
 }
 
 impl ShmFabric {
@@ -78,8 +78,7 @@ impl ShmFabric {
         ShmFabric {
             inner: Arc::new(FabricInner {
                 cfg,
-                next_qp: AtomicU32::new(1),
-                next_cq: AtomicU64::new(1),
+                ids: Ids::default(),
             }),
         }
     }
@@ -102,13 +101,11 @@ impl Fabric for ShmFabric {
 
     fn alloc_pd_sized(&self, max_mrs: u32) -> Result<ShmPd> {
         let cfg = self.inner.cfg;
-        Ok(ShmPd {
-            inner: Arc::new(PdInner {
-                fabric: self.inner.clone(),
-                mrs: MrTable::new(max_mrs),
-                regions: RegionTable::new(cfg.max_regions)?,
-            }),
-        })
+        Ok(SoftPd::new(PdInner {
+            fabric: self.inner.clone(),
+            mrs: MrTable::new(max_mrs),
+            regions: RegionTable::new(cfg.max_regions)?,
+        }))
     }
 
     fn create_cm(&self) -> Result<ShmCm> {
@@ -235,118 +232,101 @@ impl PeerMem {
 // ---------------------------------------------------------------------------
 // Protection domain and memory regions.
 
+/// The shm fabric's PD internals (the backend of the generic objects).
 #[derive(Debug)]
-struct PdInner {
+pub struct PdInner {
     fabric: Arc<FabricInner>,
     mrs: MrTable,
     regions: RegionTable,
 }
 
 /// A protection domain of the shm fabric.
-#[derive(Clone, Debug)]
-pub struct ShmPd {
-    inner: Arc<PdInner>,
-}
-
+pub type ShmPd = SoftPd<PdInner>;
 /// A memory region of the shm fabric; deregistered on drop.
+pub type ShmMr = SoftMr<PdInner>;
+/// A completion queue of the shm fabric. Polling it drives its QPs.
+pub type ShmCq = SoftCq<QpShared>;
+/// A queue pair of the shm fabric.
+pub type ShmQp = SoftQp<PdInner>;
+/// What an shm QP shares between its core, its CQs and the CM.
+pub(crate) type QpShared = SoftQpShared<PdInner>;
+
+/// What an shm QP keeps beside the generic state: its outbound ring's memfd
+/// (the CM tells the peer where to map it) and its PD.
 #[derive(Debug)]
-pub struct ShmMr {
+pub struct ShmQpExtra {
+    out_fd: OwnedFd,
+    out_len: usize,
     pd: Arc<PdInner>,
-    index: u32,
 }
 
-impl Drop for ShmMr {
-    fn drop(&mut self) {
-        self.pd.mrs.deregister(self.index);
-    }
-}
+impl SoftBackend for PdInner {
+    type Fabric = ShmFabric;
+    type Engine = Engine;
+    type Link = Link;
+    type QpExtra = ShmQpExtra;
+    const NAME: &'static str = "Shm";
 
-impl Mr for ShmMr {
-    fn addr(&self) -> u64 {
-        self.pd.mrs.addr(self.index)
-    }
-    fn len(&self) -> usize {
-        self.pd.mrs.len(self.index) as usize
-    }
-    fn lkey(&self) -> u32 {
-        self.pd.mrs.lkey(self.index)
-    }
-    fn rkey(&self) -> u32 {
-        self.pd.mrs.rkey(self.index)
-    }
-    fn rekey(&self) -> Result<u32> {
-        Ok(self.pd.mrs.rekey(self.index))
-    }
-    fn invalidate(&self) {
-        self.pd.mrs.invalidate_index(self.index);
-    }
-}
-
-impl Pd<ShmFabric> for ShmPd {
-    fn reg_mr(&self, mem: Arc<dyn Memory>, access: Access) -> Result<ShmMr> {
-        let len = mem.len();
-        self.reg_mr_range(mem, 0, len, access)
+    fn mrs(&self) -> &MrTable {
+        &self.mrs
     }
 
-    fn reg_mr_range(
-        &self,
-        mem: Arc<dyn Memory>,
-        offset: usize,
-        len: usize,
-        access: Access,
-    ) -> Result<ShmMr> {
-        let region = self.inner.regions.id_of(&mem)?;
-        let index = self
-            .inner
-            .mrs
-            .register(mem, offset, len, access, (region, 0))?;
-        Ok(ShmMr {
-            pd: self.inner.clone(),
-            index,
-        })
+    fn tag(&self, mem: &Arc<dyn Memory>) -> Result<(u32, u64)> {
+        Ok((self.regions.id_of(mem)?, 0))
     }
 
-    fn create_cq(&self, depth: u32) -> Result<ShmCq> {
-        if depth == 0 {
-            return Err(FabricError::InvalidWr("CQ depth must be > 0"));
-        }
-        Ok(ShmCq(SoftCq::new(
-            self.inner.fabric.next_cq.fetch_add(1, Ordering::Relaxed),
-        )))
+    fn ids(&self) -> &Ids {
+        &self.fabric.ids
     }
 
-    fn create_qp(&self, send_cq: &ShmCq, recv_cq: &ShmCq, cap: QpCap) -> Result<ShmQp> {
-        let qp_num = self.inner.fabric.next_qp.fetch_add(1, Ordering::Relaxed);
+    fn new_qp(pd: &Arc<Self>, cap: QpCap) -> Result<(u32, Engine, ShmQpExtra)> {
+        let qp_num = pd.fabric.ids.next_qp();
         let core = QpCore::new(qp_num, cap)?;
         let (out_fd, out) = Ring::create(&cap)?;
-        let shared = Arc::new(QpShared {
-            qp_num,
-            state: SharedState::new(),
-            broken: AtomicBool::new(false),
-            destroyed: AtomicBool::new(false),
-            attach: Mutex::new(None),
-            attach_ready: AtomicBool::new(false),
+        let extra = ShmQpExtra {
             out_fd,
             out_len: out.len(),
-            pd: self.inner.clone(),
-            engine: CoreCell::new(Engine {
-                core,
-                out,
-                link: None,
-                in_psn: 0,
-                in_dead: false,
-                rnr_since: None,
-                pd: self.inner.clone(),
-                polls: 0,
-                acked_seen: 0,
-            }),
+            pd: pd.clone(),
+        };
+        let engine = Engine {
+            core,
+            out,
+            link: None,
+            in_psn: 0,
+            in_dead: false,
+            rnr_since: None,
+            pd: pd.clone(),
+            polls: 0,
+            acked_seen: 0,
+        };
+        Ok((qp_num, engine, extra))
+    }
+
+    fn on_destroy(qp: &QpShared) {
+        let _ = qp.engine.with("qp", |e| {
+            e.out.close_producer();
+            if let Some(l) = &e.link {
+                l.inbound.close_consumer();
+            }
         });
-        let same = send_cq.0.id() == recv_cq.0.id();
-        send_cq.0.attach(&shared, true, same);
-        if !same {
-            recv_cq.0.attach(&shared, false, true);
-        }
-        Ok(ShmQp { shared })
+    }
+}
+
+impl SoftEngine<PdInner> for Engine {
+    fn sync(&mut self, qp: &QpShared) {
+        Engine::sync(self, qp)
+    }
+    fn progress(&mut self, qp: &QpShared) {
+        Engine::progress(self, qp)
+    }
+    fn post_send(&mut self, wr: &SendWr<'_>) -> Result<()> {
+        Engine::post_send(self, wr)
+    }
+    fn post_recv(&mut self, wr: &RecvWr<'_>) -> Result<()> {
+        Engine::post_recv(self, wr)
+    }
+    fn drain_wcs(&mut self, send: bool, recv: bool, out: &mut [Wc]) -> usize {
+        self.core.drain_wcs(send, recv, out)
     }
 }
 
@@ -355,7 +335,7 @@ impl Pd<ShmFabric> for ShmPd {
 
 /// What the connection manager hands a QP once both sides have mapped each
 /// other: the peer's ring and its memory.
-pub(crate) struct Link {
+pub struct Link {
     inbound: Ring,
     peer: PeerMem,
 }
@@ -375,41 +355,21 @@ impl Link {
     }
 }
 
-pub(crate) struct QpShared {
-    qp_num: u32,
-    state: SharedState,
-    /// Set by the connection manager: the connection is gone.
-    broken: AtomicBool,
-    /// Set when the QP handle is dropped.
-    destroyed: AtomicBool,
-    attach: Mutex<Option<Link>>,
-    attach_ready: AtomicBool,
-    out_fd: OwnedFd,
-    out_len: usize,
-    pd: Arc<PdInner>,
-    engine: CoreCell<Engine>,
-}
-
-impl QpShared {
-    /// (pid, ring fd, ring len, regions fd, regions len) for the CM messages.
+impl SoftQpShared<PdInner> {
+    /// (ring fd, ring len, regions fd, regions len) for the CM messages.
     pub(crate) fn endpoint(&self) -> (i32, u64, i32, u64) {
+        let x = &self.extra;
         (
-            self.out_fd.as_raw_fd(),
-            self.out_len as u64,
-            self.pd.regions.fd.as_raw_fd(),
-            self.pd.regions.map.len() as u64,
+            x.out_fd.as_raw_fd(),
+            x.out_len as u64,
+            x.pd.regions.fd.as_raw_fd(),
+            x.pd.regions.map.len() as u64,
         )
     }
-    pub(crate) fn attach(&self, link: Link) {
-        *self.attach.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
-        self.attach_ready.store(true, Ordering::Release);
-    }
-    pub(crate) fn mark_broken(&self) {
-        self.broken.store(true, Ordering::Release);
-    }
 }
 
-struct Engine {
+/// The RC engine of one shm QP, driven by the core that polls its CQ.
+pub struct Engine {
     core: QpCore,
     out: Ring,
     link: Option<Link>,
@@ -423,6 +383,16 @@ struct Engine {
     polls: u32,
     /// The highest acknowledgement piggybacked on the peer's requests.
     acked_seen: u64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Engine(qp {}, {:?}, executed {})",
+            self.core.qp_num, self.core.state, self.in_psn
+        )
+    }
 }
 
 /// Polls between two reads of the consumer header when nothing needs it, so a
@@ -501,54 +471,19 @@ impl Engine {
 
     fn post_send(&mut self, wr: &SendWr<'_>) -> Result<()> {
         let opcode = wr.opcode.wc_opcode();
-        match self.core.state {
-            QpState::Init => {
-                return Err(FabricError::BadQpState {
-                    qp_num: self.core.qp_num,
-                    state: QpState::Init,
-                })
-            }
-            QpState::Error => {
-                self.core.sq_room()?;
-                self.core.fail_now(wr.wr_id, opcode, WcStatus::WrFlushErr);
+        let inline_cap = self.out.inline_cap as usize;
+        let ToWire {
+            op: wop,
+            len,
+            inline,
+            need,
+        } = match self.core.admit_send(wr, &self.pd.mrs, inline_cap)? {
+            Post::Wire(w) => w,
+            Post::Done => return Ok(()),
+            Post::Failed => {
+                self.fail(None);
                 return Ok(());
             }
-            QpState::Rts => {}
-        }
-        if wr.sg_list.len() > self.core.cap.max_send_sge as usize {
-            return Err(FabricError::InvalidWr("sg list longer than max_send_sge"));
-        }
-        self.core.sq_room()?;
-        let len = wr.payload_len();
-        if len > i32::MAX as u64 {
-            return Err(FabricError::InvalidWr("payload above 2 GiB"));
-        }
-        let len = len as u32;
-        if wr.opcode == Opcode::Rekey {
-            // `rekey_wr` re-keyed in software already: a local no-op.
-            self.core.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
-            return Ok(());
-        }
-        if wr.opcode == Opcode::LocalInv {
-            let ok = self.pd.mrs.invalidate_local(wr.invalidate_rkey);
-            if !ok {
-                self.fail(None);
-                self.core.fail_now(wr.wr_id, opcode, WcStatus::LocProtErr);
-            } else {
-                self.core.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
-            }
-            return Ok(());
-        }
-        let inline = wr.inline && wr.opcode != Opcode::RdmaRead;
-        if inline && len > self.out.inline_cap {
-            return Err(FabricError::InvalidWr(
-                "inline payload above max_inline_data",
-            ));
-        }
-        let need = if wr.opcode == Opcode::RdmaRead {
-            Access::LOCAL_WRITE
-        } else {
-            Access::NONE
         };
         let mut sges = [WireSge::default(); wire::MAX_SEND_SGE as usize];
         let mut parts: Segs<*const u8> = [(std::ptr::null(), 0); wire::MAX_SEND_SGE as usize + 1];
@@ -574,16 +509,7 @@ impl Engine {
             }
         }
         let n = wr.sg_list.len();
-        let (wop, flags) = match wr.opcode {
-            Opcode::Send => (op::SEND, 0),
-            Opcode::SendWithImm => (op::SEND_IMM, 0),
-            Opcode::SendWithInv => (op::SEND_INV, 0),
-            Opcode::RdmaWrite => (op::WRITE, 0),
-            Opcode::RdmaWriteWithImm => (op::WRITE_IMM, 0),
-            Opcode::RdmaRead => (op::READ, 0),
-            Opcode::LocalInv | Opcode::Rekey => unreachable!("handled above"),
-        };
-        let flags = if inline { flags | F_INLINE } else { flags };
+        let flags = if inline { F_INLINE } else { 0 };
         let d = Desc {
             ack: self.in_psn,
             op: wop,
@@ -814,104 +740,5 @@ fn execute(
             Ok(())
         }
         _ => refuse(WcStatus::RemInvReqErr),
-    }
-}
-
-/// A queue pair of the shm fabric.
-pub struct ShmQp {
-    shared: Arc<QpShared>,
-}
-
-impl std::fmt::Debug for ShmQp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ShmQp({})", self.shared.qp_num)
-    }
-}
-
-impl ShmQp {
-    pub(crate) fn shared(&self) -> &Arc<QpShared> {
-        &self.shared
-    }
-}
-
-impl Drop for ShmQp {
-    fn drop(&mut self) {
-        self.shared.destroyed.store(true, Ordering::Release);
-        self.shared.mark_broken();
-        let _ = self.shared.engine.with("qp", |e| {
-            e.out.close_producer();
-            if let Some(l) = &e.link {
-                l.inbound.close_consumer();
-            }
-        });
-    }
-}
-
-impl Qp for ShmQp {
-    fn qp_num(&self) -> u32 {
-        self.shared.qp_num
-    }
-    fn state(&self) -> QpState {
-        let s = &self.shared;
-        if s.broken.load(Ordering::Acquire) {
-            return QpState::Error;
-        }
-        match s.state.get() {
-            QpState::Init if s.attach_ready.load(Ordering::Acquire) => QpState::Rts,
-            st => st,
-        }
-    }
-    fn post_send(&mut self, wr: &SendWr<'_>) -> Result<()> {
-        let s = &*self.shared;
-        s.engine.with("qp", |e| {
-            e.sync(s);
-            e.post_send(wr)
-        })?
-    }
-    fn post_send_batch(&mut self, wrs: &[SendWr<'_>]) -> Result<()> {
-        let s = &*self.shared;
-        s.engine.with("qp", |e| {
-            e.sync(s);
-            wrs.iter().try_for_each(|wr| e.post_send(wr))
-        })?
-    }
-    fn post_recv(&mut self, wr: &RecvWr<'_>) -> Result<()> {
-        let s = &*self.shared;
-        s.engine.with("qp", |e| {
-            e.sync(s);
-            e.post_recv(wr)
-        })?
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Completion queues.
-
-impl PolledQp for QpShared {
-    fn destroyed(&self) -> bool {
-        self.destroyed.load(Ordering::Acquire)
-    }
-    fn progress_into(&self, send: bool, recv: bool, out: &mut [Wc]) -> usize {
-        self.engine
-            .with("qp", |e| {
-                e.progress(self);
-                e.core.drain_wcs(send, recv, out)
-            })
-            .unwrap_or(0)
-    }
-}
-
-/// A completion queue of the shm fabric. Polling it drives its QPs.
-pub struct ShmCq(SoftCq<QpShared>);
-
-impl std::fmt::Debug for ShmCq {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ShmCq({}, {} qps)", self.0.id(), self.0.len())
-    }
-}
-
-impl Cq for ShmCq {
-    fn poll(&mut self, wcs: &mut [Wc]) -> usize {
-        self.0.poll(wcs)
     }
 }

@@ -56,14 +56,7 @@ mod field {
 }
 
 /// Descriptor opcodes on the wire.
-pub(crate) mod op {
-    pub const SEND: u8 = 1;
-    pub const SEND_IMM: u8 = 2;
-    pub const SEND_INV: u8 = 3;
-    pub const WRITE: u8 = 4;
-    pub const WRITE_IMM: u8 = 5;
-    pub const READ: u8 = 6;
-}
+pub(crate) use crate::fabric::soft::op;
 /// Descriptor flag: the payload is inline.
 pub(crate) const F_INLINE: u8 = 1;
 

@@ -31,9 +31,10 @@
 
 use super::auth::{self, AuthKey, Role, NONCE_LEN, PROOF_LEN};
 use super::{sock, Link, QpShared, TcpFabric, TcpQp};
+pub(super) use crate::fabric::soft::cm::MSG_LEN;
+use crate::fabric::soft::cm::{conn_in, disconnected, u32_at, Layout};
 use crate::fabric::{
     Address, Admit, Cm, CmEvent, CmRefusal, ConnId, FabricError, PrivateData, QpState, Result,
-    MAX_PRIVATE_DATA,
 };
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -44,10 +45,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Length of every CM message.
-pub(super) const MSG_LEN: usize = 96;
-const MAGIC: u32 = 0x7074_6372; // "rctp"
-const VERSION: u16 = 1;
-const PDATA_AT: usize = 40;
+/// The tcp CM message: magic "rctp", version, kind, private data length,
+/// then the sender's QP number and queue depths (or, for the auth kinds, a
+/// nonce and a proof), the private data at 40.
+const LAYOUT: Layout = Layout {
+    magic: Some(0x7074_6372),
+    version: 1,
+    version_at: 4,
+    kind_at: 6,
+    kinds: 8,
+    plen_at: 7,
+    pdata_at: 40,
+    errors: [
+        "a tcp CM message is 96 bytes",
+        "not a tcp fabric CM message (bad magic)",
+        "tcp CM version mismatch",
+        "unknown tcp CM message",
+    ],
+};
 /// How long a connect may take, from the SYN to the ACC or REJ.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `connect` itself waits for the TCP handshake before leaving it
@@ -169,34 +184,20 @@ impl Msg {
         }
     }
     fn encode(&self) -> [u8; MSG_LEN] {
-        let mut b = [0u8; MSG_LEN];
-        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        b[6] = self.kind as u8;
+        let mut b = LAYOUT.header(self.kind as u8);
         if self.kind.is_auth() {
             b[NONCE_AT..NONCE_AT + NONCE_LEN].copy_from_slice(&self.nonce);
             b[PROOF_AT..PROOF_AT + PROOF_LEN].copy_from_slice(&self.proof);
             return b;
         }
-        let p = self.pdata.as_bytes();
-        b[7] = p.len() as u8;
+        LAYOUT.put_pdata(&mut b, &self.pdata);
         b[8..12].copy_from_slice(&self.qp_num.to_le_bytes());
         b[12..16].copy_from_slice(&self.max_send_wr.to_le_bytes());
         b[16..20].copy_from_slice(&self.max_recv_wr.to_le_bytes());
-        b[PDATA_AT..PDATA_AT + p.len()].copy_from_slice(p);
         b
     }
     pub(super) fn decode(b: &[u8; MSG_LEN]) -> Result<Msg> {
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        if u32_at(0) != MAGIC {
-            return Err(FabricError::Protocol(
-                "not a tcp fabric CM message (bad magic)",
-            ));
-        }
-        if u16::from_le_bytes([b[4], b[5]]) != VERSION {
-            return Err(FabricError::Protocol("tcp CM version mismatch"));
-        }
-        let kind = match b[6] {
+        let kind = match LAYOUT.check(b)? {
             1 => Kind::Req,
             2 => Kind::Acc,
             3 => Kind::Rej,
@@ -204,8 +205,7 @@ impl Msg {
             5 => Kind::Hello,
             6 => Kind::Challenge,
             7 => Kind::Proof,
-            8 => Kind::AuthFail,
-            _ => return Err(FabricError::Protocol("unknown tcp CM message")),
+            _ => Kind::AuthFail,
         };
         if kind.is_auth() {
             let mut m = Msg::bare(kind);
@@ -213,16 +213,12 @@ impl Msg {
             m.proof.copy_from_slice(&b[PROOF_AT..PROOF_AT + PROOF_LEN]);
             return Ok(m);
         }
-        let plen = usize::from(b[7]);
-        if plen > MAX_PRIVATE_DATA {
-            return Err(FabricError::Protocol("private data too long"));
-        }
         Ok(Msg {
             kind,
-            qp_num: u32_at(8),
-            max_send_wr: u32_at(12),
-            max_recv_wr: u32_at(16),
-            pdata: PrivateData::new(&b[PDATA_AT..PDATA_AT + plen])?,
+            qp_num: u32_at(b, 8),
+            max_send_wr: u32_at(b, 12),
+            max_recv_wr: u32_at(b, 16),
+            pdata: LAYOUT.pdata(b)?,
             ..Msg::bare(kind)
         })
     }
@@ -892,14 +888,9 @@ impl Cm<TcpFabric> for TcpCm {
     fn accept(&mut self, id: ConnId, qp: &TcpQp, private_data: &[u8]) -> Result<()> {
         let pdata = PrivateData::new(private_data)?;
         let shared = Self::check_qp(qp)?;
-        let c = self
-            .conns
-            .get_mut(&id)
-            .filter(|c| c.st == St::Requested)
-            .ok_or(FabricError::Unknown {
-                what: "connect request",
-                id: id.0,
-            })?;
+        let c = conn_in(&mut self.conns, id, "connect request", |c| {
+            c.st == St::Requested
+        })?;
         if let Err(e) = send_msg(&c.stream, &Msg::with_qp(Kind::Acc, &shared, pdata)) {
             self.close(id, None, false);
             return Err(e);
@@ -919,14 +910,9 @@ impl Cm<TcpFabric> for TcpCm {
 
     fn reject(&mut self, id: ConnId, private_data: &[u8]) -> Result<()> {
         let pdata = PrivateData::new(private_data)?;
-        let c = self
-            .conns
-            .get(&id)
-            .filter(|c| c.st == St::Requested)
-            .ok_or(FabricError::Unknown {
-                what: "connect request",
-                id: id.0,
-            })?;
+        let c = conn_in(&mut self.conns, id, "connect request", |c| {
+            c.st == St::Requested
+        })?;
         let m = Msg {
             pdata,
             ..Msg::bare(Kind::Rej)
@@ -940,13 +926,10 @@ impl Cm<TcpFabric> for TcpCm {
         if self.listeners.remove(&id).is_some() {
             return Ok(());
         }
-        let c = self.conns.get(&id).ok_or(FabricError::Unknown {
-            what: "connection",
-            id: id.0,
-        })?;
+        let c = conn_in(&mut self.conns, id, "connection", |_| true)?;
         let up = matches!(c.st, St::Established | St::AwaitRtu);
         let _ = c.stream.shutdown(Shutdown::Both);
-        self.close(id, up.then_some(CmEvent::Disconnected { id }), up);
+        self.close(id, disconnected(id, up), up);
         Ok(())
     }
 
@@ -1073,6 +1056,6 @@ pub(super) fn rtu_bytes() -> [u8; MSG_LEN] {
 pub(super) fn decode_encode(b: &[u8]) -> Result<[u8; MSG_LEN]> {
     let b: &[u8; MSG_LEN] = b
         .try_into()
-        .map_err(|_| FabricError::Protocol("a tcp CM message is 96 bytes"))?;
+        .map_err(|_| FabricError::Protocol(LAYOUT.errors[0]))?;
     Ok(Msg::decode(b)?.encode())
 }

@@ -87,7 +87,7 @@ impl Segs {
 
 /// The per-QP state a core drives: both the initiator's and the responder's
 /// halves of one RC connection, and its socket buffers.
-pub(crate) struct Engine<S: ByteStream = TcpStream> {
+pub struct Engine<S: ByteStream = TcpStream> {
     pub(super) core: QpCore,
     /// The protection domain's registrations (the one table requests are
     /// checked against).
@@ -141,9 +141,19 @@ pub(crate) struct Engine<S: ByteStream = TcpStream> {
     pub(super) eof: bool,
 }
 
+impl<S: ByteStream> std::fmt::Debug for Engine<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Engine(qp {}, {:?}, sent psn {}, acked {}, executed {})",
+            self.core.qp_num, self.core.state, self.tx_psn, self.acked, self.in_psn
+        )
+    }
+}
+
 /// What the connection manager hands a QP once the handshake is done.
 #[derive(Debug)]
-pub(crate) struct Link<S = TcpStream> {
+pub struct Link<S = TcpStream> {
     /// The connection (non-blocking, tuned); the QP keeps it.
     pub(super) stream: S,
     /// Room for the READ responses the peer may have us owe at once (its

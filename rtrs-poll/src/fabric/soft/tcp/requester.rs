@@ -15,7 +15,8 @@
 use super::rc::{Engine, Segs, MAX_SEGS};
 use super::stream::{ByteStream, Sink};
 use super::wire::{kind, op, Hdr, F_ACKREQ, F_FIRST, F_LAST};
-use crate::fabric::{Access, FabricError, Opcode, QpState, RecvWr, Result, SendWr, WcStatus};
+use crate::fabric::soft::engine::{Post, ToWire};
+use crate::fabric::{Access, RecvWr, Result, SendWr, WcStatus};
 use std::time::Duration;
 
 /// One RNR retry's wait (what rdma_cm's default min_rnr_timer gives: 0.64 ms).
@@ -53,53 +54,18 @@ impl<S: ByteStream> Engine<S> {
     /// acknowledged; it goes on the wire on the next poll.
     pub(crate) fn post_send(&mut self, wr: &SendWr<'_>) -> Result<()> {
         let opcode = wr.opcode.wc_opcode();
-        match self.core.state {
-            QpState::Init => {
-                return Err(FabricError::BadQpState {
-                    qp_num: self.core.qp_num,
-                    state: QpState::Init,
-                })
-            }
-            QpState::Error => {
-                self.core.sq_room()?;
-                self.core.fail_now(wr.wr_id, opcode, WcStatus::WrFlushErr);
+        let ToWire {
+            op: wop,
+            len,
+            inline,
+            need,
+        } = match self.core.admit_send(wr, &self.mrs, self.inline_cap)? {
+            Post::Wire(w) => w,
+            Post::Done => return Ok(()),
+            Post::Failed => {
+                self.fail(None);
                 return Ok(());
             }
-            QpState::Rts => {}
-        }
-        if wr.sg_list.len() > self.core.cap.max_send_sge as usize {
-            return Err(FabricError::InvalidWr("sg list longer than max_send_sge"));
-        }
-        self.core.sq_room()?;
-        let len = wr.payload_len();
-        if len > i32::MAX as u64 {
-            return Err(FabricError::InvalidWr("payload above 2 GiB"));
-        }
-        let len = len as u32;
-        if wr.opcode == Opcode::Rekey {
-            // `rekey_wr` re-keyed in software already: a local no-op.
-            self.core.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
-            return Ok(());
-        }
-        if wr.opcode == Opcode::LocalInv {
-            if self.mrs.invalidate_local(wr.invalidate_rkey) {
-                self.core.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
-            } else {
-                self.fail(None);
-                self.core.fail_now(wr.wr_id, opcode, WcStatus::LocProtErr);
-            }
-            return Ok(());
-        }
-        let inline = wr.inline && wr.opcode != Opcode::RdmaRead;
-        if inline && len as usize > self.inline_cap {
-            return Err(FabricError::InvalidWr(
-                "inline payload above max_inline_data",
-            ));
-        }
-        let need = if wr.opcode == Opcode::RdmaRead {
-            Access::LOCAL_WRITE
-        } else {
-            Access::NONE
         };
         for s in wr.sg_list {
             if self
@@ -128,14 +94,10 @@ impl<S: ByteStream> Engine<S> {
         } else {
             self.sges[slot * self.max_sge..][..wr.sg_list.len()].copy_from_slice(wr.sg_list);
         }
-        let (wop, word) = match wr.opcode {
-            Opcode::Send => (op::SEND, 0),
-            Opcode::SendWithImm => (op::SEND_IMM, wr.imm),
-            Opcode::SendWithInv => (op::SEND_INV, wr.invalidate_rkey),
-            Opcode::RdmaWrite => (op::WRITE, 0),
-            Opcode::RdmaWriteWithImm => (op::WRITE_IMM, wr.imm),
-            Opcode::RdmaRead => (op::READ, 0),
-            Opcode::LocalInv | Opcode::Rekey => unreachable!("handled above"),
+        let word = match wop {
+            op::SEND_IMM | op::WRITE_IMM => wr.imm,
+            op::SEND_INV => wr.invalidate_rkey,
+            _ => 0,
         };
         self.wqes[slot] = Wqe {
             op: wop,

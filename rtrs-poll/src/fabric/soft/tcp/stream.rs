@@ -24,7 +24,7 @@ use std::os::fd::AsRawFd;
 const RECV_BATCH: usize = 4;
 
 /// A non-blocking byte stream: what the engine sends and receives through.
-pub(crate) trait ByteStream {
+pub trait ByteStream {
     /// One send of a prefix of `buf`; `EAGAIN` when there is no room.
     fn send(&mut self, buf: &[u8]) -> io::Result<usize>;
     /// One receive into `buf`: `Ok(0)` is the end of the stream, `EAGAIN`

@@ -342,3 +342,29 @@ fn deregistered_region_is_refused() {
     run_until(&mut a, &mut b, |a, _| a.wcs.len() == 1);
     assert_eq!(statuses(&a.take()), [(1, WcStatus::RemAccessErr)]);
 }
+
+#[test]
+fn local_inv_of_a_foreign_key_fails_after_flushing_the_rest() {
+    let (mut a, mut b) = Side::pair(cap(), &tiny(), 8 << 10);
+    let s = [a.sge(0, 64)];
+    a.post(&SendWr::write(1, &s, b.addr(0), b.rkey));
+    a.post(&SendWr::local_inv(2, a.rkey ^ 0x300));
+    a.poll();
+    b.poll();
+    assert_eq!(a.e.state(), QpState::Error);
+    let w = a.take();
+    assert_eq!(
+        statuses(&w),
+        [(1, WcStatus::WrFlushErr), (2, WcStatus::LocProtErr)]
+    );
+    assert_eq!(w[1].opcode, WcOpcode::LocalInv);
+    // Its own key is invalidated with success.
+    let (mut c, _d) = Side::pair(cap(), &tiny(), 8 << 10);
+    c.post(&SendWr::local_inv(3, c.rkey));
+    c.poll();
+    assert_eq!(statuses(&c.take()), [(3, WcStatus::Success)]);
+    assert!(c
+        .mrs
+        .check_rkey(c.rkey, c.addr(0), 1, crate::fabric::Access::NONE)
+        .is_err());
+}

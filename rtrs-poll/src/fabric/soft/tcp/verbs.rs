@@ -1,20 +1,21 @@
-//! The verbs objects of the tcp fabric: fabric, protection domain, memory
-//! regions, completion queues, queue pairs, and the state a QP shares
-//! between its core and the connection manager (`QpShared`). The RC logic
-//! is the [`Engine`] each QP holds in a [`CoreCell`].
+//! The tcp fabric's verbs objects: the fabric, and the tcp backend of the
+//! generic soft PD, MR, CQ and QP (`soft/verbs.rs`): its QPs' extras (the
+//! socket, the watcher's wake, the RTU flag) and hooks. The RC logic is the
+//! [`Engine`] each QP holds.
 
 use super::cm::{self, TcpCm};
 use super::rc::{Engine, Link};
 use super::wire::{MAX_INLINE, MAX_PIECE, MAX_SEND_SGE};
 use super::{watch, TcpConfig, MIN_PIECE};
-use crate::fabric::soft::engine::{CoreCell, PolledQp, QpCore, SharedState, SoftCq};
+use crate::fabric::soft::engine::{QpCore, SoftCq};
 use crate::fabric::soft::mr::MrTable;
-use crate::fabric::{
-    Access, Cq, Fabric, FabricError, Memory, Mr, Pd, Qp, QpCap, QpState, RecvWr, Result, SendWr, Wc,
+use crate::fabric::soft::verbs::{
+    Ids, SoftBackend, SoftEngine, SoftMr, SoftPd, SoftQp, SoftQpShared,
 };
+use crate::fabric::{Fabric, FabricError, QpCap, RecvWr, Result, SendWr, Wc};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// The tcp fabric.
 #[derive(Clone, Debug, Default)]
@@ -23,10 +24,9 @@ pub struct TcpFabric {
 }
 
 #[derive(Debug, Default)]
-struct FabricInner {
+pub struct FabricInner {
     cfg: TcpConfig,
-    next_qp: AtomicU32,
-    next_cq: AtomicU64,
+    ids: Ids,
     /// Watches the sockets of armed (idle) QPs.
     watcher: watch::Watcher,
 }
@@ -52,8 +52,7 @@ impl TcpFabric {
                     piece,
                     ..cfg
                 },
-                next_qp: AtomicU32::new(1),
-                next_cq: AtomicU64::new(1),
+                ids: Ids::default(),
                 watcher: watch::Watcher::default(),
             }),
         }
@@ -76,12 +75,10 @@ impl Fabric for TcpFabric {
     }
 
     fn alloc_pd_sized(&self, max_mrs: u32) -> Result<TcpPd> {
-        Ok(TcpPd {
-            inner: Arc::new(PdInner {
-                fabric: self.inner.clone(),
-                mrs: Arc::new(MrTable::new(max_mrs)),
-            }),
-        })
+        Ok(SoftPd::new(PdInner {
+            fabric: self.inner.clone(),
+            mrs: Arc::new(MrTable::new(max_mrs)),
+        }))
     }
 
     fn create_cm(&self) -> Result<TcpCm> {
@@ -93,131 +90,30 @@ impl Fabric for TcpFabric {
 }
 
 // ---------------------------------------------------------------------------
-// Protection domain and memory regions.
+// The tcp backend of the generic verbs objects.
 
+/// A protection domain of the tcp fabric.
+pub type TcpPd = SoftPd<PdInner>;
+/// A memory region of the tcp fabric; deregistered on drop. Any memory can
+/// be registered (peers reach it only through this host's core).
+pub type TcpMr = SoftMr<PdInner>;
+/// A completion queue of the tcp fabric. Polling it drives its QPs' sockets.
+pub type TcpCq = SoftCq<QpShared>;
+/// A queue pair of the tcp fabric.
+pub type TcpQp = SoftQp<PdInner>;
+/// What a tcp QP shares between its core, its CQs and the CM.
+pub(crate) type QpShared = SoftQpShared<PdInner>;
+
+/// The tcp fabric's PD internals (the backend of the generic objects).
 #[derive(Debug)]
-struct PdInner {
+pub struct PdInner {
     fabric: Arc<FabricInner>,
     mrs: Arc<MrTable>,
 }
 
-/// A protection domain of the tcp fabric.
-#[derive(Clone, Debug)]
-pub struct TcpPd {
-    inner: Arc<PdInner>,
-}
-
-/// A memory region of the tcp fabric; deregistered on drop. Any memory can
-/// be registered (peers reach it only through this host's core).
-#[derive(Debug)]
-pub struct TcpMr {
-    pd: Arc<PdInner>,
-    index: u32,
-}
-
-impl Drop for TcpMr {
-    fn drop(&mut self) {
-        self.pd.mrs.deregister(self.index);
-    }
-}
-
-impl Mr for TcpMr {
-    fn addr(&self) -> u64 {
-        self.pd.mrs.addr(self.index)
-    }
-    fn len(&self) -> usize {
-        self.pd.mrs.len(self.index) as usize
-    }
-    fn lkey(&self) -> u32 {
-        self.pd.mrs.lkey(self.index)
-    }
-    fn rkey(&self) -> u32 {
-        self.pd.mrs.rkey(self.index)
-    }
-    fn rekey(&self) -> Result<u32> {
-        Ok(self.pd.mrs.rekey(self.index))
-    }
-    fn invalidate(&self) {
-        self.pd.mrs.invalidate_index(self.index);
-    }
-}
-
-impl Pd<TcpFabric> for TcpPd {
-    fn reg_mr(&self, mem: Arc<dyn Memory>, access: Access) -> Result<TcpMr> {
-        let len = mem.len();
-        self.reg_mr_range(mem, 0, len, access)
-    }
-
-    fn reg_mr_range(
-        &self,
-        mem: Arc<dyn Memory>,
-        offset: usize,
-        len: usize,
-        access: Access,
-    ) -> Result<TcpMr> {
-        let index = self.inner.mrs.register(mem, offset, len, access, (0, 0))?;
-        Ok(TcpMr {
-            pd: self.inner.clone(),
-            index,
-        })
-    }
-
-    fn create_cq(&self, depth: u32) -> Result<TcpCq> {
-        if depth == 0 {
-            return Err(FabricError::InvalidWr("CQ depth must be > 0"));
-        }
-        Ok(TcpCq(SoftCq::new(
-            self.inner.fabric.next_cq.fetch_add(1, Ordering::Relaxed),
-        )))
-    }
-
-    fn create_qp(&self, send_cq: &TcpCq, recv_cq: &TcpCq, cap: QpCap) -> Result<TcpQp> {
-        if cap.max_send_sge > MAX_SEND_SGE {
-            return Err(FabricError::InvalidWr("max_send_sge above 32"));
-        }
-        if cap.max_inline_data > MAX_INLINE {
-            return Err(FabricError::InvalidWr("max_inline_data above 1024"));
-        }
-        let qp_num = self.inner.fabric.next_qp.fetch_add(1, Ordering::Relaxed);
-        let core = QpCore::new(qp_num, cap)?;
-        let engine = Engine::new(core, self.inner.mrs.clone(), &self.inner.fabric.cfg);
-        let shared = Arc::new(QpShared {
-            qp_num,
-            cap,
-            state: SharedState::new(),
-            broken: AtomicBool::new(false),
-            destroyed: AtomicBool::new(false),
-            attach: Mutex::new(None),
-            attach_ready: AtomicBool::new(false),
-            rtu_seen: AtomicBool::new(false),
-            sock: OnceLock::new(),
-            wake: OnceLock::new(),
-            fabric: self.inner.fabric.clone(),
-            engine: CoreCell::new(engine),
-        });
-        let same = send_cq.0.id() == recv_cq.0.id();
-        send_cq.0.attach(&shared, true, same);
-        if !same {
-            recv_cq.0.attach(&shared, false, true);
-        }
-        Ok(TcpQp { shared })
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Queue pairs.
-
-pub(crate) struct QpShared {
+/// What a tcp QP keeps beside the generic state.
+pub struct TcpQpExtra {
     qp_num: u32,
-    cap: QpCap,
-    state: SharedState,
-    /// Set by the connection manager (local disconnect) or on destruction:
-    /// flush now.
-    broken: AtomicBool,
-    /// Set when the QP handle is dropped.
-    destroyed: AtomicBool,
-    attach: Mutex<Option<Link>>,
-    attach_ready: AtomicBool,
     /// Passive side: the core has read the peer's RTU.
     rtu_seen: AtomicBool,
     /// The connection, once attached (kept here so dropping the QP can shut it).
@@ -226,10 +122,15 @@ pub(crate) struct QpShared {
     /// readable (the watcher), or the CM broke the QP.
     wake: OnceLock<Arc<pollers::Wake>>,
     fabric: Arc<FabricInner>,
-    engine: CoreCell<Engine>,
 }
 
-impl Drop for QpShared {
+impl std::fmt::Debug for TcpQpExtra {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TcpQpExtra(sock {:?})", self.sock.get())
+    }
+}
+
+impl Drop for TcpQpExtra {
     fn drop(&mut self) {
         if let (Some(_), Some(&fd)) = (self.wake.get(), self.sock.get()) {
             self.fabric.watcher.forget(self.qp_num, fd);
@@ -237,80 +138,53 @@ impl Drop for QpShared {
     }
 }
 
-impl QpShared {
-    pub(crate) fn cap(&self) -> QpCap {
-        self.cap
-    }
-    pub(crate) fn qp_num(&self) -> u32 {
-        self.qp_num
-    }
-    /// Whether a connection was ever handed to this QP.
-    pub(crate) fn attached(&self) -> bool {
-        self.attach_ready.load(Ordering::Acquire)
-    }
-    pub(crate) fn attach(&self, link: Link) {
-        let _ = self.sock.set(link.stream.as_raw_fd());
-        *self.attach.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
-        self.attach_ready.store(true, Ordering::Release);
-    }
-    pub(crate) fn rtu_seen(&self) -> bool {
-        self.rtu_seen.load(Ordering::Acquire)
-    }
-    /// Hands the engine the connection manager's news: the connection,
-    /// once; a break.
-    fn sync(&self, e: &mut Engine) {
-        if !e.linked() && self.attach_ready.load(Ordering::Acquire) {
-            let link = self.attach.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(link) = link {
-                e.attach(link);
-            }
-        }
-        if self.broken.load(Ordering::Acquire) {
-            e.break_off();
-        }
+impl SoftBackend for PdInner {
+    type Fabric = TcpFabric;
+    type Engine = Engine;
+    type Link = Link;
+    type QpExtra = TcpQpExtra;
+    const NAME: &'static str = "Tcp";
+
+    fn mrs(&self) -> &MrTable {
+        &self.mrs
     }
 
-    /// Drives the engine (see [`Engine::drive`]) and publishes what the
-    /// connection manager and other threads look at.
-    fn progress(&self, e: &mut Engine) {
-        self.sync(e);
-        e.drive();
-        if e.take_rtu_seen() {
-            self.rtu_seen.store(true, Ordering::Release);
-        }
-        self.state.set(e.state());
+    fn ids(&self) -> &Ids {
+        &self.fabric.ids
     }
 
-    pub(crate) fn mark_broken(&self) {
-        self.broken.store(true, Ordering::Release);
-        if let Some(w) = self.wake.get() {
+    fn new_qp(pd: &Arc<Self>, cap: QpCap) -> Result<(u32, Engine, TcpQpExtra)> {
+        if cap.max_send_sge > MAX_SEND_SGE {
+            return Err(FabricError::InvalidWr("max_send_sge above 32"));
+        }
+        if cap.max_inline_data > MAX_INLINE {
+            return Err(FabricError::InvalidWr("max_inline_data above 1024"));
+        }
+        let qp_num = pd.fabric.ids.next_qp();
+        let core = QpCore::new(qp_num, cap)?;
+        let engine = Engine::new(core, pd.mrs.clone(), &pd.fabric.cfg);
+        let extra = TcpQpExtra {
+            qp_num,
+            rtu_seen: AtomicBool::new(false),
+            sock: OnceLock::new(),
+            wake: OnceLock::new(),
+            fabric: pd.fabric.clone(),
+        };
+        Ok((qp_num, engine, extra))
+    }
+
+    fn on_attach(qp: &QpShared, link: &Link) {
+        let _ = qp.extra.sock.set(link.stream.as_raw_fd());
+    }
+
+    fn on_broken(qp: &QpShared) {
+        if let Some(w) = qp.extra.wake.get() {
             w.ring();
         }
     }
-}
 
-/// A queue pair of the tcp fabric.
-pub struct TcpQp {
-    shared: Arc<QpShared>,
-}
-
-impl std::fmt::Debug for TcpQp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TcpQp({})", self.shared.qp_num)
-    }
-}
-
-impl TcpQp {
-    pub(crate) fn shared(&self) -> &Arc<QpShared> {
-        &self.shared
-    }
-}
-
-impl Drop for TcpQp {
-    fn drop(&mut self) {
-        self.shared.destroyed.store(true, Ordering::Release);
-        self.shared.mark_broken();
-        if let Some(&fd) = self.shared.sock.get() {
+    fn on_destroy(qp: &QpShared) {
+        if let Some(&fd) = qp.extra.sock.get() {
             // The stream lives as long as the shared state (the CQ may still
             // hold it); shut it now so the peer flushes at once.
             // SAFETY: fd belongs to the link's stream, which is never closed
@@ -318,100 +192,75 @@ impl Drop for TcpQp {
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
     }
-}
 
-impl Qp for TcpQp {
-    fn qp_num(&self) -> u32 {
-        self.shared.qp_num
-    }
-    fn state(&self) -> QpState {
-        let s = &self.shared;
-        if s.broken.load(Ordering::Acquire) {
-            return QpState::Error;
-        }
-        match s.state.get() {
-            QpState::Init if s.attach_ready.load(Ordering::Acquire) => QpState::Rts,
-            st => st,
-        }
-    }
-    fn post_send(&mut self, wr: &SendWr<'_>) -> Result<()> {
-        let s = &*self.shared;
-        s.engine.with("qp", |e| {
-            s.sync(e);
-            e.post_send(wr)
-        })?
-    }
-    fn post_send_batch(&mut self, wrs: &[SendWr<'_>]) -> Result<()> {
-        let s = &*self.shared;
-        s.engine.with("qp", |e| {
-            s.sync(e);
-            wrs.iter().try_for_each(|wr| e.post_send(wr))
-        })?
-    }
-    fn post_recv(&mut self, wr: &RecvWr<'_>) -> Result<()> {
-        let s = &*self.shared;
-        s.engine.with("qp", |e| {
-            s.sync(e);
-            e.post_recv(wr)
-        })?
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Completion queues.
-
-impl PolledQp for QpShared {
-    fn destroyed(&self) -> bool {
-        self.destroyed.load(Ordering::Acquire)
-    }
-    fn arm(&self, wake: &Arc<pollers::Wake>) -> bool {
-        let quiet = self
+    fn arm(qp: &QpShared, wake: &Arc<pollers::Wake>) -> bool {
+        let quiet = qp
             .engine
             .with("qp", |e| {
-                self.sync(e);
+                e.sync(qp);
                 e.quiet()
             })
             .unwrap_or(false);
-        let Some(&fd) = self.sock.get() else {
+        let x = &qp.extra;
+        let Some(&fd) = x.sock.get() else {
             return false;
         };
         if !quiet {
             return false;
         }
-        let first = self.wake.set(wake.clone()).is_ok();
-        let wake = self.wake.get().unwrap_or(wake);
-        match self.fabric.watcher.arm(self.qp_num, fd, wake, first) {
+        let first = x.wake.set(wake.clone()).is_ok();
+        let wake = x.wake.get().unwrap_or(wake);
+        match x.fabric.watcher.arm(x.qp_num, fd, wake, first) {
             Ok(()) => true,
             Err(e) => {
-                tracing::debug!(qp_num = self.qp_num, "tcp fabric: cannot arm: {e}");
+                tracing::debug!(qp_num = x.qp_num, "tcp fabric: cannot arm: {e}");
                 false
             }
         }
     }
-    fn progress_into(&self, send: bool, recv: bool, out: &mut [Wc]) -> usize {
-        self.engine
-            .with("qp", |e| {
-                self.progress(e);
-                e.drain_wcs(send, recv, out)
-            })
-            .unwrap_or(0)
+}
+
+impl SoftQpShared<PdInner> {
+    /// Passive side: whether the core has read the peer's RTU.
+    pub(crate) fn rtu_seen(&self) -> bool {
+        self.extra.rtu_seen.load(Ordering::Acquire)
     }
 }
 
-/// A completion queue of the tcp fabric. Polling it drives its QPs' sockets.
-pub struct TcpCq(SoftCq<QpShared>);
-
-impl std::fmt::Debug for TcpCq {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TcpCq({}, {} qps)", self.0.id(), self.0.len())
+impl SoftEngine<PdInner> for Engine {
+    /// Hands the engine the connection manager's news: the connection,
+    /// once; a break.
+    fn sync(&mut self, qp: &QpShared) {
+        if !self.linked() {
+            if let Some(link) = qp.take_link() {
+                self.attach(link);
+            }
+        }
+        if qp.is_broken() {
+            self.break_off();
+        }
     }
-}
 
-impl Cq for TcpCq {
-    fn poll(&mut self, wcs: &mut [Wc]) -> usize {
-        self.0.poll(wcs)
+    /// Drives the engine (see [`Engine::drive`]) and publishes what the
+    /// connection manager and other threads look at.
+    fn progress(&mut self, qp: &QpShared) {
+        SoftEngine::sync(self, qp);
+        self.drive();
+        if self.take_rtu_seen() {
+            qp.extra.rtu_seen.store(true, Ordering::Release);
+        }
+        qp.state.set(self.state());
     }
-    fn arm(&mut self, wake: &Arc<pollers::Wake>) -> bool {
-        self.0.arm(wake)
+
+    fn post_send(&mut self, wr: &SendWr<'_>) -> Result<()> {
+        Engine::post_send(self, wr)
+    }
+
+    fn post_recv(&mut self, wr: &RecvWr<'_>) -> Result<()> {
+        Engine::post_recv(self, wr)
+    }
+
+    fn drain_wcs(&mut self, send: bool, recv: bool, out: &mut [Wc]) -> usize {
+        Engine::drain_wcs(self, send, recv, out)
     }
 }

@@ -36,21 +36,9 @@ pub mod kind {
     pub const RNR_NAK: u8 = 5;
 }
 
-/// Request opcodes.
-pub mod op {
-    /// SEND.
-    pub const SEND: u8 = 1;
-    /// SEND_WITH_IMM (`word`: the immediate).
-    pub const SEND_IMM: u8 = 2;
-    /// SEND_WITH_INV (`word`: the rkey to invalidate).
-    pub const SEND_INV: u8 = 3;
-    /// RDMA_WRITE to `raddr`/`rkey`.
-    pub const WRITE: u8 = 4;
-    /// RDMA_WRITE_WITH_IMM (`word`: the immediate).
-    pub const WRITE_IMM: u8 = 5;
-    /// RDMA_READ of `total` bytes at `raddr`/`rkey` (no payload).
-    pub const READ: u8 = 6;
-}
+/// Request opcodes (`word`: the immediate of SEND_IMM and WRITE_IMM, the
+/// rkey of SEND_INV; READ carries no payload).
+pub use crate::fabric::soft::op;
 
 /// First piece of a message.
 pub const F_FIRST: u8 = 1;
