@@ -40,7 +40,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::IpAddr;
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -267,6 +267,8 @@ struct Conn {
     ip: Option<IpAddr>,
     /// With a key: (the active side's nonce, the passive side's).
     nonces: ([u8; NONCE_LEN], [u8; NONCE_LEN]),
+    /// The events its socket is registered for with the CM's epoll.
+    armed: u32,
 }
 
 impl Conn {
@@ -291,6 +293,12 @@ pub struct TcpCm {
     resting: HashMap<ConnId, Instant>,
     /// Out of descriptors now (logged once per episode).
     starved: bool,
+    /// Every listener and connection is registered here (level-triggered,
+    /// its current interest): waiting costs the ready ones, not all of them
+    /// (a thousand idle connections cost the control thread nothing).
+    ep: OwnedFd,
+    /// Listeners' registered interest (0: resting).
+    listen_armed: HashMap<ConnId, u32>,
 }
 
 impl std::fmt::Debug for TcpCm {
@@ -359,8 +367,17 @@ fn read_msg(c: &mut Conn) -> std::result::Result<Option<Msg>, ReadErr> {
 
 impl TcpCm {
     /// A connection manager with no listeners or connections.
-    pub(super) fn new(cfg: CmConfig) -> TcpCm {
-        TcpCm {
+    pub(super) fn new(cfg: CmConfig) -> Result<TcpCm> {
+        // SAFETY: plain syscall; the descriptor is checked and owned below.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(FabricError::last_os("epoll_create1 for the tcp CM"));
+        }
+        // SAFETY: a fresh descriptor we own.
+        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        Ok(TcpCm {
+            ep,
+            listen_armed: HashMap::new(),
             next_id: 1,
             listeners: HashMap::new(),
             conns: HashMap::new(),
@@ -370,7 +387,23 @@ impl TcpCm {
             spare: None,
             resting: HashMap::new(),
             starved: false,
+        })
+    }
+
+    /// Registers `fd` for `events` (0: not registered) where `armed` were.
+    fn interest(&self, fd: RawFd, id: ConnId, armed: u32, events: u32) -> Result<()> {
+        let op = match (armed, events) {
+            (a, e) if a == e => return Ok(()),
+            (0, _) => libc::EPOLL_CTL_ADD,
+            (_, 0) => libc::EPOLL_CTL_DEL,
+            _ => libc::EPOLL_CTL_MOD,
+        };
+        let mut ev = libc::epoll_event { events, u64: id.0 };
+        // SAFETY: both descriptors are open; `ev` lives across the call.
+        if unsafe { libc::epoll_ctl(self.ep.as_raw_fd(), op, fd, &mut ev) } != 0 {
+            return Err(FabricError::last_os("epoll_ctl (tcp CM)"));
         }
+        Ok(())
     }
 
     /// Closes a passive connection before its REQ and tells the
@@ -437,6 +470,11 @@ impl TcpCm {
     /// after whatever the peer said last).
     fn close(&mut self, id: ConnId, event: Option<CmEvent>, broken: bool) {
         if let Some(c) = self.conns.remove(&id) {
+            // The QP keeps a descriptor of the same socket: the registration
+            // would outlive this one's close.
+            if let Err(e) = self.interest(c.stream.as_raw_fd(), id, c.armed, 0) {
+                tracing::warn!("tcp CM: {e}");
+            }
             if let Some(qp) = &c.qp {
                 if broken {
                     qp.mark_broken();
@@ -533,6 +571,7 @@ impl TcpCm {
                     rtu_taken: false,
                     ip: Some(ip),
                     nonces: ([0; NONCE_LEN], [0; NONCE_LEN]),
+                    armed: 0,
                 },
             );
         }
@@ -867,6 +906,7 @@ impl Cm<TcpFabric> for TcpCm {
                 rtu_taken: false,
                 ip: None,
                 nonces: ([0; NONCE_LEN], [0; NONCE_LEN]),
+                armed: 0,
             },
         );
         // A connect that completes at once (the usual case on a LAN) sends
@@ -923,8 +963,9 @@ impl Cm<TcpFabric> for TcpCm {
     }
 
     fn disconnect(&mut self, id: ConnId) -> Result<()> {
-        if self.listeners.remove(&id).is_some() {
-            return Ok(());
+        if let Some(l) = self.listeners.remove(&id) {
+            let armed = self.listen_armed.remove(&id).unwrap_or(0);
+            return self.interest(l.as_raw_fd(), id, armed, 0);
         }
         let c = conn_in(&mut self.conns, id, "connection", |_| true)?;
         let up = matches!(c.st, St::Established | St::AwaitRtu);
@@ -980,59 +1021,67 @@ impl Cm<TcpFabric> for TcpCm {
         } else {
             timeout
         };
-        let mut ids = Vec::with_capacity(self.listeners.len() + self.conns.len());
-        let mut fds = Vec::with_capacity(ids.capacity());
         self.resting.retain(|_, until| *until > now);
+        // Bring each registration in line with what its state waits for
+        // (no syscall where nothing changed).
+        let mut changes = Vec::new();
         for (id, l) in &self.listeners {
-            if let Some(until) = self.resting.get(id) {
-                wait = wait.min(until.saturating_duration_since(now));
-                continue;
+            let want = match self.resting.get(id) {
+                Some(until) => {
+                    wait = wait.min(until.saturating_duration_since(now));
+                    0
+                }
+                None => libc::EPOLLIN as u32,
+            };
+            let armed = self.listen_armed.get(id).copied().unwrap_or(0);
+            if want != armed {
+                changes.push((l.as_raw_fd(), *id, armed, want, true));
             }
-            ids.push((*id, None));
-            fds.push(libc::pollfd {
-                fd: l.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
         }
         for (id, c) in &self.conns {
             if let Some(d) = c.deadline {
                 wait = wait.min(d.saturating_duration_since(now));
             }
-            let events = match c.st {
-                St::TcpConnecting => libc::POLLOUT,
-                St::AwaitRtu if !c.rtu_taken => libc::POLLIN | libc::POLLRDHUP,
-                St::Established | St::AwaitRtu => libc::POLLRDHUP,
-                _ => libc::POLLIN,
-            };
-            ids.push((*id, Some(c.st)));
-            fds.push(libc::pollfd {
-                fd: c.stream.as_raw_fd(),
-                events,
-                revents: 0,
-            });
+            let want = (match c.st {
+                St::TcpConnecting => libc::EPOLLOUT,
+                St::AwaitRtu if !c.rtu_taken => libc::EPOLLIN | libc::EPOLLRDHUP,
+                St::Established | St::AwaitRtu => libc::EPOLLRDHUP,
+                _ => libc::EPOLLIN,
+            }) as u32;
+            if want != c.armed {
+                changes.push((c.stream.as_raw_fd(), *id, c.armed, want, false));
+            }
         }
-        if fds.is_empty() {
-            std::thread::sleep(timeout);
-            return Ok(self.events.pop_front());
+        for (fd, id, armed, want, listener) in changes {
+            self.interest(fd, id, armed, want)?;
+            if listener {
+                self.listen_armed.insert(id, want);
+            } else if let Some(c) = self.conns.get_mut(&id) {
+                c.armed = want;
+            }
         }
         let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-        // SAFETY: fds is a valid array of pollfd of the given length.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        // SAFETY: evs is a valid buffer of 64 entries for the call.
+        let n = unsafe { libc::epoll_wait(self.ep.as_raw_fd(), evs.as_mut_ptr(), 64, ms) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
-                return Err(FabricError::io("poll the tcp CM sockets", e));
+                return Err(FabricError::io("wait for the tcp CM sockets", e));
             }
         }
-        for (pfd, (id, st)) in fds.iter().zip(ids) {
-            if pfd.revents == 0 {
+        for ev in &evs[..n.max(0) as usize] {
+            let (id, revents) = (ConnId(ev.u64), ev.events as libc::c_short);
+            if self.listeners.contains_key(&id) {
+                self.accept_pending(id);
                 continue;
             }
-            match st {
-                None => self.accept_pending(id),
+            // Its state now: an earlier event of this batch may have moved
+            // or closed it.
+            match self.conns.get(&id).map(|c| c.st) {
+                None => {}
                 Some(St::TcpConnecting) => self.connected(id),
-                Some(St::AwaitRtu) => self.rtu_ready(id, pfd.revents),
+                Some(St::AwaitRtu) => self.rtu_ready(id, revents),
                 Some(St::Established) => self.gone(id, "peer closed the connection"),
                 Some(_) => self.readable(id),
             }

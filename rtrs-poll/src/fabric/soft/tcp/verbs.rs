@@ -82,10 +82,10 @@ impl Fabric for TcpFabric {
     }
 
     fn create_cm(&self) -> Result<TcpCm> {
-        Ok(TcpCm::new(cm::CmConfig {
+        TcpCm::new(cm::CmConfig {
             auth: self.inner.cfg.auth.clone(),
             max_pending_per_host: self.inner.cfg.max_pending_per_host.max(1),
-        }))
+        })
     }
 }
 
