@@ -106,3 +106,46 @@ fn bad_arguments_are_refused_clearly() {
         );
     }
 }
+
+/// SIGTERM (as systemd stops a service) drains and exits cleanly, as
+/// Ctrl-C does: exit status 0, not killed by the signal.
+#[test]
+fn sigterm_drains_and_exits_cleanly() {
+    use std::io::{BufRead, BufReader};
+    let name = format!("rtrs-term-{}", std::process::id());
+    let mut srv = rtrs()
+        .args(["serve", "--listen", &format!("shm:{name}")])
+        .args(["--export", "ram0=ram:1M"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(srv.stderr.take().unwrap());
+    let mut line = String::new();
+    let t0 = std::time::Instant::now();
+    while !line.contains("listening on") {
+        line.clear();
+        if err.read_line(&mut line).unwrap() == 0 || t0.elapsed() > Duration::from_secs(10) {
+            srv.kill().unwrap();
+            panic!("rtrs serve did not start");
+        }
+    }
+    // By its PID.
+    let pid = srv.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = srv.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            srv.kill().unwrap();
+            panic!("rtrs serve did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}

@@ -109,6 +109,9 @@ fn post_recvs<F: Fabric>(qp: &mut F::Qp, n: u32) -> Result<(), String> {
 
 /// The server: accept one connection, then echo (lat) or absorb (bw) until
 /// the client goes away.
+/// What a run stopped by Ctrl-C or SIGTERM returns.
+const INTERRUPTED: &str = "interrupted (Ctrl-C or SIGTERM)";
+
 pub fn server<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<(), String> {
     if let Some(c) = o.core {
         crate::pin(c);
@@ -120,6 +123,9 @@ pub fn server<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<(), String>
     let peer = loop {
         if Instant::now() > deadline {
             return Err("no client connected within 60 s".into());
+        }
+        if crate::interrupted() {
+            return Err(INTERRUPTED.into());
         }
         if let Some(CmEvent::ConnectRequest {
             id, private_data, ..
@@ -159,8 +165,13 @@ pub fn server<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<(), String>
         }
         if n == 0 {
             spins += 1;
-            if spins & 0xffff == 0 && e.qp.state() == QpState::Error {
-                return Ok(());
+            if spins & 0xffff == 0 {
+                if e.qp.state() == QpState::Error {
+                    return Ok(());
+                }
+                if crate::interrupted() {
+                    return Err(INTERRUPTED.into());
+                }
             }
         }
     }
@@ -179,6 +190,9 @@ fn connect<F: Fabric>(
         loop {
             if Instant::now() > deadline {
                 return Err(format!("could not connect to {addr} within 20 s"));
+            }
+            if crate::interrupted() {
+                return Err(INTERRUPTED.into());
             }
             match e
                 .cm
@@ -225,7 +239,12 @@ pub fn client<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<serde_json:
                 let t0 = minstant::Instant::now();
                 let wr = SendWr::write_with_imm(0, &sge, peer.0, peer.1, i as u32).unsignaled();
                 e.qp.post_send(&wr).map_err(|e| e.to_string())?;
+                let mut spins = 0u32;
                 'wait: loop {
+                    spins = spins.wrapping_add(1);
+                    if spins & 0xffff == 0 && crate::interrupted() {
+                        return Err(INTERRUPTED.into());
+                    }
                     let n = e.cq.poll(&mut wcs);
                     for wc in &wcs[..n] {
                         if wc.status != WcStatus::Success {
@@ -242,6 +261,9 @@ pub fn client<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<serde_json:
                     }
                 }
                 let rtt = t0.elapsed().as_nanos() as u64;
+                if i % 1024 == 0 && crate::interrupted() {
+                    return Err(INTERRUPTED.into());
+                }
                 if stamp && e.mem.read_u64(half) != i {
                     return Err(format!("echo {i} came back with the wrong data"));
                 }
@@ -280,6 +302,9 @@ pub fn client<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<serde_json:
                     posted += 1;
                 }
                 let n = e.cq.poll(&mut wcs);
+                if n == 0 && crate::interrupted() {
+                    return Err(INTERRUPTED.into());
+                }
                 for wc in &wcs[..n] {
                     if wc.status != WcStatus::Success {
                         return Err(format!("completion error: {wc:?}"));

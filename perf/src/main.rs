@@ -364,7 +364,16 @@ fn run_fabric(test: Test, a: FabricArgs) -> Result<(), String> {
     };
     let r = with_fabric(&addr, |f| f.client(&addr, &opts));
     if let Some(mut c) = child {
-        let _ = c.wait();
+        if r.is_err() {
+            // The client did not finish (interrupted, or failed): the
+            // server child would busy-poll on; stop it by its PID.
+            if let Err(e) = c.kill() {
+                eprintln!("stopping the server process {}: {e}", c.id());
+            }
+        }
+        if let Err(e) = c.wait() {
+            eprintln!("waiting for the server process {}: {e}", c.id());
+        }
     }
     let v = r?;
     if a.json {
