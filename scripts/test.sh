@@ -24,6 +24,9 @@ cargo build -p rtrs-poll --features rdma
 step "cargo test (workspace)"
 cargo test --workspace
 
+step "examples: an embedded key-value store and its client (rtrs-poll/examples)"
+cargo run --release -q -p rtrs-poll --example kv
+
 step "loom models of the lock-free free list and rings"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
   cargo test -p mempool -p pollers --release --lib loom
