@@ -18,8 +18,18 @@ use std::process::ExitCode;
 #[derive(Parser, Debug)]
 #[command(name = "rtrs", version, about = "rtrs-poll's operator CLI")]
 struct Cli {
+    /// Log lines as text, or as one JSON object each (for log shippers).
+    /// RUST_LOG sets the level (info by default).
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -301,14 +311,21 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
 fn main() -> ExitCode {
     // Path changes, refusals and fallbacks are logged: RUST_LOG sets the
     // level, info by default.
+    let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-    let cli = Cli::parse();
+        .with_writer(std::io::stderr);
+    let installed = match cli.log_format {
+        LogFormat::Json => logs.json().try_init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
+    if let Err(e) = installed {
+        eprintln!("rtrs: logging is not set up: {e}");
+    }
     let r = match cli.cmd {
         Cmd::Serve(a) => match &a.listen[0] {
             Address::Shm(_) => serve(ShmFabric::new(), &a),

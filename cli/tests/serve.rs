@@ -149,3 +149,38 @@ fn sigterm_drains_and_exits_cleanly() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// `--log-format json`: every log line is one JSON object (for log
+/// shippers), the level and message in their fields.
+#[test]
+fn json_logs() {
+    let name = format!("rtrs-json-{}", std::process::id());
+    let mut srv = rtrs()
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--listen",
+            &format!("shm:{name}"),
+        ])
+        .args(["--export", "a=ram:1M"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    srv.kill().unwrap();
+    let out = srv.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let logs: Vec<&str> = err.lines().filter(|l| l.starts_with('{')).collect();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("\"level\":\"INFO\"") && l.contains("listening")),
+        "{err}"
+    );
+    for l in logs {
+        assert!(
+            l.ends_with('}') && l.contains("\"fields\""),
+            "not a JSON log line: {l}"
+        );
+    }
+}
