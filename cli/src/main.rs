@@ -185,6 +185,31 @@ impl AccessArgs {
     }
 }
 
+/// Tells systemd (a `Type=notify` unit: `$NOTIFY_SOCKET`) how the service
+/// is doing; nothing when not run under it. A failure is logged, not fatal.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!("sd_notify {state}: {e}"),
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let sent = match bytes.strip_prefix(b"@") {
+        // An abstract socket name.
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+        }
+        None => sock.send_to(state.as_bytes(), &path),
+    };
+    if let Err(e) = sent {
+        tracing::warn!("sd_notify {state} to {}: {e}", path.to_string_lossy());
+    }
+}
+
 /// The tcp fabric with the listener's key and handshake allowance.
 fn tcp_fabric(access: &AccessArgs) -> Result<TcpFabric, String> {
     let mut cfg = rtrs_poll::fabric::soft::tcp::TcpConfig {
@@ -296,9 +321,11 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         a.queue_depth,
         a.chunk_size
     );
+    sd_notify("READY=1");
     while !stop.is_set() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    sd_notify("STOPPING=1");
     eprintln!("rtrs serve: stopping");
     for (kind, n) in rnbd.counters().refusals() {
         eprintln!("rtrs serve: rnbd refusals {}: {n}", kind.name());

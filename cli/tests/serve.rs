@@ -184,3 +184,45 @@ fn json_logs() {
         );
     }
 }
+
+/// Under systemd (`Type=notify`): READY=1 once it listens, STOPPING=1 when
+/// SIGTERM drains it.
+#[test]
+fn sd_notify_ready_and_stopping() {
+    let dir = std::env::temp_dir().join(format!("rtrs-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let name = format!("rtrs-notify-{}", std::process::id());
+    let mut srv = rtrs()
+        .args(["serve", "--listen", &format!("shm:{name}")])
+        .args(["--export", "a=ram:1M"])
+        .env("NOTIFY_SOCKET", &path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let got = sock.recv(&mut buf);
+    let ready = got.as_ref().ok().map(|n| buf[..*n].to_vec());
+    // By its PID.
+    let term = Command::new("kill")
+        .args(["-TERM", &srv.id().to_string()])
+        .status()
+        .unwrap();
+    let got2 = sock.recv(&mut buf);
+    let stopping = got2.as_ref().ok().map(|n| buf[..*n].to_vec());
+    if srv.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_secs(1));
+        if srv.try_wait().unwrap().is_none() {
+            srv.kill().unwrap();
+        }
+    }
+    let status = srv.wait().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(term.success());
+    assert_eq!(ready.as_deref(), Some(&b"READY=1"[..]), "{got:?}");
+    assert_eq!(stopping.as_deref(), Some(&b"STOPPING=1"[..]), "{got2:?}");
+    assert!(status.success(), "{status:?}");
+}
