@@ -7,6 +7,7 @@
 //! `serve` is an RNBD server over RTRS, as the kernel's rnbd-server: the
 //! kernel's rnbd-client maps its exports with `map_device`.
 
+mod doctor;
 use clap::{Parser, Subcommand};
 use rtrs_poll::fabric::soft::shm::ShmFabric;
 use rtrs_poll::fabric::soft::tcp::TcpFabric;
@@ -35,7 +36,18 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Serve RNBD devices over RTRS until Ctrl-C.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Check this host for pinned pollers: hugepages, memlock, isolated
+    /// cores, the clocksource, RDMA devices, interrupts on the poll cores.
+    /// Exits non-zero when something would stop a run.
+    Doctor {
+        /// The poll cores to check, e.g. 1 or 2,3.
+        #[arg(long, default_value = "0", value_delimiter = ',')]
+        cores: Vec<usize>,
+        /// One JSON object per finding.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -354,6 +366,13 @@ fn main() -> ExitCode {
         eprintln!("rtrs: logging is not set up: {e}");
     }
     let r = match cli.cmd {
+        Cmd::Doctor { cores, json } => {
+            let findings = doctor::run(std::path::Path::new("/"), &cores, None);
+            match doctor::print(&findings, json) {
+                doctor::Level::Fail => Err("the host cannot run as asked (FAIL above)".into()),
+                _ => Ok(()),
+            }
+        }
         Cmd::Serve(a) => match &a.listen[0] {
             Address::Shm(_) => serve(ShmFabric::new(), &a),
             Address::Tcp { .. } => tcp_fabric(&a.access).and_then(|f| serve(f, &a)),

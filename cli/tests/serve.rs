@@ -226,3 +226,25 @@ fn sd_notify_ready_and_stopping() {
     assert_eq!(stopping.as_deref(), Some(&b"STOPPING=1"[..]), "{got2:?}");
     assert!(status.success(), "{status:?}");
 }
+
+/// `rtrs doctor`: checks this host; a poll core the host does not have is
+/// a FAIL and a non-zero exit, with the reason.
+#[test]
+fn doctor_checks_the_host() {
+    let out = rtrs().args(["doctor", "--cores", "0"]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    for check in ["hugepages", "memlock", "cores", "clock", "rdma", "irqs"] {
+        assert!(said.contains(check), "{check} missing: {said}");
+    }
+    let out = rtrs()
+        .args(["doctor", "--cores", "9999", "--json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.lines()
+            .any(|l| l.contains("\"level\":\"FAIL\"") && l.contains("cpu 9999 is not online")),
+        "{said}"
+    );
+}
