@@ -27,6 +27,9 @@ cargo test --workspace
 step "examples: an embedded key-value store and its client (rtrs-poll/examples)"
 cargo run --release -q -p rtrs-poll --example kv
 
+step "the systemd unit of rtrs serve (scripts/deploy/check-unit.sh, docs/deploy.md)"
+scripts/deploy/check-unit.sh
+
 step "loom models of the lock-free free list and rings"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
   cargo test -p mempool -p pollers --release --lib loom
