@@ -8,6 +8,7 @@
 //! kernel's rnbd-client maps its exports with `map_device`.
 
 mod doctor;
+mod metrics;
 use clap::{Parser, Subcommand};
 use rtrs_poll::fabric::soft::shm::ShmFabric;
 use rtrs_poll::fabric::soft::tcp::TcpFabric;
@@ -65,6 +66,10 @@ struct ServeArgs {
     /// Cores for the IO connections, e.g. 1 or 0,1.
     #[arg(long, default_value = "0", value_delimiter = ',')]
     cores: Vec<usize>,
+    /// Serve the counters in the Prometheus text format at
+    /// http://ADDR/metrics (e.g. 127.0.0.1:9465).
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
     /// Refresh each chunk's rkey after every IO (the kernel's default: on).
     #[arg(long, default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
     always_invalidate: bool,
@@ -333,6 +338,10 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         a.queue_depth,
         a.chunk_size
     );
+    if let Some(m) = a.metrics {
+        let at = metrics::serve(m, srv.counters(), rnbd.clone())?;
+        eprintln!("rtrs serve: metrics on http://{at}/metrics");
+    }
     sd_notify("READY=1");
     while !stop.is_set() {
         std::thread::sleep(std::time::Duration::from_millis(50));

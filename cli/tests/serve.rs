@@ -248,3 +248,53 @@ fn doctor_checks_the_host() {
         "{said}"
     );
 }
+
+/// `--metrics ADDR`: the counters in the Prometheus text format; a refused
+/// RNBD open shows in them.
+#[test]
+fn metrics_endpoint() {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let name = format!("rtrs-metrics-{}", std::process::id());
+    let mut srv = rtrs()
+        .args(["serve", "--listen", &format!("shm:{name}")])
+        .args(["--export", "ro0=ram:1M,ro"])
+        .args(["--metrics", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // A write open of a read-only export: refused, counted.
+    let mut cfg = CltConfig::new("metrics-test", vec![Address::Shm(name.clone())]);
+    cfg.connect_timeout = Duration::from_secs(10);
+    let opened = Client::open(&ShmFabric::new(), cfg).map(|(clt, mut cores)| {
+        let core = &mut cores[0];
+        let mut rn = RnbdClient::new(&clt, core.submitter().unwrap());
+        let mut spin = || {
+            core.poll(Instant::now(), &mut |_| {});
+        };
+        let r = rn.open("ro0", AccessMode::Rw, &mut spin).map(|_| ());
+        clt.close();
+        r
+    });
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    srv.kill().unwrap();
+    srv.wait().unwrap();
+    assert!(matches!(opened, Ok(Err(_))), "the RW open is refused");
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    for m in [
+        "# TYPE rtrs_refusals_total counter",
+        "# TYPE rtrs_sessions gauge",
+        "rtrs_hugepage_limit_bytes",
+        "rtrs_rnbd_refusals_total{kind=\"read_only_export\"} 1",
+    ] {
+        assert!(body.contains(m), "{m} missing in {body}");
+    }
+}
