@@ -26,6 +26,8 @@ cargo test --workspace
 
 step "examples: an embedded key-value store and its client (rtrs-poll/examples)"
 cargo run --release -q -p rtrs-poll --example kv
+step "examples: an append-only log with group commit, appended to from 4 application threads"
+cargo run --release -q -p rtrs-poll --example log
 
 step "the systemd unit of rtrs serve (scripts/deploy/check-unit.sh, docs/deploy.md)"
 scripts/deploy/check-unit.sh
