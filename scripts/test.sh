@@ -29,6 +29,13 @@ cargo run --release -q -p rtrs-poll --example kv
 step "examples: an append-only log with group commit, appended to from 4 application threads"
 cargo run --release -q -p rtrs-poll --example log
 
+step "the C ABI: capi/examples/kv.c against capi/include/rtrs.h and librtrs.so (docs/embedding.md)"
+# (cargo test runs it too, on the debug build; the header's freshness is a test there.)
+cargo build --release -q -p rtrs-capi
+cc -Wall -Wextra -Werror -O2 capi/examples/kv.c -Icapi/include -Ltarget/release -lrtrs \
+  -Wl,-rpath,"$PWD/target/release" -lpthread -o target/release/kv-c
+timeout 120 target/release/kv-c
+
 step "the systemd unit of rtrs serve (scripts/deploy/check-unit.sh, docs/deploy.md)"
 scripts/deploy/check-unit.sh
 

@@ -1,0 +1,510 @@
+//! The server half: a C callback behind `rtrs_poll::srv::Handler`, and
+//! deferred completions from any thread.
+//!
+//! ```text
+//!  rtrs_server_complete(srv, id, err)  (any app thread)
+//!     id = gen << 32 | slot << 16 | chunk ── slot's MPSC ring ──> CHandler::poll_done (its core)
+//!  slot: one per live connection (claimed when its handler is made, released when dropped);
+//!        gen changes at both, so a completion for a gone connection is refused (-ENOENT)
+//!        or, when it races the close, dropped by the next owner
+//! ```
+
+use crate::{boundary, c_str, Error, RTRS_LATER, RTRS_READ, RTRS_WRITE};
+use rtrs_poll::fabric::soft::shm::ShmFabric;
+use rtrs_poll::fabric::soft::tcp::TcpFabric;
+use rtrs_poll::fabric::{Address, Fabric};
+use rtrs_poll::srv::{ConInfo, CorePool, Handler, IoDir, IoId, Server, SrvConfig, SrvIo, Verdict};
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Server settings. Zero (or NULL) fields take the default shown.
+#[repr(C)]
+#[derive(Debug)]
+pub struct rtrs_server_cfg {
+    /// Where to listen: "shm:NAME" (this host) or "tcp:HOST:PORT".
+    pub addr: *const c_char,
+    /// CPUs to pin the IO cores on (`ncpus` of them); NULL: one core on
+    /// CPU 0. Each core busy-polls its CPU.
+    pub cpus: *const u32,
+    /// Entries of `cpus`.
+    pub ncpus: usize,
+    /// Chunks (requests in flight) per client session; 0: 512.
+    pub queue_depth: u16,
+    /// Bytes per chunk, a power of two of at least 8192 (the largest IO is
+    /// this less 4096 of header room); 0: 131072.
+    pub max_chunk_size: u32,
+    /// Connections that may be served at once (each path of a session is
+    /// one per client queue, plus one); 0: 256. Requests on connections
+    /// past this fail with -EBUSY without reaching the callback.
+    pub max_connections: u32,
+}
+
+/// A request, as the handler callback sees it. Valid during the callback;
+/// with `RTRS_LATER`, `data` stays the application's to fill (a read) until
+/// it calls `rtrs_server_complete` for `id`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct rtrs_srv_io {
+    /// Names the request for `rtrs_server_complete`.
+    pub id: u64,
+    /// `RTRS_WRITE` (data holds what the client wrote) or `RTRS_READ` (fill
+    /// data: it goes to the client when the request completes).
+    pub dir: c_int,
+    /// The user message the client sent with the request.
+    pub usr: *const u8,
+    /// Its length.
+    pub usr_len: usize,
+    /// The data: zero-copy, in the session's registered chunk.
+    pub data: *mut u8,
+    /// Its length (a read: the length the client asked for).
+    pub data_len: usize,
+}
+
+/// The handler callback: called on a server core for each request, from
+/// several cores at once when there are several (`ctx` must be safe to
+/// share between them). Returns 0 or a negative errno (the request's
+/// result, sent to the client now), or `RTRS_LATER`. It must not block:
+/// the core serves other connections meanwhile.
+pub type rtrs_handler_cb =
+    Option<unsafe extern "C" fn(ctx: *mut c_void, io: *const rtrs_srv_io) -> c_int>;
+
+/// A deferred completion on its way to a connection's core.
+#[derive(Clone, Copy, Debug)]
+struct Done {
+    gen: u32,
+    chunk: u16,
+    errno: i32,
+}
+
+/// One connection's mailbox for deferred completions.
+struct Slot {
+    /// Changes when the slot is claimed and when it is released.
+    gen: AtomicU32,
+    used: AtomicBool,
+    tx: pollers::mpsc::Sender<Done>,
+    /// The receiver, while no connection holds it (taken only when a
+    /// connection starts or ends: never on the IO path).
+    rx: Mutex<Option<pollers::mpsc::Receiver<Done>>>,
+}
+
+struct Registry {
+    slots: Box<[Slot]>,
+}
+
+impl Registry {
+    fn new(n: usize, queue_depth: usize) -> Registry {
+        let slots = (0..n)
+            .map(|_| {
+                // Room for every request of the session at once, and as
+                // many stale ones: completing never finds it full in
+                // practice (and says -EAGAIN if it does).
+                let (tx, rx) = pollers::mpsc::channel(2 * queue_depth.max(1));
+                Slot {
+                    gen: AtomicU32::new(0),
+                    used: AtomicBool::new(false),
+                    tx,
+                    rx: Mutex::new(Some(rx)),
+                }
+            })
+            .collect();
+        Registry { slots }
+    }
+
+    /// A free slot for a new connection: (index, gen, receiver).
+    fn claim(&self) -> Option<(u16, u32, pollers::mpsc::Receiver<Done>)> {
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.used
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            let Some(mut rx) = s.rx.lock().ok().and_then(|mut g| g.take()) else {
+                s.used.store(false, Ordering::Release);
+                continue;
+            };
+            let gen = s.gen.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+            while rx.pop().is_some() {} // completions for the previous owner
+            return Some((i as u16, gen, rx));
+        }
+        None
+    }
+
+    fn release(&self, i: u16, rx: pollers::mpsc::Receiver<Done>) {
+        let s = &self.slots[usize::from(i)];
+        s.gen.fetch_add(1, Ordering::AcqRel);
+        if let Ok(mut g) = s.rx.lock() {
+            *g = Some(rx);
+        }
+        s.used.store(false, Ordering::Release);
+    }
+
+    fn complete(&self, id: u64, errno: i32) -> Result<(), Error> {
+        let (gen, slot, chunk) = ((id >> 32) as u32, (id >> 16) as u16, id as u16);
+        let Some(s) = self.slots.get(usize::from(slot)) else {
+            return Err(Error::fixed(
+                -libc::ENOENT,
+                c"rtrs_server_complete: no such IO id",
+            ));
+        };
+        if s.gen.load(Ordering::Acquire) != gen || !s.used.load(Ordering::Acquire) {
+            return Err(Error::fixed(
+                -libc::ENOENT,
+                c"rtrs_server_complete: the request's connection is gone",
+            ));
+        }
+        s.tx.push(Done { gen, chunk, errno }).map_err(|_| {
+            Error::fixed(
+                -libc::EAGAIN,
+                c"rtrs_server_complete: the connection's ring is full",
+            )
+        })
+    }
+}
+
+/// The callback and its context, shared by every connection's handler.
+#[derive(Clone, Copy)]
+struct Callback {
+    cb: unsafe extern "C" fn(*mut c_void, *const rtrs_srv_io) -> c_int,
+    /// The application's `ctx` (an address: the application promises it
+    /// may be used from any core).
+    ctx: usize,
+}
+
+/// One connection's handler: calls the C callback; deferred requests wait
+/// in `ids` (by chunk) for their completion to come through the slot.
+struct CHandler {
+    call: Callback,
+    reg: Arc<Registry>,
+    /// (slot, gen, receiver); None: no slot was free (-EBUSY to all).
+    slot: Option<(u16, u32, pollers::mpsc::Receiver<Done>)>,
+    ids: Box<[Option<IoId>]>,
+}
+
+impl Handler for CHandler {
+    fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
+        let Some((slot, gen, _)) = &self.slot else {
+            return Verdict::Done(-libc::EBUSY);
+        };
+        let chunk = io.id.chunk();
+        let c = rtrs_srv_io {
+            id: u64::from(*gen) << 32 | u64::from(*slot) << 16 | u64::from(chunk as u16),
+            dir: match io.dir {
+                IoDir::Write => RTRS_WRITE,
+                IoDir::Read => RTRS_READ,
+            },
+            usr: io.usr.as_ptr(),
+            usr_len: io.usr.len(),
+            data: io.data.as_mut_ptr(),
+            data_len: io.data.len(),
+        };
+        // SAFETY: `cb` is the function the application registered, with
+        // the context it gave (valid until rtrs_server_close, which stops
+        // the cores first); `c` points into this request's chunk, valid
+        // for the call.
+        let r = unsafe { (self.call.cb)(self.call.ctx as *mut c_void, &c) };
+        match r {
+            RTRS_LATER => match self.ids.get_mut(chunk as usize) {
+                Some(s) => {
+                    *s = Some(io.id);
+                    Verdict::Later
+                }
+                None => Verdict::Done(-libc::EIO),
+            },
+            r if r <= 0 => Verdict::Done(r),
+            _ => Verdict::Done(-libc::EIO),
+        }
+    }
+
+    fn poll_done(&mut self) -> Option<(IoId, i32)> {
+        let (_, gen, rx) = self.slot.as_mut()?;
+        while let Some(d) = rx.pop() {
+            if d.gen != *gen {
+                continue;
+            }
+            // An id not deferred, or completed twice, is dropped.
+            if let Some(id) = self
+                .ids
+                .get_mut(usize::from(d.chunk))
+                .and_then(Option::take)
+            {
+                return Some((id, d.errno));
+            }
+        }
+        None
+    }
+}
+
+impl Drop for CHandler {
+    fn drop(&mut self) {
+        if let Some((slot, _, rx)) = self.slot.take() {
+            self.reg.release(slot, rx);
+        }
+    }
+}
+
+/// A server (opaque).
+pub struct rtrs_server {
+    reg: Arc<Registry>,
+    /// The `Server<F, CHandler>` and its fabric: dropping it stops the
+    /// control thread and closes every path.
+    srv: Option<Box<dyn Send>>,
+    pool: Option<CorePool>,
+}
+
+impl std::fmt::Debug for rtrs_server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rtrs_server({} connection slots)", self.reg.slots.len())
+    }
+}
+
+impl Drop for rtrs_server {
+    fn drop(&mut self) {
+        drop(self.srv.take());
+        if let Some(p) = self.pool.take() {
+            p.stop();
+        }
+    }
+}
+
+pub(crate) fn errno_of(e: &rtrs_poll::fabric::FabricError) -> c_int {
+    use rtrs_poll::fabric::FabricError as E;
+    match e {
+        E::BadAddress { .. } | E::WrongBackend(..) => -libc::EINVAL,
+        E::Io { source, .. } => source.raw_os_error().map_or(-libc::EIO, |n| -n),
+        E::TableFull(_) | E::QueueFull { .. } => -libc::ENOMEM,
+        _ => -libc::EIO,
+    }
+}
+
+fn listen<F: Fabric>(
+    fabric: F,
+    addr: &Address,
+    cfg: SrvConfig,
+    call: Callback,
+    reg: &Arc<Registry>,
+    pool: &CorePool,
+) -> Result<Box<dyn Send>, Error> {
+    let qd = usize::from(cfg.queue_depth);
+    let r2 = reg.clone();
+    let srv = Server::listen(
+        &fabric,
+        addr,
+        cfg,
+        move |_: &ConInfo| CHandler {
+            call,
+            reg: r2.clone(),
+            slot: r2.claim(),
+            ids: vec![None; qd].into_boxed_slice(),
+        },
+        pool.place(),
+    )
+    .map_err(|e| {
+        let errno = match &e {
+            rtrs_poll::srv::SrvError::Fabric(f) => errno_of(f),
+            rtrs_poll::srv::SrvError::Config(_) => -libc::EINVAL,
+            _ => -libc::EIO,
+        };
+        Error::new(errno, format!("rtrs_server_open: {e}"))
+    })?;
+    Ok(Box::new((srv, fabric)))
+}
+
+/// Opens a server: listens on `cfg->addr`, starts its cores and calls `cb`
+/// with `ctx` for every request. On success `*out` is the server.
+/// Returns 0 or a negative errno (then see `rtrs_last_error`).
+///
+/// # Safety
+/// `cfg` points to a valid `rtrs_server_cfg` (its `addr` a C string, `cpus`
+/// NULL or `ncpus` entries); `out` is writable; `ctx` stays valid, and safe
+/// to use from every core, until `rtrs_server_close` returns.
+#[no_mangle]
+pub unsafe extern "C" fn rtrs_server_open(
+    cfg: *const rtrs_server_cfg,
+    cb: rtrs_handler_cb,
+    ctx: *mut c_void,
+    out: *mut *mut rtrs_server,
+) -> c_int {
+    boundary(|| {
+        if cfg.is_null() || out.is_null() {
+            return Err(Error::fixed(
+                -libc::EINVAL,
+                c"rtrs_server_open: cfg or out is NULL",
+            ));
+        }
+        let Some(cb) = cb else {
+            return Err(Error::fixed(-libc::EINVAL, c"rtrs_server_open: cb is NULL"));
+        };
+        // SAFETY: non-null; the caller promises a valid cfg.
+        let cfg = unsafe { &*cfg };
+        // SAFETY: the caller promises a C string (NULL is checked).
+        let addr = unsafe { c_str(cfg.addr, c"rtrs_server_open: addr is NULL or not UTF-8") }?;
+        let addr: Address = addr
+            .parse()
+            .map_err(|e| Error::new(-libc::EINVAL, format!("rtrs_server_open: {e}")))?;
+        let cpus: Vec<usize> = if cfg.cpus.is_null() || cfg.ncpus == 0 {
+            vec![0]
+        } else {
+            // SAFETY: non-null; the caller promises `ncpus` entries.
+            unsafe { std::slice::from_raw_parts(cfg.cpus, cfg.ncpus) }
+                .iter()
+                .map(|&c| c as usize)
+                .collect()
+        };
+        let mut scfg = SrvConfig::default();
+        if cfg.queue_depth != 0 {
+            scfg.queue_depth = cfg.queue_depth;
+        }
+        if cfg.max_chunk_size != 0 {
+            scfg.max_chunk_size = cfg.max_chunk_size;
+        }
+        scfg.layout()
+            .map_err(|e| Error::new(-libc::EINVAL, format!("rtrs_server_open: {e}")))?;
+        let conns = match cfg.max_connections {
+            0 => 256,
+            n => n.min(u32::from(u16::MAX)) as usize,
+        };
+        let reg = Arc::new(Registry::new(conns, usize::from(scfg.queue_depth)));
+        let call = Callback {
+            cb,
+            ctx: ctx as usize,
+        };
+        let pool = CorePool::launch(&cpus)
+            .map_err(|e| Error::new(-libc::EIO, format!("rtrs_server_open: {e}")))?;
+        let srv = match addr.scheme() {
+            "shm" => listen(ShmFabric::new(), &addr, scfg, call, &reg, &pool),
+            "tcp" => listen(TcpFabric::new(), &addr, scfg, call, &reg, &pool),
+            _ => Err(Error::fixed(
+                -libc::EPROTONOSUPPORT,
+                c"rtrs_server_open: only shm: and tcp: addresses (rdma: is for Rust builds with the rdma feature)",
+            )),
+        };
+        let srv = match srv {
+            Ok(s) => s,
+            Err(e) => {
+                pool.stop();
+                return Err(e);
+            }
+        };
+        let s = Box::new(rtrs_server {
+            reg,
+            srv: Some(srv),
+            pool: Some(pool),
+        });
+        // SAFETY: non-null; the caller promises it is writable.
+        unsafe { *out = Box::into_raw(s) };
+        Ok(0)
+    })
+}
+
+/// Completes a request the callback answered with `RTRS_LATER`: `err` is 0
+/// or a negative errno. May be called from any thread, concurrently. The
+/// request's `data` must not be touched after this returns 0. Returns
+/// -ENOENT when the request's connection is gone (its data with it),
+/// -EAGAIN when the connection's ring is full (try again), -EINVAL for a
+/// positive `err`. An id that was not deferred, or is completed twice, is
+/// ignored.
+///
+/// # Safety
+/// `srv` is NULL or a server from `rtrs_server_open`, not yet closed.
+#[no_mangle]
+pub unsafe extern "C" fn rtrs_server_complete(
+    srv: *const rtrs_server,
+    id: u64,
+    err: c_int,
+) -> c_int {
+    boundary(|| {
+        if srv.is_null() {
+            return Err(Error::fixed(
+                -libc::EINVAL,
+                c"rtrs_server_complete: srv is NULL",
+            ));
+        }
+        if err > 0 {
+            return Err(Error::fixed(
+                -libc::EINVAL,
+                c"rtrs_server_complete: err must be 0 or a negative errno",
+            ));
+        }
+        // SAFETY: non-null; the caller promises an open server.
+        let srv = unsafe { &*srv };
+        srv.reg.complete(id, err)?;
+        Ok(0)
+    })
+}
+
+/// Closes a server: closes every path, stops the cores (they wait up to a
+/// second for deferred requests) and frees it. Call it once no thread uses
+/// `srv` any more. Returns 0, or -EINVAL for NULL.
+///
+/// # Safety
+/// `srv` is NULL or a server from `rtrs_server_open`, not yet closed.
+#[no_mangle]
+pub unsafe extern "C" fn rtrs_server_close(srv: *mut rtrs_server) -> c_int {
+    // SAFETY: the caller's promise: from rtrs_server_open, closed once.
+    unsafe { crate::free(srv, c"rtrs_server_close: srv is NULL") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_completion_reaches_only_its_connection() {
+        let reg = Registry::new(2, 4);
+        let (slot, gen, mut rx) = reg.claim().unwrap();
+        let id = u64::from(gen) << 32 | u64::from(slot) << 16 | 3;
+        reg.complete(id, -5).unwrap();
+        let d = rx.pop().unwrap();
+        assert_eq!((d.gen, d.chunk, d.errno), (gen, 3, -5));
+        // Another connection takes the other slot; this one closes.
+        let (slot2, gen2, rx2) = reg.claim().unwrap();
+        assert_ne!(slot2, slot);
+        reg.release(slot, rx);
+        assert_eq!(reg.complete(id, 0).unwrap_err().errno, -libc::ENOENT);
+        // A new owner of the first slot has a new generation.
+        let (slot3, gen3, _rx3) = reg.claim().unwrap();
+        assert_eq!(slot3, slot);
+        assert_ne!(gen3, gen);
+        assert!(reg.claim().is_none(), "two slots, two owners");
+        reg.release(slot2, rx2);
+        let _ = gen2;
+        assert_eq!(
+            reg.complete(u64::from(gen3) << 32 | 99 << 16, 0)
+                .unwrap_err()
+                .errno,
+            -libc::ENOENT
+        );
+    }
+
+    #[test]
+    fn null_arguments_are_errors() {
+        // SAFETY: NULLs are what is tested.
+        unsafe {
+            let mut out = std::ptr::null_mut();
+            assert_eq!(
+                rtrs_server_open(std::ptr::null(), None, std::ptr::null_mut(), &mut out),
+                -libc::EINVAL
+            );
+            assert_eq!(rtrs_server_complete(std::ptr::null(), 0, 0), -libc::EINVAL);
+            assert_eq!(rtrs_server_close(std::ptr::null_mut()), -libc::EINVAL);
+            let cfg = rtrs_server_cfg {
+                addr: c"bogus".as_ptr(),
+                cpus: std::ptr::null(),
+                ncpus: 0,
+                queue_depth: 0,
+                max_chunk_size: 0,
+                max_connections: 0,
+            };
+            unsafe extern "C" fn cb(_: *mut c_void, _: *const rtrs_srv_io) -> c_int {
+                0
+            }
+            assert_eq!(
+                rtrs_server_open(&cfg, Some(cb), std::ptr::null_mut(), &mut out),
+                -libc::EINVAL
+            );
+            assert!(out.is_null());
+        }
+    }
+}
