@@ -74,7 +74,37 @@ struct CacheStats {
     held: AtomicU64,
 }
 
-/// The pool.
+/// The pool: a region carved into fixed-size chunks, handed out by index
+/// from a lock-free list, with per-core caches in front of it.
+///
+/// ```
+/// use mempool::{ChunkPool, PoolError, Region};
+/// use std::sync::Arc;
+///
+/// // 1 MiB at least (rounded up to whole 2 MiB hugepages when reserved),
+/// // registered once: `()` registers nowhere; a fabric's protection
+/// // domain would make it an MR.
+/// let region = Arc::new(Region::anonymous(1 << 20)?);
+/// let pool = ChunkPool::new(region, 64 << 10, &mut ())?;
+/// assert!(pool.chunks() >= 16);
+///
+/// let c = pool.alloc()?;
+/// let at = pool.chunk_ptr(c.index()).expect("in range");
+/// // SAFETY: the chunk is ours until freed; 64 KiB at `at`.
+/// unsafe { at.write_bytes(0xab, pool.chunk_size()) };
+/// assert_eq!(pool.stats().in_use, 1);
+/// pool.free(c)?;
+///
+/// // A core allocates through its own cache (no shared state most times).
+/// let mut cache = pool.cache(4);
+/// let held: Vec<_> = (0..pool.chunks()).map(|_| cache.alloc()).collect::<Result<_, _>>()?;
+/// assert!(matches!(pool.alloc(), Err(PoolError::Exhausted)));
+/// for c in held {
+///     cache.free(c)?;
+/// }
+/// assert_eq!(pool.stats().in_use, 0);
+/// # Ok::<(), PoolError>(())
+/// ```
 pub struct ChunkPool<H = ()> {
     region: Arc<Region>,
     chunk_size: usize,

@@ -270,6 +270,43 @@ fn room_for_all(
 }
 
 /// A set of running cores.
+///
+/// ```
+/// use minstant::Instant;
+/// use pollers::{Cores, Poller, Shutdown};
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// /// Work to run to completion on a core: here, counting to 1000.
+/// struct Counter(Arc<AtomicU64>);
+/// impl Poller for Counter {
+///     fn poll(&mut self, _now: Instant) -> usize {
+///         let n = self.0.load(Ordering::Relaxed);
+///         if n == 1000 {
+///             return 0; // nothing to do: an idle iteration
+///         }
+///         self.0.store(n + 1, Ordering::Relaxed);
+///         1
+///     }
+///     fn name(&self) -> &str {
+///         "counter"
+///     }
+/// }
+///
+/// let count = Arc::new(AtomicU64::new(0));
+/// // One core, pinned to CPU 0; its pollers are made on its own thread.
+/// let mut cores = Cores::launch(&[0], Shutdown::new(), Duration::from_secs(1), |_| Vec::new())?;
+/// // Pollers can also be handed over while it runs (a ring, no lock).
+/// assert!(cores.add(0, Box::new(Counter(count.clone()))).is_ok(), "room in the ring");
+/// while count.load(Ordering::Relaxed) < 1000 {
+///     std::thread::yield_now();
+/// }
+/// let reports = cores.stop(); // stops, drains, reports
+/// assert_eq!(reports[0].pollers, vec![("counter".to_string(), 1000)]);
+/// assert!(reports[0].stats.busy_iterations >= 1000);
+/// # Ok::<(), pollers::PollersError>(())
+/// ```
 pub struct Cores {
     handles: Vec<std::thread::JoinHandle<CoreReport>>,
     adds: Vec<spsc::Producer<Box<dyn Poller>>>,

@@ -75,6 +75,25 @@ impl<T> std::fmt::Debug for Receiver<T> {
 }
 
 /// A ring of at least `capacity` slots (rounded up to a power of two, min 2).
+///
+/// ```
+/// use pollers::mpsc;
+///
+/// let (tx, mut rx) = mpsc::channel::<u64>(64);
+/// let producers: Vec<_> = (0..4u64)
+///     .map(|p| {
+///         let tx = tx.clone();
+///         std::thread::spawn(move || (0..10).for_each(|i| tx.push(p * 100 + i).unwrap()))
+///     })
+///     .collect();
+/// producers.into_iter().for_each(|t| t.join().unwrap());
+/// let mut got = Vec::new();
+/// while let Some(v) = rx.pop() {
+///     got.push(v);
+/// }
+/// got.sort();
+/// assert_eq!(got, (0..4).flat_map(|p| (0..10).map(move |i| p * 100 + i)).collect::<Vec<_>>());
+/// ```
 pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
     let cap = capacity.max(2).next_power_of_two();
     let q = Arc::new(Queue {

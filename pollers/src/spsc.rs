@@ -64,6 +64,17 @@ impl<T> std::fmt::Debug for Consumer<T> {
 }
 
 /// A ring of at least `capacity` slots (rounded up to a power of two, min 2).
+///
+/// ```
+/// use pollers::{spsc, Full};
+///
+/// let (mut tx, mut rx) = spsc::channel::<u32>(2);
+/// tx.push(1).unwrap();
+/// tx.push(2).unwrap();
+/// assert_eq!(tx.push(3), Err(Full(3))); // back-pressure: the item comes back
+/// let t = std::thread::spawn(move || (rx.pop(), rx.pop(), rx.pop()));
+/// assert_eq!(t.join().unwrap(), (Some(1), Some(2), None));
+/// ```
 pub fn channel<T>(capacity: usize) -> (Producer<T>, Consumer<T>) {
     let cap = capacity.max(2).next_power_of_two();
     let ring = Arc::new(Ring {

@@ -7,6 +7,56 @@
 //!  proto sans-IO RTRS 2.0 + RNBD 2.0 messages and immediates, byte-exact
 //!  fabric verbs-shaped API: shm, tcp, and (feature "rdma") real verbs
 //! ```
+//!
+//! A server with a handler of its own and a client reading through it, in
+//! one process over shared memory (the embedding guide, docs/embedding.md,
+//! walks through it; `examples/` has fuller ones):
+//!
+//! ```
+//! use minstant::Instant;
+//! use rtrs_poll::clt::{Client, CltConfig};
+//! use rtrs_poll::fabric::{soft::shm::ShmFabric, Address};
+//! use rtrs_poll::srv::{ConInfo, CorePool, Handler, IoDir, Server, SrvConfig, SrvIo, Verdict};
+//!
+//! /// The storage engine: answers a read with the user message reversed.
+//! struct Mirror;
+//! impl Handler for Mirror {
+//!     fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
+//!         if io.dir != IoDir::Read || io.data.len() < io.usr.len() {
+//!             return Verdict::Done(-libc::EINVAL);
+//!         }
+//!         for (d, s) in io.data.iter_mut().zip(io.usr.iter().rev()) {
+//!             *d = *s;
+//!         }
+//!         Verdict::Done(0)
+//!     }
+//! }
+//!
+//! let fabric = ShmFabric::new();
+//! let addr = Address::Shm(format!("doc-root-{}", std::process::id()));
+//! let cfg = SrvConfig { queue_depth: 16, max_chunk_size: 8192, ..SrvConfig::default() };
+//! let cores = CorePool::launch(&[0])?; // IO connections run on a pinned core
+//! let srv = Server::listen(&fabric, &addr, cfg, |_: &ConInfo| Mirror, cores.place())?;
+//!
+//! let (clt, mut queues) = Client::open(&fabric, CltConfig::new("doc", vec![addr]))?;
+//! let q = &mut queues[0]; // this thread is the client's core
+//! let permit = q.get_permit().expect("a free permit");
+//! q.read(permit, b"hello", 5, 7, Instant::now()).map_err(|(_, e)| e)?;
+//! let mut done = None;
+//! while done.is_none() {
+//!     q.poll(Instant::now(), &mut |c| done = Some(c));
+//! }
+//! let mut c = done.expect("polled until done");
+//! assert_eq!((c.tag, c.errno), (7, 0));
+//! assert_eq!(&q.buf(&mut c.permit)[..5], b"olleh");
+//! q.put_permit(c.permit);
+//!
+//! clt.close();
+//! drop(queues);
+//! srv.stop();
+//! cores.stop();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![warn(missing_docs)]
 
 pub mod clt;

@@ -81,6 +81,62 @@ struct RemoteReq {
 /// Submits IO to a core from another thread, through lock-free rings:
 /// requests go in over the core's MPSC ring, completions come back over this
 /// submitter's own SPSC ring. Made by [`CltCore::submitter`].
+///
+/// The application's threads submit; the core's thread only polls:
+///
+/// ```
+/// use minstant::Instant;
+/// use rtrs_poll::clt::{Client, CltConfig};
+/// # use rtrs_poll::fabric::{soft::shm::ShmFabric, Address};
+/// # use rtrs_poll::srv::{ConInfo, CorePool, Handler, Server, SrvConfig, SrvIo, Verdict};
+/// # struct Sink;
+/// # impl Handler for Sink {
+/// #     fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
+/// #         Verdict::Done(if io.usr == b"put" { 0 } else { -libc::EINVAL })
+/// #     }
+/// # }
+/// # let fabric = ShmFabric::new();
+/// # let addr = Address::Shm(format!("doc-sub-{}", std::process::id()));
+/// # let cfg = SrvConfig { queue_depth: 16, max_chunk_size: 8192, ..SrvConfig::default() };
+/// # let cores = CorePool::launch(&[0])?;
+/// # let srv = Server::listen(&fabric, &addr, cfg, |_: &ConInfo| Sink, cores.place())?;
+/// let (clt, mut queues) = Client::open(&fabric, CltConfig::new("doc", vec![addr]))?;
+/// let mut core = queues.remove(0);
+/// let apps: Vec<_> = (0..2u64)
+///     .map(|t| {
+///         let mut sub = core.submitter().expect("a submitter");
+///         std::thread::spawn(move || -> Result<(), String> {
+///             for i in 0..10u64 {
+///                 let mut p = sub.get_permit().ok_or("no permit")?;
+///                 sub.buf(&mut p)[..8].copy_from_slice(&i.to_le_bytes());
+///                 sub.write(p, b"put", 8, t << 32 | i).map_err(|(_, e)| e.to_string())?;
+///                 let c = loop {
+///                     let mut got = None;
+///                     sub.poll(&mut |c| got = Some(c));
+///                     match got {
+///                         Some(c) => break c,
+///                         None => std::thread::yield_now(),
+///                     }
+///                 };
+///                 assert_eq!((c.tag, c.errno), (t << 32 | i, 0));
+///                 sub.put_permit(c.permit);
+///             }
+///             Ok(())
+///         })
+///     })
+///     .collect();
+/// while !apps.iter().all(|a| a.is_finished()) {
+///     core.poll(Instant::now(), &mut |_| {}); // the core: this thread
+/// }
+/// for a in apps {
+///     a.join().expect("no panic")?;
+/// }
+/// # clt.close();
+/// # drop(core);
+/// # srv.stop();
+/// # cores.stop();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Submitter<F: Fabric> {
     id: u8,
     core: u32,

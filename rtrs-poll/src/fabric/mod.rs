@@ -17,6 +17,36 @@
 //! feature, real verbs. [`fault::FaultFabric`] wraps any of them to inject
 //! faults (black holes, delays, failed completions, killed QPs, lost CM events)
 //! for tests.
+//!
+//! The address picks the backend; code above it is written once, generic
+//! over [`Fabric`]:
+//!
+//! ```
+//! use rtrs_poll::fabric::soft::{shm::ShmFabric, tcp::TcpFabric};
+//! use rtrs_poll::fabric::{Address, Cm, Fabric, FabricError};
+//!
+//! fn listen<F: Fabric>(fabric: F, addr: &Address) -> Result<F::Cm, FabricError> {
+//!     let mut cm = fabric.create_cm()?;
+//!     cm.listen(addr)?;
+//!     Ok(cm)
+//! }
+//!
+//! fn open(addr: &str) -> Result<&'static str, FabricError> {
+//!     let addr: Address = addr.parse()?;
+//!     match addr.scheme() {
+//!         "shm" => listen(ShmFabric::new(), &addr).map(|_| "shm"),
+//!         "tcp" => listen(TcpFabric::new(), &addr).map(|_| "tcp"),
+//!         // "rdma": RdmaFabric, with the `rdma` feature and a device.
+//!         _ => Err(FabricError::WrongBackend(addr.to_string(), "shm or tcp")),
+//!     }
+//! }
+//!
+//! assert_eq!(open(&format!("shm:doc-fabric-{}", std::process::id()))?, "shm");
+//! assert_eq!(open("tcp:127.0.0.1:0")?, "tcp");
+//! assert!(matches!(open("shm:"), Err(FabricError::BadAddress { .. })));
+//! assert!(matches!(open("udp:host:1"), Err(FabricError::BadAddress { .. })));
+//! # Ok::<(), FabricError>(())
+//! ```
 
 pub mod addr;
 pub mod fault;

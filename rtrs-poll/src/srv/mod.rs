@@ -333,6 +333,84 @@ pub enum Verdict {
 
 /// The embedder's storage engine. One instance per connection, called on the
 /// connection's core only (run to completion, no locks needed).
+///
+/// A request is answered at once ([`Verdict::Done`]) or later
+/// ([`Verdict::Later`]): the core then asks [`Handler::poll_done`] on every
+/// poll, so work finished elsewhere (a disk, another thread) reaches the
+/// client without the core waiting for it. Here writes are made "durable"
+/// by another thread, and completed when it says so:
+///
+/// ```
+/// use rtrs_poll::srv::{Handler, IoDir, IoId, SrvIo, Verdict};
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+///
+/// struct Journal {
+///     /// Bytes taken, and bytes a flusher thread has made durable.
+///     taken: u64,
+///     durable: Arc<AtomicU64>,
+///     /// Requests waiting for the flusher, in order (sized at the queue
+///     /// depth: no allocation per IO).
+///     waiting: std::collections::VecDeque<(IoId, u64)>,
+/// }
+///
+/// impl Handler for Journal {
+///     fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
+///         if io.dir != IoDir::Write {
+///             return Verdict::Done(-libc::EOPNOTSUPP);
+///         }
+///         self.taken += io.data.len() as u64; // (copied to the journal here)
+///         self.waiting.push_back((io.id, self.taken));
+///         Verdict::Later
+///     }
+///     fn poll_done(&mut self) -> Option<(IoId, i32)> {
+///         let &(id, end) = self.waiting.front()?;
+///         if end > self.durable.load(Ordering::Acquire) {
+///             return None; // not yet: the core asks again on its next poll
+///         }
+///         self.waiting.pop_front();
+///         Some((id, 0))
+///     }
+/// }
+/// # use minstant::Instant;
+/// # use rtrs_poll::clt::{Client, CltConfig};
+/// # use rtrs_poll::fabric::{soft::shm::ShmFabric, Address};
+/// # use rtrs_poll::srv::{ConInfo, CorePool, Server, SrvConfig};
+/// # let fabric = ShmFabric::new();
+/// # let addr = Address::Shm(format!("doc-handler-{}", std::process::id()));
+/// # let cfg = SrvConfig { queue_depth: 16, max_chunk_size: 8192, ..SrvConfig::default() };
+/// # let cores = CorePool::launch(&[0])?;
+/// let durable = Arc::new(AtomicU64::new(0));
+/// let d = durable.clone();
+/// let srv = Server::listen(&fabric, &addr, cfg, move |_: &ConInfo| Journal {
+///     taken: 0,
+///     durable: d.clone(),
+///     waiting: std::collections::VecDeque::with_capacity(16),
+/// }, cores.place())?;
+/// # let (clt, mut queues) = Client::open(&fabric, CltConfig::new("doc", vec![addr]))?;
+/// # let q = &mut queues[0];
+/// # let p = q.get_permit().expect("a permit");
+/// # q.write(p, b"", 100, 1, Instant::now()).map_err(|(_, e)| e)?;
+/// # let mut done = None;
+/// # let t0 = std::time::Instant::now();
+/// # while t0.elapsed() < std::time::Duration::from_millis(50) {
+/// #     q.poll(Instant::now(), &mut |c| done = Some(c));
+/// # }
+/// // Not durable: no completion yet.
+/// assert!(done.is_none());
+/// durable.store(100, Ordering::Release); // the flusher's word
+/// # while done.is_none() {
+/// #     q.poll(Instant::now(), &mut |c| done = Some(c));
+/// # }
+/// # let c = done.expect("polled until done");
+/// # assert_eq!((c.tag, c.errno), (1, 0));
+/// # q.put_permit(c.permit);
+/// # clt.close();
+/// # drop(queues);
+/// # srv.stop();
+/// # cores.stop();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait Handler: Send + 'static {
     /// A request arrived.
     fn on_io(&mut self, io: SrvIo<'_>) -> Verdict;
