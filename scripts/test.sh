@@ -35,6 +35,11 @@ cargo build --release -q -p rtrs-capi
 cc -Wall -Wextra -Werror -O2 capi/examples/kv.c -Icapi/include -Ltarget/release -lrtrs \
   -Wl,-rpath,"$PWD/target/release" -lpthread -o target/release/kv-c
 timeout 120 target/release/kv-c
+# and linked statically (the system libraries: `cargo rustc -p rtrs-capi --crate-type staticlib
+# -- --print native-static-libs`)
+cc -Wall -Wextra -Werror -O2 capi/examples/kv.c -Icapi/include target/release/librtrs.a \
+  -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o target/release/kv-c-static
+timeout 120 target/release/kv-c-static
 
 step "the systemd unit of rtrs serve (scripts/deploy/check-unit.sh, docs/deploy.md)"
 scripts/deploy/check-unit.sh
