@@ -472,3 +472,45 @@ pub unsafe extern "C" fn rtrs_client_close(clt: *mut rtrs_client) -> c_int {
     // SAFETY: the caller's promise: from rtrs_client_open, closed once.
     unsafe { crate::free(clt, c"rtrs_client_close: clt is NULL") }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queue that only counts its polls.
+    struct Count(usize);
+    impl Ops for Count {
+        fn submit(&mut self, _: Dir, _: &[u8], _: *mut u8, _: usize, _: u64) -> Result<(), Error> {
+            Ok(())
+        }
+        fn poll(&mut self, _: &mut [rtrs_completion]) -> usize {
+            self.0 += 1;
+            self.0
+        }
+    }
+
+    #[test]
+    fn a_second_thread_in_a_queue_is_refused_not_waited_for() {
+        let cell = Cell {
+            busy: AtomicBool::new(false),
+            q: UnsafeCell::new(Box::new(Count(0))),
+        };
+        let first = cell.with(|q| {
+            // Another thread arrives while this one is inside.
+            let second = std::thread::scope(|s| {
+                s.spawn(|| cell.with(|q| Ok(q.poll(&mut []))).map_err(|e| e.errno))
+                    .join()
+            });
+            Ok((q.poll(&mut []), second.expect("no panic")))
+        });
+        let (n, second) = first
+            .map_err(|e| e.errno)
+            .expect("the first thread gets in");
+        assert_eq!((n, second), (1, Err(-libc::EBUSY)));
+        // Free again once the first has left.
+        assert_eq!(
+            cell.with(|q| Ok(q.poll(&mut []))).map_err(|e| e.errno),
+            Ok(2)
+        );
+    }
+}
