@@ -137,6 +137,12 @@ struct AccessArgs {
     /// 4096).
     #[arg(long, value_parser = clap::value_parser!(u32).range(64..=(1 << 22)))]
     max_registrations: Option<u32>,
+    /// Sessions whose chunk memory is preallocated at start (one region,
+    /// hugepages when reserved, registered once; within the memory
+    /// budget); sessions beyond get memory of their own while the budget
+    /// allows. 0: none.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=4096))]
+    prealloc_sessions: u64,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -167,6 +173,7 @@ impl AccessArgs {
             handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout),
             memory_budget: self.memory_budget.unwrap_or(d.memory_budget),
             max_registrations: self.max_registrations,
+            prealloc_sessions: self.prealloc_sessions as usize,
         }
     }
 

@@ -4,7 +4,8 @@
 //! ```text
 //!  GET /metrics ──> rtrs_refusals_total{kind=...}, rtrs_sessions, rtrs_session_memory_bytes,
 //!                   rtrs_deferred_placements_total, rtrs_rnbd_refusals_total{kind=...},
-//!                   rtrs_hugepage_bytes, rtrs_hugepage_limit_bytes, rtrs_hugepage_fallbacks_total
+//!                   rtrs_hugepage_bytes, rtrs_hugepage_limit_bytes, rtrs_hugepage_fallbacks_total,
+//!                   rtrs_chunk_pool_sessions, rtrs_chunk_pool_huge, rtrs_sessions_chunks_total{kind=pool|own}
 //! ```
 
 use rtrs_poll::rnbd::RnbdServer;
@@ -96,6 +97,28 @@ pub fn render(srv: &SrvCounters, rnbd: &RnbdServer) -> String {
         c,
         "Regions that came from 4 KiB pages.",
         &[("", huge.fallbacks)],
+    );
+    let pool = srv.pool();
+    metric(
+        &mut o,
+        "rtrs_chunk_pool_sessions",
+        g,
+        "Sessions whose chunk memory was preallocated at start.",
+        &[("", pool.sessions)],
+    );
+    metric(
+        &mut o,
+        "rtrs_chunk_pool_huge",
+        g,
+        "1 when hugepages back the chunk pool, 0 on the 4 KiB fallback.",
+        &[("", u64::from(pool.huge))],
+    );
+    metric(
+        &mut o,
+        "rtrs_sessions_chunks_total",
+        c,
+        "Sessions so far by where their chunks came from (the pool, or memory of their own).",
+        &[("pool", pool.pooled), ("own", pool.own)],
     );
     o
 }

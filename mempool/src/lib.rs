@@ -20,7 +20,7 @@ mod region;
 mod slots;
 mod sync;
 
-pub use pool::{Chunk, ChunkPool, LocalCache, PoolStats, Registrar};
+pub use pool::{Chunk, ChunkPool, Lease, LocalCache, PoolStats, Registrar};
 pub use region::{huge_stats, set_hugepage_limit, HugeStats, Region, HUGE_PAGE};
 pub use slots::{Claim, Claims, Slot, Slots};
 

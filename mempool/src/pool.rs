@@ -28,15 +28,15 @@ pub trait Registrar {
     type Handle;
     /// Why it failed.
     type Error: std::fmt::Display;
-    /// Registers `len` bytes at `base`.
-    fn register(&mut self, base: *mut u8, len: usize) -> Result<Self::Handle, Self::Error>;
+    /// Registers the whole of `region`.
+    fn register(&mut self, region: &Arc<Region>) -> Result<Self::Handle, Self::Error>;
 }
 
 /// No registration.
 impl Registrar for () {
     type Handle = ();
     type Error = std::convert::Infallible;
-    fn register(&mut self, _: *mut u8, _: usize) -> Result<(), Self::Error> {
+    fn register(&mut self, _: &Arc<Region>) -> Result<(), Self::Error> {
         Ok(())
     }
 }
@@ -49,6 +49,44 @@ impl Chunk {
     /// The chunk's index (the RTRS buf_id of a server chunk).
     pub fn index(&self) -> u32 {
         self.0
+    }
+}
+
+/// A chunk of a shared pool, returned to it on drop.
+pub struct Lease<H: Send + Sync + 'static = ()> {
+    pool: Arc<ChunkPool<H>>,
+    chunk: Option<Chunk>,
+}
+
+impl<H: Send + Sync + 'static> Lease<H> {
+    /// The chunk's index.
+    pub fn index(&self) -> u32 {
+        self.chunk.as_ref().map_or(u32::MAX, Chunk::index)
+    }
+    /// The chunk's offset in the pool's region.
+    pub fn offset(&self) -> usize {
+        self.index() as usize * self.pool.chunk_size
+    }
+    /// The pool.
+    pub fn pool(&self) -> &Arc<ChunkPool<H>> {
+        &self.pool
+    }
+}
+
+impl<H: Send + Sync + 'static> std::fmt::Debug for Lease<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lease({} of {:?})", self.index(), self.pool)
+    }
+}
+
+impl<H: Send + Sync + 'static> Drop for Lease<H> {
+    fn drop(&mut self) {
+        if let Some(c) = self.chunk.take() {
+            // The chunk came from this pool and is freed once (the lease is
+            // not Clone), so this cannot fail.
+            let r = self.pool.free(c);
+            debug_assert!(r.is_ok(), "a lease's chunk went back twice: {r:?}");
+        }
     }
 }
 
@@ -141,7 +179,7 @@ impl<H> ChunkPool<H> {
             return Err(PoolError::BadChunkCount(count));
         }
         let handle = registrar
-            .register(region.as_ptr(), region.len())
+            .register(&region)
             .map_err(|e| PoolError::Registration(e.to_string()))?;
         let count = count as u32;
         // Initially every chunk is on the list, lowest index on top.
@@ -269,6 +307,19 @@ impl<H> ChunkPool<H> {
         self.push(c.0);
         self.out.fetch_sub(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Takes a chunk that goes back to the pool when the lease is dropped
+    /// (by whoever holds it last: a lease can be shared in an `Arc`).
+    pub fn lease(self: &Arc<Self>) -> Result<Lease<H>, PoolError>
+    where
+        H: Send + Sync + 'static,
+    {
+        let chunk = self.alloc()?;
+        Ok(Lease {
+            pool: self.clone(),
+            chunk: Some(chunk),
+        })
     }
 
     /// A per-core cache of up to `capacity` chunks (sized now: alloc and free

@@ -190,27 +190,55 @@ impl Claim {
 #[derive(Debug)]
 pub struct Claims {
     region: Arc<Region>,
+    base: usize,
     size: usize,
     claimed: Box<[AtomicBool]>,
+    /// Whatever must live as long as the chunks (a pool lease).
+    keep: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Claims {
     /// `n` chunks of `size` bytes from the start of `region`.
     pub fn new(region: Arc<Region>, size: usize, n: u32) -> Result<Claims, PoolError> {
+        Claims::new_at(region, 0, size, n)
+    }
+
+    /// `n` chunks of `size` bytes from `base` in `region` (a slab of a
+    /// shared pool, say).
+    pub fn new_at(
+        region: Arc<Region>,
+        base: usize,
+        size: usize,
+        n: u32,
+    ) -> Result<Claims, PoolError> {
         if n == 0 || size == 0 {
             return Err(PoolError::Empty);
         }
         let len = (n as usize)
             .checked_mul(size)
             .ok_or(PoolError::TooLarge(usize::MAX))?;
-        if len > region.len() {
-            return Err(PoolError::OutOfBounds { off: 0, len });
+        if base.checked_add(len).is_none_or(|end| end > region.len()) {
+            return Err(PoolError::OutOfBounds { off: base, len });
         }
         Ok(Claims {
             region,
+            base,
             size,
             claimed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            keep: None,
         })
+    }
+
+    /// Keeps `k` (a pool lease) alive as long as the chunks: it is dropped
+    /// with the last reference to them.
+    pub fn keeping(mut self, k: impl std::any::Any + Send + Sync) -> Claims {
+        self.keep = Some(Box::new(k));
+        self
+    }
+
+    /// Where the chunks start in the region.
+    pub fn base(&self) -> usize {
+        self.base
     }
 
     /// The region.
@@ -288,7 +316,7 @@ impl Claims {
         Some(
             self.region
                 .as_ptr()
-                .wrapping_add(c.idx as usize * self.size + r.start),
+                .wrapping_add(self.base + c.idx as usize * self.size + r.start),
         )
     }
 }

@@ -71,9 +71,9 @@ fn chunk_addresses_and_registration_once() {
     impl Registrar for Count {
         type Handle = (usize, usize);
         type Error = String;
-        fn register(&mut self, base: *mut u8, len: usize) -> Result<(usize, usize), String> {
+        fn register(&mut self, r: &Arc<Region>) -> Result<(usize, usize), String> {
             self.0 += 1;
-            Ok((base as usize, len))
+            Ok((r.as_ptr() as usize, r.len()))
         }
     }
     let r = Arc::new(Region::anonymous(1 << 20).unwrap());
@@ -94,7 +94,7 @@ fn chunk_addresses_and_registration_once() {
     impl Registrar for Fails {
         type Handle = ();
         type Error = &'static str;
-        fn register(&mut self, _: *mut u8, _: usize) -> Result<(), &'static str> {
+        fn register(&mut self, _: &Arc<Region>) -> Result<(), &'static str> {
             Err("no device")
         }
     }
@@ -175,4 +175,33 @@ fn threads_never_share_a_chunk() {
     let s = p.stats();
     assert_eq!(s.in_use, 0);
     assert!(s.high_water > 0 && s.high_water <= u64::from(s.chunks));
+}
+
+#[test]
+fn a_lease_goes_back_on_drop_and_claims_sit_at_its_offset() {
+    let r = Arc::new(Region::anonymous(4 << 20).unwrap());
+    let pool = Arc::new(ChunkPool::new(r.clone(), 1 << 20, &mut ()).unwrap());
+    let a = pool.lease().unwrap();
+    let b = pool.lease().unwrap();
+    assert_ne!(a.offset(), b.offset());
+    assert_eq!(pool.stats().in_use, 2);
+    let claims = mempool::Claims::new_at(r.clone(), b.offset(), 4096, 256)
+        .unwrap()
+        .keeping(b);
+    let c = claims.claim(3).unwrap();
+    let p = claims.bytes(&c, 0..1).unwrap().as_ptr();
+    assert_eq!(p as usize - r.as_ptr() as usize, claims.base() + 3 * 4096);
+    claims.release(c).unwrap();
+    assert!(
+        mempool::Claims::new_at(r.clone(), 4 << 20, 4096, 1).is_err(),
+        "claims past the region are refused"
+    );
+    drop(a);
+    assert_eq!(pool.stats().in_use, 1, "the dropped lease went back");
+    drop(claims);
+    assert_eq!(
+        pool.stats().in_use,
+        0,
+        "the claims kept their lease until dropped"
+    );
 }

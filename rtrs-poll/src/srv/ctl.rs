@@ -59,6 +59,9 @@ struct Sess<F: Fabric> {
     host: String,
     /// Chunk memory it holds (bytes), under the memory budget.
     bytes: u64,
+    /// Whether that memory is a slab of the preallocated chunk pool (else
+    /// a region of its own).
+    pooled: bool,
     mem: Arc<dyn crate::fabric::Memory>,
     /// The session's chunks, claimed one request at a time.
     chunks: Arc<mempool::Claims>,
@@ -102,6 +105,23 @@ pub(crate) struct SrvControl<F: Fabric, H: Handler> {
     /// Refusal log lines: when the last went out per kind, and how many
     /// refusals came since.
     log_gate: HashMap<Refusal, (Instant, u64)>,
+    /// Session chunk memory preallocated at start (`Limits::prealloc_sessions`).
+    pool: Option<Arc<mempool::ChunkPool<F::Mr>>>,
+    /// New sessions are getting memory of their own (the pool is taken).
+    pool_overflowing: bool,
+}
+
+/// Registers the chunk pool's region on a PD (local access: remote keys are
+/// made per path over each session's own slab).
+struct PdRegistrar<'a, F: Fabric>(&'a F::Pd);
+
+impl<F: Fabric> mempool::Registrar for PdRegistrar<'_, F> {
+    type Handle = F::Mr;
+    type Error = crate::fabric::FabricError;
+    fn register(&mut self, region: &Arc<mempool::Region>) -> Result<F::Mr, Self::Error> {
+        let mem: Arc<dyn crate::fabric::Memory> = region.clone();
+        self.0.reg_mr(mem, Access::LOCAL_WRITE)
+    }
 }
 
 impl<F: Fabric, H: Handler> SrvControl<F, H> {
@@ -132,7 +152,56 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             callbacks: Vec::new(),
             cm_failing: false,
             log_gate: HashMap::new(),
+            pool: None,
+            pool_overflowing: false,
         }
+        .with_pool()
+    }
+
+    /// Preallocates the chunk pool: `prealloc_sessions` session slabs
+    /// (queue_depth x max_chunk_size each, within the memory budget) in one
+    /// shareable region, from hugepages when reserved, touched now and
+    /// registered once on the server's PD. Without it (none asked, or the
+    /// memory is not there) sessions get regions of their own, as before:
+    /// logged once, counted.
+    fn with_pool(mut self) -> Self {
+        let slab = usize::from(self.cfg.queue_depth) * self.cfg.max_chunk_size as usize;
+        let fit = (self.cfg.limits.memory_budget / slab.max(1) as u64) as usize;
+        let n = self.cfg.limits.prealloc_sessions.min(fit);
+        if n == 0 {
+            return self;
+        }
+        let made = mempool::Region::shareable(n * slab)
+            .map_err(|e| e.to_string())
+            .and_then(|r| {
+                r.prefault();
+                let mut reg = PdRegistrar::<F>(&self.pd);
+                mempool::ChunkPool::new(Arc::new(r), slab, &mut reg).map_err(|e| e.to_string())
+            });
+        match made {
+            Ok(pool) => {
+                let huge = pool.region().is_huge();
+                tracing::info!(
+                    "chunk pool: {n} sessions x {} MiB preallocated on {} and registered once",
+                    slab >> 20,
+                    if huge {
+                        "2 MiB hugepages"
+                    } else {
+                        "4 KiB pages (no hugepages free)"
+                    }
+                );
+                self.shared.counters.set_pool(n, huge);
+                self.pool = Some(Arc::new(pool));
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "chunk pool of {n} sessions x {} MiB not preallocated ({e}): each session gets memory of its own",
+                    slab >> 20
+                );
+                self.shared.counters.pool_failed();
+            }
+        }
+        self
     }
 
     fn emit(&mut self, ev: SrvEvent) {
@@ -180,6 +249,70 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             gate.1 += 1;
             self.notify(ev);
         }
+    }
+
+    /// The chunks of a new session: a slab of the chunk pool while one is
+    /// free, else a region of its own within the memory budget (logged once
+    /// per run of overflows, counted). The slab goes back to the pool when
+    /// the last path and core holding the chunks let go of them.
+    fn session_chunks(
+        &mut self,
+        qd: u16,
+        cs: usize,
+    ) -> Result<(Arc<dyn crate::fabric::Memory>, mempool::Claims, bool), Refused> {
+        let bytes = usize::from(qd) * cs;
+        let memory = |e: mempool::PoolError| {
+            refused(
+                Refusal::Memory,
+                libc::ENOMEM,
+                format!("session chunks: {e}"),
+            )
+        };
+        if let Some(pool) = &self.pool {
+            if let Ok(lease) = pool.lease() {
+                self.pool_overflowing = false;
+                let region = pool.region().clone();
+                let chunks = mempool::Claims::new_at(region.clone(), lease.offset(), cs, qd.into())
+                    .map_err(memory)?
+                    .keeping(lease);
+                self.shared.counters.pool_session();
+                return Ok((region, chunks, true));
+            }
+        }
+        let pool_bytes = self.pool.as_ref().map_or(0, |p| p.region().len() as u64);
+        let held: u64 = self
+            .sessions
+            .values()
+            .filter(|s| !s.pooled)
+            .map(|s| s.bytes)
+            .sum();
+        let budget = self.cfg.limits.memory_budget;
+        if pool_bytes + held + bytes as u64 > budget {
+            return Err(refused(
+                Refusal::Memory,
+                libc::ENOMEM,
+                format!(
+                    "the memory budget ({} MiB, {} MiB of it preallocated) has {} MiB left, a session takes {} MiB",
+                    budget >> 20,
+                    pool_bytes >> 20,
+                    budget.saturating_sub(pool_bytes + held) >> 20,
+                    bytes >> 20
+                ),
+            ));
+        }
+        if self.pool.is_some() && !self.pool_overflowing {
+            self.pool_overflowing = true;
+            tracing::warn!(
+                "the chunk pool's {} preallocated sessions are taken: new sessions get chunk memory of their own (within the budget) until one is free; preallocate more with --prealloc-sessions",
+                self.cfg.limits.prealloc_sessions
+            );
+        }
+        self.shared.counters.own_chunks_session();
+        let region = mempool::Region::shareable(bytes)
+            .map(Arc::new)
+            .map_err(memory)?;
+        let chunks = mempool::Claims::new(region.clone(), cs, qd.into()).map_err(memory)?;
+        Ok((region, chunks, false))
     }
 
     fn publish_sessions(&self) {
@@ -426,42 +559,14 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                 ));
             }
             let (qd, cs) = (self.cfg.queue_depth, self.cfg.max_chunk_size as usize);
-            let bytes = usize::from(qd) * cs;
-            let held: u64 = self.sessions.values().map(|s| s.bytes).sum();
-            if held + bytes as u64 > limits.memory_budget {
-                return Err(refused(
-                    Refusal::Memory,
-                    libc::ENOMEM,
-                    format!(
-                        "the memory budget ({} MiB) has {} MiB left, a session takes {} MiB",
-                        limits.memory_budget >> 20,
-                        limits.memory_budget.saturating_sub(held) >> 20,
-                        bytes >> 20
-                    ),
-                ));
-            }
-            let region = mempool::Region::shareable(bytes)
-                .map(Arc::new)
-                .map_err(|e| {
-                    refused(
-                        Refusal::Memory,
-                        libc::ENOMEM,
-                        format!("session chunks: {e}"),
-                    )
-                })?;
-            let chunks = mempool::Claims::new(region.clone(), cs, qd.into()).map_err(|e| {
-                refused(
-                    Refusal::Memory,
-                    libc::ENOMEM,
-                    format!("session chunks: {e}"),
-                )
-            })?;
+            let (mem, chunks, pooled) = self.session_chunks(qd, cs)?;
             self.sessions.insert(
                 req.paths_uuid,
                 Sess {
                     host: host.clone(),
-                    bytes: bytes as u64,
-                    mem: region,
+                    bytes: (usize::from(qd) * cs) as u64,
+                    pooled,
+                    mem,
                     chunks: Arc::new(chunks),
                     paths: Vec::new(),
                 },
@@ -539,13 +644,14 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                     .sessions
                     .get_mut(&req.paths_uuid)
                     .expect("the session was found above");
-                let mrs = register::<F>(&pd, &self.cfg, &sess.mem).map_err(|e| {
-                    refused(
-                        Refusal::Memory,
-                        libc::ENOMEM,
-                        format!("registering chunks: {e}"),
-                    )
-                })?;
+                let mrs =
+                    register::<F>(&pd, &self.cfg, &sess.mem, sess.chunks.base()).map_err(|e| {
+                        refused(
+                            Refusal::Memory,
+                            libc::ENOMEM,
+                            format!("registering chunks: {e}"),
+                        )
+                    })?;
                 let p = Arc::new(SrvPath::new(
                     req.sess_uuid,
                     req.paths_uuid,
@@ -849,23 +955,24 @@ fn ip_of(host: &str) -> Option<std::net::IpAddr> {
     h.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
-/// MRs over the session's chunks for a new path: one per chunk with
+/// MRs over the session's chunks (from `base` in `mem`) for a new path: one per chunk with
 /// always_invalidate, else one over them all. Each key is bumped once before
 /// first use, as the kernel does.
 fn register<F: Fabric>(
     pd: &F::Pd,
     cfg: &SrvConfig,
     mem: &Arc<dyn crate::fabric::Memory>,
+    base: usize,
 ) -> crate::fabric::Result<Vec<F::Mr>> {
     let access = Access::LOCAL_WRITE | Access::REMOTE_WRITE;
     let cs = cfg.max_chunk_size as usize;
     let qd = cfg.queue_depth as usize;
     let mrs = if cfg.always_invalidate {
         (0..qd)
-            .map(|i| pd.reg_mr_range(mem.clone(), i * cs, cs, access))
+            .map(|i| pd.reg_mr_range(mem.clone(), base + i * cs, cs, access))
             .collect::<crate::fabric::Result<Vec<_>>>()?
     } else {
-        vec![pd.reg_mr_range(mem.clone(), 0, qd * cs, access)?]
+        vec![pd.reg_mr_range(mem.clone(), base, qd * cs, access)?]
     };
     for mr in &mrs {
         mr.rekey()?;

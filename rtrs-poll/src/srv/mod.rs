@@ -84,6 +84,11 @@ pub struct Limits {
     /// plus one per connection; one host may hold a quarter (-ENOMEM
     /// beyond), so no host fills the table for the others.
     pub max_registrations: Option<u32>,
+    /// Sessions whose chunk memory is preallocated at start, in one
+    /// registered region shared by all sessions (the kernel's chunk
+    /// mempool), within `memory_budget`; sessions beyond get memory of
+    /// their own while the budget allows. 0: none preallocated.
+    pub prealloc_sessions: usize,
 }
 
 impl Default for Limits {
@@ -99,6 +104,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(30),
             memory_budget: default_memory_budget(),
             max_registrations: None,
+            prealloc_sessions: 1,
         }
     }
 }
@@ -143,6 +149,26 @@ pub struct SrvCounters {
     sessions: std::sync::atomic::AtomicU64,
     memory: std::sync::atomic::AtomicU64,
     deferred: std::sync::atomic::AtomicU64,
+    pool: std::sync::atomic::AtomicU64,
+    pool_huge: std::sync::atomic::AtomicBool,
+    pool_failed: std::sync::atomic::AtomicU64,
+    pooled: std::sync::atomic::AtomicU64,
+    own_chunks: std::sync::atomic::AtomicU64,
+}
+
+/// The chunk pool's figures ([`SrvCounters::pool`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolFigures {
+    /// Sessions preallocated (0: no pool).
+    pub sessions: u64,
+    /// Whether 2 MiB hugepages back it (else the 4 KiB fallback).
+    pub huge: bool,
+    /// Whether preallocating it failed (logged once at start).
+    pub failed: bool,
+    /// Sessions so far that took a slab of the pool.
+    pub pooled: u64,
+    /// Sessions so far that got memory of their own (pool taken or none).
+    pub own: u64,
 }
 
 impl SrvCounters {
@@ -179,6 +205,34 @@ impl SrvCounters {
     /// full) and the control thread offered it again later.
     pub fn deferred_placements(&self) -> u64 {
         self.deferred.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_pool(&self, sessions: usize, huge: bool) {
+        self.pool.store(sessions as u64, Ordering::Relaxed);
+        self.pool_huge.store(huge, Ordering::Relaxed);
+    }
+
+    pub(crate) fn pool_failed(&self) {
+        self.pool_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn pool_session(&self) {
+        self.pooled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn own_chunks_session(&self) {
+        self.own_chunks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The chunk pool: its size, and how sessions got their chunks.
+    pub fn pool(&self) -> PoolFigures {
+        PoolFigures {
+            sessions: self.pool.load(Ordering::Relaxed),
+            huge: self.pool_huge.load(Ordering::Relaxed),
+            failed: self.pool_failed.load(Ordering::Relaxed) > 0,
+            pooled: self.pooled.load(Ordering::Relaxed),
+            own: self.own_chunks.load(Ordering::Relaxed),
+        }
     }
 
     /// Sessions now, and the chunk memory they hold (bytes).

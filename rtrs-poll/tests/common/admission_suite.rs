@@ -140,6 +140,59 @@ pub fn session_and_memory_limits<B: Backend>() {
     assert_eq!(count(&srv, Refusal::Sessions), 1);
 }
 
+/// The chunk pool: preallocated sessions take slabs of it; past them a
+/// session gets memory of its own within the budget (the pool counts in
+/// it); a closed session's slab goes back to the pool for the next.
+pub fn chunk_pool_then_own_memory<B: Backend>() {
+    let a = B::addr();
+    let per_session = u64::from(cfg(true).queue_depth) * u64::from(cfg(true).max_chunk_size);
+    let limits = Limits {
+        prealloc_sessions: 2,
+        memory_budget: 3 * per_session,
+        ..Limits::default()
+    };
+    let srv = serve::<B>(&a, limits);
+    let pool = || srv.counters().pool();
+    assert_eq!((pool().sessions, pool().failed), (2, false));
+    let mut one = open::<B>(&a, "clt-p1").unwrap();
+    let mut two = open::<B>(&a, "clt-p2").unwrap();
+    assert_eq!((pool().pooled, pool().own), (2, 0));
+    let mut three = open::<B>(&a, "clt-p3").unwrap();
+    assert_eq!(
+        (pool().pooled, pool().own),
+        (2, 1),
+        "past the pool: memory of its own"
+    );
+    assert_eq!(
+        open::<B>(&a, "clt-p4").err(),
+        Some(-libc::ENOMEM),
+        "the pool counts in the budget"
+    );
+    assert_eq!(count(&srv, Refusal::Memory), 1);
+    for (i, c) in [&mut one, &mut two, &mut three].into_iter().enumerate() {
+        let data = vec![i as u8 + 1; 4096];
+        let off = i as u64 * 4096;
+        assert_eq!(c.write(off, &data), 0);
+        assert_eq!(
+            c.read(off, 4096),
+            (0, data),
+            "session {i}'s chunks carry its data"
+        );
+    }
+    drop(one);
+    eventually("the closed session's slab goes back", || {
+        srv.sessions().0 == 2
+    });
+    let mut again = open::<B>(&a, "clt-p5").unwrap();
+    assert_eq!(
+        (pool().pooled, pool().own),
+        (3, 1),
+        "the freed slab is taken again"
+    );
+    assert_eq!(again.write(0, &[9; 512]), 0);
+    assert_eq!(again.read(0, 512), (0, vec![9; 512]));
+}
+
 /// Handshake squatting: paths that connect cid 0 and say nothing more are
 /// torn down after the handshake timeout, with their sessions' memory;
 /// meanwhile one host's unfinished handshakes are limited (-EBUSY), and a
@@ -237,6 +290,10 @@ macro_rules! admission_tests {
             #[test]
             fn session_and_memory_limits() {
                 ad::session_and_memory_limits::<$backend>();
+            }
+            #[test]
+            fn chunk_pool_then_own_memory() {
+                ad::chunk_pool_then_own_memory::<$backend>();
             }
             #[test]
             fn handshake_squatters_are_limited_and_torn_down() {
