@@ -83,7 +83,8 @@ fn set_last(msg: Msg) {
             CString::new(s.replace('\0', " ")).unwrap_or_else(|_| c"(unprintable)".into()),
         ),
     };
-    LAST.with(|l| *l.borrow_mut() = last);
+    // (try_with: a thread that is exiting has no last error to keep.)
+    let _ = LAST.try_with(|l| *l.borrow_mut() = last);
 }
 
 /// Runs `f` at the boundary: its error becomes the thread's last error and
@@ -184,11 +185,12 @@ pub extern "C" fn rtrs_strerror(err: c_int) -> *const c_char {
 /// thread's next failing call; never free it.
 #[no_mangle]
 pub extern "C" fn rtrs_last_error() -> *const c_char {
-    LAST.with(|l| match &*l.borrow() {
+    LAST.try_with(|l| match &*l.borrow() {
         Last::Static(s) => s.as_ptr(),
         // The CString lives in the thread-local until it is replaced.
         Last::Owned(s) => s.as_ptr(),
     })
+    .unwrap_or(c"(this thread is exiting)".as_ptr())
 }
 
 #[cfg(test)]
