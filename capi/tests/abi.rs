@@ -76,6 +76,18 @@ unsafe fn read(clt: *const rtrs_client, usr: u8, buf: &mut [u8], tag: u64) -> c_
     }
 }
 
+/// A server on `a` with queue depth 4 and 8 KiB chunks, on CPU 0.
+fn server_cfg(a: &CStr, max_connections: u32) -> rtrs_server_cfg {
+    rtrs_server_cfg {
+        addr: a.as_ptr(),
+        cpus: std::ptr::null(),
+        ncpus: 0,
+        queue_depth: 4,
+        max_chunk_size: 8192,
+        max_connections,
+    }
+}
+
 struct Pair {
     srv: *mut rtrs_server,
     clt: *mut rtrs_client,
@@ -83,16 +95,12 @@ struct Pair {
 
 impl Pair {
     fn open(ctx: &Ctx, max_connections: u32) -> Pair {
-        let a = addr();
-        let cpus = [0u32];
-        let scfg = rtrs_server_cfg {
-            addr: a.as_ptr(),
-            cpus: cpus.as_ptr(),
-            ncpus: 1,
-            queue_depth: 4,
-            max_chunk_size: 8192,
-            max_connections,
-        };
+        Pair::open_at(ctx, max_connections, &addr())
+    }
+
+    fn open_at(ctx: &Ctx, max_connections: u32, a: &CStr) -> Pair {
+        // cpus NULL: one core on CPU 0 (kv.c names its CPUs).
+        let scfg = server_cfg(a, max_connections);
         let mut srv = std::ptr::null_mut();
         let name = c"abi";
         let addrs = [a.as_ptr()];
@@ -323,4 +331,47 @@ fn connections_past_max_connections_are_refused() {
     let c = p.wait(1);
     assert_eq!((c[0].tag, c[0].err), (3, -libc::EBUSY));
     assert_eq!(ctx.calls.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn tcp_works_and_a_taken_address_is_an_error() {
+    // A free port (taken back at once: a race with other processes is
+    // possible, and would fail the open below loudly).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let a = CString::new(format!("tcp:127.0.0.1:{port}")).unwrap();
+    let ctx = Ctx::default();
+    let p = Pair::open_at(&ctx, 0, &a);
+    let mut b = [0u8; 16];
+    // SAFETY: an open client; `b` lives to the end.
+    unsafe {
+        assert_eq!(read(p.clt, 0x5a, &mut b, 1), 0, "{}", last());
+    }
+    let c = p.wait(1);
+    assert_eq!((c[0].tag, c[0].err), (1, 0));
+    assert_eq!(b, [0x5a; 16]);
+
+    // The same address again: refused with an errno and a reason.
+    let mut srv = std::ptr::null_mut();
+    let cfg = server_cfg(&a, 0);
+    // SAFETY: a valid configuration and context.
+    let r = unsafe {
+        rtrs_server_open(
+            &cfg,
+            Some(handler),
+            &ctx as *const Ctx as *mut c_void,
+            &mut srv,
+        )
+    };
+    assert!(r < 0, "a second server on {a:?} opened");
+    assert!(srv.is_null());
+    assert!(last().contains("rtrs_server_open"), "{}", last());
+    // An address of no known fabric.
+    let bad = c"udp:127.0.0.1:1";
+    let cfg = server_cfg(bad, 0);
+    // SAFETY: as above.
+    let r = unsafe { rtrs_server_open(&cfg, Some(handler), std::ptr::null_mut(), &mut srv) };
+    assert_eq!(r, -libc::EINVAL, "{}", last());
 }
