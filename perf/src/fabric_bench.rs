@@ -114,7 +114,7 @@ const INTERRUPTED: &str = "interrupted (Ctrl-C or SIGTERM)";
 
 pub fn server<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<(), String> {
     if let Some(c) = o.core {
-        crate::pin(c);
+        crate::pin(c)?;
     }
     let mut e = ends(&fab, o.size, o.window)?;
     e.cm.listen(addr).map_err(|e| e.to_string())?;
@@ -217,7 +217,7 @@ fn connect<F: Fabric>(
 /// The client: measures, prints, returns the JSON value.
 pub fn client<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<serde_json::Value, String> {
     if let Some(c) = o.core {
-        crate::pin(c);
+        crate::pin(c)?;
     }
     let mut e = ends(&fab, o.size, o.window)?;
     post_recvs::<F>(&mut e.qp, RECV_DEPTH)?;
