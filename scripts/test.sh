@@ -51,6 +51,9 @@ root_step() { # what -> runs "$@"; 77 = cannot run here (not root, no qemu...)
   esac
 }
 
+step "rtrs-perf --hist logs read by the Python HdrHistogram; scripts/plot-latency (scripts/check-hist.sh)"
+root_step "hist logs" scripts/check-hist.sh
+
 step "real link faults: network namespaces, two veth paths, tcp (scripts/faults.sh)"
 root_step "link faults" scripts/faults.sh
 

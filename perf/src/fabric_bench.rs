@@ -272,23 +272,25 @@ pub fn client<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<serde_json:
                 }
             }
             let lat = LatNs::from_hist(&hist);
+            let one = lat.halved();
             if !o.json {
                 println!(
-                    "fabric-lat {} {} B x {}: round trip ns min {} p50 {} p90 {} p99 {} p99.9 {} max {}",
+                    "fabric-lat {} {} B x {} (ns; one-way = RTT/2, as perftest's ib_write_lat reports):",
                     addr.scheme(),
                     o.size,
                     o.iters,
-                    lat.min,
-                    lat.p50,
-                    lat.p90,
-                    lat.p99,
-                    lat.p99_9,
-                    lat.max
                 );
+                for (what, l) in [("round trip", &lat), ("one-way", &one)] {
+                    println!(
+                        "  {what:>10}: min {} p50 {} p90 {} p99 {} p99.9 {} max {}",
+                        l.min, l.p50, l.p90, l.p99, l.p99_9, l.max
+                    );
+                }
             }
             serde_json::json!({
                 "test": "fabric-lat", "fabric": addr.scheme(), "size": o.size,
-                "iters": o.iters, "lat_ns": lat,
+                "iters": o.iters, "lat_ns": lat, "one_way_ns": one,
+                "one_way": "RTT/2, as perftest's ib_write_lat reports it",
             })
         }
         Test::Bw => {

@@ -20,6 +20,7 @@ mod fio;
 mod floor;
 mod histlog;
 mod hostile;
+mod ibdev;
 mod plot;
 mod report;
 
@@ -100,6 +101,17 @@ struct FabricArgs {
     /// Address to listen on or connect to (default: a private one on this host).
     #[arg(long)]
     addr: Option<Address>,
+    /// rdma: the RDMA device (as perftest's -d), e.g. rxe0: both sides use
+    /// the address of its --ib-port and --gid-index (instead of --addr).
+    #[arg(short = 'd', long)]
+    ib_dev: Option<String>,
+    /// rdma: the device's port.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    ib_port: u8,
+    /// rdma: the GID index whose address to use (default: the port's first
+    /// IPv4 GID, the RoCE v2 one).
+    #[arg(long)]
+    gid_index: Option<u32>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -329,6 +341,21 @@ fn free_tcp_port() -> Result<u16, String> {
 
 fn run_fabric(test: Test, a: FabricArgs) -> Result<(), String> {
     let addr = match (&a.addr, a.fabric) {
+        _ if a.ib_dev.is_some() && a.addr.is_some() => {
+            return Err("--ib-dev and --addr both name the address: give one".into())
+        }
+        (None, _) if a.ib_dev.is_some() => {
+            let dev = a.ib_dev.as_deref().unwrap_or_default();
+            let root = std::path::Path::new("/sys/class/infiniband");
+            let ip = ibdev::pick(root, dev, a.ib_port, a.gid_index)?;
+            Address::Rdma {
+                host: ip.to_string(),
+                port: free_tcp_port()?,
+            }
+        }
+        _ if a.gid_index.is_some() || a.ib_port != 1 => {
+            return Err("--ib-port and --gid-index go with --ib-dev".into())
+        }
         (Some(addr), _) => addr.clone(),
         (None, FabricKind::Shm) => Address::Shm(format!("rtrs-perf-{}", std::process::id())),
         (None, FabricKind::Tcp) => Address::Tcp {

@@ -387,3 +387,46 @@ fn hist_writes_an_interval_a_second_that_reads_back_and_plots() {
     assert!(!bad.status.success());
     assert!(!String::from_utf8_lossy(&bad.stderr).contains("panicked"));
 }
+
+#[test]
+fn fabric_lat_reports_one_way_beside_the_round_trip() {
+    let _one = one_at_a_time();
+    let out = perf()
+        .args(["fabric-lat", "--iters", "2000", "--warmup", "100", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out.stdout);
+    for k in ["min", "p50", "p99", "max"] {
+        let rtt = v["lat_ns"][k].as_u64().unwrap();
+        assert_eq!(v["one_way_ns"][k].as_u64(), Some(rtt.div_ceil(2)), "{k}");
+    }
+    let text = perf()
+        .args(["fabric-lat", "--iters", "2000", "--warmup", "100"])
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        t.contains("one-way = RTT/2") && t.contains("one-way: min"),
+        "{t}"
+    );
+    for (args, why) in [
+        (
+            vec!["-d", "no-such-dev0"],
+            "no RDMA device \"no-such-dev0\"",
+        ),
+        (vec!["--gid-index", "1"], "go with --ib-dev"),
+        (vec!["-d", "x", "--addr", "shm:x"], "give one"),
+    ] {
+        let out = perf().arg("fabric-lat").args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+    }
+}
