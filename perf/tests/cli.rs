@@ -430,3 +430,73 @@ fn fabric_lat_reports_one_way_beside_the_round_trip() {
         );
     }
 }
+
+#[test]
+fn rnbd_mode_refuses_a_bs_the_device_cannot_take() {
+    use rtrs_poll::fabric::soft::shm::ShmFabric;
+    use rtrs_poll::rnbd::{Export, RnbdServer};
+    let _one = one_at_a_time();
+    let name = format!("shm:perf-rnbd-{}", std::process::id());
+    let addr: rtrs_poll::fabric::Address = name.parse().unwrap();
+    let cfg = rtrs_poll::srv::SrvConfig::default();
+    let rnbd = RnbdServer::new(
+        vec![Export::ram("ram0", 1 << 20).unwrap()],
+        cfg.max_io_size(),
+    )
+    .unwrap();
+    let pool = rtrs_poll::srv::CorePool::launch(&[1]).unwrap();
+    let r = rnbd.clone();
+    let srv = rtrs_poll::srv::Server::listen(
+        &ShmFabric::new(),
+        &addr,
+        cfg,
+        move |info: &rtrs_poll::srv::ConInfo| r.handler(info),
+        pool.place(),
+    )
+    .unwrap();
+    // As `rtrs serve` wires it: a session's end closes what it had open.
+    srv.on_event(move |ev| {
+        if let rtrs_poll::srv::SrvEvent::PathClosed(c) = ev {
+            if c.session_ended {
+                rnbd.session_ended(&c.paths_uuid);
+            }
+        }
+    })
+    .unwrap();
+    let run = |bs: &str| {
+        client(
+            &name,
+            &[
+                "--rnbd-device",
+                "ram0",
+                "--size",
+                "1M",
+                "--runtime",
+                "0.3",
+                "--bs",
+                bs,
+            ],
+        )
+    };
+    let ok = run("4k");
+    let bad = run("1000");
+    let big = run("512k");
+    srv.stop();
+    pool.stop();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for (out, why) in [
+        (
+            bad,
+            "--bs 1000 is not a multiple of the device's logical block size 512",
+        ),
+        (big, "exceeds the server's max_io_size"),
+    ] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(why) && !err.contains("panicked"), "{err}");
+    }
+}
