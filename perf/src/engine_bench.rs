@@ -1105,6 +1105,26 @@ impl Summary {
             "  lat (nsec): min={}, mean={}, p50={}, p90={}, p99={}, p99.9={}, p99.99={}, max={}",
             l.min, l.mean, l.p50, l.p90, l.p99, l.p99_9, l.p99_99, l.max
         );
+        if self.config.rw == Rw::Randrw {
+            for (name, pick) in [("read", 0), ("write", 1)] {
+                let mut h = histogram();
+                let mut ios = 0u64;
+                for j in &self.jobs {
+                    let d = if pick == 0 { &j.read } else { &j.write };
+                    let _ = h.add(&d.hist);
+                    ios += d.ios;
+                }
+                let l = LatNs::from_hist(&h);
+                println!(
+                    "  {name}: IOPS={:.0}, lat (nsec) p50={}, p99={}, p99.9={}, max={}",
+                    ios as f64 / self.seconds.max(1e-9),
+                    l.p50,
+                    l.p99,
+                    l.p99_9,
+                    l.max
+                );
+            }
+        }
         println!(
             "  errors={} {:?} (verify mismatches {}, completed twice {}); failovers={} path downs={} reconnects={} stalled={:.2}s",
             self.errors,
