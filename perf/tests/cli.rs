@@ -320,7 +320,10 @@ fn hist_writes_an_interval_a_second_that_reads_back_and_plots() {
     );
     let v = json(&out.stdout);
     let allocs = v["allocs_per_io"].as_f64().unwrap();
-    assert!(allocs < 1e-3, "the interval hand-off allocates: {allocs} per IO");
+    assert!(
+        allocs < 1e-3,
+        "the interval hand-off allocates: {allocs} per IO"
+    );
     let text = std::fs::read(&hist).unwrap();
     let s = String::from_utf8_lossy(&text);
     assert!(
