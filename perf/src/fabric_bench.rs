@@ -66,8 +66,20 @@ struct Ends<F: Fabric> {
     mem: Arc<dyn rtrs_poll::fabric::Memory>,
 }
 
-fn ends<F: Fabric>(fab: &F, size: usize, window: u32) -> Result<Ends<F>, String> {
-    let pd = fab.alloc_pd().map_err(|e| e.to_string())?;
+/// The PD, CQ, QP, CM and buffer of one side, on the device that carries
+/// `addr` (the server's own address, `local`; else the route to it), so
+/// `--ib-dev` picks the device as rdma_cm does.
+fn ends<F: Fabric>(
+    fab: &F,
+    addr: &Address,
+    local: bool,
+    size: usize,
+    window: u32,
+) -> Result<Ends<F>, String> {
+    let pd = fab
+        .alloc_pd()
+        .and_then(|pd| pd.for_address(addr, local))
+        .map_err(|e| e.to_string())?;
     let cq = pd.create_cq(2 * RECV_DEPTH).map_err(|e| e.to_string())?;
     let cap = QpCap {
         max_send_wr: window.max(64) * 2,
@@ -116,7 +128,7 @@ pub fn server<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<(), String>
     if let Some(c) = o.core {
         crate::pin(c)?;
     }
-    let mut e = ends(&fab, o.size, o.window)?;
+    let mut e = ends(&fab, addr, true, o.size, o.window)?;
     e.cm.listen(addr).map_err(|e| e.to_string())?;
     post_recvs::<F>(&mut e.qp, RECV_DEPTH)?;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -172,6 +184,11 @@ pub fn server<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<(), String>
                 if crate::interrupted() {
                     return Err(INTERRUPTED.into());
                 }
+                // rdma_cm: the client's disconnect arrives as an event (the
+                // QP need not go to the error state, nothing is in flight).
+                if let Ok(Some(CmEvent::Disconnected { .. })) = e.cm.poll_event(Duration::ZERO) {
+                    return Ok(());
+                }
             }
         }
     }
@@ -219,7 +236,7 @@ pub fn client<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<serde_json:
     if let Some(c) = o.core {
         crate::pin(c)?;
     }
-    let mut e = ends(&fab, o.size, o.window)?;
+    let mut e = ends(&fab, addr, false, o.size, o.window)?;
     post_recvs::<F>(&mut e.qp, RECV_DEPTH)?;
     let (id, peer) = connect(&mut e, addr, o.size)?;
     let sge = [e.mr.sge(0, o.size as u32)];

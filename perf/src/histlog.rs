@@ -51,6 +51,8 @@ pub struct CoreLog {
     full: SyncSender<Interval>,
     t0: Option<Instant>,
     next: Option<Instant>,
+    /// Seconds boundaries passed so far.
+    secs: u64,
 }
 
 impl CoreLog {
@@ -73,12 +75,15 @@ impl CoreLog {
         }
         while *next <= now {
             *next += Duration::from_secs(1);
+            self.secs += 1;
         }
         let Ok(mut fresh) = self.spare.try_recv() else {
             return; // keep recording into this one
         };
         let at = now.duration_since(t0);
-        fresh.index = at.as_secs();
+        // Counted, not at.as_secs(): the TSC clock's arithmetic can put
+        // a boundary a nanosecond short of the second.
+        fresh.index = self.secs;
         fresh.start = at;
         if let Some(mut full) = self.cur.replace(fresh) {
             full.end = at;
@@ -146,6 +151,7 @@ pub fn channels(cores: usize, path: &std::path::Path) -> Result<(Vec<CoreLog>, M
             full: full_tx.clone(),
             t0: None,
             next: None,
+            secs: 0,
         });
     }
     let main = MainLog {
