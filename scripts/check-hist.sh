@@ -2,7 +2,8 @@
 # rtrs-perf --hist as other tools see it: two short runs write interval logs,
 # the Python HdrHistogram package (pip: hdrhistogram) reads them back (an
 # interval a second per direction, counts summing to the run's IOs), and
-# scripts/plot-latency draws both side by side. Exit 77 when the Python
+# scripts/plot-latency draws both side by side; fio's fio_jsonplus_clat2csv
+# reads the --json (when fio is installed). Exit 77 when the Python
 # package cannot be had (offline, no venv): the Rust tests read the logs too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,15 @@ assert all(len(v) == 3 for v in by_tag.values()), "2.5 s: three intervals a dire
 assert total == run["ios"], (total, run["ios"])
 PY
 done
+
+# fio's own json+ tool reads the fio-shaped JSON (and checks its CSV against it).
+if command -v fio_jsonplus_clat2csv >/dev/null; then
+  fio_jsonplus_clat2csv "$WORK/qd8.json" "$WORK/clat"
+  fio_jsonplus_clat2csv --validate "$WORK/qd8.json" "$WORK/clat" | grep -q validated
+  echo "fio_jsonplus_clat2csv read and validated rtrs-perf's --json"
+else
+  echo "note: fio_jsonplus_clat2csv (package fio) not installed: not tried" >&2
+fi
 
 scripts/plot-latency --out "$WORK/qd.svg" --title "QD1 vs QD8" "$WORK/qd1.hlog" "$WORK/qd8.hlog"
 lines=$(grep -c "<polyline" "$WORK/qd.svg")
