@@ -800,6 +800,14 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     cfg.hb_interval = o.hb_interval;
     cfg.hb_missed_max = o.hb_missed;
     cfg.reconnect = o.reconnect;
+    // The log file first: a path that cannot be written fails before any IO.
+    let (mut core_logs, mut main_log) = match &o.hist {
+        Some(p) => {
+            let (c, m) = crate::histlog::channels(o.cores.len(), p)?;
+            (c.into_iter().map(Some).collect(), Some(m))
+        }
+        None => (o.cores.iter().map(|_| None).collect::<Vec<_>>(), None),
+    };
     let (clt, mut cores) = Client::open(fabric, cfg).map_err(|e| e.to_string())?;
     let mut events = EventLog {
         rx: clt.subscribe(),
@@ -825,13 +833,6 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     let measuring = Arc::new(AtomicBool::new(false));
     let progress: Arc<Vec<AtomicU64>> =
         Arc::new(o.cores.iter().map(|_| AtomicU64::new(0)).collect());
-    let (mut core_logs, mut main_log) = match &o.hist {
-        Some(p) => {
-            let (c, m) = crate::histlog::channels(o.cores.len(), p)?;
-            (c.into_iter().map(Some).collect(), Some(m))
-        }
-        None => (o.cores.iter().map(|_| None).collect::<Vec<_>>(), None),
-    };
     let mut threads = Vec::new();
     for (i, core) in cores.into_iter().enumerate() {
         let log = core_logs[i].take();

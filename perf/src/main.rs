@@ -536,8 +536,8 @@ fn io_opts(
     }
     if a.rwmixread != 50 && a.rw != engine_bench::Rw::Randrw {
         return Err(format!(
-            "--rwmixread applies to --rw randrw, not {:?}",
-            a.rw
+            "--rwmixread applies to --rw randrw, not {}",
+            format!("{:?}", a.rw).to_lowercase()
         ));
     }
     if a.sessname.is_empty() || a.sessname.len() > 64 {

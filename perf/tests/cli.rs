@@ -100,6 +100,16 @@ fn bad_arguments_get_a_clear_message_and_a_non_zero_exit() {
             "maybe",
         ],
         vec![
+            "embedded",
+            "--runtime",
+            "0.3",
+            "--hist",
+            "/nonexistent/x.hlog",
+        ],
+        vec!["embedded", "--rw", "randread", "--rwmixread", "30"],
+        vec!["client", "--connect", "shm:x", "--ramp-time=-1"],
+        vec!["client", "--connect", "shm:x", "--sessname", ""],
+        vec![
             "client",
             "--connect",
             "shm:nobody-listens-here",
