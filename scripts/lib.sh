@@ -51,3 +51,20 @@ stop_pid() {
   kill -KILL "$p" 2>/dev/null || true
   wait "$p" 2>/dev/null || true
 }
+
+# A virtualenv in DIR with the Python HdrHistogram package (pip: hdrhistogram);
+# prints its python. Fails (with a note) when it cannot be had: no venv module,
+# or offline.
+ensure_python_hdrhistogram() {
+  local dir=$1
+  if [ -x "$dir/bin/python" ] && "$dir/bin/python" -c 'import hdrh' 2>/dev/null; then
+    echo "$dir/bin/python"; return 0
+  fi
+  if ! python3 -m venv "$dir" >/dev/null 2>&1; then
+    echo "note: python3 -m venv does not work here (python3-venv missing?)" >&2; return 1
+  fi
+  if ! timeout 120 "$dir/bin/pip" install -q hdrhistogram >/dev/null 2>&1; then
+    echo "note: pip install hdrhistogram failed (offline?)" >&2; return 1
+  fi
+  echo "$dir/bin/python"
+}

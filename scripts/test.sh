@@ -65,6 +65,9 @@ root_step() { # what -> runs "$@"; 77 = cannot run here (not root, no qemu...)
   esac
 }
 
+step "rtrs-perf --hist logs read by the Python HdrHistogram; scripts/plot-latency (scripts/check-hist.sh)"
+root_step "hist logs" scripts/check-hist.sh
+
 step "real link faults: network namespaces, two veth paths, tcp (scripts/faults.sh)"
 root_step "link faults" scripts/faults.sh
 
@@ -80,6 +83,8 @@ step "the fabric conformance and engine suites over soft-RoCE (the rdma backend,
 root_step "rdma suites" scripts/vm-rdma-tests.sh
 step "interop with the kernel's RTRS/RNBD over soft-RoCE, both directions (in the VM)"
 root_step "interop" scripts/interop.sh 2
+step "rtrs-perf fabric-lat -d/--ib-dev over two soft-RoCE devices, one-way latency (in the VM)"
+root_step "perftest flags" scripts/perftest-flags.sh
 step "link faults between two VMs: path 1's link cut and restored under verified IO (docs/faults.md)"
 # Over two links, a soft-RoCE device each: the kernel pair, then the kernel's
 # client against our server and our client against the kernel's server.

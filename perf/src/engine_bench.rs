@@ -59,6 +59,9 @@ pub enum Backend {
     Null,
     /// A RAM disk of this many bytes.
     Ram(u64),
+    /// A fault injector: every Nth IO (per connection) fails with EIO,
+    /// the others answer at once as `null` does.
+    Fail(u64),
 }
 
 /// Parses `null` or `ram:SIZE` (SIZE with an optional K, M or G).
@@ -66,9 +69,17 @@ pub fn parse_backend(s: &str) -> Result<Backend, String> {
     if s == "null" {
         return Ok(Backend::Null);
     }
+    if let Some(n) = s.strip_prefix("fail:") {
+        return match n.parse::<u64>() {
+            Ok(n) if n > 0 => Ok(Backend::Fail(n)),
+            _ => Err(format!("bad backend {s:?}: fail:N takes N >= 1")),
+        };
+    }
     match s.strip_prefix("ram:") {
         Some(sz) => parse_size(sz).map(Backend::Ram),
-        None => Err(format!("bad backend {s:?}: expected null or ram:SIZE")),
+        None => Err(format!(
+            "bad backend {s:?}: expected null, ram:SIZE or fail:N"
+        )),
     }
 }
 
@@ -102,10 +113,16 @@ pub fn parse_on_off(s: &str) -> Result<bool, String> {
 /// `[op u8][pad 7][offset u64 LE]`.
 pub struct PerfHandler {
     ram: Option<Arc<mempool::Region>>,
+    /// `fail:N`: every Nth IO fails; the count so far.
+    fail: Option<(u64, u64)>,
 }
 
 impl Handler for PerfHandler {
     fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
+        if let Some((every, n)) = self.fail.as_mut() {
+            *n += 1;
+            return Verdict::Done(if *n % *every == 0 { -libc::EIO } else { 0 });
+        }
         let Some(ram) = self.ram.as_ref() else {
             return Verdict::Done(0);
         };
@@ -138,8 +155,12 @@ impl PerfServer {
         cores: Vec<usize>,
         cfg: SrvConfig,
     ) -> Result<PerfServer, String> {
+        let fail = match backend {
+            Backend::Fail(n) => Some((n, 0)),
+            _ => None,
+        };
         let ram: Option<Arc<mempool::Region>> = match backend {
-            Backend::Null => None,
+            Backend::Null | Backend::Fail(_) => None,
             Backend::Ram(n) => {
                 // A RAM disk exists before it serves: fault its pages in now.
                 let r =
@@ -153,7 +174,10 @@ impl PerfServer {
             &fabric,
             &addrs[0],
             cfg,
-            move |_: &rtrs_poll::srv::ConInfo| PerfHandler { ram: ram.clone() },
+            move |_: &rtrs_poll::srv::ConInfo| PerfHandler {
+                ram: ram.clone(),
+                fail,
+            },
             pool.place(),
         );
         let srv = match srv {
@@ -237,6 +261,15 @@ pub struct ClientOpts {
     /// Reconnect delay and attempts.
     #[serde(serialize_with = "ser_reconnect")]
     pub reconnect: ReconnectPolicy,
+    /// randrw: percent of IOs that read.
+    pub rwmixread: u32,
+    /// Seconds of IO before measuring starts (not counted).
+    pub ramp_time: f64,
+    /// The session name the server sees.
+    pub sessname: String,
+    /// Write an HdrHistogram interval log here.
+    #[serde(skip)]
+    pub hist: Option<std::path::PathBuf>,
 }
 
 fn ser_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -301,9 +334,48 @@ pub struct Summary {
     /// counting allocator is installed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allocs_per_io: Option<f64>,
-    /// The merged latency histogram.
+    /// Per client core (the fio-shaped JSON's jobs).
     #[serde(skip)]
-    pub hist: Option<Histogram<u64>>,
+    pub jobs: Vec<Job>,
+    /// When measuring started.
+    #[serde(skip)]
+    pub started: Option<std::time::SystemTime>,
+}
+
+/// One direction's IO on one core (or all of them).
+#[derive(Clone, Debug)]
+pub struct DirResult {
+    /// Completion latency, ns.
+    pub hist: Histogram<u64>,
+    /// IOs completed while measuring.
+    pub ios: u64,
+    /// Bytes they moved.
+    pub bytes: u64,
+}
+
+impl DirResult {
+    fn new() -> DirResult {
+        DirResult {
+            hist: histogram(),
+            ios: 0,
+            bytes: 0,
+        }
+    }
+}
+
+/// One client core's figures (a "job" in the fio-shaped JSON).
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// The CPU it ran on.
+    pub cpu: usize,
+    /// Reads.
+    pub read: DirResult,
+    /// Writes.
+    pub write: DirResult,
+    /// Failed IOs and verify mismatches.
+    pub errors: u64,
+    /// The errno of its first failed IO (0: a verify mismatch or a duplicate).
+    pub first_errno: Option<i32>,
 }
 
 /// A path's figures at the end of a run.
@@ -334,10 +406,13 @@ pub struct PathSummary {
 struct CoreResult<F: Fabric> {
     /// Handed back so the session closes before its cores go.
     core: CltCore<F>,
-    hist: Histogram<u64>,
+    read: DirResult,
+    write: DirResult,
     ios: u64,
     errors: u64,
     by_errno: BTreeMap<i32, u64>,
+    /// The errno of the first failed IO (0: none, or a verify mismatch first).
+    first_errno: Option<i32>,
     verify_failures: u64,
     duplicates: u64,
     bytes: u64,
@@ -388,6 +463,8 @@ struct Gen {
     bs: u64,
     blocks: u64,
     seq: u64,
+    /// randrw: percent of reads.
+    mix: u64,
 }
 
 impl Gen {
@@ -405,7 +482,7 @@ impl Gen {
             Rw::Write => (Dir::Write, seq_block * self.bs),
             Rw::Randread => (Dir::Read, rand_block * self.bs),
             Rw::Randwrite => (Dir::Write, rand_block * self.bs),
-            Rw::Randrw if self.x & (1 << 40) == 0 => (Dir::Read, rand_block * self.bs),
+            Rw::Randrw if (self.x >> 32) % 100 < self.mix => (Dir::Read, rand_block * self.bs),
             Rw::Randrw => (Dir::Write, rand_block * self.bs),
         }
     }
@@ -472,8 +549,10 @@ fn run_core<F: Fabric>(
     stop: &AtomicBool,
     measuring: &AtomicBool,
     progress: &AtomicU64,
+    mut log: Option<crate::histlog::CoreLog>,
 ) -> Result<CoreResult<F>, String> {
-    let mut hist = histogram();
+    let (mut read, mut write) = (DirResult::new(), DirResult::new());
+    let mut first_errno = None;
     let bs = o.bs;
     let mut gen = Gen {
         x: seed | 1,
@@ -481,6 +560,7 @@ fn run_core<F: Fabric>(
         bs: u64::from(bs),
         blocks: (o.size / u64::from(bs)).max(1),
         seq: seed % 1024,
+        mix: u64::from(o.rwmixread),
     };
     let qd = core.queue_depth() as usize;
     let (mut ios, mut errors, mut bytes) = (0u64, 0u64, 0u64);
@@ -580,13 +660,20 @@ fn run_core<F: Fabric>(
         if !on {
             if let Some(a) = allocs_at.take() {
                 allocs = alloc_count::this_thread() - a;
+                if let Some(l) = log.as_mut() {
+                    l.finish(now);
+                }
             }
+        } else if let Some(l) = log.as_mut() {
+            l.tick(now);
         }
+        let mut cur = log.as_mut().and_then(|l| l.cur());
         core.poll(now, &mut |c| {
             let id = c.permit.id() as usize;
             if !std::mem::replace(&mut in_flight[id], false) {
                 duplicates += 1;
                 errors += 1;
+                first_errno.get_or_insert(0);
                 *by_errno.entry(0).or_default() += 1;
                 ready.push((c.permit, c.dir, c.tag, c.errno));
                 return;
@@ -595,11 +682,21 @@ fn run_core<F: Fabric>(
             if c.errno != 0 {
                 // Counted measuring or not: a failed IO is never hidden.
                 errors += 1;
+                first_errno.get_or_insert(c.errno.saturating_abs());
                 *by_errno.entry(c.errno).or_default() += 1;
             }
             if on {
                 let ns = Instant::now().saturating_duration_since(c.start).as_nanos() as u64;
-                let _ = hist.record(ns.max(1));
+                let (d, i) = match (c.dir, cur.as_mut()) {
+                    (Dir::Read, i) => (&mut read, i.map(|i| &mut i.read)),
+                    (Dir::Write, i) => (&mut write, i.map(|i| &mut i.write)),
+                };
+                d.hist.saturating_record(ns.max(1));
+                d.ios += 1;
+                d.bytes += u64::from(c.len);
+                if let Some(i) = i {
+                    i.saturating_record(ns.max(1));
+                }
                 ios += 1;
                 bytes += u64::from(c.len);
             }
@@ -612,6 +709,7 @@ fn run_core<F: Fabric>(
                 && !check_block(&core.buf(&mut p)[..bs as usize], off)
             {
                 errors += 1;
+                first_errno.get_or_insert(0);
                 *by_errno.entry(0).or_default() += 1;
                 if verify_failures < 3 {
                     eprintln!(
@@ -641,6 +739,9 @@ fn run_core<F: Fabric>(
     if let Some(a) = allocs_at {
         allocs = alloc_count::this_thread() - a;
     }
+    if let Some(l) = log.as_mut() {
+        l.finish(Instant::now());
+    }
     if let Some(e) = err {
         if ios == 0 {
             return Err(e);
@@ -649,10 +750,12 @@ fn run_core<F: Fabric>(
     }
     Ok(CoreResult {
         core,
-        hist,
+        read,
+        write,
         ios,
         errors,
         by_errno,
+        first_errno,
         verify_failures,
         duplicates,
         bytes,
@@ -688,7 +791,7 @@ impl EventLog {
 /// Failover is not an error: IO that moves to another path completes
 /// there; errors are IO that really failed.
 pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, String> {
-    let mut cfg = CltConfig::new("rtrs-perf", o.addrs.clone());
+    let mut cfg = CltConfig::new(&o.sessname, o.addrs.clone());
     cfg.cores = o.cores.len();
     cfg.mp_policy = o.mp_policy;
     cfg.read_keys = o.read_keys;
@@ -697,6 +800,14 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     cfg.hb_interval = o.hb_interval;
     cfg.hb_missed_max = o.hb_missed;
     cfg.reconnect = o.reconnect;
+    // The log file first: a path that cannot be written fails before any IO.
+    let (mut core_logs, mut main_log) = match &o.hist {
+        Some(p) => {
+            let (c, m) = crate::histlog::channels(o.cores.len(), p)?;
+            (c.into_iter().map(Some).collect(), Some(m))
+        }
+        None => (o.cores.iter().map(|_| None).collect::<Vec<_>>(), None),
+    };
     let (clt, mut cores) = Client::open(fabric, cfg).map_err(|e| e.to_string())?;
     let mut events = EventLog {
         rx: clt.subscribe(),
@@ -724,6 +835,7 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
         Arc::new(o.cores.iter().map(|_| AtomicU64::new(0)).collect());
     let mut threads = Vec::new();
     for (i, core) in cores.into_iter().enumerate() {
+        let log = core_logs[i].take();
         let (stop, measuring, progress) = (stop.clone(), measuring.clone(), progress.clone());
         let o2 = o.clone();
         let dev = dev.clone();
@@ -732,7 +844,7 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
             std::thread::Builder::new()
                 .name(format!("rtrs-clt{i}"))
                 .spawn(move || {
-                    crate::pin(cpu);
+                    crate::pin(cpu)?;
                     run_core(
                         core,
                         &o2,
@@ -741,6 +853,7 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
                         &stop,
                         &measuring,
                         &progress[i],
+                        log,
                     )
                 })
                 .map_err(|e| e.to_string())?,
@@ -764,7 +877,11 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
                     );
                 }
                 if u64::from(o.bs) % u64::from(d.logical_block_size.max(1)) != 0 {
+                    // Refused before any IO: the cores wait for the device.
                     stop.store(true, Ordering::Relaxed);
+                    for t in threads {
+                        let _ = t.join();
+                    }
                     return Err(format!(
                         "--bs {} is not a multiple of the device's logical block size {}",
                         o.bs, d.logical_block_size
@@ -781,19 +898,27 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
             }
         }
     }
-    let warmup = Duration::from_secs_f64((o.runtime / 10.0).min(1.0));
+    let warmup = Duration::from_secs_f64(o.ramp_time);
     let t0 = Instant::now();
-    while t0.elapsed() < warmup {
+    while t0.elapsed() < warmup && !crate::interrupted() {
         events.drain();
         std::thread::sleep(rtrs_poll::sess::CONTROL_TICK);
+    }
+    let started = std::time::SystemTime::now();
+    if let Some(l) = main_log.as_mut() {
+        l.begin(started)?;
     }
     measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
     let runtime = Duration::from_secs_f64(o.runtime);
     let mut next = start + Duration::from_secs(1);
     let mut last = 0u64;
+    let mut log_err = None;
     while start.elapsed() < runtime && !crate::interrupted() {
         events.drain();
+        if let Some(Err(e)) = main_log.as_mut().map(|l| l.drain()) {
+            log_err.get_or_insert(e);
+        }
         if let Some(rn) = rnbd.as_mut() {
             for ev in rn.poll(&mut nap) {
                 let line = format!("event {} rnbd: {ev:?}", wall());
@@ -833,20 +958,32 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     let seconds = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let mut hist = histogram();
+    let mut jobs = Vec::new();
     let (mut ios, mut errors, mut bytes, mut allocs) = (0, 0, 0, 0);
     let (mut verify_failures, mut duplicates, mut stalled_ns) = (0, 0, 0);
     let mut by_errno: BTreeMap<i32, u64> = BTreeMap::new();
     let mut first_err = None;
     let mut cores = Vec::new();
-    for t in threads {
+    for (i, t) in threads.into_iter().enumerate() {
         while !t.is_finished() {
             events.drain();
+            if let Some(Err(e)) = main_log.as_mut().map(|l| l.drain()) {
+                log_err.get_or_insert(e);
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
         match t.join() {
             Ok(Ok(r)) => {
                 cores.push(r.core);
-                let _ = hist.add(&r.hist);
+                let _ = hist.add(&r.read.hist);
+                let _ = hist.add(&r.write.hist);
+                jobs.push(Job {
+                    cpu: o.cores[i],
+                    read: r.read,
+                    write: r.write,
+                    errors: r.errors,
+                    first_errno: r.first_errno,
+                });
                 ios += r.ios;
                 errors += r.errors;
                 bytes += r.bytes;
@@ -896,8 +1033,16 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
         .push(format!("event {} run over: closing the session", wall()));
     clt.close();
     drop(cores);
+    if let Some(l) = main_log {
+        if let Err(e) = l.finish() {
+            log_err.get_or_insert(e);
+        }
+    }
     if ios == 0 {
         return Err(first_err.unwrap_or_else(|| "no IO completed".into()));
+    }
+    if let Some(e) = log_err {
+        return Err(e);
     }
     Ok(Summary {
         iops: ios as f64 / seconds,
@@ -918,7 +1063,8 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
         seconds,
         always_invalidate,
         allocs_per_io: crate::COUNTING.then(|| allocs as f64 / ios as f64),
-        hist: Some(hist),
+        jobs,
+        started: Some(started),
     })
 }
 
@@ -960,6 +1106,26 @@ impl Summary {
             "  lat (nsec): min={}, mean={}, p50={}, p90={}, p99={}, p99.9={}, p99.99={}, max={}",
             l.min, l.mean, l.p50, l.p90, l.p99, l.p99_9, l.p99_99, l.max
         );
+        if self.config.rw == Rw::Randrw {
+            for (name, pick) in [("read", 0), ("write", 1)] {
+                let mut h = histogram();
+                let mut ios = 0u64;
+                for j in &self.jobs {
+                    let d = if pick == 0 { &j.read } else { &j.write };
+                    let _ = h.add(&d.hist);
+                    ios += d.ios;
+                }
+                let l = LatNs::from_hist(&h);
+                println!(
+                    "  {name}: IOPS={:.0}, lat (nsec) p50={}, p99={}, p99.9={}, max={}",
+                    ios as f64 / self.seconds.max(1e-9),
+                    l.p50,
+                    l.p99,
+                    l.p99_9,
+                    l.max
+                );
+            }
+        }
         println!(
             "  errors={} {:?} (verify mismatches {}, completed twice {}); failovers={} path downs={} reconnects={} stalled={:.2}s",
             self.errors,
@@ -974,29 +1140,6 @@ impl Summary {
         if let Some(a) = self.allocs_per_io {
             println!("  heap allocations per IO on the client cores: {a:.4}");
         }
-    }
-
-    /// Writes the latency histogram as an HdrHistogram interval log.
-    pub fn write_hist(&self, path: &std::path::Path) -> Result<(), String> {
-        use hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder;
-        use hdrhistogram::serialization::V2Serializer;
-        let Some(h) = self.hist.as_ref() else {
-            return Err("no histogram".into());
-        };
-        let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut ser = V2Serializer::new();
-        let mut w = IntervalLogWriterBuilder::new()
-            .with_max_value_divisor(1.0)
-            .begin_log_with(&mut f, &mut ser)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        w.write_histogram(
-            h,
-            Duration::ZERO,
-            Duration::from_secs_f64(self.seconds),
-            None,
-        )
-        .map_err(|e| format!("{}: {e:?}", path.display()))?;
-        Ok(())
     }
 }
 

@@ -66,8 +66,20 @@ struct Ends<F: Fabric> {
     mem: Arc<dyn rtrs_poll::fabric::Memory>,
 }
 
-fn ends<F: Fabric>(fab: &F, size: usize, window: u32) -> Result<Ends<F>, String> {
-    let pd = fab.alloc_pd().map_err(|e| e.to_string())?;
+/// The PD, CQ, QP, CM and buffer of one side, on the device that carries
+/// `addr` (the server's own address, `local`; else the route to it), so
+/// `--ib-dev` picks the device as rdma_cm does.
+fn ends<F: Fabric>(
+    fab: &F,
+    addr: &Address,
+    local: bool,
+    size: usize,
+    window: u32,
+) -> Result<Ends<F>, String> {
+    let pd = fab
+        .alloc_pd()
+        .and_then(|pd| pd.for_address(addr, local))
+        .map_err(|e| e.to_string())?;
     let cq = pd.create_cq(2 * RECV_DEPTH).map_err(|e| e.to_string())?;
     let cap = QpCap {
         max_send_wr: window.max(64) * 2,
@@ -114,9 +126,9 @@ const INTERRUPTED: &str = "interrupted (Ctrl-C or SIGTERM)";
 
 pub fn server<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<(), String> {
     if let Some(c) = o.core {
-        crate::pin(c);
+        crate::pin(c)?;
     }
-    let mut e = ends(&fab, o.size, o.window)?;
+    let mut e = ends(&fab, addr, true, o.size, o.window)?;
     e.cm.listen(addr).map_err(|e| e.to_string())?;
     post_recvs::<F>(&mut e.qp, RECV_DEPTH)?;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -172,6 +184,11 @@ pub fn server<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<(), String>
                 if crate::interrupted() {
                     return Err(INTERRUPTED.into());
                 }
+                // rdma_cm: the client's disconnect arrives as an event (the
+                // QP need not go to the error state, nothing is in flight).
+                if let Ok(Some(CmEvent::Disconnected { .. })) = e.cm.poll_event(Duration::ZERO) {
+                    return Ok(());
+                }
             }
         }
     }
@@ -217,9 +234,9 @@ fn connect<F: Fabric>(
 /// The client: measures, prints, returns the JSON value.
 pub fn client<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<serde_json::Value, String> {
     if let Some(c) = o.core {
-        crate::pin(c);
+        crate::pin(c)?;
     }
-    let mut e = ends(&fab, o.size, o.window)?;
+    let mut e = ends(&fab, addr, false, o.size, o.window)?;
     post_recvs::<F>(&mut e.qp, RECV_DEPTH)?;
     let (id, peer) = connect(&mut e, addr, o.size)?;
     let sge = [e.mr.sge(0, o.size as u32)];
@@ -272,23 +289,25 @@ pub fn client<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<serde_json:
                 }
             }
             let lat = LatNs::from_hist(&hist);
+            let one = lat.halved();
             if !o.json {
                 println!(
-                    "fabric-lat {} {} B x {}: round trip ns min {} p50 {} p90 {} p99 {} p99.9 {} max {}",
+                    "fabric-lat {} {} B x {} (ns; one-way = RTT/2, as perftest's ib_write_lat reports):",
                     addr.scheme(),
                     o.size,
                     o.iters,
-                    lat.min,
-                    lat.p50,
-                    lat.p90,
-                    lat.p99,
-                    lat.p99_9,
-                    lat.max
                 );
+                for (what, l) in [("round trip", &lat), ("one-way", &one)] {
+                    println!(
+                        "  {what:>10}: min {} p50 {} p90 {} p99 {} p99.9 {} max {}",
+                        l.min, l.p50, l.p90, l.p99, l.p99_9, l.max
+                    );
+                }
             }
             serde_json::json!({
                 "test": "fabric-lat", "fabric": addr.scheme(), "size": o.size,
-                "iters": o.iters, "lat_ns": lat,
+                "iters": o.iters, "lat_ns": lat, "one_way_ns": one,
+                "one_way": "RTT/2, as perftest's ib_write_lat reports it",
             })
         }
         Test::Bw => {

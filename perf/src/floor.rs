@@ -25,7 +25,11 @@ pub fn ping_pong(size: usize, iters: u64, cores: (usize, usize)) -> Result<LatNs
         let (ping, pong) = (ping.clone(), pong.clone());
         let (src, dst) = (client_send.clone(), server_recv.clone());
         std::thread::spawn(move || {
-            crate::pin(cores.1);
+            if let Err(e) = crate::pin(cores.1) {
+                // The spinning main thread would wait for this one forever.
+                eprintln!("rtrs-perf: {e}");
+                std::process::exit(1);
+            }
             for i in 1..=total {
                 while ping.load(Ordering::Acquire) != i {
                     std::hint::spin_loop();
@@ -37,7 +41,7 @@ pub fn ping_pong(size: usize, iters: u64, cores: (usize, usize)) -> Result<LatNs
             }
         })
     };
-    crate::pin(cores.0);
+    crate::pin(cores.0)?;
     let mut hist = report::histogram();
     for i in 1..=total {
         let t0 = minstant::Instant::now();

@@ -3,18 +3,25 @@
 //! ```text
 //!  rtrs-perf [--json]                       the main job: embedded server + client over shm,
 //!                                           4 KiB writes at QD 32 for 5 s, fio-like summary
-//!  rtrs-perf server --listen ADDR [--backend null|ram:SIZE] [--cores LIST] [--always-invalidate on|off]
+//!  rtrs-perf server --listen ADDR [--backend null|ram:SIZE|fail:N] [--cores LIST] [--always-invalidate on|off]
 //!  rtrs-perf client --connect ADDR[,ADDR] --rw R --bs B --iodepth N --cores LIST --runtime S
-//!                   [--mp-policy P] [--json] [--hist FILE]
+//!                   [--numjobs N] [--ramp-time S] [--rwmixread N] [--sessname NAME]
+//!                   [--mp-policy P] [--verify] [--json] [--hist FILE]
+//!  rtrs-perf plot LOG... [--out FILE.svg] [--tag read|write]   percentiles of --hist logs
 //!  rtrs-perf fabric-lat --fabric shm|tcp --size B --iters N [--json]   fabric round trips
 //!  rtrs-perf fabric-bw  --fabric shm|tcp --size B --iters N [--json]   fabric streaming
 //!  rtrs-perf hostile --target tcp:IP:PORT --attack NAME [--secs S] [--count N]   a hostile peer
 //! ```
 
+mod cores;
 mod engine_bench;
 mod fabric_bench;
+mod fio;
 mod floor;
+mod histlog;
 mod hostile;
+mod ibdev;
+mod plot;
 mod report;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -83,7 +90,7 @@ struct FabricArgs {
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1024))]
     window: u32,
     /// Cores for the client and the server, e.g. 0,1.
-    #[arg(long, default_value = "0,1", value_parser = parse_cores)]
+    #[arg(long, default_value = "0,1", value_parser = cores::parse)]
     cores: Cores,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -94,6 +101,17 @@ struct FabricArgs {
     /// Address to listen on or connect to (default: a private one on this host).
     #[arg(long)]
     addr: Option<Address>,
+    /// rdma: the RDMA device (as perftest's -d), e.g. rxe0: both sides use
+    /// the address of its --ib-port and --gid-index (instead of --addr).
+    #[arg(short = 'd', long)]
+    ib_dev: Option<String>,
+    /// rdma: the device's port.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    ib_port: u8,
+    /// rdma: the GID index whose address to use (default: the port's first
+    /// IPv4 GID, the RoCE v2 one).
+    #[arg(long)]
+    gid_index: Option<u32>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -101,11 +119,12 @@ struct ServerArgs {
     /// Address(es) to listen on: shm:NAME or tcp:HOST:PORT, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     listen: Vec<Address>,
-    /// Storage behind the server: null, or ram:SIZE (e.g. ram:1G).
+    /// Storage behind the server: null, ram:SIZE (e.g. ram:1G), or fail:N
+    /// (a fault injector: every Nth IO per connection fails with EIO).
     #[arg(long, default_value = "null", value_parser = engine_bench::parse_backend)]
     backend: engine_bench::Backend,
     /// Cores for the IO connections, e.g. 1 or 0,1.
-    #[arg(long, default_value = "1", value_parser = parse_cores)]
+    #[arg(long, default_value = "1", value_parser = cores::parse)]
     cores: Cores,
     /// Refresh each chunk's rkey after every IO (the kernel's default: on).
     #[arg(long, default_value = "on", value_parser = engine_bench::parse_on_off, action = clap::ArgAction::Set)]
@@ -154,12 +173,25 @@ struct IoArgs {
     /// IOs in flight per core.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=65535))]
     iodepth: u32,
-    /// Client cores, e.g. 0 or 0,1.
-    #[arg(long, default_value = "0", value_parser = parse_cores)]
+    /// Client cores, e.g. 0, 0,1, 0-3 or 0-1,3 (one IO thread each).
+    #[arg(long, default_value = "0", value_parser = cores::parse)]
     cores: Cores,
+    /// IO threads (fio's jobs): the first N of --cores (default: all).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    numjobs: Option<u32>,
     /// Seconds to measure.
     #[arg(long, default_value_t = 5.0)]
     runtime: f64,
+    /// Seconds of IO before measuring, not counted (default: a tenth of
+    /// --runtime, at most 1).
+    #[arg(long)]
+    ramp_time: Option<f64>,
+    /// randrw: percent of IOs that read.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    rwmixread: u32,
+    /// The session name the server sees.
+    #[arg(long, default_value = "rtrs-perf")]
+    sessname: String,
     /// Path selection: round-robin, min-inflight or min-latency.
     #[arg(long, default_value = "min-inflight")]
     mp_policy: rtrs_poll::sess::mp_policy::MpPolicy,
@@ -263,6 +295,21 @@ enum Cmd {
     FabricLat(FabricArgs),
     /// RDMA WRITE_WITH_IMM streaming between two pinned processes (like ib_write_bw).
     FabricBw(FabricArgs),
+    /// Percentile plot (SVG) and figures of one or more --hist interval logs.
+    Plot {
+        /// Interval logs; several are drawn side by side.
+        #[arg(required = true)]
+        logs: Vec<std::path::PathBuf>,
+        /// Write the plot here (SVG); without it only the figures print.
+        #[arg(long, short)]
+        out: Option<std::path::PathBuf>,
+        /// Only intervals with this tag (read or write); default: each tag its line.
+        #[arg(long)]
+        tag: Option<String>,
+        /// The plot's title.
+        #[arg(long, default_value = "rtrs-perf latency by percentile")]
+        title: String,
+    },
     /// The hardware floor: a cache line, and SIZE copied bytes, bounced between two cores.
     Floor {
         /// Bytes each side copies per round trip (0: one cache line only).
@@ -272,7 +319,7 @@ enum Cmd {
         #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
         iters: u64,
         /// The two cores, e.g. 0,1.
-        #[arg(long, default_value = "0,1", value_parser = parse_cores)]
+        #[arg(long, default_value = "0,1", value_parser = cores::parse)]
         cores: Cores,
         /// Print JSON.
         #[arg(long)]
@@ -280,27 +327,7 @@ enum Cmd {
     },
 }
 
-/// A list of core ids.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cores(pub Vec<usize>);
-
-fn parse_cores(s: &str) -> Result<Cores, String> {
-    let v: Result<Vec<usize>, _> = s.split(',').map(|c| c.trim().parse::<usize>()).collect();
-    match v {
-        Ok(v) if !v.is_empty() => Ok(Cores(v)),
-        _ => Err(format!("bad core list {s:?}: expected e.g. 0,1")),
-    }
-}
-
-/// Pins the calling thread to `core`, warning when that is not possible.
-pub fn pin(core: usize) {
-    // Not through get_core_ids(): it lists the calling thread's current mask,
-    // which a thread spawned by an already pinned one inherits.
-    let ok = core_affinity::set_for_current(core_affinity::CoreId { id: core });
-    if !ok {
-        eprintln!("warning: could not pin to core {core}; running unpinned");
-    }
-}
+pub use cores::{pin, Cores};
 
 /// Shareable memory for registrations (the shm fabric needs a memfd).
 pub fn shareable(len: usize) -> Result<Arc<dyn Memory>, String> {
@@ -314,6 +341,21 @@ fn free_tcp_port() -> Result<u16, String> {
 
 fn run_fabric(test: Test, a: FabricArgs) -> Result<(), String> {
     let addr = match (&a.addr, a.fabric) {
+        _ if a.ib_dev.is_some() && a.addr.is_some() => {
+            return Err("--ib-dev and --addr both name the address: give one".into())
+        }
+        (None, _) if a.ib_dev.is_some() => {
+            let dev = a.ib_dev.as_deref().unwrap_or_default();
+            let root = std::path::Path::new("/sys/class/infiniband");
+            let ip = ibdev::pick(root, dev, a.ib_port, a.gid_index)?;
+            Address::Rdma {
+                host: ip.to_string(),
+                port: free_tcp_port()?,
+            }
+        }
+        _ if a.gid_index.is_some() || a.ib_port != 1 => {
+            return Err("--ib-port and --gid-index go with --ib-dev".into())
+        }
         (Some(addr), _) => addr.clone(),
         (None, FabricKind::Shm) => Address::Shm(format!("rtrs-perf-{}", std::process::id())),
         (None, FabricKind::Tcp) => Address::Tcp {
@@ -354,7 +396,7 @@ fn run_fabric(test: Test, a: FabricArgs) -> Result<(), String> {
                 "--window",
                 &a.window.to_string(),
                 "--cores",
-                &format!("{server_core},{server_core}"),
+                &server_core.to_string(),
             ])
             .spawn()
             .map_err(|e| format!("cannot start the server process: {e}"))?;
@@ -475,12 +517,38 @@ fn io_opts(
     if a.size < a.bs {
         return Err(format!("--size {} is smaller than --bs {}", a.size, a.bs));
     }
+    let ramp_time = a.ramp_time.unwrap_or((a.runtime / 10.0).min(1.0));
+    if !(ramp_time >= 0.0 && ramp_time.is_finite()) {
+        return Err(format!(
+            "--ramp-time {ramp_time} must be a number of seconds >= 0"
+        ));
+    }
+    let mut cores = a.cores.0.clone();
+    if let Some(n) = a.numjobs {
+        if n as usize > cores.len() {
+            return Err(format!(
+                "--numjobs {n} needs as many --cores, got {} ({})",
+                cores.len(),
+                cores::compact(&cores)
+            ));
+        }
+        cores.truncate(n as usize);
+    }
+    if a.rwmixread != 50 && a.rw != engine_bench::Rw::Randrw {
+        return Err(format!(
+            "--rwmixread applies to --rw randrw, not {}",
+            format!("{:?}", a.rw).to_lowercase()
+        ));
+    }
+    if a.sessname.is_empty() || a.sessname.len() > 64 {
+        return Err(format!("--sessname {:?} must be 1 to 64 bytes", a.sessname));
+    }
     Ok(engine_bench::ClientOpts {
         addrs,
         rw: a.rw,
         bs,
         iodepth: a.iodepth,
-        cores: a.cores.0.clone(),
+        cores,
         runtime: a.runtime,
         mp_policy: a.mp_policy,
         read_keys: a.read_keys,
@@ -497,27 +565,26 @@ fn io_opts(
             max_attempts: a.max_reconnect_attempts,
             ..Default::default()
         },
+        rwmixread: a.rwmixread,
+        ramp_time,
+        sessname: a.sessname.clone(),
+        hist: a.hist.clone(),
     })
 }
 
-fn report(
-    s: &engine_bench::Summary,
-    json: bool,
-    hist: Option<&std::path::Path>,
-) -> Result<(), String> {
+fn report(s: &engine_bench::Summary, json: bool) -> Result<(), String> {
     if json {
-        println!("{}", serde_json::to_string(s).map_err(|e| e.to_string())?);
+        println!("{}", fio::json(s)?);
     } else {
         s.print();
-    }
-    if let Some(h) = hist {
-        s.write_hist(h)?;
     }
     if s.errors > 0 {
         // fio's rule: a run with failed IO or a verify mismatch fails.
         return Err(format!(
-            "{} IOs failed ({:?} by errno; 0 = verify mismatch or a second completion)",
-            s.errors, s.errors_by_errno
+            "{} IOs failed, first errno {} ({:?} by errno; 0 = verify mismatch or a second completion)",
+            s.errors,
+            fio::first_errno(s),
+            s.errors_by_errno
         ));
     }
     Ok(())
@@ -531,7 +598,7 @@ fn run_client(a: ClientArgs) -> Result<(), String> {
         #[cfg(feature = "rdma")]
         AnyFabric::Rdma(f) => engine_bench::run_client(&f, &o),
     })?;
-    report(&s, a.io.json, a.io.hist.as_deref())
+    report(&s, a.io.json)
 }
 
 fn srv_config(
@@ -622,7 +689,7 @@ fn run_embedded(
     }
     let r = engine_bench::run_client(&ShmFabric::new(), &o);
     srv.stop()?;
-    report(&r?, json, io.hist.as_deref())
+    report(&r?, json)
 }
 
 /// [`with_fabric`], with a tcp fabric that authenticates with `auth_key`.
@@ -677,6 +744,12 @@ fn main() -> ExitCode {
             server_core,
             always_invalidate,
         }) => run_embedded(&io, server_core, always_invalidate, io.json),
+        Some(Cmd::Plot {
+            logs,
+            out,
+            tag,
+            title,
+        }) => plot::run(&logs, out.as_deref(), tag.as_deref(), &title),
         Some(Cmd::FabricLat(a)) => run_fabric(Test::Lat, a),
         Some(Cmd::FabricBw(a)) => run_fabric(Test::Bw, a),
         Some(Cmd::Floor {

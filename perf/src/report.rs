@@ -40,6 +40,24 @@ impl LatNs {
     }
 }
 
+impl LatNs {
+    /// Each figure halved: one-way latency from round trips, as perftest's
+    /// ib_write_lat and ib_send_lat report it (RTT/2).
+    pub fn halved(&self) -> LatNs {
+        let h = |x: u64| x.div_ceil(2);
+        LatNs {
+            min: h(self.min),
+            mean: h(self.mean),
+            p50: h(self.p50),
+            p90: h(self.p90),
+            p99: h(self.p99),
+            p99_9: h(self.p99_9),
+            p99_99: h(self.p99_99),
+            max: h(self.max),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +74,8 @@ mod tests {
         assert!((989_000..=991_000).contains(&l.p99), "{l:?}");
         assert!(l.max >= 999_000 && l.max <= 1_001_000, "{l:?}");
         assert_eq!(LatNs::from_hist(&histogram()), LatNs::default());
+        let half = l.halved();
+        assert_eq!(half.min, 50);
+        assert_eq!(half.p50, l.p50.div_ceil(2));
     }
 }

@@ -15,6 +15,16 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `rtrs-perf embedded ARGS --json`.
+fn embedded(args: &[&str]) -> std::process::Output {
+    perf()
+        .arg("embedded")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap()
+}
+
 fn json(out: &[u8]) -> serde_json::Value {
     let s = String::from_utf8_lossy(out);
     let line = s.lines().last().unwrap_or_default();
@@ -24,19 +34,7 @@ fn json(out: &[u8]) -> serde_json::Value {
 #[test]
 fn embedded_main_job_prints_the_summary_as_json() {
     let _one = one_at_a_time();
-    let out = perf()
-        .args([
-            "embedded",
-            "--rw",
-            "randrw",
-            "--iodepth",
-            "4",
-            "--runtime",
-            "1",
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let out = embedded(&["--rw", "randrw", "--iodepth", "4", "--runtime", "1"]);
     assert!(
         out.status.success(),
         "{}",
@@ -61,49 +59,17 @@ fn embedded_main_job_prints_the_summary_as_json() {
 fn server_and_client_processes_with_verify_and_hist() {
     let _one = one_at_a_time();
     let name = format!("shm:perf-cli-{}", std::process::id());
-    let mut srv = perf()
-        .args([
-            "server",
-            "--listen",
-            &name,
-            "--backend",
-            "ram:8M",
-            "--cores",
-            "1",
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let _srv = server(&name, "ram:8M");
     let hist = std::env::temp_dir().join(format!("rtrs-perf-hist-{}.log", std::process::id()));
-    let out = perf()
-        .args([
-            "client",
-            "--connect",
-            &name,
-            "--rw",
-            "randrw",
-            "--bs",
-            "8k",
-            "--iodepth",
-            "8",
-            "--verify",
-        ])
-        .args([
-            "--cores",
-            "0",
-            "--runtime",
-            "0.5",
-            "--size",
-            "8M",
-            "--json",
-            "--hist",
-        ])
-        .arg(&hist)
-        .output()
-        .unwrap();
-    let _ = srv.kill();
-    let _ = srv.wait();
+    let h = hist.to_string_lossy().to_string();
+    #[rustfmt::skip]
+    let out = client(
+        &name,
+        &[
+            "--rw", "randrw", "--bs", "8k", "--iodepth", "8", "--verify", "--runtime", "0.5",
+            "--size", "8M", "--hist", &h,
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -134,6 +100,16 @@ fn bad_arguments_get_a_clear_message_and_a_non_zero_exit() {
             "maybe",
         ],
         vec![
+            "embedded",
+            "--runtime",
+            "0.3",
+            "--hist",
+            "/nonexistent/x.hlog",
+        ],
+        vec!["embedded", "--rw", "randread", "--rwmixread", "30"],
+        vec!["client", "--connect", "shm:x", "--ramp-time=-1"],
+        vec!["client", "--connect", "shm:x", "--sessname", ""],
+        vec![
             "client",
             "--connect",
             "shm:nobody-listens-here",
@@ -146,5 +122,396 @@ fn bad_arguments_get_a_clear_message_and_a_non_zero_exit() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.trim().is_empty(), "{args:?}: no message");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// A server process, stopped by its PID when dropped (a failing test too).
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn server(name: &str, backend: &str) -> Server {
+    let s = perf()
+        .args([
+            "server",
+            "--listen",
+            name,
+            "--backend",
+            backend,
+            "--cores",
+            "1",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    Server(s)
+}
+
+fn client(name: &str, args: &[&str]) -> std::process::Output {
+    perf()
+        .args(["client", "--connect", name, "--cores", "0", "--json"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn failed_io_fails_the_run_with_err_in_the_json() {
+    let _one = one_at_a_time();
+    let name = format!("shm:perf-fail-{}", std::process::id());
+    let _srv = server(&name, "fail:4");
+    let out = client(
+        &name,
+        &["--rw", "randwrite", "--iodepth", "4", "--runtime", "0.5"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let v = json(&out.stdout);
+    let n = v["err"]["count"].as_u64().unwrap();
+    assert!(n > 0 && n == v["errors"].as_u64().unwrap(), "{v}");
+    // Every 4th IO: about a quarter of those that completed.
+    let ios = v["ios"].as_u64().unwrap();
+    assert!(n * 5 > ios && n * 3 < ios, "{n} of {ios}");
+    assert_eq!(v["err"]["first_errno"].as_i64(), Some(5), "EIO");
+    assert_eq!(v["jobs"][0]["error"].as_i64(), Some(5));
+    let line = err.lines().last().unwrap_or_default();
+    assert!(
+        line.starts_with("rtrs-perf: ") && line.contains("IOs failed, first errno 5"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_verify_mismatch_fails_the_run() {
+    let _one = one_at_a_time();
+    let name = format!("shm:perf-mismatch-{}", std::process::id());
+    let _srv = server(&name, "ram:1M");
+    // Fill the disk with 8 KiB verify blocks...
+    let common = ["--size", "1M", "--verify", "--iodepth", "4"];
+    let w = client(
+        &name,
+        &[&common[..], &["--rw", "write", "--bs", "8k"]].concat(),
+    );
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    // ...and read them back as 4 KiB ones: no 4 KiB block holds what a
+    // 4 KiB writer would have written there.
+    let r = client(
+        &name,
+        &[
+            &common[..],
+            &["--rw", "read", "--bs", "4k", "--runtime", "0.5"],
+        ]
+        .concat(),
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    let v = json(&r.stdout);
+    assert!(v["err"]["verify_mismatches"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["err"]["first_errno"].as_i64(), Some(0));
+    assert!(err.contains("does not match what was written"), "{err}");
+}
+
+#[test]
+fn cores_outside_the_mask_and_bad_lists_exit_2() {
+    let _one = one_at_a_time();
+    for (cores, why) in [
+        ("99999", "not available to this process"),
+        ("0,0", "listed twice"),
+        ("", "empty"),
+        ("1-0", "backwards"),
+        ("x", "not a CPU number"),
+    ] {
+        for cmd in [
+            vec!["client", "--connect", "shm:x", "--cores", cores],
+            vec!["server", "--listen", "shm:x", "--cores", cores],
+            vec!["fabric-lat", "--cores", cores],
+            vec!["floor", "--cores", cores],
+        ] {
+            let out = perf().args(&cmd).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd:?}: {err}");
+            assert!(
+                err.contains(why) && !err.contains("panicked"),
+                "{cmd:?}: {err}"
+            );
+        }
+    }
+    let out = perf()
+        .args([
+            "client",
+            "--connect",
+            "shm:x",
+            "--cores",
+            "0",
+            "--numjobs",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--numjobs 2 needs as many --cores"));
+}
+
+#[test]
+fn fio_shaped_json_with_rwmixread_ramp_and_sessname() {
+    let _one = one_at_a_time();
+    #[rustfmt::skip]
+    let out = embedded(&[
+        "--rw", "randrw", "--rwmixread", "100", "--iodepth", "4", "--runtime", "0.5",
+        "--ramp-time", "0.2", "--sessname", "fio-like", "--cores", "0", "--numjobs", "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out.stdout);
+    assert!(v["rtrs-perf version"]
+        .as_str()
+        .unwrap()
+        .starts_with("rtrs-perf-"));
+    assert!(v["timestamp"].as_u64().unwrap() > 1_700_000_000);
+    assert_eq!(v["global options"]["rwmixread"].as_str(), Some("100"));
+    assert_eq!(v["global options"]["ramp_time"].as_str(), Some("0.2"));
+    assert_eq!(v["err"]["count"].as_u64(), Some(0));
+    let jobs = v["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1);
+    let j = &jobs[0];
+    assert_eq!(j["jobname"].as_str(), Some("fio-like"));
+    assert_eq!(j["error"].as_i64(), Some(0));
+    assert_eq!(j["write"]["total_ios"].as_u64(), Some(0), "all reads");
+    let r = &j["read"];
+    assert_eq!(r["total_ios"].as_u64(), v["ios"].as_u64());
+    assert!(r["iops"].as_f64().unwrap() > 0.0 && r["bw"].as_u64().unwrap() > 0);
+    let c = &r["clat_ns"];
+    for k in ["min", "max", "mean", "stddev"] {
+        assert!(c[k].is_number(), "clat_ns.{k}");
+    }
+    let p99 = c["percentile"]["99.000000"].as_u64().unwrap();
+    let p50 = c["percentile"]["50.000000"].as_u64().unwrap();
+    assert!(p50 > 0 && p50 <= p99, "{c}");
+    assert_eq!(
+        v["seconds"].as_f64().map(|s| s < 0.7),
+        Some(true),
+        "ramp not counted"
+    );
+}
+
+#[test]
+fn hist_writes_an_interval_a_second_that_reads_back_and_plots() {
+    let _one = one_at_a_time();
+    let dir = std::env::temp_dir();
+    let hist = dir.join(format!("rtrs-perf-hist2-{}.hlog", std::process::id()));
+    let svg = dir.join(format!("rtrs-perf-hist2-{}.svg", std::process::id()));
+    struct Rm(Vec<std::path::PathBuf>);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+    let _rm = Rm(vec![hist.clone(), svg.clone()]);
+    let h = hist.to_string_lossy().to_string();
+    #[rustfmt::skip]
+    let out = embedded(&[
+        "--rw", "randrw", "--iodepth", "4", "--runtime", "2.5", "--cores", "0", "--hist", &h,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out.stdout);
+    let allocs = v["allocs_per_io"].as_f64().unwrap();
+    assert!(
+        allocs < 1e-3,
+        "the interval hand-off allocates: {allocs} per IO"
+    );
+    let text = std::fs::read(&hist).unwrap();
+    let s = String::from_utf8_lossy(&text);
+    assert!(
+        s.contains("#[StartTime: ") && s.contains("#[BaseTime: "),
+        "{s}"
+    );
+    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+    let mut tags = std::collections::BTreeMap::<String, Vec<f64>>::new();
+    for e in IntervalLogIterator::new(&text) {
+        if let LogEntry::Interval(h) = e.unwrap_or_else(|e| panic!("{e:?}: {s}")) {
+            assert!(
+                h.encoded_histogram().starts_with("HISTFAAA"),
+                "V2 compressed"
+            );
+            let tag = h.tag().map(|t| t.as_str().to_string()).unwrap_or_default();
+            tags.entry(tag)
+                .or_default()
+                .push(h.start_timestamp().as_secs_f64());
+        }
+    }
+    for t in ["read", "write"] {
+        let starts = &tags[t];
+        assert_eq!(starts.len(), 3, "2.5 s: intervals at 0, 1, 2 s: {starts:?}");
+        assert!(
+            starts[0] < 0.1 && (starts[2] - 2.0).abs() < 0.2,
+            "{starts:?}"
+        );
+    }
+    // The counts in the log are the IOs the run counted.
+    let p = perf()
+        .arg("plot")
+        .arg(&hist)
+        .arg("--out")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
+    let table = String::from_utf8_lossy(&p.stdout);
+    let count = |tag: &str| -> u64 {
+        let l = table
+            .lines()
+            .find(|l| l.contains(&format!(" {tag}  ")))
+            .unwrap();
+        l.split("  ").nth(1).unwrap().parse().unwrap()
+    };
+    let j = &v["jobs"][0];
+    assert_eq!(
+        count("read"),
+        j["read"]["total_ios"].as_u64().unwrap(),
+        "{table}"
+    );
+    assert_eq!(
+        count("write"),
+        j["write"]["total_ios"].as_u64().unwrap(),
+        "{table}"
+    );
+    assert_eq!(count("read") + count("write"), v["ios"].as_u64().unwrap());
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 2, "read and write");
+    // Not a log: a clear error.
+    let bad = perf()
+        .arg("plot")
+        .arg(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(!String::from_utf8_lossy(&bad.stderr).contains("panicked"));
+}
+
+#[test]
+fn fabric_lat_reports_one_way_beside_the_round_trip() {
+    let _one = one_at_a_time();
+    let out = perf()
+        .args(["fabric-lat", "--iters", "2000", "--warmup", "100", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out.stdout);
+    for k in ["min", "p50", "p99", "max"] {
+        let rtt = v["lat_ns"][k].as_u64().unwrap();
+        assert_eq!(v["one_way_ns"][k].as_u64(), Some(rtt.div_ceil(2)), "{k}");
+    }
+    let text = perf()
+        .args(["fabric-lat", "--iters", "2000", "--warmup", "100"])
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        t.contains("one-way = RTT/2") && t.contains("one-way: min"),
+        "{t}"
+    );
+    for (args, why) in [
+        (
+            vec!["-d", "no-such-dev0"],
+            "no RDMA device \"no-such-dev0\"",
+        ),
+        (vec!["--gid-index", "1"], "go with --ib-dev"),
+        (vec!["-d", "x", "--addr", "shm:x"], "give one"),
+    ] {
+        let out = perf().arg("fabric-lat").args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn rnbd_mode_refuses_a_bs_the_device_cannot_take() {
+    use rtrs_poll::fabric::soft::shm::ShmFabric;
+    use rtrs_poll::rnbd::{Export, RnbdServer};
+    let _one = one_at_a_time();
+    let name = format!("shm:perf-rnbd-{}", std::process::id());
+    let addr: rtrs_poll::fabric::Address = name.parse().unwrap();
+    let cfg = rtrs_poll::srv::SrvConfig::default();
+    let rnbd = RnbdServer::new(
+        vec![Export::ram("ram0", 1 << 20).unwrap()],
+        cfg.max_io_size(),
+    )
+    .unwrap();
+    let pool = rtrs_poll::srv::CorePool::launch(&[1]).unwrap();
+    let r = rnbd.clone();
+    let srv = rtrs_poll::srv::Server::listen(
+        &ShmFabric::new(),
+        &addr,
+        cfg,
+        move |info: &rtrs_poll::srv::ConInfo| r.handler(info),
+        pool.place(),
+    )
+    .unwrap();
+    // As `rtrs serve` wires it: a session's end closes what it had open.
+    srv.on_event(move |ev| {
+        if let rtrs_poll::srv::SrvEvent::PathClosed(c) = ev {
+            if c.session_ended {
+                rnbd.session_ended(&c.paths_uuid);
+            }
+        }
+    })
+    .unwrap();
+    let run = |bs: &str| {
+        client(
+            &name,
+            &[
+                "--rnbd-device",
+                "ram0",
+                "--size",
+                "1M",
+                "--runtime",
+                "0.3",
+                "--bs",
+                bs,
+            ],
+        )
+    };
+    let ok = run("4k");
+    let bad = run("1000");
+    let big = run("512k");
+    srv.stop();
+    pool.stop();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for (out, why) in [
+        (
+            bad,
+            "--bs 1000 is not a multiple of the device's logical block size 512",
+        ),
+        (big, "exceeds the server's max_io_size"),
+    ] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(why) && !err.contains("panicked"), "{err}");
     }
 }
