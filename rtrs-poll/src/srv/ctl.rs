@@ -35,6 +35,9 @@ pub(crate) enum SrvMsg {
     Listen(Address, std::sync::mpsc::SyncSender<Result<(), SrvError>>),
     /// Run a callback on every event from now on.
     OnEvent(OnEvent),
+    /// The operator closes paths (`rtrs ctl disconnect` / `close`): the
+    /// reply is how many were open.
+    Close(super::CloseTarget, std::sync::mpsc::SyncSender<usize>),
 }
 
 /// What the handle and the control thread share.
@@ -42,6 +45,13 @@ pub(crate) struct Shared<F: Fabric> {
     pub(crate) paths: Mutex<Vec<Arc<SrvPath<F>>>>,
     pub(crate) subs: Mutex<Vec<std::sync::mpsc::Sender<SrvEvent>>>,
     pub(crate) counters: Arc<super::SrvCounters>,
+}
+
+impl<F: Fabric> Shared<F> {
+    /// The paths as last published (not closed yet).
+    pub(crate) fn live_paths(&self) -> Vec<Arc<SrvPath<F>>> {
+        self.paths.lock().map(|l| l.clone()).unwrap_or_default()
+    }
 }
 
 impl<F: Fabric> Default for Shared<F> {
@@ -180,6 +190,32 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             gate.1 += 1;
             self.notify(ev);
         }
+    }
+
+    /// Closes the paths `target` names (gracefully: each connection is
+    /// disconnected at the next step, the client reconnects as after the
+    /// kernel's sysfs `disconnect`); logged and counted once per path.
+    fn close_by_operator(&mut self, target: super::CloseTarget) -> usize {
+        let mut n = 0;
+        for s in self.sessions.values() {
+            for p in &s.paths {
+                let hit = match target {
+                    super::CloseTarget::Path(u) => p.sess_uuid == u,
+                    super::CloseTarget::Session(u) => p.paths_uuid == u,
+                };
+                if hit && p.state() < PathState::Closing {
+                    tracing::info!(
+                        peer = %p.peer,
+                        sessname = ?p.sessname(),
+                        "the operator closes the path"
+                    );
+                    p.close(DownReason::Operator);
+                    self.shared.counters.operator_close();
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     fn publish_sessions(&self) {
@@ -775,6 +811,9 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
                 let _ = reply.send(r);
             }
             SrvMsg::OnEvent(f) => self.callbacks.push(f),
+            SrvMsg::Close(target, reply) => {
+                let _ = reply.send(self.close_by_operator(target));
+            }
         }
     }
 
