@@ -396,3 +396,39 @@ fn serve_from_a_config_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("queue_deep"), "{err}");
 }
+
+/// A session connect and close, a path up and down, a device open and
+/// close: one log line each, at info.
+#[test]
+fn one_info_line_per_session_path_and_device_event() {
+    let name = format!("rtrs-ctl-log-{}", std::process::id());
+    let srv = Served::start(&name, &["ram0=ram:1M"]);
+    let (clt, mut core, mut rn) = session_with(&name, "ev-a", |_| {});
+    let dev = open(&mut core, &mut rn, "ram0", AccessMode::Rw).unwrap();
+    rn.close(&dev, &mut || {
+        core.poll(minstant::Instant::now(), &mut |_| {});
+    })
+    .unwrap();
+    drop((rn, core));
+    clt.close();
+    wait_for("the session's end", || {
+        srv.stderr().contains("session ev-a closed")
+    });
+    let log = srv.stop();
+    let lines: Vec<&str> = log.lines().collect();
+    for (what, parts) in [
+        ("session connected", &["session ev-a connected"][..]),
+        ("path up", &["path ev-a (", ") connected"][..]),
+        ("device opened", &["rnbd: device ram0 opened"][..]),
+        ("device closed", &["rnbd: device ram0 closed"][..]),
+        ("path down", &["path ev-a (", ") closed: "][..]),
+        ("session closed", &["session ev-a closed"][..]),
+    ] {
+        let hits: Vec<&&str> = lines
+            .iter()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .collect();
+        assert_eq!(hits.len(), 1, "{what}: {hits:?} in {log}");
+        assert!(hits[0].contains("INFO"), "{what} at info: {}", hits[0]);
+    }
+}

@@ -513,8 +513,10 @@ impl RnbdServer {
             .ok()
             .and_then(|mut m| m.remove(paths_uuid));
         if let Some(s) = sess {
-            for d in s.devs.iter() {
-                self.release(d.swap(0, Ordering::AcqRel));
+            for (id, d) in s.devs.iter().enumerate() {
+                let slot = d.swap(0, Ordering::AcqRel);
+                self.log_close(slot, id, "?", "the session ended");
+                self.release(slot);
             }
         }
     }
@@ -646,6 +648,23 @@ impl RnbdServer {
             .collect()
     }
 
+    /// One line per device closed (a slot that was open).
+    fn log_close(&self, slot: u32, id: usize, sessname: &str, why: &str) {
+        let Some(e) = ((slot & SLOT_EXPORT) as usize)
+            .checked_sub(1)
+            .and_then(|i| self.export(i))
+        else {
+            return;
+        };
+        tracing::info!(
+            sessname,
+            export = %e.name,
+            device_id = id,
+            "rnbd: device {} closed ({why})",
+            e.name
+        );
+    }
+
     fn release(&self, slot: u32) {
         if slot == 0 {
             return;
@@ -773,7 +792,18 @@ impl RnbdHandler {
             }
         }
         match id {
-            Some(id) => self.open_rsp(id, e, out),
+            Some(id) => {
+                // Opens are control messages, rare on a core: one line each.
+                tracing::info!(
+                    sessname = self.identity.get().map_or("?", |i| i.sessname.as_str()),
+                    export = %e.name,
+                    device_id = id,
+                    mode = ?mode,
+                    "rnbd: device {} opened",
+                    e.name
+                );
+                self.open_rsp(id, e, out)
+            }
             None => {
                 self.srv.release(slot);
                 // No free id; or the read-only open was closed meanwhile.
@@ -891,7 +921,11 @@ impl Handler for RnbdHandler {
             }
             Ok(RnbdMsg::Close(v)) => {
                 if let Some(d) = self.sess.devs.get(v.device_id() as usize) {
-                    self.srv.release(d.swap(0, Ordering::AcqRel));
+                    let slot = d.swap(0, Ordering::AcqRel);
+                    let who = self.identity.get().map_or("?", |i| i.sessname.as_str());
+                    self.srv
+                        .log_close(slot, v.device_id() as usize, who, "by the client");
+                    self.srv.release(slot);
                 }
                 0
             }

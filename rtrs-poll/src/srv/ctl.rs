@@ -145,10 +145,48 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         }
     }
 
+    /// Logs the event (one line; a session's first path up and its last
+    /// path closed add the session's own line) and tells the embedder.
     fn emit(&mut self, ev: SrvEvent) {
         match &ev {
-            SrvEvent::PathUp { .. } => tracing::info!("{ev}"),
-            _ => tracing::warn!("{ev}"),
+            SrvEvent::PathUp {
+                sessname,
+                paths_uuid,
+                ..
+            } => {
+                let connected = self.sessions.get(paths_uuid).map_or(0, |s| {
+                    s.paths
+                        .iter()
+                        .filter(|p| p.state() == PathState::Connected)
+                        .count()
+                });
+                if connected == 1 {
+                    tracing::info!(sessname = %sessname, "session {sessname} connected");
+                }
+                tracing::info!("{ev}");
+            }
+            SrvEvent::PathClosed(c) => {
+                let who = c.sessname.as_deref().unwrap_or("?");
+                let line = format!("path {who} ({}) closed: {}", c.peer, c.reason);
+                // A peer's or the operator's close is the normal course
+                // (flushed work requests follow a peer's disconnect); the
+                // rest are failures.
+                match c.reason {
+                    DownReason::Completion {
+                        status: crate::fabric::WcStatus::WrFlushErr,
+                        ..
+                    }
+                    | DownReason::Disconnected { .. }
+                    | DownReason::Operator
+                    | DownReason::Removed
+                    | DownReason::SessionClosed => tracing::info!("{line}"),
+                    _ => tracing::warn!("{line}"),
+                }
+                if c.session_ended {
+                    tracing::info!(sessname = %who, "session {who} closed");
+                }
+            }
+            SrvEvent::Refused { .. } => tracing::warn!("{ev}"),
         }
         self.notify(ev);
     }

@@ -314,7 +314,9 @@ impl<F: Fabric> SrvPath<F> {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    tracing::warn!(peer = %self.peer, sessname = ?self.sessname(), "closing path: {why}");
+                    // The one line per path down is the control thread's
+                    // when the path is closed.
+                    tracing::debug!(peer = %self.peer, sessname = ?self.sessname(), "closing path: {why}");
                     // The first reason wins: only the CAS winner sets it.
                     let _ = self.reason.set(why);
                     return;
