@@ -138,7 +138,8 @@ pub struct DirStats {
     pub bytes: u64,
 }
 
-/// A path's counters: the kernel's (rdma read/write, inflight) and ours.
+/// A path's counters: the kernel's (`stats/rdma`: read and write count and
+/// bytes) and ours (inflight, errors, heartbeats missed, latency).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PathCounters {
     /// Client reads (the kernel's `rdma` READ: data the server writes).

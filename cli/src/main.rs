@@ -3,6 +3,10 @@
 //! ```text
 //!  rtrs serve --listen ADDR[,ADDR] --export NAME=ram:SIZE[,ro][,allow=SESS|...] [--export NAME=file:PATH]
 //!             [--cores LIST] [--always-invalidate on|off] [--queue-depth N] [--chunk-size BYTES]
+//!             [--config FILE.toml] [--ctl SOCKET] [--metrics ADDR]
+//!  rtrs ctl [--socket SOCKET] [--json] list sessions|paths|devices | stats [--session S] [--path P]
+//!           [--core N] | disconnect PATH | close SESSION | export add NAME SPEC | export remove NAME
+//!  rtrs doctor [--cores LIST] [--json]
 //! ```
 //! `serve` is an RNBD server over RTRS, as the kernel's rnbd-server: the
 //! kernel's rnbd-client maps its exports with `map_device`.
