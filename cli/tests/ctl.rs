@@ -402,9 +402,11 @@ fn serve_from_a_config_file() {
 #[test]
 fn one_info_line_per_session_path_and_device_event() {
     let name = format!("rtrs-ctl-log-{}", std::process::id());
-    let srv = Served::start(&name, &["ram0=ram:1M"]);
+    let srv = Served::start(&name, &["ram0=ram:1M", "ram1=ram:1M"]);
     let (clt, mut core, mut rn) = session_with(&name, "ev-a", |_| {});
     let dev = open(&mut core, &mut rn, "ram0", AccessMode::Rw).unwrap();
+    // Left open: closed by the session's end.
+    open(&mut core, &mut rn, "ram1", AccessMode::Ro).unwrap();
     rn.close(&dev, &mut || {
         core.poll(minstant::Instant::now(), &mut |_| {});
     })
@@ -420,7 +422,14 @@ fn one_info_line_per_session_path_and_device_event() {
         ("session connected", &["session ev-a connected"][..]),
         ("path up", &["path ev-a (", ") connected"][..]),
         ("device opened", &["rnbd: device ram0 opened"][..]),
-        ("device closed", &["rnbd: device ram0 closed"][..]),
+        (
+            "device closed",
+            &["rnbd: device ram0 closed (by the client)"][..],
+        ),
+        (
+            "device closed with its session",
+            &["rnbd: device ram1 closed (the session ended)", "ev-a"][..],
+        ),
         ("path down", &["path ev-a (", ") closed: "][..]),
         ("session closed", &["session ev-a closed"][..]),
     ] {

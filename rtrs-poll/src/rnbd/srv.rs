@@ -333,15 +333,22 @@ struct Sess {
     devs: Box<[AtomicU32]>,
     /// Refusal kinds already logged for this session (one bit each).
     logged: AtomicU8,
+    /// Who the client is (its first path's handshake), for log lines.
+    identity: Arc<OnceLock<Identity>>,
 }
 
 impl Sess {
-    fn new() -> Sess {
+    fn new(identity: Arc<OnceLock<Identity>>) -> Sess {
         Sess {
             ver: AtomicU8::new(0),
             devs: (0..MAX_OPEN).map(|_| AtomicU32::new(0)).collect(),
             logged: AtomicU8::new(0),
+            identity,
         }
+    }
+
+    fn sessname(&self) -> &str {
+        self.identity.get().map_or("?", |i| i.sessname.as_str())
     }
 }
 
@@ -492,9 +499,9 @@ impl RnbdServer {
         let sess = match self.sessions.lock() {
             Ok(mut m) => m
                 .entry(info.paths_uuid)
-                .or_insert_with(|| Arc::new(Sess::new()))
+                .or_insert_with(|| Arc::new(Sess::new(info.identity.clone())))
                 .clone(),
-            Err(_) => Arc::new(Sess::new()),
+            Err(_) => Arc::new(Sess::new(info.identity.clone())),
         };
         RnbdHandler {
             srv: self.clone(),
@@ -515,7 +522,7 @@ impl RnbdServer {
         if let Some(s) = sess {
             for (id, d) in s.devs.iter().enumerate() {
                 let slot = d.swap(0, Ordering::AcqRel);
-                self.log_close(slot, id, "?", "the session ended");
+                self.log_close(slot, id, s.sessname(), "the session ended");
                 self.release(slot);
             }
         }
