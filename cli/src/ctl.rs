@@ -47,6 +47,8 @@ pub enum Request {
     Disconnect { path: String },
     /// Close every path of a session.
     Close { session: String },
+    /// Close one open device of a session (the kernel's `force_close`).
+    ForceClose { session: String, device_id: u32 },
     /// Serve one more export: `spec` as `--export NAME=SPEC`.
     ExportAdd { name: String, spec: String },
     /// Stop serving an export (-EBUSY while open).
@@ -232,6 +234,9 @@ pub trait Backend {
     fn add_export(&self, spec: &str) -> Result<(), String>;
     /// Stops serving `name`: Err(errno).
     fn remove_export(&self, name: &str) -> Result<(), i32>;
+    /// Closes device `device_id` of session `uuid`: its export's name, or
+    /// Err(errno).
+    fn force_close(&self, uuid: [u8; 16], device_id: u32) -> Result<String, i32>;
 }
 
 fn hex(u: &[u8; 16]) -> String {
@@ -387,6 +392,25 @@ pub fn handle_line(line: &str, b: &dyn Backend) -> Response {
             let found = pick(&s.sessions, &session, "session", |x| vec![&x.name, &x.uuid])
                 .map(|x| (&x.uuid, &x.name));
             close_one(b, found, "session", rtrs_poll::srv::CloseTarget::Session)
+        }
+        Request::ForceClose { session, device_id } => {
+            let s = b.snapshot();
+            let x = match pick(&s.sessions, &session, "session", |x| vec![&x.name, &x.uuid]) {
+                Ok(x) => x,
+                Err(e) => return Response::err(e, Some(-libc::ENOENT)),
+            };
+            let Some(u) = unhex(&x.uuid) else {
+                return Response::err("bad session uuid", Some(-libc::EINVAL));
+            };
+            match b.force_close(u, device_id) {
+                Ok(export) => Response::ok(serde_json::json!({
+                    "session": x.name, "device_id": device_id, "export": export
+                })),
+                Err(e) => Response::err(
+                    format!("session {:?} has no device {device_id} open", x.name),
+                    Some(e),
+                ),
+            }
         }
         Request::ExportAdd { name, spec } => {
             if name.is_empty() || name.contains('=') {
@@ -564,6 +588,10 @@ impl<F: rtrs_poll::fabric::Fabric> Backend for SrvBackend<F> {
 
     fn remove_export(&self, name: &str) -> Result<(), i32> {
         self.rnbd.remove_export(name)
+    }
+
+    fn force_close(&self, uuid: [u8; 16], device_id: u32) -> Result<String, i32> {
+        self.rnbd.force_close(&uuid, device_id)
     }
 }
 
@@ -970,6 +998,13 @@ mod tests {
             self.exports.lock().unwrap().push(spec.into());
             Ok(())
         }
+        fn force_close(&self, uuid: [u8; 16], device_id: u32) -> Result<String, i32> {
+            if uuid == [0x11; 16] && device_id == 3 {
+                Ok("d".into())
+            } else {
+                Err(-libc::ENOENT)
+            }
+        }
         fn remove_export(&self, name: &str) -> Result<(), i32> {
             if name == "busy" {
                 Err(-libc::EBUSY)
@@ -1122,5 +1157,17 @@ mod tests {
         assert!(r.error.unwrap().contains("EBUSY"));
         let r = run(&b, Request::ExportRemove { name: "x".into() });
         assert_eq!(r.errno, Some(-libc::ENOENT));
+        let fc = |session: &str, device_id| {
+            run(
+                &b,
+                Request::ForceClose {
+                    session: session.into(),
+                    device_id,
+                },
+            )
+        };
+        assert_eq!(fc("s1", 3).data.unwrap()["export"], "d");
+        assert_eq!(fc("s1", 4).errno, Some(-libc::ENOENT));
+        assert_eq!(fc("nobody", 3).errno, Some(-libc::ENOENT));
     }
 }

@@ -5,7 +5,8 @@
 //!             [--cores LIST] [--always-invalidate on|off] [--queue-depth N] [--chunk-size BYTES]
 //!             [--config FILE.toml] [--ctl SOCKET] [--metrics ADDR]
 //!  rtrs ctl [--socket SOCKET] [--json] list sessions|paths|devices | stats [--session S] [--path P]
-//!           [--core N] | disconnect PATH | close SESSION | export add NAME SPEC | export remove NAME
+//!           [--core N] | disconnect PATH | close SESSION | force-close SESSION DEV_ID
+//!           | export add NAME SPEC | export remove NAME
 //!  rtrs doctor [--cores LIST] [--json]
 //! ```
 //! `serve` is an RNBD server over RTRS, as the kernel's rnbd-server: the
@@ -104,6 +105,14 @@ enum CtlCmd {
     Close {
         /// The session's name or uuid.
         session: String,
+    },
+    /// Close one open device of a session (its IO fails from now on), as
+    /// the kernel's rnbd-server `force_close`.
+    ForceClose {
+        /// The session's name or uuid.
+        session: String,
+        /// The device id (from `list devices`).
+        device_id: u32,
     },
     /// Add or remove an export at runtime.
     #[command(subcommand)]
@@ -478,6 +487,10 @@ fn run_ctl(a: &CtlArgs) -> Result<(), String> {
         CtlCmd::Disconnect { path } => ctl::Request::Disconnect { path: path.clone() },
         CtlCmd::Close { session } => ctl::Request::Close {
             session: session.clone(),
+        },
+        CtlCmd::ForceClose { session, device_id } => ctl::Request::ForceClose {
+            session: session.clone(),
+            device_id: *device_id,
         },
         CtlCmd::Export(ExportCmd::Add { name, spec }) => ctl::Request::ExportAdd {
             name: name.clone(),

@@ -233,6 +233,21 @@ fn ctl_lists_counts_and_acts_on_a_running_server() {
         core.poll(minstant::Instant::now(), &mut |_| {});
     })
     .unwrap();
+    // force-close (the kernel's rnbd-server force_close): the device's IO
+    // fails from then on.
+    let again = open(&mut core, &mut rn, "extra", AccessMode::Rw).unwrap();
+    let id = again.device_id().to_string();
+    let (ok, _, err) = ctl(&sock, &["export", "remove", "extra"]);
+    assert!(!ok && err.contains("EBUSY"), "{err}");
+    let r = json(&sock, &["force-close", "ctl-a", &id]);
+    assert_eq!(r["export"], "extra", "{r}");
+    assert_eq!(
+        write(&mut core, &again, 3),
+        -107,
+        "ENOTCONN after force-close"
+    );
+    let (ok, _, err) = ctl(&sock, &["force-close", "ctl-a", &id]);
+    assert!(!ok && err.contains("has no device"), "{err}");
     let (ok, _, err) = ctl(&sock, &["export", "remove", "extra"]);
     assert!(ok, "{err}");
     let devs = json(&sock, &["list", "devices"]);
@@ -319,6 +334,10 @@ fn ctl_lists_counts_and_acts_on_a_running_server() {
         "{log}"
     );
     assert!(log.contains("remove export refused: it is open"), "{log}");
+    assert!(
+        log.contains("rnbd: device extra closed (by the operator)"),
+        "{log}"
+    );
     assert!(!sock.exists(), "the socket is removed at exit");
     assert!(!log.contains("panicked"), "{log}");
 }
@@ -440,4 +459,37 @@ fn one_info_line_per_session_path_and_device_event() {
         assert_eq!(hits.len(), 1, "{what}: {hits:?} in {log}");
         assert!(hits[0].contains("INFO"), "{what} at info: {}", hits[0]);
     }
+}
+
+/// A socket file left by a server that died is replaced; one a live server
+/// answers on is not taken over.
+#[test]
+fn a_stale_socket_is_replaced_and_a_live_one_kept() {
+    let name = format!("rtrs-ctl-stale-{}", std::process::id());
+    let dir = TempDir::new(&name);
+    let sock = dir.0.join("ctl.sock");
+    // Bound, then nobody listens: a stale file.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let srv = Served::start_with(&name, &["r=ram:1M"], &["--ctl", sock.to_str().unwrap()]);
+    wait_for("the control socket", || ctl(&sock, &["list", "paths"]).0);
+    let out = rtrs()
+        .args([
+            "serve",
+            "--listen",
+            &format!("shm:{name}-2"),
+            "--export",
+            "r=ram:1M",
+        ])
+        .args(["--ctl", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("another server answers on it"),
+        "{err}"
+    );
+    // The first server still answers.
+    assert!(ctl(&sock, &["list", "paths"]).0);
+    srv.stop();
 }

@@ -611,6 +611,30 @@ impl RnbdServer {
         Ok(())
     }
 
+    /// Closes device `device_id` of session `paths_uuid` (the kernel's
+    /// rnbd-server `force_close`): its IO gets -ENOTCONN from now on.
+    /// Returns the export's name; -ENOENT when it is not open.
+    pub fn force_close(&self, paths_uuid: &[u8; 16], device_id: u32) -> Result<String, i32> {
+        let sess = self
+            .sessions
+            .lock()
+            .ok()
+            .and_then(|m| m.get(paths_uuid).cloned())
+            .ok_or(-libc::ENOENT)?;
+        let slot = sess
+            .devs
+            .get(device_id as usize)
+            .map_or(0, |d| d.swap(0, Ordering::AcqRel));
+        let name = ((slot & SLOT_EXPORT) as usize)
+            .checked_sub(1)
+            .and_then(|i| self.export(i))
+            .map(|e| e.name.clone())
+            .ok_or(-libc::ENOENT)?;
+        self.log_close(slot, device_id as usize, sess.sessname(), "by the operator");
+        self.release(slot);
+        Ok(name)
+    }
+
     /// Opens of slot `idx` over all sessions.
     fn openers(&self, idx: usize) -> usize {
         let Ok(m) = self.sessions.lock() else {
@@ -1050,6 +1074,13 @@ mod tests {
         assert_eq!(srv.remove_export("b"), Err(-libc::EBUSY));
         // Still served after the refused remove.
         assert_eq!(io(&mut h, id, RnbdOp::Read, IoDir::Read, 0, &mut data), 0);
+        assert_eq!(srv.force_close(&[1; 16], id), Ok("b".to_string()));
+        assert_eq!(srv.force_close(&[1; 16], id), Err(-libc::ENOENT));
+        assert_eq!(srv.force_close(&[9; 16], 0), Err(-libc::ENOENT));
+        assert_eq!(
+            io(&mut h, id, RnbdOp::Read, IoDir::Read, 0, &mut data),
+            -libc::ENOTCONN
+        );
         assert_eq!(close(&mut h, id), 0);
         assert_eq!(srv.remove_export("b"), Ok(()));
         assert_eq!(srv.remove_export("b"), Err(-libc::ENOENT));
