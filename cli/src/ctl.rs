@@ -435,6 +435,33 @@ pub fn handle_line(line: &str, b: &dyn Backend) -> Response {
     }
 }
 
+/// A bound control socket not served yet (bound early, so a bad `--ctl`
+/// stops the server before it listens for clients).
+#[derive(Debug)]
+pub struct CtlSocket {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+}
+
+impl CtlSocket {
+    /// Binds `path` (see [`bind`]).
+    pub fn bind(path: &Path) -> Result<CtlSocket, String> {
+        Ok(CtlSocket {
+            listener: Some(bind(path)?),
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for CtlSocket {
+    /// Never served (the server failed to start): the file goes.
+    fn drop(&mut self) {
+        if self.listener.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// The server side: the backend, and what it counts.
 pub struct CtlServer {
     path: PathBuf,
@@ -656,15 +683,19 @@ fn bind(path: &Path) -> Result<UnixListener, String> {
 }
 
 impl CtlServer {
-    /// Serves the control socket at `path` from a thread of its own (never
-    /// a core) until stopped or dropped.
-    /// `refused` counts the connections refused (a foreign uid).
-    pub fn listen(
-        path: &Path,
+    /// Serves a socket bound by [`CtlSocket::bind`] from a thread of its
+    /// own (never a core) until dropped; `refused` counts the connections
+    /// refused (a foreign uid).
+    pub fn serve(
+        mut sock: CtlSocket,
         backend: Arc<dyn Backend + Send + Sync>,
         refused: Arc<AtomicU64>,
     ) -> Result<CtlServer, String> {
-        let l = bind(path)?;
+        let l = sock
+            .listener
+            .take()
+            .ok_or("the control socket is served already")?;
+        let path = sock.path.as_path();
         l.set_nonblocking(true).map_err(|e| e.to_string())?;
         let stop = Arc::new(AtomicBool::new(false));
         let (stop2, refused2) = (stop.clone(), refused);

@@ -396,6 +396,8 @@ fn serve<F: Fabric>(fabric: F, a: &Settings) -> Result<(), String> {
         eprintln!("export {}: {} bytes{}", e.name(), e.size(), access_note(e));
     }
     let rnbd = RnbdServer::new(exports, cfg.max_io_size()).map_err(|e| e.to_string())?;
+    // Bound before any client can connect: a bad --ctl stops it here.
+    let ctl_sock = a.ctl.as_deref().map(ctl::CtlSocket::bind).transpose()?;
     let stop = pollers::Shutdown::on_ctrlc().map_err(|e| e.to_string())?;
     let pool = CorePool::launch(&a.cores).map_err(|e| e.to_string())?;
     let place = pool.place();
@@ -439,13 +441,13 @@ fn serve<F: Fabric>(fabric: F, a: &Settings) -> Result<(), String> {
             cores: a.cores.iter().copied().zip(pool.live()).collect(),
             refused: ctl_refused.clone(),
         });
-    let _ctl = match &a.ctl {
-        Some(p) => {
-            let c = ctl::CtlServer::listen(p, backend.clone(), ctl_refused)?;
+    let _ctl = match (ctl_sock, &a.ctl) {
+        (Some(sock), Some(p)) => {
+            let c = ctl::CtlServer::serve(sock, backend.clone(), ctl_refused)?;
             eprintln!("rtrs serve: control socket {}", p.display());
             Some(c)
         }
-        None => None,
+        _ => None,
     };
     if let Some(m) = a.metrics {
         let at = metrics::serve(m, srv.counters(), rnbd.clone(), backend.clone())?;

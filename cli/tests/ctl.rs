@@ -492,4 +492,20 @@ fn a_stale_socket_is_replaced_and_a_live_one_kept() {
     // The first server still answers.
     assert!(ctl(&sock, &["list", "paths"]).0);
     srv.stop();
+    assert!(!sock.exists());
+
+    // A server that fails to start (its port is taken) leaves no socket.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = rtrs()
+        .args(["serve", "--listen", &format!("tcp:127.0.0.1:{port}")])
+        .args(["--export", "r=ram:1M", "--ctl", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("listen on"), "{err}");
+    assert!(
+        !sock.exists(),
+        "a socket left by a server that did not start"
+    );
 }
