@@ -565,6 +565,13 @@ mod tests {
             .map_err(|_| "full")
             .unwrap();
         wait_for("parked", || wake.lock().unwrap().is_some());
+        // The core publishes its figures as it runs.
+        let live = cores.live(0).unwrap();
+        wait_for("published as parked", || live.pollers() == (0, 1));
+        let it = live.stats().iterations;
+        assert!(live.stats().parks >= 1);
+        wait_for("iterations published", || live.stats().iterations > it);
+        assert!(cores.live(1).is_none());
         let before = polls.load(Ordering::Relaxed);
         // Parked: many core iterations go by and it is never polled.
         std::thread::sleep(Duration::from_millis(30));

@@ -432,11 +432,6 @@ impl CorePool {
             .unwrap_or_default()
     }
 
-    /// The core connection `cid` runs on.
-    pub fn core_of(&self, cid: u16) -> usize {
-        (usize::from(cid).max(1) - 1) % self.n
-    }
-
     /// The [`Place`] that hands connections to these cores.
     pub fn place(&self) -> Place {
         let (cores, n) = (self.cores.clone(), self.n);
