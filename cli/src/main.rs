@@ -3,13 +3,21 @@
 //! ```text
 //!  rtrs serve --listen ADDR[,ADDR] --export NAME=ram:SIZE[,ro][,allow=SESS|...] [--export NAME=file:PATH]
 //!             [--cores LIST] [--always-invalidate on|off] [--queue-depth N] [--chunk-size BYTES]
+//!             [--config FILE.toml] [--ctl SOCKET] [--metrics ADDR]
+//!  rtrs ctl [--socket SOCKET] [--json] list sessions|paths|devices | stats [--session S] [--path P]
+//!           [--core N] | disconnect PATH | close SESSION | force-close SESSION DEV_ID
+//!           | export add NAME SPEC | export remove NAME
+//!  rtrs doctor [--cores LIST] [--json]
 //! ```
 //! `serve` is an RNBD server over RTRS, as the kernel's rnbd-server: the
 //! kernel's rnbd-client maps its exports with `map_device`.
 
+mod config;
+mod ctl;
 mod doctor;
 mod metrics;
 use clap::{Parser, Subcommand};
+use config::{Access, Settings};
 use rtrs_poll::fabric::soft::shm::ShmFabric;
 use rtrs_poll::fabric::soft::tcp::TcpFabric;
 use rtrs_poll::fabric::{Address, Fabric};
@@ -20,10 +28,10 @@ use std::process::ExitCode;
 #[derive(Parser, Debug)]
 #[command(name = "rtrs", version, about = "rtrs-poll's operator CLI")]
 struct Cli {
-    /// Log lines as text, or as one JSON object each (for log shippers).
-    /// RUST_LOG sets the level (info by default).
-    #[arg(long, value_enum, default_value = "text", global = true)]
-    log_format: LogFormat,
+    /// Log lines as text (the default), or as one JSON object each (for
+    /// log shippers). RUST_LOG sets the level (info by default).
+    #[arg(long, value_enum, global = true)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -36,8 +44,11 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Serve RNBD devices over RTRS until Ctrl-C.
+    /// Serve RNBD devices over RTRS until Ctrl-C or SIGTERM.
     Serve(Box<ServeArgs>),
+    /// Look into a running server, or act on it, over its control socket
+    /// (`rtrs serve --ctl PATH`).
+    Ctl(CtlArgs),
     /// Check this host for pinned pollers: hugepages, memlock, isolated
     /// cores, the clocksource, RDMA devices, interrupts on the poll cores.
     /// Exits non-zero when something would stop a run.
@@ -52,39 +63,121 @@ enum Cmd {
 }
 
 #[derive(clap::Args, Debug)]
+struct CtlArgs {
+    /// The server's control socket (default: /run/rtrs/ctl.sock for root,
+    /// else $XDG_RUNTIME_DIR/rtrs/ctl.sock).
+    #[arg(long)]
+    socket: Option<std::path::PathBuf>,
+    /// The server's JSON response as it is.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: CtlCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCmd {
+    /// List sessions, paths or devices.
+    List {
+        #[arg(value_enum)]
+        what: ListWhat,
+    },
+    /// Counters (per path: the kernel's rdma read/write count and bytes,
+    /// inflight, and ours; per core: polls, busy share, IOs, latency).
+    Stats {
+        /// Only this session (name or uuid).
+        #[arg(long)]
+        session: Option<String>,
+        /// Only this path (its id, or a unique prefix of it).
+        #[arg(long)]
+        path: Option<String>,
+        /// Only this core (index).
+        #[arg(long)]
+        core: Option<usize>,
+    },
+    /// Close a path's connections (its client reconnects), as the
+    /// kernel's sysfs `disconnect`.
+    Disconnect {
+        /// The path's id (from `list paths`) or a unique prefix.
+        path: String,
+    },
+    /// Close every path of a session.
+    Close {
+        /// The session's name or uuid.
+        session: String,
+    },
+    /// Close one open device of a session (its IO fails from now on), as
+    /// the kernel's rnbd-server `force_close`.
+    ForceClose {
+        /// The session's name or uuid.
+        session: String,
+        /// The device id (from `list devices`).
+        device_id: u32,
+    },
+    /// Add or remove an export at runtime.
+    #[command(subcommand)]
+    Export(ExportCmd),
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ListWhat {
+    Sessions,
+    Paths,
+    Devices,
+}
+
+#[derive(Subcommand, Debug)]
+enum ExportCmd {
+    /// Serve NAME from now on: SPEC as in --export NAME=SPEC (ram:SIZE or
+    /// file:PATH, then ,ro ,allow=... ,allow-key=...).
+    Add { name: String, spec: String },
+    /// Stop serving NAME (refused with EBUSY while a session has it open).
+    Remove { name: String },
+}
+
+#[derive(clap::Args, Debug)]
 struct ServeArgs {
+    /// Settings in TOML (scripts/deploy/rtrs.toml; docs/deploy.md); flags
+    /// given here override the file's.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// Address(es) to listen on: shm:NAME, tcp:HOST:PORT or rdma:HOST:PORT.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',')]
     listen: Vec<Address>,
     /// A device to export: NAME=ram:SIZE (e.g. ram0=ram:1G) or NAME=file:PATH,
     /// then options: ,ro (read-only: opens for writing get -EPERM),
     /// ,allow=SESS[|SESS...] (only these session names may open it, others
     /// get -EACCES), ,allow-key=ID[|ID...] (the same by key id). Names are
     /// unique (docs/rnbd.md).
-    #[arg(long = "export", required = true)]
+    #[arg(long = "export")]
     exports: Vec<String>,
-    /// Cores for the IO connections, e.g. 1 or 0,1.
-    #[arg(long, default_value = "0", value_delimiter = ',')]
+    /// Cores for the IO connections, e.g. 1 or 0,1 (default: 0).
+    #[arg(long, value_delimiter = ',')]
     cores: Vec<usize>,
     /// Serve the counters in the Prometheus text format at
     /// http://ADDR/metrics (e.g. 127.0.0.1:9465).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+    /// The control socket for `rtrs ctl` (a unix socket, mode 0600, for
+    /// this uid and root; off unless given).
+    #[arg(long)]
+    ctl: Option<std::path::PathBuf>,
     /// Refresh each chunk's rkey after every IO (the kernel's default: on).
-    #[arg(long, default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
-    always_invalidate: bool,
-    /// Chunks per session (the kernel's sess_queue_depth).
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u16).range(1..))]
-    queue_depth: u16,
-    /// Bytes per chunk (the kernel's max_chunk_size: a power of two >= 8192).
-    #[arg(long, default_value_t = 128 << 10)]
-    chunk_size: u32,
+    #[arg(long, value_parser = on_off, action = clap::ArgAction::Set)]
+    always_invalidate: Option<bool>,
+    /// Chunks per session (the kernel's sess_queue_depth; default 512).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    queue_depth: Option<u16>,
+    /// Bytes per chunk (the kernel's max_chunk_size: a power of two >= 8192;
+    /// default 131072).
+    #[arg(long)]
+    chunk_size: Option<u32>,
     /// Heartbeat interval in milliseconds (the kernel's: 5000).
-    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
-    hb_interval_ms: u64,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    hb_interval_ms: Option<u64>,
     /// Missed heartbeats before a path is dead (the kernel's: 5).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    hb_missed: u32,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    hb_missed: Option<u32>,
     /// A housekeeping CPU for the control thread (default: unpinned).
     #[arg(long)]
     control_cpu: Option<usize>,
@@ -108,21 +201,21 @@ struct AccessArgs {
     /// --auth-key): any host that reaches the port may open any export.
     #[arg(long)]
     insecure: bool,
-    /// Sessions in all.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    max_sessions: u64,
-    /// Sessions from one source host.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    max_sessions_per_host: u64,
+    /// Sessions in all (default 256).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_sessions: Option<u64>,
+    /// Sessions from one source host (default 16).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_sessions_per_host: Option<u64>,
     /// Paths of one session (the kernel's limit: 128).
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=128))]
-    max_paths_per_session: u64,
-    /// Connections of one source host still in their handshake.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    max_handshakes_per_host: u64,
-    /// Seconds a path may take to finish its handshake.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    handshake_timeout: u64,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=128))]
+    max_paths_per_session: Option<u64>,
+    /// Connections of one source host still in their handshake (default 256).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_handshakes_per_host: Option<u64>,
+    /// Seconds a path may take to finish its handshake (default 30).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    handshake_timeout: Option<u64>,
     /// Chunk memory all sessions may hold (e.g. 4G; default: a quarter of
     /// the host's memory).
     #[arg(long, value_parser = parse_bytes)]
@@ -140,9 +233,9 @@ struct AccessArgs {
     /// Sessions whose chunk memory is preallocated at start (one region,
     /// hugepages when reserved, registered once; within the memory
     /// budget); sessions beyond get memory of their own while the budget
-    /// allows. 0: none.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=4096))]
-    prealloc_sessions: u64,
+    /// allows. 0: none (default 2).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=4096))]
+    prealloc_sessions: Option<u64>,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -161,7 +254,7 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("bad size {s:?}: expected e.g. 512M, 4G"))
 }
 
-impl AccessArgs {
+impl Access {
     fn limits(&self) -> rtrs_poll::srv::Limits {
         let d = rtrs_poll::srv::Limits::default();
         rtrs_poll::srv::Limits {
@@ -235,7 +328,7 @@ fn sd_notify(state: &str) {
 }
 
 /// The tcp fabric with the listener's key and handshake allowance.
-fn tcp_fabric(access: &AccessArgs) -> Result<TcpFabric, String> {
+fn tcp_fabric(access: &Access) -> Result<TcpFabric, String> {
     let mut cfg = rtrs_poll::fabric::soft::tcp::TcpConfig {
         max_pending_per_host: access.max_handshakes_per_host as usize,
         ..Default::default()
@@ -286,7 +379,7 @@ fn on_off(s: &str) -> Result<bool, String> {
     }
 }
 
-fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
+fn serve<F: Fabric>(fabric: F, a: &Settings) -> Result<(), String> {
     let cfg = SrvConfig {
         queue_depth: a.queue_depth,
         max_chunk_size: a.chunk_size,
@@ -310,6 +403,8 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         eprintln!("export {}: {} bytes{}", e.name(), e.size(), access_note(e));
     }
     let rnbd = RnbdServer::new(exports, cfg.max_io_size()).map_err(|e| e.to_string())?;
+    // Bound before any client can connect: a bad --ctl stops it here.
+    let ctl_sock = a.ctl.as_deref().map(ctl::CtlSocket::bind).transpose()?;
     let stop = pollers::Shutdown::on_ctrlc().map_err(|e| e.to_string())?;
     let pool = CorePool::launch(&a.cores).map_err(|e| e.to_string())?;
     let place = pool.place();
@@ -345,8 +440,24 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         a.queue_depth,
         a.chunk_size
     );
+    let ctl_refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let backend: std::sync::Arc<dyn ctl::Backend + Send + Sync> =
+        std::sync::Arc::new(ctl::SrvBackend {
+            srv: srv.handle(),
+            rnbd: rnbd.clone(),
+            cores: a.cores.iter().copied().zip(pool.live()).collect(),
+            refused: ctl_refused.clone(),
+        });
+    let _ctl = match (ctl_sock, &a.ctl) {
+        (Some(sock), Some(p)) => {
+            let c = ctl::CtlServer::serve(sock, backend.clone(), ctl_refused)?;
+            eprintln!("rtrs serve: control socket {}", p.display());
+            Some(c)
+        }
+        _ => None,
+    };
     if let Some(m) = a.metrics {
-        let at = metrics::serve(m, srv.counters(), rnbd.clone())?;
+        let at = metrics::serve(m, srv.counters(), rnbd.clone(), backend.clone())?;
         eprintln!("rtrs serve: metrics on http://{at}/metrics");
     }
     sd_notify("READY=1");
@@ -355,6 +466,7 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
     }
     sd_notify("STOPPING=1");
     eprintln!("rtrs serve: stopping");
+    drop(_ctl);
     for (kind, n) in rnbd.counters().refusals() {
         eprintln!("rtrs serve: rnbd refusals {}: {n}", kind.name());
     }
@@ -363,16 +475,89 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// `rtrs ctl`: one request, its answer printed (a table, or the JSON
+/// with --json); an error is non-zero.
+fn run_ctl(a: &CtlArgs) -> Result<(), String> {
+    let req = match &a.cmd {
+        CtlCmd::List { what } => match what {
+            ListWhat::Sessions => ctl::Request::ListSessions {},
+            ListWhat::Paths => ctl::Request::ListPaths {},
+            ListWhat::Devices => ctl::Request::ListDevices {},
+        },
+        CtlCmd::Stats {
+            session,
+            path,
+            core,
+        } => ctl::Request::Stats {
+            session: session.clone(),
+            path: path.clone(),
+            core: *core,
+        },
+        CtlCmd::Disconnect { path } => ctl::Request::Disconnect { path: path.clone() },
+        CtlCmd::Close { session } => ctl::Request::Close {
+            session: session.clone(),
+        },
+        CtlCmd::ForceClose { session, device_id } => ctl::Request::ForceClose {
+            session: session.clone(),
+            device_id: *device_id,
+        },
+        CtlCmd::Export(ExportCmd::Add { name, spec }) => ctl::Request::ExportAdd {
+            name: name.clone(),
+            spec: spec.clone(),
+        },
+        CtlCmd::Export(ExportCmd::Remove { name }) => {
+            ctl::Request::ExportRemove { name: name.clone() }
+        }
+    };
+    let socket = a.socket.clone().unwrap_or_else(ctl::default_socket);
+    let rsp = ctl::request(&socket, &req)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&rsp).unwrap_or_default());
+    }
+    if !rsp.ok {
+        return Err(rsp.error.unwrap_or_else(|| "the server refused".into()));
+    }
+    if !a.json {
+        print!("{}", ctl::human(&req, &rsp.data.unwrap_or_default()));
+    }
+    Ok(())
+}
+
+/// The settings of `rtrs serve` (its --config file under its flags), and
+/// the log format the file asks for.
+fn settings(a: &ServeArgs) -> Result<(Settings, Option<LogFormat>), String> {
+    let file = match &a.config {
+        Some(p) => config::load(p)?,
+        None => config::FileConfig::default(),
+    };
+    Ok((config::resolve(a, &file)?, config::log_format(&file)?))
+}
+
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The config file is read before logging starts: it may set the format.
+    let serve_settings = match &cli.cmd {
+        Cmd::Serve(a) => match settings(a) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("rtrs: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let format = cli
+        .log_format
+        .or(serve_settings.as_ref().and_then(|s| s.1))
+        .unwrap_or(LogFormat::Text);
     // Path changes, refusals and fallbacks are logged: RUST_LOG sets the
     // level, info by default.
-    let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let installed = match cli.log_format {
+    let installed = match format {
         LogFormat::Json => logs.json().try_init(),
         LogFormat::Text => logs
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -381,15 +566,16 @@ fn main() -> ExitCode {
     if let Err(e) = installed {
         eprintln!("rtrs: logging is not set up: {e}");
     }
-    let r = match cli.cmd {
-        Cmd::Doctor { cores, json } => {
+    let r = match (cli.cmd, serve_settings) {
+        (Cmd::Doctor { cores, json }, _) => {
             let findings = doctor::run(std::path::Path::new("/"), &cores, None);
             match doctor::print(&findings, json) {
                 doctor::Level::Fail => Err("the host cannot run as asked (FAIL above)".into()),
                 _ => Ok(()),
             }
         }
-        Cmd::Serve(a) => match &a.listen[0] {
+        (Cmd::Ctl(a), _) => run_ctl(&a),
+        (Cmd::Serve(_), Some((a, _))) => match &a.listen[0] {
             Address::Shm(_) => serve(ShmFabric::new(), &a),
             Address::Tcp { .. } => tcp_fabric(&a.access).and_then(|f| serve(f, &a)),
             #[cfg(feature = "rdma")]
@@ -402,6 +588,7 @@ fn main() -> ExitCode {
                 other.scheme()
             )),
         },
+        (Cmd::Serve(_), None) => Err("no settings".into()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,7 +17,7 @@
 use crate::shutdown::Shutdown;
 use crate::{spsc, Full, PollersError};
 use minstant::Instant;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,6 +131,54 @@ impl CoreStats {
     }
 }
 
+/// A core's figures as it runs, published by the core every
+/// [`PARK_CHECK_EVERY`] iterations (a few relaxed stores, no lock) for a
+/// control thread or an operator to read ([`Cores::live`]).
+#[derive(Debug, Default)]
+pub struct LiveStats {
+    iterations: AtomicU64,
+    busy_iterations: AtomicU64,
+    busy_ns: AtomicU64,
+    idle_ns: AtomicU64,
+    parks: AtomicU64,
+    unparks: AtomicU64,
+    active: AtomicU64,
+    parked: AtomicU64,
+}
+
+impl LiveStats {
+    fn publish(&self, s: &CoreStats, active: usize, parked: usize) {
+        let r = Ordering::Relaxed;
+        self.iterations.store(s.iterations, r);
+        self.busy_iterations.store(s.busy_iterations, r);
+        self.busy_ns.store(s.busy_ns, r);
+        self.idle_ns.store(s.idle_ns, r);
+        self.parks.store(s.parks, r);
+        self.unparks.store(s.unparks, r);
+        self.active.store(active as u64, r);
+        self.parked.store(parked as u64, r);
+    }
+
+    /// The loop accounting as last published.
+    pub fn stats(&self) -> CoreStats {
+        let r = Ordering::Relaxed;
+        CoreStats {
+            iterations: self.iterations.load(r),
+            busy_iterations: self.busy_iterations.load(r),
+            busy_ns: self.busy_ns.load(r),
+            idle_ns: self.idle_ns.load(r),
+            parks: self.parks.load(r),
+            unparks: self.unparks.load(r),
+        }
+    }
+
+    /// Pollers polled every iteration, and parked ones, as last published.
+    pub fn pollers(&self) -> (u64, u64) {
+        let r = Ordering::Relaxed;
+        (self.active.load(r), self.parked.load(r))
+    }
+}
+
 /// A core's report when it stops.
 #[derive(Clone, Debug)]
 pub struct CoreReport {
@@ -152,9 +200,21 @@ type Factory = Arc<dyn Fn(usize) -> Vec<Box<dyn Poller>> + Send + Sync>;
 pub fn run_core(
     cpu: usize,
     pollers: Vec<Box<dyn Poller>>,
+    adds: Option<spsc::Consumer<Box<dyn Poller>>>,
+    stop: &Shutdown,
+    drain_deadline: Duration,
+) -> CoreReport {
+    run_core_live(cpu, pollers, adds, stop, drain_deadline, None)
+}
+
+/// [`run_core`], publishing its figures to `live` as it runs.
+pub fn run_core_live(
+    cpu: usize,
+    pollers: Vec<Box<dyn Poller>>,
     mut adds: Option<spsc::Consumer<Box<dyn Poller>>>,
     stop: &Shutdown,
     drain_deadline: Duration,
+    live: Option<&LiveStats>,
 ) -> CoreReport {
     let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
     if !pinned {
@@ -193,6 +253,9 @@ pub fn run_core(
         }
         last = now;
         if stats.iterations % PARK_CHECK_EVERY == 0 {
+            if let Some(l) = live {
+                l.publish(&stats, active.len(), parked.len());
+            }
             let mut i = 0;
             while i < active.len() {
                 match active[i].0.park(now, &bell) {
@@ -230,6 +293,9 @@ pub fn run_core(
             active.retain(|(p, _)| !p.finished());
             parked.retain(|(p, _, _)| !p.finished());
         }
+    }
+    if let Some(l) = live {
+        l.publish(&stats, active.len(), parked.len());
     }
     active.extend(parked.drain(..).map(|(p, w, _)| (p, w)));
     let deadline = Instant::now() + drain_deadline;
@@ -310,6 +376,7 @@ fn room_for_all(
 pub struct Cores {
     handles: Vec<std::thread::JoinHandle<CoreReport>>,
     adds: Vec<spsc::Producer<Box<dyn Poller>>>,
+    live: Vec<Arc<LiveStats>>,
     stop: Shutdown,
 }
 
@@ -331,19 +398,26 @@ impl Cores {
         let make: Factory = Arc::new(make);
         let mut handles = Vec::new();
         let mut adds = Vec::new();
+        let mut lives = Vec::new();
         for (i, &cpu) in cpus.iter().enumerate() {
             let (tx, rx) = spsc::channel(16);
             let (make, stop2) = (make.clone(), stop.clone());
+            let live = Arc::new(LiveStats::default());
+            let l2 = live.clone();
             let h = std::thread::Builder::new()
                 .name(format!("rtrs-core{i}"))
-                .spawn(move || run_core(cpu, make(i), Some(rx), &stop2, drain_deadline))
+                .spawn(move || {
+                    run_core_live(cpu, make(i), Some(rx), &stop2, drain_deadline, Some(&l2))
+                })
                 .map_err(PollersError::Spawn)?;
             handles.push(h);
             adds.push(tx);
+            lives.push(live);
         }
         Ok(Cores {
             handles,
             adds,
+            live: lives,
             stop,
         })
     }
@@ -354,6 +428,12 @@ impl Cores {
             Some(tx) => tx.push(p),
             None => Err(Full(p)),
         }
+    }
+
+    /// Core `i`'s figures as it runs (published every
+    /// [`PARK_CHECK_EVERY`] iterations).
+    pub fn live(&self, i: usize) -> Option<Arc<LiveStats>> {
+        self.live.get(i).cloned()
     }
 
     /// How many cores run.
@@ -522,6 +602,13 @@ mod tests {
             .map_err(|_| "full")
             .unwrap();
         wait_for("parked", || wake.lock().unwrap().is_some());
+        // The core publishes its figures as it runs.
+        let live = cores.live(0).unwrap();
+        wait_for("published as parked", || live.pollers() == (0, 1));
+        let it = live.stats().iterations;
+        assert!(live.stats().parks >= 1);
+        wait_for("iterations published", || live.stats().iterations > it);
+        assert!(cores.live(1).is_none());
         let before = polls.load(Ordering::Relaxed);
         // Parked: many core iterations go by and it is never polled.
         std::thread::sleep(Duration::from_millis(30));

@@ -17,7 +17,9 @@ pub mod slow;
 pub mod spsc;
 mod sync;
 
-pub use crate::core::{run_core, Bell, CoreReport, CoreStats, Cores, Poller, Wake};
+pub use crate::core::{
+    run_core, run_core_live, Bell, CoreReport, CoreStats, Cores, LiveStats, Poller, Wake,
+};
 pub use shutdown::Shutdown;
 pub use slow::{Control, SlowLoop, SlowOpts, SlowPath, TimerId, Timers};
 

@@ -14,4 +14,7 @@ pub mod clt;
 pub mod srv;
 
 pub use clt::{RnbdClient, RnbdDev, RnbdError, RnbdEvent};
-pub use srv::{Export, ExportError, RnbdCounters, RnbdHandler, RnbdRefusal, RnbdServer, Rule};
+pub use srv::{
+    Export, ExportError, OpenDevice, RnbdCounters, RnbdHandler, RnbdRefusal, RnbdServer, Rule,
+    MAX_EXPORTS,
+};

@@ -7,7 +7,7 @@ use crate::proto::rnbd::*;
 use crate::srv::{ConInfo, Handler, Identity, IoDir, SrvIo, Verdict};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Devices one session may have open at once.
@@ -333,15 +333,22 @@ struct Sess {
     devs: Box<[AtomicU32]>,
     /// Refusal kinds already logged for this session (one bit each).
     logged: AtomicU8,
+    /// Who the client is (its first path's handshake), for log lines.
+    identity: Arc<OnceLock<Identity>>,
 }
 
 impl Sess {
-    fn new() -> Sess {
+    fn new(identity: Arc<OnceLock<Identity>>) -> Sess {
         Sess {
             ver: AtomicU8::new(0),
             devs: (0..MAX_OPEN).map(|_| AtomicU32::new(0)).collect(),
             logged: AtomicU8::new(0),
+            identity,
         }
+    }
+
+    fn sessname(&self) -> &str {
+        self.identity.get().map_or("?", |i| i.sessname.as_str())
     }
 }
 
@@ -415,9 +422,31 @@ impl RnbdCounters {
     }
 }
 
+/// Exports a server holds over its life, removed ones included (an
+/// export added at runtime takes a new slot; a removed one keeps its slot,
+/// and its memory, until the server ends: IO finds exports by slot
+/// without a lock, so a slot is never reused).
+pub const MAX_EXPORTS: usize = 1024;
+
+/// What an open of a device in a session is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenDevice {
+    /// The device id the client got.
+    pub device_id: u32,
+    /// The export.
+    pub export: String,
+    /// "ro", "rw" or "migration".
+    pub mode: &'static str,
+}
+
 /// The RNBD server: exports, and the sessions using them.
 pub struct RnbdServer {
-    exports: Vec<Export>,
+    /// Slots, filled in order; IO reads them with no lock.
+    exports: Box<[OnceLock<Export>]>,
+    /// Per slot: removed (no new opens; found by no name).
+    removed: Box<[AtomicBool]>,
+    /// Serializes adds and removes (never taken by IO).
+    admin: Mutex<()>,
     sessions: Mutex<HashMap<[u8; 16], Arc<Sess>>>,
     max_io_size: u32,
     counters: RnbdCounters,
@@ -426,7 +455,7 @@ pub struct RnbdServer {
 impl std::fmt::Debug for RnbdServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RnbdServer")
-            .field("exports", &self.exports)
+            .field("exports", &self.export_names())
             .finish()
     }
 }
@@ -440,8 +469,20 @@ impl RnbdServer {
                 return Err(ExportError::Duplicate(e.name.clone()));
             }
         }
+        if exports.len() > MAX_EXPORTS {
+            return Err(ExportError::Spec(
+                String::new(),
+                format!("more than {MAX_EXPORTS} exports"),
+            ));
+        }
+        let slots: Box<[OnceLock<Export>]> = (0..MAX_EXPORTS).map(|_| OnceLock::new()).collect();
+        for (slot, e) in slots.iter().zip(exports) {
+            let _ = slot.set(e);
+        }
         Ok(Arc::new(RnbdServer {
-            exports,
+            exports: slots,
+            removed: (0..MAX_EXPORTS).map(|_| AtomicBool::new(false)).collect(),
+            admin: Mutex::new(()),
             sessions: Mutex::new(HashMap::new()),
             max_io_size,
             counters: RnbdCounters::default(),
@@ -458,9 +499,9 @@ impl RnbdServer {
         let sess = match self.sessions.lock() {
             Ok(mut m) => m
                 .entry(info.paths_uuid)
-                .or_insert_with(|| Arc::new(Sess::new()))
+                .or_insert_with(|| Arc::new(Sess::new(info.identity.clone())))
                 .clone(),
-            Err(_) => Arc::new(Sess::new()),
+            Err(_) => Arc::new(Sess::new(info.identity.clone())),
         };
         RnbdHandler {
             srv: self.clone(),
@@ -479,8 +520,10 @@ impl RnbdServer {
             .ok()
             .and_then(|mut m| m.remove(paths_uuid));
         if let Some(s) = sess {
-            for d in s.devs.iter() {
-                self.release(d.swap(0, Ordering::AcqRel));
+            for (id, d) in s.devs.iter().enumerate() {
+                let slot = d.swap(0, Ordering::AcqRel);
+                self.log_close(slot, id, s.sessname(), "the session ended");
+                self.release(slot);
             }
         }
     }
@@ -492,10 +535,165 @@ impl RnbdServer {
 
     /// Write openers of an export.
     pub fn writers(&self, name: &str) -> Option<u32> {
+        self.find(name)
+            .and_then(|i| self.export(i))
+            .map(|e| e.writers.load(Ordering::Relaxed))
+    }
+
+    /// The export in slot `idx` (a removed one too: IO on it may still
+    /// be finishing).
+    fn export(&self, idx: usize) -> Option<&Export> {
+        self.exports.get(idx).and_then(OnceLock::get)
+    }
+
+    /// The slot of the export called `name` (not removed).
+    fn find(&self, name: &str) -> Option<usize> {
         self.exports
             .iter()
-            .find(|e| e.name == name)
-            .map(|e| e.writers.load(Ordering::Relaxed))
+            .enumerate()
+            .map_while(|(i, s)| s.get().map(|e| (i, e)))
+            .find(|(i, e)| e.name == name && !self.removed[*i].load(Ordering::SeqCst))
+            .map(|(i, _)| i)
+    }
+
+    /// The exports served now: (name, size, read-only).
+    pub fn export_names(&self) -> Vec<(String, u64, bool)> {
+        self.exports
+            .iter()
+            .enumerate()
+            .map_while(|(i, s)| s.get().map(|e| (i, e)))
+            .filter(|(i, _)| !self.removed[*i].load(Ordering::SeqCst))
+            .map(|(_, e)| (e.name.clone(), e.size, e.read_only))
+            .collect()
+    }
+
+    /// Serves one more export from now on (logged); a name in use is
+    /// refused.
+    pub fn add_export(&self, e: Export) -> Result<(), ExportError> {
+        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        if self.find(&e.name).is_some() {
+            return Err(ExportError::Duplicate(e.name.clone()));
+        }
+        let Some(slot) = self.exports.iter().find(|s| s.get().is_none()) else {
+            return Err(ExportError::Spec(
+                e.name.clone(),
+                format!("no room: {MAX_EXPORTS} exports were added over this server's life"),
+            ));
+        };
+        tracing::info!(export = %e.name, size = e.size, read_only = e.read_only, "export added");
+        let _ = slot.set(e);
+        Ok(())
+    }
+
+    /// Stops serving an export: refused with -EBUSY while a session has it
+    /// open (and -ENOENT for no such export); logged either way.
+    pub fn remove_export(&self, name: &str) -> Result<(), i32> {
+        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(idx) = self.find(name) else {
+            tracing::info!(export = name, "remove export: no such export");
+            return Err(-libc::ENOENT);
+        };
+        // Marked first, then the sessions scanned: an open racing with it
+        // sets its slot first and checks the mark after (both SeqCst), so
+        // one of the two sees the other.
+        self.removed[idx].store(true, Ordering::SeqCst);
+        let busy = self.openers(idx);
+        if busy > 0 {
+            self.removed[idx].store(false, Ordering::SeqCst);
+            tracing::warn!(
+                export = name,
+                sessions = busy,
+                "remove export refused: it is open (-EBUSY)"
+            );
+            return Err(-libc::EBUSY);
+        }
+        tracing::info!(export = name, "export removed");
+        Ok(())
+    }
+
+    /// Closes device `device_id` of session `paths_uuid` (the kernel's
+    /// rnbd-server `force_close`): its IO gets -ENOTCONN from now on.
+    /// Returns the export's name; -ENOENT when it is not open.
+    pub fn force_close(&self, paths_uuid: &[u8; 16], device_id: u32) -> Result<String, i32> {
+        let sess = self
+            .sessions
+            .lock()
+            .ok()
+            .and_then(|m| m.get(paths_uuid).cloned())
+            .ok_or(-libc::ENOENT)?;
+        let slot = sess
+            .devs
+            .get(device_id as usize)
+            .map_or(0, |d| d.swap(0, Ordering::AcqRel));
+        let name = ((slot & SLOT_EXPORT) as usize)
+            .checked_sub(1)
+            .and_then(|i| self.export(i))
+            .map(|e| e.name.clone())
+            .ok_or(-libc::ENOENT)?;
+        self.log_close(slot, device_id as usize, sess.sessname(), "by the operator");
+        self.release(slot);
+        Ok(name)
+    }
+
+    /// Opens of slot `idx` over all sessions.
+    fn openers(&self, idx: usize) -> usize {
+        let Ok(m) = self.sessions.lock() else {
+            return 0;
+        };
+        m.values()
+            .flat_map(|s| s.devs.iter())
+            .filter(|d| {
+                let v = d.load(Ordering::SeqCst);
+                v != 0 && (v & SLOT_EXPORT) as usize == idx + 1
+            })
+            .count()
+    }
+
+    /// Each known session's open devices, by client session uuid.
+    pub fn open_devices(&self) -> Vec<([u8; 16], Vec<OpenDevice>)> {
+        let Ok(m) = self.sessions.lock() else {
+            return Vec::new();
+        };
+        m.iter()
+            .map(|(u, s)| {
+                let devs = s
+                    .devs
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(id, d)| {
+                        let v = d.load(Ordering::Acquire);
+                        let e = self.export(((v & SLOT_EXPORT) as usize).checked_sub(1)?)?;
+                        Some(OpenDevice {
+                            device_id: id as u32,
+                            export: e.name.clone(),
+                            mode: match slot_mode(v) {
+                                m if m == AccessMode::Ro as u32 => "ro",
+                                m if m == AccessMode::Rw as u32 => "rw",
+                                _ => "migration",
+                            },
+                        })
+                    })
+                    .collect();
+                (*u, devs)
+            })
+            .collect()
+    }
+
+    /// One line per device closed (a slot that was open).
+    fn log_close(&self, slot: u32, id: usize, sessname: &str, why: &str) {
+        let Some(e) = ((slot & SLOT_EXPORT) as usize)
+            .checked_sub(1)
+            .and_then(|i| self.export(i))
+        else {
+            return;
+        };
+        tracing::info!(
+            sessname,
+            export = %e.name,
+            device_id = id,
+            "rnbd: device {} closed ({why})",
+            e.name
+        );
     }
 
     fn release(&self, slot: u32) {
@@ -504,7 +702,7 @@ impl RnbdServer {
         }
         let (idx, mode) = ((slot & SLOT_EXPORT) as usize - 1, slot_mode(slot));
         if mode != AccessMode::Ro as u32 {
-            if let Some(e) = self.exports.get(idx) {
+            if let Some(e) = self.export(idx) {
                 e.writers.fetch_sub(1, Ordering::AcqRel);
             }
         }
@@ -555,10 +753,13 @@ impl RnbdHandler {
 
     fn open(&mut self, v: &Open<&[u8]>, out: &mut [u8]) -> i32 {
         let name = v.dev_name();
-        let Some(idx) = self.srv.exports.iter().position(|e| e.name == name) else {
+        let Some((idx, e)) = self
+            .srv
+            .find(name)
+            .and_then(|i| Some((i, self.srv.export(i)?)))
+        else {
             return -libc::ENOENT;
         };
-        let e = &self.srv.exports[idx];
         let mode = v.access_mode();
         if out.len() < OpenRsp::<&[u8]>::LEN {
             // No room for the answer: open nothing the client cannot know.
@@ -607,12 +808,33 @@ impl RnbdHandler {
                 .ok()
                 .map(|_| id),
             None => self.sess.devs.iter().position(|d| {
-                d.compare_exchange(0, slot, Ordering::AcqRel, Ordering::Acquire)
+                // SeqCst: ordered before the removed mark's check below.
+                d.compare_exchange(0, slot, Ordering::SeqCst, Ordering::Acquire)
                     .is_ok()
             }),
         };
+        if let (Some(id), None) = (id, upgrade) {
+            // Removed meanwhile (rtrs ctl export remove): the remove scans
+            // the slots after marking, this checks the mark after setting.
+            if self.srv.removed[idx].load(Ordering::SeqCst) {
+                self.srv
+                    .release(self.sess.devs[id].swap(0, Ordering::AcqRel));
+                return -libc::ENOENT;
+            }
+        }
         match id {
-            Some(id) => self.open_rsp(id, e, out),
+            Some(id) => {
+                // Opens are control messages, rare on a core: one line each.
+                tracing::info!(
+                    sessname = self.identity.get().map_or("?", |i| i.sessname.as_str()),
+                    export = %e.name,
+                    device_id = id,
+                    mode = ?mode,
+                    "rnbd: device {} opened",
+                    e.name
+                );
+                self.open_rsp(id, e, out)
+            }
             None => {
                 self.srv.release(slot);
                 // No free id; or the read-only open was closed meanwhile.
@@ -659,7 +881,7 @@ impl RnbdHandler {
         if slot == 0 {
             return -libc::ENOTCONN;
         }
-        let Some(e) = self.srv.exports.get((slot & SLOT_EXPORT) as usize - 1) else {
+        let Some(e) = self.srv.export((slot & SLOT_EXPORT) as usize - 1) else {
             return -libc::ENOTCONN;
         };
         // Stricter than the kernel, which checks the mode at open only: a
@@ -730,7 +952,11 @@ impl Handler for RnbdHandler {
             }
             Ok(RnbdMsg::Close(v)) => {
                 if let Some(d) = self.sess.devs.get(v.device_id() as usize) {
-                    self.srv.release(d.swap(0, Ordering::AcqRel));
+                    let slot = d.swap(0, Ordering::AcqRel);
+                    let who = self.identity.get().map_or("?", |i| i.sessname.as_str());
+                    self.srv
+                        .log_close(slot, v.device_id() as usize, who, "by the client");
+                    self.srv.release(slot);
                 }
                 0
             }
@@ -820,6 +1046,50 @@ mod tests {
         .emit(&mut usr)
         .unwrap();
         call(h, &usr, dir, data)
+    }
+
+    fn close(h: &mut RnbdHandler, id: u32) -> i32 {
+        let mut usr = [0u8; Close::<&[u8]>::LEN];
+        CloseRepr { device_id: id }.emit(&mut usr).unwrap();
+        call(h, &usr, IoDir::Write, &mut [])
+    }
+
+    #[test]
+    fn exports_are_added_and_removed_at_runtime_but_not_while_open() {
+        let srv = server(vec![Export::ram("a", MB).unwrap()]);
+        let mut h = con(&srv, 1, named("s"));
+        assert_eq!(open(&mut h, "b", AccessMode::Rw), Err(-libc::ENOENT));
+        srv.add_export(Export::ram("b", MB).unwrap()).unwrap();
+        assert!(matches!(
+            srv.add_export(Export::ram("b", MB).unwrap()),
+            Err(ExportError::Duplicate(_))
+        ));
+        let id = open(&mut h, "b", AccessMode::Rw).unwrap();
+        let mut data = vec![7u8; 4096];
+        assert_eq!(io(&mut h, id, RnbdOp::Write, IoDir::Write, 0, &mut data), 0);
+        let devs = srv.open_devices();
+        assert_eq!(devs.len(), 1);
+        assert_eq!(devs[0].1[0].export, "b");
+        assert_eq!(devs[0].1[0].mode, "rw");
+        assert_eq!(srv.remove_export("b"), Err(-libc::EBUSY));
+        // Still served after the refused remove.
+        assert_eq!(io(&mut h, id, RnbdOp::Read, IoDir::Read, 0, &mut data), 0);
+        assert_eq!(srv.force_close(&[1; 16], id), Ok("b".to_string()));
+        assert_eq!(srv.force_close(&[1; 16], id), Err(-libc::ENOENT));
+        assert_eq!(srv.force_close(&[9; 16], 0), Err(-libc::ENOENT));
+        assert_eq!(
+            io(&mut h, id, RnbdOp::Read, IoDir::Read, 0, &mut data),
+            -libc::ENOTCONN
+        );
+        assert_eq!(close(&mut h, id), 0);
+        assert_eq!(srv.remove_export("b"), Ok(()));
+        assert_eq!(srv.remove_export("b"), Err(-libc::ENOENT));
+        assert_eq!(open(&mut h, "b", AccessMode::Ro), Err(-libc::ENOENT));
+        let names: Vec<String> = srv.export_names().into_iter().map(|e| e.0).collect();
+        assert_eq!(names, ["a"]);
+        // The name can be served again (a new slot).
+        srv.add_export(Export::ram("b", MB).unwrap()).unwrap();
+        assert!(open(&mut h, "b", AccessMode::Ro).is_ok());
     }
 
     #[test]

@@ -51,6 +51,8 @@ struct Inflight {
     claim: Option<mempool::Claim>,
     /// A read: the client buffer, and whether to invalidate its key.
     read: Option<(SgDesc, bool)>,
+    /// The poll that took the request (for its latency).
+    taken: Option<Instant>,
 }
 
 /// A server connection.
@@ -299,7 +301,9 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             self.seen_recvs = seen;
             hb.on_recv();
         }
-        match hb.handle_timeout(now) {
+        let action = hb.handle_timeout(now);
+        self.path.set_heartbeats_missed(hb.missed());
+        match action {
             HbAction::Wait => {}
             HbAction::Send => {
                 if let Err(e) = self.post(hb_wr(WR_HB, false)) {
@@ -337,7 +341,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
                     return self.local(format!("cannot repost a receive: {e}"));
                 }
                 match self.path.layout.decode_srv(wc.imm) {
-                    Ok(Imm::IoReq { buf_id, off }) => self.on_request(buf_id, off),
+                    Ok(Imm::IoReq { buf_id, off }) => self.on_request(buf_id, off, now),
                     Ok(Imm::HbMsg) => {
                         if let Err(e) = self.post(hb_wr(WR_HB, true)) {
                             self.local(format!("cannot ack a heartbeat: {e}"));
@@ -407,7 +411,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         }
     }
 
-    fn on_request(&mut self, buf_id: u32, off: u32) {
+    fn on_request(&mut self, buf_id: u32, off: u32, now: Instant) {
         // No Arc clone per IO: a locked increment would wait for the
         // handler's stores to drain. Fields are borrowed one by one instead.
         let path = &*self.path;
@@ -418,7 +422,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             return self.protocol(format!("request for chunk {buf_id}, which is in use"));
         }
         match path.chunks.claim(buf_id) {
-            Some(claim) => self.serve(buf_id, off, claim),
+            Some(claim) => self.serve(buf_id, off, claim, now),
             // Another connection of the session still holds the chunk: the
             // client sent the request again here after another path failed,
             // before that path's handler was done with it. It waits.
@@ -438,7 +442,8 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
                 break;
             };
             self.waiting.pop_front();
-            self.serve(buf_id, off, claim);
+            // Rare (a request sent again after another path failed).
+            self.serve(buf_id, off, claim, Instant::now());
             n += 1;
             if self.done {
                 break;
@@ -448,7 +453,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
     }
 
     /// Hands the request in claimed chunk `buf_id` to the handler.
-    fn serve(&mut self, buf_id: u32, off: u32, mut claim: mempool::Claim) {
+    fn serve(&mut self, buf_id: u32, off: u32, mut claim: mempool::Claim, now: Instant) {
         let path = &*self.path;
         if path.always_invalidate {
             // LOCAL_INV before touching the chunk: from here the client
@@ -496,6 +501,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         self.inflight[buf_id as usize] = Inflight {
             claim: Some(claim),
             read: read.and_then(|(d, inv)| d.map(|d| (d, inv))),
+            taken: Some(now),
         };
         if let Verdict::Done(errno) = verdict {
             self.respond(buf_id, errno);
@@ -519,6 +525,11 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         };
         let read = slot.read.take();
         let path = &*self.path;
+        if let Some(t) = slot.taken.take() {
+            // One TSC read per IO: residence time from the poll that took it.
+            let ns = Instant::now().saturating_duration_since(t).as_nanos() as u64;
+            path.stats.con(self.cid).lat.record(ns);
+        }
         // The chunk is free again before the client can hear so: it may
         // send the next request on it the moment the response lands.
         if let Err(e) = path.chunks.release(claim) {

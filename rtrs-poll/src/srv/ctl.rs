@@ -35,6 +35,9 @@ pub(crate) enum SrvMsg {
     Listen(Address, std::sync::mpsc::SyncSender<Result<(), SrvError>>),
     /// Run a callback on every event from now on.
     OnEvent(OnEvent),
+    /// The operator closes paths (`rtrs ctl disconnect` / `close`): the
+    /// reply is how many were open.
+    Close(super::CloseTarget, std::sync::mpsc::SyncSender<usize>),
 }
 
 /// What the handle and the control thread share.
@@ -42,6 +45,13 @@ pub(crate) struct Shared<F: Fabric> {
     pub(crate) paths: Mutex<Vec<Arc<SrvPath<F>>>>,
     pub(crate) subs: Mutex<Vec<std::sync::mpsc::Sender<SrvEvent>>>,
     pub(crate) counters: Arc<super::SrvCounters>,
+}
+
+impl<F: Fabric> Shared<F> {
+    /// The paths as last published (not closed yet).
+    pub(crate) fn live_paths(&self) -> Vec<Arc<SrvPath<F>>> {
+        self.paths.lock().map(|l| l.clone()).unwrap_or_default()
+    }
 }
 
 impl<F: Fabric> Default for Shared<F> {
@@ -204,10 +214,48 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         self
     }
 
+    /// Logs the event (one line; a session's first path up and its last
+    /// path closed add the session's own line) and tells the embedder.
     fn emit(&mut self, ev: SrvEvent) {
         match &ev {
-            SrvEvent::PathUp { .. } => tracing::info!("{ev}"),
-            _ => tracing::warn!("{ev}"),
+            SrvEvent::PathUp {
+                sessname,
+                paths_uuid,
+                ..
+            } => {
+                let connected = self.sessions.get(paths_uuid).map_or(0, |s| {
+                    s.paths
+                        .iter()
+                        .filter(|p| p.state() == PathState::Connected)
+                        .count()
+                });
+                if connected == 1 {
+                    tracing::info!(sessname = %sessname, "session {sessname} connected");
+                }
+                tracing::info!("{ev}");
+            }
+            SrvEvent::PathClosed(c) => {
+                let who = c.sessname.as_deref().unwrap_or("?");
+                let line = format!("path {who} ({}) closed: {}", c.peer, c.reason);
+                // A peer's or the operator's close is the normal course
+                // (flushed work requests follow a peer's disconnect); the
+                // rest are failures.
+                match c.reason {
+                    DownReason::Completion {
+                        status: crate::fabric::WcStatus::WrFlushErr,
+                        ..
+                    }
+                    | DownReason::Disconnected { .. }
+                    | DownReason::Operator
+                    | DownReason::Removed
+                    | DownReason::SessionClosed => tracing::info!("{line}"),
+                    _ => tracing::warn!("{line}"),
+                }
+                if c.session_ended {
+                    tracing::info!(sessname = %who, "session {who} closed");
+                }
+            }
+            SrvEvent::Refused { .. } => tracing::warn!("{ev}"),
         }
         self.notify(ev);
     }
@@ -313,6 +361,32 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             .map_err(memory)?;
         let chunks = mempool::Claims::new(region.clone(), cs, qd.into()).map_err(memory)?;
         Ok((region, chunks, false))
+    }
+
+    /// Closes the paths `target` names (gracefully: each connection is
+    /// disconnected at the next step, the client reconnects as after the
+    /// kernel's sysfs `disconnect`); logged and counted once per path.
+    fn close_by_operator(&mut self, target: super::CloseTarget) -> usize {
+        let mut n = 0;
+        for s in self.sessions.values() {
+            for p in &s.paths {
+                let hit = match target {
+                    super::CloseTarget::Path(u) => p.sess_uuid == u,
+                    super::CloseTarget::Session(u) => p.paths_uuid == u,
+                };
+                if hit && p.state() < PathState::Closing {
+                    tracing::info!(
+                        peer = %p.peer,
+                        sessname = ?p.sessname(),
+                        "the operator closes the path"
+                    );
+                    p.close(DownReason::Operator);
+                    self.shared.counters.operator_close();
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     fn publish_sessions(&self) {
@@ -881,6 +955,9 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
                 let _ = reply.send(r);
             }
             SrvMsg::OnEvent(f) => self.callbacks.push(f),
+            SrvMsg::Close(target, reply) => {
+                let _ = reply.send(self.close_by_operator(target));
+            }
         }
     }
 

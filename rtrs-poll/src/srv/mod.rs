@@ -16,6 +16,7 @@
 
 mod con;
 mod ctl;
+pub mod lat;
 mod path;
 
 pub use crate::sess::DownReason;
@@ -154,6 +155,7 @@ pub struct SrvCounters {
     pool_failed: std::sync::atomic::AtomicU64,
     pooled: std::sync::atomic::AtomicU64,
     own_chunks: std::sync::atomic::AtomicU64,
+    operator_closes: std::sync::atomic::AtomicU64,
 }
 
 /// The chunk pool's figures ([`SrvCounters::pool`]).
@@ -195,6 +197,16 @@ impl SrvCounters {
             .lock()
             .map(|m| m.iter().map(|(k, n)| (*k, *n)).collect())
             .unwrap_or_default()
+    }
+
+    pub(crate) fn operator_close(&self) {
+        self.operator_closes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Paths the operator closed ([`SrvHandle::disconnect_path`],
+    /// [`SrvHandle::close_session`]).
+    pub fn operator_closes(&self) -> u64 {
+        self.operator_closes.load(Ordering::Relaxed)
     }
 
     pub(crate) fn deferred_placement(&self) {
@@ -539,6 +551,19 @@ impl CorePool {
         })
     }
 
+    /// Each core's figures as it runs, by core index (a connection `cid`
+    /// runs on core `(cid - 1) % len`).
+    pub fn live(&self) -> Vec<Arc<pollers::LiveStats>> {
+        self.cores
+            .lock()
+            .ok()
+            .and_then(|g| {
+                g.as_ref()
+                    .map(|c| (0..c.len()).filter_map(|i| c.live(i)).collect())
+            })
+            .unwrap_or_default()
+    }
+
     /// The [`Place`] that hands connections to these cores.
     pub fn place(&self) -> Place {
         let (cores, n) = (self.cores.clone(), self.n);
@@ -638,6 +663,61 @@ impl std::fmt::Display for SrvEvent {
                 kind.name()
             ),
         }
+    }
+}
+
+/// Which paths the operator closes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseTarget {
+    /// One path, by its uuid (`sess_uuid`).
+    Path([u8; 16]),
+    /// Every path of a client session, by its uuid (`paths_uuid`).
+    Session([u8; 16]),
+}
+
+/// What an operator's control plane holds of a server: its paths and
+/// counters, and the control thread's command queue (slow path only).
+/// Cheap to clone; works from any thread while the server runs.
+pub struct SrvHandle<F: Fabric> {
+    tx: pollers::mpsc::Sender<SrvMsg>,
+    shared: Arc<Shared<F>>,
+}
+
+impl<F: Fabric> Clone for SrvHandle<F> {
+    fn clone(&self) -> Self {
+        SrvHandle {
+            tx: self.tx.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<F: Fabric> std::fmt::Debug for SrvHandle<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SrvHandle")
+    }
+}
+
+impl<F: Fabric> SrvHandle<F> {
+    /// Live paths of all sessions.
+    pub fn paths(&self) -> Vec<Arc<SrvPath<F>>> {
+        self.shared.live_paths()
+    }
+
+    /// The server's counters.
+    pub fn counters(&self) -> Arc<SrvCounters> {
+        self.shared.counters.clone()
+    }
+
+    /// Closes the paths `target` names, on the control thread; returns how
+    /// many were open (0: no such path or session).
+    pub fn close(&self, target: CloseTarget) -> Result<usize, SrvError> {
+        let (rtx, rrx) = std::sync::mpsc::sync_channel(1);
+        self.tx
+            .push(SrvMsg::Close(target, rtx))
+            .map_err(|_| SrvError::Gone)?;
+        rrx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| SrvError::Gone)
     }
 }
 
@@ -744,11 +824,15 @@ impl<F: Fabric, H: Handler> Server<F, H> {
 
     /// Live paths of all sessions.
     pub fn paths(&self) -> Vec<Arc<SrvPath<F>>> {
-        self.shared
-            .paths
-            .lock()
-            .map(|l| l.clone())
-            .unwrap_or_default()
+        self.shared.live_paths()
+    }
+
+    /// A handle for an operator's control plane (`rtrs ctl`).
+    pub fn handle(&self) -> SrvHandle<F> {
+        SrvHandle {
+            tx: self.tx.clone(),
+            shared: self.shared.clone(),
+        }
     }
 
     /// The server's counters (refusals by kind, sessions and their

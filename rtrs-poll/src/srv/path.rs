@@ -52,6 +52,9 @@ pub struct ConCounters {
     pub errors: AtomicU64,
     /// Requests in the handler's hands now.
     pub inflight: AtomicU64,
+    /// Request residence time: from the poll that took the request to
+    /// its response posted.
+    pub lat: super::lat::LatHist,
 }
 
 /// A server path's figures, summed over its connections.
@@ -94,11 +97,45 @@ impl PathStats {
     pub(crate) fn con(&self, cid: u16) -> &ConCounters {
         &self.cons[cid as usize]
     }
+    /// Connections (cids) the path has slots for.
+    pub fn cons(&self) -> u16 {
+        self.cons.len() as u16
+    }
+
+    /// Connection `cid`'s figures (zero for an unknown cid).
+    pub fn con_totals(&self, cid: u16) -> PathTotals {
+        self.sum_over(
+            self.cons
+                .get(cid as usize)
+                .map(std::slice::from_ref)
+                .unwrap_or(&[]),
+        )
+    }
+
+    /// Adds connection `cid`'s latencies into `into`.
+    pub fn con_latency_into(&self, cid: u16, into: &mut super::lat::LatSnapshot) {
+        if let Some(c) = self.cons.get(cid as usize) {
+            c.lat.add_to(into);
+        }
+    }
+
+    /// The path's request latencies (all its connections).
+    pub fn latency(&self) -> super::lat::LatSnapshot {
+        let mut s = super::lat::LatSnapshot::default();
+        for c in self.cons.iter() {
+            c.lat.add_to(&mut s);
+        }
+        s
+    }
+
     /// Totals over the path's connections.
     pub fn totals(&self) -> PathTotals {
+        self.sum_over(&self.cons)
+    }
+
+    fn sum_over(&self, cons: &[CachePadded<ConCounters>]) -> PathTotals {
         let sum = |f: fn(&ConCounters) -> &AtomicU64| {
-            self.cons
-                .iter()
+            cons.iter()
                 .map(|c| f(c).load(Ordering::Relaxed))
                 .sum::<u64>()
         };
@@ -142,6 +179,8 @@ pub struct SrvPath<F: Fabric> {
     /// The key the client proved on the path's first connection.
     key_id: Option<String>,
     created: AtomicU32,
+    /// Heartbeats now unanswered in a row (cid 0's, on the control thread).
+    hb_missed: AtomicU32,
     pub(crate) stats: PathStats,
 }
 
@@ -194,6 +233,7 @@ impl<F: Fabric> SrvPath<F> {
             identity: Arc::new(OnceLock::new()),
             key_id,
             created: AtomicU32::new(0),
+            hb_missed: AtomicU32::new(0),
             stats: PathStats::new(cid_num),
         }
     }
@@ -234,6 +274,26 @@ impl<F: Fabric> SrvPath<F> {
         &self.stats
     }
 
+    /// How long since its first connection came.
+    pub fn uptime(&self) -> std::time::Duration {
+        minstant::Instant::now().saturating_duration_since(self.born)
+    }
+
+    /// Connections the client asked for (`cid_num`), and those accepted.
+    pub fn connections(&self) -> (u16, u32) {
+        (self.cid_num, self.cons_created())
+    }
+
+    /// The heartbeats now unanswered in a row (the path dies at
+    /// `hb_missed_max`).
+    pub fn heartbeats_missed(&self) -> u32 {
+        self.hb_missed.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_heartbeats_missed(&self, n: u32) {
+        self.hb_missed.store(n, Ordering::Relaxed);
+    }
+
     pub(crate) fn set_sessname(&self, name: String) {
         // The first INFO_REQ names the path: a second one is refused by
         // set_connected, so an unset name here loses nothing.
@@ -254,7 +314,9 @@ impl<F: Fabric> SrvPath<F> {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    tracing::warn!(peer = %self.peer, sessname = ?self.sessname(), "closing path: {why}");
+                    // The one line per path down is the control thread's
+                    // when the path is closed.
+                    tracing::debug!(peer = %self.peer, sessname = ?self.sessname(), "closing path: {why}");
                     // The first reason wins: only the CAS winner sets it.
                     let _ = self.reason.set(why);
                     return;
