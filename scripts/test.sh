@@ -43,6 +43,8 @@ timeout 120 target/release/kv-c-static
 
 step "the systemd unit of rtrs serve (scripts/deploy/check-unit.sh, docs/deploy.md)"
 scripts/deploy/check-unit.sh
+step "the persistent hugepage reservation (scripts/deploy/reserve-hugepages.sh, on a fake sysfs)"
+scripts/deploy/check-hugepages.sh
 
 step "loom models of the lock-free free list and rings"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
