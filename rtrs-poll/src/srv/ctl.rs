@@ -687,6 +687,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                 paths_uuid: path.paths_uuid,
                 sess_uuid: path.sess_uuid,
                 cid,
+                queue_depth: path.queue_depth,
                 peer: path.peer.clone(),
                 identity: path.identity().clone(),
             }),
