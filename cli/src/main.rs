@@ -1,7 +1,7 @@
 //! rtrs: the operator CLI.
 //!
 //! ```text
-//!  rtrs serve --listen ADDR[,ADDR] --export NAME=ram:SIZE[,ro][,allow=SESS|...] [--export NAME=file:PATH]
+//!  rtrs serve --listen ADDR[,ADDR] --export NAME=ram:SIZE[,ro][,allow=SESS|...] [--export NAME=file:PATH|NAME=dev:/dev/X]
 //!             [--cores LIST] [--always-invalidate on|off] [--queue-depth N] [--chunk-size BYTES]
 //! ```
 //! `serve` is an RNBD server over RTRS, as the kernel's rnbd-server: the
@@ -56,8 +56,9 @@ struct ServeArgs {
     /// Address(es) to listen on: shm:NAME, tcp:HOST:PORT or rdma:HOST:PORT.
     #[arg(long, value_delimiter = ',', required = true)]
     listen: Vec<Address>,
-    /// A device to export: NAME=ram:SIZE (e.g. ram0=ram:1G) or NAME=file:PATH,
-    /// then options: ,ro (read-only: opens for writing get -EPERM),
+    /// A device to export: NAME=ram:SIZE (e.g. ram0=ram:1G), NAME=file:PATH
+    /// or NAME=dev:/dev/X (a block device; files and devices are served
+    /// through io_uring, with O_DIRECT where they take it), then options: ,ro (read-only: opens for writing get -EPERM),
     /// ,allow=SESS[|SESS...] (only these session names may open it, others
     /// get -EACCES), ,allow-key=ID[|ID...] (the same by key id). Names are
     /// unique (docs/rnbd.md).
@@ -300,7 +301,13 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         .map(|s| Export::parse(s).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     for e in &exports {
-        eprintln!("export {}: {} bytes{}", e.name(), e.size(), access_note(e));
+        eprintln!(
+            "export {}: {} bytes ({}){}",
+            e.name(),
+            e.size(),
+            e.backend(),
+            access_note(e)
+        );
     }
     let rnbd = RnbdServer::new(exports, cfg.max_io_size()).map_err(|e| e.to_string())?;
     let stop = pollers::Shutdown::on_ctrlc().map_err(|e| e.to_string())?;
@@ -348,6 +355,15 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
     }
     sd_notify("STOPPING=1");
     eprintln!("rtrs serve: stopping");
+    let b = rnbd.backend_counters();
+    eprintln!(
+        "rtrs serve: rnbd backend: io errors {}, short transfers {}, misaligned {}, fallocate fallbacks {}, connections without io_uring {}",
+        b.io_errors(),
+        b.short_transfers(),
+        b.misaligned(),
+        b.fallocate_fallbacks(),
+        b.sync_fallbacks()
+    );
     for (kind, n) in rnbd.counters().refusals() {
         eprintln!("rtrs serve: rnbd refusals {}: {n}", kind.name());
     }

@@ -352,6 +352,8 @@ pub(crate) struct Ring {
     /// SQEs pushed and not yet submitted.
     unsubmitted: usize,
     live: usize,
+    /// The ring's workers were kept off this core (at its first IO).
+    placed: bool,
 }
 
 impl std::fmt::Debug for Ring {
@@ -365,7 +367,12 @@ impl Ring {
     /// is fixed file i).
     pub(crate) fn new(queue_depth: u32, files: &[i32]) -> std::io::Result<Ring> {
         let qd = queue_depth.max(1);
-        let entries = (qd * 2).next_power_of_two().min(MAX_SQ_ENTRIES);
+        Ring::with_entries(qd, (qd * 2).next_power_of_two().min(MAX_SQ_ENTRIES), files)
+    }
+
+    /// A ring of `entries` SQEs for `qd` requests (more wait in order).
+    pub(crate) fn with_entries(qd: u32, entries: u32, files: &[i32]) -> std::io::Result<Ring> {
+        let qd = qd.max(1);
         // Completions are posted when this thread next enters the kernel
         // (no interrupting IPI), and the ring says when that is needed.
         let ring = match IoUring::builder()
@@ -385,7 +392,44 @@ impl Ring {
             waiting: VecDeque::with_capacity(qd as usize),
             unsubmitted: 0,
             live: 0,
+            placed: false,
         })
+    }
+
+    /// Keeps the ring's kernel workers (the ops io_uring cannot run without
+    /// blocking: fdatasync, fallocate, a write that must update the file's
+    /// mtime) off the calling thread's CPUs: on a polling core they would
+    /// wait for the poller's time slice. Called once, on the core.
+    fn place_workers(&mut self) {
+        self.placed = true;
+        // SAFETY: cpu_set_t is plain old data; all zeros is the empty set.
+        let mut mine: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: this thread's affinity into a cpu_set_t of the size given.
+        let r = unsafe {
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut mine)
+        };
+        // SAFETY: sysconf only reads a system value.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        if r != 0 || online <= 0 {
+            return;
+        }
+        // SAFETY: as above.
+        let mut others: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let mut any = false;
+        for cpu in 0..(online as usize).min(libc::CPU_SETSIZE as usize) {
+            // SAFETY: cpu is below CPU_SETSIZE, the sets' size.
+            if !unsafe { libc::CPU_ISSET(cpu, &mine) } {
+                // SAFETY: as above.
+                unsafe { libc::CPU_SET(cpu, &mut others) };
+                any = true;
+            }
+        }
+        if !any {
+            return;
+        }
+        if let Err(e) = self.ring.submitter().register_iowq_aff(&others) {
+            tracing::debug!("rnbd backend: cannot place the io_uring workers: {e}");
+        }
     }
 
     /// Starts `op` for request `id` on fixed file `fixed`: `buf` (the
@@ -407,6 +451,10 @@ impl Ring {
         if s.live {
             return false;
         }
+        if !self.placed {
+            self.place_workers();
+        }
+        let s = &mut self.slots[id.0 as usize];
         *s = Slot {
             live: true,
             op,

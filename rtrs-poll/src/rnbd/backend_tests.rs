@@ -4,7 +4,7 @@
 //! slow backend beside a fast one on one thread; teardown with IO in flight.
 //! Tests that need root (mounts, loop devices) say so and pass when not.
 
-use super::backend::FileStore;
+use super::backend::{BackendCounters, FileStore, Op, Ring};
 use super::srv::{Export, RnbdHandler, RnbdServer};
 use crate::proto::rnbd::*;
 use crate::srv::{ConInfo, Handler, IoDir, IoId, SrvIo, Verdict};
@@ -566,4 +566,39 @@ fn a_closing_connection_waits_for_its_io_in_flight() {
     );
     assert!(held.s().iter().all(|&x| x == 9));
     writer.join().unwrap();
+}
+
+#[test]
+fn requests_that_do_not_fit_the_sq_wait_and_none_is_lost() {
+    use std::os::unix::io::AsRawFd;
+    let f = TempFile::new(Path::new("/dev/shm"), 1 << 20);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f.0)
+        .unwrap();
+    let counters = BackendCounters::default();
+    // Two SQEs for sixteen requests, half of them write + linked sync.
+    let mut r = Ring::with_entries(16, 2, &[file.as_raw_fd()]).unwrap();
+    let mut bufs: Vec<Buf> = (0..16).map(|i| Buf::filled(4096, i as u8)).collect();
+    for (i, b) in bufs.iter_mut().enumerate() {
+        let op = Op::Write(i % 2 == 1);
+        let ptr = b.s().as_mut_ptr();
+        assert!(r.start(IoId(i as u32), op, 0, ptr, 4096, i as u64 * 4096));
+    }
+    // A busy id is refused, not overwritten.
+    assert!(!r.start(IoId(3), Op::Sync, 0, std::ptr::null_mut(), 0, 0));
+    let mut done = HashMap::new();
+    let until = Instant::now() + Duration::from_secs(20);
+    while done.len() < 16 {
+        while let Some((id, e)) = r.poll_done(&counters) {
+            assert!(done.insert(id.0, e).is_none());
+        }
+        assert!(Instant::now() < until, "{} of 16 done", done.len());
+    }
+    assert!(done.values().all(|&e| e == 0), "{done:?}");
+    let bytes = std::fs::read(&f.0).unwrap();
+    for (i, b) in bufs.iter_mut().enumerate() {
+        assert!(bytes[i * 4096..(i + 1) * 4096] == *b.s(), "request {i}");
+    }
 }
