@@ -302,11 +302,11 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
         .collect::<Result<Vec<_>, _>>()?;
     for e in &exports {
         eprintln!(
-            "export {}: {} bytes ({}){}",
+            "export {}: {} bytes{} [{}]",
             e.name(),
             e.size(),
-            e.backend(),
-            access_note(e)
+            access_note(e),
+            e.backend()
         );
     }
     let rnbd = RnbdServer::new(exports, cfg.max_io_size()).map_err(|e| e.to_string())?;
