@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 /// SQ entries at most per ring (more requests wait in the handler).
 const MAX_SQ_ENTRIES: u32 = 4096;
+/// CQ entries at most (the kernel's IORING_MAX_CQ_ENTRIES is 65536).
+const MAX_CQ_ENTRIES: u32 = 65536;
 
 /// What backs a file export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,11 @@ pub struct FileStore {
     pub(crate) kind: FileKind,
     /// Opened with O_DIRECT (else buffered, through the page cache).
     pub(crate) direct: bool,
+    /// On a memory file system (tmpfs): its page cache is the data, a
+    /// read or write is a copy that waits for no device, and io_uring
+    /// would hand every write to a kernel worker (shmem takes no
+    /// IOCB_NOWAIT writes): served at once on the core, as RAM is.
+    pub(crate) inline: bool,
     /// Offsets and lengths are multiples of this (reported to the client
     /// as its logical block size).
     pub(crate) lbs: u32,
@@ -61,8 +68,10 @@ impl FileStore {
                 .custom_flags(if direct { libc::O_DIRECT } else { 0 })
                 .open(path)
         };
-        let (file, direct, why) = match open(true) {
-            Ok(f) => (f, true, None),
+        // (A device node on devtmpfs is a device, not tmpfs data.)
+        let inline = std::fs::metadata(path)?.is_file() && on_tmpfs(path);
+        let (file, direct, why) = match open(!inline) {
+            Ok(f) => (f, !inline, None),
             // EINVAL: the file system does not do O_DIRECT.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(false)?, false, Some(e)),
             Err(e) => return Err(e),
@@ -125,6 +134,7 @@ impl FileStore {
             file,
             kind,
             direct,
+            inline,
             lbs,
             pbs: pbs.clamp(lbs, 65536),
             mem_align,
@@ -140,6 +150,7 @@ impl FileStore {
             file,
             kind: FileKind::Regular,
             direct: false,
+            inline: false,
             lbs: 512,
             pbs: 512,
             mem_align: 512,
@@ -152,7 +163,9 @@ impl FileStore {
     pub(crate) fn describe(&self) -> String {
         format!(
             "{}, {}-byte blocks, {}",
-            if self.direct {
+            if self.inline {
+                "tmpfs, served inline"
+            } else if self.direct {
                 "O_DIRECT"
             } else {
                 "buffered (no O_DIRECT)"
@@ -193,6 +206,19 @@ impl FileStore {
                 && len % self.lbs as usize == 0
                 && (buf as usize) % self.mem_align as usize == 0)
     }
+}
+
+/// Whether `path` is on tmpfs (a memory file system).
+fn on_tmpfs(path: &std::path::Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs is plain old data; all zeros is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid statfs buffer.
+    let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    r == 0 && st.f_type as i64 == TMPFS_MAGIC
 }
 
 /// The O_DIRECT alignment of a regular file's memory and offsets (statx
@@ -367,22 +393,37 @@ impl Ring {
     /// is fixed file i).
     pub(crate) fn new(queue_depth: u32, files: &[i32]) -> std::io::Result<Ring> {
         let qd = queue_depth.max(1);
-        Ring::with_entries(qd, (qd * 2).next_power_of_two().min(MAX_SQ_ENTRIES), files)
+        let entries = (qd * 2).next_power_of_two().min(MAX_SQ_ENTRIES);
+        // Room for every CQE of every request (two each at most), so the
+        // CQ does not overflow (if it does, poll_done flushes it).
+        let cq = (qd * 2)
+            .next_power_of_two()
+            .clamp(entries * 2, MAX_CQ_ENTRIES);
+        Ring::with_entries(qd, entries, cq, files)
     }
 
-    /// A ring of `entries` SQEs for `qd` requests (more wait in order).
-    pub(crate) fn with_entries(qd: u32, entries: u32, files: &[i32]) -> std::io::Result<Ring> {
+    /// A ring of `entries` SQEs and `cq` CQEs for `qd` requests (requests
+    /// that do not fit wait in order).
+    pub(crate) fn with_entries(
+        qd: u32,
+        entries: u32,
+        cq: u32,
+        files: &[i32],
+    ) -> std::io::Result<Ring> {
         let qd = qd.max(1);
         // Completions are posted when this thread next enters the kernel
         // (no interrupting IPI), and the ring says when that is needed.
         let ring = match IoUring::builder()
+            .setup_cqsize(cq)
             .setup_coop_taskrun()
             .setup_taskrun_flag()
             .build(entries)
         {
             Ok(r) => r,
             // Before 5.19: the plain ring.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(entries)?,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                IoUring::builder().setup_cqsize(cq).build(entries)?
+            }
             Err(e) => return Err(e),
         };
         ring.submitter().register_files(files)?;
@@ -542,8 +583,13 @@ impl Ring {
                 }
                 self.waiting.pop_front();
             }
-            let taskrun = self.ring.submission().taskrun();
-            if (self.unsubmitted > 0 || (taskrun && !entered)) && self.live > 0 {
+            // Completions wait in the kernel: task work to run, or CQEs
+            // that overflowed the CQ (the enter's GETEVENTS flushes them).
+            let kernel_has = {
+                let sq = self.ring.submission();
+                sq.taskrun() || sq.cq_overflow()
+            };
+            if (self.unsubmitted > 0 || (kernel_has && !entered)) && self.live > 0 {
                 entered = true;
                 match self.ring.submit() {
                     Ok(n) => self.unsubmitted -= n.min(self.unsubmitted),

@@ -348,10 +348,30 @@ struct Mount(PathBuf);
 
 impl Mount {
     fn tmpfs(size: &str) -> Option<Mount> {
-        let dir = std::env::temp_dir().join(format!("rtrs-enospc-{}", std::process::id()));
+        Mount::new(&["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+    }
+
+    /// A fresh ext4 on `dev`.
+    fn ext4(dev: &str) -> Option<Mount> {
+        let ok = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", dev])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return None;
+        }
+        Mount::new(&[dev])
+    }
+
+    fn new(args: &[&str]) -> Option<Mount> {
+        let dir = std::env::temp_dir().join(format!(
+            "rtrs-mnt-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).ok()?;
         let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(args)
             .arg(&dir)
             .status()
             .is_ok_and(|s| s.success());
@@ -387,7 +407,7 @@ impl Drop for Mount {
 }
 
 #[test]
-fn a_full_file_system_answers_enospc_and_acks_only_what_is_written() {
+fn a_full_tmpfs_answers_enospc_and_acks_only_what_is_written() {
     if !is_root() {
         eprintln!("skipped: mounting a small tmpfs needs root");
         return;
@@ -396,17 +416,38 @@ fn a_full_file_system_answers_enospc_and_acks_only_what_is_written() {
         eprintln!("skipped: cannot mount a tmpfs here");
         return;
     };
-    // A sparse 4 MiB file on a 1 MiB file system.
-    let f = TempFile::new(&m.0, 4 << 20);
-    let srv = server(vec![
-        Export::parse(&format!("f=file:{}", f.0.display())).unwrap()
-    ]);
+    // A sparse 4 MiB file on a 1 MiB file system (served inline).
+    fill_until_enospc(&m.0, 4 << 20, "tmpfs");
+}
+
+#[test]
+fn a_full_ext4_answers_enospc_through_io_uring_and_acks_only_what_is_written() {
+    let Some(l) = Loop::as_root(8 << 20) else {
+        return;
+    };
+    let Some(m) = Mount::ext4(&l.0) else {
+        eprintln!("skipped: cannot make and mount an ext4 here");
+        return;
+    };
+    // A sparse 16 MiB file on an 8 MiB file system (O_DIRECT, io_uring).
+    fill_until_enospc(&m.0, 16 << 20, "O_DIRECT");
+    drop(m);
+    drop(l);
+}
+
+/// Writes a sparse file of `size` on the small file system at `dir`
+/// through an export (whose backend starts with `how`) until it is full.
+fn fill_until_enospc(dir: &Path, size: usize, how: &str) {
+    let f = TempFile::new(dir, size as u64);
+    let e = Export::parse(&format!("f=file:{}", f.0.display())).unwrap();
+    assert!(e.backend().starts_with(how), "{}", e.backend());
+    let srv = server(vec![e]);
     let mut c = Con::new(&srv, 1);
     let dev = c.open("f").device_id;
     let chunk = 128 * KB;
     let mut acked = Vec::new();
     let mut refused = Vec::new();
-    for i in 0..(4 << 20) / chunk {
+    for i in 0..size / chunk {
         let mut b = Buf::filled(chunk, i as u8);
         match c.io(dev, RnbdOp::Write, 0, (i * chunk) as u64, b.s()) {
             0 => acked.push(i),
@@ -434,6 +475,19 @@ fn a_full_file_system_answers_enospc_and_acks_only_what_is_written() {
 struct Loop(String, #[allow(dead_code)] TempFile);
 
 impl Loop {
+    /// A loop device, when root and the kernel has them (else says why not).
+    fn as_root(len: u64) -> Option<Loop> {
+        if !is_root() {
+            eprintln!("skipped: a loop device needs root");
+            return None;
+        }
+        let l = Loop::new(len);
+        if l.is_none() {
+            eprintln!("skipped: no loop device here");
+        }
+        l
+    }
+
     fn new(len: u64) -> Option<Loop> {
         let f = TempFile::new(Path::new("/var/tmp"), len);
         let out = std::process::Command::new("losetup")
@@ -468,12 +522,7 @@ fn a_block_device_exports_with_its_size_and_block_size() {
     // Not a block device: refused for dev:.
     let f = TempFile::new(Path::new("/var/tmp"), 1 << 20);
     assert!(Export::parse(&format!("f=dev:{}", f.0.display())).is_err());
-    if !is_root() {
-        eprintln!("skipped: a loop device needs root");
-        return;
-    }
-    let Some(l) = Loop::new(8 << 20) else {
-        eprintln!("skipped: no loop device here");
+    let Some(l) = Loop::as_root(8 << 20) else {
         return;
     };
     let e = Export::parse(&format!("f=dev:{}", l.0)).unwrap();
@@ -569,7 +618,7 @@ fn a_closing_connection_waits_for_its_io_in_flight() {
 }
 
 #[test]
-fn requests_that_do_not_fit_the_sq_wait_and_none_is_lost() {
+fn requests_that_do_not_fit_the_sq_or_cq_wait_and_none_is_lost() {
     use std::os::unix::io::AsRawFd;
     let f = TempFile::new(Path::new("/dev/shm"), 1 << 20);
     let file = std::fs::OpenOptions::new()
@@ -578,8 +627,9 @@ fn requests_that_do_not_fit_the_sq_wait_and_none_is_lost() {
         .open(&f.0)
         .unwrap();
     let counters = BackendCounters::default();
-    // Two SQEs for sixteen requests, half of them write + linked sync.
-    let mut r = Ring::with_entries(16, 2, &[file.as_raw_fd()]).unwrap();
+    // Two SQEs for sixteen requests, half of them write + linked sync; four
+    // CQEs for their 24 (what overflows waits in the kernel).
+    let mut r = Ring::with_entries(16, 2, 4, &[file.as_raw_fd()]).unwrap();
     let mut bufs: Vec<Buf> = (0..16).map(|i| Buf::filled(4096, i as u8)).collect();
     for (i, b) in bufs.iter_mut().enumerate() {
         let op = Op::Write(i % 2 == 1);

@@ -798,7 +798,7 @@ impl RnbdHandler {
                 );
                 return Verdict::Done(-libc::EINVAL);
             }
-            if let Some(ring) = self.ring.as_mut() {
+            if let Some(ring) = self.ring.as_mut().filter(|_| !f.inline) {
                 return if ring.start(id, op, f.fixed, buf, len as u32, off) {
                     Verdict::Later
                 } else {
@@ -821,7 +821,18 @@ impl RnbdHandler {
         };
         Verdict::Done(match r {
             Ok(()) => 0,
-            Err(errno) => errno,
+            Err(errno) => {
+                if let Store::File(_) = e.store {
+                    srv.backend.count(
+                        Event::IoError,
+                        &format_args!(
+                            "export {}: an IO failed with errno {errno}: answered to the client",
+                            e.name
+                        ),
+                    );
+                }
+                errno
+            }
         })
     }
 }
