@@ -5,7 +5,8 @@
 #      pinned to cpu 1) on the file: 4 KiB randread and randwrite, QD 1 and 32;
 #   2. then `rtrs serve` (cpu 0) exporting the same files over shm and
 #      `rtrs-perf client --rnbd-device` (cpu 1): the same patterns.
-# fio and our pair never run at the same time. Prints a markdown table:
+# fio and our pair never run at the same time; a RAM export gives the engine's
+# own floor in the same run. Prints a markdown table:
 # IOPS, p50 and p99 latency (fio: submission to completion, lat_percentiles),
 # and ours/fio for the p50.
 #
@@ -74,11 +75,13 @@ ADDR=shm:$TAG
 # io_uring workers may run beside the client (a 2-CPU machine has no
 # housekeeping CPU for them).
 "$RTRS" serve --listen "$ADDR" --cores 0 \
-  --export "tmpfs=file:$TMPFS_FILE" --export "disk=file:$DISK_FILE" >"$OUT/serve.log" 2>&1 &
+  --export "tmpfs=file:$TMPFS_FILE" --export "disk=file:$DISK_FILE" --export "ram=ram:$SIZE" \
+  >"$OUT/serve.log" 2>&1 &
 SRV=$!
 for _ in $(seq 100); do grep -qs "listening on" "$OUT/serve.log" && break; sleep 0.1; done
 grep "^export" "$OUT/serve.log" | sed 's/^/  /'
-for fs in tmpfs disk; do
+# ram: the engine's floor (a RAM export, no file), in the same run.
+for fs in ram tmpfs disk; do
   for p in "${PATTERNS[@]}"; do
     set -- $p
     taskset -c 1 "$PERF" client --connect "$ADDR" --rnbd-device "$fs" --rw "$1" --bs 4k \
@@ -98,15 +101,19 @@ out, secs, size = sys.argv[1:4]
 print(f"4 KiB IOs, {secs} s each, {size} files; fio local (io_uring) vs rtrs remote over shm (server cpu 0, client cpu 1)\n")
 print("| file system | pattern | QD | fio IOPS | fio p50 us | fio p99 us | rtrs IOPS | rtrs p50 us | rtrs p99 us | p50 rtrs/fio |")
 print("|---|---|---|---|---|---|---|---|---|---|")
-for fs in ("tmpfs", "disk"):
+for fs in ("ram", "tmpfs", "disk"):
     for rw, qd in (("randread", 1), ("randread", 32), ("randwrite", 1), ("randwrite", 32)):
+        r = json.load(open(f"{out}/rtrs-{fs}-{rw}-{qd}.json"))
+        rp50, rp99 = r["lat_ns"]["p50"] / 1e3, r["lat_ns"]["p99"] / 1e3
+        err = f" ({r['errors']} errors)" if r["errors"] else ""
+        ours = f"{r['iops']:.0f}{err} | {rp50:.1f} | {rp99:.1f}"
+        if fs == "ram":
+            print(f"| ram (engine floor) | {rw} | {qd} | - | - | - | {ours} | - |")
+            continue
         f = json.load(open(f"{out}/fio-{fs}-{rw}-{qd}.json"))["jobs"][0]
         f = f["read" if rw == "randread" else "write"]
         pct = f["lat_ns"]["percentile"]
         fp50, fp99 = pct["50.000000"] / 1e3, pct["99.000000"] / 1e3
-        r = json.load(open(f"{out}/rtrs-{fs}-{rw}-{qd}.json"))
-        rp50, rp99 = r["lat_ns"]["p50"] / 1e3, r["lat_ns"]["p99"] / 1e3
-        err = f" ({r['errors']} errors)" if r["errors"] else ""
         print(f"| {fs} | {rw} | {qd} | {f['iops']:.0f} | {fp50:.1f} | {fp99:.1f} | "
-              f"{r['iops']:.0f}{err} | {rp50:.1f} | {rp99:.1f} | {rp50 / fp50:.2f} |")
+              f"{ours} | {rp50 / fp50:.2f} |")
 EOF
