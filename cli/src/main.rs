@@ -355,15 +355,13 @@ fn serve<F: Fabric>(fabric: F, a: &ServeArgs) -> Result<(), String> {
     }
     sd_notify("STOPPING=1");
     eprintln!("rtrs serve: stopping");
-    let b = rnbd.backend_counters();
-    eprintln!(
-        "rtrs serve: rnbd backend: io errors {}, short transfers {}, misaligned {}, fallocate fallbacks {}, connections without io_uring {}",
-        b.io_errors(),
-        b.short_transfers(),
-        b.misaligned(),
-        b.fallocate_fallbacks(),
-        b.sync_fallbacks()
-    );
+    let backend: Vec<String> = rnbd
+        .backend_counters()
+        .by_kind()
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    eprintln!("rtrs serve: rnbd backend: {}", backend.join(", "));
     for (kind, n) in rnbd.counters().refusals() {
         eprintln!("rtrs serve: rnbd refusals {}: {n}", kind.name());
     }

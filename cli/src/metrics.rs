@@ -4,6 +4,7 @@
 //! ```text
 //!  GET /metrics ──> rtrs_refusals_total{kind=...}, rtrs_sessions, rtrs_session_memory_bytes,
 //!                   rtrs_deferred_placements_total, rtrs_rnbd_refusals_total{kind=...},
+//!                   rtrs_rnbd_backend_events_total{kind=...},
 //!                   rtrs_hugepage_bytes, rtrs_hugepage_limit_bytes, rtrs_hugepage_fallbacks_total
 //! ```
 
@@ -75,6 +76,13 @@ pub fn render(srv: &SrvCounters, rnbd: &RnbdServer) -> String {
         c,
         "RNBD opens and IOs refused, by kind.",
         &rnbd_refusals,
+    );
+    metric(
+        &mut o,
+        "rtrs_rnbd_backend_events_total",
+        c,
+        "File and device backend events: IO errors answered, short transfers resubmitted, misaligned O_DIRECT refusals, fallocate mode fallbacks, connections served without io_uring.",
+        &rnbd.backend_counters().by_kind(),
     );
     metric(
         &mut o,

@@ -287,6 +287,18 @@ impl BackendCounters {
         }
     }
 
+    /// Every kind with its short stable name (for metrics and the stop
+    /// summary).
+    pub fn by_kind(&self) -> [(&'static str, u64); 5] {
+        [
+            ("io_errors", self.io_errors()),
+            ("short_transfers", self.short_transfers()),
+            ("misaligned", self.misaligned()),
+            ("fallocate_fallbacks", self.fallocate_fallbacks()),
+            ("sync_fallbacks", self.sync_fallbacks()),
+        ]
+    }
+
     /// Connections whose io_uring could not be set up (served synchronously).
     pub fn sync_fallbacks(&self) -> u64 {
         self.sync_fallbacks.load(Ordering::Relaxed)
