@@ -438,6 +438,22 @@ impl Ring {
             }
             Err(e) => return Err(e),
         };
+        // Every op the backend uses, or none of the ring (READ, WRITE and
+        // FALLOCATE came in 5.6; the probe itself too).
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        for code in [
+            opcode::Read::CODE,
+            opcode::Write::CODE,
+            opcode::Fsync::CODE,
+            opcode::Fallocate::CODE,
+        ] {
+            if !probe.is_supported(code) {
+                return Err(std::io::Error::other(format!(
+                    "the kernel's io_uring lacks op {code}"
+                )));
+            }
+        }
         ring.submitter().register_files(files)?;
         Ok(Ring {
             ring,

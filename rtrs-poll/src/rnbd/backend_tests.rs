@@ -652,3 +652,23 @@ fn requests_that_do_not_fit_the_sq_or_cq_wait_and_none_is_lost() {
         assert!(bytes[i * 4096..(i + 1) * 4096] == *b.s(), "request {i}");
     }
 }
+
+#[test]
+fn without_a_ring_a_connection_is_served_synchronously_and_counted() {
+    let f = TempFile::new(Path::new("/var/tmp"), 1 << 20);
+    let mut srv = server(vec![
+        Export::parse(&format!("f=file:{}", f.0.display())).unwrap()
+    ]);
+    // An fd that is not open: registering the files fails, as a ring that
+    // cannot be set up would.
+    Arc::get_mut(&mut srv).unwrap().files.push(1 << 20);
+    let mut c = Con::new(&srv, 1);
+    assert_eq!(srv.backend_counters().sync_fallbacks(), 1);
+    let dev = c.open("f").device_id;
+    let mut w = Buf::filled(8192, 5);
+    let v = c.submit(1, dev, RnbdOp::Write, 0, IoDir::Write, 4096, 8192, w.s());
+    assert_eq!(v, Verdict::Done(0), "served at once");
+    let mut r = Buf::new(8192);
+    assert_eq!(c.io(dev, RnbdOp::Read, 0, 4096, r.s()), 0);
+    assert!(r.s() == w.s());
+}

@@ -470,7 +470,7 @@ pub struct RnbdServer {
     counters: RnbdCounters,
     backend: BackendCounters,
     /// The file exports' fds, registered in every connection's ring.
-    files: Vec<i32>,
+    pub(crate) files: Vec<i32>,
     /// Tests: serve file IO synchronously, as without io_uring.
     pub(crate) force_sync: std::sync::atomic::AtomicBool,
 }
