@@ -53,7 +53,7 @@ direct_for() { # FILE -> 1|0
   fi
 }
 
-PATTERNS=("randread 1" "randread 32" "randwrite 1" "randwrite 32")
+PATTERNS=(randread:1 randread:32 randwrite:1 randwrite:32)
 
 step "fio (io_uring, cpu 1), ${SECS}s each"
 for fs in tmpfs disk; do
@@ -61,7 +61,7 @@ for fs in tmpfs disk; do
   [ "$fs" = disk ] && f=$DISK_FILE
   d=$(direct_for "$f")
   for p in "${PATTERNS[@]}"; do
-    set -- $p
+    set -- "${p%:*}" "${p#*:}"
     fio --name=b --filename="$f" --ioengine=io_uring --direct="$d" --rw="$1" --bs=4k \
       --iodepth="$2" --cpus_allowed=1 --time_based --runtime="$SECS" --size="$SIZE" \
       --lat_percentiles=1 --randrepeat=0 --output-format=json --output="$OUT/fio-$fs-$1-$2.json"
@@ -83,7 +83,7 @@ grep "^export" "$OUT/serve.log" | sed 's/^/  /'
 # ram: the engine's floor (a RAM export, no file), in the same run.
 for fs in ram tmpfs disk; do
   for p in "${PATTERNS[@]}"; do
-    set -- $p
+    set -- "${p%:*}" "${p#*:}"
     taskset -c 1 "$PERF" client --connect "$ADDR" --rnbd-device "$fs" --rw "$1" --bs 4k \
       --iodepth "$2" --cores 1 --runtime "$SECS" --size "$SIZE" --json \
       >"$OUT/rtrs-$fs-$1-$2.json" 2>>"$OUT/client.log"
