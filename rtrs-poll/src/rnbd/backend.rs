@@ -15,6 +15,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 
 /// `_IOR(0x12, 114, size_t)`: a block device's size in bytes.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -392,6 +393,9 @@ pub(crate) struct Ring {
     live: usize,
     /// The ring's workers were kept off this core (at its first IO).
     placed: bool,
+    /// The chunk memory, registered as fixed buffer 0 (O_DIRECT IO in it
+    /// pins no pages per IO); held so it outlives the registration.
+    fixed_mem: Option<Arc<mempool::Region>>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -403,7 +407,11 @@ impl std::fmt::Debug for Ring {
 impl Ring {
     /// A ring for `queue_depth` requests with `files` registered (index i
     /// is fixed file i).
-    pub(crate) fn new(queue_depth: u32, files: &[i32]) -> std::io::Result<Ring> {
+    pub(crate) fn new(
+        queue_depth: u32,
+        files: &[i32],
+        mem: Option<Arc<mempool::Region>>,
+    ) -> std::io::Result<Ring> {
         let qd = queue_depth.max(1);
         let entries = (qd * 2).next_power_of_two().min(MAX_SQ_ENTRIES);
         // Room for every CQE of every request (two each at most), so the
@@ -411,7 +419,7 @@ impl Ring {
         let cq = (qd * 2)
             .next_power_of_two()
             .clamp(entries * 2, MAX_CQ_ENTRIES);
-        Ring::with_entries(qd, entries, cq, files)
+        Ring::with_entries(qd, entries, cq, files, mem)
     }
 
     /// A ring of `entries` SQEs and `cq` CQEs for `qd` requests (requests
@@ -421,6 +429,7 @@ impl Ring {
         entries: u32,
         cq: u32,
         files: &[i32],
+        mem: Option<Arc<mempool::Region>>,
     ) -> std::io::Result<Ring> {
         let qd = qd.max(1);
         // Completions are posted when this thread next enters the kernel
@@ -455,6 +464,23 @@ impl Ring {
             }
         }
         ring.submitter().register_files(files)?;
+        let fixed_mem = mem.filter(|m| {
+            let iov = [libc::iovec {
+                iov_base: m.as_ptr().cast(),
+                iov_len: m.len(),
+            }];
+            // SAFETY: the region stays mapped while the ring lives (the
+            // ring holds it), and the kernel only uses it for the SQEs
+            // that name it, whose buffers lie in it.
+            match unsafe { ring.submitter().register_buffers(&iov) } {
+                Ok(()) => true,
+                Err(e) => {
+                    // Works without: each O_DIRECT IO pins its pages.
+                    tracing::debug!("rnbd backend: chunk memory not registered: {e}");
+                    false
+                }
+            }
+        });
         Ok(Ring {
             ring,
             slots: (0..qd).map(|_| Slot::default()).collect(),
@@ -462,6 +488,7 @@ impl Ring {
             unsubmitted: 0,
             live: 0,
             placed: false,
+            fixed_mem,
         })
     }
 
@@ -556,10 +583,23 @@ impl Ring {
         let sync = opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
             .build();
+        // In the registered chunk memory: fixed buffer 0.
+        let fixed = self.fixed_mem.as_ref().is_some_and(|m| {
+            let base = m.as_ptr() as usize;
+            buf as usize >= base && buf as usize + rest as usize <= base + m.len()
+        });
         let (first, then) = match s.op {
+            Op::Read if fixed => (
+                opcode::ReadFixed::new(fd, buf, rest, 0).offset(at).build(),
+                None,
+            ),
             Op::Read => (opcode::Read::new(fd, buf, rest).offset(at).build(), None),
             Op::Write(durable) => (
-                opcode::Write::new(fd, buf, rest).offset(at).build(),
+                if fixed {
+                    opcode::WriteFixed::new(fd, buf, rest, 0).offset(at).build()
+                } else {
+                    opcode::Write::new(fd, buf, rest).offset(at).build()
+                },
                 durable.then_some(sync.user_data(ud | 1)),
             ),
             Op::Sync => (sync, None),

@@ -34,6 +34,7 @@ impl Con {
             sess_uuid: [uuid; 16],
             cid: 1,
             queue_depth: 16,
+            chunk_memory: None,
             peer: "test".into(),
             identity: Arc::new(OnceLock::new()),
         });
@@ -629,7 +630,7 @@ fn requests_that_do_not_fit_the_sq_or_cq_wait_and_none_is_lost() {
     let counters = BackendCounters::default();
     // Two SQEs for sixteen requests, half of them write + linked sync; four
     // CQEs for their 24 (what overflows waits in the kernel).
-    let mut r = Ring::with_entries(16, 2, 4, &[file.as_raw_fd()]).unwrap();
+    let mut r = Ring::with_entries(16, 2, 4, &[file.as_raw_fd()], None).unwrap();
     let mut bufs: Vec<Buf> = (0..16).map(|i| Buf::filled(4096, i as u8)).collect();
     for (i, b) in bufs.iter_mut().enumerate() {
         let op = Op::Write(i % 2 == 1);
@@ -671,4 +672,37 @@ fn without_a_ring_a_connection_is_served_synchronously_and_counted() {
     let mut r = Buf::new(8192);
     assert_eq!(c.io(dev, RnbdOp::Read, 0, 4096, r.s()), 0);
     assert!(r.s() == w.s());
+}
+
+#[test]
+fn io_in_registered_chunk_memory_goes_through_fixed_buffers() {
+    use std::os::unix::io::AsRawFd;
+    let f = TempFile::new(Path::new("/var/tmp"), 1 << 20);
+    let store = FileStore::open(&f.0, true, false).unwrap();
+    let mem = Arc::new(mempool::Region::anonymous(64 * KB).unwrap());
+    let counters = BackendCounters::default();
+    let mut r = Ring::new(4, &[store.file.as_raw_fd()], Some(mem.clone())).unwrap();
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 5 + 1) as u8).collect();
+    mem.write(8192, &data).unwrap();
+    let base = mem.as_ptr();
+    // SAFETY: both ranges lie inside the 64 KiB region, which outlives the
+    // IO (the ring holds it).
+    let (src, dst) = unsafe { (base.add(8192), base.add(32768)) };
+    let mut run = |id: u32, op: Op, buf: *mut u8| {
+        assert!(r.start(IoId(id), op, 0, buf, 8192, 4096));
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(done) = r.poll_done(&counters) {
+                return done;
+            }
+            assert!(Instant::now() < until, "never completed");
+        }
+    };
+    assert_eq!(run(1, Op::Write(true), src), (IoId(1), 0));
+    assert_eq!(run(2, Op::Read, dst), (IoId(2), 0));
+    let mut back = vec![0u8; 8192];
+    mem.read(32768, &mut back).unwrap();
+    assert!(back == data);
+    let on_disk = std::fs::read(&f.0).unwrap();
+    assert!(on_disk[4096..4096 + 8192] == data[..]);
 }

@@ -535,7 +535,7 @@ impl RnbdServer {
         let ring = if self.files.is_empty() || self.force_sync.load(Ordering::Relaxed) {
             None
         } else {
-            match Ring::new(info.queue_depth, &self.files) {
+            match Ring::new(info.queue_depth, &self.files, info.chunk_memory.clone()) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     self.backend.count(
@@ -920,6 +920,7 @@ mod tests {
             sess_uuid: [uuid; 16],
             cid: 1,
             queue_depth: 16,
+            chunk_memory: None,
             peer: "test".into(),
             identity,
         })

@@ -688,6 +688,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                 sess_uuid: path.sess_uuid,
                 cid,
                 queue_depth: path.queue_depth,
+                chunk_memory: Some(path.chunks.region().clone()),
                 peer: path.peer.clone(),
                 identity: path.identity().clone(),
             }),

@@ -359,6 +359,10 @@ pub struct ConInfo {
     /// Chunks of the session: every [`IoId::chunk`] is below it, so a
     /// handler can size its per-request state at setup.
     pub queue_depth: u32,
+    /// The session's chunk memory (every `SrvIo::data` lies in it), for a
+    /// handler that registers it with the kernel once (io_uring fixed
+    /// buffers); `None` where there is no such region.
+    pub chunk_memory: Option<Arc<mempool::Region>>,
     /// The client's address.
     pub peer: String,
     /// Who the path's client is: set by the path's handshake (INFO_REQ on
