@@ -98,7 +98,8 @@ struct rtrs_server_cfg {
 };
 
 // A request, as the handler callback sees it. Valid during the callback;
-// with `RTRS_LATER`, `data` stays the application's to fill (a read) until
+// with `RTRS_LATER`, `data` stays the application's to fill (a read), even
+// while the client's connection closes (its teardown waits), until
 // it calls `rtrs_server_complete` for `id`.
 struct rtrs_srv_io {
   // Names the request for `rtrs_server_complete`.
@@ -208,7 +209,9 @@ int rtrs_server_open(const struct rtrs_server_cfg *cfg, rtrs_handler_cb cb, void
 // Completes a request the callback answered with `RTRS_LATER`: `err` is 0
 // or a negative errno. May be called from any thread, concurrently. The
 // request's `data` must not be touched after this returns 0. Returns
-// -ENOENT when the request's connection is gone (its data with it),
+// -ENOENT for an id of no live connection (the teardown of a connection
+// waits for its deferred requests, so a deferred id stays live until
+// completed),
 // -EAGAIN when the connection's ring is full (try again), -EINVAL for a
 // positive `err`. An id that was not deferred, or is completed twice, is
 // ignored.

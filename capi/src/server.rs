@@ -41,7 +41,8 @@ pub struct rtrs_server_cfg {
 }
 
 /// A request, as the handler callback sees it. Valid during the callback;
-/// with `RTRS_LATER`, `data` stays the application's to fill (a read) until
+/// with `RTRS_LATER`, `data` stays the application's to fill (a read), even
+/// while the client's connection closes (its teardown waits), until
 /// it calls `rtrs_server_complete` for `id`.
 #[repr(C)]
 #[derive(Debug)]
@@ -234,6 +235,29 @@ impl Handler for CHandler {
         }
         None
     }
+
+    /// The connection is closing with requests the application deferred:
+    /// their `data` stays valid until it completes each of them (the
+    /// header's contract), so the chunks go back only then. A warning
+    /// every 5 s names what it waits for.
+    fn quiesce(&mut self) {
+        let mut since = std::time::Instant::now();
+        loop {
+            while self.poll_done().is_some() {}
+            let waiting = self.ids.iter().filter(|i| i.is_some()).count();
+            if waiting == 0 {
+                return;
+            }
+            if since.elapsed() >= std::time::Duration::from_secs(5) {
+                tracing::warn!(
+                    waiting,
+                    "a closing connection waits for the application to complete its deferred requests (rtrs_server_complete)"
+                );
+                since = std::time::Instant::now();
+            }
+            std::hint::spin_loop();
+        }
+    }
 }
 
 impl Drop for CHandler {
@@ -401,7 +425,9 @@ pub unsafe extern "C" fn rtrs_server_open(
 /// Completes a request the callback answered with `RTRS_LATER`: `err` is 0
 /// or a negative errno. May be called from any thread, concurrently. The
 /// request's `data` must not be touched after this returns 0. Returns
-/// -ENOENT when the request's connection is gone (its data with it),
+/// -ENOENT for an id of no live connection (the teardown of a connection
+/// waits for its deferred requests, so a deferred id stays live until
+/// completed),
 /// -EAGAIN when the connection's ring is full (try again), -EINVAL for a
 /// positive `err`. An id that was not deferred, or is completed twice, is
 /// ignored.

@@ -284,7 +284,8 @@ fn deferred_completions_come_from_another_thread() {
         let mut c = [rtrs_completion::default(); 2];
         assert_eq!(rtrs_client_poll(p.clt, 0, c.as_mut_ptr(), 2), 0);
 
-        // The connection goes: its ids are refused from then on.
+        // The connection goes once its deferred request is completed: its
+        // ids are refused from then on.
         ctx.later.lock().unwrap().clear();
         let r = read(p.clt, 1, &mut bufs[0], 5);
         assert_eq!(r, 0, "{}", last());
@@ -300,6 +301,14 @@ fn deferred_completions_come_from_another_thread() {
         let id = ctx.later.lock().unwrap()[0].0;
         assert_eq!(rtrs_client_close(p.clt), 0);
         p.clt = std::ptr::null_mut();
+        // The closing connection waits for its deferred request (its data
+        // stays valid): completing it later still reaches it.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            rtrs_server_complete(p.srv, id, 0),
+            0,
+            "the closing connection waited for its deferred request"
+        );
         let t0 = Instant::now();
         loop {
             match rtrs_server_complete(p.srv, id, 0) {

@@ -1,7 +1,7 @@
 //! rtrs: the operator CLI.
 //!
 //! ```text
-//!  rtrs serve --listen ADDR[,ADDR] --export NAME=ram:SIZE[,ro][,allow=SESS|...] [--export NAME=file:PATH]
+//!  rtrs serve --listen ADDR[,ADDR] --export NAME=ram:SIZE[,ro][,allow=SESS|...] [--export NAME=file:PATH|NAME=dev:/dev/X]
 //!             [--cores LIST] [--always-invalidate on|off] [--queue-depth N] [--chunk-size BYTES]
 //!             [--config FILE.toml] [--ctl SOCKET] [--metrics ADDR]
 //!  rtrs ctl [--socket SOCKET] [--json] list sessions|paths|devices | stats [--session S] [--path P]
@@ -144,8 +144,9 @@ struct ServeArgs {
     /// Address(es) to listen on: shm:NAME, tcp:HOST:PORT or rdma:HOST:PORT.
     #[arg(long, value_delimiter = ',')]
     listen: Vec<Address>,
-    /// A device to export: NAME=ram:SIZE (e.g. ram0=ram:1G) or NAME=file:PATH,
-    /// then options: ,ro (read-only: opens for writing get -EPERM),
+    /// A device to export: NAME=ram:SIZE (e.g. ram0=ram:1G), NAME=file:PATH
+    /// or NAME=dev:/dev/X (a block device; files and devices are served
+    /// through io_uring, with O_DIRECT where they take it), then options: ,ro (read-only: opens for writing get -EPERM),
     /// ,allow=SESS[|SESS...] (only these session names may open it, others
     /// get -EACCES), ,allow-key=ID[|ID...] (the same by key id). Names are
     /// unique (docs/rnbd.md).
@@ -400,7 +401,13 @@ fn serve<F: Fabric>(fabric: F, a: &Settings) -> Result<(), String> {
         .map(|s| Export::parse(s).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     for e in &exports {
-        eprintln!("export {}: {} bytes{}", e.name(), e.size(), access_note(e));
+        eprintln!(
+            "export {}: {} bytes{} [{}]",
+            e.name(),
+            e.size(),
+            access_note(e),
+            e.backend()
+        );
     }
     let rnbd = RnbdServer::new(exports, cfg.max_io_size()).map_err(|e| e.to_string())?;
     // Bound before any client can connect: a bad --ctl stops it here.
@@ -466,6 +473,13 @@ fn serve<F: Fabric>(fabric: F, a: &Settings) -> Result<(), String> {
     }
     sd_notify("STOPPING=1");
     eprintln!("rtrs serve: stopping");
+    let backend: Vec<String> = rnbd
+        .backend_counters()
+        .by_kind()
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    eprintln!("rtrs serve: rnbd backend: {}", backend.join(", "));
     drop(_ctl);
     for (kind, n) in rnbd.counters().refusals() {
         eprintln!("rtrs serve: rnbd refusals {}: {n}", kind.name());

@@ -4,6 +4,7 @@
 //! ```text
 //!  GET /metrics ──> rtrs_refusals_total{kind=...}, rtrs_sessions, rtrs_session_memory_bytes,
 //!                   rtrs_deferred_placements_total, rtrs_rnbd_refusals_total{kind=...},
+//!                   rtrs_rnbd_backend_events_total{kind=...},
 //!                   rtrs_hugepage_bytes, rtrs_hugepage_limit_bytes, rtrs_hugepage_fallbacks_total,
 //!                   rtrs_chunk_pool_sessions, rtrs_chunk_pool_huge, rtrs_sessions_chunks_total{kind=pool|own}
 //!                   per path {session,path}: rtrs_path_ios_total{dir}, rtrs_path_bytes_total{dir},
@@ -314,6 +315,13 @@ pub fn render(srv: &SrvCounters, rnbd: &RnbdServer, snap: &Snapshot) -> String {
         c,
         "RNBD opens and IOs refused, by kind.",
         &rnbd_refusals,
+    );
+    metric(
+        &mut o,
+        "rtrs_rnbd_backend_events_total",
+        c,
+        "File and device backend events: IO errors answered, short transfers resubmitted, misaligned O_DIRECT refusals, fallocate mode fallbacks, connections served without io_uring.",
+        &rnbd.backend_counters().by_kind(),
     );
     metric(
         &mut o,

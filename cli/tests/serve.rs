@@ -294,6 +294,7 @@ fn metrics_endpoint() {
         "# TYPE rtrs_sessions gauge",
         "rtrs_hugepage_limit_bytes",
         "rtrs_rnbd_refusals_total{kind=\"read_only_export\"} 1",
+        "rtrs_rnbd_backend_events_total{kind=\"io_errors\"} 0",
     ] {
         assert!(body.contains(m), "{m} missing in {body}");
     }

@@ -1,12 +1,14 @@
-//! The RNBD server on the RTRS server: exports named devices (RAM or a file)
-//! and answers SESS_INFO, OPEN, CLOSE and IO as the kernel's rnbd-server does
+//! The RNBD server on the RTRS server: exports named devices (RAM, a file
+//! or a block device: [`super::backend`]) and answers SESS_INFO, OPEN, CLOSE and IO as the kernel's rnbd-server does
 //! (wire spec §9.4-9.6), with per-export access rules and access modes
 //! enforced on IO (docs/rnbd.md).
 
+use super::backend::{BackendCounters, Event, FileStore, Op, Ring};
 use crate::proto::rnbd::*;
-use crate::srv::{ConInfo, Handler, Identity, IoDir, SrvIo, Verdict};
+use crate::srv::{ConInfo, Handler, Identity, IoDir, IoId, SrvIo, Verdict};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -24,7 +26,7 @@ fn slot_mode(slot: u32) -> u32 {
 
 enum Store {
     Ram(mempool::Region),
-    File(std::fs::File),
+    File(FileStore),
 }
 
 /// A device the server exports.
@@ -40,6 +42,9 @@ pub struct Export {
 impl std::fmt::Debug for Export {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Export({} {} bytes", self.name, self.size)?;
+        if let Store::File(fs) = &self.store {
+            write!(f, " {}", fs.describe())?;
+        }
         if self.read_only {
             write!(f, " ro")?;
         }
@@ -130,8 +135,11 @@ fn parse_options<'a>(
 }
 
 impl Export {
-    /// Parses `NAME=ram:SIZE[,OPTION...]` or `NAME=file:PATH[,OPTION...]`
-    /// (SIZE with K, M or G; PATH without commas). Options: `ro` (a
+    /// Parses `NAME=ram:SIZE[,OPTION...]`, `NAME=file:PATH[,OPTION...]` (a
+    /// regular file or a block device) or `NAME=dev:PATH[,OPTION...]` (a
+    /// block device only) (SIZE with K, M or G; PATH without commas).
+    /// Files and devices are opened with O_DIRECT where they accept it.
+    /// Options: `ro` (a
     /// read-only export: RW and MIGRATION opens get -EPERM; a file is
     /// opened read-only), `allow=SESS[|SESS...]` (only these session names
     /// may open it; others get -EACCES) and `allow-key=ID[|ID...]` (the
@@ -143,7 +151,7 @@ impl Export {
         let dev = parts.next().unwrap_or_default();
         let (name, what) = dev
             .split_once('=')
-            .ok_or_else(|| bad("expected NAME=ram:SIZE or NAME=file:PATH"))?;
+            .ok_or_else(|| bad("expected NAME=ram:SIZE, NAME=file:PATH or NAME=dev:PATH"))?;
         if name.is_empty() || name.len() > 254 || name.contains("..") {
             return Err(bad("the name must be 1..=254 bytes without '..'"));
         }
@@ -152,15 +160,30 @@ impl Export {
             let size = parse_size(size).ok_or_else(|| bad("bad size (e.g. 64M, 1G)"))?;
             Export::ram(name, size)?
         } else if let Some(path) = what.strip_prefix("file:") {
-            Export::open_file(name, std::path::Path::new(path), !read_only)?
+            Export::open_file(name, std::path::Path::new(path), !read_only, false)?
+        } else if let Some(path) = what.strip_prefix("dev:") {
+            Export::open_file(name, std::path::Path::new(path), !read_only, true)?
         } else {
-            return Err(bad("expected ram:SIZE or file:PATH"));
+            return Err(bad("expected ram:SIZE, file:PATH or dev:PATH"));
         };
         Ok(Export {
             read_only,
             allow,
             ..e
         })
+    }
+
+    /// Tests: an export of a store opened by hand (a pipe, say).
+    #[cfg(test)]
+    pub(crate) fn from_store(name: &str, f: FileStore) -> Export {
+        Export {
+            name: name.to_string(),
+            size: f.size,
+            store: Store::File(f),
+            writers: AtomicU32::new(0),
+            read_only: false,
+            allow: Vec::new(),
+        }
     }
 
     /// The export read-only: RW and MIGRATION opens are refused (-EPERM).
@@ -211,25 +234,21 @@ impl Export {
 
     /// A file (or block device) opened read-write.
     pub fn file(name: &str, path: &std::path::Path) -> Result<Export, ExportError> {
-        Export::open_file(name, path, true)
+        Export::open_file(name, path, true, false)
     }
 
-    fn open_file(name: &str, path: &std::path::Path, write: bool) -> Result<Export, ExportError> {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(write)
-            .open(path)
-            .map_err(|e| ExportError::Io(name.into(), e))?;
-        let size = f
-            .metadata()
-            .map_err(|e| ExportError::Io(name.into(), e))?
-            .len()
-            / SECTOR
-            * SECTOR;
+    fn open_file(
+        name: &str,
+        path: &std::path::Path,
+        write: bool,
+        block: bool,
+    ) -> Result<Export, ExportError> {
+        let f = FileStore::open(path, write, block).map_err(|e| ExportError::Io(name.into(), e))?;
+        let size = f.size;
         if size == 0 {
             return Err(ExportError::Spec(
                 name.into(),
-                "the file is smaller than a sector".into(),
+                format!("{} is smaller than a block", path.display()),
             ));
         }
         Ok(Export {
@@ -250,6 +269,23 @@ impl Export {
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// How the export is served: `ram`, or for a file or device whether
+    /// with O_DIRECT and its logical block size.
+    pub fn backend(&self) -> String {
+        match &self.store {
+            Store::Ram(_) => "ram".into(),
+            Store::File(f) => f.describe(),
+        }
+    }
+
+    /// The logical block size the clients are told (and IO must keep to).
+    pub fn logical_block_size(&self) -> u32 {
+        match &self.store {
+            Store::Ram(_) => SECTOR as u32,
+            Store::File(f) => f.lbs,
+        }
     }
 
     /// Takes a writer for an open in `mode` (the kernel's rule: one RW
@@ -281,7 +317,7 @@ impl Export {
         self.range(off, buf.len())?;
         match &self.store {
             Store::Ram(m) => m.read(off as usize, buf).map_err(|_| -libc::EIO),
-            Store::File(f) => f.read_exact_at(buf, off).map_err(|_| -libc::EIO),
+            Store::File(f) => f.file.read_exact_at(buf, off).map_err(io_errno),
         }
     }
 
@@ -290,13 +326,16 @@ impl Export {
         match &self.store {
             // Non-temporal stores: a RAM disk's writes land at cold places.
             Store::Ram(m) => m.write_stream(off as usize, data).map_err(|_| -libc::EIO),
-            Store::File(f) => f.write_all_at(data, off).map_err(|_| -libc::EIO),
+            Store::File(f) => f.file.write_all_at(data, off).map_err(io_errno),
         }
     }
 
     fn zero(&self, off: u64, len: u64) -> Result<(), i32> {
         static ZEROS: [u8; 65536] = [0; 65536];
         self.range(off, len as usize)?;
+        if let Store::File(f) = &self.store {
+            return f.zero_sync(off, len);
+        }
         let mut at = 0;
         while at < len {
             let n = (len - at).min(ZEROS.len() as u64) as usize;
@@ -309,8 +348,16 @@ impl Export {
     fn flush(&self) -> Result<(), i32> {
         match &self.store {
             Store::Ram(_) => Ok(()),
-            Store::File(f) => f.sync_data().map_err(|_| -libc::EIO),
+            Store::File(f) => f.file.sync_data().map_err(io_errno),
         }
+    }
+}
+
+/// An IO error's errno for the client (-EIO when it has none).
+fn io_errno(e: std::io::Error) -> i32 {
+    match e.raw_os_error() {
+        Some(n) if n > 0 => -n,
+        _ => -libc::EIO,
     }
 }
 
@@ -450,6 +497,11 @@ pub struct RnbdServer {
     sessions: Mutex<HashMap<[u8; 16], Arc<Sess>>>,
     max_io_size: u32,
     counters: RnbdCounters,
+    backend: BackendCounters,
+    /// The file exports' fds, registered in every connection's ring.
+    pub(crate) files: Vec<i32>,
+    /// Tests: serve file IO synchronously, as without io_uring.
+    pub(crate) force_sync: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RnbdServer {
@@ -463,7 +515,7 @@ impl std::fmt::Debug for RnbdServer {
 impl RnbdServer {
     /// A server exporting `exports`; `max_io_size` is the RTRS server's.
     /// Two exports of one name are refused.
-    pub fn new(exports: Vec<Export>, max_io_size: u32) -> Result<Arc<RnbdServer>, ExportError> {
+    pub fn new(mut exports: Vec<Export>, max_io_size: u32) -> Result<Arc<RnbdServer>, ExportError> {
         for (i, e) in exports.iter().enumerate() {
             if exports[..i].iter().any(|o| o.name == e.name) {
                 return Err(ExportError::Duplicate(e.name.clone()));
@@ -474,6 +526,16 @@ impl RnbdServer {
                 String::new(),
                 format!("more than {MAX_EXPORTS} exports"),
             ));
+        }
+        // The files of the exports given now are registered with each
+        // connection's ring (fixed file i); one added later is not, and is
+        // named by its descriptor.
+        let mut files = Vec::new();
+        for e in exports.iter_mut() {
+            if let Store::File(f) = &mut e.store {
+                f.fixed = files.len() as u32;
+                files.push(f.file.as_raw_fd());
+            }
         }
         let slots: Box<[OnceLock<Export>]> = (0..MAX_EXPORTS).map(|_| OnceLock::new()).collect();
         for (slot, e) in slots.iter().zip(exports) {
@@ -486,12 +548,38 @@ impl RnbdServer {
             sessions: Mutex::new(HashMap::new()),
             max_io_size,
             counters: RnbdCounters::default(),
+            backend: BackendCounters::default(),
+            files,
+            force_sync: Default::default(),
         }))
+    }
+
+    /// What the file and device backends fell back on, refused or failed.
+    pub fn backend_counters(&self) -> &BackendCounters {
+        &self.backend
     }
 
     /// Refusals of opens and IO, by kind.
     pub fn counters(&self) -> &RnbdCounters {
         &self.counters
+    }
+
+    /// A connection's ring, with the start's files registered; None (the
+    /// connection's file IO served on the core) when it cannot be had:
+    /// logged, counted.
+    fn ring(&self, queue_depth: u32, mem: Option<Arc<mempool::Region>>) -> Option<Ring> {
+        match Ring::new(queue_depth, &self.files, mem) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.backend.count(
+                    Event::SyncFallback,
+                    &format_args!(
+                        "no io_uring for a connection ({e}): its file IO is served synchronously on the polling core"
+                    ),
+                );
+                None
+            }
+        }
     }
 
     /// The handler for a new connection (of a new or known session).
@@ -503,11 +591,25 @@ impl RnbdServer {
                 .clone(),
             Err(_) => Arc::new(Sess::new(info.identity.clone())),
         };
+        // File IO goes through a ring of this connection's own; without
+        // one (an old kernel, seccomp, no memory) it is served at once, on
+        // the core. A server started without file exports makes it when a
+        // connection first does file IO (an export added at runtime).
+        let forced = self.force_sync.load(Ordering::Relaxed);
+        let (ring, lazy_ring) = if forced {
+            (None, None)
+        } else if self.files.is_empty() {
+            (None, Some((info.queue_depth, info.chunk_memory.clone())))
+        } else {
+            (self.ring(info.queue_depth, info.chunk_memory.clone()), None)
+        };
         RnbdHandler {
             srv: self.clone(),
             sess,
             identity: info.identity.clone(),
             peer: info.peer.clone(),
+            ring,
+            lazy_ring,
         }
     }
 
@@ -717,6 +819,11 @@ pub struct RnbdHandler {
     /// Who the client of this connection's path is (set by its handshake).
     identity: Arc<OnceLock<Identity>>,
     peer: String,
+    /// File and device IO in flight (None: served synchronously).
+    ring: Option<Ring>,
+    /// What to make the ring with at the first file IO (a server started
+    /// without file exports).
+    lazy_ring: Option<(u32, Option<Arc<mempool::Region>>)>,
 }
 
 impl RnbdHandler {
@@ -848,16 +955,22 @@ impl RnbdHandler {
     }
 
     fn open_rsp(&self, id: usize, e: &Export, out: &mut [u8]) -> i32 {
+        let (lbs, pbs) = match &e.store {
+            Store::Ram(_) => (SECTOR as u32, SECTOR as u32),
+            Store::File(f) => (f.lbs, f.pbs),
+        };
+        // Whole logical blocks of at most one IO.
+        let max_sectors = self.srv.max_io_size / lbs * lbs / SECTOR as u32;
         let rsp = OpenRspRepr {
             device_id: id as u32,
             nsectors: e.size / SECTOR,
-            max_hw_sectors: self.srv.max_io_size / SECTOR as u32,
+            max_hw_sectors: max_sectors,
             max_write_same_sectors: 0,
-            max_discard_sectors: self.srv.max_io_size / SECTOR as u32,
-            discard_granularity: SECTOR as u32,
+            max_discard_sectors: max_sectors,
+            discard_granularity: lbs,
             discard_alignment: 0,
-            physical_block_size: SECTOR as u16,
-            logical_block_size: SECTOR as u16,
+            physical_block_size: pbs as u16,
+            logical_block_size: lbs as u16,
             max_segments: 128,
             secure_discard: 0,
             obsolete_rotational: 0,
@@ -872,31 +985,72 @@ impl RnbdHandler {
         }
     }
 
-    fn io(&mut self, v: &Io<&[u8]>, dir: IoDir, data: &mut [u8]) -> i32 {
+    fn io(&mut self, id: IoId, v: &Io<&[u8]>, dir: IoDir, data: &mut [u8]) -> Verdict {
         let slot = self
             .sess
             .devs
             .get(v.device_id() as usize)
             .map_or(0, |d| d.load(Ordering::Acquire));
         if slot == 0 {
-            return -libc::ENOTCONN;
+            return Verdict::Done(-libc::ENOTCONN);
         }
-        let Some(e) = self.srv.export((slot & SLOT_EXPORT) as usize - 1) else {
-            return -libc::ENOTCONN;
+        let srv = &*self.srv;
+        let Some(e) = srv.export((slot & SLOT_EXPORT) as usize - 1) else {
+            return Verdict::Done(-libc::ENOTCONN);
         };
         // Stricter than the kernel, which checks the mode at open only: a
         // device opened read-only is read and flushed, nothing else.
         if slot_mode(slot) == AccessMode::Ro as u32 && !reads_only(v.op(), dir, data) {
-            return self.refuse(
+            return Verdict::Done(self.refuse(
                 RnbdRefusal::ReadOnlyWrite,
                 &e.name,
                 "an IO that would change a device opened read-only",
-            );
+            ));
         }
         let Some(off) = v.sector().checked_mul(SECTOR) else {
-            return -libc::EIO;
+            return Verdict::Done(-libc::EIO);
         };
         let flags = v.rw() & !0xff;
+        if let Store::File(f) = &e.store {
+            let (op, len) = match (v.op(), dir) {
+                (RnbdOp::Read, IoDir::Read) => (Op::Read, data.len()),
+                (RnbdOp::Write, IoDir::Write) => (Op::Write(flags & RNBD_F_FUA != 0), data.len()),
+                (RnbdOp::Flush, _) => (Op::Sync, 0),
+                (RnbdOp::Discard, _) => (Op::DISCARD, v.bi_size() as usize),
+                (RnbdOp::SecureErase, _) => (Op::ERASE, v.bi_size() as usize),
+                _ => return Verdict::Done(-libc::EINVAL),
+            };
+            if let Err(errno) = e.range(off, len) {
+                return Verdict::Done(errno);
+            }
+            let buf = if matches!(op, Op::Read | Op::Write(_)) {
+                data.as_mut_ptr()
+            } else {
+                std::ptr::null_mut()
+            };
+            if op != Op::Sync && !f.aligned(off, len, buf) {
+                srv.backend.count(
+                    Event::Misaligned,
+                    &format_args!(
+                        "export {}: an IO of {len} bytes at {off} not aligned to its {}-byte blocks (O_DIRECT): -EINVAL",
+                        e.name, f.lbs
+                    ),
+                );
+                return Verdict::Done(-libc::EINVAL);
+            }
+            if self.ring.is_none() && !f.inline {
+                if let Some((qd, mem)) = self.lazy_ring.take() {
+                    self.ring = srv.ring(qd, mem);
+                }
+            }
+            if let Some(ring) = self.ring.as_mut().filter(|_| !f.inline) {
+                return if ring.start(id, op, f.target(), buf, len as u32, off) {
+                    Verdict::Later
+                } else {
+                    Verdict::Done(-libc::EBUSY)
+                };
+            }
+        }
         let r = match (v.op(), dir) {
             (RnbdOp::Read, IoDir::Read) => e.read(off, data),
             (RnbdOp::Write, IoDir::Write) => e.write(off, data).and_then(|()| {
@@ -910,10 +1064,21 @@ impl RnbdHandler {
             (RnbdOp::Discard | RnbdOp::SecureErase, _) => e.zero(off, u64::from(v.bi_size())),
             _ => Err(-libc::EINVAL),
         };
-        match r {
+        Verdict::Done(match r {
             Ok(()) => 0,
-            Err(errno) => errno,
-        }
+            Err(errno) => {
+                if let Store::File(_) = e.store {
+                    srv.backend.count(
+                        Event::IoError,
+                        &format_args!(
+                            "export {}: an IO failed with errno {errno}: answered to the client",
+                            e.name
+                        ),
+                    );
+                }
+                errno
+            }
+        })
     }
 }
 
@@ -960,9 +1125,19 @@ impl Handler for RnbdHandler {
                 }
                 0
             }
-            Ok(RnbdMsg::Io(v)) => self.io(&v, io.dir, io.data),
+            Ok(RnbdMsg::Io(v)) => return self.io(io.id, &v, io.dir, io.data),
         };
         Verdict::Done(errno)
+    }
+
+    fn poll_done(&mut self) -> Option<(IoId, i32)> {
+        self.ring.as_mut()?.poll_done(&self.srv.backend)
+    }
+
+    fn quiesce(&mut self) {
+        if let Some(r) = self.ring.as_mut() {
+            r.quiesce(&self.srv.backend);
+        }
     }
 }
 
@@ -993,6 +1168,8 @@ mod tests {
             paths_uuid: [uuid; 16],
             sess_uuid: [uuid; 16],
             cid: 1,
+            queue_depth: 16,
+            chunk_memory: None,
             peer: "test".into(),
             identity,
         })

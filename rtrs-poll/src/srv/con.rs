@@ -617,7 +617,11 @@ fn clamp_errno(errno: i32) -> i32 {
 impl<F: Fabric, H: Handler> Drop for SrvCon<F, H> {
     fn drop(&mut self) {
         // Chunks whose requests never got a response are free for the
-        // session's other connections.
+        // session's other connections, once the handler no longer touches
+        // them (a deferred request's data may be under IO still).
+        if self.inflight.iter().any(|s| s.claim.is_some()) {
+            self.handler.quiesce();
+        }
         for c in self.inflight.iter_mut().filter_map(|s| s.claim.take()) {
             if let Err(e) = self.path.chunks.release(c) {
                 tracing::error!("releasing a chunk: {e}");

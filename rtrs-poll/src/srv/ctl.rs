@@ -867,6 +867,8 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                 paths_uuid: path.paths_uuid,
                 sess_uuid: path.sess_uuid,
                 cid,
+                queue_depth: path.queue_depth,
+                chunk_memory: Some(path.chunks.region().clone()),
                 peer: path.peer.clone(),
                 identity: path.identity().clone(),
             }),

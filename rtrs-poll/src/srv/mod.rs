@@ -484,6 +484,11 @@ pub trait Handler: Send + 'static {
     fn poll_done(&mut self) -> Option<(IoId, i32)> {
         None
     }
+    /// The connection is going away with requests still [`Verdict::Later`]:
+    /// return only once nothing touches their `data` any more (their chunks
+    /// are released for other connections when this returns). Called once,
+    /// on teardown, on the connection's core.
+    fn quiesce(&mut self) {}
 }
 
 /// Who a connection's handler serves.
@@ -495,6 +500,13 @@ pub struct ConInfo {
     pub sess_uuid: [u8; 16],
     /// The connection in the path.
     pub cid: u16,
+    /// Chunks of the session: every [`IoId::chunk`] is below it, so a
+    /// handler can size its per-request state at setup.
+    pub queue_depth: u32,
+    /// The session's chunk memory (every `SrvIo::data` lies in it), for a
+    /// handler that registers it with the kernel once (io_uring fixed
+    /// buffers); `None` where there is no such region.
+    pub chunk_memory: Option<Arc<mempool::Region>>,
     /// The client's address.
     pub peer: String,
     /// Who the path's client is: set by the path's handshake (INFO_REQ on
