@@ -11,102 +11,14 @@
 //! fake [`Backend`]; the socket side ([`listen`], [`request`]) is thin.
 
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-/// The protocol's version: requests carry it, responses echo it.
-pub const VERSION: u32 = 1;
-
-/// Longest request line taken.
-const MAX_LINE: u64 = 64 << 10;
-
-/// A request: `{"v":1,"cmd":...}` and the command's fields.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    /// Sessions with their paths and open devices.
-    ListSessions {},
-    /// Every path.
-    ListPaths {},
-    /// Open devices per session, and the exports.
-    ListDevices {},
-    /// Counters, narrowed to a session, a path or a core.
-    Stats {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        session: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        path: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        core: Option<usize>,
-    },
-    /// Close a path's connections (the client reconnects).
-    Disconnect { path: String },
-    /// Close every path of a session.
-    Close { session: String },
-    /// Close one open device of a session (the kernel's `force_close`).
-    ForceClose { session: String, device_id: u32 },
-    /// Serve one more export: `spec` as `--export NAME=SPEC`.
-    ExportAdd { name: String, spec: String },
-    /// Stop serving an export (-EBUSY while open).
-    ExportRemove { name: String },
-}
-
-#[derive(Serialize, Deserialize)]
-struct Envelope {
-    v: u32,
-    #[serde(flatten)]
-    req: Request,
-}
-
-/// A response: `ok` with `data`, or an `error` (and its errno when there
-/// is one).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Response {
-    pub v: u32,
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub errno: Option<i32>,
-}
-
-impl Response {
-    fn ok(data: serde_json::Value) -> Response {
-        Response {
-            v: VERSION,
-            ok: true,
-            data: Some(data),
-            error: None,
-            errno: None,
-        }
-    }
-    fn err(error: impl Into<String>, errno: Option<i32>) -> Response {
-        Response {
-            v: VERSION,
-            ok: false,
-            data: None,
-            error: Some(error.into()),
-            errno,
-        }
-    }
-}
-
-/// Encodes a request line (with its newline).
-pub fn encode(req: &Request) -> String {
-    let mut s = serde_json::to_string(&Envelope {
-        v: VERSION,
-        req: req.clone(),
-    })
-    .unwrap_or_default();
-    s.push('\n');
-    s
-}
+// The protocol and the socket are shared with clients (rtrs-ctl).
+pub use rtrs_ctl::{
+    default_socket, parse_request, request, table, us, CtlServer, CtlSocket, Request, Response,
+    Role,
+};
 
 /// Request latency quantiles (ns) of a histogram snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -284,30 +196,6 @@ fn all_paths(s: &Snapshot) -> Vec<PathView> {
     s.sessions.iter().flat_map(|x| x.paths.clone()).collect()
 }
 
-/// Decodes a request line: the version first, then the command with no
-/// field it does not know.
-fn parse_request(line: &str) -> Result<Envelope, Response> {
-    let bad = |e: String| Response::err(format!("bad request: {e}"), Some(-libc::EINVAL));
-    let mut obj = match serde_json::from_str::<serde_json::Value>(line.trim()) {
-        Ok(serde_json::Value::Object(m)) => m,
-        Ok(_) => return Err(bad("not a JSON object".into())),
-        Err(e) => return Err(bad(e.to_string())),
-    };
-    let v = match obj.remove("v").and_then(|v| v.as_u64()) {
-        Some(v) => v,
-        None => return Err(bad("no protocol version (\"v\": 1)".into())),
-    };
-    if v != u64::from(VERSION) {
-        return Err(Response::err(
-            format!("protocol version {v} is not served (this server speaks {VERSION})"),
-            Some(-libc::EPROTO),
-        ));
-    }
-    let req =
-        serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| bad(e.to_string()))?;
-    Ok(Envelope { v: VERSION, req })
-}
-
 /// Closes what `found` names: (its uuid in hex, the name to answer with).
 fn close_one(
     b: &dyn Backend,
@@ -330,15 +218,22 @@ fn close_one(
 
 /// Runs one request line against `b`: the response line's value.
 pub fn handle_line(line: &str, b: &dyn Backend) -> Response {
-    let env = match parse_request(line) {
-        Ok(e) => e,
+    handle(line, b).with_role(Role::Server)
+}
+
+fn handle(line: &str, b: &dyn Backend) -> Response {
+    let req = match parse_request(line) {
+        Ok(r) => r,
         Err(r) => return r,
     };
+    if let Some(r) = req.refused_by(Role::Server) {
+        return r;
+    }
     let json = |v: Result<serde_json::Value, serde_json::Error>| match v {
         Ok(v) => Response::ok(v),
         Err(e) => Response::err(e.to_string(), None),
     };
-    match env.req {
+    match req {
         Request::ListSessions {} => json(serde_json::to_value(b.snapshot().sessions)),
         Request::ListPaths {} => json(serde_json::to_value(all_paths(&b.snapshot()))),
         Request::ListDevices {} => {
@@ -432,46 +327,8 @@ pub fn handle_line(line: &str, b: &dyn Backend) -> Response {
             }
             Err(e) => Response::err(format!("export {name:?}: errno {e}"), Some(e)),
         },
-    }
-}
-
-/// A bound control socket not served yet (bound early, so a bad `--ctl`
-/// stops the server before it listens for clients).
-#[derive(Debug)]
-pub struct CtlSocket {
-    listener: Option<UnixListener>,
-    path: PathBuf,
-}
-
-impl CtlSocket {
-    /// Binds `path` (see [`bind`]).
-    pub fn bind(path: &Path) -> Result<CtlSocket, String> {
-        Ok(CtlSocket {
-            listener: Some(bind(path)?),
-            path: path.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for CtlSocket {
-    /// Never served (the server failed to start): the file goes.
-    fn drop(&mut self) {
-        if self.listener.is_some() {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// The server side: the backend, and what it counts.
-pub struct CtlServer {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for CtlServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CtlServer({})", self.path.display())
+        // Refused above.
+        other => Response::err(format!("{} is not a server's command", other.cmd()), None),
     }
 }
 
@@ -622,238 +479,6 @@ impl<F: rtrs_poll::fabric::Fabric> Backend for SrvBackend<F> {
     }
 }
 
-/// The uid of a unix socket's peer (SO_PEERCRED).
-fn peer_uid(s: &UnixStream) -> std::io::Result<u32> {
-    use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for writes of the sizes given.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cred.uid)
-}
-
-/// Binds the control socket at `path` (mode 0600; its directory made with
-/// 0700 when missing). A stale socket file is replaced; a live one (another
-/// server answers on it) is an error.
-fn bind(path: &Path) -> Result<UnixListener, String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| format!("--ctl {}: {e}", dir.display()))?;
-        }
-    }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(format!(
-                "--ctl {}: another server answers on it",
-                path.display()
-            ));
-        }
-        std::fs::remove_file(path).map_err(|e| format!("--ctl {}: {e}", path.display()))?;
-    }
-    // Created with no access for others from the start (umask), then 0600.
-    // SAFETY: umask only changes this process's file creation mask.
-    let old = unsafe { libc::umask(0o177) };
-    let l = UnixListener::bind(path);
-    // SAFETY: as above, restoring it.
-    unsafe { libc::umask(old) };
-    let l = l.map_err(|e| format!("--ctl {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("--ctl {}: {e}", path.display()))?;
-    Ok(l)
-}
-
-impl CtlServer {
-    /// Serves a socket bound by [`CtlSocket::bind`] from a thread of its
-    /// own (never a core) until dropped; `refused` counts the connections
-    /// refused (a foreign uid).
-    pub fn serve(
-        mut sock: CtlSocket,
-        backend: Arc<dyn Backend + Send + Sync>,
-        refused: Arc<AtomicU64>,
-    ) -> Result<CtlServer, String> {
-        let l = sock
-            .listener
-            .take()
-            .ok_or("the control socket is served already")?;
-        let path = sock.path.as_path();
-        l.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (stop2, refused2) = (stop.clone(), refused);
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        let thread = std::thread::Builder::new()
-            .name("rtrs-ctl".into())
-            .spawn(move || {
-                while !stop2.load(Ordering::Relaxed) {
-                    match l.accept() {
-                        Ok((s, _)) => serve_one(s, &*backend, me, &refused2),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(20))
-                        }
-                        Err(e) => {
-                            tracing::warn!("ctl: accept: {e}");
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
-                    }
-                }
-            })
-            .map_err(|e| format!("the ctl thread: {e}"))?;
-        tracing::info!(socket = %path.display(), "ctl socket listening");
-        Ok(CtlServer {
-            path: path.to_path_buf(),
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for CtlServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// One connection: the peer checked, one request, one response.
-fn serve_one(s: UnixStream, b: &dyn Backend, me: u32, refused: &AtomicU64) {
-    let write = |mut s: &UnixStream, r: &Response| {
-        let mut line = serde_json::to_string(r).unwrap_or_default();
-        line.push('\n');
-        if let Err(e) = s.write_all(line.as_bytes()) {
-            tracing::debug!("ctl: reply: {e}");
-        }
-    };
-    if s.set_nonblocking(false).is_err()
-        || s.set_read_timeout(Some(Duration::from_secs(5))).is_err()
-    {
-        return;
-    }
-    match peer_uid(&s) {
-        Ok(uid) if uid == me || uid == 0 => {}
-        Ok(uid) => {
-            refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(uid, "ctl: refused a connection from another user");
-            return write(
-                &s,
-                &Response::err(
-                    format!("uid {uid} may not control this server (uid {me} or root may)"),
-                    Some(-libc::EACCES),
-                ),
-            );
-        }
-        Err(e) => {
-            refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("ctl: refused a connection: SO_PEERCRED: {e}");
-            return;
-        }
-    }
-    let mut line = String::new();
-    let mut r = BufReader::new(std::io::Read::take(&s, MAX_LINE));
-    let resp = match r.read_line(&mut line) {
-        Ok(_) if line.ends_with('\n') => {
-            let resp = handle_line(&line, b);
-            if !resp.ok {
-                tracing::info!(request = line.trim(), error = ?resp.error, "ctl: request failed");
-            }
-            resp
-        }
-        Ok(_) => Response::err(
-            "a request is one line of at most 64 KiB",
-            Some(-libc::EINVAL),
-        ),
-        Err(e) => Response::err(format!("reading the request: {e}"), Some(-libc::EIO)),
-    };
-    write(&s, &resp);
-}
-
-/// The client side: sends `req` to the server at `socket`, returns its
-/// response.
-pub fn request(socket: &Path, req: &Request) -> Result<Response, String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| {
-        format!(
-            "cannot reach {}: {e} (is rtrs serve running with --ctl {}?)",
-            socket.display(),
-            socket.display()
-        )
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(encode(req).as_bytes())
-        .map_err(|e| format!("sending to {}: {e}", socket.display()))?;
-    let mut line = String::new();
-    BufReader::new(&s)
-        .read_line(&mut line)
-        .map_err(|e| format!("reading from {}: {e}", socket.display()))?;
-    serde_json::from_str(&line).map_err(|e| format!("a bad response from the server: {e}"))
-}
-
-/// The default socket: /run/rtrs/ctl.sock for root (the unit's
-/// RuntimeDirectory), else $XDG_RUNTIME_DIR/rtrs/ctl.sock.
-pub fn default_socket() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|_| !root) {
-        Some(d) => Path::new(&d).join("rtrs/ctl.sock"),
-        None => PathBuf::from("/run/rtrs/ctl.sock"),
-    }
-}
-
-fn us(ns: u64) -> String {
-    format!("{:.1}", ns as f64 / 1000.0)
-}
-
-/// A table: each column as wide as its widest cell, numbers right-aligned.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (w, c) in w.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut l = String::new();
-        for (i, (c, w)) in cells.iter().zip(&w).enumerate() {
-            let num = c.chars().next().is_some_and(|ch| ch.is_ascii_digit()) && i > 0;
-            if num {
-                l.push_str(&format!("{c:>w$}  "));
-            } else {
-                l.push_str(&format!("{c:<w$}  "));
-            }
-        }
-        l.truncate(l.trim_end().len());
-        l.push('\n');
-        l
-    };
-    let mut o = line(header.to_vec());
-    for r in rows {
-        o.push_str(&line(r.iter().map(String::as_str).collect()));
-    }
-    o
-}
-
 fn paths_table(paths: &[PathView]) -> String {
     let rows: Vec<Vec<String>> = paths
         .iter()
@@ -983,6 +608,7 @@ pub fn human(req: &Request, data: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rtrs_ctl::encode;
     use std::sync::Mutex;
 
     #[derive(Default)]
@@ -1048,7 +674,33 @@ mod tests {
     fn run(b: &Fake, req: Request) -> Response {
         let line = encode(&req);
         assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
-        handle_line(&line, b)
+        let r = handle_line(&line, b);
+        assert_eq!(r.role(), Some(Role::Server));
+        r
+    }
+
+    #[test]
+    fn a_clients_commands_are_refused_with_the_server_unaffected() {
+        let b = Fake::default();
+        for req in [
+            Request::Reconnect {
+                path: "aaaa".into(),
+            },
+            Request::RemovePath {
+                path: "aaaa".into(),
+            },
+            Request::AddPath {
+                addr: "shm:x".into(),
+            },
+            Request::MpPolicy {
+                policy: "min-inflight".into(),
+            },
+        ] {
+            let r = run(&b, req.clone());
+            assert_eq!(r.errno, Some(-libc::EOPNOTSUPP), "{req:?}");
+            assert!(r.error.unwrap().contains("a client's command"));
+        }
+        assert!(b.closed.lock().unwrap().is_empty());
     }
 
     #[test]
@@ -1063,8 +715,7 @@ mod tests {
             line,
             "{\"v\":1,\"cmd\":\"stats\",\"session\":\"s\",\"core\":1}\n"
         );
-        let e: Envelope = serde_json::from_str(&line).unwrap();
-        assert_eq!(e.req, r);
+        assert_eq!(parse_request(&line).unwrap(), r);
     }
 
     #[test]

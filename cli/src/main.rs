@@ -7,6 +7,8 @@
 //!  rtrs ctl [--socket SOCKET] [--json] list sessions|paths|devices | stats [--session S] [--path P]
 //!           [--core N] | disconnect PATH | close SESSION | force-close SESSION DEV_ID
 //!           | export add NAME SPEC | export remove NAME
+//!           | (a client's socket) list paths | stats [--path P] | add-path ADDR | remove-path P
+//!           | disconnect P | reconnect P | mp-policy round-robin|min-inflight|min-latency
 //!  rtrs doctor [--cores LIST] [--json]
 //! ```
 //! `serve` is an RNBD server over RTRS, as the kernel's rnbd-server: the
@@ -46,8 +48,9 @@ enum LogFormat {
 enum Cmd {
     /// Serve RNBD devices over RTRS until Ctrl-C or SIGTERM.
     Serve(Box<ServeArgs>),
-    /// Look into a running server, or act on it, over its control socket
-    /// (`rtrs serve --ctl PATH`).
+    /// Look into a running server or client session, or act on it, over
+    /// its control socket (`rtrs serve --ctl PATH`, `rtrs-perf client --ctl
+    /// PATH`).
     Ctl(CtlArgs),
     /// Check this host for pinned pollers: hugepages, memlock, isolated
     /// cores, the clocksource, RDMA devices, interrupts on the poll cores.
@@ -64,11 +67,11 @@ enum Cmd {
 
 #[derive(clap::Args, Debug)]
 struct CtlArgs {
-    /// The server's control socket (default: /run/rtrs/ctl.sock for root,
-    /// else $XDG_RUNTIME_DIR/rtrs/ctl.sock).
+    /// The server's or client's control socket (default:
+    /// /run/rtrs/ctl.sock for root, else $XDG_RUNTIME_DIR/rtrs/ctl.sock).
     #[arg(long)]
     socket: Option<std::path::PathBuf>,
-    /// The server's JSON response as it is.
+    /// The JSON response as it is.
     #[arg(long)]
     json: bool,
     #[command(subcommand)]
@@ -95,12 +98,33 @@ enum CtlCmd {
         #[arg(long)]
         core: Option<usize>,
     },
-    /// Close a path's connections (its client reconnects), as the
-    /// kernel's sysfs `disconnect`.
+    /// Close a path's connections, as the kernel's sysfs `disconnect`: on
+    /// a server its client reconnects; on a client the path stays down
+    /// until `reconnect`.
     Disconnect {
-        /// The path's id (from `list paths`) or a unique prefix.
+        /// The path's id (from `list paths`; on a server a unique prefix,
+        /// on a client pathN, N or its address).
         path: String,
     },
+    /// Client: reconnect a path now (the kernel's sysfs `reconnect`).
+    Reconnect {
+        /// pathN, N or its address.
+        path: String,
+    },
+    /// Client: remove a path (the kernel's sysfs `remove_path`; not the
+    /// last one).
+    RemovePath {
+        /// pathN, N or its address.
+        path: String,
+    },
+    /// Client: add a path to ADDR (the kernel's sysfs `add_path`).
+    AddPath {
+        /// shm:NAME, tcp:HOST:PORT or rdma:HOST:PORT.
+        addr: String,
+    },
+    /// Client: the multipath policy (the kernel's sysfs `mpath_policy`):
+    /// round-robin, min-inflight or min-latency.
+    MpPolicy { policy: String },
     /// Close every path of a session.
     Close {
         /// The session's name or uuid.
@@ -457,7 +481,13 @@ fn serve<F: Fabric>(fabric: F, a: &Settings) -> Result<(), String> {
         });
     let _ctl = match (ctl_sock, &a.ctl) {
         (Some(sock), Some(p)) => {
-            let c = ctl::CtlServer::serve(sock, backend.clone(), ctl_refused)?;
+            let b = backend.clone();
+            let c = ctl::CtlServer::serve(
+                sock,
+                ctl::Role::Server,
+                std::sync::Arc::new(move |line: &str| ctl::handle_line(line, &*b)),
+                ctl_refused,
+            )?;
             eprintln!("rtrs serve: control socket {}", p.display());
             Some(c)
         }
@@ -508,6 +538,12 @@ fn run_ctl(a: &CtlArgs) -> Result<(), String> {
             core: *core,
         },
         CtlCmd::Disconnect { path } => ctl::Request::Disconnect { path: path.clone() },
+        CtlCmd::Reconnect { path } => ctl::Request::Reconnect { path: path.clone() },
+        CtlCmd::RemovePath { path } => ctl::Request::RemovePath { path: path.clone() },
+        CtlCmd::AddPath { addr } => ctl::Request::AddPath { addr: addr.clone() },
+        CtlCmd::MpPolicy { policy } => ctl::Request::MpPolicy {
+            policy: policy.clone(),
+        },
         CtlCmd::Close { session } => ctl::Request::Close {
             session: session.clone(),
         },
@@ -529,10 +565,14 @@ fn run_ctl(a: &CtlArgs) -> Result<(), String> {
         println!("{}", serde_json::to_string(&rsp).unwrap_or_default());
     }
     if !rsp.ok {
-        return Err(rsp.error.unwrap_or_else(|| "the server refused".into()));
+        return Err(rsp.error.unwrap_or_else(|| "refused".into()));
     }
     if !a.json {
-        print!("{}", ctl::human(&req, &rsp.data.unwrap_or_default()));
+        let data = rsp.data.clone().unwrap_or_default();
+        match rsp.role() {
+            Some(ctl::Role::Client) => print!("{}", rtrs_ctl::client::human(&req, &data)),
+            _ => print!("{}", ctl::human(&req, &data)),
+        }
     }
     Ok(())
 }

@@ -244,6 +244,9 @@ pub struct ClientOpts {
     /// Print a progress line every second.
     #[serde(skip)]
     pub progress: bool,
+    /// Offer the session's control socket here for the run (`rtrs ctl`).
+    #[serde(skip)]
+    pub ctl: Option<std::path::PathBuf>,
     /// The server's always_invalidate, for the report (embedded runs).
     pub always_invalidate: Option<bool>,
     /// Speak RNBD to this device (the server is an RNBD server).
@@ -808,7 +811,26 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
         }
         None => (o.cores.iter().map(|_| None).collect::<Vec<_>>(), None),
     };
+    // Bound before the session opens: a bad --ctl fails first. The socket
+    // goes when the run ends, on an error too (its Drop).
+    let ctl_sock = o
+        .ctl
+        .as_deref()
+        .map(rtrs_ctl::CtlSocket::bind)
+        .transpose()?;
     let (clt, mut cores) = Client::open(fabric, cfg).map_err(|e| e.to_string())?;
+    let clt = Arc::new(clt);
+    let ctl = match ctl_sock {
+        Some(sock) => {
+            let path = sock.path().display().to_string();
+            let c = rtrs_ctl::client::serve_socket(sock, clt.clone())?;
+            if o.progress {
+                eprintln!("rtrs-perf: control socket {path} (rtrs ctl --socket {path})");
+            }
+            Some(c)
+        }
+        None => None,
+    };
     let mut events = EventLog {
         rx: clt.subscribe(),
         lines: Vec::new(),
@@ -1031,7 +1053,12 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     events
         .lines
         .push(format!("event {} run over: closing the session", wall()));
-    clt.close();
+    // The socket first: nothing steers the session while it closes.
+    drop(ctl);
+    match Arc::try_unwrap(clt) {
+        Ok(c) => c.close(),
+        Err(c) => drop(c),
+    }
     drop(cores);
     if let Some(l) = main_log {
         if let Err(e) = l.finish() {

@@ -6,7 +6,7 @@
 //!  rtrs-perf server --listen ADDR [--backend null|ram:SIZE|fail:N] [--cores LIST] [--always-invalidate on|off]
 //!  rtrs-perf client --connect ADDR[,ADDR] --rw R --bs B --iodepth N --cores LIST --runtime S
 //!                   [--numjobs N] [--ramp-time S] [--rwmixread N] [--sessname NAME]
-//!                   [--mp-policy P] [--verify] [--json] [--hist FILE]
+//!                   [--mp-policy P] [--verify] [--json] [--hist FILE] [--ctl SOCKET]
 //!  rtrs-perf plot LOG... [--out FILE.svg] [--tag read|write]   percentiles of --hist logs
 //!  rtrs-perf fabric-lat --fabric shm|tcp --size B --iters N [--json]   fabric round trips
 //!  rtrs-perf fabric-bw  --fabric shm|tcp --size B --iters N [--json]   fabric streaming
@@ -158,6 +158,11 @@ struct ClientArgs {
     /// Server address(es), one path each: shm:NAME or tcp:HOST:PORT, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     connect: Vec<Address>,
+    /// Offer the session's control socket at PATH for the run (`rtrs ctl
+    /// --socket PATH list paths | stats | add-path | remove-path |
+    /// disconnect | reconnect | mp-policy`; mode 0600, removed at exit).
+    #[arg(long)]
+    ctl: Option<std::path::PathBuf>,
     #[command(flatten)]
     io: IoArgs,
 }
@@ -554,6 +559,7 @@ fn io_opts(
         read_keys: a.read_keys,
         size: a.size,
         progress,
+        ctl: None,
         always_invalidate: None,
         rnbd_device: a.rnbd_device.clone(),
         verify: a.verify,
@@ -591,7 +597,8 @@ fn report(s: &engine_bench::Summary, json: bool) -> Result<(), String> {
 }
 
 fn run_client(a: ClientArgs) -> Result<(), String> {
-    let o = io_opts(a.connect.clone(), &a.io, !a.io.json)?;
+    let mut o = io_opts(a.connect.clone(), &a.io, !a.io.json)?;
+    o.ctl = a.ctl.clone();
     let s = with_engine_fabric(&a.connect[0], a.io.auth_key.as_deref(), |f| match f {
         AnyFabric::Shm(f) => engine_bench::run_client(&f, &o),
         AnyFabric::Tcp(f) => engine_bench::run_client(&f, &o),

@@ -598,6 +598,16 @@ impl<F: Fabric> Client<F> {
         self.sess.policy.store(p.code(), Ordering::Relaxed);
     }
 
+    /// The session's name.
+    pub fn sessname(&self) -> &str {
+        &self.sessname
+    }
+
+    /// The multipath policy now (the kernel's sysfs `mpath_policy`).
+    pub fn mp_policy(&self) -> MpPolicy {
+        MpPolicy::from_code(self.sess.policy.load(Ordering::Relaxed))
+    }
+
     /// Closes the session: every path is torn down (IO in flight completes
     /// with -ECONNABORTED on its core) and the control thread stops.
     pub fn close(mut self) {
