@@ -8,6 +8,7 @@ use rtrs_poll::fabric::soft::shm::ShmFabric;
 use rtrs_poll::fabric::Address;
 use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
 use rtrs_poll::rnbd::{clt as rc, RnbdClient, RnbdDev, RnbdError};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -140,4 +141,70 @@ pub fn write(core: &mut CltCore<ShmFabric>, dev: &RnbdDev, byte: u8) -> i32 {
     let c = got.expect("a completion");
     core.put_permit(c.permit);
     c.errno
+}
+
+/// A temp dir removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(name);
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `rtrs ctl --socket S ARGS`: success, stdout, stderr.
+pub fn ctl(socket: &Path, args: &[&str]) -> (bool, String, String) {
+    ctl_as(socket, args, None)
+}
+
+pub fn ctl_as(socket: &Path, args: &[&str], uid: Option<u32>) -> (bool, String, String) {
+    let mut cmd = rtrs();
+    cmd.arg("ctl").arg("--socket").arg(socket).args(args);
+    if let Some(uid) = uid {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setgid/setuid only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `rtrs ctl --json ARGS`: its data, asserting success.
+pub fn json(socket: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let (ok, out, err) = ctl(socket, &a);
+    assert!(ok, "rtrs ctl {args:?}: {err} {out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["v"], 1);
+    assert_eq!(v["ok"], true);
+    v["data"].clone()
+}
+
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "waited for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
