@@ -138,12 +138,12 @@ impl Request {
             return None;
         }
         let (me, other) = match role {
-            Role::Server => ("a server (rtrs serve)", "a client's"),
-            Role::Client => ("a client session", "a server's"),
+            Role::Server => ("a server's (rtrs serve)", "a client's"),
+            Role::Client => ("a client session's", "a server's"),
         };
         Some(
             Response::err(
-                format!("{} is {other} command: this socket is {me}'s", self.cmd()),
+                format!("{} is {other} command; this socket is {me}", self.cmd()),
                 Some(-libc::EOPNOTSUPP),
             )
             .with_role(role),
