@@ -118,6 +118,8 @@ fn a_clients_paths_are_steered_over_its_socket_with_no_io_lost() {
     );
     let (ok, table, e) = ctl(&sock, &["stats"]);
     assert!(ok && table.contains("FAILED_RECONNECTS"), "{table} {e}");
+    let c = json(&sock, &["stats", "--core", "0"]);
+    assert!(c["cores"][0]["ios"].as_u64().unwrap() > 0, "{c}");
     // The server sees them too, and refuses a client's command.
     assert_eq!(
         json(&srv_sock, &["list", "paths"])
@@ -175,7 +177,7 @@ fn a_clients_paths_are_steered_over_its_socket_with_no_io_lost() {
         (vec!["add-path", "nonsense"], "bad address"),
         (vec!["add-path", &b], "already has a path"),
         (vec!["mp-policy", "fastest"], "unknown multipath policy"),
-        (vec!["stats", "--core", "0"], "per path"),
+        (vec!["stats", "--core", "5"], "no core 5"),
         (vec!["list", "sessions"], "a server's command"),
         (vec!["export", "remove", "ram0"], "a server's command"),
     ] {

@@ -53,12 +53,25 @@ pub struct ClientPathView {
     pub hb_missed_peak: u32,
 }
 
-/// What `list_paths` and `stats` answer with.
+/// A client core's figures, summed over the paths.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClientCoreView {
+    pub core: usize,
+    pub ios: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub inflight: u64,
+    pub failovers: u64,
+}
+
+/// What `list_paths` and `stats` answer with (`cores`: `stats` only).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClientView {
     pub session: String,
     pub mp_policy: String,
     pub paths: Vec<ClientPathView>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cores: Vec<ClientCoreView>,
 }
 
 /// What the dispatch needs of a client session: errors are (why, errno).
@@ -78,7 +91,23 @@ fn clt_err(e: CltError) -> (String, i32) {
 
 impl<F: Fabric> ClientBackend for Client<F> {
     fn view(&self) -> ClientView {
+        let mut cores: Vec<ClientCoreView> = Vec::new();
+        for p in self.paths() {
+            for (i, c) in p.core_stats().into_iter().enumerate() {
+                if cores.len() <= i {
+                    cores.resize_with(i + 1, Default::default);
+                }
+                let v = &mut cores[i];
+                v.core = i;
+                v.ios += c.ios;
+                v.bytes += c.bytes;
+                v.errors += c.errors;
+                v.inflight += c.inflight;
+                v.failovers += c.failovers;
+            }
+        }
         ClientView {
+            cores,
             session: self.sessname().to_string(),
             mp_policy: self.mp_policy().to_string(),
             paths: self
@@ -188,7 +217,11 @@ fn handle(line: &str, b: &dyn ClientBackend) -> Response {
         }
     };
     match req {
-        Request::ListPaths {} => json(&b.view()),
+        Request::ListPaths {} => {
+            let mut v = b.view();
+            v.cores.clear();
+            json(&v)
+        }
         Request::Stats {
             session,
             path,
@@ -201,11 +234,14 @@ fn handle(line: &str, b: &dyn ClientBackend) -> Response {
                     Some(-libc::ENOENT),
                 );
             }
-            if core.is_some() {
-                return Response::err(
-                    "a client's counters are per path (--core is a server's)",
-                    Some(-libc::EINVAL),
-                );
+            if let Some(c) = core {
+                if !v.cores.iter().any(|x| x.core == c) {
+                    return Response::err(
+                        format!("no core {c} (cores 0..{})", v.cores.len()),
+                        Some(-libc::ENOENT),
+                    );
+                }
+                v.cores.retain(|x| x.core == c);
             }
             if let Some(k) = path {
                 let id = match pick(&v, &k) {
@@ -325,7 +361,29 @@ pub fn human(req: &Request, data: &serde_json::Value) -> String {
     let view = || serde_json::from_value::<ClientView>(data.clone()).unwrap_or_default();
     match req {
         Request::ListPaths {} => paths_table(&view(), false),
-        Request::Stats { .. } => paths_table(&view(), true),
+        Request::Stats { .. } => {
+            let v = view();
+            let cores: Vec<Vec<String>> = v
+                .cores
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.core.to_string(),
+                        c.ios.to_string(),
+                        c.bytes.to_string(),
+                        c.inflight.to_string(),
+                        c.errors.to_string(),
+                        c.failovers.to_string(),
+                    ]
+                })
+                .collect();
+            paths_table(&v, true)
+                + "\n"
+                + &table(
+                    &["CORE", "IOS", "BYTES", "INFLIGHT", "ERRORS", "FAILOVERS"],
+                    &cores,
+                )
+        }
         Request::AddPath { .. } => format!(
             "added {} ({})\n",
             data["path"].as_str().unwrap_or("?"),
@@ -395,6 +453,13 @@ mod tests {
                         id: format!("path{id}"),
                         addr: addr.clone(),
                         state: state.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                cores: (0..2)
+                    .map(|core| ClientCoreView {
+                        core,
+                        ios: 10 + core as u64,
                         ..Default::default()
                     })
                     .collect(),
@@ -547,9 +612,9 @@ mod tests {
                 Request::Stats {
                     session: None,
                     path: None,
-                    core: Some(0),
+                    core: Some(7),
                 },
-                -libc::EINVAL,
+                -libc::ENOENT,
             ),
             (
                 Request::Stats {
@@ -589,6 +654,18 @@ mod tests {
         ));
         assert_eq!(v.paths.len(), 1);
         assert_eq!(v.paths[0].id, "path1");
+        assert_eq!(v.cores.len(), 2);
+        let c = view(run(
+            &b,
+            Request::Stats {
+                session: None,
+                path: None,
+                core: Some(1),
+            },
+        ));
+        assert_eq!(c.cores.len(), 1);
+        assert_eq!(c.cores[0].ios, 11);
+        assert!(view(run(&b, Request::ListPaths {})).cores.is_empty());
         let h = human(
             &Request::Stats {
                 session: None,

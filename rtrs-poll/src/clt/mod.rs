@@ -23,7 +23,7 @@ mod path;
 pub use self::core::{CltCore, Completion, Dir, Submitter, MAX_SG};
 pub use crate::sess::path::{PathState, ReconnectPolicy};
 pub use crate::sess::DownReason;
-pub use path::{CltPath, PathId, PathStats};
+pub use path::{CltPath, CoreStats, PathId, PathStats};
 
 use crate::fabric::{Access, Address, Fabric, FabricError, Memory, Mr, Pd};
 use crate::proto::imm::ImmLayout;

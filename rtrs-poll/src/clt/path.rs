@@ -99,6 +99,21 @@ pub struct PathStats {
     pub hb_missed_peak: u32,
 }
 
+/// One core's figures on a path (its IO connection's).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    /// IOs completed.
+    pub ios: u64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// IOs completed with an error.
+    pub errors: u64,
+    /// IOs in flight.
+    pub inflight: u64,
+    /// IOs moved to another path when this one failed.
+    pub failovers: u64,
+}
+
 impl CltPath {
     pub(crate) fn new(id: PathId, addr: String, queue_depth: u32, cores: usize) -> CltPath {
         CltPath {
@@ -187,6 +202,21 @@ impl CltPath {
     pub(crate) fn set_latency(&self, d: Duration) {
         self.latency_ns
             .store(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Figures per core (index: the core's, as [`super::Client::open`]
+    /// returned them).
+    pub fn core_stats(&self) -> Vec<CoreStats> {
+        self.cores
+            .iter()
+            .map(|c| CoreStats {
+                ios: c.ios.load(Ordering::Relaxed),
+                bytes: c.bytes.load(Ordering::Relaxed),
+                errors: c.errors.load(Ordering::Relaxed),
+                inflight: c.inflight.load(Ordering::Relaxed),
+                failovers: c.failovers.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     /// Figures summed over cores.
