@@ -266,14 +266,8 @@ fn handle(line: &str, b: &dyn Backend) -> Response {
                     x.paths.retain(|q| q.id == p.id);
                 }
             }
-            if let Some(c) = core {
-                if !s.cores.iter().any(|x| x.core == c) {
-                    return Response::err(
-                        format!("no core {c} (cores 0..{})", s.cores.len()),
-                        Some(-libc::ENOENT),
-                    );
-                }
-                s.cores.retain(|x| x.core == c);
+            if let Err(r) = rtrs_ctl::narrow_cores(&mut s.cores, core, |x| x.core) {
+                return r;
             }
             json(serde_json::to_value(s))
         }

@@ -234,14 +234,8 @@ fn handle(line: &str, b: &dyn ClientBackend) -> Response {
                     Some(-libc::ENOENT),
                 );
             }
-            if let Some(c) = core {
-                if !v.cores.iter().any(|x| x.core == c) {
-                    return Response::err(
-                        format!("no core {c} (cores 0..{})", v.cores.len()),
-                        Some(-libc::ENOENT),
-                    );
-                }
-                v.cores.retain(|x| x.core == c);
+            if let Err(r) = crate::narrow_cores(&mut v.cores, core, |x| x.core) {
+                return r;
             }
             if let Some(k) = path {
                 let id = match pick(&v, &k) {

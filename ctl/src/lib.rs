@@ -248,6 +248,24 @@ pub fn parse_request(line: &str) -> Result<Request, Response> {
     serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| bad(e.to_string()))
 }
 
+/// Keeps only core `core` of `cores` (`core_of` tells a core's index);
+/// none such is an -ENOENT response.
+pub fn narrow_cores<T>(
+    cores: &mut Vec<T>,
+    core: Option<usize>,
+    core_of: impl Fn(&T) -> usize,
+) -> Result<(), Response> {
+    let Some(c) = core else { return Ok(()) };
+    if !cores.iter().any(|x| core_of(x) == c) {
+        return Err(Response::err(
+            format!("no core {c} (cores 0..{})", cores.len()),
+            Some(-libc::ENOENT),
+        ));
+    }
+    cores.retain(|x| core_of(x) == c);
+    Ok(())
+}
+
 /// A table: each column as wide as its widest cell, numbers right-aligned.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
