@@ -4,11 +4,14 @@
 //!
 //! ```text
 //!  rtrs ctl ──{"v":1,"cmd":"list_sessions"}\n──> ctl thread (SO_PEERCRED: same uid or root)
-//!           <──{"v":1,"ok":true,"data":...}\n───   -> Backend: snapshot / close paths / exports
+//!           <──{"v":1,"ok":true,"role":"server","data":...}\n──  -> Backend: snapshot / close paths / exports
 //!                                                      (the server's control thread does the closes)
 //! ```
-//! The codec and the dispatch ([`handle_line`]) have no I/O: tested with a
-//! fake [`Backend`]; the socket side ([`listen`], [`request`]) is thin.
+//! The dispatch ([`handle_line`]) has no I/O: tested with a fake
+//! [`Backend`]. The protocol, the socket ([`CtlSocket`], [`CtlServer`],
+//! [`request`]) and a client session's side of it are the `rtrs-ctl`
+//! crate's: `rtrs ctl` speaks to both, and shows a client's answers (role
+//! "client") with `rtrs_ctl::client::human`.
 
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
