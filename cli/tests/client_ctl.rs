@@ -215,6 +215,7 @@ fn a_clients_paths_are_steered_over_its_socket_with_no_io_lost() {
             "{e}"
         );
         assert!(paths(&sock).iter().all(|p| p.2 == "connected"));
+        assert_eq!(json(&sock, &["stats"])["ctl_refused"], 1, "counted");
     } else {
         eprintln!("skipped the foreign uid: runs rtrs ctl as uid 65534, which needs root");
     }

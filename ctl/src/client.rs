@@ -72,6 +72,9 @@ pub struct ClientView {
     pub paths: Vec<ClientPathView>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cores: Vec<ClientCoreView>,
+    /// `stats`: ctl connections refused (a foreign uid).
+    #[serde(default)]
+    pub ctl_refused: u64,
 }
 
 /// What the dispatch needs of a client session: errors are (why, errno).
@@ -108,6 +111,7 @@ impl<F: Fabric> ClientBackend for Client<F> {
         }
         ClientView {
             cores,
+            ctl_refused: 0,
             session: self.sessname().to_string(),
             mp_policy: self.mp_policy().to_string(),
             paths: self
@@ -187,7 +191,12 @@ fn pick(v: &ClientView, key: &str) -> Result<u32, Response> {
 
 /// Runs one request line against `b`: the response.
 pub fn handle_line(line: &str, b: &dyn ClientBackend) -> Response {
-    handle(line, b).with_role(Role::Client)
+    handle(line, b, 0).with_role(Role::Client)
+}
+
+/// [`handle_line`], `stats` showing `refused` ctl connections refused.
+fn handle_counted(line: &str, b: &dyn ClientBackend, refused: u64) -> Response {
+    handle(line, b, refused).with_role(Role::Client)
 }
 
 fn done(what: &str, path: &str, r: Result<(), (String, i32)>) -> Response {
@@ -197,7 +206,7 @@ fn done(what: &str, path: &str, r: Result<(), (String, i32)>) -> Response {
     }
 }
 
-fn handle(line: &str, b: &dyn ClientBackend) -> Response {
+fn handle(line: &str, b: &dyn ClientBackend, refused: u64) -> Response {
     let req = match parse_request(line) {
         Ok(r) => r,
         Err(r) => return r,
@@ -244,6 +253,7 @@ fn handle(line: &str, b: &dyn ClientBackend) -> Response {
                 };
                 v.paths.retain(|p| p.id == id);
             }
+            v.ctl_refused = refused;
             json(&v)
         }
         Request::Disconnect { path } => by_id(&path, "disconnected", &|id| b.disconnect(id)),
@@ -283,11 +293,19 @@ pub fn serve_socket(
     sock: CtlSocket,
     backend: Arc<dyn ClientBackend + Send + Sync>,
 ) -> Result<CtlServer, String> {
+    let refused = Arc::new(AtomicU64::new(0));
+    let r2 = refused.clone();
     CtlServer::serve(
         sock,
         Role::Client,
-        Arc::new(move |line: &str| handle_line(line, &*backend)),
-        Arc::new(AtomicU64::new(0)),
+        Arc::new(move |line: &str| {
+            handle_counted(
+                line,
+                &*backend,
+                r2.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        }),
+        refused,
     )
 }
 
@@ -450,6 +468,7 @@ mod tests {
                         ..Default::default()
                     })
                     .collect(),
+                ctl_refused: 0,
                 cores: (0..2)
                     .map(|core| ClientCoreView {
                         core,
