@@ -6,7 +6,8 @@
 //!                   rtrs_deferred_placements_total, rtrs_rnbd_refusals_total{kind=...},
 //!                   rtrs_rnbd_backend_events_total{kind=...},
 //!                   rtrs_hugepage_bytes, rtrs_hugepage_limit_bytes, rtrs_hugepage_fallbacks_total,
-//!                   rtrs_chunk_pool_sessions, rtrs_chunk_pool_huge, rtrs_sessions_chunks_total{kind=pool|own}
+//!                   rtrs_chunk_pool_sessions, rtrs_chunk_pool_in_use, rtrs_chunk_pool_huge,
+//!                   rtrs_sessions_chunks_total{kind=pool|own}
 //!                   per path {session,path}: rtrs_path_ios_total{dir}, rtrs_path_bytes_total{dir},
 //!                     rtrs_path_inflight, rtrs_path_errors_total, rtrs_path_heartbeats_missed,
 //!                     rtrs_path_latency_seconds{quantile} (summary)
@@ -351,6 +352,13 @@ pub fn render(srv: &SrvCounters, rnbd: &RnbdServer, snap: &Snapshot) -> String {
         g,
         "Sessions whose chunk memory was preallocated at start.",
         &[("", pool.sessions)],
+    );
+    metric(
+        &mut o,
+        "rtrs_chunk_pool_in_use",
+        g,
+        "Chunk pool slabs held now (by sessions, or by the paths of ended ones until they let go).",
+        &[("", pool.in_use)],
     );
     metric(
         &mut o,

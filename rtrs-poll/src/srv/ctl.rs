@@ -121,6 +121,23 @@ pub(crate) struct SrvControl<F: Fabric, H: Handler> {
     pool_overflowing: bool,
 }
 
+/// Counts a pool slab in use while the session's chunks live (they outlive
+/// the session while a path or core still holds them).
+struct SlabInUse(Arc<super::SrvCounters>);
+
+impl SlabInUse {
+    fn new(c: &Arc<super::SrvCounters>) -> SlabInUse {
+        c.slab_taken(true);
+        SlabInUse(c.clone())
+    }
+}
+
+impl Drop for SlabInUse {
+    fn drop(&mut self) {
+        self.0.slab_taken(false);
+    }
+}
+
 /// Registers the chunk pool's region on a PD (local access: remote keys are
 /// made per path over each session's own slab).
 struct PdRegistrar<'a, F: Fabric>(&'a F::Pd);
@@ -322,7 +339,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
                 let region = pool.region().clone();
                 let chunks = mempool::Claims::new_at(region.clone(), lease.offset(), cs, qd.into())
                     .map_err(memory)?
-                    .keeping(lease);
+                    .keeping((lease, SlabInUse::new(&self.shared.counters)));
                 self.shared.counters.pool_session();
                 return Ok((region, chunks, true));
             }

@@ -155,6 +155,7 @@ pub struct SrvCounters {
     pool_failed: std::sync::atomic::AtomicU64,
     pooled: std::sync::atomic::AtomicU64,
     own_chunks: std::sync::atomic::AtomicU64,
+    slabs_in_use: std::sync::atomic::AtomicU64,
     operator_closes: std::sync::atomic::AtomicU64,
 }
 
@@ -171,6 +172,9 @@ pub struct PoolFigures {
     pub pooled: u64,
     /// Sessions so far that got memory of their own (pool taken or none).
     pub own: u64,
+    /// Slabs held now (a session that ended holds its slab until no path
+    /// or core holds its chunks).
+    pub in_use: u64,
 }
 
 impl SrvCounters {
@@ -232,6 +236,14 @@ impl SrvCounters {
         self.pooled.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn slab_taken(&self, taken: bool) {
+        if taken {
+            self.slabs_in_use.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.slabs_in_use.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn own_chunks_session(&self) {
         self.own_chunks.fetch_add(1, Ordering::Relaxed);
     }
@@ -244,6 +256,7 @@ impl SrvCounters {
             failed: self.pool_failed.load(Ordering::Relaxed) > 0,
             pooled: self.pooled.load(Ordering::Relaxed),
             own: self.own_chunks.load(Ordering::Relaxed),
+            in_use: self.slabs_in_use.load(Ordering::Relaxed),
         }
     }
 

@@ -156,7 +156,7 @@ pub fn chunk_pool_then_own_memory<B: Backend>() {
     assert_eq!((pool().sessions, pool().failed), (2, false));
     let mut one = open::<B>(&a, "clt-p1").unwrap();
     let mut two = open::<B>(&a, "clt-p2").unwrap();
-    assert_eq!((pool().pooled, pool().own), (2, 0));
+    assert_eq!((pool().pooled, pool().own, pool().in_use), (2, 0, 2));
     let mut three = open::<B>(&a, "clt-p3").unwrap();
     assert_eq!(
         (pool().pooled, pool().own),
@@ -181,7 +181,7 @@ pub fn chunk_pool_then_own_memory<B: Backend>() {
     }
     drop(one);
     eventually("the closed session's slab goes back", || {
-        srv.sessions().0 == 2
+        srv.sessions().0 == 2 && pool().in_use == 1
     });
     let mut again = open::<B>(&a, "clt-p5").unwrap();
     assert_eq!(
