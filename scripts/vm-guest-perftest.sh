@@ -26,7 +26,9 @@ assert d["fabric"] == "rdma", d
 assert d["one_way_ns"]["p50"] == (d["lat_ns"]["p50"] + 1) // 2, d
 '
 done
-timeout 120 "$BIN/rtrs-perf" fabric-lat -d rxe1 --size 64 --iters 1000 --warmup 100 --cores 0,1 | grep -q "one-way = RTT/2"
+# Whole output first: `| grep -q` would close the pipe on the first match.
+text=$(timeout 120 "$BIN/rtrs-perf" fabric-lat -d rxe1 --size 64 --iters 1000 --warmup 100 --cores 0,1)
+grep -q "one-way = RTT/2" <<<"$text"
 if "$BIN/rtrs-perf" fabric-lat -d rxe9 --iters 10 2>/run/err; then
   echo "fabric-lat -d rxe9 ran" >&2; exit 1
 fi
