@@ -1116,7 +1116,7 @@ impl Summary {
     /// The fio-like text report.
     pub fn print(&self) {
         let rw = format!("{:?}", self.config.rw).to_lowercase();
-        println!(
+        outln!(
             "{rw}: IOPS={:.0} ({:.3}M), BW={:.1}MiB/s ({} ios in {:.2}s, bs={}, iodepth={}, cores={}, always_invalidate={})",
             self.iops,
             self.iops / 1e6,
@@ -1129,9 +1129,16 @@ impl Summary {
             if self.always_invalidate { "on" } else { "off" }
         );
         let l = &self.lat_ns;
-        println!(
+        outln!(
             "  lat (nsec): min={}, mean={}, p50={}, p90={}, p99={}, p99.9={}, p99.99={}, max={}",
-            l.min, l.mean, l.p50, l.p90, l.p99, l.p99_9, l.p99_99, l.max
+            l.min,
+            l.mean,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p99_9,
+            l.p99_99,
+            l.max
         );
         if self.config.rw == Rw::Randrw {
             for (name, pick) in [("read", 0), ("write", 1)] {
@@ -1143,7 +1150,7 @@ impl Summary {
                     ios += d.ios;
                 }
                 let l = LatNs::from_hist(&h);
-                println!(
+                outln!(
                     "  {name}: IOPS={:.0}, lat (nsec) p50={}, p99={}, p99.9={}, max={}",
                     ios as f64 / self.seconds.max(1e-9),
                     l.p50,
@@ -1153,7 +1160,7 @@ impl Summary {
                 );
             }
         }
-        println!(
+        outln!(
             "  errors={} {:?} (verify mismatches {}, completed twice {}); failovers={} path downs={} reconnects={} stalled={:.2}s",
             self.errors,
             self.errors_by_errno,
@@ -1165,7 +1172,7 @@ impl Summary {
             self.stalled_secs
         );
         if let Some(a) = self.allocs_per_io {
-            println!("  heap allocations per IO on the client cores: {a:.4}");
+            outln!("  heap allocations per IO on the client cores: {a:.4}");
         }
     }
 }

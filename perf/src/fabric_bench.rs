@@ -291,16 +291,21 @@ pub fn client<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<serde_json:
             let lat = LatNs::from_hist(&hist);
             let one = lat.halved();
             if !o.json {
-                println!(
+                outln!(
                     "fabric-lat {} {} B x {} (ns; one-way = RTT/2, as perftest's ib_write_lat reports):",
                     addr.scheme(),
                     o.size,
                     o.iters,
                 );
                 for (what, l) in [("round trip", &lat), ("one-way", &one)] {
-                    println!(
+                    outln!(
                         "  {what:>10}: min {} p50 {} p90 {} p99 {} p99.9 {} max {}",
-                        l.min, l.p50, l.p90, l.p99, l.p99_9, l.max
+                        l.min,
+                        l.p50,
+                        l.p90,
+                        l.p99,
+                        l.p99_9,
+                        l.max
                     );
                 }
             }
@@ -340,7 +345,7 @@ pub fn client<F: Fabric>(fab: F, addr: &Address, o: &Opts) -> Result<serde_json:
             let rate = o.iters as f64 / secs;
             let bw = rate * o.size as f64;
             if !o.json {
-                println!(
+                outln!(
                     "fabric-bw {} {} B x {} (window {}): {:.3} M msg/s, {:.2} GB/s",
                     addr.scheme(),
                     o.size,

@@ -891,10 +891,10 @@ pub fn run(o: &Opts) -> Result<(), String> {
             "breaches": t.breaches,
             "notes": t.notes,
         });
-        println!("{v}");
+        outln!("{v}");
     } else {
         let seen: Vec<String> = t.seen.iter().map(|(k, n)| format!("{n} {k}")).collect();
-        println!(
+        outln!(
             "hostile {name}: {} made in {secs:.1} s; saw: {}; breaches: {}{}",
             t.made,
             seen.join(", "),

@@ -13,6 +13,20 @@
 //!  rtrs-perf hostile --target tcp:IP:PORT --attack NAME [--secs S] [--count N]   a hostile peer
 //! ```
 
+/// `println!` that survives a closed stdout (`rtrs-perf ... | head`): the
+/// line is dropped and the run goes on to its normal end (its children are
+/// still stopped by PID), where `println!` would panic on EPIPE.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("rtrs-perf: stdout: {e}");
+            }
+        }
+    }};
+}
+
 mod cores;
 mod engine_bench;
 mod fabric_bench;
@@ -424,7 +438,7 @@ fn run_fabric(test: Test, a: FabricArgs) -> Result<(), String> {
     }
     let v = r?;
     if a.json {
-        println!("{v}");
+        outln!("{v}");
     }
     Ok(())
 }
@@ -481,15 +495,17 @@ fn run_floor(size: usize, iters: u64, cores: &Cores, json: bool) -> Result<(), S
     let copy = floor::ping_pong(size, iters, c)?;
     if json {
         let v = serde_json::json!({"test": "floor", "size": size, "line_rtt_ns": line, "copy_rtt_ns": copy});
-        println!("{v}");
+        outln!("{v}");
     } else {
-        println!(
+        outln!(
             "floor: cache line ping-pong RTT ns p50 {} p99 {}",
-            line.p50, line.p99
+            line.p50,
+            line.p99
         );
-        println!(
+        outln!(
             "floor: ping-pong moving {size} B as fabric-lat does, RTT ns p50 {} p99 {}",
-            copy.p50, copy.p99
+            copy.p50,
+            copy.p99
         );
     }
     Ok(())
@@ -580,7 +596,7 @@ fn io_opts(
 
 fn report(s: &engine_bench::Summary, json: bool) -> Result<(), String> {
     if json {
-        println!("{}", fio::json(s)?);
+        outln!("{}", fio::json(s)?);
     } else {
         s.print();
     }

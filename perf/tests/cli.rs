@@ -515,3 +515,29 @@ fn rnbd_mode_refuses_a_bs_the_device_cannot_take() {
         assert!(err.contains(why) && !err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn a_closed_stdout_ends_the_run_normally_not_with_a_panic() {
+    use std::io::BufRead;
+    let _one = one_at_a_time();
+    // `rtrs-perf fabric-lat | head -1`: the reader goes after one line.
+    // Long enough that the results come after the reader is gone.
+    let mut child = perf()
+        .args(["fabric-lat", "--iters", "400000", "--warmup", "100"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("fabric-lat"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("panicked"),
+        "{:?}: {err}",
+        out.status
+    );
+}
