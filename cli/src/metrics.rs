@@ -268,6 +268,9 @@ fn render_snapshot(o: &mut String, s: &Snapshot) {
     );
 }
 
+/// A family of plain samples: name, type, help, (kind label, value)s.
+type Family<'a> = (&'a str, &'a str, &'a str, Vec<(&'a str, u64)>);
+
 /// The exposition text.
 pub fn render(srv: &SrvCounters, rnbd: &RnbdServer, snap: &Snapshot) -> String {
     let mut o = String::new();
@@ -282,98 +285,26 @@ pub fn render(srv: &SrvCounters, rnbd: &RnbdServer, snap: &Snapshot) -> String {
         .collect();
     let c = "counter";
     let g = "gauge";
-    metric(
-        &mut o,
-        "rtrs_refusals_total",
-        c,
-        "Connect requests refused, by kind.",
-        &refusals,
-    );
-    metric(
-        &mut o,
-        "rtrs_sessions",
-        g,
-        "Sessions now.",
-        &[("", sessions as u64)],
-    );
-    metric(
-        &mut o,
-        "rtrs_session_memory_bytes",
-        g,
-        "Chunk memory the sessions hold.",
-        &[("", bytes)],
-    );
-    metric(
-        &mut o,
-        "rtrs_deferred_placements_total",
-        c,
-        "New connections a full core inbox made wait.",
-        &[("", srv.deferred_placements())],
-    );
-    metric(
-        &mut o,
-        "rtrs_rnbd_refusals_total",
-        c,
-        "RNBD opens and IOs refused, by kind.",
-        &rnbd_refusals,
-    );
-    metric(
-        &mut o,
-        "rtrs_rnbd_backend_events_total",
-        c,
-        "File and device backend events: IO errors answered, short transfers resubmitted, misaligned O_DIRECT refusals, fallocate mode fallbacks, connections served without io_uring.",
-        &rnbd.backend_counters().by_kind(),
-    );
-    metric(
-        &mut o,
-        "rtrs_hugepage_bytes",
-        g,
-        "Hugepage memory this process holds.",
-        &[("", huge.held)],
-    );
-    metric(
-        &mut o,
-        "rtrs_hugepage_limit_bytes",
-        g,
-        "Hugepage memory this process may take.",
-        &[("", huge.limit)],
-    );
-    metric(
-        &mut o,
-        "rtrs_hugepage_fallbacks_total",
-        c,
-        "Regions that came from 4 KiB pages.",
-        &[("", huge.fallbacks)],
-    );
     let pool = srv.pool();
-    metric(
-        &mut o,
-        "rtrs_chunk_pool_sessions",
-        g,
-        "Sessions whose chunk memory was preallocated at start.",
-        &[("", pool.sessions)],
-    );
-    metric(
-        &mut o,
-        "rtrs_chunk_pool_in_use",
-        g,
-        "Chunk pool slabs held now (by sessions, or by the paths of ended ones until they let go).",
-        &[("", pool.in_use)],
-    );
-    metric(
-        &mut o,
-        "rtrs_chunk_pool_huge",
-        g,
-        "1 when hugepages back the chunk pool, 0 on the 4 KiB fallback.",
-        &[("", u64::from(pool.huge))],
-    );
-    metric(
-        &mut o,
-        "rtrs_sessions_chunks_total",
-        c,
-        "Sessions so far by where their chunks came from (the pool, or memory of their own).",
-        &[("pool", pool.pooled), ("own", pool.own)],
-    );
+    // (name, type, help, samples): the server-wide families.
+    let table: [Family; 13] = [
+        ("rtrs_refusals_total", c, "Connect requests refused, by kind.", refusals),
+        ("rtrs_sessions", g, "Sessions now.", vec![("", sessions as u64)]),
+        ("rtrs_session_memory_bytes", g, "Chunk memory the sessions hold.", vec![("", bytes)]),
+        ("rtrs_deferred_placements_total", c, "New connections a full core inbox made wait.", vec![("", srv.deferred_placements())]),
+        ("rtrs_rnbd_refusals_total", c, "RNBD opens and IOs refused, by kind.", rnbd_refusals),
+        ("rtrs_rnbd_backend_events_total", c, "File and device backend events: IO errors answered, short transfers resubmitted, misaligned O_DIRECT refusals, fallocate mode fallbacks, connections served without io_uring.", rnbd.backend_counters().by_kind().to_vec()),
+        ("rtrs_hugepage_bytes", g, "Hugepage memory this process holds.", vec![("", huge.held)]),
+        ("rtrs_hugepage_limit_bytes", g, "Hugepage memory this process may take.", vec![("", huge.limit)]),
+        ("rtrs_hugepage_fallbacks_total", c, "Regions that came from 4 KiB pages.", vec![("", huge.fallbacks)]),
+        ("rtrs_chunk_pool_sessions", g, "Sessions whose chunk memory was preallocated at start.", vec![("", pool.sessions)]),
+        ("rtrs_chunk_pool_in_use", g, "Chunk pool slabs held now (by sessions, or by the paths of ended ones until they let go).", vec![("", pool.in_use)]),
+        ("rtrs_chunk_pool_huge", g, "1 when hugepages back the chunk pool, 0 on the 4 KiB fallback.", vec![("", u64::from(pool.huge))]),
+        ("rtrs_sessions_chunks_total", c, "Sessions so far by where their chunks came from (the pool, or memory of their own).", vec![("pool", pool.pooled), ("own", pool.own)]),
+    ];
+    for (name, ty, help, samples) in &table {
+        metric(&mut o, name, ty, help, samples);
+    }
     render_snapshot(&mut o, snap);
     o
 }
