@@ -63,6 +63,11 @@ struct Queue<F: Fabric> {
     reads: Box<[usize]>,
     got: Vec<Completion>,
     ready: VecDeque<rtrs_completion>,
+    /// The lazy clock (as a pollers core's, issue 12): the `now` polls are
+    /// given, read after a poll with work and every IDLE_CLOCK_EVERY polls,
+    /// so an idle poll reads no clock.
+    now: Instant,
+    polls: u64,
 }
 
 /// What a queue does, whatever its fabric.
@@ -102,7 +107,8 @@ where
                 c"rtrs_client_submit: no permit free (all IO in flight): poll, then try again",
             ));
         };
-        let now = Instant::now();
+        // The IO's latency starts here: a fresh read.
+        let now = pollers::clock::now();
         let r = match dir {
             Dir::Write => {
                 if len > 0 {
@@ -129,7 +135,11 @@ where
     fn poll(&mut self, out: &mut [rtrs_completion]) -> usize {
         if self.ready.len() < out.len() {
             let got = &mut self.got;
-            self.core.poll(Instant::now(), &mut |c| got.push(c));
+            self.polls += 1;
+            let work = self.core.poll(self.now, &mut |c| got.push(c));
+            if work > 0 || self.polls % pollers::core::IDLE_CLOCK_EVERY == 0 {
+                self.now = pollers::clock::now();
+            }
             for mut c in self.got.drain(..) {
                 if c.dir == Dir::Read && c.errno == 0 && c.len > 0 {
                     let dst = self.reads.get(c.permit.id() as usize).copied().unwrap_or(0);
@@ -242,6 +252,8 @@ where
                 reads: vec![0; qd as usize].into_boxed_slice(),
                 got: Vec::with_capacity(qd as usize),
                 ready: VecDeque::with_capacity(qd as usize),
+                now: pollers::clock::now(),
+                polls: 0,
             }) as Box<dyn Ops>),
         })
         .collect();

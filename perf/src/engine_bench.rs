@@ -584,8 +584,17 @@ fn run_core<F: Fabric>(
     let mut stalled_ns = 0u64;
     let mut no_path_since: Option<Instant> = None;
     let mut sized = false;
+    // The lazy clock (as a pollers core's): read when this loop may submit
+    // (the IO's latency starts there) and every IDLE_CLOCK_EVERY iterations
+    // (the interval log, the no-path wait), so an iteration that only
+    // waits for a completion reads no clock; a completion reads it once.
+    let mut now = pollers::clock::now();
+    let mut iteration = 0u64;
     loop {
-        let now = Instant::now();
+        iteration += 1;
+        if inflight < o.iodepth || iteration % pollers::core::IDLE_CLOCK_EVERY == 0 {
+            now = pollers::clock::now();
+        }
         if let (false, Some(d)) = (sized, dev.get()) {
             // Offsets stay inside the device.
             gen.blocks = (o.size.min(d.size()) / u64::from(bs)).max(1);
@@ -689,7 +698,9 @@ fn run_core<F: Fabric>(
                 *by_errno.entry(c.errno).or_default() += 1;
             }
             if on {
-                let ns = Instant::now().saturating_duration_since(c.start).as_nanos() as u64;
+                let ns = pollers::clock::now()
+                    .saturating_duration_since(c.start)
+                    .as_nanos() as u64;
                 let (d, i) = match (c.dir, cur.as_mut()) {
                     (Dir::Read, i) => (&mut read, i.map(|i| &mut i.read)),
                     (Dir::Write, i) => (&mut write, i.map(|i| &mut i.write)),

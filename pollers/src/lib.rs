@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!   core 0 ─┐ pinned, run-to-completion: loop { poller.poll(now) }   no locks,
-//!   core 1 ─┤ busy/idle accounted with the TSC                        syscalls or
+//!   core 1 ─┤ busy/idle accounted with the TSC, read lazily           syscalls or
 //!           │                                                         allocation
 //!           │ spsc / mpsc rings (bounded, Full(item) = back-pressure)
 //!   slow  ──┘ timers + control work (handshake, heartbeats, reconnects); may block
@@ -10,6 +10,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod clock;
 pub mod core;
 pub mod mpsc;
 pub mod shutdown;

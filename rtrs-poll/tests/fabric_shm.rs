@@ -106,3 +106,10 @@ fn another_user_is_refused() {
     assert!(detail.contains("uid 65534"), "{detail}");
     assert!(said.contains("CHILD-SAW NOT-ESTABLISHED"), "{said}");
 }
+
+/// Issue 12: idle connection polls read no clock (pollers::clock counts
+/// reads: the `clock-count` feature, on for these tests).
+#[test]
+fn idle_polls_read_no_clock() {
+    common::engine_suite::idle_polls_read_no_clock::<Shm>();
+}

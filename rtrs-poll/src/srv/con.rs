@@ -209,7 +209,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
 
     fn on_peer_hb(&mut self) {
         self.hb_locked = self.watching;
-        let now = Instant::now();
+        let now = pollers::clock::now();
         let period = self.peer_hb.map(|(last, period)| {
             let d = now.saturating_duration_since(last);
             // A smoothed period: one late beat does not move it much.
@@ -233,6 +233,10 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             }
         }
         let n = self.cq.poll(&mut self.wcs);
+        // The core's clock is lazy (its `now` may be some idle iterations
+        // old): completions, whose requests are stamped for the latency
+        // histogram, get a fresh read; a poll that finds none reads none.
+        let now = if n > 0 { pollers::clock::now() } else { now };
         for i in 0..n {
             let wc = self.wcs[i];
             self.on_wc(wc, now);
@@ -443,7 +447,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             };
             self.waiting.pop_front();
             // Rare (a request sent again after another path failed).
-            self.serve(buf_id, off, claim, Instant::now());
+            self.serve(buf_id, off, claim, pollers::clock::now());
             n += 1;
             if self.done {
                 break;
@@ -527,7 +531,9 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         let path = &*self.path;
         if let Some(t) = slot.taken.take() {
             // One TSC read per IO: residence time from the poll that took it.
-            let ns = Instant::now().saturating_duration_since(t).as_nanos() as u64;
+            let ns = pollers::clock::now()
+                .saturating_duration_since(t)
+                .as_nanos() as u64;
             path.stats.con(self.cid).lat.record(ns);
         }
         // The chunk is free again before the client can hear so: it may

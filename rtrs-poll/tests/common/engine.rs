@@ -85,6 +85,10 @@ pub struct TestServer {
     closed: Arc<Mutex<Vec<ClosedPath>>>,
     counters: Arc<rtrs_poll::srv::SrvCounters>,
     pub disk: Arc<Mutex<Vec<u8>>>,
+    /// Passes of the polling thread in which no connection had work, and
+    /// the clock reads (pollers::clock) the connections made in them.
+    pub idle_passes: Arc<std::sync::atomic::AtomicU64>,
+    pub idle_pass_reads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl TestServer {
@@ -126,6 +130,9 @@ impl TestServer {
         let addrs = addrs.to_vec();
         let closed = Arc::new(Mutex::new(Vec::new()));
         let cl = closed.clone();
+        let idle_passes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let idle_pass_reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (ip, ipr) = (idle_passes.clone(), idle_pass_reads.clone());
         let thread = std::thread::spawn(move || {
             let cons: Arc<Mutex<Vec<Box<dyn pollers::Poller>>>> = Arc::default();
             let c2 = cons.clone();
@@ -169,8 +176,14 @@ impl TestServer {
                 }
                 let now = Instant::now();
                 let mut cs = cons.lock().unwrap();
+                let reads = pollers::clock::reads();
+                let mut work = 0;
                 for c in cs.iter_mut() {
-                    c.poll(now);
+                    work += c.poll(now);
+                }
+                if work == 0 && !cs.is_empty() {
+                    ip.fetch_add(1, Ordering::Relaxed);
+                    ipr.fetch_add(pollers::clock::reads() - reads, Ordering::Relaxed);
                 }
                 cs.retain(|c| !c.finished());
             }
@@ -186,6 +199,8 @@ impl TestServer {
             thread: Some(thread),
             closed,
             disk,
+            idle_passes,
+            idle_pass_reads,
         }
     }
 

@@ -388,6 +388,42 @@ pub fn idle_session_lives_on_heartbeats<B: Backend>() {
     );
 }
 
+/// Issue 12, the lazy clock: an idle connection's poll reads no clock, on
+/// the server (SrvCon) or the client (its core), once an IO went through.
+pub fn idle_polls_read_no_clock<B: Backend>() {
+    let (srv, mut c) = hb_pair::<B>("clt-lazy-clock");
+    assert_eq!(c.write(0, &[5; 512]), 0);
+    let now = Instant::now();
+    let before = pollers::clock::reads();
+    let mut polls = 0;
+    while polls < 100_000 {
+        if c.core.poll(now, &mut |_| {}) == 0 {
+            polls += 1;
+        }
+    }
+    assert_eq!(
+        pollers::clock::reads() - before,
+        0,
+        "idle client core polls read the clock"
+    );
+    let (passes, reads) = (srv.idle_passes.clone(), srv.idle_pass_reads.clone());
+    let p0 = passes.load(std::sync::atomic::Ordering::Relaxed);
+    let t0 = std::time::Instant::now();
+    while passes.load(std::sync::atomic::Ordering::Relaxed) < p0 + 100_000 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the server polls");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        reads.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "idle SrvCon polls read the clock"
+    );
+    // And an IO after all that idling still works.
+    assert_eq!(c.write(512, &[6; 512]), 0);
+    drop(c);
+    srv.stop();
+}
+
 // Silent peers (a server or client that stops answering) need a real
 // link fault now that heartbeats run on the library's own threads: they are
 // in fault_suite.rs, over the fault-injecting fabric.
