@@ -11,11 +11,4 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_packages "${TEST_PACKAGES[@]}"
 cargo build --release -q --features rdma -p rtrs-perf -p rtrs-cli
-guest=$(mktemp /tmp/rtrs-interop.XXXXXX.sh)
-{
-  echo "export BIN=$PWD/target/release SECS=${1:-5}"
-  cat scripts/vm-guest-interop.sh
-} > "$guest"
-chmod 644 "$guest"
-trap 'rm -f "$guest"' EXIT
-scripts/vm.sh "$guest"
+run_in_vm "export BIN=$PWD/target/release SECS=${1:-5}" scripts/vm-guest-interop.sh

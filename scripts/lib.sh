@@ -68,3 +68,16 @@ ensure_python_hdrhistogram() {
   fi
   echo "$dir/bin/python"
 }
+
+# Runs GUEST_SCRIPT in the VM (scripts/vm.sh) with VARS exported first
+# (a line of shell: `export BIN=... SECS=...`); the temporary copy is
+# removed afterwards. Exit status: the guest script's.
+run_in_vm() { # VARS GUEST_SCRIPT
+  local guest rc=0
+  guest=$(mktemp /tmp/rtrs-guest.XXXXXX.sh)
+  { echo "$1"; cat "$2"; } > "$guest"
+  chmod 644 "$guest"
+  scripts/vm.sh "$guest" || rc=$?
+  rm -f "$guest"
+  return $rc
+}

@@ -140,24 +140,125 @@ if dev=$(map idle ram0 1235); then
 fi
 ls /sys/block | grep -q rnbd && bad "an rnbd device is left behind" || ok "nothing left behind"
 
-# --- 4. side by side: 4 KiB random reads and writes, QD 1 and 32
-echo "| pair | rw | QD | result |"
-echo "|---|---|---|---|"
-insmod "$RTRS_KMODS/rtrs/rtrs-server.ko"; insmod "$RTRS_KMODS/rnbd/rnbd-server.ko"
-"$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M --export ram1=ram:64M > /run/serve.log 2>&1 &
-srv=$!
-serving /run/serve.log
-# Each pair gets its own device: an RW open excludes other writers.
-kdev=$(map kk /dev/ram0 1234) || { bad "map kk"; exit 1; }
-odev=$(map ko ram0 1235) || { bad "map ko"; exit 1; }
-for rw in randread randwrite; do
-  for qd in 1 32; do
-    echo "| kernel -> kernel | $rw | $qd | $(fio_on "$kdev" $rw $qd | grep IOPS | head -1) |"
-    echo "| kernel -> ours | $rw | $qd | $(fio_on "$odev" $rw $qd | grep IOPS | head -1) |"
-    echo "| ours -> kernel | $rw | $qd | $("$BIN/rtrs-perf" client --connect "rdma:$IP:1234" --rnbd-device /dev/ram1 --rw $rw --bs 4k --iodepth $qd --runtime "$SECS" --size 32M 2>&1 | grep -E "IOPS=|rtrs-perf:" | head -1) |"
-    echo "| ours -> ours | $rw | $qd | $("$BIN/rtrs-perf" client --connect "rdma:$IP:1235" --rnbd-device ram1 --rw $rw --bs 4k --iodepth $qd --runtime "$SECS" --size 32M 2>&1 | grep -E "IOPS=|rtrs-perf:" | head -1) |"
+mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null
+# --- 4. side by side: the four client/server pairs, 4 KiB random IO at QD 1
+#        and 32, 64 KiB and 128 KiB at QD 8 (bandwidth), always_invalidate on
+#        and off (both servers alike); one line per figure in /run/figs, then a
+#        table and the ratios against the kernel pair
+: > /run/figs
+fig() { echo "$1 $2 $3 $4 $5 ${6:-0}" >> /run/figs; } # pair rw bs qd ai iops
+fio_iops() { # DEV RW BS QD -> IOPS
+  fio --name=i --filename="$1" --direct=1 --rw="$2" --bs="$3" --iodepth="$4" --ioengine=libaio \
+    --runtime="$SECS" --time_based --size=32M --output-format=json 2>/dev/null |
+    python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print("%.0f" % (j["read"]["iops"] + j["write"]["iops"]))' 2>/dev/null
+}
+ours_iops() { # ADDR DEVICE RW BS QD -> IOPS
+  "$BIN/rtrs-perf" client --connect "rdma:$IP:$1" --rnbd-device "$2" --rw "$3" --bs "$4" --iodepth "$5" \
+    --runtime "$SECS" --size 32M --json 2>/dev/null |
+    python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.0f" % d["iops"] if d["errors"] == 0 else "0")' 2>/dev/null
+}
+for ai in on off; do
+  kai=$([ $ai = on ] && echo Y || echo N)
+  rmmod rnbd-server 2>/dev/null; rmmod rtrs-server 2>/dev/null
+  insmod "$RTRS_KMODS/rtrs/rtrs-server.ko" always_invalidate=$kai; insmod "$RTRS_KMODS/rnbd/rnbd-server.ko"
+  "$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M --export ram1=ram:64M \
+    --always-invalidate $ai > /run/serve.log 2>&1 &
+  srv=$!
+  serving /run/serve.log
+  # Each pair gets its own device: an RW open excludes other writers.
+  kdev=$(map "kk$ai" /dev/ram0 1234) || { bad "map kk$ai"; exit 1; }
+  odev=$(map "ko$ai" ram0 1235) || { bad "map ko$ai"; exit 1; }
+  for c in 4k:1 4k:32 64k:8 128k:8; do
+    bs=${c%:*} qd=${c#*:}
+    for rw in randread randwrite; do
+      fig kk $rw $bs $qd $ai "$(fio_iops "$kdev" $rw $bs $qd)"
+      fig ko $rw $bs $qd $ai "$(fio_iops "$odev" $rw $bs $qd)"
+      # One RTRS IO carries at most max_io_size (124 KiB with 128 KiB chunks;
+      # the kernel's block layer splits a 128 KiB bio in two): ours at 124k.
+      obs=$([ $bs = 128k ] && echo 124k || echo $bs)
+      fig ok $rw $bs $qd $ai "$(ours_iops 1234 /dev/ram1 $rw $obs $qd)"
+      fig oo $rw $bs $qd $ai "$(ours_iops 1235 ram1 $rw $obs $qd)"
+    done
   done
+  # --- 5. syscalls per IO on our data cores (perf's raw_syscalls tracepoint
+  #        on the core thread alone), 4 KiB QD1: the server under the kernel
+  #        client, and our client against the kernel server (reads with
+  #        per-IO keys too)
+  core_tid() { # PID NAME -> the tid of its thread NAME
+    for t in /proc/$1/task/*; do [ "$(cat "$t/comm" 2>/dev/null)" = "$2" ] && { echo "${t##*/}"; return; }; done
+  }
+  for rw in randread randwrite; do
+    perf stat -x, -e raw_syscalls:sys_enter -t "$(core_tid $srv rtrs-core0)" -o /run/pstat.srv -- \
+      fio --name=i --filename="$odev" --direct=1 --rw=$rw --bs=4k --iodepth=1 --ioengine=libaio \
+      --runtime="$SECS" --time_based --size=32M --output-format=json > /run/fio.json 2>/dev/null
+    ios=$(python3 -c 'import json; j=json.load(open("/run/fio.json"))["jobs"][0]; print(j["read"]["total_ios"] + j["write"]["total_ios"])')
+    calls=$(awk -F, '/raw_syscalls:sys_enter/ {print $1}' /run/pstat.srv)
+    echo "syscalls server $rw $ai ${calls:-x} ${ios:-0}" >> /run/figs
+  done
+  for keys in session per-io; do
+    for rw in randread randwrite; do
+      [ $keys = per-io ] && [ $rw = randwrite ] && continue
+      perf stat -x, -e raw_syscalls:sys_enter --per-thread -o /run/pstat.cl -- \
+        "$BIN/rtrs-perf" client --connect "rdma:$IP:1234" --rnbd-device /dev/ram1 --rw $rw --bs 4k --iodepth 1 \
+        --runtime "$SECS" --size 32M --read-keys $keys --json > /run/cl.json 2>/dev/null
+      ios=$(python3 -c 'import json; print(json.load(open("/run/cl.json"))["ios"])' 2>/dev/null)
+      calls=$(awk -F, '$1 ~ /^rtrs-clt0-/ && /raw_syscalls:sys_enter/ {print $2}' /run/pstat.cl)
+      echo "syscalls client-$keys $rw $ai ${calls:-x} ${ios:-0}" >> /run/figs
+    done
+  done
+  unmap "$kdev"; unmap "$odev"
+  kill -INT $srv; wait $srv
 done
-unmap "$kdev"; unmap "$odev"
-kill -INT $srv; wait $srv
+python3 - /run/figs <<'PY' || fail=1
+import sys
+from collections import defaultdict
+figs, sysc = {}, []
+for line in open(sys.argv[1]):
+    f = line.split()
+    if f[0] == "syscalls":
+        sysc.append(f[1:])
+    else:
+        figs[tuple(f[:5])] = float(f[5])
+names = {"kk": "kernel -> kernel", "ko": "kernel -> ours", "ok": "ours -> kernel", "oo": "ours -> ours"}
+print("| always_invalidate | rw | bs | QD | kernel -> kernel | kernel -> ours | ours -> kernel | ours -> ours |")
+print("|---|---|---|---|---:|---:|---:|---:|")
+keys = sorted({k[1:] for k in figs}, key=lambda k: (k[3] != "on", k[0], int(k[1][:-1]), int(k[2])))
+for rw, bs, qd, ai in keys:
+    kk = figs.get(("kk", rw, bs, qd, ai), 0)
+    cells = []
+    for p in ("kk", "ko", "ok", "oo"):
+        v = figs.get((p, rw, bs, qd, ai), 0)
+        mbs = v * int(bs[:-1]) / 1024
+        if p in ("ok", "oo") and bs == "128k":
+            mbs = v * 124 / 1024  # ours at 124k (max_io_size)
+        cell = "%.0f" % v if bs == "4k" else "%.0f (%.1f MiB/s)" % (v, mbs)
+        if p != "kk" and kk:
+            # Bandwidth rows compare MiB/s (ours moves 124 KiB per IO at 128k).
+            kmbs = kk * int(bs[:-1]) / 1024
+            cell += " %.2fx" % ((mbs / kmbs) if bs != "4k" else (v / kk))
+        cells.append(cell)
+    print("| %s | %s | %s | %s | %s |" % (ai, rw, bs, qd, " | ".join(cells)))
+print()
+print("| data core | rw | always_invalidate | syscalls | IOs | per IO |")
+print("|---|---|---|---:|---:|---:|")
+bad = False
+for who, rw, ai, calls, ios in sysc:
+    if not calls.isdigit():
+        print("INTEROP FAIL: no syscall count for %s %s always_invalidate=%s" % (who, rw, ai))
+        bad = True
+        continue
+    calls, ios = int(calls), int(ios)
+    per = calls / ios if ios else float("inf")
+    print("| %s | %s | %s | %d | %d | %.2f |" % (who, rw, ai, calls, ios, per))
+    # One post per IO: the request (client) or the response chain (server),
+    # re-keys and invalidations riding in it. A bind or invalidation of its
+    # own per IO shows as 2 or more.
+    if per > 1.5:
+        print("INTEROP FAIL: %s %s always_invalidate=%s: %.2f syscalls per IO (at most 1.5)" % (who, rw, ai, per))
+        bad = True
+missing = [k for k, v in figs.items() if v == 0]
+for k in missing:
+    print("INTEROP FAIL: no figure for %s" % " ".join(k))
+sys.exit(1 if bad or missing else 0)
+PY
 exit $fail

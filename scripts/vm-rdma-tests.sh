@@ -19,6 +19,14 @@ set -e
 rdma link add rxe0 type rxe netdev eth0
 ibv_devices
 $bin --test-threads=1 ${RDMA_TEST_FILTER:-}
+# The key fallbacks: devices without type-2 windows (per-IO read keys are
+# type-1 windows, invalidated here), and without windows at all (keys are
+# registrations; the keys thread makes the spares).
+keys="rekey invalidat write_read_verified"
+echo "== without type-2 windows (RTRS_RDMA_NO_MW2=1)"
+RTRS_RDMA_NO_MW2=1 $bin --test-threads=1 \$keys
+echo "== without memory windows (RTRS_RDMA_NO_MW=1)"
+RTRS_RDMA_NO_MW=1 $bin --test-threads=1 \$keys
 GUEST
 chmod 644 "$guest"
 scripts/vm.sh "$guest"

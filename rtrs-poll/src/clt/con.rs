@@ -85,6 +85,16 @@ impl<F: Fabric> CltCon<F> {
         self.qp.post_send(&wr)
     }
 
+    /// Posts `first` (unsignaled) and `wr` as one chain: one doorbell.
+    pub(crate) fn post_after(
+        &mut self,
+        first: SendWr<'_>,
+        wr: SendWr<'_>,
+    ) -> crate::fabric::Result<()> {
+        let wr = self.signal.apply(wr);
+        self.qp.post_send_batch(&[first.unsignaled(), wr])
+    }
+
     /// Polls the CQ.
     pub(crate) fn poll(&mut self, wcs: &mut [Wc]) -> usize {
         self.cq.poll(wcs)

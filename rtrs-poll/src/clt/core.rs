@@ -272,6 +272,9 @@ struct CorePath<F: Fabric> {
     con: Option<CltCon<F>>,
     reqs: Box<[Req]>,
     recvs: u64,
+    /// The key the server's last SEND_WITH_INV named (it comes just before
+    /// the response of the read it ends).
+    inv_seen: u32,
 }
 
 /// One core's side of a client session.
@@ -361,6 +364,7 @@ impl<F: Fabric> CltCore<F> {
                     con: None,
                     reqs,
                     recvs: 0,
+                    inv_seen: 0,
                 });
             }
             CoreMsg::Con(slot, con) => {
@@ -544,13 +548,14 @@ impl<F: Fabric> CltCore<F> {
         let n = match req.dir {
             Dir::Write => chunk::emit_write_tail(&mut self.scratch, usr),
             Dir::Read => {
-                // The first path's device's key; a path on another device
-                // writes its own when it posts (`post_on`).
+                // The first path's device's key; a path on another device,
+                // and a read with a key of its own, write theirs when they
+                // post (`post_on`).
                 let desc = if req.len > 0 {
-                    let key = s.first.read_key(buf_id, s.per_io_keys)?;
+                    let mr = &s.first.rd_mrs[buf_id as usize];
                     Some(SgDesc {
-                        addr: s.first.rd_mrs[buf_id as usize].addr(),
-                        key,
+                        addr: mr.addr(),
+                        key: mr.rkey(),
                         len: req.len,
                     })
                 } else {
@@ -626,8 +631,21 @@ impl<F: Fabric> CltCore<F> {
             rbuf.rkey.load(Ordering::Acquire),
         );
         let con = p.con.as_mut().ok_or(CltError::NoPath)?;
-        if req.dir == Dir::Read && req.len > 0 && (moved || !Arc::ptr_eq(&p.mem, &s.first)) {
-            write_read_desc(s, &p.mem, buf_id, req)?;
+        let read = req.dir == Dir::Read && req.len > 0;
+        // A per-IO read key: the buffer's next key, bound by a re-key at the
+        // head of this request's chain (on rdma a type-2 window bound to
+        // this QP), dropped by the server's SEND_WITH_INV: no syscall of
+        // its own either way.
+        let rekey = if read && s.per_io_keys {
+            Some(p.mem.rd_mrs[buf_id as usize].rekey_wr()?)
+        } else {
+            None
+        };
+        if let Some(r) = rekey {
+            write_read_desc(s, &p.mem, buf_id, req, r.rkey)?;
+        } else if read && (moved || !Arc::ptr_eq(&p.mem, &s.first)) {
+            let key = p.mem.rd_mrs[buf_id as usize].rkey();
+            write_read_desc(s, &p.mem, buf_id, req, key)?;
         }
         let tail = req.usr_len as u32
             + match req.dir {
@@ -652,7 +670,10 @@ impl<F: Fabric> CltCore<F> {
             Dir::Write => SendWr::write_with_imm(wr_id, &only, addr, rkey, imm),
             Dir::Read => SendWr::write_with_imm(wr_id, &only, addr + u64::from(req.len), rkey, imm),
         };
-        con.post(wr)?;
+        match rekey {
+            Some(r) => con.post_after(SendWr::rekey(wr_id, r), wr)?,
+            None => con.post(wr)?,
+        }
         p.reqs[buf_id as usize] = *req;
         bump(&p.path.cores[self.core as usize].inflight, 1);
         Ok(())
@@ -810,7 +831,11 @@ impl<F: Fabric> CltCore<F> {
             what: format!("cannot repost a receive: {e}"),
         })?;
         if !wc.with_imm {
-            return Ok(()); // SEND_WITH_INV: the type-2 response follows
+            // SEND_WITH_INV: the type-2 response follows.
+            if wc.with_inv {
+                p.inv_seen = wc.invalidated_rkey;
+            }
+            return Ok(());
         }
         match Imm::decode_clt(wc.imm) {
             Ok(Imm::IoRsp {
@@ -868,9 +893,23 @@ impl<F: Fabric> CltCore<F> {
         };
         req.active = false;
         let r = *req;
-        if r.dir == Dir::Read && r.len > 0 && !inval && self.sess.per_io_keys {
-            // The server did not invalidate our buffer: do it locally.
-            p.mem.rd_mrs[msg_id as usize].invalidate();
+        if r.dir == Dir::Read && r.len > 0 && self.sess.per_io_keys {
+            let mr = &p.mem.rd_mrs[msg_id as usize];
+            let seen = std::mem::take(&mut p.inv_seen);
+            if !(inval && mr.peer_invalidated(seen)) {
+                // The server did not invalidate our buffer (or named another
+                // key): do it locally before the data is handed out.
+                mr.invalidate();
+                let c = &p.path.cores[self.core as usize];
+                if c.local_invs.load(Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        path = %p.path.addr,
+                        "the server did not invalidate a per-IO read key (no SEND_WITH_INV): \
+                         invalidating locally (counted in local_invs)"
+                    );
+                }
+                bump(&c.local_invs, 1);
+            }
         }
         let c = &p.path.cores[self.core as usize];
         bump(&c.inflight, u64::MAX); // -1
@@ -960,20 +999,21 @@ impl<F: Fabric> CltCore<F> {
     }
 }
 
-/// Writes a read's buffer descriptor into its header slot with the key of
-/// `mem`'s device (a fresh one with per-IO read keys).
+/// Writes a read's buffer descriptor into its header slot: `mem`'s buffer
+/// (of the device the request goes out on) and `key` for it.
 fn write_read_desc<F: Fabric>(
     s: &CltSess<F>,
     mem: &PathMem<F>,
     buf_id: u32,
     req: &Req,
+    key: u32,
 ) -> Result<(), CltError> {
     let rd = RdmaReadRepr {
         usr_len: req.usr_len,
         need_inval: req.need_inval,
         desc: Some(SgDesc {
             addr: mem.rd_mrs[buf_id as usize].addr(),
-            key: mem.read_key(buf_id, s.per_io_keys)?,
+            key,
             len: req.len,
         }),
     };

@@ -258,15 +258,12 @@ impl<F: Fabric> PathMem<F> {
         per_io_keys: bool,
     ) -> crate::fabric::Result<PathMem<F>> {
         let lmr = pd.reg_mr(mem.clone(), Access::LOCAL_WRITE)?;
+        let mut access = Access::LOCAL_WRITE | Access::REMOTE_WRITE;
+        if per_io_keys {
+            access = access | Access::PER_IO_KEY;
+        }
         let rd_mrs = (0..queue_depth as usize)
-            .map(|i| {
-                pd.reg_mr_range(
-                    mem.clone(),
-                    i * buf_size,
-                    buf_size,
-                    Access::LOCAL_WRITE | Access::REMOTE_WRITE,
-                )
-            })
+            .map(|i| pd.reg_mr_range(mem.clone(), i * buf_size, buf_size, access))
             .collect::<crate::fabric::Result<Vec<_>>>()?;
         if per_io_keys {
             // Keyed per read: no key is valid until a read is submitted.
@@ -275,17 +272,6 @@ impl<F: Fabric> PathMem<F> {
             }
         }
         Ok(PathMem { pd, lmr, rd_mrs })
-    }
-
-    /// The key a read into permit `id`'s buffer goes out with: a fresh one
-    /// per read with [`ReadKeys::PerIo`], else the registration's.
-    pub(crate) fn read_key(&self, id: u32, per_io: bool) -> crate::fabric::Result<u32> {
-        let mr = &self.rd_mrs[id as usize];
-        if per_io {
-            mr.rekey()
-        } else {
-            Ok(mr.rkey())
-        }
     }
 }
 

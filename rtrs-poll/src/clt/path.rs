@@ -36,6 +36,7 @@ pub(crate) struct CoreCounters {
     pub(crate) bytes: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) failovers: AtomicU64,
+    pub(crate) local_invs: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64, by: u64) {
@@ -84,6 +85,9 @@ pub struct PathStats {
     pub inflight: u64,
     /// IOs moved to another path when this one failed.
     pub failovers: u64,
+    /// Reads with per-IO keys whose key the server did not invalidate
+    /// (no SEND_WITH_INV for it): invalidated here, at a syscall's cost.
+    pub local_invs: u64,
     /// Successful reconnects.
     pub reconnects: u64,
     /// Failed reconnect attempts.
@@ -236,6 +240,7 @@ impl CltPath {
             errors: sum(|c| &c.errors),
             inflight: sum(|c| &c.inflight),
             failovers: sum(|c| &c.failovers),
+            local_invs: sum(|c| &c.local_invs),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             failed_reconnects: self.failed_reconnects.load(Ordering::Relaxed),
             downs: self.downs.load(Ordering::Relaxed),

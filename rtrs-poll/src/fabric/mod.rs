@@ -321,6 +321,13 @@ pub trait Mr: Send + Sync {
     fn rekey_wr(&self) -> Result<RekeyWr<'_>> {
         Ok(RekeyWr::done(self.rekey()?))
     }
+    /// The peer invalidated `rkey` (a SEND_WITH_INV we received named it):
+    /// the backend brings its own view of the key in line. Returns whether
+    /// `rkey` was the current key. The soft fabrics invalidate in their key
+    /// table when the SEND_WITH_INV lands, so theirs only compares.
+    fn peer_invalidated(&self, rkey: u32) -> bool {
+        rkey != 0 && self.rkey() == 0
+    }
     /// A local sg entry for `len` bytes at `offset` into the region.
     fn sge(&self, offset: usize, len: u32) -> Sge {
         Sge {

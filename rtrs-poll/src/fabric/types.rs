@@ -14,6 +14,12 @@ impl Access {
     pub const REMOTE_WRITE: Access = Access(1 << 1);
     /// A peer may RDMA READ the memory.
     pub const REMOTE_READ: Access = Access(1 << 2);
+    /// The remote key is made per request, by a re-key posted in the same
+    /// chain as the request on the QP that carries it ([`SendWr::rekey`]),
+    /// and dropped by the peer's SEND_WITH_INV: a client's per-IO read
+    /// buffer. On rdma a type-2 memory window (bound to that QP) where the
+    /// device has them; the soft fabrics treat it as any other key.
+    pub const PER_IO_KEY: Access = Access(1 << 3);
     /// No rights beyond local read.
     pub const NONE: Access = Access(0);
 
@@ -23,7 +29,7 @@ impl Access {
     }
     /// Builds from raw bits, dropping unknown ones.
     pub const fn from_bits_truncate(bits: u32) -> Access {
-        Access(bits & 0b111)
+        Access(bits & 0b1111)
     }
     /// Whether every right in `other` is granted.
     pub const fn contains(self, other: Access) -> bool {
@@ -49,6 +55,9 @@ impl fmt::Debug for Access {
         }
         if self.contains(Access::REMOTE_READ) {
             parts.push("REMOTE_READ");
+        }
+        if self.contains(Access::PER_IO_KEY) {
+            parts.push("PER_IO_KEY");
         }
         write!(f, "Access({})", parts.join("|"))
     }

@@ -458,12 +458,14 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
 
     /// Hands the request in claimed chunk `buf_id` to the handler.
     fn serve(&mut self, buf_id: u32, off: u32, mut claim: mempool::Claim, now: Instant) {
+        // With always_invalidate the chunk's key changes in the response
+        // chain (`try_respond`): the request that makes the new key valid
+        // kills the old one, in the same post as the RKEY_RSP that hands the
+        // new one out, so an IO costs no post (and no syscall) of its own
+        // for it. The client owns the chunk until that response (it holds
+        // the permit): it can reach the chunk while its own request is in
+        // the handler, never after the response (docs/security.md).
         let path = &*self.path;
-        if path.always_invalidate {
-            // LOCAL_INV before touching the chunk: from here the client
-            // cannot reach it until the RKEY_RSP gives it a new key.
-            path.mrs[buf_id as usize].invalidate();
-        }
         let chunks = &*path.chunks;
         let parsed = match chunks.bytes(&claim, 0..path.chunk_size) {
             None => Err(format!("chunk {buf_id} is not this session's")),

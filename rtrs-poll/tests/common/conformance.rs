@@ -566,6 +566,11 @@ pub fn old_rkey_fails_after_rekey<B: Backend>() {
     expect_access_error(&mut p, wr);
 }
 
+/// A per-IO key (Access::PER_IO_KEY, a client's read buffer): bound by a
+/// re-key chained before a send on the QP that carries it, dropped by the
+/// peer's SEND_WITH_INV (the owner learns it through `peer_invalidated`);
+/// a re-key while the key is still valid (the peer did not invalidate)
+/// kills it first. On rdma this is a type-2 memory window.
 pub fn send_with_invalidate<B: Backend>() {
     if !B::fabric().remote_invalidate() {
         eprintln!(
@@ -575,20 +580,58 @@ pub fn send_with_invalidate<B: Backend>() {
         return;
     }
     let mut p = Pair::<B::F>::connect::<B>();
-    let key = p.b.mr.rkey();
+    let rw = Access::LOCAL_WRITE | Access::REMOTE_WRITE | Access::PER_IO_KEY;
+    let buf =
+        p.b.pd
+            .reg_mr_range(p.b.mem.clone(), 4096, 4096, rw)
+            .unwrap();
+    let raddr = buf.addr();
+    // Bound in the same chain as a send, as a read request carries it.
+    let bind_and_send = |p: &mut Pair<B::F>, id: u64| -> u32 {
+        p.a.post_recv(id, 0, 64);
+        let r = buf.rekey_wr().unwrap();
+        let sge = [p.b.sge(0, 8)];
+        p.b.qp
+            .post_send_batch(&[SendWr::rekey(id, r).unsignaled(), SendWr::send(id, &sge)])
+            .unwrap();
+        let (a, b) = p.wait(1, 1);
+        ok(&a[0], id, WcOpcode::Recv);
+        ok(&b[0], id, WcOpcode::Send);
+        assert_eq!(buf.rkey(), r.rkey);
+        r.rkey
+    };
+    let key = bind_and_send(&mut p, 1);
+    assert_ne!(key, 0);
+    let sge = [p.a.sge(0, 8)];
+    p.a.qp
+        .post_send(&SendWr::write(2, &sge, raddr, key))
+        .unwrap();
+    let (a, _) = p.wait(1, 0);
+    ok(&a[0], 2, WcOpcode::RdmaWrite);
+    // The peer invalidates it.
     p.b.post_recv(3, 0, 64);
     p.a.qp
-        .post_send(&SendWr::send_with_inv(1, &[], key))
+        .post_send(&SendWr::send_with_inv(4, &[], key))
         .unwrap();
     let (a, b) = p.wait(1, 1);
-    ok(&a[0], 1, WcOpcode::Send);
+    ok(&a[0], 4, WcOpcode::Send);
     ok(&b[0], 3, WcOpcode::Recv);
     assert!(b[0].with_inv);
     assert_eq!((b[0].invalidated_rkey, b[0].byte_len), (key, 0));
-    assert_eq!(p.b.mr.rkey(), 0);
-    let sge = [p.a.sge(0, 8)];
-    let wr = SendWr::write(2, &sge, p.b.mem.addr(0), key);
-    expect_access_error(&mut p, wr);
+    assert!(buf.peer_invalidated(key));
+    assert_eq!(buf.rkey(), 0);
+    // A fresh key for the next IO; the peer does not invalidate this one,
+    // so the re-key after it kills it first.
+    let key2 = bind_and_send(&mut p, 5);
+    assert_ne!(key2, key);
+    let key3 = bind_and_send(&mut p, 6);
+    assert!(key3 != key2 && key3 != 0);
+    p.a.qp
+        .post_send(&SendWr::write(7, &sge, raddr, key3))
+        .unwrap();
+    let (a, _) = p.wait(1, 0);
+    ok(&a[0], 7, WcOpcode::RdmaWrite);
+    expect_access_error(&mut p, SendWr::write(8, &sge, raddr, key2));
 }
 
 pub fn receive_too_small<B: Backend>() {

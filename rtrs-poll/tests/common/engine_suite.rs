@@ -61,6 +61,11 @@ pub fn write_read_all_sizes<B: Backend>(always_invalidate: bool, read_keys: Read
     }
     assert_eq!(c.write(0, &[]), 0);
     assert_eq!(c.read(0, 0).0, 0);
+    if read_keys == ReadKeys::PerIo && B::fabric().remote_invalidate() {
+        // Every read's key was dropped by the server's SEND_WITH_INV,
+        // chained in its response: none was invalidated here.
+        assert_eq!(c.clt.stats().local_invs, 0, "{:?}", c.clt.stats());
+    }
     drop(c);
     let closed = srv.stop();
     assert!(

@@ -16,7 +16,20 @@
 //!   bind and polls its CQ for the completion. Nothing is pinned or
 //!   registered per IO (soft-RoCE runs the bind inside the post's syscall).
 //! * Registration, for devices without memory windows (siw): a re-key
-//!   registers the range again and deregisters the old registration.
+//!   deregisters the old registration (the one syscall that kills a key
+//!   there) and takes a spare registration made ahead, off the core, by
+//!   the process's keys thread ([`Spares`]), which it asks for the next
+//!   spare over a lock-free ring. Registering (pinning the pages) never
+//!   runs on a core unless the keys thread fell behind (counted, logged
+//!   once). `RTRS_RDMA_NO_MW=1` forces this mode (to test it).
+//!
+//! * Type-2 window, for keys made per request (`Access::PER_IO_KEY`: a
+//!   client's per-IO read buffer): bound by a BIND_MW in the same chain as
+//!   the request, on the QP that carries it (the window is bound to that
+//!   QP), and invalidated by the peer's SEND_WITH_INV. Neither costs a
+//!   syscall of its own; only when the peer did not invalidate does the
+//!   next re-key drop the key first, by freeing the window for a new one
+//!   (never a LOCAL_INV: see `renew_window`).
 //!
 //! The process-wide registry (key index -> keys) lets a LOCAL_INV work
 //! request or a peer's SEND_WITH_INV find the keys to drop; a window's index
@@ -25,7 +38,7 @@
 use super::{lock, FabricError, PdInner, Result};
 use rdma_sys as ib;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -184,6 +197,17 @@ impl Binder {
         if rc != 0 {
             return Err(verbs_err("ibv_bind_mw", rc));
         }
+        if let Err(e) = self.wait("bind a memory window") {
+            // SAFETY: as above ("the user has to undo this on an error wc").
+            unsafe { (*w.mw).rkey = old };
+            return Err(e);
+        }
+        // SAFETY: as above.
+        Ok(unsafe { (*w.mw).rkey })
+    }
+
+    /// Waits for the one signaled request in flight.
+    fn wait(&mut self, what: &'static str) -> Result<()> {
         // SAFETY: all-zero is a valid ibv_wc.
         let mut wc: ib::ibv_wc = unsafe { std::mem::zeroed() };
         let start = Instant::now();
@@ -196,28 +220,20 @@ impl Binder {
             }
             spins = spins.wrapping_add(1);
             if n < 0 || (spins % 256 == 0 && start.elapsed() > BIND_TIMEOUT) {
-                // SAFETY: as above; the provider's update is undone.
-                unsafe { (*w.mw).rkey = old };
                 return Err(FabricError::Io {
-                    what: "bind a memory window",
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "no completion for the bind",
-                    ),
+                    what,
+                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "no completion"),
                 });
             }
             std::hint::spin_loop();
         }
         if wc.status != ib::ibv_wc_status::IBV_WC_SUCCESS {
-            // SAFETY: as above ("the user has to undo this on an error wc").
-            unsafe { (*w.mw).rkey = old };
             return Err(FabricError::Io {
-                what: "bind a memory window",
+                what,
                 source: std::io::Error::other(format!("completion status {}", wc.status)),
             });
         }
-        // SAFETY: as above.
-        Ok(unsafe { (*w.mw).rkey })
+        Ok(())
     }
 }
 
@@ -245,8 +261,7 @@ impl Binders {
         }
     }
 
-    /// Runs one bind on a free binder: the thread's own slot first (so cores
-    /// do not meet), then any free one, else it waits for its own.
+    /// Runs one bind on a free binder (see `run`).
     fn bind(
         &self,
         ctx: *mut ib::ibv_context,
@@ -254,44 +269,57 @@ impl Binders {
         w: &Window,
         len: u64,
     ) -> Result<u32> {
+        self.run(ctx, pd, |b| b.bind(w, len))
+    }
+
+    /// Runs `op` on a free binder: the thread's own slot first (so cores
+    /// do not meet), then any free one, else it waits for its own.
+    fn run<T>(
+        &self,
+        ctx: *mut ib::ibv_context,
+        pd: *mut ib::ibv_pd,
+        op: impl FnOnce(&mut Binder) -> Result<T>,
+    ) -> Result<T> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         thread_local!(static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed) % BINDERS);
         let own = SLOT.with(|s| *s);
         for i in 0..BINDERS {
             if let Ok(mut g) = self.slots[(own + i) % BINDERS].try_lock() {
-                return Self::bind_on(&mut g, ctx, pd, w, len);
+                return Self::run_on(&mut g, ctx, pd, op);
             }
         }
-        Self::bind_on(&mut lock(&self.slots[own]), ctx, pd, w, len)
+        Self::run_on(&mut lock(&self.slots[own]), ctx, pd, op)
     }
 
-    fn bind_on(
+    fn run_on<T>(
         slot: &mut Option<Binder>,
         ctx: *mut ib::ibv_context,
         pd: *mut ib::ibv_pd,
-        w: &Window,
-        len: u64,
-    ) -> Result<u32> {
+        op: impl FnOnce(&mut Binder) -> Result<T>,
+    ) -> Result<T> {
         let b = match slot {
             Some(b) => b,
             None => slot.insert(Binder::new(ctx, pd)?),
         };
-        let r = b.bind(w, len);
+        let r = op(b);
         if r.is_err() {
-            // A failed bind moves the QP to the error state: start afresh.
+            // A failed request moves the QP to the error state: start afresh.
             *slot = None;
         }
         r
     }
 }
 
-/// A type-1 memory window over (part of) a local registration.
+/// A memory window over (part of) a local registration.
 struct Window {
     mw: *mut ib::ibv_mw,
     mr: *mut ib::ibv_mr,
     addr: u64,
     len: u64,
     access: u32,
+    /// Type 2: bound by a request on the QP that uses it (never through a
+    /// binder), dropped by the peer's SEND_WITH_INV (or by freeing it).
+    type2: bool,
 }
 
 enum Remote {
@@ -314,6 +342,9 @@ pub(super) struct Keys {
     rkey: AtomicU32,
     /// The key index the registry knows us by.
     index: AtomicU32,
+    /// Registration mode: the next registration, made by the keys thread
+    /// (null: none ready).
+    spare: AtomicPtr<ib::ibv_mr>,
 }
 
 // SAFETY: the raw pointers are a registered range (kept alive by the owning
@@ -323,32 +354,51 @@ unsafe impl Send for Keys {}
 // SAFETY: as above; all mutation goes through the mutex or the atomics.
 unsafe impl Sync for Keys {}
 
-/// Whether the device has type-1 memory windows (asked once, by allocating one).
+/// Whether the device has type-1 memory windows (asked once, by allocating
+/// one); `RTRS_RDMA_NO_MW=1` says no (registrations, to test them).
 pub(super) fn windows(pd: *mut ib::ibv_pd) -> bool {
     static W: OnceLock<bool> = OnceLock::new();
-    *W.get_or_init(|| {
-        // SAFETY: pd is live; a window allocated here is freed at once.
-        match unsafe { alloc_window(pd) } {
-            Some(mw) => {
-                // SAFETY: mw was just allocated and is unbound.
-                unsafe { ib::ibv_dealloc_mw(mw) };
-                true
-            }
-            None => false,
+    *W.get_or_init(|| !env_says("RTRS_RDMA_NO_MW") && has_windows(pd, false))
+}
+
+fn env_says(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|v| v == "1")
+}
+
+/// Whether the device has type-2 memory windows (asked once, likewise);
+/// `RTRS_RDMA_NO_MW2=1` says no (to test the fallback).
+pub(super) fn windows2(pd: *mut ib::ibv_pd) -> bool {
+    static W: OnceLock<bool> = OnceLock::new();
+    *W.get_or_init(|| !env_says("RTRS_RDMA_NO_MW2") && windows(pd) && has_windows(pd, true))
+}
+
+fn has_windows(pd: *mut ib::ibv_pd, type2: bool) -> bool {
+    // SAFETY: pd is live; a window allocated here is freed at once.
+    match unsafe { alloc_window(pd, type2) } {
+        Some(mw) => {
+            // SAFETY: mw was just allocated and is unbound.
+            unsafe { ib::ibv_dealloc_mw(mw) };
+            true
         }
-    })
+        None => false,
+    }
 }
 
 /// # Safety
 /// `pd` must be a live PD.
-unsafe fn alloc_window(pd: *mut ib::ibv_pd) -> Option<*mut ib::ibv_mw> {
+unsafe fn alloc_window(pd: *mut ib::ibv_pd, type2: bool) -> Option<*mut ib::ibv_mw> {
     // SAFETY: per the contract; a provider without windows has no ops.
     let ops = unsafe { &(*(*pd).context).ops };
     if ops.bind_mw.is_none() || ops.dealloc_mw.is_none() {
         return None;
     }
+    let kind = if type2 {
+        ib::ibv_mw_type::IBV_MW_TYPE_2
+    } else {
+        ib::ibv_mw_type::IBV_MW_TYPE_1
+    };
     // SAFETY: as above.
-    unsafe { ib::ibv_alloc_mw(pd, ib::ibv_mw_type::IBV_MW_TYPE_1) }.filter(|mw| !mw.is_null())
+    unsafe { ib::ibv_alloc_mw(pd, kind) }.filter(|mw| !mw.is_null())
 }
 
 /// Access flags for the local registration of an MR (no remote rights: a
@@ -364,7 +414,9 @@ pub(super) fn local_access(pd: *mut ib::ibv_pd) -> i32 {
 
 impl Keys {
     /// Keys for `len` bytes at `addr`, registered locally as `local`, with
-    /// the remote rights `access`; the first key is valid at once.
+    /// the remote rights `access`; the first key is valid at once, except
+    /// with `per_io` on a device with type-2 windows: no key is valid until
+    /// a re-key request binds one on a QP.
     pub(super) fn new(
         pd: Arc<PdInner>,
         ctx: *mut ib::ibv_context,
@@ -372,18 +424,29 @@ impl Keys {
         addr: *mut u8,
         len: usize,
         access: i32,
+        per_io: bool,
     ) -> Result<Arc<Keys>> {
-        // SAFETY: the PD is live.
-        let remote = match windows(pd.pd)
-            .then(|| unsafe { alloc_window(pd.pd) })
-            .flatten()
-        {
+        let type2 = per_io && windows2(pd.pd);
+        let mw = if type2 {
+            // SAFETY: the PD is live.
+            unsafe { alloc_window(pd.pd, true) }
+        } else if windows(pd.pd) {
+            // SAFETY: as above.
+            unsafe { alloc_window(pd.pd, false) }
+        } else {
+            None
+        };
+        if type2 && mw.is_none() {
+            return Err(FabricError::last_os("ibv_alloc_mw (type 2)"));
+        }
+        let remote = match mw {
             Some(mw) => Remote::Window(Window {
                 mw,
                 mr: local,
                 addr: addr as u64,
                 len: len as u64,
                 access: access as u32,
+                type2,
             }),
             None => Remote::Registration(std::ptr::null_mut()),
         };
@@ -396,9 +459,48 @@ impl Keys {
             remote: Mutex::new(remote),
             rkey: AtomicU32::new(0),
             index: AtomicU32::new(u32::MAX),
+            spare: AtomicPtr::new(std::ptr::null_mut()),
         });
-        k.rekey()?;
+        if let (true, Some(mw)) = (type2, mw) {
+            // Known by its index from the start (the registry finds it for
+            // a LOCAL_INV); no key is valid yet.
+            // SAFETY: the window was just allocated.
+            let index = unsafe { (*mw).rkey } >> 8;
+            k.index.store(index, Ordering::Release);
+            lock(registry()).insert(index, Arc::downgrade(&k));
+        } else {
+            if mw.is_none() {
+                // The first registration as a spare the re-key takes (this
+                // is setup, not a core); the keys thread makes the next.
+                k.make_spare()?;
+            }
+            k.rekey()?;
+        }
         Ok(k)
+    }
+
+    /// Registers the next key's registration if none is ready (the keys
+    /// thread; setup).
+    fn make_spare(&self) -> Result<()> {
+        if !self.spare.load(Ordering::Acquire).is_null() {
+            return Ok(());
+        }
+        // SAFETY: the range is live (the RdmaMr keeps its memory).
+        let mr = unsafe { self.pd.register(self.addr, self.len, self.access) }?;
+        if self
+            .spare
+            .compare_exchange(
+                std::ptr::null_mut(),
+                mr,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            // SAFETY: ours, never published.
+            unsafe { ib::ibv_dereg_mr(mr) };
+        }
+        Ok(())
     }
 
     /// The key peers may use now (0: none).
@@ -410,6 +512,11 @@ impl Keys {
     pub(super) fn rekey(self: &Arc<Self>) -> Result<u32> {
         let mut r = lock(&self.remote);
         let key = match &mut *r {
+            Remote::Window(w) if w.type2 => {
+                return Err(FabricError::InvalidWr(
+                    "a type-2 window is bound by a re-key request on the QP that uses it",
+                ));
+            }
             Remote::Window(w) => {
                 if !w.mw.is_null() {
                     match self.pd.binders.bind(self.ctx, self.pd.pd, w, w.len) {
@@ -429,11 +536,20 @@ impl Keys {
                 }
             }
             Remote::Registration(mr) => {
+                // The old key dies first (deregistering is how it dies here).
                 self.drop_registration(mr);
-                // SAFETY: the range is live (the RdmaMr keeps its memory).
-                let new = unsafe { self.pd.register(self.addr, self.len, self.access) }?;
+                let spare = self.spare.swap(std::ptr::null_mut(), Ordering::AcqRel);
+                let new = if spare.is_null() {
+                    spares().missed();
+                    // SAFETY: the range is live (the RdmaMr keeps its memory).
+                    unsafe { self.pd.register(self.addr, self.len, self.access) }?
+                } else {
+                    spares().taken();
+                    spare
+                };
                 *mr = new;
-                // SAFETY: just registered.
+                spares().ask(self);
+                // SAFETY: a live registration.
                 unsafe { (*new).rkey }
             }
         };
@@ -443,12 +559,69 @@ impl Keys {
     }
 
     /// A re-key as a work request: the window's next key, or `None` when
-    /// there is no window to bind (the caller re-keys at once instead).
-    pub(super) fn next_window_key(&self) -> Option<u32> {
-        match &*lock(&self.remote) {
-            // SAFETY: the window is allocated; its rkey is read under the lock.
-            Remote::Window(w) if !w.mw.is_null() => Some(unsafe { ib::ibv_inc_rkey((*w.mw).rkey) }),
-            _ => None,
+    /// there is no window to bind (the caller re-keys at once instead). A
+    /// type-2 window still bound (its peer did not invalidate it) is
+    /// invalidated here first: it cannot be bound again while valid.
+    pub(super) fn next_window_key(&self) -> Result<Option<u32>> {
+        let mut r = lock(&self.remote);
+        match &mut *r {
+            Remote::Window(w) if w.type2 => {
+                if w.mw.is_null() || self.rkey() != 0 {
+                    // Still bound (the peer did not invalidate), or lost.
+                    self.renew_window(w)?;
+                }
+                // SAFETY: the window is allocated; its rkey is read under the lock.
+                Ok(Some(unsafe { ib::ibv_inc_rkey((*w.mw).rkey) }))
+            }
+            Remote::Window(w) if !w.mw.is_null() => {
+                // SAFETY: as above.
+                Ok(Some(unsafe { ib::ibv_inc_rkey((*w.mw).rkey) }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Drops a type-2 window's current key by freeing the window and
+    /// allocating a fresh, unbound one (a new index). Never a LOCAL_INV:
+    /// soft-RoCE (6.1) dereferences NULL, in the kernel, when asked to
+    /// invalidate a type-2 window that is already free (e.g. its peer's
+    /// SEND_WITH_INV beat us); freeing is safe in every state. The rare
+    /// path (the peer did not invalidate): two syscalls.
+    fn renew_window(&self, w: &mut Window) -> Result<()> {
+        self.rkey.store(0, Ordering::Release);
+        if !w.mw.is_null() {
+            // SAFETY: the window is ours; nothing else references it.
+            unsafe { ib::ibv_dealloc_mw(w.mw) };
+            w.mw = std::ptr::null_mut();
+        }
+        // SAFETY: the PD is live.
+        w.mw = unsafe { alloc_window(self.pd.pd, true) }
+            .ok_or_else(|| FabricError::last_os("ibv_alloc_mw (type 2)"))?;
+        self.move_index(w);
+        Ok(())
+    }
+
+    /// A new window has a new index: the registry learns it.
+    fn move_index(&self, w: &Window) {
+        // SAFETY: the window is allocated.
+        let index = unsafe { (*w.mw).rkey } >> 8;
+        let old = self.index.swap(index, Ordering::AcqRel);
+        let mut reg = lock(registry());
+        if let Some(k) = reg.remove(&old) {
+            reg.insert(index, k);
+        }
+    }
+
+    /// The peer's SEND_WITH_INV dropped `rkey` (only a type-2 window's can
+    /// be): no key is valid now. Returns whether `rkey` was the current key.
+    pub(super) fn peer_invalidated(&self, rkey: u32) -> bool {
+        let r = lock(&self.remote);
+        match &*r {
+            Remote::Window(w) if w.type2 && rkey != 0 => self
+                .rkey
+                .compare_exchange(rkey, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok(),
+            _ => false,
         }
     }
 
@@ -494,8 +667,17 @@ impl Keys {
     /// Invalidates the current key; no key is valid until the next re-key.
     pub(super) fn invalidate(&self) {
         let mut r = lock(&self.remote);
-        self.rkey.store(0, Ordering::Release);
+        let was = self.rkey.swap(0, Ordering::AcqRel);
         match &mut *r {
+            Remote::Window(w) if w.type2 => {
+                if was != 0 {
+                    if let Err(e) = self.renew_window(w) {
+                        // No window now: no key reaches the memory; the next
+                        // re-key tries again.
+                        tracing::warn!("{e}");
+                    }
+                }
+            }
             Remote::Window(w) if !w.mw.is_null() => {
                 if let Err(e) = self.pd.binders.bind(self.ctx, self.pd.pd, w, 0) {
                     // Unbinding failed: free the window, which surely kills its key.
@@ -513,7 +695,7 @@ impl Keys {
     /// Allocates a window for `w` and binds it.
     fn bind_new(&self, w: &mut Window) -> Result<u32> {
         // SAFETY: the PD is live.
-        w.mw = unsafe { alloc_window(self.pd.pd) }
+        w.mw = unsafe { alloc_window(self.pd.pd, false) }
             .ok_or_else(|| FabricError::last_os("ibv_alloc_mw"))?;
         self.pd.binders.bind(self.ctx, self.pd.pd, w, w.len)
     }
@@ -541,6 +723,8 @@ impl Keys {
             }
             Remote::Registration(mr) => self.drop_registration(mr),
         }
+        let mut spare = self.spare.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        self.drop_registration(&mut spare);
         let index = self.index.swap(u32::MAX, Ordering::AcqRel);
         if index != u32::MAX {
             lock(registry()).remove(&index);
@@ -567,6 +751,84 @@ impl Keys {
             }
             reg.insert(index, Arc::downgrade(self));
         }
+    }
+}
+
+/// The keys thread: makes spare registrations for keys without windows,
+/// off the cores. A re-key on a core asks for the next spare by pushing the
+/// keys onto a lock-free ring (no syscall, no lock); the thread drains it
+/// every 100 us and registers. A re-key that finds no spare registers on
+/// the core itself: counted, logged once.
+pub(super) struct Spares {
+    tx: pollers::mpsc::Sender<Weak<Keys>>,
+    taken: AtomicU64,
+    missed: AtomicU64,
+    ring_full: AtomicU64,
+}
+
+/// How many spare requests may wait for the keys thread.
+const SPARE_RING: usize = 65536;
+
+/// The process's keys thread (started when first needed).
+pub(super) fn spares() -> &'static Spares {
+    static S: OnceLock<Spares> = OnceLock::new();
+    S.get_or_init(|| {
+        let (tx, mut rx) = pollers::mpsc::channel::<Weak<Keys>>(SPARE_RING);
+        let started = std::thread::Builder::new()
+            .name("rtrs-keys".into())
+            .spawn(move || loop {
+                let mut n = 0;
+                rx.pop_batch(256, |w| {
+                    n += 1;
+                    if let Some(k) = w.upgrade() {
+                        if let Err(e) = k.make_spare() {
+                            tracing::warn!("spare registration: {e}");
+                        }
+                    }
+                });
+                if n == 0 {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!("no keys thread ({e}): re-keys without windows register on the cores");
+        }
+        Spares {
+            tx,
+            taken: AtomicU64::new(0),
+            missed: AtomicU64::new(0),
+            ring_full: AtomicU64::new(0),
+        }
+    })
+}
+
+impl Spares {
+    fn ask(&self, k: &Arc<Keys>) {
+        if self.tx.push(Arc::downgrade(k)).is_err() {
+            // The next re-key of these keys registers on its core.
+            self.ring_full.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    fn taken(&self) {
+        self.taken.fetch_add(1, Ordering::Relaxed);
+    }
+    fn missed(&self) {
+        if self.missed.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                "a re-key found no spare registration ready and registered on its core \
+                 (the keys thread is behind; counted in rdma::spare_stats)"
+            );
+        }
+    }
+    /// (spares taken, re-keys that registered on the core, spare requests
+    /// the ring had no room for).
+    pub(super) fn stats(&self) -> (u64, u64, u64) {
+        let r = Ordering::Relaxed;
+        (
+            self.taken.load(r),
+            self.missed.load(r),
+            self.ring_full.load(r),
+        )
     }
 }
 

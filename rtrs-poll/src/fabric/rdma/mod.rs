@@ -80,6 +80,13 @@ pub fn available() -> bool {
     device().is_some()
 }
 
+/// Re-keys without memory windows (registrations): (spare registrations
+/// taken from the keys thread, re-keys that registered on their core
+/// because none was ready, spare requests the ring had no room for).
+pub fn spare_stats() -> (u64, u64, u64) {
+    keys::spares().stats()
+}
+
 /// Whether the device re-keys with memory windows (else by registering
 /// again, which changes a key's index).
 pub fn memory_windows() -> bool {
@@ -127,7 +134,9 @@ impl Fabric for RdmaFabric {
     }
 
     fn remote_invalidate(&self) -> bool {
-        false
+        // Keys made per IO (Access::PER_IO_KEY) are type-2 windows, which a
+        // peer's SEND_WITH_INV drops; other keys are not (see `keys`).
+        dev().is_ok_and(|d| RdmaPd::on(d.ctx).is_ok_and(|pd| keys::windows2(pd.inner.pd)))
     }
 
     fn alloc_pd(&self) -> Result<RdmaPd> {
@@ -253,7 +262,8 @@ impl Pd<RdmaFabric> for RdmaPd {
             & (ib::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
                 | ib::ibv_access_flags::IBV_ACCESS_REMOTE_READ.0) as i32;
         let keys = if remote != 0 {
-            match Keys::new(pd.clone(), pd.ctx, local, addr, len, remote) {
+            let per_io = access.contains(Access::PER_IO_KEY);
+            match Keys::new(pd.clone(), pd.ctx, local, addr, len, remote, per_io) {
                 Ok(k) => Some(k),
                 Err(e) => {
                     // SAFETY: `local` was registered above and is not used elsewhere.
@@ -438,9 +448,12 @@ impl Mr for RdmaMr {
             k.invalidate();
         }
     }
+    fn peer_invalidated(&self, rkey: u32) -> bool {
+        self.keys.as_ref().is_some_and(|k| k.peer_invalidated(rkey))
+    }
     fn rekey_wr(&self) -> Result<RekeyWr<'_>> {
         let k = self.remote_keys()?;
-        Ok(match k.next_window_key() {
+        Ok(match k.next_window_key()? {
             Some(rkey) => RekeyWr::pending(rkey, Arc::as_ptr(k) as usize),
             None => RekeyWr::done(k.rekey()?),
         })
@@ -557,7 +570,17 @@ impl super::Cq for RdmaCq {
             let opcode = wc_opcode(w.opcode);
             let flags = ib::ibv_wc_flags(w.wc_flags);
             let with_imm = (flags & ib::ibv_wc_flags::IBV_WC_WITH_IMM).0 != 0 && status.is_ok();
-            let with_inv = (flags & ib::ibv_wc_flags::IBV_WC_WITH_INV).0 != 0 && status.is_ok();
+            // Soft-RoCE (6.1) marks a received SEND_WITH_INV with the kernel's
+            // IB_WC_WITH_INVALIDATE bit (1 << 2), which is userspace's
+            // IBV_WC_IP_CSUM_OK: on a receive of an RC QP (no checksum
+            // offload there) that bit can only mean the invalidation.
+            let inv_bit = ib::ibv_wc_flags::IBV_WC_WITH_INV.0
+                | if w.opcode == ib::ibv_wc_opcode::IBV_WC_RECV {
+                    ib::ibv_wc_flags::IBV_WC_IP_CSUM_OK.0
+                } else {
+                    0
+                };
+            let with_inv = flags.0 & inv_bit != 0 && !with_imm && status.is_ok();
             // SAFETY: both union members are u32; which one is valid is given by the flags.
             let raw = unsafe { w.imm_data_invalidated_rkey_union.imm_data };
             let mut wc = Wc::new(w.wr_id, status, opcode, w.qp_num);
@@ -567,10 +590,10 @@ impl super::Cq for RdmaCq {
                 wc.with_imm = true;
             }
             if with_inv {
+                // The device dropped the key (a type-2 window's): the owner
+                // of the MR tells it (`Mr::peer_invalidated`), no lookup here.
                 wc.invalidated_rkey = raw;
                 wc.with_inv = true;
-                // The device dropped the key; drop our registration with it.
-                invalidate_rkey(raw);
             }
             wcs[n] = wc;
             n += 1;
@@ -789,11 +812,9 @@ impl RdmaQp {
                 flags |= ib::ibv_send_flags::IBV_SEND_INLINE.0;
             }
             // SEND_WITH_INV goes out as it is: the kernel's RTRS client
-            // asks for it (NEED_INVAL) on its fast-registered MRs, which
-            // the device invalidates. This backend's own rkeys are user
-            // MRs, which no device invalidates remotely (rxe answers
-            // REM_INV_REQ), so `remote_invalidate()` is false and our
-            // engine never asks a peer to invalidate them.
+            // asks for it (NEED_INVAL) on its fast-registered MRs, ours on
+            // its per-IO read keys (type-2 windows); the device invalidates.
+            // A user MR's key cannot be (rxe answers REM_INV_REQ).
             let opcode = wr.opcode;
             let imm = match opcode {
                 Opcode::SendWithImm | Opcode::RdmaWriteWithImm => wr.imm.to_be(),
