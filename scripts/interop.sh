@@ -9,6 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
-ensure_packages "${TEST_PACKAGES[@]}"
+ensure_packages "${TEST_PACKAGES[@]}" linux-perf
 cargo build --release -q --features rdma -p rtrs-perf -p rtrs-cli
 run_in_vm "export BIN=$PWD/target/release SECS=${1:-5}" scripts/vm-guest-interop.sh

@@ -70,6 +70,9 @@ root_step() { # what -> runs "$@"; 77 = cannot run here (not root, no qemu...)
 step "rtrs-perf --hist logs read by the Python HdrHistogram; scripts/plot-latency (scripts/check-hist.sh)"
 root_step "hist logs" scripts/check-hist.sh
 
+step "syscalls per IO on the data cores over shm: none (scripts/check-syscalls.sh; rdma: in interop)"
+root_step "syscalls per IO" scripts/check-syscalls.sh 2
+
 step "real link faults: network namespaces, two veth paths, tcp (scripts/faults.sh)"
 root_step "link faults" scripts/faults.sh
 

@@ -157,36 +157,61 @@ ours_iops() { # ADDR DEVICE RW BS QD -> IOPS
     --runtime "$SECS" --size 32M --json 2>/dev/null |
     python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.0f" % d["iops"] if d["errors"] == 0 else "0")' 2>/dev/null
 }
+core_tid() { # PID NAME -> the tid of its thread NAME
+  for t in /proc/$1/task/*; do [ "$(cat "$t/comm" 2>/dev/null)" = "$2" ] && { echo "${t##*/}"; return; }; done
+}
+sizes="4k:1 4k:32 64k:8 128k:8"
 for ai in on off; do
   kai=$([ $ai = on ] && echo Y || echo N)
   rmmod rnbd-server 2>/dev/null; rmmod rtrs-server 2>/dev/null
   insmod "$RTRS_KMODS/rtrs/rtrs-server.ko" always_invalidate=$kai; insmod "$RTRS_KMODS/rnbd/rnbd-server.ko"
+  # Each pair gets its own device: an RW open excludes other writers.
+  kdev=$(map "kk$ai" /dev/ram0 1234) || { bad "map kk$ai"; exit 1; }
+  # Phase 1, the kernel's server alone (no poller of ours holds a vCPU):
+  # the kernel's client and ours against it. One RTRS IO carries at most
+  # max_io_size (124 KiB with 128 KiB chunks; the kernel's block layer
+  # splits a 128 KiB bio in two): ours at 124k.
+  for c in $sizes; do
+    bs=${c%:*} qd=${c#*:} obs=$([ "${c%:*}" = 128k ] && echo 124k || echo "${c%:*}")
+    for rw in randread randwrite; do
+      fig kk $rw $bs $qd $ai "$(fio_iops "$kdev" $rw $bs $qd)"
+      fig ok $rw $bs $qd $ai "$(ours_iops 1234 /dev/ram1 $rw $obs $qd)"
+    done
+  done
+  # --- 5a. syscalls per IO on our client's data core (perf's raw_syscalls
+  #         tracepoint, per thread), 4 KiB QD1, reads with per-IO keys too
+  for keys in session per-io; do
+    for rw in randread randwrite; do
+      [ $keys = per-io ] && [ $rw = randwrite ] && continue
+      # The core thread's syscalls over SECS in the middle of the run; its
+      # IOs in that window at the run's rate.
+      "$BIN/rtrs-perf" client --connect "rdma:$IP:1234" --rnbd-device /dev/ram1 --rw $rw --bs 4k --iodepth 1 \
+        --runtime "$((SECS + 2))" --size 32M --read-keys $keys --json > /run/cl.json 2>/dev/null &
+      cl=$!
+      t=
+      for _ in $(seq 100); do t=$(core_tid $cl rtrs-clt0); [ -n "$t" ] && break; sleep 0.05; done
+      sleep 0.5
+      perf stat -x, -e raw_syscalls:sys_enter -t "$t" -o /run/pstat.cl -- sleep "$SECS"
+      wait $cl
+      ios=$(python3 -c "import json; print(int(json.load(open('/run/cl.json'))['iops'] * $SECS))" 2>/dev/null)
+      calls=$(awk -F, '/raw_syscalls:sys_enter/ {print $1}' /run/pstat.cl)
+      echo "syscalls client-$keys $rw $ai ${calls:-x} ${ios:-0}" >> /run/figs
+    done
+  done
+  # Phase 2, our server: the kernel's client and ours against it.
   "$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M --export ram1=ram:64M \
     --always-invalidate $ai > /run/serve.log 2>&1 &
   srv=$!
   serving /run/serve.log
-  # Each pair gets its own device: an RW open excludes other writers.
-  kdev=$(map "kk$ai" /dev/ram0 1234) || { bad "map kk$ai"; exit 1; }
   odev=$(map "ko$ai" ram0 1235) || { bad "map ko$ai"; exit 1; }
-  for c in 4k:1 4k:32 64k:8 128k:8; do
-    bs=${c%:*} qd=${c#*:}
+  for c in $sizes; do
+    bs=${c%:*} qd=${c#*:} obs=$([ "${c%:*}" = 128k ] && echo 124k || echo "${c%:*}")
     for rw in randread randwrite; do
-      fig kk $rw $bs $qd $ai "$(fio_iops "$kdev" $rw $bs $qd)"
       fig ko $rw $bs $qd $ai "$(fio_iops "$odev" $rw $bs $qd)"
-      # One RTRS IO carries at most max_io_size (124 KiB with 128 KiB chunks;
-      # the kernel's block layer splits a 128 KiB bio in two): ours at 124k.
-      obs=$([ $bs = 128k ] && echo 124k || echo $bs)
-      fig ok $rw $bs $qd $ai "$(ours_iops 1234 /dev/ram1 $rw $obs $qd)"
       fig oo $rw $bs $qd $ai "$(ours_iops 1235 ram1 $rw $obs $qd)"
     done
   done
-  # --- 5. syscalls per IO on our data cores (perf's raw_syscalls tracepoint
-  #        on the core thread alone), 4 KiB QD1: the server under the kernel
-  #        client, and our client against the kernel server (reads with
-  #        per-IO keys too)
-  core_tid() { # PID NAME -> the tid of its thread NAME
-    for t in /proc/$1/task/*; do [ "$(cat "$t/comm" 2>/dev/null)" = "$2" ] && { echo "${t##*/}"; return; }; done
-  }
+  # --- 5b. syscalls per IO on our server's data core under the kernel client
   for rw in randread randwrite; do
     perf stat -x, -e raw_syscalls:sys_enter -t "$(core_tid $srv rtrs-core0)" -o /run/pstat.srv -- \
       fio --name=i --filename="$odev" --direct=1 --rw=$rw --bs=4k --iodepth=1 --ioengine=libaio \
@@ -194,17 +219,6 @@ for ai in on off; do
     ios=$(python3 -c 'import json; j=json.load(open("/run/fio.json"))["jobs"][0]; print(j["read"]["total_ios"] + j["write"]["total_ios"])')
     calls=$(awk -F, '/raw_syscalls:sys_enter/ {print $1}' /run/pstat.srv)
     echo "syscalls server $rw $ai ${calls:-x} ${ios:-0}" >> /run/figs
-  done
-  for keys in session per-io; do
-    for rw in randread randwrite; do
-      [ $keys = per-io ] && [ $rw = randwrite ] && continue
-      perf stat -x, -e raw_syscalls:sys_enter --per-thread -o /run/pstat.cl -- \
-        "$BIN/rtrs-perf" client --connect "rdma:$IP:1234" --rnbd-device /dev/ram1 --rw $rw --bs 4k --iodepth 1 \
-        --runtime "$SECS" --size 32M --read-keys $keys --json > /run/cl.json 2>/dev/null
-      ios=$(python3 -c 'import json; print(json.load(open("/run/cl.json"))["ios"])' 2>/dev/null)
-      calls=$(awk -F, '$1 ~ /^rtrs-clt0-/ && /raw_syscalls:sys_enter/ {print $2}' /run/pstat.cl)
-      echo "syscalls client-$keys $rw $ai ${calls:-x} ${ios:-0}" >> /run/figs
-    done
   done
   unmap "$kdev"; unmap "$odev"
   kill -INT $srv; wait $srv
