@@ -183,18 +183,13 @@ for ai in on off; do
   for keys in session per-io; do
     for rw in randread randwrite; do
       [ $keys = per-io ] && [ $rw = randwrite ] && continue
-      # The core thread's syscalls over SECS in the middle of the run; its
-      # IOs in that window at the run's rate.
-      "$BIN/rtrs-perf" client --connect "rdma:$IP:1234" --rnbd-device /dev/ram1 --rw $rw --bs 4k --iodepth 1 \
-        --runtime "$((SECS + 2))" --size 32M --read-keys $keys --json > /run/cl.json 2>/dev/null &
-      cl=$!
-      t=
-      for _ in $(seq 100); do t=$(core_tid $cl rtrs-clt0); [ -n "$t" ] && break; sleep 0.05; done
-      sleep 0.5
-      perf stat -x, -e raw_syscalls:sys_enter -t "$t" -o /run/pstat.cl -- sleep "$SECS"
-      wait $cl
-      ios=$(python3 -c "import json; print(int(json.load(open('/run/cl.json'))['iops'] * $SECS))" 2>/dev/null)
-      calls=$(awk -F, '/raw_syscalls:sys_enter/ {print $1}' /run/pstat.cl)
+      # Every syscall event of the run, system-wide, with the thread's name:
+      # the core thread's (rtrs-clt0) against the run's IOs.
+      perf record -q -e raw_syscalls:sys_enter -a -c 1 -m 1024 -o /run/sys.data -- \
+        "$BIN/rtrs-perf" client --connect "rdma:$IP:1234" --rnbd-device /dev/ram1 --rw $rw --bs 4k \
+        --iodepth 1 --runtime "$SECS" --size 32M --read-keys $keys --json > /run/cl.json 2>/dev/null
+      ios=$(python3 -c 'import json; print(json.load(open("/run/cl.json"))["ios"])' 2>/dev/null)
+      calls=$(perf script -i /run/sys.data -F comm 2>/dev/null | grep -c '^ *rtrs-clt0$')
       echo "syscalls client-$keys $rw $ai ${calls:-x} ${ios:-0}" >> /run/figs
     done
   done
