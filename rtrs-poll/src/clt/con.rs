@@ -38,13 +38,15 @@ impl<F: Fabric> std::fmt::Debug for CltCon<F> {
 }
 
 impl<F: Fabric> CltCon<F> {
-    /// A connection with room for `nrecv` receives of 8 bytes.
+    /// A connection with room for `nrecv` receives of 8 bytes, whose
+    /// requests are signaled as `signal` says.
     pub(crate) fn create(
         pd: &F::Pd,
         cid: u16,
         epoch: u16,
         cap: QpCap,
         nrecv: u32,
+        signal: Signal,
     ) -> crate::fabric::Result<CltCon<F>> {
         let cq = pd.create_cq(cap.max_send_wr + cap.max_recv_wr)?;
         let qp = pd.create_qp(&cq, &cq, cap)?;
@@ -58,7 +60,7 @@ impl<F: Fabric> CltCon<F> {
             mr,
             nrecv,
             epoch,
-            signal: Signal::every(1),
+            signal,
         })
     }
 

@@ -481,10 +481,24 @@ impl<F: Fabric> CltControl<F> {
         };
         let pd = p.pd.as_ref().map_err(|e| local(e.clone()))?;
         let con = if cid == 0 {
-            CltCon::create(pd, 0, recon_cnt, service_cap(), 2 * SERVICE_CON_QUEUE_DEPTH)
+            let signal = Signal::every(1);
+            CltCon::create(
+                pd,
+                0,
+                recon_cnt,
+                service_cap(),
+                2 * SERVICE_CON_QUEUE_DEPTH,
+                signal,
+            )
         } else {
             let qd = qd.ok_or_else(|| local("no session geometry".into()))?;
-            CltCon::create(pd, cid, recon_cnt, io_cap(qd), 2 * qd)
+            // As the kernel's client: a completion every queue depth of
+            // requests (min(qd, 512)), which io_cap's send queue has room
+            // for. Nothing waits for a request's own completion (errors
+            // complete anyway); one per request made the shm backend read
+            // the server's consumer header at every poll while it waited.
+            let signal = Signal::for_queue_depth(qd);
+            CltCon::create(pd, cid, recon_cnt, io_cap(qd), 2 * qd, signal)
         }
         .map_err(|e| local(format!("cannot create the connection: {e}")))?;
         let req = ConnReqRepr {

@@ -588,7 +588,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             .emit(&mut msg);
             self.mem.write(at, &msg).map_err(RespondError::Fabric)?;
             slot_sge = [self.mr.sge(at, RKEY_RSP_LEN as u32)];
-            SendWr::send_with_imm(WR_RSP | u64::from(buf_id), &slot_sge, imm)
+            SendWr::send_with_imm(WR_RSP | u64::from(buf_id), &slot_sge, imm).inlined()
         } else {
             SendWr::write_with_imm(WR_RSP | u64::from(buf_id), &[], 0, 0, imm)
         };

@@ -557,6 +557,77 @@ pub fn rekey_as_work_request<B: Backend>() {
     expect_access_error(&mut p, wr);
 }
 
+/// The chain a server with always_invalidate posts for a response: the
+/// chunk invalidated when the request came, then [re-key (unsignaled),
+/// SEND_WITH_IMM of the 8-byte RKEY_RSP, inline]. When the receive
+/// completes, the new key is live and the old one dead; the unsignaled
+/// re-key completes nothing (on the software fabrics it posts nothing at
+/// all: `rekey_wr` did the re-key).
+pub fn rekey_chain_as_a_server_posts_it<B: Backend>() {
+    let cap = QpCap {
+        max_inline_data: 8,
+        ..QpCap::default()
+    };
+    let mut p = Pair::<B::F>::connect_with::<B>(QpCap::default(), cap, MEM);
+    let sge = [p.a.sge(0, 8)];
+    let mut old = p.b.mr.rkey();
+    for round in 0..3u64 {
+        // The request arrives: the chunk's key dies at once.
+        p.b.mr.invalidate();
+        assert_eq!(p.b.mr.rkey(), 0);
+        p.a.post_recv(10 + round, 64, 8);
+        let key = {
+            let r = p.b.mr.rekey_wr().unwrap();
+            p.b.mem.fill(128, &u64::from(r.rkey).to_le_bytes());
+            let msg = [p.b.sge(128, 8)];
+            let chain = [
+                SendWr::rekey(20 + round, r).unsignaled(),
+                SendWr::send_with_imm(30 + round, &msg, 0x1234).inlined(),
+            ];
+            p.b.qp.post_send_batch(&chain).unwrap();
+            // The slot may be rewritten at once (inline).
+            p.b.mem.fill(128, &[0xee; 8]);
+            r.rkey
+        };
+        assert_ne!(key, old);
+        assert_ne!(key, 0);
+        let (a, b) = p.wait(1, 1);
+        let w = a[0];
+        ok(&w, 10 + round, WcOpcode::Recv);
+        // One completion on the responder: the send; the re-key none.
+        ok(&b[0], 30 + round, WcOpcode::Send);
+        assert!(w.with_imm);
+        assert_eq!((w.imm, w.byte_len), (0x1234, 8));
+        assert_eq!(
+            p.a.mem.read_vec(64, 8),
+            u64::from(key).to_le_bytes(),
+            "the new key, as posted (inline)"
+        );
+        assert_eq!(p.b.mr.rkey(), key, "live when the client learns it");
+        // The new key works.
+        p.a.qp
+            .post_send(&SendWr::write(40 + round, &sge, p.b.mem.addr(0), key))
+            .unwrap();
+        let (a, _) = p.wait(1, 0);
+        ok(&a[0], 40 + round, WcOpcode::RdmaWrite);
+        p.idle(Duration::from_millis(5));
+        assert!(
+            p.b.wcs.is_empty(),
+            "unsignaled re-key completed: {:?}",
+            p.b.wcs
+        );
+        old = key;
+    }
+    // And the previous key is dead (the QP goes to error: last).
+    p.b.mr.invalidate();
+    let r = p.b.mr.rekey_wr().unwrap();
+    p.b.qp
+        .post_send(&SendWr::rekey(50, r).unsignaled())
+        .unwrap();
+    let wr = SendWr::write(2, &sge, p.b.mem.addr(0), old);
+    expect_access_error(&mut p, wr);
+}
+
 pub fn old_rkey_fails_after_rekey<B: Backend>() {
     let mut p = Pair::<B::F>::connect::<B>();
     let old = p.b.mr.rkey();
@@ -1218,6 +1289,13 @@ macro_rules! conformance_tests {
                     return;
                 }
                 c::rekey_as_work_request::<$backend>();
+            }
+            #[test]
+            fn rekey_chain_as_a_server_posts_it() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
+                c::rekey_chain_as_a_server_posts_it::<$backend>();
             }
             #[test]
             fn send_with_invalidate() {

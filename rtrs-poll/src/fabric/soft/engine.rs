@@ -380,6 +380,13 @@ impl QpCore {
         }
         let len = len as u32;
         let op = match wr.opcode {
+            Opcode::Rekey if !wr.signaled && wr.rekey.is_none_or(|r| r.handle == 0) => {
+                // `rekey_wr` re-keyed in software already and nobody waits
+                // for a completion: nothing to queue. A local entry in the
+                // send queue would make every poll read the peer's
+                // consumer header until it retires (see `notifies`).
+                return Ok(Post::Done);
+            }
             Opcode::Rekey => {
                 // `rekey_wr` re-keyed in software already: a local no-op.
                 self.push_sq(wr.wr_id, opcode, wr.signaled, 0, false);
@@ -593,6 +600,51 @@ mod tests {
         .unwrap();
         assert_eq!(q.drain_wcs(false, true, &mut out), 1);
         assert_eq!(out[0].status, WcStatus::WrFlushErr);
+    }
+
+    #[test]
+    fn a_done_unsignaled_rekey_queues_nothing() {
+        let mrs = MrTable::new(4);
+        let mem: std::sync::Arc<dyn crate::fabric::Memory> =
+            std::sync::Arc::new(crate::fabric::soft::Heap::zeroed(64));
+        let i = mrs
+            .register(mem, 0, 64, Access::REMOTE_WRITE, (0, 0))
+            .unwrap();
+        let old = mrs.rkey(i);
+        let mut q = QpCore::new(7, QpCap::default()).unwrap();
+        q.state = QpState::Rts;
+        // What a server does: invalidate on the request, re-key (done in
+        // software at once) when it answers.
+        mrs.invalidate_index(i);
+        let new = mrs.rekey(i);
+        let r = crate::fabric::RekeyWr::done(new);
+        let wr = SendWr::rekey(1, r).unsignaled();
+        assert!(matches!(q.admit_send(&wr, &mrs, 0), Ok(Post::Done)));
+        // Nothing queued, nothing that needs the peer's header read.
+        assert!(q.sq.is_empty());
+        assert_eq!(q.sq_notify, 0);
+        // The keys moved already: the old one fails, the new one works.
+        assert_eq!(
+            mrs.check_rkey(old, mrs.addr(i), 1, Access::REMOTE_WRITE),
+            Err(super::super::mr::KeyError::BadKey)
+        );
+        assert!(mrs
+            .check_rkey(new, mrs.addr(i), 1, Access::REMOTE_WRITE)
+            .is_ok());
+        // Signaled, it still completes, in order with the sends around it.
+        let wr = SendWr::rekey(2, crate::fabric::RekeyWr::done(mrs.rekey(i)));
+        assert!(matches!(q.admit_send(&wr, &mrs, 0), Ok(Post::Done)));
+        assert_eq!(q.sq.len(), 1);
+        q.retire(0);
+        let mut out = [Wc::default(); 2];
+        assert_eq!(q.drain_wcs(true, false, &mut out), 1);
+        assert_eq!((out[0].wr_id, out[0].opcode), (2, WcOpcode::Rekey));
+        // In the error state it is flushed like any request.
+        q.enter_error(None);
+        let wr = SendWr::rekey(3, crate::fabric::RekeyWr::done(mrs.rekey(i))).unsignaled();
+        assert!(matches!(q.admit_send(&wr, &mrs, 0), Ok(Post::Done)));
+        assert_eq!(q.drain_wcs(true, false, &mut out), 1);
+        assert_eq!((out[0].wr_id, out[0].status), (3, WcStatus::WrFlushErr));
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub use cm::ShmCm;
 use super::engine::{Post, QpCore, SoftCq, ToWire};
 use super::mr::MrTable;
 use super::verbs::{Ids, SoftBackend, SoftEngine, SoftMr, SoftPd, SoftQp, SoftQpShared};
-use super::{sg_copy, Mapping};
+use super::{sg_copy, Mapping, StackList};
 use crate::fabric::{
     Access, Fabric, FabricError, Memory, QpCap, QpState, RecvWr, Result, SendWr, Wc, WcOpcode,
     WcStatus,
@@ -408,7 +408,9 @@ enum Stop {
 }
 
 /// Room for every segment of a request plus one.
-type Segs<P> = [(P, usize); wire::MAX_SEND_SGE as usize + 1];
+type Segs<P> = StackList<(P, usize), { wire::MAX_SEND_SGE as usize + 1 }>;
+/// The sg entries of one descriptor.
+type WireSges = StackList<WireSge, { wire::MAX_SEND_SGE as usize }>;
 
 impl Engine {
     /// Picks up the connection manager's news.
@@ -485,21 +487,22 @@ impl Engine {
                 return Ok(());
             }
         };
-        let mut sges = [WireSge::default(); wire::MAX_SEND_SGE as usize];
-        let mut parts: Segs<*const u8> = [(std::ptr::null(), 0); wire::MAX_SEND_SGE as usize + 1];
-        for (i, s) in wr.sg_list.iter().enumerate() {
+        // admit_send checked the list against max_send_sge (<= MAX_SEND_SGE).
+        let mut sges: WireSges = StackList::new();
+        let mut parts: Segs<*const u8> = StackList::new();
+        for s in wr.sg_list {
             match self
                 .pd
                 .mrs
                 .check_lkey(s.lkey, s.addr, u64::from(s.len), need)
             {
                 Ok(c) if inline || c.region != NO_REGION => {
-                    sges[i] = WireSge {
+                    sges.push(WireSge {
                         region: c.region,
                         len: s.len,
                         off: c.region_off,
-                    };
-                    parts[i] = (c.ptr as *const u8, s.len as usize);
+                    });
+                    parts.push((c.ptr as *const u8, s.len as usize));
                 }
                 _ => {
                     self.fail(None);
@@ -508,7 +511,7 @@ impl Engine {
                 }
             }
         }
-        let n = wr.sg_list.len();
+        let n = sges.as_slice().len();
         let flags = if inline { F_INLINE } else { 0 };
         let d = Desc {
             ack: self.in_psn,
@@ -522,8 +525,8 @@ impl Engine {
             rkey: wr.rkey,
         };
         let psn = self.core.push_sq(wr.wr_id, opcode, wr.signaled, len, true);
-        self.out
-            .publish(psn, &d, &sges[..n], &parts[..if inline { n } else { 0 }]);
+        let parts = if inline { parts.as_slice() } else { &[] };
+        self.out.publish(psn, &d, sges.as_slice(), parts);
         Ok(())
     }
 
@@ -615,34 +618,31 @@ fn execute(
         return Err(Stop::Rnr);
     }
     // The sender's side of the transfer, in its memory (or inline in the slot).
-    let mut peer: Segs<*mut u8> = [(std::ptr::null_mut(), 0); wire::MAX_SEND_SGE as usize + 1];
-    let mut npeer = 0;
+    // (Only the entries pushed are written: no zeroed arrays per request.)
+    let mut peer: Segs<*mut u8> = StackList::new();
     let len = u64::from(d.len);
     if inline {
         let (p, l) = link.inbound.inline(psn, d.len);
-        peer[0] = (p as *mut u8, l);
-        npeer = 1;
+        peer.push((p as *mut u8, l));
     } else {
-        let mut sges = [WireSge::default(); wire::MAX_SEND_SGE as usize];
-        link.inbound.sges(psn, nsge, &mut sges);
         let mut total = 0u64;
-        for g in &sges[..nsge] {
-            let Some(p) = link.peer.resolve(g.region, g.off, u64::from(g.len)) else {
+        let Link { inbound, peer: mem } = &mut *link;
+        for g in inbound.sges(psn, nsge) {
+            let Some(p) = mem.resolve(g.region, g.off, u64::from(g.len)) else {
                 return refuse(WcStatus::RemOpErr);
             };
-            peer[npeer] = (p, g.len as usize);
-            npeer += 1;
+            peer.push((p, g.len as usize));
             total += u64::from(g.len);
         }
         if total != len {
             return refuse(WcStatus::RemInvReqErr);
         }
     }
-    let peer = &peer[..npeer];
+    let peer = peer.as_slice();
     let as_src = |segs: &[(*mut u8, usize)]| -> Segs<*const u8> {
-        let mut out: Segs<*const u8> = [(std::ptr::null(), 0); wire::MAX_SEND_SGE as usize + 1];
-        for (o, s) in out.iter_mut().zip(segs) {
-            *o = (s.0 as *const u8, s.1);
+        let mut out: Segs<*const u8> = StackList::new();
+        for s in segs {
+            out.push((s.0 as *const u8, s.1));
         }
         out
     };
@@ -659,7 +659,7 @@ fn execute(
                 let src = as_src(peer);
                 // SAFETY: dst was checked against a live registration of ours;
                 // the sources lie in the peer's mapped memory (bounds checked).
-                unsafe { sg_copy(&src[..npeer], &[(dst.ptr, len as usize)]) };
+                unsafe { sg_copy(src.as_slice(), &[(dst.ptr, len as usize)]) };
             }
             if d.op == op::WRITE_IMM {
                 let r = core.rq.pop_front().expect("checked non-empty");
@@ -689,20 +689,17 @@ fn execute(
             if r.capacity() < len {
                 return fail(core, WcStatus::LocLenErr, WcStatus::RemInvReqErr);
             }
-            let mut dst: Segs<*mut u8> =
-                [(std::ptr::null_mut(), 0); wire::MAX_SEND_SGE as usize + 1];
+            let mut dst: Segs<*mut u8> = StackList::new();
             let mut left = len;
-            let mut ndst = 0;
             for s in r.sges() {
                 if left == 0 {
                     break;
                 }
                 let take = u64::from(s.len).min(left);
                 match pd.mrs.check_lkey(s.lkey, s.addr, take, Access::LOCAL_WRITE) {
-                    Ok(c) => dst[ndst] = (c.ptr, take as usize),
+                    Ok(c) => dst.push((c.ptr, take as usize)),
                     Err(_) => return fail(core, WcStatus::LocProtErr, WcStatus::RemOpErr),
-                }
-                ndst += 1;
+                };
                 left -= take;
             }
             if d.op == op::SEND_INV && !pd.mrs.invalidate(d.inv) {
@@ -711,7 +708,7 @@ fn execute(
             let src = as_src(peer);
             // SAFETY: destinations were checked against live registrations with
             // LOCAL_WRITE; sources lie in the peer's mapped memory or the slot.
-            unsafe { sg_copy(&src[..npeer], &dst[..ndst]) };
+            unsafe { sg_copy(src.as_slice(), dst.as_slice()) };
             let mut wc = Wc::new(r.wr_id, WcStatus::Success, WcOpcode::Recv, qp_num);
             wc.byte_len = d.len;
             if d.op == op::SEND_IMM {

@@ -297,24 +297,21 @@ impl Ring {
         }
     }
 
-    /// The sg entries of the descriptor at `psn` (nsge already checked <= max_sge).
-    pub(crate) fn sges(&self, psn: u64, nsge: usize, out: &mut [WireSge]) {
+    /// The sg entries of the descriptor at `psn`, at most `nsge` (callers
+    /// checked nsge <= max_sge; more are not read).
+    pub(crate) fn sges(&self, psn: u64, nsge: usize) -> impl Iterator<Item = WireSge> + '_ {
         let body = self.slot(psn).wrapping_add(SLOT_HDR);
-        for (i, g) in out
-            .iter_mut()
-            .enumerate()
-            .take(nsge.min(self.max_sge as usize))
-        {
+        (0..nsge.min(self.max_sge as usize)).map(move |i| {
             // SAFETY: i < max_sge, and the slot body holds max_sge entries.
             unsafe {
                 let e = body.add(i * WIRE_SGE);
-                *g = WireSge {
+                WireSge {
                     region: (e as *const u32).read_unaligned(),
                     len: (e.add(4) as *const u32).read_unaligned(),
                     off: (e.add(8) as *const u64).read_unaligned(),
-                };
+                }
             }
-        }
+        })
     }
 
     /// The inline payload of the descriptor at `psn` (len checked <= inline_cap).
