@@ -844,14 +844,22 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
 
     fn create_con(&mut self, path: &Arc<SrvPath<F>>, cid: u16) -> Result<SrvCon<F, H>, SrvError> {
         let qd = u32::from(self.cfg.queue_depth);
-        let (send, recv, buf_len, inline) = if cid == 0 {
+        // With always_invalidate the 8-byte RKEY_RSP goes inline: the peer
+        // finds it in the request itself (on shm: in the descriptor's cache
+        // line) instead of fetching it from our memory. On every connection:
+        // the kernel's client sends its admin IO (RNBD's open) on cid 0.
+        let inline = if self.cfg.always_invalidate {
+            RKEY_RSP_LEN as u32
+        } else {
+            0
+        };
+        let (send, recv, buf_len) = if cid == 0 {
             let info_rsp =
                 crate::proto::InfoRsp::<&[u8]>::HDR_LEN + crate::proto::SgDesc::LEN * qd as usize;
             (
                 SERVICE_CON_QUEUE_DEPTH * 2 + 2,
                 SERVICE_CON_QUEUE_DEPTH * 2 + 2,
                 super::con::INFO_REQ_LEN + info_rsp.max(RKEY_RSP_LEN * qd as usize),
-                0,
             )
         } else {
             // Per response at most: re-key, data write, SEND_WITH_INV and
@@ -859,15 +867,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             // up to two queue depths of them sit in the queue unreaped.
             let per_io = if self.cfg.always_invalidate { 4 } else { 3 };
             let send = qd * per_io * 2 + 1;
-            // The 8-byte RKEY_RSP goes inline: the peer finds it in the
-            // request itself (on shm: in the descriptor's cache line) instead
-            // of fetching it from our memory.
-            let inline = if self.cfg.always_invalidate {
-                RKEY_RSP_LEN as u32
-            } else {
-                0
-            };
-            (send, qd + 1, RKEY_RSP_LEN * qd as usize, inline)
+            (send, qd + 1, RKEY_RSP_LEN * qd as usize)
         };
         let pd = &path.pd;
         let cq = pd.create_cq(send + recv)?;

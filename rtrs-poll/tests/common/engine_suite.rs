@@ -878,10 +878,12 @@ impl<F: Fabric> Raw<F> {
         }
         self.layout = Some(ImmLayout::new(RAW_QD.into(), 64 << 10).unwrap());
         for i in 0..8 {
+            // Room for an RKEY_RSP (always_invalidate answers with a SEND).
+            let rsge = [self.mr.sge(16384 + 64 * i as usize, 64)];
             self.qp
                 .post_recv(&RecvWr {
                     wr_id: 100 + i,
-                    sg_list: &[],
+                    sg_list: &rsge,
                 })
                 .unwrap();
         }
@@ -896,6 +898,50 @@ impl<F: Fabric> Raw<F> {
             .post_send(&SendWr::write_with_imm(3, &sge, addr + at, key, imm))
             .unwrap();
     }
+}
+
+/// IO on the service connection (cid 0), as the kernel's client sends its
+/// admin messages (RNBD's open): with always_invalidate the response is a
+/// SEND_WITH_IMM whose RKEY_RSP carries the chunk's new key (it once failed
+/// on rdma: the service QP had no room for the inline RKEY_RSP).
+pub fn io_on_the_service_connection<B: Backend>() {
+    let a = B::addr();
+    let mut scfg = cfg(true);
+    scfg.queue_depth = RAW_QD;
+    let srv = TestServer::start(B::fabric(), std::slice::from_ref(&a), scfg, 1 << 20);
+    let (raw, e) = Raw::connect(&B::fabric(), &a, &req_bytes(0, 1, true, 77));
+    assert_eq!(e, 0, "connect");
+    let mut raw = raw.unwrap();
+    raw.info("raw-admin");
+    let old_key = raw.chunks[5].1;
+    // [64 bytes of data][usr][RdmaWrite header], the header's offset in the imm.
+    let u = usr(OP_IO, 4096);
+    let mut msg = vec![0x5au8; 64];
+    msg.extend_from_slice(&u);
+    msg.extend_from_slice(&[2, 0, u.len() as u8, 0]);
+    let imm = raw.layout.unwrap().io_req(5, 64 + u.len() as u32).unwrap();
+    raw.write_imm(5, 0, &msg, imm);
+    let rsp = loop {
+        let wc = raw.poll_one();
+        assert_eq!(wc.status, WcStatus::Success, "{wc:?}");
+        if wc.with_imm {
+            break wc;
+        }
+    };
+    match Imm::decode_clt(rsp.imm).unwrap() {
+        Imm::IoRsp { msg_id, errno, .. } => assert_eq!((msg_id, errno), (5, 0)),
+        other => panic!("not an IO response: {other:?}"),
+    }
+    assert_eq!(rsp.byte_len as usize, RkeyRsp::<&[u8]>::LEN);
+    let slot = 16384 + 64 * (rsp.wr_id - 100) as usize;
+    let mut b = [0u8; RkeyRsp::<&[u8]>::LEN];
+    raw.mem.read(slot, &mut b).unwrap();
+    let k = RkeyRsp::new_checked(&b[..]).unwrap();
+    assert_eq!(k.buf_id(), 5);
+    assert_ne!(k.rkey(), old_key, "a new key for the chunk");
+    assert!(srv.disk.lock().unwrap()[4096..4096 + 64] == [0x5a; 64]);
+    drop(raw);
+    drop(srv.stop());
 }
 
 /// A conn_req of a session and path named by `seed`.
@@ -1187,6 +1233,13 @@ macro_rules! engine_tests {
                     return;
                 }
                 e::peer_killed_mid_io::<$backend>("engine::child_server");
+            }
+            #[test]
+            fn io_on_the_service_connection() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
+                e::io_on_the_service_connection::<$backend>();
             }
             #[test]
             fn hostile_clients_lose_their_path_only() {
