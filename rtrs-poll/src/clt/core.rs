@@ -897,18 +897,23 @@ impl<F: Fabric> CltCore<F> {
             let mr = &p.mem.rd_mrs[msg_id as usize];
             let seen = std::mem::take(&mut p.inv_seen);
             if !(inval && mr.peer_invalidated(seen)) {
-                // The server did not invalidate our buffer (or named another
-                // key): do it locally before the data is handed out.
+                // Not invalidated by the server (not asked: a fabric whose
+                // peers cannot; or asked and not done, or another key
+                // named): done here before the data is handed out.
                 mr.invalidate();
-                let c = &p.path.cores[self.core as usize];
-                if c.local_invs.load(Ordering::Relaxed) == 0 {
-                    tracing::warn!(
-                        path = %p.path.addr,
-                        "the server did not invalidate a per-IO read key (no SEND_WITH_INV): \
-                         invalidating locally (counted in local_invs)"
-                    );
+                // A fallback only where we asked (where the peer cannot
+                // invalidate, this is the way).
+                if r.need_inval {
+                    let c = &p.path.cores[self.core as usize];
+                    if c.local_invs.load(Ordering::Relaxed) == 0 {
+                        tracing::warn!(
+                            path = %p.path.addr,
+                            "the server did not invalidate a per-IO read key (no SEND_WITH_INV): \
+                             invalidating locally (counted in local_invs)"
+                        );
+                    }
+                    bump(&c.local_invs, 1);
                 }
-                bump(&c.local_invs, 1);
             }
         }
         let c = &p.path.cores[self.core as usize];
