@@ -345,6 +345,8 @@ pub(super) struct Keys {
     /// Registration mode: the next registration, made by the keys thread
     /// (null: none ready).
     spare: AtomicPtr<ib::ibv_mr>,
+    /// Keys made per IO as a type-2 window (fixed for the keys' life).
+    type2: bool,
 }
 
 // SAFETY: the raw pointers are a registered range (kept alive by the owning
@@ -460,6 +462,7 @@ impl Keys {
             rkey: AtomicU32::new(0),
             index: AtomicU32::new(u32::MAX),
             spare: AtomicPtr::new(std::ptr::null_mut()),
+            type2,
         });
         if let (true, Some(mw)) = (type2, mw) {
             // Known by its index from the start (the registry finds it for
@@ -614,15 +617,14 @@ impl Keys {
 
     /// The peer's SEND_WITH_INV dropped `rkey` (only a type-2 window's can
     /// be): no key is valid now. Returns whether `rkey` was the current key.
+    /// No lock: one compare-and-swap on the current key (per read).
     pub(super) fn peer_invalidated(&self, rkey: u32) -> bool {
-        let r = lock(&self.remote);
-        match &*r {
-            Remote::Window(w) if w.type2 && rkey != 0 => self
+        self.type2
+            && rkey != 0
+            && self
                 .rkey
                 .compare_exchange(rkey, 0, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok(),
-            _ => false,
-        }
+                .is_ok()
     }
 
     /// Fills `wr` (opcode and bind fields) to bind the window to `rkey`.
