@@ -161,6 +161,19 @@ core_tid() { # PID NAME -> the tid of its thread NAME
   for t in /proc/$1/task/*; do [ "$(cat "$t/comm" 2>/dev/null)" = "$2" ] && { echo "${t##*/}"; return; }; done
 }
 sizes="4k:1 4k:32 64k:8 128k:8"
+# Every size and direction against one server: the kernel's client (fio on
+# DEV, figures as FIO_TAG) and ours (rtrs-perf to PORT's export NAME, as
+# OURS_TAG), always_invalidate $ai.
+side_by_side() { # FIO_TAG DEV OURS_TAG PORT NAME
+  local c bs qd obs rw
+  for c in $sizes; do
+    bs=${c%:*} qd=${c#*:} obs=$([ "${c%:*}" = 128k ] && echo 124k || echo "${c%:*}")
+    for rw in randread randwrite; do
+      fig "$1" $rw $bs $qd $ai "$(fio_iops "$2" $rw $bs $qd)"
+      fig "$3" $rw $bs $qd $ai "$(ours_iops "$4" "$5" $rw $obs $qd)"
+    done
+  done
+}
 for ai in on off; do
   kai=$([ $ai = on ] && echo Y || echo N)
   rmmod rnbd-server 2>/dev/null; rmmod rtrs-server 2>/dev/null
@@ -171,13 +184,7 @@ for ai in on off; do
   # the kernel's client and ours against it. One RTRS IO carries at most
   # max_io_size (124 KiB with 128 KiB chunks; the kernel's block layer
   # splits a 128 KiB bio in two): ours at 124k.
-  for c in $sizes; do
-    bs=${c%:*} qd=${c#*:} obs=$([ "${c%:*}" = 128k ] && echo 124k || echo "${c%:*}")
-    for rw in randread randwrite; do
-      fig kk $rw $bs $qd $ai "$(fio_iops "$kdev" $rw $bs $qd)"
-      fig ok $rw $bs $qd $ai "$(ours_iops 1234 /dev/ram1 $rw $obs $qd)"
-    done
-  done
+  side_by_side kk "$kdev" ok 1234 /dev/ram1
   # --- 5a. syscalls per IO on our client's data core (perf's raw_syscalls
   #         tracepoint, per thread), 4 KiB QD1, reads with per-IO keys too
   for keys in session per-io; do
@@ -199,13 +206,7 @@ for ai in on off; do
   srv=$!
   serving /run/serve.log
   odev=$(map "ko$ai" ram0 1235) || { bad "map ko$ai"; exit 1; }
-  for c in $sizes; do
-    bs=${c%:*} qd=${c#*:} obs=$([ "${c%:*}" = 128k ] && echo 124k || echo "${c%:*}")
-    for rw in randread randwrite; do
-      fig ko $rw $bs $qd $ai "$(fio_iops "$odev" $rw $bs $qd)"
-      fig oo $rw $bs $qd $ai "$(ours_iops 1235 ram1 $rw $obs $qd)"
-    done
-  done
+  side_by_side ko "$odev" oo 1235 ram1
   # --- 5b. syscalls per IO on our server's data core under the kernel client
   for rw in randread randwrite; do
     perf stat -x, -e raw_syscalls:sys_enter -t "$(core_tid $srv rtrs-core0)" -o /run/pstat.srv -- \
