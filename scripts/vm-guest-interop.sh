@@ -154,7 +154,7 @@ fio_iops() { # DEV RW BS QD -> IOPS
 }
 ours_iops() { # ADDR DEVICE RW BS QD -> IOPS
   "$BIN/rtrs-perf" client --connect "rdma:$IP:$1" --rnbd-device "$2" --rw "$3" --bs "$4" --iodepth "$5" \
-    --runtime "$SECS" --size 32M --json 2>/dev/null |
+    --runtime "$SECS" --size 32M --json --poll-sched "${POLL_SCHED:-normal}" 2>/dev/null |
     python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.0f" % d["iops"] if d["errors"] == 0 else "0")' 2>/dev/null
 }
 core_tid() { # PID NAME -> the tid of its thread NAME
@@ -219,14 +219,34 @@ for ai in on off; do
   unmap "$kdev"; unmap "$odev"
   kill -INT $srv; wait $srv
 done
+# --- 6. the poll cores' scheduling (--poll-sched normal | idle, docs/deploy.md),
+#        one server and client run each, alternating: the kernel's client and
+#        ours against our server, 4 KiB QD 1 and 32, always_invalidate on
+for ps in normal idle; do
+  "$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M --export ram1=ram:64M \
+    --poll-sched $ps > /run/serve.log 2>&1 &
+  srv=$!
+  serving /run/serve.log
+  odev=$(map "ps$ps" ram0 1235) || { bad "map ps$ps"; exit 1; }
+  for c in 4k:1 4k:32; do
+    for rw in randread randwrite; do
+      echo "sched ko $rw ${c#*:} $ps $(fio_iops "$odev" $rw 4k ${c#*:})" >> /run/figs
+      echo "sched oo $rw ${c#*:} $ps $(POLL_SCHED=$ps ours_iops 1235 ram1 $rw 4k ${c#*:})" >> /run/figs
+    done
+  done
+  unmap "$odev"
+  kill -INT $srv; wait $srv
+done
 python3 - /run/figs <<'PY' || fail=1
 import sys
 from collections import defaultdict
-figs, sysc = {}, []
+figs, sysc, sched = {}, [], {}
 for line in open(sys.argv[1]):
     f = line.split()
     if f[0] == "syscalls":
         sysc.append(f[1:])
+    elif f[0] == "sched":
+        sched[tuple(f[1:5])] = float(f[5]) if len(f) > 5 else 0.0
     else:
         figs[tuple(f[:5])] = float(f[5])
 names = {"kk": "kernel -> kernel", "ko": "kernel -> ours", "ok": "ours -> kernel", "oo": "ours -> ours"}
@@ -267,7 +287,13 @@ for who, rw, ai, calls, ios in sysc:
     if per > 1.5 or per < 0.5:
         print("INTEROP FAIL: %s %s always_invalidate=%s: %.2f syscalls per IO (one expected: 0.5-1.5)" % (who, rw, ai, per))
         bad = True
-missing = [k for k, v in figs.items() if v == 0]
+print()
+print("| pair | rw | QD | poll_sched normal | poll_sched idle | idle / normal |")
+print("|---|---|---:|---:|---:|---:|")
+for who, rw, qd in sorted({k[:3] for k in sched}, key=lambda k: (k[0] != "ko", int(k[2]), k[1])):
+    n, i = sched.get((who, rw, qd, "normal"), 0), sched.get((who, rw, qd, "idle"), 0)
+    print("| %s | %s | %s | %.0f | %.0f | %s |" % (names[who], rw, qd, n, i, "%.2fx" % (i / n) if n else "-"))
+missing = [k for k, v in list(figs.items()) + list(sched.items()) if v == 0]
 for k in missing:
     print("INTEROP FAIL: no figure for %s" % " ".join(k))
 sys.exit(1 if bad or missing else 0)

@@ -16,6 +16,8 @@ pub struct FileConfig {
     /// Poll cores.
     pub cores: Option<Vec<usize>>,
     pub control_cpu: Option<usize>,
+    /// "normal" or "idle" (the poll cores' scheduling policy).
+    pub poll_sched: Option<String>,
     pub queue_depth: Option<u64>,
     pub chunk_size: Option<Size>,
     pub always_invalidate: Option<bool>,
@@ -140,6 +142,7 @@ pub struct Settings {
     pub exports: Vec<String>,
     pub cores: Vec<usize>,
     pub control_cpu: Option<usize>,
+    pub poll_sched: pollers::CoreSched,
     pub metrics: Option<std::net::SocketAddr>,
     pub ctl: Option<PathBuf>,
     pub always_invalidate: bool,
@@ -305,6 +308,11 @@ pub fn resolve(a: &crate::ServeArgs, f: &FileConfig) -> Result<Settings, String>
         exports,
         cores,
         control_cpu: a.control_cpu.or(f.control_cpu),
+        poll_sched: match (a.poll_sched, &f.poll_sched) {
+            (Some(p), _) => p,
+            (None, Some(s)) => s.parse().map_err(|e| format!("poll_sched: {e}"))?,
+            (None, None) => pollers::CoreSched::Normal,
+        },
         metrics,
         ctl: a.ctl.clone().or_else(|| f.ctl.clone()),
         always_invalidate: pick(a.always_invalidate, f.always_invalidate, true),
@@ -367,6 +375,14 @@ mod tests {
         assert_eq!(s.listen[0].to_string(), "tcp:10.0.0.1:1234");
         assert_eq!(s.cores, [2, 3]);
         assert_eq!(s.control_cpu, Some(0));
+        assert_eq!(s.poll_sched, pollers::CoreSched::Normal);
+        // The flag wins over the file; a bad value in the file is named.
+        let s = resolve(&args(&["--poll-sched", "idle"]), &f).unwrap();
+        assert_eq!(s.poll_sched, pollers::CoreSched::Idle);
+        let bad = parse("poll_sched = \"fifo\"").unwrap();
+        let e = resolve(&args(&["--listen", "shm:x", "--export", "a=ram:1M"]), &bad).unwrap_err();
+        assert!(e.contains("poll_sched"), "{e}");
+        let s = resolve(&args(&[]), &f).unwrap();
         assert_eq!(s.exports[0], "d0=file:/dev/nvme0n1");
         assert_eq!(s.exports[1], "scratch=ram:1G,ro,allow=sess-a|sess-b");
         assert_eq!(s.access.allow[0].to_string(), "10.0.0.0/8");

@@ -141,7 +141,8 @@ fn cores(root: &Path, want: &[usize]) -> Vec<Finding> {
                 Level::Warn,
                 format!(
                     "cpu {c} is not isolated: the scheduler may run other work on it \
-                     (isolcpus={c} nohz_full={c} on the kernel command line)"
+                     (isolcpus={c} nohz_full={c} on the kernel command line; until then \
+                     --poll-sched idle lets that work run first)"
                 ),
             )
         } else if !nohz.contains(&c) {

@@ -206,6 +206,12 @@ struct ServeArgs {
     /// A housekeeping CPU for the control thread (default: unpinned).
     #[arg(long)]
     control_cpu: Option<usize>,
+    /// How the poll cores are scheduled: normal (default) or idle
+    /// (SCHED_IDLE: kernel work on a poll core's CPU -- soft-RoCE's
+    /// tasklets, a NIC's softirqs -- runs the moment it is ready; for poll
+    /// cores that are not isolated; docs/deploy.md).
+    #[arg(long)]
+    poll_sched: Option<pollers::CoreSched>,
     #[command(flatten)]
     access: AccessArgs,
 }
@@ -437,7 +443,7 @@ fn serve<F: Fabric>(fabric: F, a: &Settings) -> Result<(), String> {
     // Bound before any client can connect: a bad --ctl stops it here.
     let ctl_sock = a.ctl.as_deref().map(ctl::CtlSocket::bind).transpose()?;
     let stop = pollers::Shutdown::on_ctrlc().map_err(|e| e.to_string())?;
-    let pool = CorePool::launch(&a.cores).map_err(|e| e.to_string())?;
+    let pool = CorePool::launch_sched(&a.cores, a.poll_sched).map_err(|e| e.to_string())?;
     let place = pool.place();
     let r2 = rnbd.clone();
     let srv = Server::listen(
@@ -464,12 +470,14 @@ fn serve<F: Fabric>(fabric: F, a: &Settings) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     eprintln!(
-        "rtrs serve: listening on {} ({} backend, always_invalidate {}, queue depth {}, chunk {} B); Ctrl-C stops",
+        "rtrs serve: listening on {} ({} backend, always_invalidate {}, queue depth {}, chunk {} B, poll cores {:?} sched {}); Ctrl-C stops",
         a.listen.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","),
         fabric.name(),
         if a.always_invalidate { "on" } else { "off" },
         a.queue_depth,
-        a.chunk_size
+        a.chunk_size,
+        a.cores,
+        a.poll_sched
     );
     let ctl_refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let backend: std::sync::Arc<dyn ctl::Backend + Send + Sync> =

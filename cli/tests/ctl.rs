@@ -443,3 +443,29 @@ fn a_stale_socket_is_replaced_and_a_live_one_kept() {
         "a socket left by a server that did not start"
     );
 }
+
+/// `--poll-sched idle`: the server's core threads run under SCHED_IDLE (as
+/// /proc shows them), and the startup line says so.
+#[test]
+fn serve_runs_its_poll_cores_under_the_poll_sched_asked_for() {
+    let name = format!("rtrs-sched-{}", std::process::id());
+    let s = Served::start_with(&name, &["ram0=ram:1M"], &["--poll-sched", "idle"]);
+    assert!(s.stderr().contains("sched idle"), "{}", s.stderr());
+    let tasks = format!("/proc/{}/task", s.child.id());
+    let mut policies = Vec::new();
+    for t in std::fs::read_dir(&tasks).unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim().starts_with("rtrs-core") {
+            let sched = std::fs::read_to_string(t.path().join("sched")).unwrap_or_default();
+            let policy = sched
+                .lines()
+                .find(|l| l.starts_with("policy"))
+                .and_then(|l| l.rsplit(':').next())
+                .map(|v| v.trim().to_string());
+            policies.push(policy);
+        }
+    }
+    s.stop();
+    // SCHED_IDLE is policy 5.
+    assert_eq!(policies, [Some("5".to_string())]);
+}

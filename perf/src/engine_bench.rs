@@ -239,6 +239,9 @@ pub struct ClientOpts {
     /// How read buffers are keyed.
     #[serde(serialize_with = "ser_display")]
     pub read_keys: ReadKeys,
+    /// How the IO threads are scheduled (pollers::CoreSched).
+    #[serde(serialize_with = "ser_display")]
+    pub poll_sched: pollers::CoreSched,
     /// Device size for offsets (random and wrapping sequential).
     pub size: u64,
     /// Print a progress line every second.
@@ -878,6 +881,9 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
                 .name(format!("rtrs-clt{i}"))
                 .spawn(move || {
                     crate::pin(cpu)?;
+                    o2.poll_sched
+                        .apply()
+                        .map_err(|e| format!("core {cpu}: --poll-sched {}: {e}", o2.poll_sched))?;
                     run_core(
                         core,
                         &o2,

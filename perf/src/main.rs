@@ -218,6 +218,11 @@ struct IoArgs {
     /// invalidated per read, as the kernel client).
     #[arg(long, default_value = "session")]
     read_keys: rtrs_poll::clt::ReadKeys,
+    /// How the IO threads are scheduled: normal, or idle (SCHED_IDLE: kernel
+    /// work on their CPUs -- soft-RoCE's tasklets, a NIC's softirqs -- runs
+    /// first; for cores that are not isolated).
+    #[arg(long, default_value = "normal")]
+    poll_sched: pollers::CoreSched,
     /// Device size the offsets cover.
     #[arg(long, default_value = "1G", value_parser = engine_bench::parse_size)]
     size: u64,
@@ -573,6 +578,7 @@ fn io_opts(
         runtime: a.runtime,
         mp_policy: a.mp_policy,
         read_keys: a.read_keys,
+        poll_sched: a.poll_sched,
         size: a.size,
         progress,
         ctl: None,

@@ -56,6 +56,21 @@ fn embedded_main_job_prints_the_summary_as_json() {
 }
 
 #[test]
+fn client_cores_run_under_the_poll_sched_asked_for() {
+    let _one = one_at_a_time();
+    let out = embedded(&["--iodepth", "2", "--runtime", "0.3", "--poll-sched", "idle"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out.stdout);
+    assert_eq!(v["config"]["poll_sched"].as_str(), Some("idle"));
+    assert_eq!(v["errors"].as_u64(), Some(0));
+    assert!(v["ios"].as_u64().unwrap() > 0);
+}
+
+#[test]
 fn server_and_client_processes_with_verify_and_hist() {
     let _one = one_at_a_time();
     let name = format!("shm:perf-cli-{}", std::process::id());
@@ -109,6 +124,7 @@ fn bad_arguments_get_a_clear_message_and_a_non_zero_exit() {
         vec!["embedded", "--rw", "randread", "--rwmixread", "30"],
         vec!["client", "--connect", "shm:x", "--ramp-time=-1"],
         vec!["client", "--connect", "shm:x", "--sessname", ""],
+        vec!["client", "--connect", "shm:x", "--poll-sched", "fifo"],
         vec![
             "client",
             "--connect",

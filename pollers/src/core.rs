@@ -196,6 +196,74 @@ impl LiveStats {
     }
 }
 
+/// How a core thread is scheduled against other work on its CPU.
+///
+/// A core never sleeps, so whatever else runs on its CPU waits for the
+/// scheduler to take the CPU from it. On an isolated CPU nothing else runs
+/// and the choice does not matter. Where the CPU is shared with work the
+/// data path itself needs -- soft-RoCE's requester, responder and completion
+/// tasklets (ksoftirqd), a NIC's interrupts and softirqs, the kernel client's
+/// completion work when the peer is the kernel on the same host, a VM's
+/// vCPU -- [`CoreSched::Idle`] lets that work run the moment it is ready
+/// instead of after a scheduler tick, and the core takes the rest of the
+/// CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CoreSched {
+    /// An ordinary thread (SCHED_OTHER, the caller's nice): shares its CPU
+    /// fairly with other threads there.
+    #[default]
+    Normal,
+    /// SCHED_IDLE: any other runnable thread on the CPU (ksoftirqd, a
+    /// kworker, an application thread) preempts the core at once; the core
+    /// runs whenever the CPU would otherwise idle. Unprivileged.
+    Idle,
+}
+
+impl CoreSched {
+    /// The policy's name as flags and configs spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CoreSched::Normal => "normal",
+            CoreSched::Idle => "idle",
+        }
+    }
+
+    /// Applies the policy to the calling thread (a no-op for `Normal`).
+    pub fn apply(self) -> std::io::Result<()> {
+        match self {
+            CoreSched::Normal => Ok(()),
+            CoreSched::Idle => {
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: sched_setscheduler reads `param` (a valid local)
+                // and changes only the calling thread's (pid 0) policy.
+                let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for CoreSched {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "normal" => Ok(CoreSched::Normal),
+            "idle" => Ok(CoreSched::Idle),
+            _ => Err(format!("poll sched {s:?}: expected normal or idle")),
+        }
+    }
+}
+
+impl std::fmt::Display for CoreSched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A core's report when it stops.
 #[derive(Clone, Debug)]
 pub struct CoreReport {
@@ -442,6 +510,19 @@ impl Cores {
         drain_deadline: Duration,
         make: impl Fn(usize) -> Vec<Box<dyn Poller>> + Send + Sync + 'static,
     ) -> Result<Cores, PollersError> {
+        Cores::launch_sched(cpus, CoreSched::Normal, stop, drain_deadline, make)
+    }
+
+    /// [`Cores::launch`], each core thread scheduled as `sched` says. A
+    /// policy that cannot be applied is logged (once per core) and the core
+    /// runs as an ordinary thread.
+    pub fn launch_sched(
+        cpus: &[usize],
+        sched: CoreSched,
+        stop: Shutdown,
+        drain_deadline: Duration,
+        make: impl Fn(usize) -> Vec<Box<dyn Poller>> + Send + Sync + 'static,
+    ) -> Result<Cores, PollersError> {
         let make: Factory = Arc::new(make);
         let mut handles = Vec::new();
         let mut adds = Vec::new();
@@ -454,6 +535,9 @@ impl Cores {
             let h = std::thread::Builder::new()
                 .name(format!("rtrs-core{i}"))
                 .spawn(move || {
+                    if let Err(e) = sched.apply() {
+                        tracing::warn!("core {i}: cannot schedule as {sched}: {e}; running normal");
+                    }
                     run_core_live(cpu, make(i), Some(rx), &stop2, drain_deadline, Some(&l2))
                 })
                 .map_err(PollersError::Spawn)?;
@@ -544,6 +628,52 @@ mod tests {
         fn name(&self) -> &str {
             "counter"
         }
+    }
+
+    /// The calling thread's policy number, as /proc shows it.
+    fn policy() -> Option<i32> {
+        let s = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
+        let line = s.lines().find(|l| l.starts_with("policy"))?;
+        line.rsplit(':').next()?.trim().parse().ok()
+    }
+
+    /// Reports its thread's policy once.
+    struct Policy(Arc<std::sync::Mutex<Option<Option<i32>>>>);
+    impl Poller for Policy {
+        fn poll(&mut self, _now: Instant) -> usize {
+            let mut g = self.0.lock().unwrap();
+            if g.is_none() {
+                *g = Some(policy());
+            }
+            0
+        }
+    }
+
+    #[test]
+    fn cores_take_the_sched_policy_they_are_given() {
+        for (sched, want) in [
+            (CoreSched::Idle, libc::SCHED_IDLE),
+            (CoreSched::Normal, libc::SCHED_OTHER),
+        ] {
+            let seen = Arc::new(std::sync::Mutex::new(None));
+            let s2 = seen.clone();
+            let cores = Cores::launch_sched(
+                &[0],
+                sched,
+                Shutdown::new(),
+                Duration::from_secs(1),
+                move |_| vec![Box::new(Policy(s2.clone())) as Box<dyn Poller>],
+            )
+            .unwrap();
+            while seen.lock().unwrap().is_none() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            cores.stop();
+            assert_eq!(*seen.lock().unwrap(), Some(Some(want)), "{sched}");
+        }
+        assert_eq!("idle".parse::<CoreSched>(), Ok(CoreSched::Idle));
+        assert_eq!("normal".parse::<CoreSched>(), Ok(CoreSched::Normal));
+        assert!("fifo".parse::<CoreSched>().is_err());
     }
 
     #[test]

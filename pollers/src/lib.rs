@@ -19,7 +19,7 @@ pub mod spsc;
 mod sync;
 
 pub use crate::core::{
-    run_core, run_core_live, Bell, CoreReport, CoreStats, Cores, LiveStats, Poller, Wake,
+    run_core, run_core_live, Bell, CoreReport, CoreSched, CoreStats, Cores, LiveStats, Poller, Wake,
 };
 pub use shutdown::Shutdown;
 pub use slow::{Control, SlowLoop, SlowOpts, SlowPath, TimerId, Timers};

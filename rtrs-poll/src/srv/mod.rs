@@ -564,8 +564,19 @@ impl std::fmt::Debug for CorePool {
 impl CorePool {
     /// Starts one pinned core per entry of `cpus`.
     pub fn launch(cpus: &[usize]) -> Result<CorePool, pollers::PollersError> {
-        let cores = pollers::Cores::launch(
+        CorePool::launch_sched(cpus, pollers::CoreSched::Normal)
+    }
+
+    /// [`CorePool::launch`], the cores scheduled as `sched` says
+    /// ([`pollers::CoreSched`]: `Idle` where a poll core shares its CPU
+    /// with kernel work the IO needs).
+    pub fn launch_sched(
+        cpus: &[usize],
+        sched: pollers::CoreSched,
+    ) -> Result<CorePool, pollers::PollersError> {
+        let cores = pollers::Cores::launch_sched(
             cpus,
+            sched,
             pollers::Shutdown::new(),
             Duration::from_secs(1),
             |_| Vec::new(),
