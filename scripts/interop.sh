@@ -11,4 +11,6 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_packages "${TEST_PACKAGES[@]}" linux-perf
 cargo build --release -q --features rdma -p rtrs-perf -p rtrs-cli
-run_in_vm "export BIN=$PWD/target/release SECS=${1:-5}" scripts/vm-guest-interop.sh
+# Four pairs x sizes x both always_invalidate: ~15 min on a slow day; the
+# VM gets 25.
+VM_TIMEOUT=${VM_TIMEOUT:-1500} run_in_vm "export BIN=$PWD/target/release SECS=${1:-5}" scripts/vm-guest-interop.sh

@@ -154,7 +154,7 @@ fio_iops() { # DEV RW BS QD -> IOPS
 }
 ours_iops() { # ADDR DEVICE RW BS QD -> IOPS
   "$BIN/rtrs-perf" client --connect "rdma:$IP:$1" --rnbd-device "$2" --rw "$3" --bs "$4" --iodepth "$5" \
-    --runtime "$SECS" --size 32M --json --poll-sched "${POLL_SCHED:-normal}" 2>/dev/null |
+    --runtime "$SECS" --size 32M --json 2>/dev/null |
     python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.0f" % d["iops"] if d["errors"] == 0 else "0")' 2>/dev/null
 }
 core_tid() { # PID NAME -> the tid of its thread NAME
@@ -219,24 +219,21 @@ for ai in on off; do
   unmap "$kdev"; unmap "$odev"
   kill -INT $srv; wait $srv
 done
-# --- 6. the poll cores' scheduling (--poll-sched normal | idle, docs/deploy.md),
-#        one server and client run each, alternating: the kernel's client and
-#        ours against our server, 4 KiB QD 1 and 32, always_invalidate on
-for ps in normal idle; do
-  "$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M --export ram1=ram:64M \
-    --poll-sched $ps > /run/serve.log 2>&1 &
-  srv=$!
-  serving /run/serve.log
-  odev=$(map "ps$ps" ram0 1235) || { bad "map ps$ps"; exit 1; }
-  for c in 4k:1 4k:32; do
-    for rw in randread randwrite; do
-      echo "sched ko $rw ${c#*:} $ps $(fio_iops "$odev" $rw 4k ${c#*:})" >> /run/figs
-      echo "sched oo $rw ${c#*:} $ps $(POLL_SCHED=$ps ours_iops 1235 ram1 $rw 4k ${c#*:})" >> /run/figs
-    done
+# --- 6. the poll cores' scheduling (docs/deploy.md): the kernel's client
+#        against our server with --poll-sched idle, 4 KiB QD 1 and 32,
+#        always_invalidate on, beside section 4's figures (--poll-sched normal)
+"$BIN/rtrs" serve --cores 1 --listen "rdma:$IP:1235" --export ram0=ram:64M --poll-sched idle \
+  > /run/serve.log 2>&1 &
+srv=$!
+serving /run/serve.log
+odev=$(map "psidle" ram0 1235) || { bad "map psidle"; exit 1; }
+for qd in 1 32; do
+  for rw in randread randwrite; do
+    echo "sched ko $rw $qd idle $(fio_iops "$odev" $rw 4k $qd)" >> /run/figs
   done
-  unmap "$odev"
-  kill -INT $srv; wait $srv
 done
+unmap "$odev"
+kill -INT $srv; wait $srv
 python3 - /run/figs <<'PY' || fail=1
 import sys
 from collections import defaultdict
@@ -290,8 +287,9 @@ for who, rw, ai, calls, ios in sysc:
 print()
 print("| pair | rw | QD | poll_sched normal | poll_sched idle | idle / normal |")
 print("|---|---|---:|---:|---:|---:|")
-for who, rw, qd in sorted({k[:3] for k in sched}, key=lambda k: (k[0] != "ko", int(k[2]), k[1])):
-    n, i = sched.get((who, rw, qd, "normal"), 0), sched.get((who, rw, qd, "idle"), 0)
+for who, rw, qd in sorted({k[:3] for k in sched}, key=lambda k: (int(k[2]), k[1])):
+    # normal: section 4's figure (same server flags, --poll-sched normal)
+    n, i = figs.get((who, rw, "4k", qd, "on"), 0), sched.get((who, rw, qd, "idle"), 0)
     print("| %s | %s | %s | %.0f | %.0f | %s |" % (names[who], rw, qd, n, i, "%.2fx" % (i / n) if n else "-"))
 missing = [k for k, v in list(figs.items()) + list(sched.items()) if v == 0]
 for k in missing:

@@ -8,6 +8,10 @@
 //!   slow  ──┘ timers + control work (handshake, heartbeats, reconnects); may block
 //!   Ctrl-C ──> Shutdown flag: cores stop taking work, drain, report
 //! ```
+//!
+//! A core thread runs as an ordinary thread, or under SCHED_IDLE
+//! ([`CoreSched`]) where its CPU is shared with kernel work the IO needs
+//! (softirqs, soft-RoCE's tasklets): that work then preempts it at once.
 #![warn(missing_docs)]
 
 pub mod clock;
