@@ -7,7 +7,7 @@
 //! more (see [`run_core_live`](crate::run_core_live)); a poller reads it
 //! itself only when it has work that needs an exact time (a latency stamp).
 //! With the `clock-count` feature (and in this crate's tests) every read is
-//! counted per thread ([`reads`]), which is how tests prove an idle loop
+//! counted per thread (`reads`), which is how tests prove an idle loop
 //! reads no clock.
 
 use minstant::Instant;

@@ -113,7 +113,7 @@ pub const PARK_CHECK_EVERY: u64 = 256;
 /// otherwise reads none. So a parked poller's deadline is seen at most this
 /// many idle iterations late (about a microsecond on an idle core), and the
 /// `now` a poller is given may be that old: a poller that needs an exact
-/// time (a latency stamp) reads [`clock::now`](crate::clock::now) itself,
+/// time (a latency stamp) reads [`clock::now`] itself,
 /// when it has work.
 pub const IDLE_CLOCK_EVERY: u64 = 64;
 
