@@ -317,9 +317,6 @@ struct Window {
     addr: u64,
     len: u64,
     access: u32,
-    /// Type 2: bound by a request on the QP that uses it (never through a
-    /// binder), dropped by the peer's SEND_WITH_INV (or by freeing it).
-    type2: bool,
 }
 
 enum Remote {
@@ -345,7 +342,9 @@ pub(super) struct Keys {
     /// Registration mode: the next registration, made by the keys thread
     /// (null: none ready).
     spare: AtomicPtr<ib::ibv_mr>,
-    /// Keys made per IO as a type-2 window (fixed for the keys' life).
+    /// Keys made per IO as a type-2 window (fixed for the keys' life):
+    /// bound by a request on the QP that uses it (never through a binder),
+    /// dropped by the peer's SEND_WITH_INV (or by freeing it).
     type2: bool,
 }
 
@@ -448,7 +447,6 @@ impl Keys {
                 addr: addr as u64,
                 len: len as u64,
                 access: access as u32,
-                type2,
             }),
             None => Remote::Registration(std::ptr::null_mut()),
         };
@@ -515,7 +513,7 @@ impl Keys {
     pub(super) fn rekey(self: &Arc<Self>) -> Result<u32> {
         let mut r = lock(&self.remote);
         let key = match &mut *r {
-            Remote::Window(w) if w.type2 => {
+            Remote::Window(_) if self.type2 => {
                 return Err(FabricError::InvalidWr(
                     "a type-2 window is bound by a re-key request on the QP that uses it",
                 ));
@@ -568,7 +566,7 @@ impl Keys {
     pub(super) fn next_window_key(&self) -> Result<Option<u32>> {
         let mut r = lock(&self.remote);
         match &mut *r {
-            Remote::Window(w) if w.type2 => {
+            Remote::Window(w) if self.type2 => {
                 if w.mw.is_null() || self.rkey() != 0 {
                     // Still bound (the peer did not invalidate), or lost.
                     self.renew_window(w)?;
@@ -671,7 +669,7 @@ impl Keys {
         let mut r = lock(&self.remote);
         let was = self.rkey.swap(0, Ordering::AcqRel);
         match &mut *r {
-            Remote::Window(w) if w.type2 => {
+            Remote::Window(w) if self.type2 => {
                 if was != 0 {
                     if let Err(e) = self.renew_window(w) {
                         // No window now: no key reaches the memory; the next
