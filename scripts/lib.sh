@@ -4,7 +4,10 @@
 # libibverbs-dev, librdmacm-dev and libclang-dev: the `rdma` feature (rdma-sys runs bindgen).
 TEST_PACKAGES=(build-essential pkg-config libibverbs-dev librdmacm-dev libclang-dev)
 
-step() { printf '\n== %s\n' "$*"; }
+# A step's header carries the seconds since the script started: the time a
+# step took is the difference to the next header (CI keeps the whole run
+# under 40 min; this says where it goes).
+step() { printf '\n== %s  (at %d s)\n' "$*" "$SECONDS"; }
 
 # Install the Debian packages that are missing, when we are root; otherwise say
 # what is missing and go on (the build will tell whether it mattered).
