@@ -12,9 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
-ensure_packages linux-perf
+ensure_packages "${TEST_PACKAGES[@]}" linux-perf
 SECS=${1:-2}
-cargo build --release -q -p rtrs-perf
+build_bins
 mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
 if ! perf stat -e raw_syscalls:sys_enter -- true >/dev/null 2>&1; then
   echo "check-syscalls: perf cannot count syscalls here (tracefs, perf_event_paranoid): skipped"

@@ -20,7 +20,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "faults.sh: skipped: needs root (network namespaces, veth, tc)" >&2
   exit 77
 fi
-ensure_packages iproute2 python3
+ensure_packages "${TEST_PACKAGES[@]}" iproute2 python3
 for t in ip tc python3; do
   command -v "$t" >/dev/null || { echo "faults.sh: skipped: $t unavailable" >&2; exit 77; }
 done
@@ -28,7 +28,7 @@ done
 HB_MS=${FAULTS_HB_MS:-500}
 HB_MISSED=${FAULTS_HB_MISSED:-5}
 OUT=${FAULTS_OUT:-}
-cargo build --release -q -p rtrs-perf
+build_bins
 PERF=$PWD/target/release/rtrs-perf
 TAG=rf$$
 NS_C=$TAG-c

@@ -32,7 +32,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "hostile.sh: skipped: needs root (network namespaces, veth)" >&2
   exit 77
 fi
-ensure_packages iproute2 python3 util-linux
+ensure_packages "${TEST_PACKAGES[@]}" iproute2 python3 util-linux
 for t in ip python3 taskset prlimit; do
   command -v "$t" >/dev/null || { echo "hostile.sh: skipped: $t unavailable" >&2; exit 77; }
 done
@@ -53,7 +53,7 @@ STRICT=${HOSTILE_STRICT:-0}
 case "$DOC" in ""|before|after) ;; *) echo "HOSTILE_DOC must be before or after" >&2; exit 2 ;; esac
 
 step "build the release binaries"
-cargo build --release -q -p rtrs-cli -p rtrs-perf
+build_bins
 RTRS=$PWD/target/release/rtrs
 PERF=$PWD/target/release/rtrs-perf
 

@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
-ensure_packages "${TEST_PACKAGES[@]}" linux-perf
-cargo build --release -q --features rdma -p rtrs-perf -p rtrs-cli
+ensure_packages "${TEST_PACKAGES[@]}" linux-perf jq
+build_bins
 # Four pairs x sizes x both always_invalidate: ~15 min on a slow day; the
 # VM gets 25.
 VM_TIMEOUT=${VM_TIMEOUT:-1500} run_in_vm "export BIN=$PWD/target/release SECS=${1:-5}" scripts/vm-guest-interop.sh

@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 ensure_packages "${TEST_PACKAGES[@]}"
-cargo build --release -q --features rdma -p rtrs-perf
+build_bins
 exec scripts/vm.sh scripts/vm-guest-perftest.sh

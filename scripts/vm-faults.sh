@@ -58,7 +58,7 @@ fi
 if [[ " ${cases[*]}" == *" ours-"* ]] && [ -z "${FAULT_BIN:-}" ]; then
   ensure_packages "${TEST_PACKAGES[@]}"
   step "building rtrs and rtrs-perf with the rdma backend"
-  cargo build --release -q --features rdma -p rtrs-perf -p rtrs-cli
+  build_bins
 fi
 export FAULT_BIN=${FAULT_BIN:-$PWD/target/release}
 OUT=${VM_FAULTS_OUT:-target/vm-faults}

@@ -54,8 +54,8 @@ for ai in Y N; do
   insmod "$RTRS_KMODS/rnbd/rnbd-server.ko"
   if "$BIN/rtrs-perf" client --connect "rdma:$IP:1234" --rnbd-device /dev/ram0 --verify --rw randrw \
     --bs 4k --iodepth 8 --runtime 3 --size 32M --cores 0 --json > /run/ours-kernel.json; then
-    errs=$(python3 -c 'import json; print(json.load(open("/run/ours-kernel.json"))["errors"])')
-    iops=$(python3 -c 'import json; d=json.load(open("/run/ours-kernel.json")); print("%d ios, %.0f IOPS, p50 %d us" % (d["ios"], d["iops"], d["lat_ns"]["p50"] / 1000))')
+    errs=$(jq .errors /run/ours-kernel.json)
+    iops=$(jq -r '"\(.ios) ios, \(.iops | floor) IOPS, p50 \(.lat_ns.p50 / 1000 | floor) us"' /run/ours-kernel.json)
     [ "$errs" = 0 ] && ok "our client -> kernel server (always_invalidate=$ai), verified: $iops" ||
       bad "our client -> kernel server (always_invalidate=$ai): $errs errors"
   else
@@ -147,15 +147,22 @@ mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing 
 #        table and the ratios against the kernel pair
 : > /run/figs
 fig() { echo "$1 $2 $3 $4 $5 ${6:-0}" >> /run/figs; } # pair rw bs qd ai iops
-fio_iops() { # DEV RW BS QD -> IOPS
-  fio --name=i --filename="$1" --direct=1 --rw="$2" --bs="$3" --iodepth="$4" --ioengine=libaio \
-    --runtime="$SECS" --time_based --size=32M --output-format=json 2>/dev/null |
-    python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print("%.0f" % (j["read"]["iops"] + j["write"]["iops"]))' 2>/dev/null
+# In this TCG guest a fio start costs ~6 s (it loads 64 shared libraries)
+# and a python3 start ~3 s: every figure of a server comes from one fio (a
+# job each, one after the other), read with jq.
+fio_jobs() { # DEV "RW:BS:QD ..." -> a line "RW BS QD IOPS" per job
+  local dev=$1 j args=()
+  for j in $2; do
+    IFS=: read -r rw bs qd <<< "$j"
+    args+=(--name="$rw:$bs:$qd" --stonewall --rw="$rw" --bs="$bs" --iodepth="$qd")
+  done
+  fio --filename="$dev" --direct=1 --ioengine=libaio --runtime="$SECS" --time_based --size=32M \
+    --thread --output-format=json "${args[@]}" 2>/dev/null |
+    jq -r '.jobs[] | "\(.jobname | gsub(":"; " ")) \(.read.iops + .write.iops | floor)"'
 }
 ours_iops() { # ADDR DEVICE RW BS QD -> IOPS
   "$BIN/rtrs-perf" client --connect "rdma:$IP:$1" --rnbd-device "$2" --rw "$3" --bs "$4" --iodepth "$5" \
-    --runtime "$SECS" --size 32M --json 2>/dev/null |
-    python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.0f" % d["iops"] if d["errors"] == 0 else "0")' 2>/dev/null
+    --runtime "$SECS" --size 32M --json 2>/dev/null | jq -r 'if .errors == 0 then .iops | floor else 0 end'
 }
 core_tid() { # PID NAME -> the tid of its thread NAME
   for t in /proc/$1/task/*; do [ "$(cat "$t/comm" 2>/dev/null)" = "$2" ] && { echo "${t##*/}"; return; }; done
@@ -165,11 +172,14 @@ sizes="4k:1 4k:32 64k:8 128k:8"
 # DEV, figures as FIO_TAG) and ours (rtrs-perf to PORT's export NAME, as
 # OURS_TAG), always_invalidate $ai.
 side_by_side() { # FIO_TAG DEV OURS_TAG PORT NAME
-  local c bs qd obs rw
+  local c bs qd obs rw jobs=
   for c in $sizes; do
-    bs=${c%:*} qd=${c#*:} obs=$([ "${c%:*}" = 128k ] && echo 124k || echo "${c%:*}")
+    for rw in randread randwrite; do jobs+=" $rw:$c"; done
+  done
+  fio_jobs "$2" "$jobs" | while read -r rw bs qd iops; do fig "$1" "$rw" "$bs" "$qd" $ai "$iops"; done
+  for c in $sizes; do
+    bs=${c%:*} qd=${c##*:} obs=$([ "${c%:*}" = 128k ] && echo 124k || echo "${c%:*}")
     for rw in randread randwrite; do
-      fig "$1" $rw $bs $qd $ai "$(fio_iops "$2" $rw $bs $qd)"
       fig "$3" $rw $bs $qd $ai "$(ours_iops "$4" "$5" $rw $obs $qd)"
     done
   done
@@ -195,7 +205,7 @@ for ai in on off; do
       perf record -q -e raw_syscalls:sys_enter -a -c 1 -m 1024 -o /run/sys.data -- \
         "$BIN/rtrs-perf" client --connect "rdma:$IP:1234" --rnbd-device /dev/ram1 --rw $rw --bs 4k \
         --iodepth 1 --runtime "$SECS" --size 32M --read-keys $keys --json > /run/cl.json 2>/dev/null
-      ios=$(python3 -c 'import json; print(json.load(open("/run/cl.json"))["ios"])' 2>/dev/null)
+      ios=$(jq .ios /run/cl.json 2>/dev/null)
       calls=$(perf script -i /run/sys.data -F comm 2>/dev/null | grep -c '^ *rtrs-clt0 *$')
       echo "syscalls client-$keys $rw $ai ${calls:-x} ${ios:-0}" >> /run/figs
     done
@@ -212,7 +222,7 @@ for ai in on off; do
     perf stat -x, -e raw_syscalls:sys_enter -t "$(core_tid $srv rtrs-core0)" -o /run/pstat.srv -- \
       fio --name=i --filename="$odev" --direct=1 --rw=$rw --bs=4k --iodepth=1 --ioengine=libaio \
       --runtime="$SECS" --time_based --size=32M --output-format=json > /run/fio.json 2>/dev/null
-    ios=$(python3 -c 'import json; j=json.load(open("/run/fio.json"))["jobs"][0]; print(j["read"]["total_ios"] + j["write"]["total_ios"])')
+    ios=$(jq '.jobs[0].read.total_ios + .jobs[0].write.total_ios' /run/fio.json)
     calls=$(awk -F, '/raw_syscalls:sys_enter/ {print $1}' /run/pstat.srv)
     echo "syscalls server $rw $ai ${calls:-x} ${ios:-0}" >> /run/figs
   done
@@ -227,14 +237,11 @@ done
 srv=$!
 serving /run/serve.log
 odev=$(map "psidle" ram0 1235) || { bad "map psidle"; exit 1; }
-for qd in 1 32; do
-  for rw in randread randwrite; do
-    echo "sched ko $rw $qd idle $(fio_iops "$odev" $rw 4k $qd)" >> /run/figs
-  done
-done
+fio_jobs "$odev" "randread:4k:1 randwrite:4k:1 randread:4k:32 randwrite:4k:32" |
+  while read -r rw _ qd iops; do echo "sched ko $rw $qd idle $iops" >> /run/figs; done
 unmap "$odev"
 kill -INT $srv; wait $srv
-python3 - /run/figs <<'PY' || fail=1
+python3 - /run/figs "$sizes" <<'PY' || fail=1
 import sys
 from collections import defaultdict
 figs, sysc, sched = {}, [], {}
@@ -291,7 +298,13 @@ for who, rw, qd in sorted({k[:3] for k in sched}, key=lambda k: (int(k[2]), k[1]
     # normal: section 4's figure (same server flags, --poll-sched normal)
     n, i = figs.get((who, rw, "4k", qd, "on"), 0), sched.get((who, rw, qd, "idle"), 0)
     print("| %s | %s | %s | %.0f | %.0f | %s |" % (names[who], rw, qd, n, i, "%.2fx" % (i / n) if n else "-"))
-missing = [k for k, v in list(figs.items()) + list(sched.items()) if v == 0]
+# Every pair at every size, direction and always_invalidate, and the four
+# --poll-sched idle figures: a figure that is absent (its fio or rtrs-perf
+# did not run) fails as a zero does.
+want = [(p, rw, bs, qd, ai) for p in names for rw in ("randread", "randwrite")
+        for bs, qd in (c.split(":") for c in sys.argv[2].split()) for ai in ("on", "off")]
+want += [("ko", rw, qd, "idle") for rw in ("randread", "randwrite") for qd in ("1", "32")]
+missing = [k for k in want if (figs if len(k) == 5 else sched).get(k, 0) == 0]
 for k in missing:
     print("INTEROP FAIL: no figure for %s" % " ".join(k))
 sys.exit(1 if bad or missing else 0)

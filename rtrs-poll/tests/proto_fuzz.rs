@@ -5,7 +5,8 @@
 //! value. Plus proptest over arbitrary bytes for each.
 //!
 //! `RTRS_FUZZ_SECS` is the budget for all targets together (default 3 s; the
-//! test script gives 20). Run only these with `cargo test --release fuzz`.
+//! test command gives 20, on its dev build). Run only these with `cargo test fuzz`
+//! (`--release` for more cases a second).
 
 use proptest::prelude::*;
 use rtrs_poll::proto::chunk::{self, IoReqKind};

@@ -5,7 +5,7 @@
 //! decoder accepts re-encodes to itself; every out-of-range field is refused;
 //! a fed engine ends in progress (RTS) or in the error state. Plus
 //! time-bounded mutation targets (`fuzz_tcp_*`, as `proto_fuzz.rs`; run with
-//! `cargo test --release fuzz`, budget `RTRS_FUZZ_SECS`).
+//! `cargo test fuzz` in the test command, budget `RTRS_FUZZ_SECS`).
 
 use proptest::prelude::*;
 use rtrs_poll::fabric::soft::tcp::fuzz::*;

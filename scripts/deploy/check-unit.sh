@@ -10,7 +10,8 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-cargo build --release -q -p rtrs-cli
+ensure_packages "${TEST_PACKAGES[@]}"
+build_bins
 work=$(mktemp -d /tmp/rtrs-unit.XXXXXX)
 pid=
 cleanup() { stop_pid "$pid"; rm -rf "$work"; }
