@@ -10,8 +10,9 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-cargo build -q -p rtrs-perf
-export RTRS_PERF=$PWD/target/debug/rtrs-perf
+ensure_packages "${TEST_PACKAGES[@]}"
+build_bins
+export RTRS_PERF=$PWD/target/release/rtrs-perf
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
