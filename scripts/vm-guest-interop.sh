@@ -2,7 +2,8 @@
 # the kernel's RTRS/RNBD over soft-RoCE, both directions, with verified data,
 # then the four client/server pairs side by side.
 #   env: BIN (the directory of the rdma-built rtrs and rtrs-perf), SECS,
-#   INTEROP_BREAK_KK (1: the first kernel-pair fio gets no device, to try the retry)
+#   INTEROP_BREAK_KK (1: the first kernel-pair fio gets no device, to try the retry),
+#   INTEROP_FULL (1: every size and our client's syscalls with always_invalidate off too)
 set -uo pipefail
 BIN=${BIN:?the directory of rtrs and rtrs-perf built with --features rdma}
 SECS=${SECS:-5}
@@ -23,7 +24,7 @@ fio_on() { # DEV RW QD [extra...] -> fio's IOPS/latency lines
   local dev=$1 rw=$2 qd=$3
   shift 3
   fio --name=i --filename="$dev" --direct=1 --rw="$rw" --bs=4k --iodepth="$qd" --ioengine=libaio \
-    --runtime="$SECS" --time_based --size=32M --verify_state_save=0 --group_reporting "$@" 2>&1 |
+    --runtime="$SECS" --time_based --size=32M --verify_state_save=0 --group_reporting --thread "$@" 2>&1 |
     grep -E "IOPS=|clat \(|err=|verify" | head -4
 }
 
@@ -180,22 +181,26 @@ ours_iops() { # ADDR DEVICE RW BS QD [CORES] -> IOPS
 core_tid() { # PID NAME -> the tid of its thread NAME
   for t in /proc/$1/task/*; do [ "$(cat "$t/comm" 2>/dev/null)" = "$2" ] && { echo "${t##*/}"; return; }; done
 }
+# The sizes of the side by side: all of them with always_invalidate on, 4 KiB
+# with it off (the test command's time: docs/testing.md); INTEROP_FULL=1: all
+# of them both ways.
 sizes="4k:1 4k:32 64k:8 128k:8"
-# Every size and direction (fio's jobs; ours one at a time), against each
-# server, always_invalidate $ai.
-jobs=
-for c in $sizes; do
-  for rw in randread randwrite; do jobs+=" $rw:$c"; done
-done
+sizes_off=$([ "${INTEROP_FULL:-}" = 1 ] && echo "$sizes" || echo "4k:1 4k:32")
+sizes_for() { [ "$ai" = on ] && echo "$sizes" || echo "$sizes_off"; }
 # The kernel's client half of a side by side: one fio on DEV, a figure per
 # job as TAG; fails when a job gave none.
 fio_side() { # TAG DEV
-  local n=0 rw bs qd iops
+  local n=0 rw bs qd iops c jobs=
+  for c in $(sizes_for); do
+    for rw in randread randwrite; do jobs+=" $rw:$c"; done
+  done
   at "4. $1, always_invalidate $ai (one fio)"
+  # (a file, not a process substitution: the guest has no /dev/fd)
+  fio_jobs "$2" "$jobs" > /run/fio-figs
   while read -r rw bs qd iops; do
     fig "$1" "$rw" "$bs" "$qd" $ai "$iops"
     n=$((n + 1))
-  done < <(fio_jobs "$2" "$jobs")
+  done < /run/fio-figs
   [ "$n" = "$(wc -w <<< "$jobs")" ]
 }
 # Our client's half: an rtrs-perf a figure to PORT's export NAME, as TAG;
@@ -203,7 +208,7 @@ fio_side() { # TAG DEV
 ours_side() { # TAG PORT NAME [CORES]
   local c bs qd obs rw cores
   at "4. $1, always_invalidate $ai (an rtrs-perf a figure)"
-  for c in $sizes; do
+  for c in $(sizes_for); do
     bs=${c%:*} qd=${c##*:} obs=$([ "${c%:*}" = 128k ] && echo 124k || echo "${c%:*}")
     for rw in randread randwrite; do
       cores=$([ "$qd" -gt 1 ] && echo "${4:-0}" || echo 0)
@@ -248,7 +253,10 @@ for ai in on off; do
   at "5a. our client's syscalls, always_invalidate $ai"
   # --- 5a. syscalls per IO on our client's data core (perf's raw_syscalls
   #         tracepoint, per thread), 4 KiB QD1, reads with per-IO keys too
+  # (the client's count does not depend on the server's always_invalidate:
+  # measured with it on; INTEROP_FULL=1 both)
   for keys in session per-io; do
+    [ $ai = off ] && [ "${INTEROP_FULL:-}" != 1 ] && continue
     for rw in randread randwrite; do
       [ $keys = per-io ] && [ $rw = randwrite ] && continue
       # Every syscall event of the run, system-wide, with the thread's name:
@@ -296,7 +304,7 @@ fio_jobs "$odev" "randread:4k:1 randwrite:4k:1 randread:4k:32 randwrite:4k:32" |
 unmap "$odev"
 kill -INT $srv; wait $srv
 at "the tables"
-python3 - /run/figs "$sizes" <<'PY' || fail=1
+python3 - /run/figs "$sizes" "$sizes_off" <<'PY' || fail=1
 import sys
 from collections import defaultdict
 figs, sysc, sched = {}, [], {}
@@ -357,7 +365,8 @@ for who, rw, qd in sorted({k[:3] for k in sched}, key=lambda k: (int(k[2]), k[1]
 # --poll-sched idle figures: a figure that is absent (its fio or rtrs-perf
 # did not run) fails as a zero does.
 want = [(p, rw, bs, qd, ai) for p in names for rw in ("randread", "randwrite")
-        for bs, qd in (c.split(":") for c in sys.argv[2].split()) for ai in ("on", "off")]
+        for ai, sizes in (("on", sys.argv[2]), ("off", sys.argv[3]))
+        for bs, qd in (c.split(":") for c in sizes.split())]
 want += [("ko", rw, qd, "idle") for rw in ("randread", "randwrite") for qd in ("1", "32")]
 missing = [k for k in want if (figs if len(k) == 5 else sched).get(k, 0) == 0]
 for k in missing:
