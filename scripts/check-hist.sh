@@ -10,7 +10,6 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-ensure_packages "${TEST_PACKAGES[@]}"
 build_bins
 export RTRS_PERF=$PWD/target/release/rtrs-perf
 WORK=$(mktemp -d)

@@ -20,7 +20,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "faults.sh: skipped: needs root (network namespaces, veth, tc)" >&2
   exit 77
 fi
-ensure_packages "${TEST_PACKAGES[@]}" iproute2 python3
+ensure_packages iproute2 python3
 for t in ip tc python3; do
   command -v "$t" >/dev/null || { echo "faults.sh: skipped: $t unavailable" >&2; exit 77; }
 done

@@ -32,7 +32,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "hostile.sh: skipped: needs root (network namespaces, veth)" >&2
   exit 77
 fi
-ensure_packages "${TEST_PACKAGES[@]}" iproute2 python3 util-linux
+ensure_packages iproute2 python3 util-linux
 for t in ip python3 taskset prlimit; do
   command -v "$t" >/dev/null || { echo "hostile.sh: skipped: $t unavailable" >&2; exit 77; }
 done

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
-ensure_packages "${TEST_PACKAGES[@]}" linux-perf jq
+ensure_packages linux-perf jq
 build_bins
 # About 11 min on a fast day (docs/testing.md); the VM gets 25.
 VM_TIMEOUT=${VM_TIMEOUT:-1500} run_in_vm "export BIN=$PWD/target/release SECS=${1:-5} INTEROP_BREAK_KK=${INTEROP_BREAK_KK:-} INTEROP_FULL=${INTEROP_FULL:-}" scripts/vm-guest-interop.sh

@@ -29,8 +29,11 @@ ensure_packages() {
 # The release rtrs and rtrs-perf that the test command's scripts run, with the
 # rdma backend: one build for all of them. Another package set or feature set
 # compiles rtrs-poll again and fat-LTO-links both binaries again (a minute or
-# two each on 2 cores). Needs TEST_PACKAGES (rdma-sys links libibverbs).
-build_bins() { cargo build --release -q --features rdma -p rtrs-cli -p rtrs-perf; }
+# two each on 2 cores). Installs TEST_PACKAGES first (rdma-sys links libibverbs).
+build_bins() {
+  ensure_packages "${TEST_PACKAGES[@]}"
+  cargo build --release -q --features rdma -p rtrs-cli -p rtrs-perf
+}
 
 # The toolchain comes from rustup; make sure fmt and clippy are there.
 ensure_rust() {

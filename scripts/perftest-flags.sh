@@ -7,6 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
-ensure_packages "${TEST_PACKAGES[@]}"
 build_bins
 exec scripts/vm.sh scripts/vm-guest-perftest.sh

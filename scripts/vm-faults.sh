@@ -56,7 +56,6 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 # Our binaries: built here, unless FAULT_BIN names a directory that has them.
 if [[ " ${cases[*]}" == *" ours-"* ]] && [ -z "${FAULT_BIN:-}" ]; then
-  ensure_packages "${TEST_PACKAGES[@]}"
   step "building rtrs and rtrs-perf with the rdma backend"
   build_bins
 fi

@@ -172,9 +172,10 @@ fio_jobs() { # DEV "RW:BS:QD ..." -> a line "RW BS QD IOPS" per job that ran wit
     jq -r '.jobs[] | select(.error == 0) | "\(.jobname | gsub(":"; " ")) \(.read.iops + .write.iops | floor)"'
 }
 ours_iops() { # ADDR DEVICE RW BS QD [CORES] -> IOPS
-  # With two cores, each keeps half the QD in flight (the same total).
-  local cores=${6:-0} qd=$5
-  [ "$cores" = 0 ] || qd=$(($5 / 2))
+  # Each core keeps its share of the QD in flight (the same total).
+  local cores=${6:-0} n
+  n=$(tr , '\n' <<< "$cores" | wc -l)
+  local qd=$(($5 / n))
   "$BIN/rtrs-perf" client --connect "rdma:$IP:$1" --rnbd-device "$2" --rw "$3" --bs "$4" --iodepth "$qd" \
     --cores "$cores" --runtime "$SECS" --size 32M --json 2>/dev/null | jq -r 'if .errors == 0 then .iops | floor else 0 end'
 }

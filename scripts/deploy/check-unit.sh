@@ -10,7 +10,6 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-ensure_packages "${TEST_PACKAGES[@]}"
 build_bins
 work=$(mktemp -d /tmp/rtrs-unit.XXXXXX)
 pid=
