@@ -5,7 +5,7 @@
 //!   core 1 ─┤ busy/idle accounted with the TSC, read lazily           syscalls or
 //!           │                                                         allocation
 //!           │ spsc / mpsc rings (bounded, Full(item) = back-pressure)
-//!   slow  ──┘ timers + control work (handshake, heartbeats, reconnects); may block
+//!   slow  ──┘ control work (handshake, heartbeats, reconnects), now passed in; waits bounded
 //!   Ctrl-C ──> Shutdown flag: cores stop taking work, drain, report
 //! ```
 //!
@@ -26,7 +26,7 @@ pub use crate::core::{
     run_core, run_core_live, Bell, CoreReport, CoreSched, CoreStats, Cores, LiveStats, Poller, Wake,
 };
 pub use shutdown::Shutdown;
-pub use slow::{Control, SlowLoop, SlowOpts, SlowPath, TimerId, Timers};
+pub use slow::{Control, SlowLoop, SlowOpts, SlowPath};
 
 /// A ring was full: the item comes back to the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

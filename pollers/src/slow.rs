@@ -1,128 +1,49 @@
-//! The slow-path thread: control work (handshakes, heartbeats, reconnects)
-//! with timers, fed by cores over an MPSC ring. Its logic lives in a
-//! [`Control`] driven with `now` passed in, so [`SlowLoop::step`] runs the same
-//! code under virtual time in tests; [`SlowPath::spawn`] just loops it on a
-//! thread (pinned to a housekeeping CPU when [`SlowOpts::cpu`] names one).
-//! Allocation is fine here; it is not on the cores. Waiting is bounded: a
-//! control never blocks longer than the wait it is given.
+//! The slow-path thread: control work (handshakes, heartbeats, reconnects),
+//! fed by cores and handles over an MPSC ring. The logic lives in a
+//! [`Control`] that never reads a clock and never blocks in [`Control::poll`]:
+//! `now` comes in, and [`Control::poll_timeout`] says when it wants to run
+//! again without new input. [`SlowLoop::step`] runs one turn at any `now`, so
+//! a test drives the same code under virtual time (a minute of protocol time
+//! in milliseconds, no sleeps); [`SlowPath::spawn`] loops it on a thread
+//! (pinned to a housekeeping CPU when [`SlowOpts::cpu`] names one), where the
+//! only wait is [`Control::wait`], bounded by the next deadline.
 //!
 //! ```text
-//!  cores ──mpsc──> step(now): messages -> due timers -> on_idle(now, wait)
-//!                  wait = min(max_wait, next timer, Control::deadline())
+//!  cores, handles ──mpsc──> step(now): messages -> Control::poll(now)
+//!  thread: loop { step(clock::now()); wait(min(max_wait, poll_timeout - now)) }
+//!  tests:  loop { step(t); t = next deadline }          (no thread, no wait)
 //! ```
 
 use crate::shutdown::Shutdown;
 use crate::{mpsc, PollersError};
 use minstant::Instant;
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
 use std::time::Duration;
-
-/// Identifies a scheduled timer (for cancelling).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TimerId(u64);
-
-/// Timers keyed by deadline.
-#[derive(Debug)]
-pub struct Timers<K> {
-    heap: BinaryHeap<Reverse<(Instant, TimerId)>>,
-    keys: std::collections::HashMap<TimerId, K>,
-    cancelled: HashSet<TimerId>,
-    next: u64,
-}
-
-impl<K> Default for Timers<K> {
-    fn default() -> Self {
-        Timers {
-            heap: BinaryHeap::new(),
-            keys: Default::default(),
-            cancelled: HashSet::new(),
-            next: 0,
-        }
-    }
-}
-
-impl<K> Timers<K> {
-    /// No timers.
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// Fires `key` at `at`.
-    pub fn schedule(&mut self, at: Instant, key: K) -> TimerId {
-        let id = TimerId(self.next);
-        self.next += 1;
-        self.heap.push(Reverse((at, id)));
-        self.keys.insert(id, key);
-        id
-    }
-    /// Cancels a timer (no effect if it already fired).
-    pub fn cancel(&mut self, id: TimerId) {
-        if self.keys.remove(&id).is_some() {
-            self.cancelled.insert(id);
-        }
-    }
-    /// The earliest pending deadline.
-    pub fn next_deadline(&mut self) -> Option<Instant> {
-        while let Some(Reverse((at, id))) = self.heap.peek().copied() {
-            if self.cancelled.remove(&id) {
-                self.heap.pop();
-                continue;
-            }
-            return Some(at);
-        }
-        None
-    }
-    /// Pops one timer due at `now`.
-    pub fn expire(&mut self, now: Instant) -> Option<K> {
-        loop {
-            let Reverse((at, id)) = *self.heap.peek()?;
-            if self.cancelled.remove(&id) {
-                self.heap.pop();
-                continue;
-            }
-            if at > now {
-                return None;
-            }
-            self.heap.pop();
-            return self.keys.remove(&id);
-        }
-    }
-    /// Pending timers.
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-    /// Whether none is pending.
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-}
 
 /// The control logic a slow path runs.
 pub trait Control: Send + 'static {
-    /// What cores send.
+    /// What cores and handles send.
     type Msg: Send + 'static;
-    /// What timers carry.
-    type Timer: Send + 'static;
-    /// A message from a core.
-    fn on_msg(&mut self, msg: Self::Msg, now: Instant, timers: &mut Timers<Self::Timer>);
-    /// A timer fired.
-    fn on_timer(&mut self, t: Self::Timer, now: Instant, timers: &mut Timers<Self::Timer>);
-    /// Once per loop: other input (a connection manager, say). May block up to
-    /// `max_wait`, and must not block longer.
-    fn on_idle(&mut self, now: Instant, max_wait: Duration, timers: &mut Timers<Self::Timer>) {
-        let _ = (now, timers);
-        std::thread::sleep(max_wait);
+    /// A message from a core or a handle.
+    fn on_msg(&mut self, msg: Self::Msg, now: Instant);
+    /// Everything else there is to do at `now` (input that has arrived,
+    /// deadlines that are due). Never blocks.
+    fn poll(&mut self, now: Instant);
+    /// When [`Control::poll`] has work without new input (`None`: only
+    /// when input arrives). A deadline at or before `now` means at once.
+    fn poll_timeout(&self) -> Option<Instant>;
+    /// Waits for input (a connection manager's next event, say) for at most
+    /// `max`; must not wait longer. Only the thread calls it; under virtual
+    /// time nothing waits.
+    fn wait(&mut self, max: Duration) {
+        std::thread::sleep(max);
     }
     /// The loop is stopping.
-    fn on_stop(&mut self) {}
-    /// The control's own next deadline (besides its timers): the loop's
-    /// wait never runs past it.
-    fn deadline(&self) -> Option<Instant> {
-        None
+    fn on_stop(&mut self, now: Instant) {
+        let _ = now;
     }
 }
 
-/// Longest the loop waits before looking at the core ring again, by default.
+/// Longest the loop waits before looking at its inbox again, by default.
 pub const MAX_WAIT: Duration = Duration::from_millis(1);
 
 /// How a slow-path thread runs.
@@ -152,8 +73,6 @@ impl Default for SlowOpts {
 pub struct SlowLoop<C: Control> {
     /// The control logic.
     pub control: C,
-    /// Its timers.
-    pub timers: Timers<C::Timer>,
     rx: mpsc::Receiver<C::Msg>,
 }
 
@@ -167,29 +86,22 @@ impl<C: Control> SlowLoop<C> {
     /// A loop fed by `rx` (for a control that holds senders of its own
     /// inbox, e.g. to hand them to cores).
     pub fn with_inbox(control: C, rx: mpsc::Receiver<C::Msg>) -> SlowLoop<C> {
-        SlowLoop {
-            control,
-            timers: Timers::new(),
-            rx,
-        }
+        SlowLoop { control, rx }
     }
 
-    /// One turn at `now`: messages, due timers, then idle work for at most
-    /// `max_wait` (capped by the next deadline).
-    pub fn step(&mut self, now: Instant, max_wait: Duration) {
-        let (control, timers) = (&mut self.control, &mut self.timers);
-        self.rx.pop_batch(256, |m| control.on_msg(m, now, timers));
-        while let Some(t) = self.timers.expire(now) {
-            self.control.on_timer(t, now, &mut self.timers);
-        }
-        let mut wait = max_wait;
-        for at in [self.timers.next_deadline(), self.control.deadline()]
-            .into_iter()
-            .flatten()
-        {
-            wait = wait.min(at.saturating_duration_since(now));
-        }
-        self.control.on_idle(now, wait, &mut self.timers);
+    /// One turn at `now`: the messages waiting, then the control's poll.
+    pub fn step(&mut self, now: Instant) {
+        let control = &mut self.control;
+        self.rx.pop_batch(256, |m| control.on_msg(m, now));
+        self.control.poll(now);
+    }
+
+    /// How long the thread may wait after a step at `now`: `max`, or less
+    /// when the control's next deadline comes sooner.
+    pub fn wait_for(&self, now: Instant, max: Duration) -> Duration {
+        self.control
+            .poll_timeout()
+            .map_or(max, |at| max.min(at.saturating_duration_since(now)))
     }
 }
 
@@ -218,7 +130,10 @@ impl<C: Control> SlowPath<C> {
         SlowPath::run(lp, tx, stop, opts)
     }
 
-    /// Runs an existing loop (whose inbox sender is `tx`) on a new thread.
+    /// Runs an existing loop (whose inbox sender is `tx`) on a new thread:
+    /// a step at the clock's time, then a wait until the next deadline (at
+    /// most `opts.max_wait`); a deadline already due yields the CPU once
+    /// instead of waiting.
     pub fn run(
         mut lp: SlowLoop<C>,
         tx: mpsc::Sender<C::Msg>,
@@ -235,9 +150,16 @@ impl<C: Control> SlowPath<C> {
                     }
                 }
                 while !stop2.is_set() {
-                    lp.step(Instant::now(), opts.max_wait);
+                    let now = crate::clock::now();
+                    lp.step(now);
+                    let wait = lp.wait_for(now, opts.max_wait);
+                    if wait.is_zero() {
+                        std::thread::yield_now();
+                    } else {
+                        lp.control.wait(wait);
+                    }
                 }
-                lp.control.on_stop();
+                lp.control.on_stop(crate::clock::now());
                 lp.control
             })
             .map_err(PollersError::Spawn)?;
@@ -266,54 +188,61 @@ impl<C: Control> SlowPath<C> {
 mod tests {
     use super::*;
 
-    #[derive(Default)]
+    /// A heartbeat every 5 s, and the messages it was sent.
     struct Log {
         events: Vec<String>,
+        next_beat: Instant,
     }
 
     impl Control for Log {
         type Msg = u32;
-        type Timer = &'static str;
-        fn on_msg(&mut self, m: u32, _now: Instant, timers: &mut Timers<&'static str>) {
+        fn on_msg(&mut self, m: u32, _now: Instant) {
             self.events.push(format!("msg {m}"));
-            if m == 1 {
-                // e.g. a heartbeat timer armed by a core's report
-                let _ = timers;
+        }
+        fn poll(&mut self, now: Instant) {
+            if now >= self.next_beat {
+                self.events.push("beat".into());
+                self.next_beat = now + Duration::from_secs(5);
             }
         }
-        fn on_timer(&mut self, t: &'static str, now: Instant, timers: &mut Timers<&'static str>) {
-            self.events.push(format!("timer {t}"));
-            if t == "hb" {
-                timers.schedule(now + Duration::from_secs(5), "hb");
-            }
+        fn poll_timeout(&self) -> Option<Instant> {
+            Some(self.next_beat)
         }
-        fn on_idle(&mut self, _now: Instant, _max: Duration, _t: &mut Timers<&'static str>) {}
+        fn wait(&mut self, _max: Duration) {}
     }
 
     #[test]
-    fn virtual_time_timers_and_messages() {
+    fn virtual_time_deadlines_and_messages() {
         let t0 = Instant::now();
-        let (mut lp, tx) = SlowLoop::new(Log::default(), 8);
-        lp.timers.schedule(t0 + Duration::from_secs(5), "hb");
-        let c = lp.timers.schedule(t0 + Duration::from_secs(1), "cancelled");
-        lp.timers.cancel(c);
+        let log = Log {
+            events: Vec::new(),
+            next_beat: t0 + Duration::from_secs(5),
+        };
+        let (mut lp, tx) = SlowLoop::new(log, 8);
         tx.push(7).unwrap();
-        lp.step(t0, MAX_WAIT);
+        lp.step(t0);
         assert_eq!(lp.control.events, ["msg 7"]);
-        for s in 1..=16 {
-            lp.step(t0 + Duration::from_secs(s), MAX_WAIT);
-        }
-        // Fired at 5, 10 and 15 s, re-armed each time; the cancelled one never.
         assert_eq!(
-            lp.control.events,
-            ["msg 7", "timer hb", "timer hb", "timer hb"]
+            lp.wait_for(t0, Duration::from_secs(60)),
+            Duration::from_secs(5)
         );
-        assert_eq!(lp.timers.len(), 1);
+        assert_eq!(lp.wait_for(t0, MAX_WAIT), MAX_WAIT);
+        for s in 1..=16 {
+            lp.step(t0 + Duration::from_secs(s));
+        }
+        // Beats at 5, 10 and 15 s.
+        assert_eq!(lp.control.events, ["msg 7", "beat", "beat", "beat"]);
+        let at = t0 + Duration::from_secs(20);
+        assert_eq!(lp.wait_for(at, MAX_WAIT), Duration::ZERO);
     }
 
     #[test]
     fn the_thread_runs_and_stops() {
-        let sp = SlowPath::spawn(Log::default(), 8, Shutdown::new()).unwrap();
+        let log = Log {
+            events: Vec::new(),
+            next_beat: Instant::now() + Duration::from_secs(3600),
+        };
+        let sp = SlowPath::spawn(log, 8, Shutdown::new()).unwrap();
         let tx = sp.sender();
         tx.push(1).unwrap();
         tx.push(2).unwrap();

@@ -3,9 +3,9 @@
 //! embedder's core); no lock, no allocation per IO.
 
 use super::con::{CltCon, WR_HB, WR_IO, WR_KIND, WR_RECV};
-use super::ctl::CtlMsg;
+use super::msg::{CoreMsg, CtlMsg, Req};
 use super::path::{bump, CltPath};
-use super::{CltError, CltSess, IoPermit, PathMem};
+use super::{CltError, CltSess, Dir, IoPermit, PathMem, MAX_SG};
 use crate::fabric::{Fabric, Mr, SendWr, Sge, Wc, WcOpcode, WcStatus};
 use crate::proto::chunk;
 use crate::proto::imm::Imm;
@@ -17,15 +17,6 @@ use crate::sess::DownReason;
 use minstant::Instant;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
-/// Direction of a client IO.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dir {
-    /// Data to the server.
-    Write,
-    /// Data from the server.
-    Read,
-}
 
 /// A finished IO.
 #[derive(Debug)]
@@ -44,26 +35,6 @@ pub struct Completion {
     /// When it was submitted.
     pub start: Instant,
 }
-
-#[derive(Clone, Copy)]
-pub(crate) struct Req {
-    active: bool,
-    dir: Dir,
-    len: u32,
-    usr_len: u16,
-    need_inval: bool,
-    tag: u64,
-    start: Instant,
-    /// The submitter (another thread) to hand the completion to.
-    remote: Option<u8>,
-    /// A write's data in the caller's registered memory (`sg_n` entries);
-    /// none: the permit's buffer.
-    sg: [Sge; MAX_SG],
-    sg_n: u8,
-}
-
-/// Most scatter-gather entries of one write's data.
-pub const MAX_SG: usize = 8;
 
 /// A request from another thread. Its user header is already in the
 /// permit's header slot (the submitter holds the permit, so the slot is
@@ -221,45 +192,6 @@ impl<F: Fabric> Submitter<F> {
         }
         n
     }
-}
-
-/// Messages from the control thread to a core.
-pub(crate) enum CoreMsg<F: Fabric> {
-    /// A path in slot `slot`, with its request table (allocated by the
-    /// control thread, so the core never allocates).
-    AddPath {
-        slot: usize,
-        path: Arc<CltPath>,
-        /// The session's memory on the path's device.
-        mem: Arc<PathMem<F>>,
-        /// That device is the first path's (where `Client::reg_buf`
-        /// memory is registered, so a gathered write may go there).
-        first_device: bool,
-        reqs: Box<[Req]>,
-    },
-    /// The path's connection for this core (after a (re)connect).
-    Con(usize, CltCon<F>),
-    /// The path is being torn down: drop its connection, fail its IO over.
-    Drop(usize),
-    /// The path is gone for good: drop it and forget the slot.
-    Remove(usize),
-}
-
-/// A request table for one path on one core: every permit idle.
-pub(crate) fn req_table(queue_depth: u32) -> Box<[Req]> {
-    let idle = Req {
-        active: false,
-        dir: Dir::Write,
-        len: 0,
-        usr_len: 0,
-        need_inval: false,
-        tag: 0,
-        start: Instant::now(),
-        remote: None,
-        sg: [Sge::default(); MAX_SG],
-        sg_n: 0,
-    };
-    vec![idle; queue_depth as usize].into_boxed_slice()
 }
 
 const WC_BATCH: usize = 32;

@@ -18,9 +18,11 @@
 mod con;
 mod core;
 mod ctl;
+mod machine;
+mod msg;
 mod path;
 
-pub use self::core::{CltCore, Completion, Dir, Submitter, MAX_SG};
+pub use self::core::{CltCore, Completion, Submitter};
 pub use crate::sess::path::{PathState, ReconnectPolicy};
 pub use crate::sess::DownReason;
 pub use path::{CltPath, CoreStats, PathId, PathStats};
@@ -29,11 +31,24 @@ use crate::fabric::{Access, Address, Fabric, FabricError, Memory, Mr, Pd};
 use crate::proto::imm::ImmLayout;
 use crate::proto::{ProtoError, NAME_MAX};
 use crate::sess::mp_policy::MpPolicy;
-use ctl::{CltControl, Cmd, CtlMsg, Shared};
+use ctl::{CltControl, Shared};
 use minstant::Instant;
+use msg::{Cmd, CtlMsg};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Direction of a client IO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Data to the server.
+    Write,
+    /// Data from the server.
+    Read,
+}
+
+/// Most scatter-gather entries of one write's data.
+pub const MAX_SG: usize = 8;
 
 /// A permit: the right to one IO in flight, and the server chunk (and local
 /// buffer) it uses. Not `Copy` or `Clone`: whoever holds it owns the buffer;
@@ -465,7 +480,7 @@ impl<F: Fabric> Client<F> {
         ))
     }
 
-    fn call<T>(&self, make: impl FnOnce(ctl::Reply<T>) -> Cmd) -> Result<T, CltError> {
+    fn call<T>(&self, make: impl FnOnce(msg::Reply<T>) -> Cmd) -> Result<T, CltError> {
         let (rtx, rrx) = std::sync::mpsc::sync_channel(1);
         self.tx
             .push(CtlMsg::Cmd(make(rtx)))

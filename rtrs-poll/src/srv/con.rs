@@ -207,6 +207,11 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         self.watching = on;
     }
 
+    /// Whether the control thread polls closely now.
+    pub(crate) fn watching(&self) -> bool {
+        self.watching
+    }
+
     fn on_peer_hb(&mut self) {
         self.hb_locked = self.watching;
         let now = pollers::clock::now();

@@ -119,6 +119,10 @@ pub(crate) struct SrvControl<F: Fabric, H: Handler> {
     pool: Option<Arc<mempool::ChunkPool<F::Mr>>>,
     /// New sessions are getting memory of their own (the pool is taken).
     pool_overflowing: bool,
+    /// A CM event that ended the last wait, taken at the next step.
+    woke_by: Option<CmEvent>,
+    /// The time of the last step.
+    now: Instant,
 }
 
 /// Counts a pool slab in use while the session's chunks live (they outlive
@@ -181,6 +185,8 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             log_gate: HashMap::new(),
             pool: None,
             pool_overflowing: false,
+            woke_by: None,
+            now: Instant::now(),
         }
         .with_pool()
     }
@@ -298,7 +304,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         // A flood is not a flood of log lines: one line per kind per
         // second, then how many more there were (every one is counted and
         // reaches the event subscribers).
-        let now = Instant::now();
+        let now = self.now;
         let gate = self.log_gate.entry(r.kind).or_insert((now, 0));
         if now.saturating_duration_since(gate.0) >= REFUSAL_LOG_EVERY || gate.1 == 0 {
             let more = gate.1.saturating_sub(1);
@@ -444,28 +450,25 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         }
     }
 
-    /// One pass: CM events (the first waited for up to `wait`), cid 0 of
-    /// every path, closing paths.
-    fn step(&mut self, now: Instant, wait: Duration) {
-        let mut wait = wait;
+    /// One pass: CM events (the one that ended the last wait first), cid 0
+    /// of every path, closing paths.
+    fn step(&mut self, now: Instant) {
+        if let Some(ev) = self.woke_by.take() {
+            self.on_cm_event(ev);
+        }
         loop {
-            match self.cm.poll_event(wait) {
-                Ok(Some(ev)) => {
-                    self.on_cm_event(ev);
-                    wait = Duration::ZERO;
-                }
+            match self.cm.poll_event(Duration::ZERO) {
+                Ok(Some(ev)) => self.on_cm_event(ev),
                 Ok(None) => break,
                 Err(e) => {
                     if !self.cm_failing {
                         self.cm_failing = true;
                         tracing::warn!("server CM: {e}");
                     }
-                    std::thread::sleep(wait);
                     break;
                 }
             }
         }
-        let now = now.max(Instant::now());
         let mut newly_up = Vec::new();
         for con in &mut self.service {
             let was = con.path.state();
@@ -969,9 +972,8 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
 
 impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
     type Msg = SrvMsg;
-    type Timer = ();
 
-    fn on_msg(&mut self, msg: SrvMsg, _now: Instant, _timers: &mut pollers::Timers<()>) {
+    fn on_msg(&mut self, msg: SrvMsg, _now: Instant) {
         match msg {
             SrvMsg::Listen(addr, reply) => {
                 let r = self.cm.listen(&addr).map_err(SrvError::from).map(|id| {
@@ -989,28 +991,35 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
         }
     }
 
-    fn on_timer(&mut self, _t: (), _now: Instant, _timers: &mut pollers::Timers<()>) {}
-
-    fn on_idle(&mut self, now: Instant, wait: Duration, _timers: &mut pollers::Timers<()>) {
+    fn poll(&mut self, now: Instant) {
+        self.now = now;
         // A client's beat about to land: answer it as it comes (its RTT
         // steers the client's min-latency), not at the next tick.
-        let mut watching = false;
         for c in &mut self.service {
             let on = c
                 .peer_hb_window()
                 .is_some_and(|(from, to)| from <= now && now <= to);
             c.set_watching(on);
-            watching |= on;
         }
-        if watching {
-            self.step(now, Duration::ZERO);
-            std::thread::yield_now();
-        } else {
-            self.step(now, wait);
+        self.step(now);
+    }
+
+    fn wait(&mut self, max: Duration) {
+        match self.cm.poll_event(max) {
+            Ok(Some(ev)) => self.woke_by = Some(ev),
+            Ok(None) => {}
+            Err(e) => {
+                if !self.cm_failing {
+                    self.cm_failing = true;
+                    tracing::warn!("server CM: {e}");
+                }
+                std::thread::sleep(max);
+            }
         }
     }
 
-    fn on_stop(&mut self) {
+    fn on_stop(&mut self, now: Instant) {
+        self.now = now;
         for s in self.sessions.values() {
             for p in &s.paths {
                 p.close(DownReason::SessionClosed);
@@ -1019,11 +1028,14 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
         self.reap();
     }
 
-    fn deadline(&self) -> Option<Instant> {
-        let now = Instant::now();
+    fn poll_timeout(&self) -> Option<Instant> {
+        let now = self.now;
         if !self.unplaced.is_empty() {
             // A core's inbox was full: offer again soon.
             return Some(now + UNPLACED_RETRY);
+        }
+        if self.service.iter().any(|c| c.watching()) {
+            return Some(now);
         }
         let beats = self.service.iter().filter_map(SrvCon::hb_deadline);
         let watch = self
