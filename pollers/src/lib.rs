@@ -26,7 +26,7 @@ pub use crate::core::{
     run_core, run_core_live, Bell, CoreReport, CoreSched, CoreStats, Cores, LiveStats, Poller, Wake,
 };
 pub use shutdown::Shutdown;
-pub use slow::{Control, SlowLoop, SlowOpts, SlowPath};
+pub use slow::{Control, SlowLoop, SlowOpts, SlowPath, Stepper};
 
 /// A ring was full: the item comes back to the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -26,8 +26,10 @@ pub trait Control: Send + 'static {
     /// A message from a core or a handle.
     fn on_msg(&mut self, msg: Self::Msg, now: Instant);
     /// Everything else there is to do at `now` (input that has arrived,
-    /// deadlines that are due). Never blocks.
-    fn poll(&mut self, now: Instant);
+    /// deadlines that are due). Never blocks. Returns the work it did
+    /// (events taken, completions polled, actions done; 0: nothing
+    /// happened), which a stepping loop reads as "more may follow at once".
+    fn poll(&mut self, now: Instant) -> usize;
     /// When [`Control::poll`] has work without new input (`None`: only
     /// when input arrives). A deadline at or before `now` means at once.
     fn poll_timeout(&self) -> Option<Instant>;
@@ -89,11 +91,16 @@ impl<C: Control> SlowLoop<C> {
         SlowLoop { control, rx }
     }
 
-    /// One turn at `now`: the messages waiting, then the control's poll.
-    pub fn step(&mut self, now: Instant) {
+    /// One turn at `now`: the messages waiting, then the control's poll;
+    /// returns the messages taken and the work done.
+    pub fn step(&mut self, now: Instant) -> usize {
         let control = &mut self.control;
-        self.rx.pop_batch(256, |m| control.on_msg(m, now));
-        self.control.poll(now);
+        let mut msgs = 0;
+        self.rx.pop_batch(256, |m| {
+            msgs += 1;
+            control.on_msg(m, now)
+        });
+        msgs + self.control.poll(now)
     }
 
     /// How long the thread may wait after a step at `now`: `max`, or less
@@ -102,6 +109,79 @@ impl<C: Control> SlowLoop<C> {
         self.control
             .poll_timeout()
             .map_or(max, |at| max.min(at.saturating_duration_since(now)))
+    }
+}
+
+/// A control plane that no thread of its own runs: its embedder steps it
+/// (from its own event loop, or under virtual time in a test). Made by the
+/// `*_stepped` constructors of the crates above; stopping it (or dropping
+/// it) runs the control's stop.
+pub struct Stepper {
+    lp: Option<Box<dyn Steppable>>,
+}
+
+trait Steppable: Send {
+    fn step(&mut self, now: Instant) -> usize;
+    fn poll_timeout(&self) -> Option<Instant>;
+    fn stop(&mut self, now: Instant);
+}
+
+impl<C: Control> Steppable for SlowLoop<C> {
+    fn step(&mut self, now: Instant) -> usize {
+        SlowLoop::step(self, now)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.control.poll_timeout()
+    }
+    fn stop(&mut self, now: Instant) {
+        self.control.on_stop(now);
+    }
+}
+
+impl std::fmt::Debug for Stepper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stepper")
+    }
+}
+
+impl Stepper {
+    /// A stepper over `lp`.
+    pub fn new<C: Control>(lp: SlowLoop<C>) -> Stepper {
+        Stepper {
+            lp: Some(Box::new(lp)),
+        }
+    }
+
+    /// One turn at `now` (never blocks); returns the work done (0:
+    /// nothing happened, the control waits for input or its deadline).
+    pub fn step(&mut self, now: Instant) -> usize {
+        self.lp.as_mut().map_or(0, |l| l.step(now))
+    }
+
+    /// When the next step has work without new input.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.lp.as_ref().and_then(|l| l.poll_timeout())
+    }
+
+    /// Stops the control at `now` (what its thread does on shutdown).
+    pub fn stop(mut self, now: Instant) {
+        if let Some(mut l) = self.lp.take() {
+            l.stop(now);
+        }
+    }
+
+    /// Drops the control without stopping it: what a killed process leaves
+    /// (its connections vanish; nothing is closed in order).
+    pub fn abort(mut self) {
+        drop(self.lp.take());
+    }
+}
+
+impl Drop for Stepper {
+    fn drop(&mut self) {
+        if let Some(mut l) = self.lp.take() {
+            l.stop(crate::clock::now());
+        }
     }
 }
 
@@ -151,7 +231,10 @@ impl<C: Control> SlowPath<C> {
                 }
                 while !stop2.is_set() {
                     let now = crate::clock::now();
-                    lp.step(now);
+                    if lp.step(now) > 0 {
+                        // More may follow at once (a reply to what was sent).
+                        continue;
+                    }
                     let wait = lp.wait_for(now, opts.max_wait);
                     if wait.is_zero() {
                         std::thread::yield_now();
@@ -199,11 +282,13 @@ mod tests {
         fn on_msg(&mut self, m: u32, _now: Instant) {
             self.events.push(format!("msg {m}"));
         }
-        fn poll(&mut self, now: Instant) {
-            if now >= self.next_beat {
-                self.events.push("beat".into());
-                self.next_beat = now + Duration::from_secs(5);
+        fn poll(&mut self, now: Instant) -> usize {
+            if now < self.next_beat {
+                return 0;
             }
+            self.events.push("beat".into());
+            self.next_beat = now + Duration::from_secs(5);
+            1
         }
         fn poll_timeout(&self) -> Option<Instant> {
             Some(self.next_beat)

@@ -229,11 +229,18 @@ impl<F: Fabric> CltControl<F> {
         self.slots.get_mut(slot).and_then(Option::as_mut)
     }
 
-    /// Does the machine's actions until it has none.
-    fn run(&mut self, now: Instant) {
+    /// Does the machine's actions until it has none; returns how many
+    /// (a state published counts for nothing: it is no news).
+    fn run(&mut self, now: Instant) -> usize {
+        let mut n = 0;
         while let Some(a) = self.m.poll_action() {
+            n += usize::from(!matches!(
+                a,
+                CltAction::Publish { .. } | CltAction::HbMissed { .. }
+            ));
             self.exec(a, now);
         }
+        n
     }
 
     fn exec(&mut self, a: CltAction, now: Instant) {
@@ -673,11 +680,11 @@ impl<F: Fabric> CltControl<F> {
 
     /// Polls path `slot`'s cid 0: INFO_RSP while connecting, heartbeats
     /// and their acks while up; each goes to the machine.
-    fn poll_svc(&mut self, slot: usize, now: Instant) {
+    fn poll_svc(&mut self, slot: usize, now: Instant) -> usize {
         let Some(p) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
-            return;
+            return 0;
         };
-        let Some(svc) = p.svc.as_mut() else { return };
+        let Some(svc) = p.svc.as_mut() else { return 0 };
         let n = svc.poll(&mut self.wcs);
         let qd = self.sess.as_ref().map_or(0, |s| s.queue_depth);
         for i in 0..n {
@@ -722,7 +729,7 @@ impl<F: Fabric> CltControl<F> {
             self.m
                 .svc_imm(slot, Imm::decode_clt(wc.imm).map_err(|_| ()), now);
         }
-        self.run(now);
+        n + self.run(now)
     }
 
     fn cm_error(&mut self, e: crate::fabric::FabricError) {
@@ -773,16 +780,17 @@ impl<F: Fabric> pollers::Control for CltControl<F> {
         }
     }
 
-    fn poll(&mut self, now: Instant) {
+    fn poll(&mut self, now: Instant) -> usize {
+        let mut work = 0;
         if let Some(ev) = self.woke_by.take() {
             self.m.handle_cm(ev, now);
-            self.run(now);
+            work += 1 + self.run(now);
         }
         loop {
             match self.cm.poll_event(Duration::ZERO) {
                 Ok(Some(ev)) => {
                     self.m.handle_cm(ev, now);
-                    self.run(now);
+                    work += 1 + self.run(now);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -792,7 +800,7 @@ impl<F: Fabric> pollers::Control for CltControl<F> {
             }
         }
         for slot in 0..self.slots.len() {
-            self.poll_svc(slot, now);
+            work += self.poll_svc(slot, now);
             let recvs = self
                 .slot(slot)
                 .and_then(|s| s.shared.as_ref())
@@ -802,15 +810,16 @@ impl<F: Fabric> pollers::Control for CltControl<F> {
             }
         }
         self.m.poll(now);
-        self.run(now);
+        work += self.run(now);
         // Once more: a software fabric sends what was just posted (a beat,
         // an ack, INFO_REQ) when its CQ is polled, and the loop may wait next.
         for slot in 0..self.slots.len() {
-            self.poll_svc(slot, now);
+            work += self.poll_svc(slot, now);
         }
         for c in &mut self.cores {
             c.flush();
         }
+        work
     }
 
     fn poll_timeout(&self) -> Option<Instant> {

@@ -32,7 +32,6 @@ use crate::proto::imm::ImmLayout;
 use crate::proto::{ProtoError, NAME_MAX};
 use crate::sess::mp_policy::MpPolicy;
 use ctl::{CltControl, Shared};
-use minstant::Instant;
 use msg::{Cmd, CtlMsg};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -398,6 +397,67 @@ impl<F: Fabric> std::fmt::Debug for Client<F> {
     }
 }
 
+/// A session being opened by a control the caller steps
+/// ([`Client::open_stepped`]).
+pub struct Opening<F: Fabric> {
+    sessname: String,
+    control_cpu: Option<usize>,
+    tx: pollers::mpsc::Sender<CtlMsg<F>>,
+    shared: Arc<Shared>,
+    /// Set when the open failed: the control has nothing left to do.
+    stop: pollers::Shutdown,
+    reply: std::sync::mpsc::Receiver<Result<ctl::Opened<F>, CltError>>,
+}
+
+impl<F: Fabric> std::fmt::Debug for Opening<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Opening({})", self.sessname)
+    }
+}
+
+impl<F: Fabric> Opening<F> {
+    /// The handle and the cores once every path is up, the error when the
+    /// open failed; `None` while it goes on (step the control).
+    #[allow(clippy::type_complexity)]
+    pub fn poll(&mut self) -> Option<Result<(Client<F>, Vec<CltCore<F>>), CltError>> {
+        match self.reply.try_recv() {
+            Ok(Ok(o)) => Some(Ok(self.take(o))),
+            Ok(Err(e)) => Some(Err(e)),
+            Err(std::sync::mpsc::TryRecvError::Empty) => None,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(Err(CltError::Gone)),
+        }
+    }
+
+    fn take(&self, o: ctl::Opened<F>) -> (Client<F>, Vec<CltCore<F>>) {
+        let (sess, mut cores) = o;
+        let now = pollers::clock::now();
+        for c in &mut cores {
+            c.absorb(now);
+        }
+        (
+            Client {
+                geo_new_rkey: sess.new_rkey,
+                sess,
+                sessname: self.sessname.clone(),
+                tx: self.tx.clone(),
+                shared: self.shared.clone(),
+                slow: None,
+            },
+            cores,
+        )
+    }
+
+    fn finish(
+        self,
+        o: ctl::Opened<F>,
+        slow: Option<pollers::SlowPath<CltControl<F>>>,
+    ) -> (Client<F>, Vec<CltCore<F>>) {
+        let (mut c, cores) = self.take(o);
+        c.slow = slow;
+        (c, cores)
+    }
+}
+
 fn random_seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -411,6 +471,42 @@ impl<F: Fabric> Client<F> {
     /// control thread, and returns the handle and one [`CltCore`] per core,
     /// to be moved to the core threads.
     pub fn open(fabric: &F, cfg: CltConfig) -> Result<(Client<F>, Vec<CltCore<F>>), CltError> {
+        let (lp, pending) = Client::start(fabric, cfg)?;
+        let opts = pollers::SlowOpts {
+            name: format!("rtrs-clt-{}", pending.sessname),
+            cpu: pending.control_cpu,
+            max_wait: crate::sess::CONTROL_TICK,
+        };
+        let slow = pollers::SlowPath::run(lp, pending.tx.clone(), pending.stop.clone(), opts)
+            .map_err(|_| CltError::Config("cannot start the control thread"))?;
+        let opened = pending.reply.recv().unwrap_or(Err(CltError::Gone));
+        match opened {
+            Ok(o) => Ok(pending.finish(o, Some(slow))),
+            Err(e) => {
+                slow.stop();
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Client::open`] without a control thread: the returned
+    /// [`pollers::Stepper`] is the session's control, stepped by the caller
+    /// with `now` (an embedder's own event loop, or virtual time in tests);
+    /// [`Opening::poll`] says when the open is done. Commands on the handle
+    /// wait for the control's answer: call them from another thread than
+    /// the one that steps it.
+    pub fn open_stepped(
+        fabric: &F,
+        cfg: CltConfig,
+    ) -> Result<(Opening<F>, pollers::Stepper), CltError> {
+        let (lp, pending) = Client::start(fabric, cfg)?;
+        Ok((pending, pollers::Stepper::new(lp)))
+    }
+
+    fn start(
+        fabric: &F,
+        cfg: CltConfig,
+    ) -> Result<(pollers::SlowLoop<CltControl<F>>, Opening<F>), CltError> {
         if cfg.sessname.is_empty()
             || cfg.sessname.len() >= NAME_MAX
             || cfg.sessname.contains(['/', '.'])
@@ -444,39 +540,19 @@ impl<F: Fabric> Client<F> {
             tx.clone(),
             stop.clone(),
             reply_tx,
-            Instant::now(),
+            pollers::clock::now(),
         );
         let lp = pollers::SlowLoop::with_inbox(control, rx);
-        let opts = pollers::SlowOpts {
-            name: format!("rtrs-clt-{}", cfg.sessname),
-            cpu: cfg.control_cpu,
-            max_wait: crate::sess::CONTROL_TICK,
-        };
-        let slow = pollers::SlowPath::run(lp, tx.clone(), stop, opts)
-            .map_err(|_| CltError::Config("cannot start the control thread"))?;
-        let opened = reply_rx.recv().unwrap_or(Err(CltError::Gone));
-        let (sess, mut cores) = match opened {
-            Ok(o) => o,
-            Err(e) => {
-                slow.stop();
-                return Err(e);
-            }
-        };
-        let now = Instant::now();
-        for c in &mut cores {
-            c.absorb(now);
-        }
-        let geo_new_rkey = sess.new_rkey;
         Ok((
-            Client {
-                sess,
-                geo_new_rkey,
+            lp,
+            Opening {
                 sessname: cfg.sessname,
+                control_cpu: cfg.control_cpu,
                 tx,
                 shared,
-                slow: Some(slow),
+                stop,
+                reply: reply_rx,
             },
-            cores,
         ))
     }
 

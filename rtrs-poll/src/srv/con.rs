@@ -212,9 +212,8 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         self.watching
     }
 
-    fn on_peer_hb(&mut self) {
+    fn on_peer_hb(&mut self, now: Instant) {
         self.hb_locked = self.watching;
-        let now = pollers::clock::now();
         let period = self.peer_hb.map(|(last, period)| {
             let d = now.saturating_duration_since(last);
             // A smoothed period: one late beat does not move it much.
@@ -241,10 +240,10 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         // The core's clock is lazy (its `now` may be some idle iterations
         // old): completions, whose requests are stamped for the latency
         // histogram, get a fresh read; a poll that finds none reads none.
-        let now = if n > 0 { pollers::clock::now() } else { now };
+        let stamp = if n > 0 { pollers::clock::now() } else { now };
         for i in 0..n {
             let wc = self.wcs[i];
-            self.on_wc(wc, now);
+            self.on_wc(wc, now, stamp);
             if self.done {
                 return n;
             }
@@ -331,7 +330,9 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         self.qp.post_send(&wr)
     }
 
-    fn on_wc(&mut self, wc: Wc, now: Instant) {
+    /// A completion, at `now` (the protocol's time: heartbeats) with
+    /// requests stamped `stamp` (a fresh clock read, for their latency).
+    fn on_wc(&mut self, wc: Wc, now: Instant, stamp: Instant) {
         if wc.status != WcStatus::Success {
             if self.path.state() < PathState::Closing {
                 self.close(DownReason::Completion {
@@ -350,12 +351,12 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
                     return self.local(format!("cannot repost a receive: {e}"));
                 }
                 match self.path.layout.decode_srv(wc.imm) {
-                    Ok(Imm::IoReq { buf_id, off }) => self.on_request(buf_id, off, now),
+                    Ok(Imm::IoReq { buf_id, off }) => self.on_request(buf_id, off, stamp),
                     Ok(Imm::HbMsg) => {
                         if let Err(e) = self.post(hb_wr(WR_HB, true)) {
                             self.local(format!("cannot ack a heartbeat: {e}"));
                         }
-                        self.on_peer_hb();
+                        self.on_peer_hb(now);
                     }
                     Ok(Imm::HbAck) => {
                         if let Some(hb) = self.hb.as_mut() {

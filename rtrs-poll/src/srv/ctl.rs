@@ -1,24 +1,30 @@
-//! The server's control thread: CM events (connect checks, accepts,
-//! rejects), every path's cid 0 (INFO_REQ, heartbeats), and closing paths
-//! (their connections disconnected, a session dropped with its last path).
-//! IO connections go to the embedder's cores through `place`. The only wait
-//! is the CM's bounded wait for its next event.
+//! The server's control driver: the I/O half of the server's control
+//! thread. It owns the CM, the listeners, the chunk memory (the pool and
+//! each session's), each path's registrations and connections (cid 0 polled
+//! here, IO connections handed to the embedder's cores through `place`);
+//! the decisions (admission, closing, reaping, events) are
+//! [`SrvMachine`]'s. Every step feeds the machine what arrived (CM events,
+//! the paths' states as their connections set them) and does the actions
+//! it gives, each result reported back before the next. It reads no clock:
+//! `now` comes from the loop that steps it (the control thread's, or a
+//! test's virtual one); its only wait is the CM's bounded wait for its next
+//! event.
 //!
 //! ```text
-//!  CM ──events──> SrvControl ── accept: cid 0 kept here, IO cids -> place(cid, con)
-//!  Server handle ──SrvMsg──┘    reap: Closing paths -> disconnect -> Closed -> SrvEvent
+//!  CM ──events──> SrvMachine ──Accept(plan)──> driver: memory, MRs, con, accept
+//!  Server handle ──SrvMsg──┘  └─Close / Disconnect / Closed / DropSession / Emit
+//!  cid 0 of each path: polled here (INFO_REQ, heartbeat)   IO cids -> place(cid, con)
 //! ```
 
+use super::admit::{refused, Memory as MemView, Refused};
 use super::con::{SrvCon, RKEY_RSP_LEN};
+use super::machine::{Plan, Request, SrvAction, SrvMachine};
 use super::path::{PathState, SrvPath};
-use super::{ClosedPath, ConInfo, Handler, Place, Refusal, SrvConfig, SrvError, SrvEvent};
-use crate::fabric::{
-    memory, Access, Address, Cm, CmEvent, CmRefusal, ConnId, Fabric, Mr, Pd, QpCap,
-};
+use super::{ConInfo, Handler, Place, Refusal, SrvConfig, SrvError, SrvEvent};
+use crate::fabric::{memory, Access, Address, Cm, CmEvent, ConnId, Fabric, Mr, Pd, QpCap};
 use crate::proto::imm::ImmLayout;
 use crate::proto::{
-    ConnReq, ConnReqRepr, ConnRspRepr, MAX_HDR_SIZE, MAX_PATHS_NUM, PRIVATE_DATA_LEN,
-    SERVICE_CON_QUEUE_DEPTH,
+    ConnReqRepr, ConnRspRepr, MAX_HDR_SIZE, PRIVATE_DATA_LEN, SERVICE_CON_QUEUE_DEPTH,
 };
 use crate::sess::DownReason;
 use minstant::Instant;
@@ -64,34 +70,18 @@ impl<F: Fabric> Default for Shared<F> {
     }
 }
 
-struct Sess<F: Fabric> {
-    /// The source host of the connect that made it.
-    host: String,
-    /// Chunk memory it holds (bytes), under the memory budget.
-    bytes: u64,
-    /// Whether that memory is a slab of the preallocated chunk pool (else
-    /// a region of its own).
-    pooled: bool,
+/// A session's chunk memory.
+struct SessMem {
     mem: Arc<dyn crate::fabric::Memory>,
     /// The session's chunks, claimed one request at a time.
     chunks: Arc<mempool::Claims>,
-    paths: Vec<Arc<SrvPath<F>>>,
 }
-
-struct ConRef {
-    paths_uuid: [u8; 16],
-    path: usize,
-    cid: u16,
-}
-
-/// At most one refusal log line per kind this often.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// How soon the control thread offers a connection again to a core whose
 /// inbox was full.
 const UNPLACED_RETRY: Duration = Duration::from_millis(1);
 
-/// The server's control state, run by its slow-path thread.
+/// The server's control: [`SrvMachine`] and the I/O it asks for.
 pub(crate) struct SrvControl<F: Fabric, H: Handler> {
     pub(crate) pd: F::Pd,
     pub(crate) cm: F::Cm,
@@ -99,11 +89,12 @@ pub(crate) struct SrvControl<F: Fabric, H: Handler> {
     pub(crate) layout: ImmLayout,
     pub(crate) make_handler: Box<dyn FnMut(&ConInfo) -> H + Send>,
     pub(crate) place: Place,
-    sessions: HashMap<[u8; 16], Sess<F>>,
+    m: SrvMachine,
+    sessions: HashMap<[u8; 16], SessMem>,
+    paths: HashMap<u64, Arc<SrvPath<F>>>,
     /// What each listener listens on: a path's PD is on that address's
     /// device.
     listeners: HashMap<ConnId, Address>,
-    cons: HashMap<ConnId, ConRef>,
     service: Vec<SrvCon<F, H>>,
     /// IO connections a core could not take yet (its inbox was full),
     /// offered again at every step, in order.
@@ -112,9 +103,6 @@ pub(crate) struct SrvControl<F: Fabric, H: Handler> {
     shared: Arc<Shared<F>>,
     callbacks: Vec<OnEvent>,
     cm_failing: bool,
-    /// Refusal log lines: when the last went out per kind, and how many
-    /// refusals came since.
-    log_gate: HashMap<Refusal, (Instant, u64)>,
     /// Session chunk memory preallocated at start (`Limits::prealloc_sessions`).
     pool: Option<Arc<mempool::ChunkPool<F::Mr>>>,
     /// New sessions are getting memory of their own (the pool is taken).
@@ -166,27 +154,28 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         make_handler: Box<dyn FnMut(&ConInfo) -> H + Send>,
         place: Place,
         shared: Arc<Shared<F>>,
+        now: Instant,
     ) -> SrvControl<F, H> {
         SrvControl {
             listeners: HashMap::from([listener]),
             pd,
             cm,
+            m: SrvMachine::new(cfg.clone(), now),
             cfg,
             layout,
             make_handler,
             place,
             sessions: HashMap::new(),
-            cons: HashMap::new(),
+            paths: HashMap::new(),
             service: Vec::new(),
             unplaced: std::collections::VecDeque::new(),
             shared,
             callbacks: Vec::new(),
             cm_failing: false,
-            log_gate: HashMap::new(),
             pool: None,
             pool_overflowing: false,
             woke_by: None,
-            now: Instant::now(),
+            now,
         }
         .with_pool()
     }
@@ -235,614 +224,6 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             }
         }
         self
-    }
-
-    /// Logs the event (one line; a session's first path up and its last
-    /// path closed add the session's own line) and tells the embedder.
-    fn emit(&mut self, ev: SrvEvent) {
-        match &ev {
-            SrvEvent::PathUp {
-                sessname,
-                paths_uuid,
-                ..
-            } => {
-                let connected = self.sessions.get(paths_uuid).map_or(0, |s| {
-                    s.paths
-                        .iter()
-                        .filter(|p| p.state() == PathState::Connected)
-                        .count()
-                });
-                if connected == 1 {
-                    tracing::info!(sessname = %sessname, "session {sessname} connected");
-                }
-                tracing::info!("{ev}");
-            }
-            SrvEvent::PathClosed(c) => {
-                let who = c.sessname.as_deref().unwrap_or("?");
-                let line = format!("path {who} ({}) closed: {}", c.peer, c.reason);
-                // A peer's or the operator's close is the normal course
-                // (flushed work requests follow a peer's disconnect); the
-                // rest are failures.
-                match c.reason {
-                    DownReason::Completion {
-                        status: crate::fabric::WcStatus::WrFlushErr,
-                        ..
-                    }
-                    | DownReason::Disconnected { .. }
-                    | DownReason::Operator
-                    | DownReason::Removed
-                    | DownReason::SessionClosed => tracing::info!("{line}"),
-                    _ => tracing::warn!("{line}"),
-                }
-                if c.session_ended {
-                    tracing::info!(sessname = %who, "session {who} closed");
-                }
-            }
-            SrvEvent::Refused { .. } => tracing::warn!("{ev}"),
-        }
-        self.notify(ev);
-    }
-
-    /// Tells the embedder's callbacks and subscribers (no log line).
-    fn notify(&mut self, ev: SrvEvent) {
-        for f in &mut self.callbacks {
-            f(&ev);
-        }
-        if let Ok(mut subs) = self.shared.subs.lock() {
-            subs.retain(|s| s.send(ev.clone()).is_ok());
-        }
-    }
-
-    fn refuse(&mut self, peer: &str, r: Refused) {
-        self.shared.counters.refused(r.kind);
-        let ev = SrvEvent::Refused {
-            peer: peer.to_string(),
-            kind: r.kind,
-            errno: -r.errno,
-            why: r.why,
-        };
-        // A flood is not a flood of log lines: one line per kind per
-        // second, then how many more there were (every one is counted and
-        // reaches the event subscribers).
-        let now = self.now;
-        let gate = self.log_gate.entry(r.kind).or_insert((now, 0));
-        if now.saturating_duration_since(gate.0) >= REFUSAL_LOG_EVERY || gate.1 == 0 {
-            let more = gate.1.saturating_sub(1);
-            *gate = (now, 1);
-            if more > 0 {
-                tracing::warn!(
-                    "{more} more refusals of kind {} in the last second",
-                    r.kind.name()
-                );
-            }
-            self.emit(ev);
-        } else {
-            gate.1 += 1;
-            self.notify(ev);
-        }
-    }
-
-    /// The chunks of a new session: a slab of the chunk pool while one is
-    /// free, else a region of its own within the memory budget (logged once
-    /// per run of overflows, counted). The slab goes back to the pool when
-    /// the last path and core holding the chunks let go of them.
-    fn session_chunks(
-        &mut self,
-        qd: u16,
-        cs: usize,
-    ) -> Result<(Arc<dyn crate::fabric::Memory>, mempool::Claims, bool), Refused> {
-        let bytes = usize::from(qd) * cs;
-        let memory = |e: mempool::PoolError| {
-            refused(
-                Refusal::Memory,
-                libc::ENOMEM,
-                format!("session chunks: {e}"),
-            )
-        };
-        if let Some(pool) = &self.pool {
-            if let Ok(lease) = pool.lease() {
-                self.pool_overflowing = false;
-                let region = pool.region().clone();
-                let chunks = mempool::Claims::new_at(region.clone(), lease.offset(), cs, qd.into())
-                    .map_err(memory)?
-                    .keeping((lease, SlabInUse::new(&self.shared.counters)));
-                self.shared.counters.pool_session();
-                return Ok((region, chunks, true));
-            }
-        }
-        let pool_bytes = self.pool.as_ref().map_or(0, |p| p.region().len() as u64);
-        let held: u64 = self
-            .sessions
-            .values()
-            .filter(|s| !s.pooled)
-            .map(|s| s.bytes)
-            .sum();
-        let budget = self.cfg.limits.memory_budget;
-        if pool_bytes + held + bytes as u64 > budget {
-            return Err(refused(
-                Refusal::Memory,
-                libc::ENOMEM,
-                format!(
-                    "the memory budget ({} MiB, {} MiB of it preallocated) has {} MiB left, a session takes {} MiB",
-                    budget >> 20,
-                    pool_bytes >> 20,
-                    budget.saturating_sub(pool_bytes + held) >> 20,
-                    bytes >> 20
-                ),
-            ));
-        }
-        if self.pool.is_some() && !self.pool_overflowing {
-            self.pool_overflowing = true;
-            tracing::warn!(
-                "the chunk pool's {} preallocated sessions are taken: new sessions get chunk memory of their own (within the budget) until one is free; preallocate more with --prealloc-sessions",
-                self.cfg.limits.prealloc_sessions
-            );
-        }
-        self.shared.counters.own_chunks_session();
-        let region = mempool::Region::shareable(bytes)
-            .map(Arc::new)
-            .map_err(memory)?;
-        let chunks = mempool::Claims::new(region.clone(), cs, qd.into()).map_err(memory)?;
-        Ok((region, chunks, false))
-    }
-
-    /// Closes the paths `target` names (gracefully: each connection is
-    /// disconnected at the next step, the client reconnects as after the
-    /// kernel's sysfs `disconnect`); logged and counted once per path.
-    fn close_by_operator(&mut self, target: super::CloseTarget) -> usize {
-        let mut n = 0;
-        for s in self.sessions.values() {
-            for p in &s.paths {
-                let hit = match target {
-                    super::CloseTarget::Path(u) => p.sess_uuid == u,
-                    super::CloseTarget::Session(u) => p.paths_uuid == u,
-                };
-                if hit && p.state() < PathState::Closing {
-                    tracing::info!(
-                        peer = %p.peer,
-                        sessname = ?p.sessname(),
-                        "the operator closes the path"
-                    );
-                    p.close(DownReason::Operator);
-                    self.shared.counters.operator_close();
-                    n += 1;
-                }
-            }
-        }
-        n
-    }
-
-    fn publish_sessions(&self) {
-        let bytes = self.sessions.values().map(|s| s.bytes).sum();
-        self.shared
-            .counters
-            .set_sessions(self.sessions.len(), bytes);
-    }
-
-    /// Connections of `host` in paths still in their handshake.
-    fn handshakes_of(&self, host: &str) -> usize {
-        self.cons
-            .values()
-            .filter(|c| {
-                self.sessions
-                    .get(&c.paths_uuid)
-                    .and_then(|s| s.paths.get(c.path))
-                    .is_some_and(|p| p.state() == PathState::Connecting && host_of(&p.peer) == host)
-            })
-            .count()
-    }
-
-    /// Paths that did not finish their handshake in time are closed (their
-    /// session, and its memory, go with its last path).
-    fn reap_handshakes(&mut self, now: Instant) {
-        let limit = self.cfg.limits.handshake_timeout;
-        for s in self.sessions.values() {
-            for p in &s.paths {
-                if p.state() == PathState::Connecting
-                    && now.saturating_duration_since(p.born) > limit
-                {
-                    p.close(DownReason::Timeout {
-                        cid: 0,
-                        step: crate::sess::Step::Info,
-                    });
-                }
-            }
-        }
-    }
-
-    /// One pass: CM events (the one that ended the last wait first), cid 0
-    /// of every path, closing paths.
-    fn step(&mut self, now: Instant) {
-        if let Some(ev) = self.woke_by.take() {
-            self.on_cm_event(ev);
-        }
-        loop {
-            match self.cm.poll_event(Duration::ZERO) {
-                Ok(Some(ev)) => self.on_cm_event(ev),
-                Ok(None) => break,
-                Err(e) => {
-                    if !self.cm_failing {
-                        self.cm_failing = true;
-                        tracing::warn!("server CM: {e}");
-                    }
-                    break;
-                }
-            }
-        }
-        let mut newly_up = Vec::new();
-        for con in &mut self.service {
-            let was = con.path.state();
-            con.poll_at(now);
-            // Once more: a software fabric sends what the first poll posted
-            // (an ack, INFO_RSP) when its CQ is polled, and the loop may
-            // sleep next.
-            con.poll_at(now);
-            if was == PathState::Connecting && con.path.state() == PathState::Connected {
-                newly_up.push(con.path.clone());
-            }
-        }
-        self.reap_handshakes(now);
-        if !self.unplaced.is_empty() {
-            self.place_waiting();
-        }
-        for p in newly_up {
-            self.emit(SrvEvent::PathUp {
-                sessname: p.sessname().unwrap_or("?").to_string(),
-                peer: p.peer.clone(),
-                paths_uuid: p.paths_uuid,
-            });
-        }
-        self.reap();
-    }
-
-    /// Hands waiting IO connections to their cores, in order, until one
-    /// cannot take more.
-    fn place_waiting(&mut self) {
-        while let Some((cid, con, counted)) = self.unplaced.pop_front() {
-            match (self.place)(cid, con) {
-                Ok(()) => continue,
-                Err(con) => self.unplaced.push_front((cid, con, counted)),
-            }
-            // Every connection now waiting is counted once; the log line is
-            // once per backlog (it says how many wait).
-            let new = self.unplaced.iter().filter(|(_, _, c)| !c).count();
-            if new > 0 && self.unplaced.len() == new {
-                tracing::warn!(
-                    cid,
-                    waiting = new,
-                    "a core's inbox is full: new connections wait for the next step"
-                );
-            }
-            for (_, _, c) in self.unplaced.iter_mut().filter(|(_, _, c)| !*c) {
-                *c = true;
-                self.shared.counters.deferred_placement();
-            }
-            return;
-        }
-    }
-
-    fn publish_paths(&self) {
-        if let Ok(mut l) = self.shared.paths.lock() {
-            *l = self
-                .sessions
-                .values()
-                .flat_map(|s| s.paths.iter())
-                .filter(|p| p.state() < PathState::Closed)
-                .cloned()
-                .collect();
-        }
-    }
-
-    fn on_cm_event(&mut self, ev: CmEvent) {
-        match ev {
-            CmEvent::ConnectRequest {
-                id,
-                listener,
-                private_data,
-                peer,
-                key_id,
-            } => {
-                let pd = private_data.as_bytes();
-                if let Err(r) = self.on_connect(id, listener, pd, &peer, key_id) {
-                    let mut rsp = [0u8; PRIVATE_DATA_LEN];
-                    if let Err(e) = ConnRspRepr::reject(-(r.errno as i16)).emit(&mut rsp) {
-                        tracing::warn!("reject {peer}: {e}");
-                    }
-                    if let Err(e) = self.cm.reject(id, &rsp) {
-                        tracing::warn!("reject {peer}: {e}");
-                    }
-                    self.refuse(&peer, r);
-                }
-            }
-            CmEvent::Disconnected { id } => {
-                let cid = self.cons.get(&id).map_or(0, |r| r.cid);
-                if let Some(path) = self.path_of(id) {
-                    path.close(DownReason::Disconnected { cid });
-                }
-            }
-            CmEvent::Refused {
-                peer, why, detail, ..
-            } => {
-                let (kind, errno) = match why {
-                    CmRefusal::Access => (Refusal::Access, libc::EACCES),
-                    CmRefusal::Auth => (Refusal::Auth, libc::EACCES),
-                    CmRefusal::Malformed => (Refusal::Protocol, libc::EPROTO),
-                    CmRefusal::TimedOut => (Refusal::Timeout, libc::ETIMEDOUT),
-                    CmRefusal::Handshakes => (Refusal::Handshakes, libc::EBUSY),
-                    CmRefusal::Resources => (Refusal::Resources, libc::EMFILE),
-                };
-                self.refuse(&peer, refused(kind, errno, detail));
-            }
-            _ => {}
-        }
-    }
-
-    fn path_of(&self, id: ConnId) -> Option<Arc<SrvPath<F>>> {
-        let r = self.cons.get(&id)?;
-        self.sessions.get(&r.paths_uuid)?.paths.get(r.path).cloned()
-    }
-
-    /// The access rules and limits, then spec §4.3 in order, each refusal
-    /// with its errno, kind and why (the caller logs and counts it once).
-    fn on_connect(
-        &mut self,
-        id: ConnId,
-        listener: ConnId,
-        pd: &[u8],
-        peer: &str,
-        key_id: Option<String>,
-    ) -> Result<(), Refused> {
-        let host = host_of(peer).to_string();
-        let limits = &self.cfg.limits;
-        if !limits.allow.is_empty() {
-            // shm peers are local processes: the segment's permissions
-            // guard them, not source networks.
-            let ok = match ip_of(&host) {
-                Some(ip) => limits.allows(ip),
-                None => peer.starts_with("shm:"),
-            };
-            if !ok {
-                return Err(refused(
-                    Refusal::Access,
-                    libc::EACCES,
-                    "not in the allowlist",
-                ));
-            }
-        }
-        let req = match ConnReq::new_checked(pd) {
-            Ok(v) => ConnReqRepr::parse(&v),
-            Err(e) => {
-                return Err(refused(
-                    Refusal::Protocol,
-                    libc::ECONNRESET,
-                    format!("CON_REQ: {e}"),
-                ))
-            }
-        };
-        if self.handshakes_of(&host) >= limits.max_handshakes_per_host {
-            return Err(refused(
-                Refusal::Handshakes,
-                libc::EBUSY,
-                format!(
-                    "{} connections of this host in handshakes",
-                    limits.max_handshakes_per_host
-                ),
-            ));
-        }
-        if !self.sessions.contains_key(&req.paths_uuid) {
-            if !req.first_conn {
-                return Err(refused(
-                    Refusal::Protocol,
-                    libc::ENXIO,
-                    "no such session and not first_conn",
-                ));
-            }
-            if self.sessions.len() >= limits.max_sessions {
-                return Err(refused(
-                    Refusal::Sessions,
-                    libc::ENOMEM,
-                    format!("{} sessions already", limits.max_sessions),
-                ));
-            }
-            let of_host = self.sessions.values().filter(|s| s.host == host).count();
-            if of_host >= limits.max_sessions_per_host {
-                return Err(refused(
-                    Refusal::SessionsPerHost,
-                    libc::ENOMEM,
-                    format!("{of_host} sessions of this host already"),
-                ));
-            }
-            let (qd, cs) = (self.cfg.queue_depth, self.cfg.max_chunk_size as usize);
-            let (mem, chunks, pooled) = self.session_chunks(qd, cs)?;
-            self.sessions.insert(
-                req.paths_uuid,
-                Sess {
-                    host: host.clone(),
-                    bytes: (usize::from(qd) * cs) as u64,
-                    pooled,
-                    mem,
-                    chunks: Arc::new(chunks),
-                    paths: Vec::new(),
-                },
-            );
-            self.publish_sessions();
-        }
-        let sess = self
-            .sessions
-            .get_mut(&req.paths_uuid)
-            .ok_or_else(|| refused(Refusal::Protocol, libc::ENXIO, "no such session"))?;
-        let live = sess
-            .paths
-            .iter()
-            .position(|p| p.sess_uuid == req.sess_uuid && p.state() < PathState::Closed);
-        let (idx, path) = match live {
-            Some(i) => {
-                let p = sess.paths[i].clone();
-                if p.state() != PathState::Connecting || p.cid_num != req.cid_num {
-                    return Err(refused(
-                        Refusal::Protocol,
-                        libc::ECONNRESET,
-                        format!("path exists and is {:?}", p.state()),
-                    ));
-                }
-                // No cid twice in one path (the kernel's `con[cid]` check).
-                if self
-                    .cons
-                    .values()
-                    .any(|c| c.paths_uuid == req.paths_uuid && c.path == i && c.cid == req.cid)
-                {
-                    return Err(refused(
-                        Refusal::Protocol,
-                        libc::ECONNRESET,
-                        format!("cid {} already connected", req.cid),
-                    ));
-                }
-                (i, p)
-            }
-            None => {
-                let alive = sess.paths.iter().filter(|p| p.state() < PathState::Closing);
-                let most = self.cfg.limits.max_paths_per_session.min(MAX_PATHS_NUM);
-                if alive.clone().count() >= most {
-                    return Err(refused(
-                        Refusal::Paths,
-                        libc::ECONNRESET,
-                        format!("the session has {most} paths"),
-                    ));
-                }
-                // The kernel refuses a second path between the same two
-                // addresses (client host, server address; ports ignored).
-                if alive
-                    .clone()
-                    .any(|p| p.listener == listener && host_of(&p.peer) == host_of(peer))
-                {
-                    return Err(refused(
-                        Refusal::Duplicate,
-                        libc::EEXIST,
-                        "a path from this address exists",
-                    ));
-                }
-                // The path's PD is on its listener's device (each link's
-                // own, where a host has several).
-                let pd = match self.listeners.get(&listener) {
-                    Some(a) => self.pd.for_address(a, true).map_err(|e| {
-                        refused(
-                            Refusal::Protocol,
-                            libc::ENODEV,
-                            format!("the device of {a}: {e}"),
-                        )
-                    })?,
-                    None => self.pd.clone(),
-                };
-                self.check_registrations(peer, req.cid_num)?;
-                let sess = self
-                    .sessions
-                    .get_mut(&req.paths_uuid)
-                    .expect("the session was found above");
-                let mrs =
-                    register::<F>(&pd, &self.cfg, &sess.mem, sess.chunks.base()).map_err(|e| {
-                        refused(
-                            Refusal::Memory,
-                            libc::ENOMEM,
-                            format!("registering chunks: {e}"),
-                        )
-                    })?;
-                let p = Arc::new(SrvPath::new(
-                    req.sess_uuid,
-                    req.paths_uuid,
-                    req.cid_num,
-                    peer.to_string(),
-                    listener,
-                    self.layout,
-                    self.cfg.queue_depth.into(),
-                    self.cfg.max_chunk_size as usize,
-                    self.cfg.always_invalidate,
-                    (self.cfg.hb_interval, self.cfg.hb_missed_max),
-                    sess.chunks.clone(),
-                    pd,
-                    mrs,
-                    key_id,
-                ));
-                sess.paths.push(p.clone());
-                (sess.paths.len() - 1, p)
-            }
-        };
-        let cid = req.cid;
-        let local = |what: String| DownReason::Local { cid, what };
-        let mut con = self.create_con(&path, req.cid).map_err(|e| {
-            let what = format!("cannot create the connection: {e}");
-            path.close(local(what.clone()));
-            refused(Refusal::Memory, libc::ENOMEM, what)
-        })?;
-        let rsp = ConnRspRepr {
-            errno: 0,
-            queue_depth: self.cfg.queue_depth,
-            max_io_size: self.cfg.max_io_size(),
-            max_hdr_size: MAX_HDR_SIZE,
-            new_rkey: self.cfg.always_invalidate,
-        };
-        let mut buf = [0u8; PRIVATE_DATA_LEN];
-        rsp.emit(&mut buf)
-            .map_err(|e| refused(Refusal::Protocol, libc::EINVAL, format!("CON_RSP: {e}")))?;
-        if let Err(e) = con.post_initial_recvs() {
-            let what = format!("cannot post receives: {e}");
-            path.close(local(what.clone()));
-            return Err(refused(Refusal::Memory, libc::ENOMEM, what));
-        }
-        if let Err(e) = self.cm.accept(id, con.qp(), &buf) {
-            let what = format!("accept failed: {e}");
-            path.close(local(what.clone()));
-            return Err(refused(Refusal::Protocol, libc::ECONNRESET, what));
-        }
-        path.con_created();
-        self.cons.insert(
-            id,
-            ConRef {
-                paths_uuid: req.paths_uuid,
-                path: idx,
-                cid: req.cid,
-            },
-        );
-        if req.cid == 0 {
-            self.service.push(con);
-        } else {
-            self.unplaced.push_back((req.cid, Box::new(con), false));
-            self.place_waiting();
-        }
-        self.publish_paths();
-        Ok(())
-    }
-
-    /// The registration table's share: a new path of `cid_num` connections
-    /// from `peer` must fit in the table, and its host in a quarter of it.
-    fn check_registrations(&self, peer: &str, cid_num: u16) -> Result<(), Refused> {
-        let cap = u64::from(self.cfg.limits.registrations(self.cfg.max_chunk_size));
-        let need = path_registrations(&self.cfg, cid_num);
-        let host = host_of(peer);
-        let (mut all, mut of_host) = (0u64, 0u64);
-        for p in self.sessions.values().flat_map(|s| &s.paths) {
-            let n = path_registrations(&self.cfg, p.cid_num);
-            all += n;
-            if host_of(&p.peer) == host {
-                of_host += n;
-            }
-        }
-        if all + need > cap {
-            return Err(refused(
-                Refusal::Memory,
-                libc::ENOMEM,
-                format!("the registration table is full ({all} of {cap} held, {need} asked)"),
-            ));
-        }
-        if of_host + need > cap / 4 {
-            return Err(refused(
-                Refusal::Memory,
-                libc::ENOMEM,
-                format!(
-                    "this host holds {of_host} registrations; a host may hold a quarter of {cap}"
-                ),
-            ));
-        }
-        Ok(())
     }
 
     fn create_con(&mut self, path: &Arc<SrvPath<F>>, cid: u16) -> Result<SrvCon<F, H>, SrvError> {
@@ -904,68 +285,431 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         ))
     }
 
-    /// Tears down closing paths: disconnects their connections, forgets
-    /// them, and drops a session with its last path.
-    fn reap(&mut self) {
-        let mut closed = Vec::new();
-        let closing: Vec<([u8; 16], usize)> = self
-            .sessions
-            .iter()
-            .flat_map(|(u, s)| {
-                s.paths
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| p.state() == PathState::Closing)
-                    .map(move |(i, _)| (*u, i))
-            })
-            .collect();
-        for (uuid, i) in closing {
-            let ids: Vec<ConnId> = self
-                .cons
-                .iter()
-                .filter(|(_, c)| c.paths_uuid == uuid && c.path == i)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in ids {
-                if let Err(e) = self.cm.disconnect(id) {
-                    tracing::debug!("disconnect: {e}");
+    /// Tells the embedder's callbacks and subscribers.
+    fn notify(&mut self, ev: SrvEvent) {
+        for f in &mut self.callbacks {
+            f(&ev);
+        }
+        if let Ok(mut subs) = self.shared.subs.lock() {
+            subs.retain(|s| s.send(ev.clone()).is_ok());
+        }
+    }
+
+    /// Does the machine's actions until it has none; returns how many.
+    fn run(&mut self, now: Instant) -> usize {
+        let mut n = 0;
+        while let Some(a) = self.m.poll_action() {
+            n += usize::from(!matches!(a, SrvAction::Publish { .. }));
+            self.exec(a, now);
+        }
+        n
+    }
+
+    fn exec(&mut self, a: SrvAction, now: Instant) {
+        match a {
+            SrvAction::Accept {
+                id,
+                listener,
+                req,
+                plan,
+                peer,
+                key_id,
+            } => match self.accept(id, listener, &req, &plan, &peer, key_id, now) {
+                Ok(pooled) => self
+                    .m
+                    .accepted(id, req.paths_uuid, plan.path(), req.cid, pooled),
+                Err(r) => self.m.accept_failed(id, &peer, r),
+            },
+            SrvAction::Refuse { id, refused } => {
+                self.shared.counters.refused(refused.kind);
+                if let Some(id) = id {
+                    let mut rsp = [0u8; PRIVATE_DATA_LEN];
+                    if let Err(e) = ConnRspRepr::reject(-(refused.errno as i16)).emit(&mut rsp) {
+                        tracing::warn!("reject: {e}");
+                    }
+                    if let Err(e) = self.cm.reject(id, &rsp) {
+                        tracing::warn!("reject: {e}");
+                    }
                 }
             }
-            if let Some(s) = self.sessions.get(&uuid) {
-                let p = &s.paths[i];
-                p.set_closed();
-                closed.push(ClosedPath {
-                    paths_uuid: uuid,
-                    session_ended: false,
-                    sessname: p.sessname().map(str::to_string),
-                    peer: p.peer.clone(),
-                    reason: p
-                        .close_reason()
-                        .cloned()
-                        .unwrap_or(DownReason::SessionClosed),
+            SrvAction::Close { path, why } => {
+                let reason = self.paths.get(&path).and_then(|p| {
+                    p.close(why);
+                    p.close_reason().cloned()
                 });
+                self.m.path_closing(path, reason);
+            }
+            SrvAction::Disconnect(ids) => {
+                for id in ids {
+                    if let Err(e) = self.cm.disconnect(id) {
+                        tracing::debug!("disconnect: {e}");
+                    }
+                }
+            }
+            SrvAction::Closed { path } => {
+                if let Some(p) = self.paths.remove(&path) {
+                    p.set_closed();
+                }
+                self.service.retain(|c| c.path.state() < PathState::Closed);
+                self.publish_paths();
+            }
+            SrvAction::DropSession(u) => {
+                self.sessions.remove(&u);
+            }
+            SrvAction::Publish { sessions, bytes } => {
+                self.shared.counters.set_sessions(sessions, bytes);
+            }
+            SrvAction::Emit(ev) => self.notify(ev),
+        }
+    }
+
+    /// Makes what `plan` says and accepts connection `id`; returns whether
+    /// a new session's memory is a slab of the pool. On failure what it made
+    /// is dropped (a path it already had is closed).
+    #[allow(clippy::too_many_arguments)]
+    fn accept(
+        &mut self,
+        id: ConnId,
+        listener: ConnId,
+        req: &ConnReqRepr,
+        plan: &Plan,
+        peer: &str,
+        key_id: Option<String>,
+        now: Instant,
+    ) -> Result<bool, Refused> {
+        let mut pooled = false;
+        if let Plan::NewSession { .. } = plan {
+            let (mem, chunks, p) = self.session_chunks()?;
+            pooled = p;
+            self.sessions.insert(
+                req.paths_uuid,
+                SessMem {
+                    mem,
+                    chunks: Arc::new(chunks),
+                },
+            );
+        }
+        let made = match plan {
+            Plan::NextCid { path } => self
+                .paths
+                .get(path)
+                .cloned()
+                .ok_or_else(|| refused(Refusal::Protocol, libc::ENXIO, "no such path")),
+            Plan::NewSession { .. } | Plan::NewPath { .. } => {
+                self.new_path(listener, req, peer, key_id, now)
+            }
+        };
+        let path = match made {
+            Ok(p) => p,
+            Err(r) => {
+                if let Plan::NewSession { .. } = plan {
+                    self.sessions.remove(&req.paths_uuid);
+                }
+                return Err(r);
+            }
+        };
+        let new_path = !matches!(plan, Plan::NextCid { .. });
+        match self.accept_con(id, &path, req) {
+            Ok(()) => {
+                if new_path {
+                    self.paths.insert(plan.path(), path);
+                }
+                self.publish_paths();
+                Ok(pooled)
+            }
+            Err((what, r)) => {
+                if new_path {
+                    if let Plan::NewSession { .. } = plan {
+                        self.sessions.remove(&req.paths_uuid);
+                    }
+                } else {
+                    let cid = req.cid;
+                    path.close(DownReason::Local { cid, what });
+                    self.m
+                        .path_closing(plan.path(), path.close_reason().cloned());
+                }
+                Err(r)
             }
         }
-        self.service.retain(|c| c.path.state() < PathState::Closed);
-        let dead: Vec<[u8; 16]> = self
+    }
+
+    /// A new path of the session `req` names: its device, its MRs.
+    fn new_path(
+        &mut self,
+        listener: ConnId,
+        req: &ConnReqRepr,
+        peer: &str,
+        key_id: Option<String>,
+        now: Instant,
+    ) -> Result<Arc<SrvPath<F>>, Refused> {
+        // The path's PD is on its listener's device (each link's own,
+        // where a host has several).
+        let pd = match self.listeners.get(&listener) {
+            Some(a) => self.pd.for_address(a, true).map_err(|e| {
+                refused(
+                    Refusal::Protocol,
+                    libc::ENODEV,
+                    format!("the device of {a}: {e}"),
+                )
+            })?,
+            None => self.pd.clone(),
+        };
+        let sess = self
             .sessions
-            .iter()
-            .filter(|(_, s)| s.paths.iter().all(|p| p.state() == PathState::Closed))
-            .map(|(u, _)| *u)
-            .collect();
-        for u in dead {
-            if let Some(c) = closed.iter_mut().rev().find(|c| c.paths_uuid == u) {
-                c.session_ended = true;
+            .get(&req.paths_uuid)
+            .ok_or_else(|| refused(Refusal::Protocol, libc::ENXIO, "no such session"))?;
+        let mrs = register::<F>(&pd, &self.cfg, &sess.mem, sess.chunks.base()).map_err(|e| {
+            refused(
+                Refusal::Memory,
+                libc::ENOMEM,
+                format!("registering chunks: {e}"),
+            )
+        })?;
+        Ok(Arc::new(SrvPath::new(
+            req.sess_uuid,
+            req.paths_uuid,
+            req.cid_num,
+            peer.to_string(),
+            self.layout,
+            self.cfg.queue_depth.into(),
+            self.cfg.max_chunk_size as usize,
+            self.cfg.always_invalidate,
+            (self.cfg.hb_interval, self.cfg.hb_missed_max),
+            sess.chunks.clone(),
+            pd,
+            mrs,
+            key_id,
+            now,
+        )))
+    }
+
+    /// Connection `req.cid` of `path`: made, its receives posted, accepted;
+    /// cid 0 stays here, the others go to the cores.
+    fn accept_con(
+        &mut self,
+        id: ConnId,
+        path: &Arc<SrvPath<F>>,
+        req: &ConnReqRepr,
+    ) -> Result<(), (String, Refused)> {
+        let mut con = self.create_con(path, req.cid).map_err(|e| {
+            let what = format!("cannot create the connection: {e}");
+            (what.clone(), refused(Refusal::Memory, libc::ENOMEM, what))
+        })?;
+        let rsp = ConnRspRepr {
+            errno: 0,
+            queue_depth: self.cfg.queue_depth,
+            max_io_size: self.cfg.max_io_size(),
+            max_hdr_size: MAX_HDR_SIZE,
+            new_rkey: self.cfg.always_invalidate,
+        };
+        let mut buf = [0u8; PRIVATE_DATA_LEN];
+        rsp.emit(&mut buf).map_err(|e| {
+            let what = format!("CON_RSP: {e}");
+            (what.clone(), refused(Refusal::Protocol, libc::EINVAL, what))
+        })?;
+        if let Err(e) = con.post_initial_recvs() {
+            let what = format!("cannot post receives: {e}");
+            return Err((what.clone(), refused(Refusal::Memory, libc::ENOMEM, what)));
+        }
+        if let Err(e) = self.cm.accept(id, con.qp(), &buf) {
+            let what = format!("accept failed: {e}");
+            return Err((
+                what.clone(),
+                refused(Refusal::Protocol, libc::ECONNRESET, what),
+            ));
+        }
+        path.con_created();
+        if req.cid == 0 {
+            self.service.push(con);
+        } else {
+            self.unplaced.push_back((req.cid, Box::new(con), false));
+            self.place_waiting();
+        }
+        Ok(())
+    }
+
+    /// The chunks of a new session: a slab of the chunk pool while one is
+    /// free, else a region of its own (admission checked the budget; logged
+    /// once per run of overflows, counted). The slab goes back to the pool
+    /// when the last path and core holding the chunks let go of them.
+    fn session_chunks(
+        &mut self,
+    ) -> Result<(Arc<dyn crate::fabric::Memory>, mempool::Claims, bool), Refused> {
+        let (qd, cs) = (self.cfg.queue_depth, self.cfg.max_chunk_size as usize);
+        let bytes = usize::from(qd) * cs;
+        let memory = |e: mempool::PoolError| {
+            refused(
+                Refusal::Memory,
+                libc::ENOMEM,
+                format!("session chunks: {e}"),
+            )
+        };
+        if let Some(pool) = &self.pool {
+            if let Ok(lease) = pool.lease() {
+                self.pool_overflowing = false;
+                let region = pool.region().clone();
+                let chunks = mempool::Claims::new_at(region.clone(), lease.offset(), cs, qd.into())
+                    .map_err(memory)?
+                    .keeping((lease, SlabInUse::new(&self.shared.counters)));
+                self.shared.counters.pool_session();
+                return Ok((region, chunks, true));
             }
-            self.sessions.remove(&u);
-            self.cons.retain(|_, c| c.paths_uuid != u);
         }
-        if !closed.is_empty() {
-            self.publish_paths();
-            self.publish_sessions();
+        if self.pool.is_some() && !self.pool_overflowing {
+            self.pool_overflowing = true;
+            tracing::warn!(
+                "the chunk pool's {} preallocated sessions are taken: new sessions get chunk memory of their own (within the budget) until one is free; preallocate more with --prealloc-sessions",
+                self.cfg.limits.prealloc_sessions
+            );
         }
-        for c in closed {
-            self.emit(SrvEvent::PathClosed(c));
+        self.shared.counters.own_chunks_session();
+        let region = mempool::Region::shareable(bytes)
+            .map(Arc::new)
+            .map_err(memory)?;
+        let chunks = mempool::Claims::new(region.clone(), cs, qd.into()).map_err(memory)?;
+        Ok((region, chunks, false))
+    }
+
+    /// What a new session's memory would come from, for admission.
+    fn memory_view(&self) -> MemView {
+        MemView {
+            slab_free: self.pool.as_ref().is_some_and(|p| {
+                let s = p.stats();
+                s.in_use < u64::from(s.chunks)
+            }),
+            pool_bytes: self.pool.as_ref().map_or(0, |p| p.region().len() as u64),
+        }
+    }
+
+    /// Hands waiting IO connections to their cores, in order, until one
+    /// cannot take more.
+    fn place_waiting(&mut self) {
+        while let Some((cid, con, counted)) = self.unplaced.pop_front() {
+            match (self.place)(cid, con) {
+                Ok(()) => continue,
+                Err(con) => self.unplaced.push_front((cid, con, counted)),
+            }
+            // Every connection now waiting is counted once; the log line is
+            // once per backlog (it says how many wait).
+            let new = self.unplaced.iter().filter(|(_, _, c)| !c).count();
+            if new > 0 && self.unplaced.len() == new {
+                tracing::warn!(
+                    cid,
+                    waiting = new,
+                    "a core's inbox is full: new connections wait for the next step"
+                );
+            }
+            for (_, _, c) in self.unplaced.iter_mut().filter(|(_, _, c)| !*c) {
+                *c = true;
+                self.shared.counters.deferred_placement();
+            }
+            return;
+        }
+    }
+
+    fn publish_paths(&self) {
+        if let Ok(mut l) = self.shared.paths.lock() {
+            let mut v: Vec<(u64, Arc<SrvPath<F>>)> = self
+                .paths
+                .iter()
+                .filter(|(_, p)| p.state() < PathState::Closed)
+                .map(|(k, p)| (*k, p.clone()))
+                .collect();
+            v.sort_by_key(|(k, _)| *k);
+            *l = v.into_iter().map(|(_, p)| p).collect();
+        }
+    }
+
+    fn on_cm_event(&mut self, ev: CmEvent, now: Instant) -> usize {
+        match ev {
+            CmEvent::ConnectRequest {
+                id,
+                listener,
+                private_data,
+                peer,
+                key_id,
+            } => {
+                let mem = self.memory_view();
+                let r = Request {
+                    id,
+                    listener,
+                    pdata: private_data.as_bytes(),
+                    peer: &peer,
+                    key_id,
+                };
+                self.m.connect_request(r, mem, now);
+            }
+            CmEvent::Disconnected { id } => self.m.disconnected(id, now),
+            CmEvent::Refused {
+                peer, why, detail, ..
+            } => self.m.cm_refused(&peer, why, detail, now),
+            _ => {}
+        }
+        1 + self.run(now)
+    }
+
+    /// Tells the machine what the paths' connections did: a path whose
+    /// INFO_REQ was taken is up, one a core or cid 0 closed is closing.
+    fn observe_paths(&mut self) {
+        let mut seen = Vec::new();
+        for (&id, p) in &self.paths {
+            let Some((up, closing)) = self.m.path_view(id) else {
+                continue;
+            };
+            let st = p.state();
+            if st >= PathState::Closing && !closing {
+                seen.push((id, None, Some(p.close_reason().cloned())));
+            } else if st == PathState::Connected && !up {
+                seen.push((id, p.sessname().map(str::to_string), None));
+            }
+        }
+        for (id, name, closing) in seen {
+            match closing {
+                Some(why) => self.m.path_closing(id, why),
+                None => self.m.path_up(id, name.as_deref().unwrap_or("?")),
+            }
+        }
+    }
+
+    /// One pass: CM events (the one that ended the last wait first), cid 0
+    /// of every path, the machine's deadlines, closing paths; returns the
+    /// work done.
+    fn step(&mut self, now: Instant) -> usize {
+        let mut work = 0;
+        if let Some(ev) = self.woke_by.take() {
+            work += self.on_cm_event(ev, now);
+        }
+        loop {
+            match self.cm.poll_event(Duration::ZERO) {
+                Ok(Some(ev)) => work += self.on_cm_event(ev, now),
+                Ok(None) => break,
+                Err(e) => {
+                    self.cm_error(e);
+                    break;
+                }
+            }
+        }
+        for con in &mut self.service {
+            work += con.poll_at(now);
+            // Once more: a software fabric sends what the first poll posted
+            // (an ack, INFO_RSP) when its CQ is polled, and the loop may
+            // wait next.
+            work += con.poll_at(now);
+        }
+        if !self.unplaced.is_empty() {
+            self.place_waiting();
+        }
+        self.observe_paths();
+        self.m.poll(now);
+        work += self.run(now);
+        self.m.reap();
+        work + self.run(now)
+    }
+
+    fn cm_error(&mut self, e: crate::fabric::FabricError) {
+        if !self.cm_failing {
+            self.cm_failing = true;
+            tracing::warn!("server CM: {e}");
         }
     }
 }
@@ -973,7 +717,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
 impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
     type Msg = SrvMsg;
 
-    fn on_msg(&mut self, msg: SrvMsg, _now: Instant) {
+    fn on_msg(&mut self, msg: SrvMsg, now: Instant) {
         match msg {
             SrvMsg::Listen(addr, reply) => {
                 let r = self.cm.listen(&addr).map_err(SrvError::from).map(|id| {
@@ -982,16 +726,25 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
                 if r.is_ok() {
                     tracing::info!(%addr, "listening");
                 }
-                let _ = reply.send(r);
+                if reply.send(r).is_err() {
+                    tracing::debug!("listen: the caller stopped waiting");
+                }
             }
             SrvMsg::OnEvent(f) => self.callbacks.push(f),
             SrvMsg::Close(target, reply) => {
-                let _ = reply.send(self.close_by_operator(target));
+                let n = self.m.close_by_operator(target, now);
+                for _ in 0..n {
+                    self.shared.counters.operator_close();
+                }
+                self.run(now);
+                if reply.send(n).is_err() {
+                    tracing::debug!("close: the caller stopped waiting");
+                }
             }
         }
     }
 
-    fn poll(&mut self, now: Instant) {
+    fn poll(&mut self, now: Instant) -> usize {
         self.now = now;
         // A client's beat about to land: answer it as it comes (its RTT
         // steers the client's min-latency), not at the next tick.
@@ -1001,31 +754,7 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
                 .is_some_and(|(from, to)| from <= now && now <= to);
             c.set_watching(on);
         }
-        self.step(now);
-    }
-
-    fn wait(&mut self, max: Duration) {
-        match self.cm.poll_event(max) {
-            Ok(Some(ev)) => self.woke_by = Some(ev),
-            Ok(None) => {}
-            Err(e) => {
-                if !self.cm_failing {
-                    self.cm_failing = true;
-                    tracing::warn!("server CM: {e}");
-                }
-                std::thread::sleep(max);
-            }
-        }
-    }
-
-    fn on_stop(&mut self, now: Instant) {
-        self.now = now;
-        for s in self.sessions.values() {
-            for p in &s.paths {
-                p.close(DownReason::SessionClosed);
-            }
-        }
-        self.reap();
+        self.step(now)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
@@ -1044,32 +773,27 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
             .filter_map(SrvCon::peer_hb_window)
             .filter(|&(_, to)| now <= to)
             .map(|(from, _)| from);
-        beats.chain(watch).min()
+        beats.chain(watch).chain(self.m.poll_timeout()).min()
     }
-}
 
-/// Why a connect request is refused.
-pub(crate) struct Refused {
-    kind: Refusal,
-    /// Positive.
-    errno: i32,
-    why: String,
-}
-
-fn refused(kind: Refusal, errno: i32, why: impl Into<String>) -> Refused {
-    Refused {
-        kind,
-        errno,
-        why: why.into(),
+    fn wait(&mut self, max: Duration) {
+        match self.cm.poll_event(max) {
+            Ok(Some(ev)) => self.woke_by = Some(ev),
+            Ok(None) => {}
+            Err(e) => {
+                self.cm_error(e);
+                std::thread::sleep(max);
+            }
+        }
     }
-}
 
-/// The IP of a host part ("tcp:1.2.3.4", "rdma:[::1]"); none for shm.
-fn ip_of(host: &str) -> Option<std::net::IpAddr> {
-    let h = host
-        .strip_prefix("tcp:")
-        .or_else(|| host.strip_prefix("rdma:"))?;
-    h.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    fn on_stop(&mut self, now: Instant) {
+        self.now = now;
+        self.m.stop(now);
+        self.run(now);
+        self.m.reap();
+        self.run(now);
+    }
 }
 
 /// MRs over the session's chunks (from `base` in `mem`) for a new path: one per chunk with
@@ -1095,47 +819,4 @@ fn register<F: Fabric>(
         mr.rekey()?;
     }
     Ok(mrs)
-}
-
-/// Registrations a path takes: its chunks' (one each with
-/// always_invalidate, one for them all otherwise) and one per connection.
-fn path_registrations(cfg: &SrvConfig, cid_num: u16) -> u64 {
-    let chunks = if cfg.always_invalidate {
-        u64::from(cfg.queue_depth)
-    } else {
-        1
-    };
-    chunks + u64::from(cid_num)
-}
-
-/// The host part of a peer address ("tcp:1.2.3.4:5" -> "1.2.3.4"), for the
-/// kernel's one-path-per-address rule (ports are ignored).
-fn host_of(peer: &str) -> &str {
-    let ip = peer.starts_with("tcp:") || peer.starts_with("rdma:");
-    match peer.rsplit_once(':') {
-        Some((h, _)) if ip => h,
-        _ => peer,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn peers_hosts_and_ips() {
-        assert_eq!(host_of("tcp:127.0.0.1:5000"), "tcp:127.0.0.1");
-        assert_eq!(ip_of("tcp:127.0.0.1"), "127.0.0.1".parse().ok());
-        assert_eq!(ip_of(host_of("rdma:[::1]:1234")), "::1".parse().ok());
-        assert_eq!(ip_of(host_of("shm:x@pid7")), None);
-        let l = super::super::Limits {
-            allow: vec![
-                "10.0.0.0/8".parse().unwrap(),
-                "127.0.0.0/8".parse().unwrap(),
-            ],
-            ..Default::default()
-        };
-        assert!(l.allows("127.0.0.1".parse().unwrap()));
-        assert!(!l.allows("192.168.0.1".parse().unwrap()));
-    }
 }

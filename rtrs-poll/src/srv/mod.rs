@@ -14,9 +14,11 @@
 //!    -> response chain: [RDMA_WRITE data] [SEND_WITH_INV] WRITE_WITH_IMM | REG + SEND(RKEY_RSP)
 //! ```
 
+mod admit;
 mod con;
 mod ctl;
 pub mod lat;
+mod machine;
 mod path;
 
 pub use crate::sess::DownReason;
@@ -787,6 +789,44 @@ impl<F: Fabric, H: Handler> Server<F, H> {
         make_handler: impl FnMut(&ConInfo) -> H + Send + 'static,
         place: Place,
     ) -> Result<Server<F, H>, SrvError> {
+        let (mut srv, lp) = Server::make(fabric, addr, cfg, Box::new(make_handler), place)?;
+        let opts = pollers::SlowOpts {
+            name: "rtrs-srv-ctl".into(),
+            cpu: srv.cfg.control_cpu,
+            max_wait: crate::sess::CONTROL_TICK,
+        };
+        let slow = pollers::SlowPath::run(lp, srv.tx.clone(), pollers::Shutdown::new(), opts)
+            .map_err(|_| SrvError::Config("cannot start the control thread"))?;
+        srv.slow = Some(slow);
+        Ok(srv)
+    }
+
+    /// [`Server::listen`] without a control thread: the returned
+    /// [`pollers::Stepper`] is the server's control, stepped by the caller
+    /// with `now` (an embedder's own event loop, or virtual time in tests).
+    /// Until it is stepped nothing is accepted; stopping it closes every
+    /// path. Calls on the handle that wait for the control (`listen_also`,
+    /// `SrvHandle::close`) must come from another thread than the one that
+    /// steps it.
+    pub fn listen_stepped(
+        fabric: &F,
+        addr: &Address,
+        cfg: SrvConfig,
+        make_handler: impl FnMut(&ConInfo) -> H + Send + 'static,
+        place: Place,
+    ) -> Result<(Server<F, H>, pollers::Stepper), SrvError> {
+        let (srv, lp) = Server::make(fabric, addr, cfg, Box::new(make_handler), place)?;
+        Ok((srv, pollers::Stepper::new(lp)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn make(
+        fabric: &F,
+        addr: &Address,
+        cfg: SrvConfig,
+        make_handler: Box<dyn FnMut(&ConInfo) -> H + Send>,
+        place: Place,
+    ) -> Result<(Server<F, H>, pollers::SlowLoop<SrvControl<F, H>>), SrvError> {
         let layout = cfg.layout()?;
         let pd = fabric.alloc_pd_sized(cfg.limits.registrations(cfg.max_chunk_size))?;
         let mut cm = fabric.create_cm()?;
@@ -806,24 +846,21 @@ impl<F: Fabric, H: Handler> Server<F, H> {
             (lid, addr.clone()),
             cfg.clone(),
             layout,
-            Box::new(make_handler),
+            make_handler,
             place,
             shared.clone(),
+            pollers::clock::now(),
         );
-        let opts = pollers::SlowOpts {
-            name: "rtrs-srv-ctl".into(),
-            cpu: cfg.control_cpu,
-            max_wait: crate::sess::CONTROL_TICK,
-        };
         let (lp, tx) = pollers::SlowLoop::new(control, 256);
-        let slow = pollers::SlowPath::run(lp, tx.clone(), pollers::Shutdown::new(), opts)
-            .map_err(|_| SrvError::Config("cannot start the control thread"))?;
-        Ok(Server {
-            cfg,
-            tx,
-            shared,
-            slow: Some(slow),
-        })
+        Ok((
+            Server {
+                cfg,
+                tx,
+                shared,
+                slow: None,
+            },
+            lp,
+        ))
     }
 
     /// Also listens on `addr` (a server reachable on several addresses, as

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod engine_suite;
 pub mod fault_suite;
 pub mod multipath_suite;
+pub mod sim;
 
 use rtrs_poll::fabric::{Address, Memory};
 use std::sync::atomic::{AtomicU32, Ordering};

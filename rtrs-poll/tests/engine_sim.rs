@@ -1,0 +1,317 @@
+//! The engine's heartbeat, reconnect, failover and storm on virtual time
+//! (`common::sim`): the kernel's own timings (5 s beats, 5 missed, 30 s
+//! reconnect delay, 1 s backoff), every control stepped from this thread,
+//! the fault fabric's clock moved with the world's. A minute of protocol
+//! time takes milliseconds; nothing depends on the machine being idle, and
+//! two runs of one scenario give the same timeline.
+
+mod common;
+
+use common::sim::{kernel_cfg, small_srv, Sim};
+use rtrs_poll::clt::{CltEvent, PathState};
+use rtrs_poll::fabric::fault::{CmEventKind, Count, LinkFaults, Side};
+use rtrs_poll::fabric::Address;
+use rtrs_poll::sess::DownReason;
+use rtrs_poll::srv::SrvEvent;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+fn addr(tag: &str) -> Address {
+    static N: AtomicU32 = AtomicU32::new(0);
+    Address::Shm(format!(
+        "sim-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+const S: Duration = Duration::from_secs(1);
+
+/// What `from` sends on a link vanishes, and so do its disconnects: a cut
+/// cable, or a hung host, seen from the other side.
+fn silence(link: &LinkFaults, from: Side) {
+    link.black_hole(from.sends());
+    let to = match from {
+        Side::Clt => Side::Srv,
+        Side::Srv => Side::Clt,
+    };
+    link.lose_cm_events(to, CmEventKind::Disconnected, Count::UntilCleared);
+}
+
+fn cut(link: &LinkFaults) {
+    silence(link, Side::Clt);
+    silence(link, Side::Srv);
+}
+
+fn mend(link: &LinkFaults) {
+    link.clear();
+}
+
+fn state(sim: &mut Sim, c: usize, path: usize) -> PathState {
+    sim.client(c).clt.paths()[path].state()
+}
+
+#[test]
+fn a_silent_server_is_declared_dead_on_the_kernels_schedule() {
+    let mut sim = Sim::new();
+    let a = addr("srv-silent");
+    sim.add_server(std::slice::from_ref(&a), small_srv(), 1 << 20);
+    let c = sim
+        .open_client(kernel_cfg("sim-silent", vec![a.clone()]), 10 * S)
+        .unwrap();
+    // Some IO, then the server goes silent: no error, no event, nothing.
+    sim.run_until(S, |s| s.write_io(c, 0, 4, 4096, 64).0 > 0);
+    sim.run_for(2 * S);
+    silence(&sim.faults.link(&a), Side::Srv);
+    let t0 = sim.elapsed();
+    let took = sim
+        .run_until(60 * S, |s| state(s, c, 0) != PathState::Connected)
+        .expect("declared dead within a minute");
+    let why = sim.client(c).clt.paths()[0].last_reason();
+    assert!(matches!(why, Some(DownReason::Heartbeat { .. })), "{why:?}");
+    // The kernel's rule: dead on the 7th timer run after the last message
+    // in: 30-35 s (its IO in flight was the last message at the latest).
+    assert!(
+        (30 * S..=36 * S).contains(&took),
+        "declared dead {took:?} after going silent (at {t0:?})"
+    );
+}
+
+#[test]
+fn a_silent_client_is_declared_dead_by_the_server() {
+    let mut sim = Sim::new();
+    let a = addr("clt-silent");
+    let srv = sim.add_server(std::slice::from_ref(&a), small_srv(), 1 << 20);
+    let c = sim
+        .open_client(kernel_cfg("sim-clt-silent", vec![a.clone()]), 10 * S)
+        .unwrap();
+    sim.run_for(S);
+    silence(&sim.faults.link(&a), Side::Clt);
+    let events = &sim.servers[srv].as_ref().unwrap().events;
+    while events.try_recv().is_ok() {}
+    let mut closed = None;
+    let took = sim
+        .run_until(60 * S, |s| {
+            let ev = &s.servers[srv].as_ref().unwrap().events;
+            for e in ev.try_iter() {
+                if let SrvEvent::PathClosed(p) = e {
+                    closed = Some(p);
+                }
+            }
+            closed.is_some()
+        })
+        .expect("closed within a minute");
+    let p = closed.unwrap();
+    assert!(
+        matches!(p.reason, DownReason::Heartbeat { .. }),
+        "{:?}",
+        p.reason
+    );
+    assert!((30 * S..=36 * S).contains(&took), "closed {took:?} after");
+    let _ = c;
+}
+
+#[test]
+fn a_mended_path_reconnects_on_the_kernels_schedule() {
+    let mut sim = Sim::new();
+    let a = addr("reconnect");
+    sim.add_server(std::slice::from_ref(&a), small_srv(), 1 << 20);
+    let c = sim
+        .open_client(kernel_cfg("sim-reconnect", vec![a.clone()]), 10 * S)
+        .unwrap();
+    let link = sim.faults.link(&a);
+    cut(&link);
+    sim.run_until(60 * S, |s| state(s, c, 0) != PathState::Connected)
+        .expect("declared dead");
+    let events = sim.client(c).take_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, CltEvent::PathDown { .. })),
+        "{events:?}"
+    );
+    mend(&link);
+    let took = sim
+        .run_until(120 * S, |s| state(s, c, 0) == PathState::Connected)
+        .expect("reconnected");
+    // The delay (30 s) + 0-7 ms jitter, then the 1 s backoff: the first
+    // attempt finds the link mended.
+    assert!(
+        (31 * S..31 * S + 200 * Duration::from_millis(1)).contains(&took),
+        "reconnected {took:?} after the detection"
+    );
+    let events = sim.client(c).take_events();
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            CltEvent::PathUp {
+                reconnect: true,
+                ..
+            }
+        )),
+        "{events:?}"
+    );
+    // And it carries IO again, verified.
+    sim.run_until(5 * S, |s| s.write_io(c, 0, 8, 4096, 64).0 >= 32)
+        .expect("IO after the reconnect");
+}
+
+#[test]
+fn a_cut_path_fails_over_with_every_io_once_and_comes_back() {
+    let mut sim = Sim::new();
+    let (a, b) = (addr("fo-a"), addr("fo-b"));
+    sim.add_server(&[a.clone(), b.clone()], small_srv(), 1 << 20);
+    let c = sim
+        .open_client(
+            kernel_cfg("sim-failover", vec![a.clone(), b.clone()]),
+            10 * S,
+        )
+        .unwrap();
+    let mut ok = 0u64;
+    sim.run_until(2 * S, |s| {
+        ok += s.write_io(c, 0, 8, 4096, 256).0;
+        ok > 200
+    })
+    .expect("IO on both paths");
+    let link = sim.faults.link(&a);
+    cut(&link);
+    // IO goes on over path 2 from the cut, the cut path's IO waits for the
+    // detection and then moves over; nothing fails, nothing twice
+    // (write_io panics on a second completion).
+    let (mut during, mut errors) = (0u64, 0u64);
+    let detected = sim
+        .run_until(60 * S, |s| {
+            let (o, e) = s.write_io(c, 0, 8, 4096, 256);
+            during += o;
+            errors += e;
+            state(s, c, 0) != PathState::Connected
+        })
+        .expect("path 1 declared dead");
+    assert!(
+        (30 * S..=36 * S).contains(&detected),
+        "detected after {detected:?}"
+    );
+    assert!(
+        during > 1000,
+        "IO went on over path 2 while path 1 was cut: {during}"
+    );
+    mend(&link);
+    sim.run_until(120 * S, |s| {
+        errors += s.write_io(c, 0, 8, 4096, 256).1;
+        state(s, c, 0) == PathState::Connected
+    })
+    .expect("path 1 back");
+    let before = sim.client(c).clt.paths()[0].stats().ios;
+    sim.run_until(10 * S, |s| {
+        errors += s.write_io(c, 0, 8, 4096, 256).1;
+        s.client(c).clt.paths()[0].stats().ios > before + 100
+    })
+    .expect("path 1 carries IO again");
+    assert_eq!(errors, 0, "no IO failed");
+    let paths = sim.client(c).clt.paths();
+    assert!(paths[0].stats().failovers > 0, "IO moved off the cut path");
+    assert_eq!(
+        paths[1].stats().hb_missed_peak,
+        0,
+        "the healthy path never missed a beat"
+    );
+}
+
+/// A timeline: every client event with its virtual time (ms).
+fn storm_timeline(sessions: usize, clients: usize) -> Vec<String> {
+    let mut sim = Sim::new();
+    let (a, b) = (addr("storm-a"), addr("storm-b"));
+    let srv_cfg = rtrs_poll::srv::SrvConfig {
+        limits: rtrs_poll::srv::Limits {
+            max_sessions_per_host: sessions + 1,
+            prealloc_sessions: 0,
+            ..Default::default()
+        },
+        ..small_srv()
+    };
+    let srv = sim.add_server(&[a.clone(), b.clone()], srv_cfg.clone(), 4 << 20);
+    // Sessions from several client processes: a fabric (CM, memory) each.
+    let mut ids = Vec::new();
+    for i in 0..sessions {
+        let cfg = kernel_cfg(
+            &format!("storm{}-{i}", i % clients),
+            vec![a.clone(), b.clone()],
+        );
+        match sim.open_client(cfg, 10 * S) {
+            Ok(c) => ids.push(c),
+            Err(e) => {
+                let ev = &sim.servers[srv].as_ref().unwrap().events;
+                let seen: Vec<SrvEvent> = ev.try_iter().collect();
+                panic!("session {i}: {e}; the server's events: {seen:#?}");
+            }
+        }
+    }
+    for &c in &ids {
+        sim.run_until(S, |s| s.write_io(c, srv, 2, 4096, 8).0 > 0)
+            .expect("IO");
+    }
+    let mut lines = Vec::new();
+    // The server dies and comes back (a restart: a new process, nothing
+    // of the old one left).
+    sim.kill_server(srv);
+    let killed = sim.elapsed();
+    sim.run_for(5 * S);
+    let srv2 = sim.add_server(&[a.clone(), b.clone()], srv_cfg, 4 << 20);
+    let all_back = sim
+        .run_until(120 * S, |s| {
+            ids.iter().all(|&c| {
+                let p = s.client(c).clt.paths();
+                p.iter().all(|p| p.state() == PathState::Connected)
+            })
+        })
+        .expect("every session back");
+    let back_after = sim.elapsed() - killed;
+    // Within twice the reconnect delay of the kill, and none refused in a
+    // loop.
+    assert!(
+        back_after <= 60 * S,
+        "back {back_after:?} after the kill ({all_back:?} after the restart)"
+    );
+    let refused = sim.servers[srv2]
+        .as_ref()
+        .unwrap()
+        .srv
+        .as_ref()
+        .unwrap()
+        .counters()
+        .refused_total();
+    assert!(
+        refused <= 2 * sessions as u64,
+        "{refused} refusals for {sessions} sessions"
+    );
+    for &c in &ids {
+        for e in sim.client(c).take_events() {
+            lines.push(format!("{c} {e}"));
+        }
+        let (mut ok, mut err) = (0, 0);
+        sim.run_until(5 * S, |s| {
+            let (o, e) = s.write_io(c, srv2, 2, 4096, 8);
+            ok += o;
+            err += e;
+            ok >= 8
+        })
+        .expect("verified IO after the restart");
+        assert_eq!(err, 0);
+    }
+    lines.push(format!("all back at +{} ms", back_after.as_millis()));
+    lines
+}
+
+#[test]
+fn a_reconnect_storm_brings_every_session_back() {
+    let t = storm_timeline(64, 4);
+    eprintln!("{}", t.last().unwrap());
+}
+
+#[test]
+fn the_same_scenario_gives_the_same_timeline() {
+    let one = storm_timeline(4, 2);
+    let two = storm_timeline(4, 2);
+    assert_eq!(one.len(), two.len(), "{one:#?}\n{two:#?}");
+    assert_eq!(one.last(), two.last(), "{one:#?}\n{two:#?}");
+}
