@@ -89,6 +89,10 @@ pub struct CltConfig {
     pub read_keys: ReadKeys,
     /// A housekeeping CPU for the control thread; `None`: unpinned.
     pub control_cpu: Option<usize>,
+    /// Where the session's uuids and its reconnect jitter come from: a
+    /// fixed seed makes a run reproducible (simulations, tests); `None`
+    /// (the default): random, as two clients must never share a uuid.
+    pub seed: Option<u64>,
 }
 
 /// How the client exposes its read buffers (one per permit) to the server.
@@ -146,6 +150,7 @@ impl CltConfig {
             hb_missed_max: crate::sess::hb::HB_MISSED_MAX,
             read_keys: ReadKeys::default(),
             control_cpu: None,
+            seed: None,
         }
     }
 }
@@ -397,6 +402,30 @@ impl<F: Fabric> std::fmt::Debug for Client<F> {
     }
 }
 
+/// An operator command on its way: the control answers once it has done
+/// it (a path up, say). [`Call::wait`] blocks for the answer; [`Call::poll`]
+/// does not, for a caller that steps the control itself.
+#[derive(Debug)]
+pub struct Call<T> {
+    rx: std::sync::mpsc::Receiver<Result<T, CltError>>,
+}
+
+impl<T> Call<T> {
+    /// The answer, waiting for it.
+    pub fn wait(self) -> Result<T, CltError> {
+        self.rx.recv().unwrap_or(Err(CltError::Gone))
+    }
+
+    /// The answer if it has come (`None`: not yet).
+    pub fn poll(&self) -> Option<Result<T, CltError>> {
+        match self.rx.try_recv() {
+            Ok(r) => Some(r),
+            Err(std::sync::mpsc::TryRecvError::Empty) => None,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(Err(CltError::Gone)),
+        }
+    }
+}
+
 /// A session being opened by a control the caller steps
 /// ([`Client::open_stepped`]).
 pub struct Opening<F: Fabric> {
@@ -534,7 +563,7 @@ impl<F: Fabric> Client<F> {
             pd.clone(),
             cm,
             cfg.clone(),
-            random_seed(),
+            cfg.seed.unwrap_or_else(random_seed),
             fabric.remote_invalidate(),
             shared.clone(),
             tx.clone(),
@@ -556,24 +585,35 @@ impl<F: Fabric> Client<F> {
         ))
     }
 
-    fn call<T>(&self, make: impl FnOnce(msg::Reply<T>) -> Cmd) -> Result<T, CltError> {
+    fn call<T>(&self, make: impl FnOnce(msg::Reply<T>) -> Cmd) -> Result<Call<T>, CltError> {
         let (rtx, rrx) = std::sync::mpsc::sync_channel(1);
         self.tx
             .push(CtlMsg::Cmd(make(rtx)))
             .map_err(|_| CltError::Busy)?;
-        rrx.recv().unwrap_or(Err(CltError::Gone))
+        Ok(Call { rx: rrx })
     }
 
     /// Adds a path to `addr` at runtime (the kernel's sysfs `add_path`):
     /// returns once it is up, or with why it could not come up (it is then
     /// removed again).
     pub fn add_path(&self, addr: Address) -> Result<PathId, CltError> {
+        self.begin_add_path(addr)?.wait()
+    }
+
+    /// [`Client::add_path`], its answer to come: for a caller that must not
+    /// wait (the thread that steps a control, [`Client::open_stepped`]).
+    pub fn begin_add_path(&self, addr: Address) -> Result<Call<PathId>, CltError> {
         self.call(|r| Cmd::AddPath(addr, r))
     }
 
     /// Removes a path (the kernel's `remove_path`): its IO in flight moves
     /// to the others. The last path cannot be removed (-EBUSY).
     pub fn remove_path(&self, id: PathId) -> Result<(), CltError> {
+        self.begin_remove_path(id)?.wait()
+    }
+
+    /// [`Client::remove_path`], its answer to come.
+    pub fn begin_remove_path(&self, id: PathId) -> Result<Call<()>, CltError> {
         self.call(|r| Cmd::RemovePath(id, r))
     }
 
@@ -581,6 +621,11 @@ impl<F: Fabric> Client<F> {
     /// IO in flight moves to the other paths; it stays down until
     /// [`Client::reconnect_path`].
     pub fn disconnect_path(&self, id: PathId) -> Result<(), CltError> {
+        self.begin_disconnect_path(id)?.wait()
+    }
+
+    /// [`Client::disconnect_path`], its answer to come.
+    pub fn begin_disconnect_path(&self, id: PathId) -> Result<Call<()>, CltError> {
         self.call(|r| Cmd::Disconnect(id, r))
     }
 
@@ -588,6 +633,11 @@ impl<F: Fabric> Client<F> {
     /// 1 s backoff); returns once it is up, or why the attempt failed.
     /// -EBUSY while it is connecting.
     pub fn reconnect_path(&self, id: PathId) -> Result<(), CltError> {
+        self.begin_reconnect_path(id)?.wait()
+    }
+
+    /// [`Client::reconnect_path`], its answer to come.
+    pub fn begin_reconnect_path(&self, id: PathId) -> Result<Call<()>, CltError> {
         self.call(|r| Cmd::Reconnect(id, r))
     }
 

@@ -28,7 +28,7 @@ use crate::proto::{
 };
 use crate::sess::DownReason;
 use minstant::Instant;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -91,7 +91,7 @@ pub(crate) struct SrvControl<F: Fabric, H: Handler> {
     pub(crate) place: Place,
     m: SrvMachine,
     sessions: HashMap<[u8; 16], SessMem>,
-    paths: HashMap<u64, Arc<SrvPath<F>>>,
+    paths: BTreeMap<u64, Arc<SrvPath<F>>>,
     /// What each listener listens on: a path's PD is on that address's
     /// device.
     listeners: HashMap<ConnId, Address>,
@@ -166,7 +166,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             make_handler,
             place,
             sessions: HashMap::new(),
-            paths: HashMap::new(),
+            paths: BTreeMap::new(),
             service: Vec::new(),
             unplaced: std::collections::VecDeque::new(),
             shared,

@@ -23,7 +23,7 @@ use crate::fabric::{CmRefusal, ConnId, WcStatus};
 use crate::proto::ConnReqRepr;
 use crate::sess::DownReason;
 use minstant::Instant;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 /// At most one refusal log line per kind this often.
@@ -70,7 +70,7 @@ impl SessRec {
 /// Everything the server holds, by session (`paths_uuid`).
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    pub(crate) sessions: HashMap<[u8; 16], SessRec>,
+    pub(crate) sessions: BTreeMap<[u8; 16], SessRec>,
 }
 
 impl Registry {
@@ -160,7 +160,7 @@ pub(crate) struct SrvMachine {
     cfg: SrvConfig,
     pub(crate) reg: Registry,
     /// Accepted connections: their session, path and cid.
-    cons: HashMap<ConnId, ([u8; 16], u64, u16)>,
+    cons: BTreeMap<ConnId, ([u8; 16], u64, u16)>,
     next_path: u64,
     /// The accept the driver is making: its session, path and cid.
     pending: Option<(ConnId, [u8; 16], PathRec, bool)>,
@@ -176,7 +176,7 @@ impl SrvMachine {
         SrvMachine {
             cfg,
             reg: Registry::default(),
-            cons: HashMap::new(),
+            cons: BTreeMap::new(),
             next_path: 0,
             pending: None,
             log_gate: HashMap::new(),

@@ -371,30 +371,6 @@ fn idle<F: Fabric>(c: &mut TestClient<F>, d: Duration) {
     }
 }
 
-pub fn idle_session_lives_on_heartbeats<B: Backend>() {
-    let (srv, mut c) = hb_pair::<B>("clt-idle");
-    assert_eq!(c.write(0, &[5; 512]), 0);
-    // 40 heartbeat intervals with no IO: far past the 7 that kill a silent path.
-    idle(&mut c, HB * 40);
-    let p = &c.clt.paths()[0];
-    assert_eq!(p.state(), PathState::Connected, "{:?}", p.last_reason());
-    assert!(
-        p.latency() > Duration::ZERO,
-        "heartbeat acks measured a round trip"
-    );
-    assert_eq!(c.write(512, &[6; 512]), 0);
-    drop(c);
-    let closed = srv.stop();
-    assert!(
-        closed
-            .iter()
-            .all(|p| !matches!(p.reason, DownReason::Heartbeat { .. })),
-        "{closed:?}"
-    );
-}
-
-/// Issue 12, the lazy clock: an idle connection's poll reads no clock, on
-/// the server (SrvCon) or the client (its core), once an IO went through.
 pub fn idle_polls_read_no_clock<B: Backend>() {
     let (srv, mut c) = hb_pair::<B>("clt-lazy-clock");
     assert_eq!(c.write(0, &[5; 512]), 0);
@@ -1201,13 +1177,6 @@ macro_rules! engine_tests {
                     return;
                 }
                 e::write_sg_gathers_registered_memory::<$backend>();
-            }
-            #[test]
-            fn idle_session_lives_on_heartbeats() {
-                if $crate::common::conformance::skip::<$backend>() {
-                    return;
-                }
-                e::idle_session_lives_on_heartbeats::<$backend>();
             }
             #[test]
             fn rnbd_over_rtrs() {

@@ -32,8 +32,9 @@ use std::time::Duration;
 /// The fabric of every party: shm under the fault wrapper.
 pub type SimFabric = FaultFabric<ShmFabric>;
 
-/// A turn with work moves the clock this much.
-const BUSY_STEP: Duration = Duration::from_millis(1);
+/// A turn with IO moves the clock this much (IO cares for no deadline:
+/// coarser steps only thin out the turns of a long run).
+const BUSY_STEP: Duration = Duration::from_millis(5);
 /// An idle turn moves it to the next deadline, at most this far.
 const IDLE_STEP_MAX: Duration = Duration::from_millis(100);
 /// Turns in a row at one time before it moves anyway (a control that
@@ -57,8 +58,8 @@ pub struct SimClient {
     pub cores: Vec<CltCore<SimFabric>>,
     pub events: Events,
     pub done: Vec<Completion>,
-    /// Writes in flight: tag -> (offset, seed of the data).
-    pub inflight: HashMap<u64, (u64, u64)>,
+    /// Writes in flight: tag -> (offset, the server it went to).
+    pub inflight: HashMap<u64, (u64, usize)>,
     next_tag: u64,
 }
 
@@ -263,6 +264,7 @@ impl Sim {
                         .filter_map(|c| c.ctl.as_ref().and_then(Stepper::poll_timeout)),
                 )
                 .chain(extra)
+                .chain(self.faults.clock().next_due().map(|d| self.t + d))
                 .min();
             next.map_or(IDLE_STEP_MAX, |n| n.saturating_duration_since(self.t))
                 .clamp(BUSY_STEP, IDLE_STEP_MAX)
@@ -304,8 +306,9 @@ impl Sim {
     /// Keeps `qd` verified writes of `bs` bytes in flight on client `i`
     /// core 0 over `blocks` blocks of its own (client `i`'s start at
     /// `i * blocks` blocks: sessions never share a block), and checks each one that
-    /// completes against the server's disk (`srv`); returns how many
-    /// completed, and how many of them with an error.
+    /// completes against the disk of the server it went to (`srv`, when it
+    /// was issued; a server killed since took its disk with it); returns
+    /// how many completed, and how many of them with an error.
     pub fn write_io(
         &mut self,
         i: usize,
@@ -314,13 +317,17 @@ impl Sim {
         bs: u32,
         blocks: u64,
     ) -> (u64, u64) {
-        let disk = self.servers[srv].as_ref().map(|s| s.disk.clone());
+        let disks: Vec<Option<Arc<Mutex<Vec<u8>>>>> = self
+            .servers
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.disk.clone()))
+            .collect();
         let now = self.t;
         let c = self.client(i);
         let mut ok = 0;
         let mut failed = 0;
         for d in std::mem::take(&mut c.done) {
-            let Some((off, seed)) = c.inflight.remove(&d.tag) else {
+            let Some((off, to)) = c.inflight.remove(&d.tag) else {
                 panic!(
                     "a completion of an IO not in flight (tag {}): completed twice?",
                     d.tag
@@ -328,15 +335,15 @@ impl Sim {
             };
             if d.errno == 0 {
                 ok += 1;
-                if let Some(disk) = &disk {
-                    let want = block(bs, seed);
+                if let Some(disk) = &disks[to] {
+                    let want = block(bs, d.tag);
                     let g = disk.lock().unwrap();
                     let have = &g[off as usize..off as usize + bs as usize];
-                    // A later write of the same block may have landed since.
-                    let newer = c.inflight.values().any(|&(o, _)| o == off);
                     assert!(
-                        newer || have == &want[..],
-                        "block at {off}: not what was written"
+                        have == &want[..],
+                        "block at {off}: not what write {} put there (it has write {}'s)",
+                        d.tag,
+                        u64::from_le_bytes(have[..8].try_into().unwrap())
                     );
                 }
             } else {
@@ -344,18 +351,25 @@ impl Sim {
             }
             c.cores[0].put_permit(d.permit);
         }
-        while c.inflight.len() < qd {
-            let Some(mut p) = c.cores[0].get_permit() else {
-                break;
-            };
+        // One write per block at a time: two in flight to one block may
+        // land in either order (a failed-over one comes later), and RTRS
+        // promises no order between them.
+        while c.inflight.len() < qd.min(blocks as usize) {
+            let busy: Vec<u64> = c.inflight.values().map(|&(o, _)| o).collect();
             let tag = c.next_tag;
             c.next_tag += 1;
             let off = (i as u64 * blocks + tag % blocks) * u64::from(bs);
+            if busy.contains(&off) {
+                continue;
+            }
+            let Some(mut p) = c.cores[0].get_permit() else {
+                break;
+            };
             let data = block(bs, tag);
             c.cores[0].buf(&mut p)[..bs as usize].copy_from_slice(&data);
             match c.cores[0].write(p, &usr(OP_IO, off), bs, tag, now) {
                 Ok(()) => {
-                    c.inflight.insert(tag, (off, tag));
+                    c.inflight.insert(tag, (off, srv));
                 }
                 Err((p, _)) => {
                     c.cores[0].put_permit(p);
@@ -394,6 +408,10 @@ impl SimClient {
 pub fn kernel_cfg(name: &str, paths: Vec<Address>) -> CltConfig {
     let mut cc = CltConfig::new(name, paths);
     cc.connect_timeout = Duration::from_secs(10);
+    // Reproducible: the seed from the name.
+    cc.seed = Some(name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    }));
     cc
 }
 

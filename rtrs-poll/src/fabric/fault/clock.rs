@@ -17,6 +17,10 @@ use std::time::Duration;
 pub struct Clock {
     base: Instant,
     manual: Option<Arc<AtomicU64>>,
+    /// A manual clock's pending deadlines (held completions and CM
+    /// events), so a simulation moves time to the next one instead of
+    /// past it.
+    dues: Option<Arc<std::sync::Mutex<std::collections::BinaryHeap<std::cmp::Reverse<u64>>>>>,
 }
 
 impl Default for Clock {
@@ -31,6 +35,7 @@ impl Clock {
         Clock {
             base: Instant::now(),
             manual: None,
+            dues: None,
         }
     }
 
@@ -39,6 +44,7 @@ impl Clock {
         Clock {
             base: Instant::now(),
             manual: Some(Arc::new(AtomicU64::new(0))),
+            dues: Some(Arc::default()),
         }
     }
 
@@ -62,6 +68,27 @@ impl Clock {
             .as_ref()
             .expect("only a manual clock can be advanced");
         m.fetch_add(nanos(by), Ordering::AcqRel);
+    }
+
+    /// How long until the next thing a fault holds is due (a manual clock
+    /// only; `None`: nothing held, or the real clock).
+    pub fn next_due(&self) -> Option<Duration> {
+        let dues = self.dues.as_ref()?;
+        let now = self.now_ns();
+        let mut h = dues.lock().unwrap_or_else(|e| e.into_inner());
+        while h.peek().is_some_and(|d| d.0 <= now) {
+            h.pop();
+        }
+        h.peek().map(|d| Duration::from_nanos(d.0 - now))
+    }
+
+    /// Something is held until `due_ns` (noted on a manual clock).
+    pub(super) fn note_due(&self, due_ns: u64) {
+        if let Some(dues) = &self.dues {
+            dues.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(std::cmp::Reverse(due_ns));
+        }
     }
 
     /// Nanoseconds since the clock was made.

@@ -6,7 +6,7 @@
 use super::link::{CmEventKind, CmVerdict, Ctr, Faults, LinkState, Side};
 use super::{FaultFabric, FaultQp};
 use crate::fabric::{Address, Cm, CmEvent, ConnId, Fabric, FabricError, PrivateData, Result};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +28,8 @@ struct HeldEvent {
 pub struct FaultCm<F: Fabric> {
     inner: F::Cm,
     faults: Faults,
-    listeners: HashMap<ConnId, Arc<LinkState>>,
-    conns: HashMap<ConnId, (Arc<LinkState>, Side)>,
+    listeners: BTreeMap<ConnId, Arc<LinkState>>,
+    conns: BTreeMap<ConnId, (Arc<LinkState>, Side)>,
     /// Outcomes of refused connects.
     ready: VecDeque<CmEvent>,
     held: VecDeque<HeldEvent>,
@@ -51,8 +51,8 @@ impl<F: Fabric> FaultCm<F> {
         FaultCm {
             inner,
             faults,
-            listeners: HashMap::new(),
-            conns: HashMap::new(),
+            listeners: BTreeMap::new(),
+            conns: BTreeMap::new(),
             ready: VecDeque::new(),
             held: VecDeque::new(),
             next_own: 0,
@@ -177,6 +177,7 @@ impl<F: Fabric> Cm<FaultFabric<F>> for FaultCm<F> {
             CmVerdict::Pass if self.held.iter().any(|h| Arc::ptr_eq(&h.link, &link)) => now,
             CmVerdict::Pass => return Ok(Some(ev)),
         };
+        self.faults.clock().note_due(due_ns);
         self.held.push_back(HeldEvent { ev, link, due_ns });
         Ok(self.take_due())
     }

@@ -279,6 +279,7 @@ impl<F: Fabric> FaultCq<F> {
             c.hold(ring, pos);
         }
         q.held[k] += 1;
+        self.clock.note_due(due_ns);
         self.held.push_back(Held {
             wc,
             recv,

@@ -9,7 +9,7 @@
 //! ```
 
 use crate::fabric::{CmEvent, ConnId, FabricError, PrivateData, Result, MAX_PRIVATE_DATA};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 /// Bytes of every CM message.
 pub(crate) const MSG_LEN: usize = 96;
@@ -91,7 +91,7 @@ impl Layout {
 /// Connection `id` of a CM's table when `ok` says it is in the state the
 /// call needs, else `Unknown { what, id }`.
 pub(crate) fn conn_in<'a, C>(
-    conns: &'a mut HashMap<ConnId, C>,
+    conns: &'a mut BTreeMap<ConnId, C>,
     id: ConnId,
     what: &'static str,
     ok: impl Fn(&C) -> bool,

@@ -21,7 +21,7 @@
 use super::{Link, QpShared, ShmFabric, ShmQp};
 use crate::fabric::soft::cm::{conn_in, disconnected, u32_at, u64_at, Layout, MSG_LEN};
 use crate::fabric::{Address, Cm, CmEvent, CmRefusal, ConnId, FabricError, PrivateData, Result};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,8 +136,8 @@ struct Conn {
 /// The shm connection manager (runs on the slow-path thread).
 pub struct ShmCm {
     next_id: u64,
-    listeners: HashMap<ConnId, (OwnedFd, String)>,
-    conns: HashMap<ConnId, Conn>,
+    listeners: BTreeMap<ConnId, (OwnedFd, String)>,
+    conns: BTreeMap<ConnId, Conn>,
     events: VecDeque<CmEvent>,
 }
 
@@ -256,8 +256,8 @@ impl ShmCm {
     pub fn new() -> ShmCm {
         ShmCm {
             next_id: 1,
-            listeners: HashMap::new(),
-            conns: HashMap::new(),
+            listeners: BTreeMap::new(),
+            conns: BTreeMap::new(),
             events: VecDeque::new(),
         }
     }

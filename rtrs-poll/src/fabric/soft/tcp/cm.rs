@@ -36,7 +36,7 @@ use crate::fabric::soft::cm::{conn_in, disconnected, u32_at, Layout};
 use crate::fabric::{
     Address, Admit, Cm, CmEvent, CmRefusal, ConnId, FabricError, PrivateData, QpState, Result,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::net::IpAddr;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -281,8 +281,8 @@ impl Conn {
 /// The tcp connection manager (runs on the slow-path thread).
 pub struct TcpCm {
     next_id: u64,
-    listeners: HashMap<ConnId, TcpListener>,
-    conns: HashMap<ConnId, Conn>,
+    listeners: BTreeMap<ConnId, TcpListener>,
+    conns: BTreeMap<ConnId, Conn>,
     events: VecDeque<CmEvent>,
     cfg: CmConfig,
     admit: Option<Admit>,
@@ -290,7 +290,7 @@ pub struct TcpCm {
     /// process runs out (EMFILE).
     spare: Option<std::fs::File>,
     /// Listeners resting after running out of descriptors, until when.
-    resting: HashMap<ConnId, Instant>,
+    resting: BTreeMap<ConnId, Instant>,
     /// Out of descriptors now (logged once per episode).
     starved: bool,
     /// Every listener and connection is registered here (level-triggered,
@@ -298,7 +298,7 @@ pub struct TcpCm {
     /// (a thousand idle connections cost the control thread nothing).
     ep: OwnedFd,
     /// Listeners' registered interest (0: resting).
-    listen_armed: HashMap<ConnId, u32>,
+    listen_armed: BTreeMap<ConnId, u32>,
 }
 
 impl std::fmt::Debug for TcpCm {
@@ -377,15 +377,15 @@ impl TcpCm {
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
         Ok(TcpCm {
             ep,
-            listen_armed: HashMap::new(),
+            listen_armed: BTreeMap::new(),
             next_id: 1,
-            listeners: HashMap::new(),
-            conns: HashMap::new(),
+            listeners: BTreeMap::new(),
+            conns: BTreeMap::new(),
             events: VecDeque::new(),
             cfg,
             admit: None,
             spare: None,
-            resting: HashMap::new(),
+            resting: BTreeMap::new(),
             starved: false,
         })
     }
