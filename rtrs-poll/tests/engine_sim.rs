@@ -481,3 +481,74 @@ fn an_idle_session_lives_on_heartbeats() {
     sim.run_until(S, |s| s.write_io(c, 0, 1, 4096, 8).0 > 0)
         .expect("IO after the idle time");
 }
+
+/// One session whose paths have `cons` connections each, as the kernel's
+/// client makes them on a host of `cons - 1` CPUs: verified IO reaches
+/// every connection of both paths.
+fn crowd(cons: u16) {
+    let mut sim = Sim::new();
+    let (a, b) = (addr("crowd-a"), addr("crowd-b"));
+    let srv = sim.add_server(&[a.clone(), b.clone()], small_srv(), 1 << 20);
+    let mut cc = kernel_cfg(&format!("sim-crowd{cons}"), vec![a, b]);
+    cc.connections = Some(cons);
+    let c = sim.open_client(cc, 30 * S).unwrap();
+    let s = sim.servers[srv]
+        .as_ref()
+        .unwrap()
+        .srv
+        .as_ref()
+        .unwrap()
+        .paths();
+    assert_eq!(s.len(), 2);
+    for p in &s {
+        assert_eq!(p.connections().0, cons, "connections of a path");
+    }
+    let every = |s: &[std::sync::Arc<rtrs_poll::srv::SrvPath<common::sim::SimFabric>>]| {
+        s.iter()
+            .all(|p| (1..cons).all(|cid| p.stats().con_totals(cid).writes > 0))
+    };
+    let mut err = 0;
+    sim.run_until(60 * S, |x| {
+        err += x.write_io(c, srv, 16, 4096, 32).1;
+        every(&s)
+    })
+    .unwrap_or_else(|| panic!("IO on every connection of {cons}"));
+    assert_eq!(err, 0);
+}
+
+#[test]
+fn sessions_of_65_and_129_connections_per_path() {
+    crowd(65);
+    crowd(129);
+}
+
+#[test]
+fn sixty_four_sessions_of_two_paths_at_once() {
+    let mut sim = Sim::new();
+    let (a, b) = (addr("crowd64-a"), addr("crowd64-b"));
+    let cfg = rtrs_poll::srv::SrvConfig {
+        limits: rtrs_poll::srv::Limits {
+            max_sessions_per_host: 64,
+            ..Default::default()
+        },
+        ..small_srv()
+    };
+    let srv = sim.add_server(&[a.clone(), b.clone()], cfg, 4 << 20);
+    let ids: Vec<usize> = (0..64)
+        .map(|i| {
+            let cc = kernel_cfg(&format!("sim-crowd64-{i}"), vec![a.clone(), b.clone()]);
+            sim.open_client(cc, 10 * S).unwrap()
+        })
+        .collect();
+    let server = sim.servers[srv].as_ref().unwrap().srv.as_ref().unwrap();
+    assert_eq!(server.counters().sessions().0, 64);
+    assert_eq!(server.paths().len(), 128);
+    for &c in &ids {
+        let mut ok = 0;
+        sim.run_until(5 * S, |x| {
+            ok += x.write_io(c, srv, 4, 4096, 8).0;
+            ok >= 16
+        })
+        .expect("verified IO on every session");
+    }
+}

@@ -29,6 +29,9 @@ pub struct CltCon<F: Fabric> {
     /// core's failure report names it, so a stale report is ignored.
     pub(crate) epoch: u16,
     pub(crate) signal: Signal,
+    /// The key the server's last SEND_WITH_INV on this connection named
+    /// (it comes just before the response of the read it ends).
+    pub(crate) inv_seen: u32,
 }
 
 impl<F: Fabric> std::fmt::Debug for CltCon<F> {
@@ -61,6 +64,7 @@ impl<F: Fabric> CltCon<F> {
             nrecv,
             epoch,
             signal,
+            inv_seen: 0,
         })
     }
 

@@ -201,12 +201,13 @@ struct CorePath<F: Fabric> {
     path: Arc<CltPath>,
     mem: Arc<PathMem<F>>,
     first_device: bool,
-    con: Option<CltCon<F>>,
+    /// This core's connections of the path (one, or several where the
+    /// path has more connections than the session has cores), taken in
+    /// turn.
+    cons: Vec<CltCon<F>>,
+    next_con: usize,
     reqs: Box<[Req]>,
     recvs: u64,
-    /// The key the server's last SEND_WITH_INV named (it comes just before
-    /// the response of the read it ends).
-    inv_seen: u32,
 }
 
 /// One core's side of a client session.
@@ -293,15 +294,15 @@ impl<F: Fabric> CltCore<F> {
                     path,
                     mem,
                     first_device,
-                    con: None,
+                    cons: Vec::new(),
+                    next_con: 0,
                     reqs,
                     recvs: 0,
-                    inv_seen: 0,
                 });
             }
-            CoreMsg::Con(slot, con) => {
+            CoreMsg::Cons(slot, cons) => {
                 if let Some(Some(p)) = self.paths.get_mut(slot) {
-                    p.con = Some(con);
+                    p.cons = cons;
                 }
             }
             CoreMsg::Drop(slot) => self.retire(slot, now, done),
@@ -512,7 +513,7 @@ impl<F: Fabric> CltCore<F> {
                 Some(p) => PathView {
                     // A connection of an older round (its teardown not yet
                     // taken from the inbox) is not the path's.
-                    connected: p.con.as_ref().is_some_and(|c| c.epoch == p.path.epoch())
+                    connected: p.cons.first().is_some_and(|c| c.epoch == p.path.epoch())
                         && p.path.state() == PathState::Connected,
                     inflight: p.path.inflight(),
                     latency: p.path.latency(),
@@ -562,7 +563,12 @@ impl<F: Fabric> CltCore<F> {
             rbuf.addr.load(Ordering::Acquire),
             rbuf.rkey.load(Ordering::Acquire),
         );
-        let con = p.con.as_mut().ok_or(CltError::NoPath)?;
+        if p.cons.is_empty() {
+            return Err(CltError::NoPath);
+        }
+        let k = p.next_con % p.cons.len();
+        p.next_con = p.next_con.wrapping_add(1);
+        let con = &mut p.cons[k];
         let read = req.dir == Dir::Read && req.len > 0;
         // A per-IO read key: the buffer's next key, bound by a re-key at the
         // head of this request's chain (on rdma a type-2 window bound to
@@ -654,22 +660,30 @@ impl<F: Fabric> CltCore<F> {
             }
         }
         for slot in 0..self.paths.len() {
-            let Some(Some(p)) = self.paths.get_mut(slot) else {
-                continue;
-            };
-            let Some(con) = p.con.as_mut() else { continue };
-            let n = con.poll(&mut self.wcs);
-            if n == 0 {
-                continue;
-            }
-            work += n;
-            for k in 0..n {
-                let wc = self.wcs[k];
-                if let Err(why) = self.on_wc(slot, wc, done) {
-                    self.path_failed(slot, why, now, done);
+            let mut got = 0;
+            let mut ci = 0;
+            while let Some(Some(p)) = self.paths.get_mut(slot) {
+                let Some(con) = p.cons.get_mut(ci) else { break };
+                let n = con.poll(&mut self.wcs);
+                got += n;
+                let mut failed = false;
+                for k in 0..n {
+                    let wc = self.wcs[k];
+                    if let Err(why) = self.on_wc(slot, ci, wc, done) {
+                        self.path_failed(slot, why, now, done);
+                        failed = true;
+                        break;
+                    }
+                }
+                if failed {
                     break;
                 }
+                ci += 1;
             }
+            if got == 0 {
+                continue;
+            }
+            work += got;
             if let Some(Some(p)) = self.paths.get(slot) {
                 p.path.cores[self.core as usize]
                     .recvs
@@ -689,14 +703,14 @@ impl<F: Fabric> CltCore<F> {
         now: Instant,
         done: &mut dyn FnMut(Completion),
     ) {
-        let Some(con) = self.drop_path(slot, now, done) else {
+        let Some(cons) = self.drop_path(slot, now, done) else {
             return;
         };
         self.unsent.push(CtlMsg::PathFailed {
             slot,
-            epoch: con.epoch,
+            epoch: cons[0].epoch,
             reason: why,
-            con,
+            cons,
         });
         self.send_reports();
     }
@@ -704,8 +718,8 @@ impl<F: Fabric> CltCore<F> {
     /// The control thread tore path `slot` down: its IO moves over and its
     /// connection goes back to be destroyed off the core.
     fn retire(&mut self, slot: usize, now: Instant, done: &mut dyn FnMut(Completion)) {
-        if let Some(con) = self.drop_path(slot, now, done) {
-            self.unsent.push(CtlMsg::Retired(con));
+        if let Some(cons) = self.drop_path(slot, now, done) {
+            self.unsent.push(CtlMsg::Retired(cons));
             self.send_reports();
         }
     }
@@ -725,13 +739,14 @@ impl<F: Fabric> CltCore<F> {
     fn on_wc(
         &mut self,
         slot: usize,
+        ci: usize,
         wc: Wc,
         done: &mut dyn FnMut(Completion),
     ) -> Result<(), DownReason> {
         let Some(Some(p)) = self.paths.get_mut(slot) else {
             return Ok(());
         };
-        let Some(con) = p.con.as_mut() else {
+        let Some(con) = p.cons.get_mut(ci) else {
             return Ok(());
         };
         let cid = con.cid;
@@ -765,7 +780,7 @@ impl<F: Fabric> CltCore<F> {
         if !wc.with_imm {
             // SEND_WITH_INV: the type-2 response follows.
             if wc.with_inv {
-                p.inv_seen = wc.invalidated_rkey;
+                con.inv_seen = wc.invalidated_rkey;
             }
             return Ok(());
         }
@@ -790,7 +805,8 @@ impl<F: Fabric> CltCore<F> {
                         .rkey
                         .store(rkey, Ordering::Release);
                 }
-                self.complete(slot, msg_id, errno, inval, done);
+                let seen = std::mem::take(&mut con.inv_seen);
+                self.complete(slot, msg_id, errno, (inval, seen), done);
                 Ok(())
             }
             // The kernel answers a heartbeat on whatever connection it came.
@@ -803,12 +819,15 @@ impl<F: Fabric> CltCore<F> {
         }
     }
 
+    /// Completes request `msg_id` of path `slot`; `(inval, seen)`: the
+    /// response said its read key was invalidated, and the key the
+    /// connection's last SEND_WITH_INV named (it comes just before).
     fn complete(
         &mut self,
         slot: usize,
         msg_id: u32,
         errno: i32,
-        inval: bool,
+        (inval, seen): (bool, u32),
         done: &mut dyn FnMut(Completion),
     ) {
         let Some(Some(p)) = self.paths.get_mut(slot) else {
@@ -827,7 +846,6 @@ impl<F: Fabric> CltCore<F> {
         let r = *req;
         if r.dir == Dir::Read && r.len > 0 && self.sess.per_io_keys {
             let mr = &p.mem.rd_mrs[msg_id as usize];
-            let seen = std::mem::take(&mut p.inv_seen);
             if !(inval && mr.peer_invalidated(seen)) {
                 // Not invalidated by the server (not asked: a fabric whose
                 // peers cannot; or asked and not done, or another key
@@ -880,20 +898,23 @@ impl<F: Fabric> CltCore<F> {
         }
     }
 
-    /// The path's connection on this core is gone: its requests go to
+    /// The path's connections on this core are gone: its requests go to
     /// another path (same permit, same chunk id), or fail with
-    /// -ECONNABORTED when none is left. Returns the connection.
+    /// -ECONNABORTED when none is left. Returns the connections.
     fn drop_path(
         &mut self,
         slot: usize,
         now: Instant,
         done: &mut dyn FnMut(Completion),
-    ) -> Option<CltCon<F>> {
+    ) -> Option<Vec<CltCon<F>>> {
         let _ = now;
         let Some(Some(p)) = self.paths.get_mut(slot) else {
             return None;
         };
-        let con = p.con.take()?;
+        if p.cons.is_empty() {
+            return None;
+        }
+        let cons = std::mem::take(&mut p.cons);
         let path = p.path.clone();
         let c = &path.cores[self.core as usize];
         for buf_id in 0..self.sess.queue_depth {
@@ -923,7 +944,7 @@ impl<F: Fabric> CltCore<F> {
                 self.deliver(req.remote, done_c, done);
             }
         }
-        Some(con)
+        Some(cons)
     }
 
     /// Requests in flight on this core.

@@ -609,10 +609,18 @@ impl<F: Fabric> CltControl<F> {
                 sh.reconnects.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let io = std::mem::take(&mut p.io);
-        for (k, con) in io.into_iter().enumerate() {
+        // Connection cid to core (cid - 1) % cores: one each, or several
+        // where the path has more connections than the session has cores.
+        let mut per: Vec<Vec<CltCon<F>>> = (0..self.cores.len()).map(|_| Vec::new()).collect();
+        for con in std::mem::take(&mut p.io) {
+            let k = (usize::from(con.cid).max(1) - 1) % per.len().max(1);
+            if let Some(v) = per.get_mut(k) {
+                v.push(con);
+            }
+        }
+        for (k, cons) in per.into_iter().enumerate() {
             if let Some(c) = self.cores.get_mut(k) {
-                c.send(k, CoreMsg::Con(slot, con));
+                c.send(k, CoreMsg::Cons(slot, cons));
             }
         }
     }
@@ -769,12 +777,12 @@ impl<F: Fabric> pollers::Control for CltControl<F> {
                 slot,
                 epoch,
                 reason,
-                con,
+                cons,
             } => {
                 self.m.core_failed(slot, epoch, reason, now);
                 self.run(now);
-                // After the teardown's CM disconnect: the QP goes last.
-                drop(con);
+                // After the teardown's CM disconnect: the QPs go last.
+                drop(cons);
             }
             CtlMsg::Cmd(c) => self.command(c, now),
         }

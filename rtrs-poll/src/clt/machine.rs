@@ -231,7 +231,7 @@ impl SessMachine {
 
     /// The connections per path (cid 0 and the IO connections).
     pub(crate) fn cid_num(&self) -> u16 {
-        self.cfg.cores as u16 + 1
+        self.cfg.cid_num()
     }
 
     fn live(&self) -> impl Iterator<Item = &Slot> {

@@ -70,8 +70,15 @@ pub struct CltConfig {
     pub sessname: String,
     /// The server's addresses, one path each.
     pub paths: Vec<Address>,
-    /// IO connections per path (one per core).
+    /// Cores of the session (one [`CltCore`] each).
     pub cores: usize,
+    /// Connections per path, cid 0 included: `None` (the default) one IO
+    /// connection per core (`cores + 1`); the kernel's client makes
+    /// `nr_cpus + 1` of them, whatever IO it does, so a server sees that
+    /// many. With more IO connections than cores, each core takes several
+    /// (connection `cid` goes to core `(cid - 1) % cores`) and sends its IO
+    /// on them in turn.
+    pub connections: Option<u16>,
     /// Cap on the data of one IO (and the size of each permit's buffer); the
     /// server's `max_io_size` when larger.
     pub max_io_size: u32,
@@ -135,6 +142,11 @@ impl std::str::FromStr for ReadKeys {
 }
 
 impl CltConfig {
+    /// Connections per path, cid 0 included.
+    pub fn cid_num(&self) -> u16 {
+        self.connections.unwrap_or(self.cores as u16 + 1)
+    }
+
     /// A session `sessname` to `paths` with one core and the kernel's
     /// defaults otherwise.
     pub fn new(sessname: &str, paths: Vec<Address>) -> CltConfig {
@@ -142,6 +154,7 @@ impl CltConfig {
             sessname: sessname.to_string(),
             paths,
             cores: 1,
+            connections: None,
             max_io_size: 128 << 10,
             mp_policy: MpPolicy::default(),
             reconnect: ReconnectPolicy::default(),
@@ -549,6 +562,13 @@ impl<F: Fabric> Client<F> {
         }
         if cfg.cores == 0 || cfg.cores >= usize::from(crate::proto::MAX_CID_NUM) {
             return Err(CltError::Config("cores must be 1..4095"));
+        }
+        if let Some(n) = cfg.connections {
+            if usize::from(n) < cfg.cores + 1 || n > crate::proto::MAX_CID_NUM {
+                return Err(CltError::Config(
+                    "connections per path must be cores + 1 (an IO connection for every core, and cid 0) up to 4096",
+                ));
+            }
         }
         if cfg.hb_interval.is_zero() {
             return Err(CltError::Config("the heartbeat interval must not be zero"));

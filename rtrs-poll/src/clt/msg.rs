@@ -5,8 +5,8 @@
 //! the operator's commands (one mpsc inbox, [`CtlMsg`]).
 //!
 //! ```text
-//!  control ──CoreMsg: AddPath (+ request table), Con, Drop, Remove──> core k
-//!  core k  ──CtlMsg: PathFailed (+ its con), Retired (con)──────────> control
+//!  control ──CoreMsg: AddPath (+ request table), Cons, Drop, Remove─> core k
+//!  core k  ──CtlMsg: PathFailed (+ its cons), Retired (cons)────────> control
 //!  Client  ──CtlMsg: Cmd (add/remove/disconnect/reconnect path, ...)─> control
 //! ```
 
@@ -32,10 +32,10 @@ pub(crate) enum CtlMsg<F: Fabric> {
         slot: usize,
         epoch: u16,
         reason: DownReason,
-        con: CltCon<F>,
+        cons: Vec<CltCon<F>>,
     },
     /// A core let go of a connection the control thread tore down.
-    Retired(CltCon<F>),
+    Retired(Vec<CltCon<F>>),
     /// An operator command from the [`super::Client`] handle.
     Cmd(Cmd),
 }
@@ -63,8 +63,8 @@ pub(crate) enum CoreMsg<F: Fabric> {
         first_device: bool,
         reqs: Box<[Req]>,
     },
-    /// The path's connection for this core (after a (re)connect).
-    Con(usize, CltCon<F>),
+    /// The path's connections for this core (after a (re)connect).
+    Cons(usize, Vec<CltCon<F>>),
     /// The path is being torn down: drop its connection, fail its IO over.
     Drop(usize),
     /// The path is gone for good: drop it and forget the slot.
