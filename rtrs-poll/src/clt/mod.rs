@@ -513,7 +513,7 @@ impl<F: Fabric> Client<F> {
     /// control thread, and returns the handle and one [`CltCore`] per core,
     /// to be moved to the core threads.
     pub fn open(fabric: &F, cfg: CltConfig) -> Result<(Client<F>, Vec<CltCore<F>>), CltError> {
-        let (lp, pending) = Client::start(fabric, cfg)?;
+        let (lp, pending) = Client::start(fabric, cfg, pollers::clock::now())?;
         let opts = pollers::SlowOpts {
             name: format!("rtrs-clt-{}", pending.sessname),
             cpu: pending.control_cpu,
@@ -540,14 +540,16 @@ impl<F: Fabric> Client<F> {
     pub fn open_stepped(
         fabric: &F,
         cfg: CltConfig,
+        now: minstant::Instant,
     ) -> Result<(Opening<F>, pollers::Stepper), CltError> {
-        let (lp, pending) = Client::start(fabric, cfg)?;
+        let (lp, pending) = Client::start(fabric, cfg, now)?;
         Ok((pending, pollers::Stepper::new(lp)))
     }
 
     fn start(
         fabric: &F,
         cfg: CltConfig,
+        now: minstant::Instant,
     ) -> Result<(pollers::SlowLoop<CltControl<F>>, Opening<F>), CltError> {
         if cfg.sessname.is_empty()
             || cfg.sessname.len() >= NAME_MAX
@@ -589,7 +591,7 @@ impl<F: Fabric> Client<F> {
             tx.clone(),
             stop.clone(),
             reply_tx,
-            pollers::clock::now(),
+            now,
         );
         let lp = pollers::SlowLoop::with_inbox(control, rx);
         Ok((

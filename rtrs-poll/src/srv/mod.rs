@@ -789,7 +789,14 @@ impl<F: Fabric, H: Handler> Server<F, H> {
         make_handler: impl FnMut(&ConInfo) -> H + Send + 'static,
         place: Place,
     ) -> Result<Server<F, H>, SrvError> {
-        let (mut srv, lp) = Server::make(fabric, addr, cfg, Box::new(make_handler), place)?;
+        let (mut srv, lp) = Server::make(
+            fabric,
+            addr,
+            cfg,
+            Box::new(make_handler),
+            place,
+            pollers::clock::now(),
+        )?;
         let opts = pollers::SlowOpts {
             name: "rtrs-srv-ctl".into(),
             cpu: srv.cfg.control_cpu,
@@ -814,8 +821,9 @@ impl<F: Fabric, H: Handler> Server<F, H> {
         cfg: SrvConfig,
         make_handler: impl FnMut(&ConInfo) -> H + Send + 'static,
         place: Place,
+        now: minstant::Instant,
     ) -> Result<(Server<F, H>, pollers::Stepper), SrvError> {
-        let (srv, lp) = Server::make(fabric, addr, cfg, Box::new(make_handler), place)?;
+        let (srv, lp) = Server::make(fabric, addr, cfg, Box::new(make_handler), place, now)?;
         Ok((srv, pollers::Stepper::new(lp)))
     }
 
@@ -826,6 +834,7 @@ impl<F: Fabric, H: Handler> Server<F, H> {
         cfg: SrvConfig,
         make_handler: Box<dyn FnMut(&ConInfo) -> H + Send>,
         place: Place,
+        now: minstant::Instant,
     ) -> Result<(Server<F, H>, pollers::SlowLoop<SrvControl<F, H>>), SrvError> {
         let layout = cfg.layout()?;
         let pd = fabric.alloc_pd_sized(cfg.limits.registrations(cfg.max_chunk_size))?;
@@ -849,7 +858,7 @@ impl<F: Fabric, H: Handler> Server<F, H> {
             make_handler,
             place,
             shared.clone(),
-            pollers::clock::now(),
+            now,
         );
         let (lp, tx) = pollers::SlowLoop::new(control, 256);
         Ok((

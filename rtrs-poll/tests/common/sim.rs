@@ -128,6 +128,7 @@ impl Sim {
                 c2.lock().unwrap().push(p);
                 Ok(())
             }),
+            self.t,
         )
         .unwrap();
         // listen_also waits for the control's answer: asked from a thread
@@ -171,7 +172,7 @@ impl Sim {
     /// most `limit` of virtual time).
     pub fn open_client(&mut self, cfg: CltConfig, limit: Duration) -> Result<usize, String> {
         let (mut opening, ctl) =
-            Client::open_stepped(&self.fabric(), cfg).map_err(|e| e.to_string())?;
+            Client::open_stepped(&self.fabric(), cfg, self.t).map_err(|e| e.to_string())?;
         let mut ctl = Some(ctl);
         let end = self.t + limit;
         let opened = loop {
