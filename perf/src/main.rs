@@ -36,6 +36,7 @@ mod histlog;
 mod hostile;
 mod ibdev;
 mod plot;
+mod progress;
 mod report;
 
 use clap::{Parser, Subcommand, ValueEnum};

@@ -419,6 +419,75 @@ fn hist_writes_an_interval_a_second_that_reads_back_and_plots() {
     assert!(!String::from_utf8_lossy(&bad.stderr).contains("panicked"));
 }
 
+/// `[  2s] 0.104 M IOPS (104123 IOs)  406.7 MiB/s  paths: ...` -> (2, the rest).
+fn progress_lines(stderr: &str) -> Vec<(u64, String)> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let (secs, rest) = l.strip_prefix('[')?.split_once("s] ")?;
+            rest.contains(" M IOPS ")
+                .then(|| (secs.trim().parse().ok(), rest.to_string()))
+                .and_then(|(s, r)| Some((s?, r)))
+        })
+        .collect()
+}
+
+#[test]
+fn progress_lines_hold_the_counts_of_the_hist_intervals() {
+    let _one = one_at_a_time();
+    let name = format!("shm:perf-progress-{}", std::process::id());
+    let _srv = server(&name, "ram:8M");
+    let hist = std::env::temp_dir().join(format!("rtrs-perf-hist3-{}.hlog", std::process::id()));
+    let h = hist.to_string_lossy().to_string();
+    // QD3: completions come in batches that seldom sum to a multiple of
+    // 1024 at a poll's end (where the old counter was published).
+    #[rustfmt::skip]
+    let out = perf()
+        .args([
+            "client", "--connect", &name, "--cores", "0", "--rw", "randrw", "--bs", "4k",
+            "--iodepth", "3", "--runtime", "3.5", "--size", "8M", "--hist", &h,
+        ])
+        .output()
+        .unwrap();
+    let text = std::fs::read(&hist).unwrap_or_default();
+    let _ = std::fs::remove_file(&hist);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // IOs (read and write) per interval, by the second it starts in.
+    use base64::Engine as _;
+    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+    use hdrhistogram::serialization::Deserializer;
+    let mut per_s = std::collections::BTreeMap::<u64, u64>::new();
+    for e in IntervalLogIterator::new(&text) {
+        if let LogEntry::Interval(iv) = e.unwrap() {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(iv.encoded_histogram().trim())
+                .unwrap();
+            let hist: hdrhistogram::Histogram<u64> =
+                Deserializer::new().deserialize(&mut &bytes[..]).unwrap();
+            let s = iv.start_timestamp().as_secs_f64().round() as u64;
+            *per_s.entry(s).or_default() += hist.len();
+        }
+    }
+    let lines = progress_lines(&err);
+    // 3.5 s: seconds 0, 1 and 2 whole (lines 1 s to 3 s); the last half
+    // second is only in the log.
+    assert_eq!(lines.len(), 3, "{err}");
+    for (secs, rest) in &lines {
+        let n = per_s.get(&(secs - 1)).copied().unwrap_or(0);
+        assert!(n > 1000, "second {secs}: {n} IOs in the log");
+        let want = format!(
+            "{:.3} M IOPS ({n} IOs)  {:.1} MiB/s  paths: ",
+            n as f64 / 1e6,
+            (n * 4096) as f64 / (1 << 20) as f64
+        );
+        assert!(
+            rest.starts_with(&want),
+            "second {secs}: the line says {rest:?}, the log {n} IOs ({want:?})\n{err}"
+        );
+    }
+}
+
 #[test]
 fn fabric_lat_reports_one_way_beside_the_round_trip() {
     let _one = one_at_a_time();
