@@ -242,8 +242,10 @@ pub struct ClientOpts {
     /// How the IO threads are scheduled (pollers::CoreSched).
     #[serde(serialize_with = "ser_display")]
     pub poll_sched: pollers::CoreSched,
-    /// Device size for offsets (random and wrapping sequential).
-    pub size: u64,
+    /// Device size for offsets (random and wrapping sequential); None:
+    /// the RNBD device's size, or [`DEFAULT_SIZE`] without one. An RNBD
+    /// device smaller than this is refused before any IO (never clamped).
+    pub size: Option<u64>,
     /// Print a progress line every second.
     #[serde(skip)]
     pub progress: bool,
@@ -543,6 +545,10 @@ fn check_block(buf: &[u8], off: u64) -> bool {
     w(0) == VERIFY_MAGIC && w(1) == off && w(3) == checksum(&buf[32..])
 }
 
+/// The offsets' span without `--size` and without an RNBD device (whose
+/// size it is then).
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+
 /// How long a core waits before trying again when no path takes IO.
 const NO_PATH_WAIT: Duration = Duration::from_millis(1);
 
@@ -564,7 +570,7 @@ fn run_core<F: Fabric>(
         x: seed | 1,
         rw: o.rw,
         bs: u64::from(bs),
-        blocks: (o.size / u64::from(bs)).max(1),
+        blocks: (o.size.unwrap_or(DEFAULT_SIZE) / u64::from(bs)).max(1),
         seq: seed % 1024,
         mix: u64::from(o.rwmixread),
     };
@@ -600,8 +606,9 @@ fn run_core<F: Fabric>(
             now = pollers::clock::now();
         }
         if let (false, Some(d)) = (sized, dev.get()) {
-            // Offsets stay inside the device.
-            gen.blocks = (o.size.min(d.size()) / u64::from(bs)).max(1);
+            // Offsets stay inside the device: a --size larger than it
+            // was refused before the device was set.
+            gen.blocks = (o.size.unwrap_or(d.size()) / u64::from(bs)).max(1);
             sized = true;
         }
         let stopping = stop.load(Ordering::Relaxed);
@@ -948,16 +955,28 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
                         d.logical_block_size
                     );
                 }
-                if u64::from(o.bs) % u64::from(d.logical_block_size.max(1)) != 0 {
+                let refused = if u64::from(o.bs) % u64::from(d.logical_block_size.max(1)) != 0 {
+                    Some(format!(
+                        "--bs {} is not a multiple of the device's logical block size {}",
+                        o.bs, d.logical_block_size
+                    ))
+                } else {
+                    o.size.filter(|&s| s > d.size()).map(|s| {
+                        format!(
+                            "--size {s} is larger than device {name} ({} bytes): give --size {} or less, \
+                             or no --size for the whole device",
+                            d.size(),
+                            d.size()
+                        )
+                    })
+                };
+                if let Some(e) = refused {
                     // Refused before any IO: the cores wait for the device.
                     stop.store(true, Ordering::Relaxed);
                     for t in threads {
                         let _ = t.join();
                     }
-                    return Err(format!(
-                        "--bs {} is not a multiple of the device's logical block size {}",
-                        o.bs, d.logical_block_size
-                    ));
+                    return Err(e);
                 }
                 let _ = dev.set(d);
             }
@@ -1128,7 +1147,15 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
         stalled_secs: stalled_ns as f64 / 1e9,
         paths,
         lat_ns: LatNs::from_hist(&hist),
-        config: o.clone(),
+        config: ClientOpts {
+            // The size the offsets covered.
+            size: Some(
+                o.size
+                    .or(dev.get().map(|d| d.size()))
+                    .unwrap_or(DEFAULT_SIZE),
+            ),
+            ..o.clone()
+        },
         seconds,
         always_invalidate,
         allocs_per_io: crate::COUNTING.then(|| allocs as f64 / ios as f64),

@@ -563,30 +563,32 @@ fn rnbd_mode_refuses_a_bs_the_device_cannot_take() {
         }
     })
     .unwrap();
-    let run = |bs: &str| {
-        client(
-            &name,
-            &[
-                "--rnbd-device",
-                "ram0",
-                "--size",
-                "1M",
-                "--runtime",
-                "0.3",
-                "--bs",
-                bs,
-            ],
-        )
+    let run = |bs: &str, size: Option<&str>| {
+        let mut args = vec!["--rnbd-device", "ram0", "--runtime", "0.3", "--bs", bs];
+        if let Some(s) = size {
+            args.extend(["--size", s]);
+        }
+        client(&name, &args)
     };
-    let ok = run("4k");
-    let bad = run("1000");
-    let big = run("512k");
+    let ok = run("4k", Some("1M"));
+    let whole = run("4k", None);
+    let bad = run("1000", Some("1M"));
+    let big = run("512k", Some("1M"));
+    // Larger than the device: refused, not clamped to it.
+    let over = run("4k", Some("2M"));
     srv.stop();
     pool.stop();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
+    for out in [&ok, &whole] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // No --size: the whole device, said in the JSON.
+    assert_eq!(
+        json(&whole.stdout)["config"]["size"].as_u64(),
+        Some(1 << 20)
     );
     for (out, why) in [
         (
@@ -594,6 +596,10 @@ fn rnbd_mode_refuses_a_bs_the_device_cannot_take() {
             "--bs 1000 is not a multiple of the device's logical block size 512",
         ),
         (big, "exceeds the server's max_io_size"),
+        (
+            over,
+            "--size 2097152 is larger than device ram0 (1048576 bytes)",
+        ),
     ] {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
