@@ -18,6 +18,11 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "cargo doc (workspace, no deps, warnings denied: broken intra-doc links and the like)"
+# On the check build's metadata (clippy's, above): only the workspace's own
+# crates are documented (a few seconds).
+RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --no-deps
+
 step "the rdma feature builds (rdma-sys against rdma-core)"
 cargo build -p rtrs-poll --features rdma
 
