@@ -124,23 +124,11 @@ def main():
     fails = []
     out = {}
 
-    # IOs over time: the kernel client's completions (a); for our client,
-    # whose progress counter moves in steps of 1024, the IOs the kernel
-    # server took on both paths (b), summed over the paths' lives (a path's
-    # count starts again at 0 when it reconnects).
-    if case == "ours-client" and b:
-        total, last = 0, {}
-        for r in b:
-            for p in ("p1ios", "p2ios"):
-                v = num(r, p)
-                total += v - last.get(p, 0) if v >= last.get(p, 0) else v
-                last[p] = v
-            r["ios"] = str(total)
-        ios_rows = b
-        ios_what = "IOs the kernel server took"
-    else:
-        ios_rows = a
-        ios_what = "IOs completed"
+    # IOs over time: the client's completions (a): the kernel client's
+    # /sys/block/rnbd0/stat, or our rtrs-perf's progress lines (each one
+    # second's completions, exact: the same counts as its --hist intervals).
+    ios_rows = a
+    ios_what = "IOs completed"
     io = [r for r in ios_rows if num(r, "ios") > 0]
     if not io:
         print(f"{tag} no IO was seen (setup failed: see the log)")

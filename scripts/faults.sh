@@ -16,13 +16,10 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-if [ "$(id -u)" -ne 0 ]; then
-  echo "faults.sh: skipped: needs root (network namespaces, veth, tc)" >&2
-  exit 77
-fi
+need_root "network namespaces, veth, tc"
 ensure_packages iproute2 python3
 for t in ip tc python3; do
-  command -v "$t" >/dev/null || { echo "faults.sh: skipped: $t unavailable" >&2; exit 77; }
+  command -v "$t" >/dev/null || skip "$t unavailable"
 done
 
 HB_MS=${FAULTS_HB_MS:-500}

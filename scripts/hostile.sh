@@ -28,17 +28,13 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-if [ "$(id -u)" -ne 0 ]; then
-  echo "hostile.sh: skipped: needs root (network namespaces, veth)" >&2
-  exit 77
-fi
+need_root "network namespaces, veth"
 ensure_packages iproute2 python3 util-linux
 for t in ip python3 taskset prlimit; do
-  command -v "$t" >/dev/null || { echo "hostile.sh: skipped: $t unavailable" >&2; exit 77; }
+  command -v "$t" >/dev/null || skip "$t unavailable"
 done
 if [ "$(nproc)" -lt 2 ]; then
-  echo "hostile.sh: skipped: needs 2 CPUs (server core and client core)" >&2
-  exit 77
+  skip "needs 2 CPUs (server core and client core)"
 fi
 
 ALL=(garbage truncated oversized cm-fuzz squat conn-flood idle-flood slowloris

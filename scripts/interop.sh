@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
+# Before the release build: without root the VM cannot run.
+need_root "scripts/vm.sh"
 ensure_packages linux-perf jq
 build_bins
 # About 11 min on a fast day (docs/testing.md); the VM gets 25.

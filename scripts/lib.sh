@@ -9,6 +9,74 @@ TEST_PACKAGES=(build-essential pkg-config libibverbs-dev librdmacm-dev libclang-
 # under 40 min; this says where it goes).
 step() { printf '\n== %s  (at %d s)\n' "$*" "$SECONDS"; }
 
+# The script cannot run here: says why (stderr, "NAME: skipped: REASON") and
+# exits 77. Under root_step (RTRS_SKIP_REASON names a file) the reason is also
+# kept there for the test command's summary.
+skip() { # REASON...
+  echo "$(basename "$0"): skipped: $*" >&2
+  if [ -n "${RTRS_SKIP_REASON:-}" ]; then echo "$*" >> "$RTRS_SKIP_REASON"; fi
+  exit 77
+}
+
+# Skips the script (exit 77) unless it runs as root; WHY: what needs it.
+need_root() { # WHY
+  [ "$(id -u)" -eq 0 ] || skip "needs root ($1)"
+}
+
+# The steps root_step could not run ("WHAT: REASON" each), their reasons
+# alone, and how many steps it ran.
+SKIPPED=()
+SKIPPED_WHY=()
+ROOT_STEPS=0
+
+# Runs a step that may not be able to run here: exit 0 passes, 77 (the
+# script's skip: not root, no qemu, ...) is recorded in SKIPPED with the
+# reason the script gave, anything else fails the test command.
+root_step() { # WHAT CMD [ARGS...]
+  local what=$1 rc reasons why
+  shift
+  ROOT_STEPS=$((ROOT_STEPS + 1))
+  reasons=$(mktemp /tmp/rtrs-skip.XXXXXX)
+  set +e
+  RTRS_SKIP_REASON=$reasons "$@"
+  rc=$?
+  set -e
+  # The first reason: a script that skips because the one it ran did says
+  # that one's.
+  why=$(head -n1 "$reasons")
+  rm -f "$reasons"
+  case $rc in
+    0) ;;
+    77)
+      why=${why:-no reason given (the output above may say)}
+      SKIPPED+=("$what: $why")
+      SKIPPED_WHY+=("$why")
+      echo "step '$what' skipped: $why"
+      ;;
+    *) echo "step '$what' failed (rc $rc)"; exit "$rc" ;;
+  esac
+}
+
+# The test command's last words: "all green" only when every step ran;
+# otherwise "PARTIAL", each skipped step with its reason, and the reasons
+# counted. Exit status 0 either way (a developer's run as non-root is
+# partial by nature), 1 for a partial run with RTRS_REQUIRE_ALL=1.
+summary() {
+  if [ ${#SKIPPED[@]} -eq 0 ]; then
+    step "all green"
+    return 0
+  fi
+  local n=${#SKIPPED[@]} s
+  step "PARTIAL: $n of $ROOT_STEPS steps skipped (they need root, qemu or a tool missing here)"
+  for s in "${SKIPPED[@]}"; do echo "  skipped: $s"; done
+  printf '%s\n' "${SKIPPED_WHY[@]}" | sort | uniq -c | sort -rn |
+    while read -r c why; do echo "  $c x: $why"; done
+  if [ "${RTRS_REQUIRE_ALL:-0}" = 1 ]; then
+    echo "RTRS_REQUIRE_ALL=1: a partial run fails"
+    return 1
+  fi
+}
+
 # Install the Debian packages that are missing, when we are root; otherwise say
 # what is missing and go on (the build will tell whether it mattered).
 ensure_packages() {

@@ -7,5 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
+need_root "scripts/vm.sh"
 build_bins
 exec scripts/vm.sh scripts/vm-guest-perftest.sh

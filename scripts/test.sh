@@ -18,6 +18,11 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "cargo doc (workspace, no deps, warnings denied: broken intra-doc links and the like)"
+# On the check build's metadata (clippy's, above): only the workspace's own
+# crates are documented (a few seconds).
+RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --no-deps
+
 step "the rdma feature builds (rdma-sys against rdma-core)"
 cargo build -p rtrs-poll --features rdma
 
@@ -46,6 +51,8 @@ step "the systemd unit of rtrs serve (scripts/deploy/check-unit.sh, docs/deploy.
 scripts/deploy/check-unit.sh
 step "the persistent hugepage reservation (scripts/deploy/reserve-hugepages.sh, on a fake sysfs)"
 scripts/deploy/check-hugepages.sh
+step "the test command's summary: all green only when every step ran (scripts/check-test-summary.sh)"
+scripts/check-test-summary.sh
 
 step "loom models of the lock-free free list and rings"
 # The dev profile: the models run in about a second either way, and a release
@@ -57,20 +64,6 @@ RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
 # builds also panic on arithmetic overflow, which a release fuzz would miss).
 step "fuzz the wire decoders for ${RTRS_FUZZ_SECS:=20} s"
 RTRS_FUZZ_SECS=$RTRS_FUZZ_SECS cargo test -q --workspace --tests fuzz
-
-root_step() { # what -> runs "$@"; 77 = cannot run here (not root, no qemu...)
-  local what=$1 rc
-  shift
-  set +e
-  "$@"
-  rc=$?
-  set -e
-  case $rc in
-    0) ;;
-    77) echo "step '$what' skipped (see the reason above)" ;;
-    *) echo "step '$what' failed (rc $rc)"; exit "$rc" ;;
-  esac
-}
 
 step "rtrs-perf --hist logs read by the Python HdrHistogram; scripts/plot-latency (scripts/check-hist.sh)"
 root_step "hist logs" scripts/check-hist.sh
@@ -106,4 +99,4 @@ step "link faults between two VMs: path 1's link cut and restored under verified
 FAULT_PRE=${FAULT_PRE:-6} FAULT_HOLD=${FAULT_HOLD:-6} FAULT_POST=${FAULT_POST:-4} \
   root_step "two-host link faults" scripts/vm-faults.sh ours-server ours-client
 
-step "all green"
+summary

@@ -50,10 +50,7 @@ for arg in "${@:-kernel ours-server ours-client}"; do
     esac
   done
 done
-if [ "$(id -u)" -ne 0 ]; then
-  echo "faults.sh: skipped: needs root (scripts/vm2.sh: qemu, bridges, taps)" >&2
-  exit 77
-fi
+need_root "scripts/vm2.sh: qemu, bridges, taps"
 # Our binaries: built here, unless FAULT_BIN names a directory that has them.
 if [[ " ${cases[*]}" == *" ours-"* ]] && [ -z "${FAULT_BIN:-}" ]; then
   step "building rtrs and rtrs-perf with the rdma backend"
@@ -83,8 +80,7 @@ for c in "${cases[@]}"; do
   rc=${PIPESTATUS[0]}
   set -e
   if [ "$rc" -eq 77 ]; then
-    echo "faults.sh: skipped (see the reason above)"
-    exit 77
+    skip "scripts/vm2.sh cannot run here (its reason above)"
   fi
   echo "vm2.sh rc=$rc" >> "$OUT/$c.log"
   if python3 scripts/fault-timeline.py "$OUT/$c/ctl" "${c%@*}" $((SECONDS - t0)) "$c" | tee -a "$RESULTS"; then

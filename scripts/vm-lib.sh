@@ -28,18 +28,14 @@ vm_guest() {
 
 # Checks that the harness can run (root, qemu), installs what is missing and
 # fills the cache. Sets CACHE, KVER, KMODS and INITRD. Exits 77 with the reason
-# when it cannot run here. $1 names the caller in messages.
+# when it cannot run here (lib.sh's skip).
 vm_prepare() {
-  local me=$1
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "$me: skipped: needs root (packages, the kernel module build, qemu's 9p export of /)" >&2
-    exit 77
-  fi
+  need_root "packages, the kernel module build, qemu's 9p export of /"
   CACHE=${RTRS_VM_CACHE:-/var/cache/rtrs-poll-vm}
   mkdir -p "$CACHE"
   ensure_packages qemu-system-x86 busybox-static cpio kmod rdma-core ibverbs-providers \
     ibverbs-utils rdmacm-utils perftest fio xz-utils make gcc iproute2
-  command -v qemu-system-x86_64 >/dev/null || { echo "$me: skipped: qemu-system-x86_64 unavailable" >&2; exit 77; }
+  command -v qemu-system-x86_64 >/dev/null || skip "qemu-system-x86_64 unavailable"
 
   # Image, headers and source of one kernel version: the newest 6.1 Debian has.
   if [ ! -s "$CACHE/kver" ]; then

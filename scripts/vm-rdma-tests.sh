@@ -5,6 +5,10 @@
 # cannot run here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+# Before the rdma test build: without root the VM cannot run.
+need_root "scripts/vm.sh"
 bin=$(cargo test -q -p rtrs-poll --features rdma --test fabric_rdma --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:

@@ -19,7 +19,7 @@ source scripts/lib.sh
 source scripts/vm-lib.sh
 
 vm_guest "scripts/vm.sh GUEST_SCRIPT" "${1:-}"
-vm_prepare vm.sh
+vm_prepare
 
 step "booting $KVER (TCG) to run $GUEST"
 LOG=$(mktemp)

@@ -186,20 +186,20 @@ sample_kclient() { # the kernel client's paths (sysfs) and the device's completi
 }
 
 sample_perf() { # rtrs-perf's progress lines (stderr, one a second) -> samples
-  # "[ 12s] 0.001 M IOPS  5.2 MiB/s  paths: rdma:10.1.0.2:1234 connected inflight 3 failovers 0, rdma:..."
-  local t l tenths=0 mib paths p1 p2
+  # "[ 12s] 0.001 M IOPS (1234 IOs)  4.8 MiB/s  paths: rdma:10.1.0.2:1234 connected inflight 3 failovers 0, rdma:..."
+  # Each line is one whole second's completions, exactly (the --hist interval's count).
+  local t l ios=0 paths p1 p2
   while read -r t l; do
     echo "$t $l" >> "$CTL/a.perf.log"
     # The device is open: the IO starts now.
     [[ $l == RNBD* ]] && echo "S t=$t p1=? p2=? ios=0" >> "$CTL/a.samples"
-    [[ $l =~ ([0-9]+)\.([0-9])\ MiB/s\ +paths:\ (.*)$ ]] || continue
-    mib=$((10#${BASH_REMATCH[1]}${BASH_REMATCH[2]}))
-    paths=${BASH_REMATCH[3]}
-    tenths=$((tenths + mib * 256)) # 4 KiB IOs: 256 a MiB, in tenths of MiB
+    [[ $l =~ \(([0-9]+)\ IOs\).*\ paths:\ (.*)$ ]] || continue
+    ios=$((ios + BASH_REMATCH[1]))
+    paths=${BASH_REMATCH[2]}
     p1=down p2=down
     [[ $paths =~ $PEER1:[0-9]+\ [Cc]onnected ]] && p1=up
     [[ $paths =~ $PEER2:[0-9]+\ [Cc]onnected ]] && p2=up
-    echo "S t=$t p1=$p1 p2=$p2 ios=$((tenths / 10))" >> "$CTL/a.samples"
+    echo "S t=$t p1=$p1 p2=$p2 ios=$ios" >> "$CTL/a.samples"
   done
 }
 

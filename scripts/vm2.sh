@@ -43,8 +43,8 @@ source scripts/vm-lib.sh
 
 vm_guest "scripts/vm2.sh GUEST [HOST_CMD [ARGS...]]" "${1:-}"
 shift
-vm_prepare vm2.sh
-[ -c /dev/net/tun ] || { echo "vm2.sh: skipped: no /dev/net/tun for the tap devices" >&2; exit 77; }
+vm_prepare
+[ -c /dev/net/tun ] || skip "no /dev/net/tun for the tap devices"
 
 RUN=$(mktemp -d /tmp/rtrs-vm2.XXXXXX)
 VM2_CTL=$RUN/ctl

@@ -30,7 +30,6 @@ impl MutexPool {
 #[derive(Clone, Copy)]
 enum Kind {
     Shared,
-    Cached,
     Mutex,
 }
 
@@ -46,7 +45,6 @@ fn run(kind: Kind, threads: usize, iters: u64) -> f64 {
             let (pool, mx, start) = (pool.clone(), mx.clone(), start.clone());
             std::thread::spawn(move || {
                 pin(t);
-                let mut cache = pool.cache(64);
                 start.wait();
                 let t0 = Instant::now();
                 for _ in 0..iters {
@@ -54,10 +52,6 @@ fn run(kind: Kind, threads: usize, iters: u64) -> f64 {
                         Kind::Shared => {
                             let c = pool.alloc().unwrap();
                             pool.free(std::hint::black_box(c)).unwrap();
-                        }
-                        Kind::Cached => {
-                            let c = cache.alloc().unwrap();
-                            cache.free(std::hint::black_box(c)).unwrap();
                         }
                         Kind::Mutex => {
                             let c = mx.alloc().unwrap();
@@ -84,7 +78,6 @@ fn main() {
         .unwrap_or(2_000_000);
     let rows = [
         ("lock-free shared list", Kind::Shared),
-        ("per-core cache", Kind::Cached),
         ("Mutex<Vec<u32>> (peer)", Kind::Mutex),
     ];
     let figs: Vec<(&str, f64, f64)> = rows

@@ -6,8 +6,6 @@
 //!               shareable regions live in a memfd another process can map
 //!   ChunkPool   the region carved into fixed-size chunks addressed by index;
 //!               registered once through the caller's Registrar
-//!   LocalCache  a core's own batch of free chunks: alloc/free without touching
-//!               shared state most of the time; no lock anywhere
 //!   Slots       slots taken as tokens from a bitmap (a client's permits):
 //!               `&mut Slot` is the slot's bytes, no `unsafe` for the holder
 //!   Claims      chunks a peer names, claimed one holder at a time (a
@@ -20,7 +18,7 @@ mod region;
 mod slots;
 mod sync;
 
-pub use pool::{Chunk, ChunkPool, Lease, LocalCache, PoolStats, Registrar};
+pub use pool::{Chunk, ChunkPool, Lease, PoolStats, Registrar};
 pub use region::{huge_stats, set_hugepage_limit, HugeStats, Region, HUGE_PAGE};
 pub use slots::{Claim, Claims, Slot, Slots};
 

@@ -3,9 +3,6 @@
 //!
 //! ```text
 //!   shared free list: a Treiber stack of chunk indices, head = (ABA tag << 32 | index + 1)
-//!   per-core cache:   a small array of indices owned by one core; it refills and
-//!                     flushes half its capacity at a time, so a core touches the
-//!                     shared head once per batch, not once per chunk
 //!   chunk state:      one byte per chunk (free / in use): a double free or a
 //!                     foreign index is refused, never corrupts the list
 //! ```
@@ -16,7 +13,7 @@ use crate::region::Region;
 use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use crate::PoolError;
 use crossbeam_utils::CachePadded;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 const EMPTY: u32 = 0;
 const FREE: u8 = 0;
@@ -97,9 +94,9 @@ pub struct PoolStats {
     pub chunks: u32,
     /// Bytes per chunk.
     pub chunk_size: usize,
-    /// Chunks held by users now (not in the shared list or a core's cache).
+    /// Chunks held by users now (not in the free list).
     pub in_use: u64,
-    /// Most chunks ever outside the shared list at once (users and caches).
+    /// Most chunks ever held at once.
     pub high_water: u64,
     /// Allocations that found the pool exhausted.
     pub failed_allocs: u64,
@@ -107,13 +104,8 @@ pub struct PoolStats {
     pub huge: bool,
 }
 
-#[derive(Debug, Default)]
-struct CacheStats {
-    held: AtomicU64,
-}
-
 /// The pool: a region carved into fixed-size chunks, handed out by index
-/// from a lock-free list, with per-core caches in front of it.
+/// from a lock-free list.
 ///
 /// ```
 /// use mempool::{ChunkPool, PoolError, Region};
@@ -133,12 +125,10 @@ struct CacheStats {
 /// assert_eq!(pool.stats().in_use, 1);
 /// pool.free(c)?;
 ///
-/// // A core allocates through its own cache (no shared state most times).
-/// let mut cache = pool.cache(4);
-/// let held: Vec<_> = (0..pool.chunks()).map(|_| cache.alloc()).collect::<Result<_, _>>()?;
+/// let held: Vec<_> = (0..pool.chunks()).map(|_| pool.alloc()).collect::<Result<_, _>>()?;
 /// assert!(matches!(pool.alloc(), Err(PoolError::Exhausted)));
 /// for c in held {
-///     cache.free(c)?;
+///     pool.free(c)?;
 /// }
 /// assert_eq!(pool.stats().in_use, 0);
 /// # Ok::<(), PoolError>(())
@@ -153,7 +143,6 @@ pub struct ChunkPool<H = ()> {
     out: CachePadded<AtomicU64>,
     high_water: AtomicU64,
     failed: AtomicU64,
-    caches: Mutex<Vec<Arc<CacheStats>>>,
     handle: H,
 }
 
@@ -196,7 +185,6 @@ impl<H> ChunkPool<H> {
             out: CachePadded::new(AtomicU64::new(0)),
             high_water: AtomicU64::new(0),
             failed: AtomicU64::new(0),
-            caches: Mutex::new(Vec::new()),
             handle,
         })
     }
@@ -266,8 +254,8 @@ impl<H> ChunkPool<H> {
         }
     }
 
-    fn take_out(&self, n: u64) {
-        let now = self.out.fetch_add(n, Ordering::Relaxed) + n;
+    fn take_out(&self) {
+        let now = self.out.fetch_add(1, Ordering::Relaxed) + 1;
         self.high_water.fetch_max(now, Ordering::Relaxed);
     }
 
@@ -290,7 +278,7 @@ impl<H> ChunkPool<H> {
     pub fn alloc(&self) -> Result<Chunk, PoolError> {
         match self.pop() {
             Some(i) => {
-                self.take_out(1);
+                self.take_out();
                 self.mark_used(i);
                 Ok(Chunk(i))
             }
@@ -322,116 +310,16 @@ impl<H> ChunkPool<H> {
         })
     }
 
-    /// A per-core cache of up to `capacity` chunks (sized now: alloc and free
-    /// through it never allocate).
-    pub fn cache(&self, capacity: usize) -> LocalCache<'_, H> {
-        let stats = Arc::new(CacheStats::default());
-        self.caches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(stats.clone());
-        LocalCache {
-            pool: self,
-            buf: Vec::with_capacity(capacity.max(2)),
-            stats,
-        }
-    }
-
     /// The figures now.
     pub fn stats(&self) -> PoolStats {
-        let cached: u64 = self
-            .caches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|c| c.held.load(Ordering::Relaxed))
-            .sum();
-        let out = self.out.load(Ordering::Relaxed);
         PoolStats {
             chunks: self.count,
             chunk_size: self.chunk_size,
-            in_use: out.saturating_sub(cached),
+            in_use: self.out.load(Ordering::Relaxed),
             high_water: self.high_water.load(Ordering::Relaxed),
             failed_allocs: self.failed.load(Ordering::Relaxed),
             huge: self.region.is_huge(),
         }
-    }
-}
-
-/// One core's cache of free chunks. Not `Sync`: it belongs to one thread.
-pub struct LocalCache<'a, H> {
-    pool: &'a ChunkPool<H>,
-    buf: Vec<u32>,
-    stats: Arc<CacheStats>,
-}
-
-impl<H> std::fmt::Debug for LocalCache<'_, H> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LocalCache({}/{})", self.buf.len(), self.buf.capacity())
-    }
-}
-
-impl<H> LocalCache<'_, H> {
-    fn publish(&self) {
-        self.stats
-            .held
-            .store(self.buf.len() as u64, Ordering::Relaxed);
-    }
-
-    /// Takes a chunk, refilling half the cache from the shared list when empty.
-    pub fn alloc(&mut self) -> Result<Chunk, PoolError> {
-        if self.buf.is_empty() {
-            let want = self.buf.capacity() / 2;
-            let mut got = 0;
-            while got < want {
-                match self.pool.pop() {
-                    Some(i) => {
-                        self.buf.push(i);
-                        got += 1;
-                    }
-                    None => break,
-                }
-            }
-            self.pool.take_out(got as u64);
-        }
-        match self.buf.pop() {
-            Some(i) => {
-                self.pool.mark_used(i);
-                self.publish();
-                Ok(Chunk(i))
-            }
-            None => {
-                self.pool.failed.fetch_add(1, Ordering::Relaxed);
-                Err(PoolError::Exhausted)
-            }
-        }
-    }
-
-    /// Returns a chunk, flushing half the cache to the shared list when full.
-    pub fn free(&mut self, c: Chunk) -> Result<(), PoolError> {
-        self.pool.mark_free(c.0)?;
-        if self.buf.len() == self.buf.capacity() {
-            let n = self.buf.len() / 2;
-            for _ in 0..n {
-                let i = self.buf.pop().expect("cache holds n chunks");
-                self.pool.push(i);
-            }
-            self.pool.out.fetch_sub(n as u64, Ordering::Relaxed);
-        }
-        self.buf.push(c.0);
-        self.publish();
-        Ok(())
-    }
-}
-
-impl<H> Drop for LocalCache<'_, H> {
-    fn drop(&mut self) {
-        let n = self.buf.len();
-        while let Some(i) = self.buf.pop() {
-            self.pool.push(i);
-        }
-        self.pool.out.fetch_sub(n as u64, Ordering::Relaxed);
-        self.publish();
     }
 }
 

@@ -105,29 +105,6 @@ fn chunk_addresses_and_registration_once() {
 }
 
 #[test]
-fn cache_refills_flushes_and_returns_on_drop() {
-    let p = pool(64, 1024);
-    {
-        let mut c = p.cache(8);
-        let mut held = Vec::new();
-        for _ in 0..20 {
-            held.push(c.alloc().unwrap());
-        }
-        assert_eq!(p.stats().in_use, 20);
-        for h in held {
-            c.free(h).unwrap();
-        }
-        assert_eq!(p.stats().in_use, 0);
-    }
-    let s = p.stats();
-    assert_eq!(s.in_use, 0);
-    let all: HashSet<u32> = (0..p.chunks())
-        .map(|_| p.alloc().unwrap().index())
-        .collect();
-    assert_eq!(all.len() as u32, p.chunks());
-}
-
-#[test]
 fn threads_never_share_a_chunk() {
     const THREADS: u64 = 4;
     let p = Arc::new(pool(256, 256));
@@ -137,11 +114,9 @@ fn threads_never_share_a_chunk() {
         .map(|t| {
             let (p, owners) = (p.clone(), owners.clone());
             std::thread::spawn(move || {
-                let mut cache = p.cache(16);
                 let mut held = Vec::new();
                 for round in 0..20_000u64 {
-                    let via_cache = round % 3 != 0;
-                    let c = if via_cache { cache.alloc() } else { p.alloc() };
+                    let c = p.alloc();
                     if let Ok(c) = c {
                         let o = &owners[c.index() as usize];
                         assert_eq!(o.swap(t, Ordering::AcqRel), 0, "chunk {} shared", c.index());
@@ -159,12 +134,12 @@ fn threads_never_share_a_chunk() {
                             .unwrap();
                         assert_eq!(u64::from_le_bytes(b), t, "chunk content changed under us");
                         owners[c.index() as usize].store(0, Ordering::Release);
-                        if via_cache { cache.free(c) } else { p.free(c) }.unwrap();
+                        p.free(c).unwrap();
                     }
                 }
                 for c in held {
                     owners[c.index() as usize].store(0, Ordering::Release);
-                    cache.free(c).unwrap();
+                    p.free(c).unwrap();
                 }
             })
         })

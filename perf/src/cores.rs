@@ -83,7 +83,7 @@ pub fn parse(s: &str) -> Result<Cores, String> {
     parse_checked(s, &allowed()?)
 }
 
-/// "0-3,6" for [0,1,2,3,6].
+/// "0-3,6" for `[0, 1, 2, 3, 6]`.
 pub fn compact(v: &[usize]) -> String {
     let mut out: Vec<String> = Vec::new();
     let mut i = 0;

@@ -23,7 +23,7 @@ use rtrs_poll::sess::mp_policy::MpPolicy;
 use rtrs_poll::srv::{Handler, IoDir, Server, SrvConfig, SrvEvent, SrvIo, Verdict};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -242,8 +242,10 @@ pub struct ClientOpts {
     /// How the IO threads are scheduled (pollers::CoreSched).
     #[serde(serialize_with = "ser_display")]
     pub poll_sched: pollers::CoreSched,
-    /// Device size for offsets (random and wrapping sequential).
-    pub size: u64,
+    /// Device size for offsets (random and wrapping sequential); None:
+    /// the RNBD device's size, or [`DEFAULT_SIZE`] without one. An RNBD
+    /// device smaller than this is refused before any IO (never clamped).
+    pub size: Option<u64>,
     /// Print a progress line every second.
     #[serde(skip)]
     pub progress: bool,
@@ -543,6 +545,10 @@ fn check_block(buf: &[u8], off: u64) -> bool {
     w(0) == VERIFY_MAGIC && w(1) == off && w(3) == checksum(&buf[32..])
 }
 
+/// The offsets' span without `--size` and without an RNBD device (whose
+/// size it is then).
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+
 /// How long a core waits before trying again when no path takes IO.
 const NO_PATH_WAIT: Duration = Duration::from_millis(1);
 
@@ -554,7 +560,7 @@ fn run_core<F: Fabric>(
     seed: u64,
     stop: &AtomicBool,
     measuring: &AtomicBool,
-    progress: &AtomicU64,
+    progress: &crate::progress::CoreCounts,
     mut log: Option<crate::histlog::CoreLog>,
 ) -> Result<CoreResult<F>, String> {
     let (mut read, mut write) = (DirResult::new(), DirResult::new());
@@ -564,7 +570,7 @@ fn run_core<F: Fabric>(
         x: seed | 1,
         rw: o.rw,
         bs: u64::from(bs),
-        blocks: (o.size / u64::from(bs)).max(1),
+        blocks: (o.size.unwrap_or(DEFAULT_SIZE) / u64::from(bs)).max(1),
         seq: seed % 1024,
         mix: u64::from(o.rwmixread),
     };
@@ -593,14 +599,16 @@ fn run_core<F: Fabric>(
     // waits for a completion reads no clock; a completion reads it once.
     let mut now = pollers::clock::now();
     let mut iteration = 0u64;
+    let mut seconds = crate::progress::Publisher::new(progress);
     loop {
         iteration += 1;
         if inflight < o.iodepth || iteration % pollers::core::IDLE_CLOCK_EVERY == 0 {
             now = pollers::clock::now();
         }
         if let (false, Some(d)) = (sized, dev.get()) {
-            // Offsets stay inside the device.
-            gen.blocks = (o.size.min(d.size()) / u64::from(bs)).max(1);
+            // Offsets stay inside the device: a --size larger than it
+            // was refused before the device was set.
+            gen.blocks = (o.size.unwrap_or(d.size()) / u64::from(bs)).max(1);
             sized = true;
         }
         let stopping = stop.load(Ordering::Relaxed);
@@ -679,8 +687,14 @@ fn run_core<F: Fabric>(
                     l.finish(now);
                 }
             }
-        } else if let Some(l) = log.as_mut() {
-            l.tick(now);
+        } else {
+            // The progress line's seconds and the interval log's: the same
+            // boundaries (the same `now`), the same IOs (`ios` counts
+            // those the intervals record).
+            seconds.tick(now, ios);
+            if let Some(l) = log.as_mut() {
+                l.tick(now);
+            }
         }
         let mut cur = log.as_mut().and_then(|l| l.cur());
         core.poll(now, &mut |c| {
@@ -737,9 +751,6 @@ fn run_core<F: Fabric>(
             }
             free.push(p);
         }
-        if on && ios & 1023 == 0 {
-            progress.store(ios, Ordering::Relaxed);
-        }
         if stop.load(Ordering::Relaxed) {
             for p in free.drain(..) {
                 core.put_permit(p);
@@ -752,7 +763,7 @@ fn run_core<F: Fabric>(
     if let Some(t) = no_path_since {
         stalled_ns += Instant::now().duration_since(t).as_nanos() as u64;
     }
-    progress.store(ios, Ordering::Relaxed);
+    seconds.finish();
     if let Some(a) = allocs_at {
         allocs = alloc_count::this_thread() - a;
     }
@@ -779,6 +790,35 @@ fn run_core<F: Fabric>(
         allocs,
         stalled_ns,
     })
+}
+
+/// Prints a progress line for each whole second every core is past: the
+/// IOs completed in it (the `--hist` interval of that second holds the
+/// same count) and each path's state now.
+fn print_seconds<F: Fabric>(
+    r: &mut crate::progress::Reader,
+    cores: &[crate::progress::CoreCounts],
+    bs: u32,
+    clt: &Client<F>,
+) {
+    use crate::progress::Line;
+    while let Some(l) = r.next(cores) {
+        match l {
+            Line::Second { index, ios } => eprintln!(
+                "[{:>3}s] {:.3} M IOPS ({ios} IOs)  {:.1} MiB/s  paths: {}",
+                index + 1,
+                ios as f64 / 1e6,
+                (ios * u64::from(bs)) as f64 / (1 << 20) as f64,
+                path_line(clt)
+            ),
+            Line::Lost { from, to } => eprintln!(
+                "[{:>3}s] seconds {} to {} not shown: this thread fell behind the cores",
+                to,
+                from + 1,
+                to
+            ),
+        }
+    }
 }
 
 /// Prints and keeps the session's events.
@@ -867,8 +907,8 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     let dev: Arc<OnceLock<Arc<RnbdDev>>> = Arc::new(OnceLock::new());
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
-    let progress: Arc<Vec<AtomicU64>> =
-        Arc::new(o.cores.iter().map(|_| AtomicU64::new(0)).collect());
+    let progress: Arc<Vec<crate::progress::CoreCounts>> =
+        Arc::new(o.cores.iter().map(|_| Default::default()).collect());
     let mut threads = Vec::new();
     for (i, core) in cores.into_iter().enumerate() {
         let log = core_logs[i].take();
@@ -915,16 +955,28 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
                         d.logical_block_size
                     );
                 }
-                if u64::from(o.bs) % u64::from(d.logical_block_size.max(1)) != 0 {
+                let refused = if u64::from(o.bs) % u64::from(d.logical_block_size.max(1)) != 0 {
+                    Some(format!(
+                        "--bs {} is not a multiple of the device's logical block size {}",
+                        o.bs, d.logical_block_size
+                    ))
+                } else {
+                    o.size.filter(|&s| s > d.size()).map(|s| {
+                        format!(
+                            "--size {s} is larger than device {name} ({} bytes): give --size {} or less, \
+                             or no --size for the whole device",
+                            d.size(),
+                            d.size()
+                        )
+                    })
+                };
+                if let Some(e) = refused {
                     // Refused before any IO: the cores wait for the device.
                     stop.store(true, Ordering::Relaxed);
                     for t in threads {
                         let _ = t.join();
                     }
-                    return Err(format!(
-                        "--bs {} is not a multiple of the device's logical block size {}",
-                        o.bs, d.logical_block_size
-                    ));
+                    return Err(e);
                 }
                 let _ = dev.set(d);
             }
@@ -950,8 +1002,7 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
     measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
     let runtime = Duration::from_secs_f64(o.runtime);
-    let mut next = start + Duration::from_secs(1);
-    let mut last = 0u64;
+    let mut lines = crate::progress::Reader::default();
     let mut log_err = None;
     while start.elapsed() < runtime && !crate::interrupted() {
         events.drain();
@@ -977,19 +1028,8 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
             events.lines.push(line);
             break;
         }
-        let now = Instant::now();
-        if o.progress && now >= next {
-            let ios: u64 = progress.iter().map(|p| p.load(Ordering::Relaxed)).sum();
-            let secs = now.duration_since(start).as_secs();
-            let iops = ios - last;
-            last = ios;
-            eprintln!(
-                "[{secs:>3}s] {:.3} M IOPS  {:.1} MiB/s  paths: {}",
-                iops as f64 / 1e6,
-                (iops * u64::from(o.bs)) as f64 / (1 << 20) as f64,
-                path_line(&clt)
-            );
-            next += Duration::from_secs(1);
+        if o.progress {
+            print_seconds(&mut lines, &progress, o.bs, &clt);
         }
         std::thread::sleep(rtrs_poll::sess::CONTROL_TICK);
     }
@@ -1043,6 +1083,10 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
         }
     }
     events.drain();
+    if o.progress {
+        // The whole seconds the cores finished after the last look.
+        print_seconds(&mut lines, &progress, o.bs, &clt);
+    }
     let st = clt.stats();
     let paths = clt
         .paths()
@@ -1103,7 +1147,15 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
         stalled_secs: stalled_ns as f64 / 1e9,
         paths,
         lat_ns: LatNs::from_hist(&hist),
-        config: o.clone(),
+        config: ClientOpts {
+            // The size the offsets covered.
+            size: Some(
+                o.size
+                    .or(dev.get().map(|d| d.size()))
+                    .unwrap_or(DEFAULT_SIZE),
+            ),
+            ..o.clone()
+        },
         seconds,
         always_invalidate,
         allocs_per_io: crate::COUNTING.then(|| allocs as f64 / ios as f64),

@@ -51,7 +51,7 @@ pub fn json(s: &Summary) -> Result<Value, String> {
         "rw": c.rw, "bs": c.bs.to_string(), "iodepth": c.iodepth.to_string(),
         "numjobs": c.cores.len().to_string(), "runtime": c.runtime.to_string(),
         "ramp_time": c.ramp_time.to_string(), "rwmixread": c.rwmixread.to_string(),
-        "size": c.size.to_string(), "verify": c.verify.to_string(),
+        "size": c.size.unwrap_or(crate::engine_bench::DEFAULT_SIZE).to_string(), "verify": c.verify.to_string(),
         "sessname": c.sessname,
         "connect": c.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
     });

@@ -16,7 +16,9 @@
 //! recording into the interval it has: that interval runs longer, nothing
 //! is lost.
 
+use crate::progress::Seconds;
 use crate::report::histogram;
+use base64::Engine as _;
 use hdrhistogram::serialization::interval_log::{
     IntervalLogHistogram, IntervalLogIterator, IntervalLogWriter, IntervalLogWriterBuilder,
     LogEntry, Tag,
@@ -49,16 +51,14 @@ pub struct CoreLog {
     cur: Option<Interval>,
     spare: Receiver<Interval>,
     full: SyncSender<Interval>,
-    t0: Option<Instant>,
-    next: Option<Instant>,
-    /// Seconds boundaries passed so far.
-    secs: u64,
+    /// Seconds boundaries passed so far (the progress line's too).
+    seconds: Seconds,
 }
 
 impl CoreLog {
     /// The interval recording now (None until measuring starts).
     pub fn cur(&mut self) -> Option<&mut Interval> {
-        if self.t0.is_some() {
+        if self.seconds.t0().is_some() {
             self.cur.as_mut()
         } else {
             None
@@ -68,22 +68,14 @@ impl CoreLog {
     /// Called by the IO thread each loop while measuring: starts the first
     /// interval, and hands a full one over at each second.
     pub fn tick(&mut self, now: Instant) {
-        let t0 = *self.t0.get_or_insert(now);
-        let next = self.next.get_or_insert(t0 + Duration::from_secs(1));
-        if now < *next {
+        if self.seconds.tick(now) == 0 {
             return;
-        }
-        while *next <= now {
-            *next += Duration::from_secs(1);
-            self.secs += 1;
         }
         let Ok(mut fresh) = self.spare.try_recv() else {
             return; // keep recording into this one
         };
-        let at = now.duration_since(t0);
-        // Counted, not at.as_secs(): the TSC clock's arithmetic can put
-        // a boundary a nanosecond short of the second.
-        fresh.index = self.secs;
+        let at = self.since_t0(now);
+        fresh.index = self.seconds.secs();
         fresh.start = at;
         if let Some(mut full) = self.cur.replace(fresh) {
             full.end = at;
@@ -93,10 +85,16 @@ impl CoreLog {
 
     /// Hands over the last interval (measuring is over).
     pub fn finish(&mut self, now: Instant) {
-        if let (Some(t0), Some(mut last)) = (self.t0, self.cur.take()) {
-            last.end = now.duration_since(t0);
+        if let (Some(_), Some(mut last)) = (self.seconds.t0(), self.cur.take()) {
+            last.end = self.since_t0(now);
             self.send(last);
         }
+    }
+
+    fn since_t0(&self, now: Instant) -> Duration {
+        self.seconds
+            .t0()
+            .map_or(Duration::ZERO, |t0| now.duration_since(t0))
     }
 
     fn send(&mut self, iv: Interval) {
@@ -149,9 +147,7 @@ pub fn channels(cores: usize, path: &std::path::Path) -> Result<(Vec<CoreLog>, M
             cur: Some(empty(core)),
             spare: rx,
             full: full_tx.clone(),
-            t0: None,
-            next: None,
-            secs: 0,
+            seconds: Seconds::default(),
         });
     }
     let main = MainLog {
@@ -280,7 +276,9 @@ pub fn read(text: &[u8]) -> Result<Vec<Read>, String> {
 }
 
 fn decode(d: &mut Deserializer, h: &IntervalLogHistogram<'_>) -> Result<Read, String> {
-    let bytes = base64_decode(h.encoded_histogram())?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(h.encoded_histogram().trim())
+        .map_err(|e| format!("a histogram that is not base64: {e}"))?;
     let hist: Histogram<u64> = d
         .deserialize(&mut &bytes[..])
         .map_err(|e| format!("a histogram that does not decode: {e:?}"))?;
@@ -290,31 +288,6 @@ fn decode(d: &mut Deserializer, h: &IntervalLogHistogram<'_>) -> Result<Read, St
         duration: h.duration(),
         hist,
     })
-}
-
-/// Standard base64 (the log's histogram encoding).
-fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
-    let val = |c: u8| -> Result<u32, String> {
-        Ok(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return Err(format!("bad base64 byte {c:#x}")),
-        } as u32)
-    };
-    let s = s.trim().trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    for chunk in s.chunks(4) {
-        let mut n = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            n |= val(c)? << (18 - 6 * i);
-        }
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -367,12 +340,5 @@ mod tests {
             "in order"
         );
         assert!(s.contains("HISTFAAA"), "V2 compressed: {s}");
-    }
-
-    #[test]
-    fn base64_round_trips() {
-        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
-        assert!(base64_decode("a*").is_err());
     }
 }

@@ -36,6 +36,7 @@ mod histlog;
 mod hostile;
 mod ibdev;
 mod plot;
+mod progress;
 mod report;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -223,9 +224,10 @@ struct IoArgs {
     /// first; for cores that are not isolated).
     #[arg(long, default_value = "normal")]
     poll_sched: pollers::CoreSched,
-    /// Device size the offsets cover.
-    #[arg(long, default_value = "1G", value_parser = engine_bench::parse_size)]
-    size: u64,
+    /// Device size the offsets cover (default: the whole device with
+    /// --rnbd-device, else 1G). Larger than the RNBD device: an error.
+    #[arg(long, value_parser = engine_bench::parse_size)]
+    size: Option<u64>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -540,8 +542,8 @@ fn io_opts(
             a.reconnect_delay
         ));
     }
-    if a.size < a.bs {
-        return Err(format!("--size {} is smaller than --bs {}", a.size, a.bs));
+    if let Some(size) = a.size.filter(|&s| s < a.bs) {
+        return Err(format!("--size {size} is smaller than --bs {}", a.bs));
     }
     let ramp_time = a.ramp_time.unwrap_or((a.runtime / 10.0).min(1.0));
     if !(ramp_time >= 0.0 && ramp_time.is_finite()) {

@@ -419,6 +419,75 @@ fn hist_writes_an_interval_a_second_that_reads_back_and_plots() {
     assert!(!String::from_utf8_lossy(&bad.stderr).contains("panicked"));
 }
 
+/// `[  2s] 0.104 M IOPS (104123 IOs)  406.7 MiB/s  paths: ...` -> (2, the rest).
+fn progress_lines(stderr: &str) -> Vec<(u64, String)> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let (secs, rest) = l.strip_prefix('[')?.split_once("s] ")?;
+            rest.contains(" M IOPS ")
+                .then(|| (secs.trim().parse().ok(), rest.to_string()))
+                .and_then(|(s, r)| Some((s?, r)))
+        })
+        .collect()
+}
+
+#[test]
+fn progress_lines_hold_the_counts_of_the_hist_intervals() {
+    let _one = one_at_a_time();
+    let name = format!("shm:perf-progress-{}", std::process::id());
+    let _srv = server(&name, "ram:8M");
+    let hist = std::env::temp_dir().join(format!("rtrs-perf-hist3-{}.hlog", std::process::id()));
+    let h = hist.to_string_lossy().to_string();
+    // QD3: completions come in batches that seldom sum to a multiple of
+    // 1024 at a poll's end (where the old counter was published).
+    #[rustfmt::skip]
+    let out = perf()
+        .args([
+            "client", "--connect", &name, "--cores", "0", "--rw", "randrw", "--bs", "4k",
+            "--iodepth", "3", "--runtime", "3.5", "--size", "8M", "--hist", &h,
+        ])
+        .output()
+        .unwrap();
+    let text = std::fs::read(&hist).unwrap_or_default();
+    let _ = std::fs::remove_file(&hist);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // IOs (read and write) per interval, by the second it starts in.
+    use base64::Engine as _;
+    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+    use hdrhistogram::serialization::Deserializer;
+    let mut per_s = std::collections::BTreeMap::<u64, u64>::new();
+    for e in IntervalLogIterator::new(&text) {
+        if let LogEntry::Interval(iv) = e.unwrap() {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(iv.encoded_histogram().trim())
+                .unwrap();
+            let hist: hdrhistogram::Histogram<u64> =
+                Deserializer::new().deserialize(&mut &bytes[..]).unwrap();
+            let s = iv.start_timestamp().as_secs_f64().round() as u64;
+            *per_s.entry(s).or_default() += hist.len();
+        }
+    }
+    let lines = progress_lines(&err);
+    // 3.5 s: seconds 0, 1 and 2 whole (lines 1 s to 3 s); the last half
+    // second is only in the log.
+    assert_eq!(lines.len(), 3, "{err}");
+    for (secs, rest) in &lines {
+        let n = per_s.get(&(secs - 1)).copied().unwrap_or(0);
+        assert!(n > 1000, "second {secs}: {n} IOs in the log");
+        let want = format!(
+            "{:.3} M IOPS ({n} IOs)  {:.1} MiB/s  paths: ",
+            n as f64 / 1e6,
+            (n * 4096) as f64 / (1 << 20) as f64
+        );
+        assert!(
+            rest.starts_with(&want),
+            "second {secs}: the line says {rest:?}, the log {n} IOs ({want:?})\n{err}"
+        );
+    }
+}
+
 #[test]
 fn fabric_lat_reports_one_way_beside_the_round_trip() {
     let _one = one_at_a_time();
@@ -494,30 +563,32 @@ fn rnbd_mode_refuses_a_bs_the_device_cannot_take() {
         }
     })
     .unwrap();
-    let run = |bs: &str| {
-        client(
-            &name,
-            &[
-                "--rnbd-device",
-                "ram0",
-                "--size",
-                "1M",
-                "--runtime",
-                "0.3",
-                "--bs",
-                bs,
-            ],
-        )
+    let run = |bs: &str, size: Option<&str>| {
+        let mut args = vec!["--rnbd-device", "ram0", "--runtime", "0.3", "--bs", bs];
+        if let Some(s) = size {
+            args.extend(["--size", s]);
+        }
+        client(&name, &args)
     };
-    let ok = run("4k");
-    let bad = run("1000");
-    let big = run("512k");
+    let ok = run("4k", Some("1M"));
+    let whole = run("4k", None);
+    let bad = run("1000", Some("1M"));
+    let big = run("512k", Some("1M"));
+    // Larger than the device: refused, not clamped to it.
+    let over = run("4k", Some("2M"));
     srv.stop();
     pool.stop();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
+    for out in [&ok, &whole] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // No --size: the whole device, said in the JSON.
+    assert_eq!(
+        json(&whole.stdout)["config"]["size"].as_u64(),
+        Some(1 << 20)
     );
     for (out, why) in [
         (
@@ -525,6 +596,10 @@ fn rnbd_mode_refuses_a_bs_the_device_cannot_take() {
             "--bs 1000 is not a multiple of the device's logical block size 512",
         ),
         (big, "exceeds the server's max_io_size"),
+        (
+            over,
+            "--size 2097152 is larger than device ram0 (1048576 bytes)",
+        ),
     ] {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");

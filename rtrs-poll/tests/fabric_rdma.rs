@@ -1,6 +1,7 @@
 //! The fabric conformance suite and the engine's end-to-end suite over real
 //! verbs (feature `rdma`). Addresses are `rdma:10.0.2.15:PORT`, the guest
-//! address of `/work/shared/tools/kernel-peer-vm.sh` with soft-RoCE on eth0;
+//! address of the project's VM (`scripts/vm.sh`; `scripts/vm-rdma-tests.sh`
+//! runs this binary there) with soft-RoCE on eth0;
 //! set `RTRS_RDMA_HOST` to use another local address of an RDMA device. On a
 //! host without an RDMA device every test prints "no RDMA device: skipped"
 //! and passes.
@@ -45,9 +46,9 @@ impl common::conformance::Backend for Rdma {
 conformance_tests!(Rdma);
 engine_tests!(Rdma);
 
-/// What this backend does differently from the suite, on purpose (see
-/// `rtrs_poll::fabric::rdma`): re-keying is a new registration, so the key's
-/// index changes too, and a peer cannot invalidate our keys.
+/// What this backend does beyond the suite (see `rtrs_poll::fabric::rdma`):
+/// a LOCAL_INV after a re-key, and a peer's SEND_WITH_INV of a key that is
+/// not a type-2 window (an ordinary MR's), which the device refuses.
 mod rdma_specific {
     use super::Rdma;
     use crate::common::conformance::{self as c, Backend, Pair};

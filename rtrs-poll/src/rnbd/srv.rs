@@ -210,13 +210,13 @@ impl Export {
         &self.allow
     }
 
-    /// A RAM device of `size` bytes (rounded down to whole sectors).
+    /// A RAM device of `size` bytes: whole 512-byte sectors (any other
+    /// size is refused, not rounded: the device is the size asked for).
     pub fn ram(name: &str, size: u64) -> Result<Export, ExportError> {
-        let size = size / SECTOR * SECTOR;
-        if size == 0 {
+        if size == 0 || size % SECTOR != 0 {
             return Err(ExportError::Spec(
                 name.into(),
-                "size below one sector".into(),
+                format!("size {size} is not a whole number of {SECTOR}-byte sectors"),
             ));
         }
         let mem = mempool::Region::anonymous(size as usize)
@@ -1455,6 +1455,9 @@ mod tests {
             "r=ram:1M,allow-key=",
             "r=ram:1M,ro=1",
             ",ro",
+            // Not rounded to whole sectors: refused.
+            "r=ram:1000",
+            "r=ram:1",
         ] {
             assert!(
                 matches!(Export::parse(bad), Err(ExportError::Spec(..))),

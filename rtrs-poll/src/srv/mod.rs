@@ -57,7 +57,7 @@ pub struct SrvConfig {
 /// Admission limits and access rules of a server: checked at each connect
 /// request, before anything is allocated. Each refusal answers with the
 /// errno shown, is logged once with its reason and counted
-/// ([`Server::refusals`]).
+/// ([`SrvCounters::refusals`], through [`Server::counters`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Source networks that may connect (empty: any). Checked first:
@@ -209,8 +209,8 @@ impl SrvCounters {
         self.operator_closes.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Paths the operator closed ([`SrvHandle::disconnect_path`],
-    /// [`SrvHandle::close_session`]).
+    /// Paths the operator closed ([`SrvHandle::close`] of a path or a
+    /// session: `rtrs ctl disconnect`, `close`).
     pub fn operator_closes(&self) -> u64 {
         self.operator_closes.load(Ordering::Relaxed)
     }
