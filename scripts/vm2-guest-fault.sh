@@ -62,7 +62,7 @@ done
 insmod "$RTRS_KMODS/rtrs/rtrs-core.ko"
 PEER1=10.1.0.2 PEER2=10.2.0.2
 
-rxe_pkts() { # " rx=<packets received> tx=<sent>" over this VM's soft-RoCE devices
+rxe_pkts() { # " rx=<packets received> tx=<sent> rt1=.. rt2=..": soft-RoCE packets, and retries per device
   local f rx=0 tx=0 v
   for f in /sys/class/infiniband/rxe*/ports/1/hw_counters/rcvd_pkts; do
     read -r v < "$f" && rx=$((rx + v))
@@ -70,7 +70,14 @@ rxe_pkts() { # " rx=<packets received> tx=<sent>" over this VM's soft-RoCE devic
   for f in /sys/class/infiniband/rxe*/ports/1/hw_counters/sent_pkts; do
     read -r v < "$f" && tx=$((tx + v))
   done
-  echo " rx=$rx tx=$tx"
+  # and each device's retransmission timeouts (completer_retry_err): rt1 for
+  # rxe0 (link 1), rt2 for rxe1
+  local i=1 rt=
+  for f in /sys/class/infiniband/rxe*/ports/1/hw_counters/completer_retry_err; do
+    read -r v < "$f" && rt="$rt rt$i=$v"
+    i=$((i + 1))
+  done
+  echo " rx=$rx tx=$tx$rt"
 }
 diag_check() { # PID... -> on each new $CTL/diag-N from the host, the threads of PID (ours) once
   local f n p t st
@@ -93,6 +100,10 @@ diag_check() { # PID... -> on each new $CTL/diag-N from the host, the threads of
       done
       for t in /sys/class/rtrs-client/*/paths/*/stats/rdma; do
         if [ -e "$t" ]; then echo "kernel client ${t#/sys/class/rtrs-client/}: $(cat "$t")"; fi
+      done
+      # Each soft-RoCE device's counters that moved (retries, RNR, sequence errors).
+      for t in /sys/class/infiniband/rxe*/ports/1/hw_counters; do
+        echo "soft-RoCE ${t#/sys/class/infiniband/}: $(cd "$t" && grep . -- * | grep -v ':0$' | tr '\n' ' ')"
       done
     } >> "$CTL/$VM.diag" 2>&1 || true
   done
@@ -118,7 +129,7 @@ sample_server() { # the kernel server's paths: present, and IOs per path (ours: 
       fi
     done
     echo "$line$(rxe_pkts)" >> "$CTL/b.samples"
-    [ -z "$srv" ] || diag_check "$srv"
+    diag_check ${srv:+"$srv"}
     nap 0.5
   done
 }
