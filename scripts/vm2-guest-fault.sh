@@ -101,7 +101,14 @@ diag_check() { # PID... -> on each new $CTL/diag-N from the host, the threads of
       for t in /sys/class/rtrs-client/*/paths/*/stats/rdma; do
         if [ -e "$t" ]; then echo "kernel client ${t#/sys/class/rtrs-client/}: $(cat "$t")"; fi
       done
-      # Each soft-RoCE device's counters that moved (retries, RNR, sequence errors).
+      # The links' neighbours and drops (a packet the network lost), and
+      # each soft-RoCE device's counters that moved (retries, RNR,
+      # sequence errors).
+      for i in 0 1; do
+        [ -e "/sys/class/net/eth$i" ] || continue
+        echo "eth$i: $(ip -s neigh show dev "eth$i" | tr '\n' ' ')"
+        echo "eth$i: $(ip -s link show "eth$i" | tr -s ' \n' ' ')"
+      done
       for t in /sys/class/infiniband/rxe*/ports/1/hw_counters; do
         echo "soft-RoCE ${t#/sys/class/infiniband/}: $(cd "$t" && grep . -- * | grep -v ':0$' | tr '\n' ' ')"
       done

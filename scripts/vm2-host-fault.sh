@@ -136,6 +136,10 @@ else
   watch_until "${FAULT_POST:-6}" never || true
 fi
 echo "before the stop" > "$CTL/diag-2"
+# The taps' packet and drop counts: packets the host's bridges lost.
+for t in $VM2_LINK1 $VM2_LINK2; do
+  echo "== $t: $(ip -s link show "$t" 2>/dev/null | tr -s ' \n' ' ')"
+done | awk '!seen[$0]++' > "$CTL/host.links"
 watch_until 2 never || true
 event stop "IO stopped"
 touch "$CTL/stop"
