@@ -26,6 +26,7 @@ TOPO=${VM2_TOPO:-two-links}
 BIN=${FAULT_BIN:-$PWD/target/release}
 SIZE_MB=${FAULT_SIZE_MB:-128}
 PORT=${FAULT_PORT:-1234}
+ARP=${FAULT_ARP:-static}
 PARAMS
 mv "$CTL/params.tmp" "$CTL/params"
 : > "$CTL/a.seen"
