@@ -297,6 +297,48 @@ def main():
             logs_shown.append(recent[x])
     for t, x, n in logs_shown:
         at(t, x + (f" (x{n})" if n > 1 else ""))
+    # Soft-RoCE's own failure (scripts/vm-lib.sh, "vm_rxe_fix"): a
+    # retransmission on a QP whose send queue holds a local operation that
+    # already ran makes rxe run it again; a REG_MR then finds its key valid
+    # ("not free"), and the QP stalls for good. Each device's retransmission
+    # timeouts (rtN) say which link's QPs retransmitted, and when.
+    retries = []
+    for vm, rows in (("a", a), ("b", b)):
+        for dev in ("rt1", "rt2"):
+            prev = None
+            for r in rows:
+                if dev not in r:
+                    continue
+                v = num(r, dev)
+                if prev is not None and v > prev and r["h"] >= t0:
+                    retries.append((r["h"], vm, int(dev[2]), v - prev))
+                prev = v
+    bursts = []
+    for t, vm, path, n in sorted(retries):
+        last = next((x for x in reversed(bursts) if x[1] == vm and x[2] == path), None)
+        if last and t - last[4] < 2.0:
+            last[3] += n
+            last[4] = t
+        else:
+            bursts.append([t, vm, path, n, t])
+    cut_window = (cut or 0, (reconn or restore or stop) if cut else 0)
+    for t, vm, path, n, _ in bursts:
+        during = path == 1 and cut_window[0] <= t <= cut_window[1]
+        note = " (link 1 cut: expected)" if during else ""
+        at(t, f"[{vm} soft-RoCE] path {path}'s device retransmitted after a timeout ({n}x){note}")
+    rerun = [(t, x) for t, x in logs if "rxe_reg_fast_mr" in x and "not free" in x]
+    # A re-run on a path that should be healthy: the other path any time,
+    # path 1 outside its cut.
+    culprit = []
+    for t, x in rerun:
+        near = [b_ for b_ in bursts if abs(b_[0] - t) <= 3.0]
+        paths = sorted({b_[2] for b_ in near})
+        in_cut = cut_window[0] <= t <= cut_window[1]
+        healthy = [p for p in paths if p == 2 or not in_cut]
+        if healthy or (not paths and not in_cut):
+            culprit.append((t, healthy))
+        else:
+            at(t, "[a soft-RoCE] that REG_MR was re-run on path 1 while it was cut (harmless there)")
     for t, x in sorted(timeline, key=lambda e: e[0]):
         print(f"{tag} {rel(t)} s  {x}")
 
@@ -310,6 +352,20 @@ def main():
     for k, v in res.items():  # anything the client noted besides its counts
         if k not in ("tool", "rc", "errors", "writes", "verified", "ios"):
             out[k] = v
+    cause = None
+    for t, paths in culprit:
+        where = f"path {'/'.join(map(str, paths))}" if paths else "a healthy path"
+        line = (f"soft-RoCE re-ran a REG_MR after a retransmission on {where} at {rel(t)} s "
+                f"(rxe_reg_fast_mr: not free): that QP stops sending and never flushes")
+        print(f"{tag} SOFT-ROCE {line}")
+        if fails and cause is None:
+            cause = "soft-roce"
+            fails.append(line)
+    if fails and cause is None:
+        cause = "rtrs" if case != "kernel" else "kernel-rtrs"
+    if cause:
+        out["cause"] = cause
+    out["retries"] = str(sum(x[3] for x in bursts))
     verdict = "fail" if fails else "pass"
     kv = " ".join(f"{k}={v}" for k, v in out.items())
     why = f' why="{"; ".join(fails)}"' if fails else ""

@@ -57,23 +57,63 @@ vm_prepare() {
   fi
 
   KMODS=$CACHE/kmods
-  if [ ! -f "$KMODS/rnbd/rnbd-server.ko" ]; then
-    step "building the kernel's RTRS and RNBD modules from linux-source-6.1"
+  local rxe_want
+  rxe_want=$(vm_rxe_fix_text | sha1sum | cut -c1-10)
+  if [ ! -f "$KMODS/rnbd/rnbd-server.ko" ] ||
+    [ "$(cat "$KMODS/rxe/fix" 2>/dev/null)" != "$rxe_want" ]; then
+    step "building the kernel's RTRS and RNBD modules and soft-RoCE (with our fix) from linux-source-6.1"
     (cd "$CACHE" && apt-get download -q "linux-source-6.1=$pkgver" &&
       rm -rf src && dpkg -x linux-source-6.1_*.deb src && rm -f linux-source-6.1_*.deb)
     tar -C "$CACHE/src" -xf "$CACHE"/src/usr/src/linux-source-6.1.tar.xz \
-      linux-source-6.1/drivers/infiniband/ulp/rtrs linux-source-6.1/drivers/block/rnbd
+      linux-source-6.1/drivers/infiniband/ulp/rtrs linux-source-6.1/drivers/block/rnbd \
+      linux-source-6.1/drivers/infiniband/sw/rxe
     rm -rf "$KMODS" && mkdir -p "$KMODS"
     cp -r "$CACHE"/src/linux-source-6.1/drivers/infiniband/ulp/rtrs "$KMODS"/
     cp -r "$CACHE"/src/linux-source-6.1/drivers/block/rnbd "$KMODS"/
+    cp -r "$CACHE"/src/linux-source-6.1/drivers/infiniband/sw/rxe "$KMODS"/
     local h=/usr/src/linux-headers-$KVER
     make -s -C "$h" M="$KMODS/rtrs" CONFIG_INFINIBAND_RTRS=m CONFIG_INFINIBAND_RTRS_CLIENT=m \
       CONFIG_INFINIBAND_RTRS_SERVER=m modules -j2
     make -s -C "$h" M="$KMODS/rnbd" CONFIG_BLK_DEV_RNBD_CLIENT=m CONFIG_BLK_DEV_RNBD_SERVER=m \
       ccflags-y=-I"$KMODS/rtrs" KBUILD_EXTRA_SYMBOLS="$KMODS/rtrs/Module.symvers" modules -j2
+    vm_rxe_fix "$KMODS/rxe/rxe_req.c"
+    make -s -C "$h" M="$KMODS/rxe" CONFIG_RDMA_RXE=m modules -j2 2>&1 | grep -v "Skipping BTF" || true
+    strip --strip-debug "$KMODS/rxe/rdma_rxe.ko"
+    echo "$rxe_want" > "$KMODS/rxe/fix"
     rm -rf "$CACHE/src"
   fi
   vm_initrd
+}
+
+# Soft-RoCE's requester, as Debian's 6.1 (and 6.12) ship it, runs a local
+# operation (REG_MR, BIND_MW, LOCAL_INV) again when a retransmission rewinds
+# the send queue past it: a REG_MR whose key is already valid then fails
+# ("rxe_reg_fast_mr: mr->lkey = ... not free"; a type-2 BIND_MW fails the
+# same way, silently), the requester stops in its error state, and the QP
+# neither sends nor flushes: a healthy path goes silent until a heartbeat
+# declares it dead 30 s later (docs/faults-vm.md, "soft-RoCE"). Any ACK later
+# than the QP's timeout (~0.5 s under rdma_cm on RoCE) is enough, which a
+# TCG guest on a busy host gets. The fix below (ours) passes over a local
+# operation that already ran. RTRS_VM_RXE=stock boots Debian's own module
+# instead, to see the bug.
+vm_rxe_fix_text() {
+  cat <<'FIX'
+	/* rtrs-poll: after a retry rewinds the send queue, a local
+	 * operation that already ran (state done) is passed over, not
+	 * run again: a second REG_MR or BIND_MW finds its key in use. */
+	if ((wqe->mask & WR_LOCAL_OP_MASK) && wqe->state == wqe_state_done) {
+		qp->req.wqe_index = queue_next_index(qp->sq.queue, qp->req.wqe_index);
+		goto done;
+	}
+FIX
+}
+vm_rxe_fix() { # rxe_req.c -> the fix put before the fence check of rxe_requester
+  local f=$1 fix
+  fix=$(vm_rxe_fix_text)
+  grep -q 'if (rxe_wqe_is_fenced(qp, wqe)) {' "$f" || { echo "vm: rxe_req.c has no fence check to fix" >&2; return 1; }
+  FIX=$fix awk '/^\tif \(rxe_wqe_is_fenced\(qp, wqe\)\) \{$/ && !done { print ENVIRON["FIX"]; done = 1 } { print }' \
+    "$f" > "$f.new" && mv "$f.new" "$f"
+  grep -q 'rtrs-poll: after a retry' "$f" || { echo "vm: the soft-RoCE fix did not apply" >&2; return 1; }
 }
 
 # The init of the initrd (see the top of this file); /lib/modules/order lists
@@ -108,7 +148,12 @@ INIT
 # of the init, so a changed init makes a new one). Sets INITRD.
 vm_initrd() {
   local hash
-  hash=$(vm_init_text | sha1sum | cut -c1-10)
+  local rxe=${RTRS_VM_RXE:-fixed}
+  case $rxe in
+    fixed | stock) ;;
+    *) echo "RTRS_VM_RXE=$rxe: expected fixed or stock" >&2; exit 2 ;;
+  esac
+  hash=$( (vm_init_text; echo "$rxe"; [ "$rxe" = stock ] || cat "$KMODS/rxe/fix") | sha1sum | cut -c1-10)
   INITRD=$CACHE/initrd-$KVER-$hash.img
   [ -f "$INITRD" ] && return 0
   step "making the initrd"
@@ -121,6 +166,8 @@ vm_initrd() {
   order=$(for m in $wanted; do /usr/sbin/modprobe -d "$CACHE/img" -S "$KVER" --show-depends "$m"; done |
     awk '$1 == "insmod" {print $2}' | awk '!seen[$0]++')
   for f in $order; do
+    # soft-RoCE: ours (Debian's source with the fix above) unless asked
+    [[ $rxe == fixed && ${f##*/} == rdma_rxe.ko* ]] && f=$KMODS/rxe/rdma_rxe.ko
     cp "$f" "$d/lib/modules/"
     echo "${f##*/}" >> "$d/lib/modules/order"
   done

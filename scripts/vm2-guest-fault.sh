@@ -38,9 +38,22 @@ wait_for() { # FILE SECONDS -> waits until FILE exists (gives up when the host h
   say "gave up waiting for ${1##*/}"
   return 1
 }
-logs_out() { # the kernel log, with the guest's uptime and clock read together
+logs_out() { # the kernel log, with the guest's uptime and clock read together; the network's end state
   echo "clock uptime=$(cut -d' ' -f1 /proc/uptime) epoch=$EPOCHREALTIME" > "$CTL/$VM.dmesg"
   dmesg >> "$CTL/$VM.dmesg" || true
+  net_state "at the end" >> "$CTL/$VM.diag" 2>&1 || true
+}
+net_state() { # WHEN -> the links' neighbours and drops, the soft-RoCE counters that moved
+  local i t
+  echo "== $1 at $EPOCHREALTIME"
+  for i in 0 1; do
+    [ -e "/sys/class/net/eth$i" ] || continue
+    echo "eth$i: $(ip -s neigh show dev "eth$i" | tr '\n' ' ')"
+    echo "eth$i: $(ip -s link show "eth$i" | tr -s ' \n' ' ')"
+  done
+  for t in /sys/class/infiniband/rxe*/ports/1/hw_counters; do
+    echo "soft-RoCE ${t#/sys/class/infiniband/}: $(cd "$t" && grep . -- * | grep -v ':0$' | tr '\n' ' ')"
+  done
 }
 
 wait_for "$CTL/params" 60
@@ -59,10 +72,26 @@ for i in "${nics[@]}"; do
   }
   rdma link add "rxe$i" type rxe netdev "eth$i"
 done
+# The peer's addresses resolved once and for all (ARP=static, the default):
+# soft-RoCE's RC traffic is UDP, which never confirms a neighbour, so the
+# kernel re-probes it every 15-45 s; a TCG guest that the host starves for
+# the 3 s of the probes fails the entry, and a QP's cached route then drops
+# every packet of the healthy path, ARP and all, for good (seen: b's entry
+# FAILED, a sending nothing on link 2, the path dead on its heartbeats;
+# docs/faults-vm.md, "the network under the cases"). The links' addresses
+# and MACs are vm2.sh's. ARP=dynamic keeps the kernel's resolution.
+if [ "${ARP:-static}" = static ]; then
+  peer=$([ "$VM" = a ] && echo 2 || echo 1)
+  for l in 1 2; do
+    i=$((l - 1))
+    [ "$TOPO" = two-links ] || i=0
+    ip neigh replace "10.$l.0.$peer" lladdr "52:54:00:0$((i + 1)):00:0$peer" dev "eth$i" nud permanent
+  done
+fi
 insmod "$RTRS_KMODS/rtrs/rtrs-core.ko"
 PEER1=10.1.0.2 PEER2=10.2.0.2
 
-rxe_pkts() { # " rx=<packets received> tx=<sent>" over this VM's soft-RoCE devices
+rxe_pkts() { # " rx=<packets received> tx=<sent> rt1=.. rt2=..": soft-RoCE packets, and retries per device
   local f rx=0 tx=0 v
   for f in /sys/class/infiniband/rxe*/ports/1/hw_counters/rcvd_pkts; do
     read -r v < "$f" && rx=$((rx + v))
@@ -70,7 +99,14 @@ rxe_pkts() { # " rx=<packets received> tx=<sent>" over this VM's soft-RoCE devic
   for f in /sys/class/infiniband/rxe*/ports/1/hw_counters/sent_pkts; do
     read -r v < "$f" && tx=$((tx + v))
   done
-  echo " rx=$rx tx=$tx"
+  # and each device's retransmission timeouts (completer_retry_err): rt1 for
+  # rxe0 (link 1), rt2 for rxe1
+  local i=1 rt=
+  for f in /sys/class/infiniband/rxe*/ports/1/hw_counters/completer_retry_err; do
+    read -r v < "$f" && rt="$rt rt$i=$v"
+    i=$((i + 1))
+  done
+  echo " rx=$rx tx=$tx$rt"
 }
 diag_check() { # PID... -> on each new $CTL/diag-N from the host, the threads of PID (ours) once
   local f n p t st
@@ -93,6 +129,17 @@ diag_check() { # PID... -> on each new $CTL/diag-N from the host, the threads of
       done
       for t in /sys/class/rtrs-client/*/paths/*/stats/rdma; do
         if [ -e "$t" ]; then echo "kernel client ${t#/sys/class/rtrs-client/}: $(cat "$t")"; fi
+      done
+      # The links' neighbours and drops (a packet the network lost), and
+      # each soft-RoCE device's counters that moved (retries, RNR,
+      # sequence errors).
+      for i in 0 1; do
+        [ -e "/sys/class/net/eth$i" ] || continue
+        echo "eth$i: $(ip -s neigh show dev "eth$i" | tr '\n' ' ')"
+        echo "eth$i: $(ip -s link show "eth$i" | tr -s ' \n' ' ')"
+      done
+      for t in /sys/class/infiniband/rxe*/ports/1/hw_counters; do
+        echo "soft-RoCE ${t#/sys/class/infiniband/}: $(cd "$t" && grep . -- * | grep -v ':0$' | tr '\n' ' ')"
       done
     } >> "$CTL/$VM.diag" 2>&1 || true
   done
@@ -118,7 +165,7 @@ sample_server() { # the kernel server's paths: present, and IOs per path (ours: 
       fi
     done
     echo "$line$(rxe_pkts)" >> "$CTL/b.samples"
-    [ -z "$srv" ] || diag_check "$srv"
+    diag_check ${srv:+"$srv"}
     nap 0.5
   done
 }

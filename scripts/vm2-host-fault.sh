@@ -26,6 +26,7 @@ TOPO=${VM2_TOPO:-two-links}
 BIN=${FAULT_BIN:-$PWD/target/release}
 SIZE_MB=${FAULT_SIZE_MB:-128}
 PORT=${FAULT_PORT:-1234}
+ARP=${FAULT_ARP:-static}
 PARAMS
 mv "$CTL/params.tmp" "$CTL/params"
 : > "$CTL/a.seen"
@@ -136,6 +137,10 @@ else
   watch_until "${FAULT_POST:-6}" never || true
 fi
 echo "before the stop" > "$CTL/diag-2"
+# The taps' packet and drop counts: packets the host's bridges lost.
+for t in $VM2_LINK1 $VM2_LINK2; do
+  echo "== $t: $(ip -s link show "$t" 2>/dev/null | tr -s ' \n' ' ')"
+done | awk '!seen[$0]++' > "$CTL/host.links"
 watch_until 2 never || true
 event stop "IO stopped"
 touch "$CTL/stop"

@@ -49,6 +49,11 @@ vm_prepare
 RUN=$(mktemp -d /tmp/rtrs-vm2.XXXXXX)
 VM2_CTL=$RUN/ctl
 mkdir -p "$VM2_CTL"
+# The guests run a copy: bash reads a script as it goes, so an edit of the
+# tree during a run would change what the guests execute.
+cp "$GUEST" "$RUN/guest.sh"
+GUEST_SRC=$GUEST
+GUEST=$RUN/guest.sh
 ID=rv$$ # interface names: rv<pid>l<link> (bridges), rv<pid><vm><link> (taps)
 PIDS=()
 NETDEVS=()
@@ -111,7 +116,7 @@ boot() { # VM HOSTNUM -> a qemu in the background
     -virtfs "local,path=$VM2_CTL,mount_tag=ctl,security_model=none" < /dev/null &
   PIDS+=($!)
 }
-step "booting $KVER (TCG) twice to run $GUEST"
+step "booting $KVER (TCG) twice to run $GUEST_SRC"
 boot a 1
 boot b 2
 export VM2_PIDS="${PIDS[*]}"
