@@ -313,7 +313,11 @@ fn deferred_completions_come_from_another_thread() {
         loop {
             match rtrs_server_complete(p.srv, id, 0) {
                 r if r == -libc::ENOENT => break,
+                // The ring (twice the queue depth) still holds this loop's
+                // earlier duplicates: the closing connection drains them as
+                // it goes (on a loaded host, slower than 8 x 20 ms).
                 0 => {}
+                r if r == -libc::EAGAIN => {}
                 r => panic!("rtrs_server_complete: {r}"),
             }
             assert!(
