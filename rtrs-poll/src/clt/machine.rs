@@ -912,3 +912,192 @@ impl SessMachine {
         &self.cfg.sessname
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session's control alone: no fabric, no thread, the driver's
+    //! part played by the test (each action answered as a driver would).
+    use super::*;
+    use crate::fabric::PrivateData;
+    use crate::proto::{ConnRspRepr, InfoRspRepr, SgDesc, MAX_HDR_SIZE, PRIVATE_DATA_LEN};
+
+    const QD: u16 = 4;
+    const S: Duration = Duration::from_secs(1);
+
+    fn cfg() -> CltConfig {
+        let mut c = CltConfig::new("unit", vec!["shm:unit-a".parse().unwrap()]);
+        c.connect_timeout = 2 * S;
+        c
+    }
+
+    fn con_rsp() -> PrivateData {
+        let mut b = [0u8; PRIVATE_DATA_LEN];
+        ConnRspRepr {
+            errno: 0,
+            queue_depth: QD,
+            max_io_size: 8192 - MAX_HDR_SIZE,
+            max_hdr_size: MAX_HDR_SIZE,
+            new_rkey: false,
+        }
+        .emit(&mut b)
+        .unwrap();
+        PrivateData::new(&b).unwrap()
+    }
+
+    fn info_rsp() -> Vec<u8> {
+        let descs = [SgDesc {
+            addr: 0x1000,
+            key: 7,
+            len: 8192 * u32::from(QD),
+        }];
+        let r = InfoRspRepr { descs: &descs };
+        let mut b = vec![0u8; r.buffer_len()];
+        r.emit(&mut b).unwrap();
+        b
+    }
+
+    /// Plays the driver: every action done as asked, CM connects given ids
+    /// from `next`; returns the actions' names.
+    fn drive(m: &mut SessMachine, now: Instant, next: &mut u64) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Some(a) = m.poll_action() {
+            let name = format!("{a:?}");
+            seen.push(name.split([' ', '(', '{']).next().unwrap_or("").to_string());
+            match a {
+                CltAction::Connect { slot, cid, .. } => {
+                    *next += 1;
+                    m.connect_sent(slot, cid, ConnId(*next));
+                }
+                CltAction::MakeSession { slot, geo } => m.session_made(slot, geo, Ok(()), now),
+                CltAction::Attach { slot } => m.attached(slot, Ok(()), now),
+                CltAction::InstallInfo { slot, .. } => m.info_installed(slot, now),
+                _ => {}
+            }
+        }
+        seen
+    }
+
+    /// A session up on one path of 2 connections at `t0`.
+    fn open(t0: Instant) -> (SessMachine, u64) {
+        let mut m = SessMachine::open(cfg(), 1, t0);
+        let mut next = 0;
+        let a = drive(&mut m, t0, &mut next);
+        assert_eq!(a[..2], ["NewSlot", "Connect"], "{a:?}");
+        for id in 1..=2 {
+            let ev = CmEvent::Established {
+                id: ConnId(id),
+                private_data: con_rsp(),
+            };
+            m.handle_cm(ev, t0);
+            drive(&mut m, t0, &mut next);
+        }
+        m.info_rsp(0, &info_rsp(), t0);
+        let a = drive(&mut m, t0, &mut next);
+        assert!(a.contains(&"Up".to_string()), "{a:?}");
+        assert!(a.contains(&"Opened".to_string()), "{a:?}");
+        (m, next)
+    }
+
+    #[test]
+    fn a_session_opens_one_connection_after_another() {
+        let t0 = Instant::now();
+        let mut m = SessMachine::open(cfg(), 1, t0);
+        let mut next = 0;
+        assert_eq!(
+            drive(&mut m, t0, &mut next),
+            ["NewSlot", "Connect", "Publish"]
+        );
+        m.handle_cm(
+            CmEvent::Established {
+                id: ConnId(1),
+                private_data: con_rsp(),
+            },
+            t0,
+        );
+        // The first CON_RSP sizes the session, then cid 1 goes out.
+        let a = drive(&mut m, t0, &mut next);
+        assert_eq!(a[..2], ["MakeSession", "Connect"], "{a:?}");
+        m.handle_cm(
+            CmEvent::Established {
+                id: ConnId(2),
+                private_data: con_rsp(),
+            },
+            t0,
+        );
+        assert_eq!(drive(&mut m, t0, &mut next)[0], "SendInfo");
+        m.info_rsp(0, &info_rsp(), t0);
+        let a = drive(&mut m, t0, &mut next);
+        assert_eq!(a[..2], ["InstallInfo", "Up"], "{a:?}");
+        assert!(a.contains(&"Opened".to_string()), "{a:?}");
+    }
+
+    #[test]
+    fn a_connect_that_never_answers_fails_the_open_at_its_deadline() {
+        let t0 = Instant::now();
+        let mut m = SessMachine::open(cfg(), 1, t0);
+        let mut next = 0;
+        drive(&mut m, t0, &mut next);
+        assert_eq!(m.poll_timeout(), Some(t0 + 2 * S));
+        m.poll(t0 + 2 * S - Duration::from_millis(1));
+        assert!(!drive(&mut m, t0, &mut next).contains(&"Teardown".to_string()));
+        m.poll(t0 + 2 * S);
+        let mut opened = None;
+        while let Some(a) = m.poll_action() {
+            if let CltAction::Opened(r) = a {
+                opened = Some(r);
+            }
+        }
+        let e = opened.expect("the open answered").unwrap_err();
+        assert_eq!(e.errno(), -libc::ETIMEDOUT, "{e}");
+    }
+
+    #[test]
+    fn a_silent_path_is_dead_on_the_seventh_beat_and_reconnects_after_the_delay() {
+        let t0 = Instant::now();
+        let (mut m, mut next) = open(t0);
+        // Beats every 5 s, none answered.
+        let mut t = t0;
+        let mut down = None;
+        while down.is_none() && t < t0 + 60 * S {
+            t += Duration::from_millis(100);
+            m.poll(t);
+            while let Some(a) = m.poll_action() {
+                if let CltAction::Teardown { why, was_up, .. } = a {
+                    assert!(was_up);
+                    assert!(matches!(why, DownReason::Heartbeat { .. }), "{why:?}");
+                    down = Some(t);
+                }
+            }
+        }
+        let down = down.expect("declared dead");
+        assert!(
+            (t0 + 35 * S..=t0 + 36 * S).contains(&down),
+            "dead {:?} after the last message",
+            down - t0
+        );
+        // The reconnect delay (30 s + 0-7 ms jitter), then the backoff (1 s).
+        let at = m.poll_timeout().expect("a reconnect deadline");
+        assert!((down + 30 * S..=down + 30 * S + Duration::from_millis(8)).contains(&at));
+        m.poll(at);
+        drive(&mut m, at, &mut next);
+        let at2 = m.poll_timeout().expect("the backoff");
+        assert_eq!(at2, at + S);
+        m.poll(at2);
+        assert!(drive(&mut m, at2, &mut next).contains(&"Connect".to_string()));
+    }
+
+    #[test]
+    fn a_stale_core_report_is_ignored() {
+        let t0 = Instant::now();
+        let (mut m, _) = open(t0);
+        let why = DownReason::Disconnected { cid: 1 };
+        // Round 0 is not the round that is up (recon_cnt starts at 1).
+        m.core_failed(0, 0, why.clone(), t0);
+        assert!(m.poll_action().is_none());
+        m.core_failed(0, 1, why, t0);
+        let a: Vec<String> = std::iter::from_fn(|| m.poll_action())
+            .map(|a| format!("{a:?}"))
+            .collect();
+        assert!(a.iter().any(|a| a.starts_with("Teardown")), "{a:?}");
+    }
+}

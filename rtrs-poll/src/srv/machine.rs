@@ -565,3 +565,188 @@ impl SrvMachine {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The server's control alone: no fabric, no thread; the test plays
+    //! the driver.
+    use super::*;
+    use crate::proto::PRIVATE_DATA_LEN;
+    use crate::srv::Limits;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn cfg() -> SrvConfig {
+        SrvConfig {
+            queue_depth: 4,
+            max_chunk_size: 8192,
+            limits: Limits {
+                handshake_timeout: 30 * S,
+                max_sessions_per_host: 2,
+                ..Limits::default()
+            },
+            ..SrvConfig::default()
+        }
+    }
+
+    fn req(cid: u16, path: u8, sess: u8) -> Vec<u8> {
+        let mut b = vec![0u8; PRIVATE_DATA_LEN];
+        ConnReqRepr {
+            cid,
+            cid_num: 2,
+            recon_cnt: 1,
+            sess_uuid: [path; 16],
+            paths_uuid: [sess; 16],
+            first_conn: true,
+        }
+        .emit(&mut b)
+        .unwrap();
+        b
+    }
+
+    const NO_POOL: Memory = Memory {
+        slab_free: false,
+        pool_bytes: 0,
+    };
+
+    /// Plays the driver: accepts as planned, closes paths as asked.
+    fn drive(m: &mut SrvMachine) -> Vec<SrvAction> {
+        let mut out = Vec::new();
+        while let Some(a) = m.poll_action() {
+            match &a {
+                SrvAction::Accept { id, req, plan, .. } => {
+                    m.accepted(*id, req.paths_uuid, plan.path(), req.cid, false)
+                }
+                SrvAction::Close { path, why } => m.path_closing(*path, Some(why.clone())),
+                _ => {}
+            }
+            out.push(a);
+        }
+        out
+    }
+
+    fn connect(m: &mut SrvMachine, id: u64, pd: &[u8], peer: &str, now: Instant) -> Vec<SrvAction> {
+        let r = Request {
+            id: ConnId(id),
+            listener: ConnId(0),
+            pdata: pd,
+            peer,
+            key_id: None,
+        };
+        m.connect_request(r, NO_POOL, now);
+        drive(m)
+    }
+
+    #[test]
+    fn a_path_is_admitted_connected_and_reaped_with_its_session() {
+        let t0 = Instant::now();
+        let mut m = SrvMachine::new(cfg(), t0);
+        let a = connect(&mut m, 1, &req(0, 1, 9), "tcp:10.0.0.1:5", t0);
+        assert!(
+            matches!(
+                a[0],
+                SrvAction::Accept {
+                    plan: Plan::NewSession { .. },
+                    ..
+                }
+            ),
+            "{a:?}"
+        );
+        let a = connect(&mut m, 2, &req(1, 1, 9), "tcp:10.0.0.1:5", t0);
+        let path = match &a[0] {
+            SrvAction::Accept {
+                plan: Plan::NextCid { path },
+                ..
+            } => *path,
+            x => panic!("{x:?}"),
+        };
+        // cid 1 twice: refused.
+        let a = connect(&mut m, 3, &req(1, 1, 9), "tcp:10.0.0.1:5", t0);
+        assert!(
+            matches!(&a[0], SrvAction::Refuse { refused, .. } if refused.kind == Refusal::Protocol)
+        );
+        m.path_up(path, "unit");
+        assert!(matches!(
+            drive(&mut m)[..],
+            [SrvAction::Emit(SrvEvent::PathUp { .. })]
+        ));
+        m.disconnected(ConnId(2), t0);
+        drive(&mut m);
+        m.reap();
+        let a = drive(&mut m);
+        let closed = a.iter().find_map(|a| match a {
+            SrvAction::Emit(SrvEvent::PathClosed(c)) => Some(c.clone()),
+            _ => None,
+        });
+        let c = closed.expect("the path closed");
+        assert!(c.session_ended);
+        assert_eq!(c.reason, DownReason::Disconnected { cid: 1 });
+        assert!(a.iter().any(|a| matches!(a, SrvAction::DropSession(_))));
+        assert!(m.reg.sessions.is_empty());
+    }
+
+    #[test]
+    fn a_handshake_that_does_not_finish_is_closed_at_its_deadline() {
+        let t0 = Instant::now();
+        let mut m = SrvMachine::new(cfg(), t0);
+        connect(&mut m, 1, &req(0, 1, 9), "tcp:10.0.0.1:5", t0);
+        assert_eq!(m.poll_timeout(), Some(t0 + 30 * S));
+        m.poll(t0 + 30 * S);
+        assert!(
+            drive(&mut m).is_empty(),
+            "not before the deadline has passed"
+        );
+        m.poll(t0 + 31 * S);
+        let a = drive(&mut m);
+        assert!(
+            matches!(
+                &a[..],
+                [SrvAction::Close {
+                    why: DownReason::Timeout { .. },
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn refusals_are_checked_before_anything_is_made() {
+        let t0 = Instant::now();
+        let mut m = SrvMachine::new(cfg(), t0);
+        // A malformed CON_REQ.
+        let a = connect(&mut m, 1, &[0u8; 8], "tcp:10.0.0.1:5", t0);
+        assert!(
+            matches!(&a[0], SrvAction::Refuse { refused, .. } if refused.kind == Refusal::Protocol)
+        );
+        // Two sessions of one host, then a third refused.
+        connect(&mut m, 2, &req(0, 1, 1), "tcp:10.0.0.1:5", t0);
+        connect(&mut m, 3, &req(0, 2, 2), "tcp:10.0.0.1:6", t0);
+        let a = connect(&mut m, 4, &req(0, 3, 3), "tcp:10.0.0.1:7", t0);
+        assert!(
+            matches!(&a[0], SrvAction::Refuse { refused, .. } if refused.kind == Refusal::SessionsPerHost),
+            "{a:?}"
+        );
+        // A second path between the same two addresses.
+        let a = connect(&mut m, 5, &req(0, 4, 1), "tcp:10.0.0.1:8", t0);
+        assert!(
+            matches!(&a[0], SrvAction::Refuse { refused, .. } if refused.kind == Refusal::Duplicate),
+            "{a:?}"
+        );
+        assert_eq!(m.reg.sessions.len(), 2, "nothing made for the refused");
+    }
+
+    #[test]
+    fn a_flood_of_refusals_is_one_log_line_a_second_and_every_one_counted() {
+        let t0 = Instant::now();
+        let mut m = SrvMachine::new(cfg(), t0);
+        let mut refusals = 0;
+        for i in 0..100 {
+            for a in connect(&mut m, i, &[1u8; 4], "tcp:10.0.0.9:1", t0) {
+                refusals += usize::from(matches!(a, SrvAction::Refuse { .. }));
+            }
+        }
+        assert_eq!(refusals, 100);
+        assert_eq!(m.log_gate.get(&Refusal::Protocol).map(|g| g.1), Some(100));
+    }
+}
