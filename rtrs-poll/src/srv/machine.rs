@@ -267,23 +267,23 @@ impl SrvMachine {
         cid: u16,
         pooled: bool,
     ) {
-        if let Some((pid, u, rec, new_sess)) = self.pending.take() {
-            if pid == id {
-                if new_sess {
-                    self.reg.sessions.insert(
-                        u,
-                        SessRec {
-                            host: super::admit::host_of(&rec.peer).to_string(),
-                            bytes: super::admit::session_bytes(&self.cfg),
-                            pooled,
-                            paths: Vec::new(),
-                        },
-                    );
-                    self.publish();
-                }
-                if let Some(s) = self.reg.sessions.get_mut(&u) {
-                    s.paths.push(rec);
-                }
+        // The driver answers each accept before it takes the next action:
+        // a pending new path is this one's.
+        if let Some((_, u, rec, new_sess)) = self.pending.take().filter(|p| p.0 == id) {
+            if new_sess {
+                self.reg.sessions.insert(
+                    u,
+                    SessRec {
+                        host: super::admit::host_of(&rec.peer).to_string(),
+                        bytes: super::admit::session_bytes(&self.cfg),
+                        pooled,
+                        paths: Vec::new(),
+                    },
+                );
+                self.publish();
+            }
+            if let Some(s) = self.reg.sessions.get_mut(&u) {
+                s.paths.push(rec);
             }
         }
         if let Some((_, p)) = self.reg.path_mut(path) {
