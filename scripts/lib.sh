@@ -161,3 +161,67 @@ run_in_vm() { # VARS GUEST_SCRIPT
   rm -f "$guest"
   return $rc
 }
+
+# --- rtrs serve and rtrs-perf clients of the churn, storm, crowd and soak scripts ---
+
+# A free tcp port on 127.0.0.1 (the kernel's pick; free when this returns).
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Starts `BIN/rtrs serve ARGS` with its control socket at SOCK in the
+# background (stderr appended to LOG), sets SRV_PID, and returns once the
+# socket answers (the listeners are up by then). A server that exits first
+# fails it, with its log's tail.
+serve_start() { # BIN SOCK LOG ARGS...
+  local bin=$1 sock=$2 log=$3
+  shift 3
+  "$bin/rtrs" serve --ctl "$sock" "$@" 2>>"$log" &
+  SRV_PID=$!
+  for _ in $(seq 400); do
+    if "$bin/rtrs" ctl --socket "$sock" list sessions >/dev/null 2>&1; then return 0; fi
+    if ! kill -0 "$SRV_PID" 2>/dev/null; then
+      tail -20 "$log" >&2
+      SRV_PID=
+      return 1
+    fi
+    sleep 0.05
+  done
+  echo "rtrs serve did not answer on $sock" >&2
+  return 1
+}
+
+# The census of the process behind control socket SOCK (`rtrs ctl stats`:
+# descriptors, memory, hugepages, fabric objects), one JSON line, with the
+# server's sessions, chunk memory and refusals beside it when it is one.
+census_json() { # BIN SOCK
+  "$1/rtrs" ctl --json --socket "$2" stats |
+    jq -c '.data | .census + {sessions: ((.sessions // []) | length),
+      chunk_memory: (.chunk_memory // 0), refused: (.refused_total // 0)}'
+}
+
+# Waits up to SECS for FILE to appear while PID lives; fails otherwise.
+wait_ready() { # FILE PID SECS
+  local i
+  for ((i = 0; i < $3 * 20; i++)); do
+    [ -e "$1" ] && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.05
+  done
+  return 1
+}
+
+# Takes the census behind SOCK into OUT once its descriptors and fabric
+# objects are back to those of BASE (a census file), or after SECS: a path
+# torn down is freed once its cores let go of it, which an idle-scheduled
+# core on a busy host may do seconds later.
+census_settled() { # BIN SOCK BASE OUT SECS
+  local i want
+  want=$(jq -c '[.fds, .fabric]' "$3")
+  for ((i = 0; i < $5 * 5; i++)); do
+    census_json "$1" "$2" >"$4"
+    [ "$(jq -c '[.fds, .fabric]' "$4")" = "$want" ] && return 0
+    sleep 0.2
+  done
+  return 0
+}
