@@ -75,10 +75,27 @@ SRV_PID=
 CLT_PID=
 CHURN_PID=
 
-cleanup() {
+CASE_PIDS=()
+CYC_PID=
+
+# A case's processes (in its subshell), then the cases (in the script).
+stop_case() {
+  stop_pid "$CYC_PID"
   stop_pid "$CHURN_PID"
   stop_pid "$CLT_PID"
   stop_pid "$SRV_PID"
+}
+# Every process a case starts is also listed in $WORK/pids: a case
+# stopped before it could stop its own leaves none behind.
+track() { echo "$1" >>"$WORK/pids"; }
+cleanup() {
+  local p
+  for p in "${CASE_PIDS[@]}"; do [ -n "$p" ] && kill -TERM "$p" 2>/dev/null; done
+  stop_case
+  if [ -e "$WORK/pids" ]; then
+    for p in $(tac "$WORK/pids"); do stop_pid "$p"; done
+  fi
+  for p in "${CASE_PIDS[@]}"; do stop_pid "$p"; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -104,6 +121,7 @@ case_churn() { # fabric
   # Small sessions (64 chunks of 128 KiB): the churn is in connections.
   serve_start "$BIN" "$w/srv.sock" "$w/srv.log" --listen "$a1,$a2" --cores 1 "${SCHED[@]}" \
     --queue-depth 64 --export d0=ram:64M --export c0=ram:64M --export cchurn=ram:64M || return 1
+  track "$SRV_PID"
   # A first session makes what the server keeps for good (the tcp fabric's
   # socket watcher, say): the idle baseline is after it.
   # (Its IO is not what is checked: on a loaded host an idle-scheduled
@@ -114,6 +132,7 @@ case_churn() { # fabric
   "$BIN/rtrs-perf" client --connect "$a1,$a2" --rnbd-device 'd{}' "${IO[@]}" --runtime 3600 \
     --ctl "$w/clt.sock" --ready "$w/ready" >"$w/clt.json" 2>"$w/clt.log" &
   CLT_PID=$!
+  track "$CLT_PID"
   wait_ready "$w/ready" "$CLT_PID" 60 || { tail -20 "$w/clt.log" >&2; return 1; }
   census_json "$BIN" "$w/srv.sock" >"$w/srv1.json"
   census_json "$BIN" "$w/clt.sock" >"$w/clt1.json"
@@ -121,13 +140,19 @@ case_churn() { # fabric
   "$BIN/rtrs-perf" client --connect "$a1,$a2" --rnbd-device 'c{}' --sessname churn "${IO[@]}" \
     --runtime 1 --churn-sessions "$SESSIONS" >"$w/churn.json" 2>"$w/churn.log" &
   CHURN_PID=$!
+  track "$CHURN_PID"
   # The first and the last cycle through `rtrs ctl` itself; the others
   # over the same socket from one process (an `rtrs ctl` start costs ~25 ms
   # of CPU, minstant's TSC calibration: 2,000 of them would be most of
   # this script's time).
   "$BIN/rtrs" ctl --socket "$w/clt.sock" disconnect path1 >/dev/null
   "$BIN/rtrs" ctl --socket "$w/clt.sock" reconnect path1 >/dev/null
-  python3 scripts/churn-cycles.py "$w/clt.sock" path1 $((CYCLES - 2)) >"$w/cycles.json"
+  # (In the background, waited for: a TERM to this case stops it at once.)
+  python3 scripts/churn-cycles.py "$w/clt.sock" path1 $((CYCLES - 2)) >"$w/cycles.json" &
+  CYC_PID=$!
+  track "$CYC_PID"
+  wait "$CYC_PID"
+  CYC_PID=
   "$BIN/rtrs" ctl --socket "$w/clt.sock" disconnect path1 >/dev/null
   "$BIN/rtrs" ctl --socket "$w/clt.sock" reconnect path1 >/dev/null
   local cycles_secs=$((SECONDS - t0))
@@ -231,14 +256,30 @@ print(f"churn {fab}: ok")
 EOF
 }
 
+# The fabrics side by side: a cycle's time is mostly the controls' waits
+# (a command or an INFO message is seen at the next 10 ms control tick),
+# not CPU, so two cases take little longer than one. Each case is a
+# subshell that stops its own processes when it ends or is stopped.
 failed=0
+step "churn: ${FABRICS[*]}, $CYCLES path cycles and $SESSIONS sessions each, beside verified IO"
 for f in "${FABRICS[@]}"; do
-  step "churn: $f, $CYCLES path cycles and $SESSIONS sessions beside verified IO"
-  # In this shell (not a subshell): the trap sees every PID.
-  case_churn "$f" >"$WORK/case.out" 2>&1 || failed=1
-  cat "$WORK/case.out"
-  if [ -n "$OUT" ]; then cat "$WORK/case.out" >>"$OUT"; fi
-  if [ $failed = 1 ]; then
+  (
+    trap stop_case EXIT
+    trap 'exit 130' INT TERM
+    SRV_PID= CLT_PID= CHURN_PID= CYC_PID=
+    case_churn "$f"
+  ) >"$WORK/$f.out" 2>&1 &
+  CASE_PIDS+=($!)
+done
+for i in "${!FABRICS[@]}"; do
+  f=${FABRICS[$i]}
+  rc=0
+  wait "${CASE_PIDS[$i]}" || rc=$?
+  CASE_PIDS[$i]=
+  cat "$WORK/$f.out"
+  if [ -n "$OUT" ]; then cat "$WORK/$f.out" >>"$OUT"; fi
+  if [ $rc != 0 ]; then
+    failed=1
     for l in "$WORK/$f"/*.log; do [ -e "$l" ] && { echo "-- $l"; tail -15 "$l"; }; done
   fi
 done

@@ -52,8 +52,10 @@ pub fn objects_are_counted_while_they_live<B: Backend>() {
         "an MR: {:?}",
         counts().since(&base)
     );
+    // (rdma: the MR's window was bound by a binder of the PD, a QP and a
+    // CQ of its own: at least one more of each.)
     let cq = pd.create_cq(64).unwrap();
-    assert_eq!(more(&base, Kind::Cq), 1, "a CQ");
+    assert!(more(&base, Kind::Cq) >= 1, "a CQ");
     let qp = pd.create_qp(&cq, &cq, QpCap::default()).unwrap();
     assert!(more(&base, Kind::Qp) >= 1, "a QP");
     drop(qp);
@@ -88,10 +90,12 @@ pub fn a_session_and_its_server_leave_nothing<B: Backend>() {
         },
         1 << 20,
     );
-    let listening = counts();
+    // What the server keeps once it served a session (rdma: a binder QP
+    // and CQ on its PD for each thread that re-keyed) is the baseline.
+    let mut served = None;
     for round in 0..3 {
         let mut c = TestClient::open(&B::fabric(), addrs.clone(), &format!("census{round}"));
-        let up = counts().since(&listening);
+        let up = counts().since(served.as_ref().unwrap_or(&base));
         assert!(
             up.get(Kind::Qp) >= 4 && up.get(Kind::Mr) > 0,
             "a session of two paths holds QPs and MRs: {up:?}"
@@ -106,7 +110,10 @@ pub fn a_session_and_its_server_leave_nothing<B: Backend>() {
         while srv.sessions().0 > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        back_to(&listening, "a session closed");
+        match &served {
+            None => served = Some(counts()),
+            Some(b) => back_to(b, "a session closed"),
+        }
     }
     srv.stop();
     back_to(&base, "the server stopped");

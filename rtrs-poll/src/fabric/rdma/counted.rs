@@ -23,8 +23,15 @@ pub(super) unsafe fn alloc_pd(ctx: *mut ib::ibv_context) -> *mut ib::ibv_pd {
 /// `ibv_dealloc_pd`.
 pub(super) unsafe fn dealloc_pd(pd: *mut ib::ibv_pd) {
     // SAFETY: the caller's contract.
-    if unsafe { ib::ibv_dealloc_pd(pd) } == 0 {
+    let rc = unsafe { ib::ibv_dealloc_pd(pd) };
+    if rc == 0 {
         freed(Kind::Pd);
+    } else {
+        // The object is still there (and counted): a leak to see.
+        tracing::warn!(
+            "ibv_dealloc_pd failed ({}): it stays allocated",
+            std::io::Error::from_raw_os_error(rc.abs())
+        );
     }
 }
 
@@ -46,8 +53,15 @@ pub(super) unsafe fn reg_mr(
 /// `ibv_dereg_mr`.
 pub(super) unsafe fn dereg_mr(mr: *mut ib::ibv_mr) {
     // SAFETY: the caller's contract.
-    if unsafe { ib::ibv_dereg_mr(mr) } == 0 {
+    let rc = unsafe { ib::ibv_dereg_mr(mr) };
+    if rc == 0 {
         freed(Kind::Mr);
+    } else {
+        // The object is still there (and counted): a leak to see.
+        tracing::warn!(
+            "ibv_dereg_mr failed ({}): it stays allocated",
+            std::io::Error::from_raw_os_error(rc.abs())
+        );
     }
 }
 
@@ -65,8 +79,15 @@ pub(super) unsafe fn create_cq(ctx: *mut ib::ibv_context, depth: i32) -> *mut ib
 /// `ibv_destroy_cq`.
 pub(super) unsafe fn destroy_cq(cq: *mut ib::ibv_cq) {
     // SAFETY: the caller's contract.
-    if unsafe { ib::ibv_destroy_cq(cq) } == 0 {
+    let rc = unsafe { ib::ibv_destroy_cq(cq) };
+    if rc == 0 {
         freed(Kind::Cq);
+    } else {
+        // The object is still there (and counted): a leak to see.
+        tracing::warn!(
+            "ibv_destroy_cq failed ({}): it stays allocated",
+            std::io::Error::from_raw_os_error(rc.abs())
+        );
     }
 }
 
@@ -86,8 +107,15 @@ pub(super) unsafe fn create_qp(
 /// `ibv_destroy_qp`.
 pub(super) unsafe fn destroy_qp(qp: *mut ib::ibv_qp) {
     // SAFETY: the caller's contract.
-    if unsafe { ib::ibv_destroy_qp(qp) } == 0 {
+    let rc = unsafe { ib::ibv_destroy_qp(qp) };
+    if rc == 0 {
         freed(Kind::Qp);
+    } else {
+        // The object is still there (and counted): a leak to see.
+        tracing::warn!(
+            "ibv_destroy_qp failed ({}): it stays allocated",
+            std::io::Error::from_raw_os_error(rc.abs())
+        );
     }
 }
 
@@ -104,7 +132,14 @@ pub(super) unsafe fn alloc_mw(pd: *mut ib::ibv_pd, kind: ib::ibv_mw_type::Type) 
 /// `ibv_dealloc_mw`.
 pub(super) unsafe fn dealloc_mw(mw: *mut ib::ibv_mw) {
     // SAFETY: the caller's contract.
-    if unsafe { ib::ibv_dealloc_mw(mw) } == 0 {
+    let rc = unsafe { ib::ibv_dealloc_mw(mw) };
+    if rc == 0 {
         freed(Kind::Mw);
+    } else {
+        // The object is still there (and counted): a leak to see.
+        tracing::warn!(
+            "ibv_dealloc_mw failed ({}): it stays allocated",
+            std::io::Error::from_raw_os_error(rc.abs())
+        );
     }
 }

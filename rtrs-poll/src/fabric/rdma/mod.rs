@@ -281,6 +281,7 @@ impl Pd<RdmaFabric> for RdmaPd {
             len,
             local,
             keys,
+            _pd: pd.clone(),
         })
     }
 
@@ -381,6 +382,10 @@ pub struct RdmaMr {
     len: usize,
     local: *mut ib::ibv_mr,
     keys: Option<Arc<Keys>>,
+    /// The PD outlives its registrations (an MR without remote access has
+    /// no keys to hold it): its dealloc fails (EBUSY, the PD leaked) while
+    /// one is left. Dropped after `local` is deregistered.
+    _pd: Arc<PdInner>,
 }
 
 // SAFETY: `local` is an ibv_mr only deregistered on drop; the rest is Sync.
