@@ -67,6 +67,7 @@ if [ -z "${CHURN_BIN:-}" ]; then
   CHURN_BIN=$PWD/target/release
 fi
 BIN=$CHURN_BIN
+[ -n "${CHURN_GUEST:-}" ] || ensure_packages jq python3
 for t in jq python3; do command -v "$t" >/dev/null || skip "$t unavailable"; done
 # The guest's / is the host's, read-only: temporary files go to /run there.
 TMPD=${CHURN_GUEST:+/run}

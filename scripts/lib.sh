@@ -173,10 +173,12 @@ free_port() {
 # background (stderr appended to LOG), sets SRV_PID, and returns once the
 # socket answers (the listeners are up by then). A server that exits first
 # fails it, with its log's tail.
+# With SERVE_IN set (an array, e.g. (ip netns exec NS)), the server runs
+# under it (a command that execs, so that SRV_PID is the server's).
 serve_start() { # BIN SOCK LOG ARGS...
   local bin=$1 sock=$2 log=$3
   shift 3
-  "$bin/rtrs" serve --ctl "$sock" "$@" 2>>"$log" &
+  ${SERVE_IN[@]+"${SERVE_IN[@]}"} "$bin/rtrs" serve --ctl "$sock" "$@" 2>>"$log" &
   SRV_PID=$!
   for _ in $(seq 400); do
     if "$bin/rtrs" ctl --socket "$sock" list sessions >/dev/null 2>&1; then return 0; fi
@@ -225,3 +227,37 @@ census_settled() { # BIN SOCK BASE OUT SECS
   done
   return 0
 }
+
+# --- two network namespaces joined by two veth links (faults.sh, soak.sh) ---
+# The caller sets TAG (a short prefix of the links' names), NS_C and NS_S
+# (the client's and the server's namespace) and deletes the namespaces
+# when done. Link L is 10.77.L.1 (client) -- 10.77.L.2 (server).
+
+in_c() { ip netns exec "$NS_C" "$@"; }
+in_s() { ip netns exec "$NS_S" "$@"; }
+
+setup_net() {
+  ip netns add "$NS_C"
+  ip netns add "$NS_S"
+  in_c ip link set lo up
+  in_s ip link set lo up
+  local l
+  for l in 1 2; do
+    ip link add "${TAG}c$l" netns "$NS_C" type veth peer name "${TAG}s$l" netns "$NS_S"
+    in_c ip addr add "10.77.$l.1/24" dev "${TAG}c$l"
+    in_s ip addr add "10.77.$l.2/24" dev "${TAG}s$l"
+    in_c ip link set "${TAG}c$l" up
+    in_s ip link set "${TAG}s$l" up
+  done
+}
+
+# A silent cut: every packet on the link is dropped at both ends.
+cut() { # link
+  in_c tc qdisc add dev "${TAG}c$1" root tbf rate 8bit burst 1 limit 1
+  in_s tc qdisc add dev "${TAG}s$1" root tbf rate 8bit burst 1 limit 1
+}
+restore() { # link
+  in_c tc qdisc del dev "${TAG}c$1" root
+  in_s tc qdisc del dev "${TAG}s$1" root
+}
+
