@@ -965,6 +965,37 @@ pub fn many_qps_on_one_cq<B: Backend>() {
     }
 }
 
+/// Registrations over fresh memories made and dropped on one PD, as a server's
+/// connections and a client's reconnects make them: many more than a PD keeps
+/// tables for. Each one works, the peer gets its bytes (never those of an
+/// earlier memory that stood in the same place) and its memory is freed once
+/// its MR and the caller's handle are gone.
+pub fn registrations_come_and_go<B: Backend>() {
+    const CYCLES: u64 = 600;
+    let mut p = Pair::<B::F>::connect::<B>();
+    let (raddr, rkey) = (p.b.mem.addr(0), p.b.mr.rkey());
+    for i in 0..CYCLES {
+        let m = mem(4096);
+        let data = pattern(64, 1000 + i);
+        m.fill(0, &data);
+        let mr = p.a.pd.reg_mr(m.clone(), Access::LOCAL_WRITE);
+        let mr = mr.unwrap_or_else(|e| panic!("registration {i}: {e}"));
+        let sge = [mr.sge(0, 64)];
+        p.a.qp
+            .post_send(&SendWr::write(i, &sge, raddr, rkey))
+            .unwrap();
+        let (a, _) = p.wait(1, 0);
+        ok(&a[0], i, WcOpcode::RdmaWrite);
+        assert_eq!(p.b.mem.read_vec(0, 64), data, "registration {i}");
+        let gone = Arc::downgrade(&m);
+        drop((mr, m));
+        assert!(
+            gone.upgrade().is_none(),
+            "registration {i}: its memory outlived its MR"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Across processes: the test binary runs itself as an echo server.
 
@@ -1345,6 +1376,13 @@ macro_rules! conformance_tests {
                     return;
                 }
                 c::many_qps_on_one_cq::<$backend>();
+            }
+            #[test]
+            fn registrations_come_and_go() {
+                if $crate::common::conformance::skip::<$backend>() {
+                    return;
+                }
+                c::registrations_come_and_go::<$backend>();
             }
             #[test]
             fn across_processes() {

@@ -124,17 +124,20 @@ impl MrTable {
         Ok(index)
     }
 
-    /// Frees an entry: its keys stop working at once.
-    pub(crate) fn deregister(&self, index: u32) {
-        let Some(e) = self.entries.get(index as usize) else {
-            return;
-        };
+    /// Frees an entry: its keys stop working at once. Returns the region the
+    /// registration was tagged with, once (None when the entry was free).
+    pub(crate) fn deregister(&self, index: u32) -> Option<u32> {
+        let e = self.entries.get(index as usize)?;
         e.rkey.store(0, Ordering::Release);
         e.lkey.store(0, Ordering::Release);
         let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        if owners.mems[index as usize].take().is_some() {
-            owners.free.push(index);
-        }
+        let mem = owners.mems[index as usize].take()?;
+        // Read before the index is free: the next registration rewrites it.
+        let region = e.region.load(Ordering::Relaxed);
+        owners.free.push(index);
+        drop(owners);
+        drop(mem);
+        Some(region)
     }
 
     fn entry(&self, key: u32) -> Option<&Entry> {
@@ -150,6 +153,10 @@ impl MrTable {
     }
     pub(crate) fn len(&self, index: u32) -> u64 {
         self.entries[index as usize].len.load(Ordering::Relaxed)
+    }
+    /// The region id entry `index` was registered with (its tag).
+    pub(crate) fn region(&self, index: u32) -> u32 {
+        self.entries[index as usize].region.load(Ordering::Relaxed)
     }
     pub(crate) fn lkey(&self, index: u32) -> u32 {
         self.entries[index as usize].lkey.load(Ordering::Acquire)

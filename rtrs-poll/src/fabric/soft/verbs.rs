@@ -50,6 +50,12 @@ pub trait SoftBackend: Send + Sync + Sized + 'static {
         let _ = mem;
         Ok((0, 0))
     }
+    /// A registration tagged `region` by `tag` is gone: called exactly once
+    /// per successful `tag` (MR dropped, or its registration failed after
+    /// the tag). A re-key or an invalidation is not a deregistration.
+    fn untag(&self, region: u32) {
+        let _ = region;
+    }
     /// A new QP: its number, engine and extras (`cap` checked here).
     fn new_qp(pd: &Arc<Self>, cap: QpCap) -> Result<(u32, Self::Engine, Self::QpExtra)>;
     /// The CM hands the QP `link` (before the core may see it).
@@ -139,6 +145,10 @@ impl<B> SoftPd<B> {
             inner: Arc::new(inner),
         }
     }
+    /// The backend's internals.
+    pub(crate) fn backend(&self) -> &B {
+        &self.inner
+    }
 }
 
 /// A memory region of a software backend; deregistered on drop. Peers
@@ -154,9 +164,18 @@ impl<B: SoftBackend> std::fmt::Debug for SoftMr<B> {
     }
 }
 
+impl<B: SoftBackend> SoftMr<B> {
+    /// The backend's internals and this MR's entry in its `MrTable`.
+    pub(crate) fn entry(&self) -> (&B, u32) {
+        (&self.pd, self.index)
+    }
+}
+
 impl<B: SoftBackend> Drop for SoftMr<B> {
     fn drop(&mut self) {
-        self.pd.mrs().deregister(self.index);
+        if let Some(region) = self.pd.mrs().deregister(self.index) {
+            self.pd.untag(region);
+        }
     }
 }
 
@@ -190,7 +209,13 @@ impl<B: SoftBackend> Pd<B::Fabric> for SoftPd<B> {
         access: Access,
     ) -> Result<SoftMr<B>> {
         let tag = self.inner.tag(&mem)?;
-        let index = self.inner.mrs().register(mem, offset, len, access, tag)?;
+        let index = match self.inner.mrs().register(mem, offset, len, access, tag) {
+            Ok(index) => index,
+            Err(e) => {
+                self.inner.untag(tag.0);
+                return Err(e);
+            }
+        };
         Ok(SoftMr {
             pd: self.inner.clone(),
             index,

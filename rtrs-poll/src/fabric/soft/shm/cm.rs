@@ -28,9 +28,11 @@ use std::time::Duration;
 
 /// The shm CM message: kind, private data length, version, then the
 /// sender's pid, ring and region table (fd, length), then the private data.
+/// The version covers what the two sides share beside the message: version 2
+/// has region-table entries of (seq, fd, len) and tagged region ids (shm/mod.rs).
 const LAYOUT: Layout = Layout {
     magic: None,
-    version: 1,
+    version: 2,
     version_at: 2,
     kind_at: 0,
     kinds: 5,

@@ -9,8 +9,9 @@
 //! Registered memory must be shareable (a memfd, e.g. mempool's shareable
 //! region) for a peer to reach it; other memory works for local keys and
 //! inline sends only. A peer maps our memfds through `/proc/PID/fd/N` the first
-//! time a request names them (one syscall per region, then cached): the data
-//! path itself makes none. The connection manager speaks over an abstract
+//! time a request names them (one syscall per region, then cached until the
+//! region's slot is reused): the data path itself makes none. A region's
+//! entry lives while an MR of the PD uses its memory. The connection manager speaks over an abstract
 //! unix socket named after the address; that socket is also how a peer's death
 //! is seen.
 
@@ -27,8 +28,9 @@ use crate::fabric::{
     Access, Fabric, FabricError, Memory, QpCap, QpState, RecvWr, Result, SendWr, Wc, WcOpcode,
     WcStatus,
 };
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use wire::{op, Desc, Ring, WireSge, F_INLINE, NO_REGION};
 
@@ -115,18 +117,60 @@ impl Fabric for ShmFabric {
 
 // ---------------------------------------------------------------------------
 // Regions: the shareable memories of a PD, listed in a memfd peers map.
+//
+// ```text
+//  0   header (16 bytes, unused)
+//  16  entry[cap]   seq  fd  len   (three u64 words, 24 bytes)
+// ```
+// An entry is written under a sequence lock (one writer: the table's mutex):
+// `seq` odd while it is written, even when stable; fd and len 0 when free.
+// Each write advances `seq` by 2, so `seq` tells one use of a slot from the
+// next. A region id is `tag << 16 | slot`, the tag being the low 16 bits of
+// `seq / 2` when the memory was added: a peer refuses an id whose tag is not
+// the entry's (a request that names a memory dropped since), and remaps when
+// `seq` is not the one it mapped at.
 
 const REGION_HDR: usize = 16;
-const REGION_ENTRY: usize = 16;
+const REGION_ENTRY: usize = 24;
+const SLOT_MASK: u32 = 0xffff;
+/// Slots per table at most (slot 0xffff would let an id be NO_REGION).
+const MAX_REGIONS: u32 = SLOT_MASK;
 
-type LocalRegion = (usize, usize, Arc<dyn Memory>);
+/// The tag a region id carries for an entry at `seq`.
+fn tag_of(seq: u64) -> u32 {
+    ((seq >> 1) as u32) & SLOT_MASK
+}
+
+/// One entry's three words in a table mapping.
+struct EntryWords<'a> {
+    seq: &'a AtomicU64,
+    fd: &'a AtomicU64,
+    len: &'a AtomicU64,
+}
+
+/// A shareable memory the PD holds while MRs use it.
+struct Held {
+    mem: Arc<dyn Memory>,
+    /// The region id handed out for it.
+    id: u32,
+    /// MRs registered over it.
+    mrs: u32,
+}
+
+#[derive(Default)]
+struct Regions {
+    slots: Vec<Option<Held>>,
+    /// (address, length) of each held memory to its slot.
+    by_key: HashMap<(usize, usize), u32>,
+    /// Freed slots, the latest on top.
+    free: Vec<u32>,
+}
 
 struct RegionTable {
     fd: OwnedFd,
     map: Mapping,
     cap: u32,
-    /// (address, length, memory) of each region, by id.
-    local: Mutex<Vec<LocalRegion>>,
+    local: Mutex<Regions>,
 }
 
 impl std::fmt::Debug for RegionTable {
@@ -137,47 +181,108 @@ impl std::fmt::Debug for RegionTable {
 
 impl RegionTable {
     fn new(cap: u32) -> Result<RegionTable> {
-        let cap = cap.clamp(1, 1 << 16);
+        let cap = cap.clamp(1, MAX_REGIONS);
         let (fd, map) = Mapping::memfd("rtrs-shm-regions", Self::bytes(cap))?;
         Ok(RegionTable {
             fd,
             map,
             cap,
-            local: Mutex::new(Vec::new()),
+            local: Mutex::new(Regions::default()),
         })
     }
     fn bytes(cap: u32) -> usize {
         REGION_HDR + cap as usize * REGION_ENTRY
     }
-    fn entry(map: &Mapping, i: u32) -> (&AtomicU64, &AtomicU64) {
+    fn entry(map: &Mapping, i: u32) -> EntryWords<'_> {
         let off = REGION_HDR + i as usize * REGION_ENTRY;
-        // SAFETY: callers keep i < cap, so both 8-aligned words are inside the map.
+        // SAFETY: callers keep i < cap, so the three 8-aligned words are inside
+        // the map, which outlives the borrow.
         unsafe {
-            (
-                &*(map.ptr().add(off) as *const AtomicU64),
-                &*(map.ptr().add(off + 8) as *const AtomicU64),
-            )
+            let word = |k: usize| &*(map.ptr().add(off + 8 * k) as *const AtomicU64);
+            EntryWords {
+                seq: word(0),
+                fd: word(1),
+                len: word(2),
+            }
         }
     }
-    /// The region id of `mem`, adding it when new.
-    fn id_of(&self, mem: &Arc<dyn Memory>) -> Result<u32> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Regions> {
+        self.local.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Rewrites entry `i` (the caller holds the lock: one writer); returns
+    /// its new sequence number.
+    fn publish(&self, i: u32, fd: u64, len: u64) -> u64 {
+        let e = Self::entry(&self.map, i);
+        let seq = e.seq.load(Ordering::Relaxed);
+        e.seq.store(seq + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        e.fd.store(fd, Ordering::Relaxed);
+        e.len.store(len, Ordering::Relaxed);
+        e.seq.store(seq + 2, Ordering::Release);
+        seq + 2
+    }
+    fn in_use(&self) -> usize {
+        self.lock().by_key.len()
+    }
+    /// The region id of `mem` for one more MR, adding it when new.
+    fn acquire(&self, mem: &Arc<dyn Memory>) -> Result<u32> {
         let Some(fd) = mem.memfd() else {
             return Ok(NO_REGION);
         };
-        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
         let key = (mem.as_ptr() as usize, mem.len());
-        if let Some(i) = local.iter().position(|(p, l, _)| (*p, *l) == key) {
-            return Ok(i as u32);
+        let mut g = self.lock();
+        let r = &mut *g;
+        if let Some(&i) = r.by_key.get(&key) {
+            let held = r.slots[i as usize].as_mut().expect("a keyed slot is held");
+            held.mrs += 1;
+            return Ok(held.id);
         }
-        let i = local.len() as u32;
-        if i >= self.cap {
-            return Err(FabricError::TableFull("shareable region"));
+        let i = match r.free.pop() {
+            Some(i) => i,
+            None if (r.slots.len() as u32) < self.cap => {
+                r.slots.push(None);
+                r.slots.len() as u32 - 1
+            }
+            None => return Err(FabricError::TableFull("shareable region")),
+        };
+        let seq = self.publish(i, fd as u32 as u64, mem.len() as u64);
+        let id = tag_of(seq) << 16 | i;
+        r.slots[i as usize] = Some(Held {
+            mem: mem.clone(),
+            id,
+            mrs: 1,
+        });
+        r.by_key.insert(key, i);
+        Ok(id)
+    }
+    /// One MR of region `id` is gone; the last one frees the entry.
+    fn release(&self, id: u32) {
+        if id == NO_REGION {
+            return;
         }
-        let (fd_word, len_word) = Self::entry(&self.map, i);
-        fd_word.store(fd as u32 as u64, Ordering::Relaxed);
-        len_word.store(mem.len() as u64, Ordering::Release);
-        local.push((key.0, key.1, mem.clone()));
-        Ok(i)
+        let i = id & SLOT_MASK;
+        let mut g = self.lock();
+        let r = &mut *g;
+        let held = match r.slots.get_mut(i as usize).and_then(Option::as_mut) {
+            Some(held) if held.id == id => held,
+            _ => {
+                debug_assert!(false, "release of region {id:#x}, not in use");
+                return;
+            }
+        };
+        held.mrs -= 1;
+        if held.mrs > 0 {
+            return;
+        }
+        let held = r.slots[i as usize].take().expect("checked above");
+        r.by_key
+            .remove(&(held.mem.as_ptr() as usize, held.mem.len()));
+        // Cleared before the memory (and its memfd) can go, so no peer maps
+        // a descriptor number that names another file by then.
+        self.publish(i, 0, 0);
+        r.free.push(i);
+        drop(g);
+        drop(held);
     }
 }
 
@@ -186,12 +291,13 @@ struct PeerMem {
     pid: u32,
     table: Mapping,
     cap: u32,
-    maps: Vec<Option<Mapping>>,
+    /// Each slot's mapping and the entry's `seq` it was made at.
+    maps: Vec<Option<(u64, Mapping)>>,
 }
 
 impl PeerMem {
     fn open(pid: u32, fd: i32, len: u64) -> Result<PeerMem> {
-        if len < REGION_HDR as u64 || len > RegionTable::bytes(1 << 16) as u64 {
+        if len < REGION_HDR as u64 || len > RegionTable::bytes(MAX_REGIONS) as u64 {
             return Err(FabricError::Protocol("region table length out of range"));
         }
         let cap = ((len as usize - REGION_HDR) / REGION_ENTRY) as u32;
@@ -205,27 +311,56 @@ impl PeerMem {
     }
 
     /// `len` bytes at `off` of the peer's region `region`, if they exist.
+    /// The data path: one acquire load when the slot's mapping is current.
+    #[inline]
     fn resolve(&mut self, region: u32, off: u64, len: u64) -> Option<*mut u8> {
-        if region >= self.cap {
+        let slot = region & SLOT_MASK;
+        if slot >= self.cap {
             return None;
         }
-        let slot = &mut self.maps[region as usize];
-        if slot.is_none() {
-            let (fd_word, len_word) = RegionTable::entry(&self.table, region);
-            let rlen = len_word.load(Ordering::Acquire);
-            let fd = fd_word.load(Ordering::Relaxed) as u32 as i32;
-            if rlen == 0 {
+        let seq = RegionTable::entry(&self.table, slot)
+            .seq
+            .load(Ordering::Acquire);
+        match &self.maps[slot as usize] {
+            Some((at, m)) if *at == seq && tag_of(seq) == region >> 16 => m.at(off, len),
+            _ => self.remap(slot, region >> 16)?.at(off, len),
+        }
+    }
+
+    /// Maps slot `slot` as the entry says now, if its tag is `tag`.
+    #[cold]
+    fn remap(&mut self, slot: u32, tag: u32) -> Option<&Mapping> {
+        let e = RegionTable::entry(&self.table, slot);
+        let seq = e.seq.load(Ordering::Acquire);
+        let fd = e.fd.load(Ordering::Relaxed) as u32 as i32;
+        let rlen = e.len.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        let stable = seq % 2 == 0 && e.seq.load(Ordering::Relaxed) == seq;
+        let cached = &mut self.maps[slot as usize];
+        if stable && cached.as_ref().is_some_and(|(at, _)| *at != seq) {
+            // The memory this mapping shows is gone from the peer's table.
+            *cached = None;
+        }
+        // A tag that is not the entry's: the request names a memory the peer
+        // dropped since (or one it never had).
+        if !stable || tag_of(seq) != tag || rlen == 0 {
+            return None;
+        }
+        let map = match Mapping::map_peer(self.pid, fd, usize::try_from(rlen).ok()?) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("shm: cannot map peer {} region {slot}: {e}", self.pid);
                 return None;
             }
-            match Mapping::map_peer(self.pid, fd, usize::try_from(rlen).ok()?) {
-                Ok(m) => *slot = Some(m),
-                Err(e) => {
-                    tracing::warn!("shm: cannot map peer {} region {region}: {e}", self.pid);
-                    return None;
-                }
-            }
+        };
+        // The peer clears an entry before its memfd can close: an unchanged
+        // entry after the open means the descriptor was still that memory's.
+        if e.seq.load(Ordering::Acquire) != seq {
+            return None;
         }
-        slot.as_ref()?.at(off, len)
+        let cached = &mut self.maps[slot as usize];
+        *cached = Some((seq, map));
+        cached.as_ref().map(|(_, m)| m)
     }
 }
 
@@ -251,6 +386,25 @@ pub type ShmQp = SoftQp<PdInner>;
 /// What an shm QP shares between its core, its CQs and the CM.
 pub(crate) type QpShared = SoftQpShared<PdInner>;
 
+impl ShmPd {
+    /// Shareable memories registered on this PD now (entries of its region
+    /// table in use, of `ShmConfig::max_regions`).
+    pub fn regions_in_use(&self) -> usize {
+        self.backend().regions.in_use()
+    }
+}
+
+impl ShmMr {
+    /// The slot of this MR's memory in its PD's region table (None: the
+    /// memory is not shareable). For tests.
+    #[doc(hidden)]
+    pub fn region_slot(&self) -> Option<u32> {
+        let (pd, index) = self.entry();
+        let region = pd.mrs.region(index);
+        (region != NO_REGION).then_some(region & SLOT_MASK)
+    }
+}
+
 /// What an shm QP keeps beside the generic state: its outbound ring's memfd
 /// (the CM tells the peer where to map it) and its PD.
 #[derive(Debug)]
@@ -272,7 +426,11 @@ impl SoftBackend for PdInner {
     }
 
     fn tag(&self, mem: &Arc<dyn Memory>) -> Result<(u32, u64)> {
-        Ok((self.regions.id_of(mem)?, 0))
+        Ok((self.regions.acquire(mem)?, 0))
+    }
+
+    fn untag(&self, region: u32) {
+        self.regions.release(region);
     }
 
     fn ids(&self) -> &Ids {
