@@ -58,7 +58,10 @@ fn embedded_main_job_prints_the_summary_as_json() {
 #[test]
 fn client_cores_run_under_the_poll_sched_asked_for() {
     let _one = one_at_a_time();
-    let out = embedded(&["--iodepth", "2", "--runtime", "0.3", "--poll-sched", "idle"]);
+    // SCHED_IDLE cores get the CPU only when nothing else wants it: on a
+    // loaded host 0.3 s of them completed no IO (found in a workspace run
+    // beside two VMs); 2 s does, whatever the load.
+    let out = embedded(&["--iodepth", "2", "--runtime", "2", "--poll-sched", "idle"]);
     assert!(
         out.status.success(),
         "{}",
@@ -184,16 +187,27 @@ fn failed_io_fails_the_run_with_err_in_the_json() {
     let _srv = server(&name, "fail:4");
     let out = client(
         &name,
-        &["--rw", "randwrite", "--iodepth", "4", "--runtime", "0.5"],
+        &[
+            "--rw",
+            "randwrite",
+            "--iodepth",
+            "4",
+            "--runtime",
+            "2",
+            "--ramp-time",
+            "0",
+        ],
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let v = json(&out.stdout);
     let n = v["err"]["count"].as_u64().unwrap();
     assert!(n > 0 && n == v["errors"].as_u64().unwrap(), "{v}");
-    // Every 4th IO: about a quarter of those that completed.
+    // Every 4th IO fails: a quarter of those that completed, give or take
+    // the queue depth's worth in flight at the end (whatever the host's
+    // speed: a count, not a rate).
     let ios = v["ios"].as_u64().unwrap();
-    assert!(n * 5 > ios && n * 3 < ios, "{n} of {ios}");
+    assert!(ios >= 4 && (4 * n).abs_diff(ios) <= 4 * 4, "{n} of {ios}");
     assert_eq!(v["err"]["first_errno"].as_i64(), Some(5), "EIO");
     assert_eq!(v["jobs"][0]["error"].as_i64(), Some(5));
     let line = err.lines().last().unwrap_or_default();
