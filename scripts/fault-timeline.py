@@ -377,23 +377,26 @@ def main():
     for k, v in res.items():  # anything the client noted besides its counts
         if k not in ("tool", "rc", "errors", "writes", "verified", "ios"):
             out[k] = v
-    cause = None
+    # What under the case can kill a healthy path, each with its evidence:
+    # printed when seen, and the cause of a failure when there is one.
+    findings = []
     for t, paths in culprit:
         where = f"path {'/'.join(map(str, paths))}" if paths else "a healthy path"
-        line = (f"soft-RoCE re-ran a REG_MR after a retransmission on {where} at {rel(t)} s "
-                f"(rxe_reg_fast_mr: not free): that QP stops sending and never flushes")
-        print(f"{tag} SOFT-ROCE {line}")
-        if fails and cause is None:
-            cause = "soft-roce"
-            fails.append(line)
+        findings.append(("soft-roce", "SOFT-ROCE",
+                         f"soft-RoCE re-ran a REG_MR after a retransmission on {where} at {rel(t)} s "
+                         f"(rxe_reg_fast_mr: not free): that QP stops sending and never flushes"))
     healthy_stall = [x for x in stalls if x[3] == 2 or not (cut_window[0] <= x[0] <= cut_window[1])]
     if healthy_stall or watchdog:
         t = healthy_stall[0][0] if healthy_stall else watchdog[0][0]
-        line = (f"a guest's emulated NIC stopped transmitting at {rel(t)} s (its TX counter flat while "
-                f"soft-RoCE sent; NETDEV WATCHDOG lines: {len(watchdog)}): the network under the case, not RTRS")
-        print(f"{tag} QEMU-NIC {line}")
+        findings.append(("qemu-nic", "QEMU-NIC",
+                         f"a guest's emulated NIC stopped transmitting at {rel(t)} s (its TX counter flat while "
+                         f"soft-RoCE sent; NETDEV WATCHDOG lines: {len(watchdog)}): the network under the case, "
+                         f"not RTRS"))
+    cause = None
+    for c, kind, line in findings:
+        print(f"{tag} {kind} {line}")
         if fails and cause is None:
-            cause = "qemu-nic"
+            cause = c
             fails.append(line)
     if fails and cause is None:
         cause = "rtrs" if case != "kernel" else "kernel-rtrs"

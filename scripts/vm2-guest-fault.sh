@@ -139,14 +139,7 @@ diag_check() { # PID... -> on each new $CTL/diag-N from the host, the threads of
       # The links' neighbours and drops (a packet the network lost), and
       # each soft-RoCE device's counters that moved (retries, RNR,
       # sequence errors).
-      for i in 0 1; do
-        [ -e "/sys/class/net/eth$i" ] || continue
-        echo "eth$i: $(ip -s neigh show dev "eth$i" | tr '\n' ' ')"
-        echo "eth$i: $(ip -s link show "eth$i" | tr -s ' \n' ' ')"
-      done
-      for t in /sys/class/infiniband/rxe*/ports/1/hw_counters; do
-        echo "soft-RoCE ${t#/sys/class/infiniband/}: $(cd "$t" && grep . -- * | grep -v ':0$' | tr '\n' ' ')"
-      done
+      net_state "$n"
     } >> "$CTL/$VM.diag" 2>&1 || true
   done
 }
