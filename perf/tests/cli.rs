@@ -58,19 +58,61 @@ fn embedded_main_job_prints_the_summary_as_json() {
 #[test]
 fn client_cores_run_under_the_poll_sched_asked_for() {
     let _one = one_at_a_time();
-    // SCHED_IDLE cores get the CPU only when nothing else wants it: on a
-    // loaded host 0.3 s of them completed no IO (found in a workspace run
-    // beside two VMs); 2 s does, whatever the load.
-    let out = embedded(&["--iodepth", "2", "--runtime", "2", "--poll-sched", "idle"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = json(&out.stdout);
-    assert_eq!(v["config"]["poll_sched"].as_str(), Some("idle"));
-    assert_eq!(v["errors"].as_u64(), Some(0));
-    assert!(v["ios"].as_u64().unwrap() > 0);
+    // What is tested is the policy the client's core threads run under
+    // (read in /proc), not their IO: under SCHED_IDLE a core gets its CPU
+    // only when nothing else wants it, so on a busy host it may complete
+    // nothing at all (0 IOs in 2 s, found in a workspace run beside two
+    // VMs and a build).
+    let mut child = perf()
+        .args([
+            "embedded",
+            "--iodepth",
+            "2",
+            "--runtime",
+            "60",
+            "--poll-sched",
+            "idle",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let tasks = format!("/proc/{}/task", child.id());
+    let policy_of_core = || {
+        std::fs::read_dir(&tasks).ok()?.flatten().find_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            // The core threads (rtrs-clt0, ...), not the control thread
+            // (rtrs-clt-SESSNAME).
+            let core = comm.trim().strip_prefix("rtrs-clt")?;
+            if core.is_empty() || !core.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let sched = std::fs::read_to_string(t.path().join("sched")).ok()?;
+            let line = sched.lines().find(|l| l.starts_with("policy"))?;
+            line.rsplit(':').next().map(|v| v.trim().to_string())
+        })
+    };
+    let t0 = std::time::Instant::now();
+    let mut policy = None;
+    while policy.as_deref() != Some("5") && t0.elapsed() < std::time::Duration::from_secs(60) {
+        policy = policy_of_core();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // By its PID: a clean stop, its summary on stdout.
+    let int = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(int.success());
+    // SCHED_IDLE is policy 5.
+    assert_eq!(policy.as_deref(), Some("5"), "the client core's policy");
+    if out.status.success() {
+        let v = json(&out.stdout);
+        assert_eq!(v["config"]["poll_sched"].as_str(), Some("idle"));
+        assert_eq!(v["errors"].as_u64(), Some(0));
+    }
 }
 
 #[test]
@@ -471,6 +513,7 @@ fn progress_lines_hold_the_counts_of_the_hist_intervals() {
     use base64::Engine as _;
     use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
     use hdrhistogram::serialization::Deserializer;
+    // IOs (read and write: an interval each) per second of the log.
     let mut per_s = std::collections::BTreeMap::<u64, u64>::new();
     for e in IntervalLogIterator::new(&text) {
         if let LogEntry::Interval(iv) = e.unwrap() {
@@ -485,11 +528,13 @@ fn progress_lines_hold_the_counts_of_the_hist_intervals() {
     }
     let lines = progress_lines(&err);
     // 3.5 s: seconds 0, 1 and 2 whole (lines 1 s to 3 s); the last half
-    // second is only in the log.
+    // second is only in the log. A second may hold no IO at all on a
+    // starved host: the line must then say 0 as the log does (the check
+    // is that both hold the same count, whatever it is).
     assert_eq!(lines.len(), 3, "{err}");
+    assert!(per_s.values().sum::<u64>() > 0, "no IO in the log");
     for (secs, rest) in &lines {
         let n = per_s.get(&(secs - 1)).copied().unwrap_or(0);
-        assert!(n > 1000, "second {secs}: {n} IOs in the log");
         let want = format!(
             "{:.3} M IOPS ({n} IOs)  {:.1} MiB/s  paths: ",
             n as f64 / 1e6,
