@@ -63,7 +63,7 @@ fn client_cores_run_under_the_poll_sched_asked_for() {
     // only when nothing else wants it, so on a busy host it may complete
     // nothing at all (0 IOs in 2 s, found in a workspace run beside two
     // VMs and a build).
-    let mut child = perf()
+    let child = perf()
         .args([
             "embedded",
             "--iodepth",
