@@ -233,6 +233,8 @@ pub struct ClientOpts {
     pub cores: Vec<usize>,
     /// Seconds to run.
     pub runtime: f64,
+    /// Stop once this many IOs completed while measuring (or at `runtime`).
+    pub number_ios: Option<u64>,
     /// Multipath policy.
     #[serde(serialize_with = "ser_display")]
     pub mp_policy: MpPolicy,
@@ -733,6 +735,9 @@ fn run_core<F: Fabric>(
             }
             ready.push((c.permit, c.dir, c.tag, c.errno));
         });
+        if !ready.is_empty() {
+            seconds.warm();
+        }
         for (mut p, dir, off, errno) in ready.drain(..) {
             if o.verify
                 && dir == Dir::Read
@@ -842,6 +847,9 @@ impl EventLog {
         }
     }
 }
+
+/// How much longer than --ramp-time the ramp waits for every core's first IO.
+const WARM_MAX: Duration = Duration::from_secs(30);
 
 /// Runs the client: opens the session, runs the cores for `runtime`
 /// (after a warm-up of a tenth of it, at most one second), and sums up.
@@ -989,9 +997,16 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
             }
         }
     }
+    // The ramp: --ramp-time, and until every core has completed an IO (a
+    // measured window never starts before IO flows: on a busy host a
+    // session's first IO may take a while), at most WARM_MAX more.
     let warmup = Duration::from_secs_f64(o.ramp_time);
     let t0 = Instant::now();
-    while t0.elapsed() < warmup && !crate::interrupted() {
+    let warm = || progress.iter().all(crate::progress::CoreCounts::is_warm);
+    while (t0.elapsed() < warmup || !warm())
+        && t0.elapsed() < warmup + WARM_MAX
+        && !crate::interrupted()
+    {
         events.drain();
         std::thread::sleep(rtrs_poll::sess::CONTROL_TICK);
     }
@@ -1030,6 +1045,11 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
         }
         if o.progress {
             print_seconds(&mut lines, &progress, o.bs, &clt);
+        }
+        if o.number_ios
+            .is_some_and(|n| progress.iter().map(|c| c.ios()).sum::<u64>() >= n)
+        {
+            break;
         }
         std::thread::sleep(rtrs_poll::sess::CONTROL_TICK);
     }
