@@ -86,7 +86,7 @@ def kernel_log(path, off):
     out = []
     for line in lines[1:]:
         k = re.match(r"\[\s*([\d.]+)\]\s*(.*)", line)
-        if (k and re.match(r"(rtrs_(client|server|core)|rnbd_(client|server)|rdma_rxe|infiniband rxe)", k.group(2))
+        if (k and re.match(r"(rtrs_(client|server|core)|rnbd_(client|server)|rdma_rxe|infiniband rxe|virtio_net)", k.group(2))
                 and not re.search(NOISE, k.group(2))):
             out.append((ep - (up - float(k.group(1))) + off, k.group(2)))
     return out
@@ -326,6 +326,31 @@ def main():
         during = path == 1 and cut_window[0] <= t <= cut_window[1]
         note = " (link 1 cut: expected)" if during else ""
         at(t, f"[{vm} soft-RoCE] path {path}'s device retransmitted after a timeout ({n}x){note}")
+    # A NIC that stopped sending while soft-RoCE kept handing it packets:
+    # the emulated NIC's transmit queue stalled (qemu's virtio-net; the
+    # guest's NETDEV WATCHDOG says so after 5 s of a full queue).
+    stalls = []
+    for vm, rows in (("a", a), ("b", b)):
+        for dev in ("1", "2"):
+            start = None
+            for prev, r in zip(rows, rows[1:]):
+                if "nt" + dev not in r:
+                    continue
+                sent = num(r, "st" + dev) - num(prev, "st" + dev)
+                out_ = num(r, "nt" + dev) - num(prev, "nt" + dev)
+                if sent > 0 and out_ == 0:
+                    start = start or (prev["h"], num(prev, "st" + dev))
+                elif out_ > 0:
+                    if start and r["h"] - start[0] >= 3.0:
+                        stalls.append((start[0], r["h"], vm, int(dev), num(prev, "st" + dev) - start[1]))
+                    start = None
+            if start and rows and rows[-1]["h"] - start[0] >= 3.0:
+                stalls.append((start[0], None, vm, int(dev), num(rows[-1], "st" + dev) - start[1]))
+    for t, end, vm, dev, n in stalls:
+        until = f"for {end - t:.1f} s" if end else "to the end"
+        at(t, f"[{vm} NIC] link {dev}'s NIC sent nothing {until} while soft-RoCE handed it {n} packets: "
+              f"its transmit queue stalled (qemu's emulated NIC)")
+    watchdog = [(t, x) for t, x in logs if "NETDEV WATCHDOG" in x]
     rerun = [(t, x) for t, x in logs if "rxe_reg_fast_mr" in x and "not free" in x]
     # A re-run on a path that should be healthy: the other path any time,
     # path 1 outside its cut.
@@ -352,14 +377,26 @@ def main():
     for k, v in res.items():  # anything the client noted besides its counts
         if k not in ("tool", "rc", "errors", "writes", "verified", "ios"):
             out[k] = v
-    cause = None
+    # What under the case can kill a healthy path, each with its evidence:
+    # printed when seen, and the cause of a failure when there is one.
+    findings = []
     for t, paths in culprit:
         where = f"path {'/'.join(map(str, paths))}" if paths else "a healthy path"
-        line = (f"soft-RoCE re-ran a REG_MR after a retransmission on {where} at {rel(t)} s "
-                f"(rxe_reg_fast_mr: not free): that QP stops sending and never flushes")
-        print(f"{tag} SOFT-ROCE {line}")
+        findings.append(("soft-roce", "SOFT-ROCE",
+                         f"soft-RoCE re-ran a REG_MR after a retransmission on {where} at {rel(t)} s "
+                         f"(rxe_reg_fast_mr: not free): that QP stops sending and never flushes"))
+    healthy_stall = [x for x in stalls if x[3] == 2 or not (cut_window[0] <= x[0] <= cut_window[1])]
+    if healthy_stall or watchdog:
+        t = healthy_stall[0][0] if healthy_stall else watchdog[0][0]
+        findings.append(("qemu-nic", "QEMU-NIC",
+                         f"a guest's emulated NIC stopped transmitting at {rel(t)} s (its TX counter flat while "
+                         f"soft-RoCE sent; NETDEV WATCHDOG lines: {len(watchdog)}): the network under the case, "
+                         f"not RTRS"))
+    cause = None
+    for c, kind, line in findings:
+        print(f"{tag} {kind} {line}")
         if fails and cause is None:
-            cause = "soft-roce"
+            cause = c
             fails.append(line)
     if fails and cause is None:
         cause = "rtrs" if case != "kernel" else "kernel-rtrs"

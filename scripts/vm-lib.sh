@@ -214,11 +214,11 @@ vm_guest_rc() {
 # class whose leaf is the black hole (this host has neither netem nor the
 # gact drop action). The HTB is put on the taps before the guests boot
 # (vm2_link_prepare) and a cut only adds or removes the filter: replacing a
-# qdisc drops the packets queued in it, and soft-RoCE does not retransmit a
-# lost packet of an RC QP by itself (rdma_cm's retry_count 7 means forever
-# to rxe, and no ACK timer fires here), so a qdisc swap at the cut stalled
-# the other path's QPs for good. Needs VM2_LINK1/2 and VM2_TOPO (set by
-# scripts/vm2.sh for its HOST_CMD).
+# qdisc drops the packets queued in it, and Debian's soft-RoCE does not
+# recover an RC QP that lost packets (its retransmission runs the chained
+# REG_MRs again and the QP stops: vm_rxe_fix above), so a qdisc swap at the
+# cut stalled the other path's QPs for good. Needs VM2_LINK1/2 and VM2_TOPO
+# (set by scripts/vm2.sh for its HOST_CMD).
 vm2_link_taps() {
   case $1 in
     1) echo "$VM2_LINK1" ;;

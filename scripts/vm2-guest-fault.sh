@@ -99,11 +99,17 @@ rxe_pkts() { # " rx=<packets received> tx=<sent> rt1=.. rt2=..": soft-RoCE packe
   for f in /sys/class/infiniband/rxe*/ports/1/hw_counters/sent_pkts; do
     read -r v < "$f" && tx=$((tx + v))
   done
-  # and each device's retransmission timeouts (completer_retry_err): rt1 for
-  # rxe0 (link 1), rt2 for rxe1
+  # and per device (rxeN-1 on ethN-1, link N): its retransmission timeouts
+  # (rtN, completer_retry_err), the packets it handed to its NIC (stN) and
+  # the packets the NIC sent (ntN): a NIC whose transmit queue stalls sends
+  # nothing while soft-RoCE goes on handing it packets.
   local i=1 rt=
-  for f in /sys/class/infiniband/rxe*/ports/1/hw_counters/completer_retry_err; do
-    read -r v < "$f" && rt="$rt rt$i=$v"
+  for f in /sys/class/infiniband/rxe*/ports/1/hw_counters; do
+    local e=/sys/class/net/eth$((i - 1))/statistics/tx_packets r s n
+    read -r r < "$f/completer_retry_err" || r=0
+    read -r s < "$f/sent_pkts" || s=0
+    read -r n < "$e" || n=0
+    rt="$rt rt$i=$r st$i=$s nt$i=$n"
     i=$((i + 1))
   done
   echo " rx=$rx tx=$tx$rt"
@@ -133,14 +139,7 @@ diag_check() { # PID... -> on each new $CTL/diag-N from the host, the threads of
       # The links' neighbours and drops (a packet the network lost), and
       # each soft-RoCE device's counters that moved (retries, RNR,
       # sequence errors).
-      for i in 0 1; do
-        [ -e "/sys/class/net/eth$i" ] || continue
-        echo "eth$i: $(ip -s neigh show dev "eth$i" | tr '\n' ' ')"
-        echo "eth$i: $(ip -s link show "eth$i" | tr -s ' \n' ' ')"
-      done
-      for t in /sys/class/infiniband/rxe*/ports/1/hw_counters; do
-        echo "soft-RoCE ${t#/sys/class/infiniband/}: $(cd "$t" && grep . -- * | grep -v ':0$' | tr '\n' ' ')"
-      done
+      net_state "$n"
     } >> "$CTL/$VM.diag" 2>&1 || true
   done
 }

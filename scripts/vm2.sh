@@ -108,7 +108,7 @@ boot() { # VM HOSTNUM -> a qemu in the background
   for l in "${links[@]}"; do
     # Fixed PCI slots and MACs: link 1 is eth0, link 2 eth1, in both VMs.
     nics+=(-netdev "tap,id=n$l,ifname=$ID$v$l,script=no,downscript=no"
-      -device "virtio-net-pci,netdev=n$l,mac=52:54:00:0$l:00:0$n,addr=0x$((l + 3))")
+      -device "virtio-net-pci,netdev=n$l,mac=52:54:00:0$l:00:0$n,addr=0x$((l + 3))${VM2_NIC_OPTS:+,$VM2_NIC_OPTS}")
   done
   [ "$VM2_TOPO" = two-links ] || net=eth0=10.1.0.$n/24,eth0=10.2.0.$n/24
   vm_qemu_args "${VM2_MEM:-1536M}" 1 "$GUEST" rtrs_name="$v" rtrs_ctl=1 rtrs_net="$net"

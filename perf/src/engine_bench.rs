@@ -233,6 +233,8 @@ pub struct ClientOpts {
     pub cores: Vec<usize>,
     /// Seconds to run.
     pub runtime: f64,
+    /// Stop once this many IOs completed while measuring (or at `runtime`).
+    pub number_ios: Option<u64>,
     /// Multipath policy.
     #[serde(serialize_with = "ser_display")]
     pub mp_policy: MpPolicy,
@@ -687,6 +689,9 @@ fn close_all<F: Fabric>(sessions: Vec<Sess<F>>, cores: Vec<CltCore<F>>) {
     drop(cores);
 }
 
+/// How much longer than --ramp-time the ramp waits for every core's first IO.
+const WARM_MAX: Duration = Duration::from_secs(30);
+
 /// Runs the client: opens `--sessions` sessions of the same paths, runs
 /// their cores on the `--cores` threads (each thread polls its core of
 /// every session in turn) for `runtime` (after a warm-up of a tenth of it,
@@ -969,9 +974,16 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
                     s
                 })
         });
+        // The ramp: --ramp-time, and until every core has completed an IO
+        // (a measured window never starts before IO flows: on a busy host
+        // a session's first IO may take a while), at most WARM_MAX more.
         let warmup = Duration::from_secs_f64(o.ramp_time);
         let t0 = Instant::now();
-        while t0.elapsed() < warmup && !crate::interrupted() {
+        let warm = || progress.iter().all(crate::progress::CoreCounts::is_warm);
+        while (t0.elapsed() < warmup || !warm())
+            && t0.elapsed() < warmup + WARM_MAX
+            && !crate::interrupted()
+        {
             for s in sessions.iter_mut() {
                 s.events.drain();
             }
@@ -1023,6 +1035,11 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
             }
             if o.progress {
                 print_seconds(&mut lines, &progress, o.bs, &sessions);
+            }
+            if o.number_ios
+                .is_some_and(|n| progress.iter().map(|c| c.ios()).sum::<u64>() >= n)
+            {
+                break;
             }
             std::thread::sleep(rtrs_poll::sess::CONTROL_TICK);
         }

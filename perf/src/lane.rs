@@ -470,7 +470,11 @@ pub(crate) fn run_thread<F: Fabric>(
         }
         let mut cur = log.as_mut().and_then(|l| l.cur());
         for lane in &mut lanes {
+            let before = lane.completed();
             lane.step(now, o, stopping, on, cur.as_deref_mut());
+            if lane.completed() != before {
+                seconds.warm();
+            }
         }
     }
     seconds.finish();

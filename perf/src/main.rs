@@ -5,7 +5,7 @@
 //!                                           4 KiB writes at QD 32 for 5 s, fio-like summary
 //!  rtrs-perf server --listen ADDR [--backend null|ram:SIZE|fail:N] [--cores LIST] [--always-invalidate on|off]
 //!  rtrs-perf client --connect ADDR[,ADDR] --rw R --bs B --iodepth N --cores LIST --runtime S
-//!                   [--numjobs N] [--ramp-time S] [--rwmixread N] [--sessname NAME]
+//!                   [--numjobs N] [--ramp-time S] [--number-ios N] [--rwmixread N] [--sessname NAME]
 //!                   [--mp-policy P] [--verify] [--json] [--hist FILE] [--ctl SOCKET]
 //!                   [--connections N] [--sessions N] [--churn-sessions N] [--ready FILE]
 //!                   [--reconnect-delay S] [--reconnect-backoff S]
@@ -230,6 +230,10 @@ struct IoArgs {
     /// Seconds to measure.
     #[arg(long, default_value_t = 5.0)]
     runtime: f64,
+    /// Stop once this many IOs completed while measuring (fio's
+    /// number_ios), or at --runtime, whichever comes first.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    number_ios: Option<u64>,
     /// Seconds of IO before measuring, not counted (default: a tenth of
     /// --runtime, at most 1).
     #[arg(long)]
@@ -620,6 +624,7 @@ fn io_opts(
         iodepth: a.iodepth,
         cores,
         runtime: a.runtime,
+        number_ios: a.number_ios,
         mp_policy: a.mp_policy,
         read_keys: a.read_keys,
         poll_sched: a.poll_sched,

@@ -65,6 +65,22 @@ pub struct CoreCounts {
     published: AtomicU64,
     /// The core has stopped: it publishes nothing more.
     finished: AtomicBool,
+    /// Measured IOs so far (for a count-bounded run).
+    ios: AtomicU64,
+    /// The core has completed an IO (ramp or not).
+    warm: AtomicBool,
+}
+
+impl CoreCounts {
+    /// Measured IOs so far.
+    pub fn ios(&self) -> u64 {
+        self.ios.load(Ordering::Relaxed)
+    }
+
+    /// Whether the core has completed an IO.
+    pub fn is_warm(&self) -> bool {
+        self.warm.load(Ordering::Relaxed)
+    }
 }
 
 impl Default for CoreCounts {
@@ -73,6 +89,8 @@ impl Default for CoreCounts {
             slots: std::array::from_fn(|_| AtomicU64::new(0)),
             published: AtomicU64::new(0),
             finished: AtomicBool::new(false),
+            ios: AtomicU64::new(0),
+            warm: AtomicBool::new(false),
         }
     }
 }
@@ -83,6 +101,7 @@ pub struct Publisher<'a> {
     seconds: Seconds,
     /// The core's count of measured IOs at the last boundary.
     at_boundary: u64,
+    warmed: bool,
 }
 
 impl<'a> Publisher<'a> {
@@ -92,6 +111,7 @@ impl<'a> Publisher<'a> {
             to,
             seconds: Seconds::default(),
             at_boundary: 0,
+            warmed: false,
         }
     }
 
@@ -99,6 +119,11 @@ impl<'a> Publisher<'a> {
     /// with the same `now`; `ios` is the core's count of measured IOs so
     /// far (those recorded in the interval log).
     pub fn tick(&mut self, now: Instant, ios: u64) {
+        // The running count, stored only when it moved (a store per poll
+        // with completions, to this core's own counts).
+        if ios != self.to.ios.load(Ordering::Relaxed) {
+            self.to.ios.store(ios, Ordering::Relaxed);
+        }
         let first = self.seconds.secs();
         if self.seconds.tick(now) == 0 {
             return;
@@ -117,6 +142,14 @@ impl<'a> Publisher<'a> {
         }
         self.at_boundary = ios;
         self.to.published.store(end, Ordering::Release);
+    }
+
+    /// The core completed an IO (said once).
+    pub fn warm(&mut self) {
+        if !self.warmed {
+            self.warmed = true;
+            self.to.warm.store(true, Ordering::Relaxed);
+        }
     }
 
     /// The core stops: the second running now is not whole and is not

@@ -58,16 +58,79 @@ fn embedded_main_job_prints_the_summary_as_json() {
 #[test]
 fn client_cores_run_under_the_poll_sched_asked_for() {
     let _one = one_at_a_time();
-    let out = embedded(&["--iodepth", "2", "--runtime", "0.3", "--poll-sched", "idle"]);
+    // What is tested is the policy the client's core threads run under
+    // (read in /proc), not their IO: under SCHED_IDLE a core gets its CPU
+    // only when nothing else wants it, so on a busy host it may complete
+    // nothing at all (0 IOs in 2 s, found in a workspace run beside two
+    // VMs and a build).
+    let child = perf()
+        .args([
+            "embedded",
+            "--iodepth",
+            "2",
+            "--runtime",
+            "60",
+            "--poll-sched",
+            "idle",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let tasks = format!("/proc/{}/task", child.id());
+    let policy_of_core = || {
+        std::fs::read_dir(&tasks).ok()?.flatten().find_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            // The core threads (rtrs-clt0, ...), not the control thread
+            // (rtrs-clt-SESSNAME).
+            let core = comm.trim().strip_prefix("rtrs-clt")?;
+            if core.is_empty() || !core.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let sched = std::fs::read_to_string(t.path().join("sched")).ok()?;
+            let line = sched.lines().find(|l| l.starts_with("policy"))?;
+            line.rsplit(':').next().map(|v| v.trim().to_string())
+        })
+    };
+    let t0 = std::time::Instant::now();
+    let mut policy = None;
+    while policy.as_deref() != Some("5") && t0.elapsed() < std::time::Duration::from_secs(60) {
+        policy = policy_of_core();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // By its PID: a clean stop, its summary on stdout.
+    let int = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(int.success());
+    // SCHED_IDLE is policy 5.
+    assert_eq!(policy.as_deref(), Some("5"), "the client core's policy");
+    if out.status.success() {
+        let v = json(&out.stdout);
+        assert_eq!(v["config"]["poll_sched"].as_str(), Some("idle"));
+        assert_eq!(v["errors"].as_u64(), Some(0));
+    }
+}
+
+/// `--number-ios`: the run stops once that many IOs completed, well before
+/// its --runtime (whatever the host's speed: a count).
+#[test]
+fn number_ios_ends_the_run_at_a_count() {
+    let _one = one_at_a_time();
+    let out = embedded(&["--iodepth", "4", "--runtime", "120", "--number-ios", "5000"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let v = json(&out.stdout);
-    assert_eq!(v["config"]["poll_sched"].as_str(), Some("idle"));
-    assert_eq!(v["errors"].as_u64(), Some(0));
-    assert!(v["ios"].as_u64().unwrap() > 0);
+    let ios = v["ios"].as_u64().unwrap();
+    assert!(ios >= 5000, "{ios} IOs");
+    assert!(v["seconds"].as_f64().unwrap() < 120.0, "{v}");
+    assert_eq!(v["config"]["number_ios"].as_u64(), Some(5000));
 }
 
 #[test]
@@ -218,16 +281,30 @@ fn failed_io_fails_the_run_with_err_in_the_json() {
     let _srv = server(&name, "fail:4");
     let out = client(
         &name,
-        &["--rw", "randwrite", "--iodepth", "4", "--runtime", "0.5"],
+        &[
+            "--rw",
+            "randwrite",
+            "--iodepth",
+            "4",
+            "--runtime",
+            "2",
+            "--ramp-time",
+            "0",
+        ],
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let v = json(&out.stdout);
     let n = v["err"]["count"].as_u64().unwrap();
     assert!(n > 0 && n == v["errors"].as_u64().unwrap(), "{v}");
-    // Every 4th IO: about a quarter of those that completed.
+    // Every 4th IO fails: a quarter of those measured, give or take the
+    // ramp's failures (failed IOs are counted, measured or not) and the
+    // queue depth in flight at either end.
     let ios = v["ios"].as_u64().unwrap();
-    assert!(n * 5 > ios && n * 3 < ios, "{n} of {ios}");
+    assert!(
+        ios >= 4 && (4 * n).abs_diff(ios) <= ios / 20 + 16,
+        "{n} of {ios}"
+    );
     assert_eq!(v["err"]["first_errno"].as_i64(), Some(5), "EIO");
     assert_eq!(v["jobs"][0]["error"].as_i64(), Some(5));
     let line = err.lines().last().unwrap_or_default();
@@ -580,6 +657,7 @@ fn progress_lines_hold_the_counts_of_the_hist_intervals() {
     use base64::Engine as _;
     use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
     use hdrhistogram::serialization::Deserializer;
+    // IOs (read and write: an interval each) per second of the log.
     let mut per_s = std::collections::BTreeMap::<u64, u64>::new();
     for e in IntervalLogIterator::new(&text) {
         if let LogEntry::Interval(iv) = e.unwrap() {
@@ -594,11 +672,13 @@ fn progress_lines_hold_the_counts_of_the_hist_intervals() {
     }
     let lines = progress_lines(&err);
     // 3.5 s: seconds 0, 1 and 2 whole (lines 1 s to 3 s); the last half
-    // second is only in the log.
+    // second is only in the log. A second may hold no IO at all on a
+    // starved host: the line must then say 0 as the log does (the check
+    // is that both hold the same count, whatever it is).
     assert_eq!(lines.len(), 3, "{err}");
+    assert!(per_s.values().sum::<u64>() > 0, "no IO in the log");
     for (secs, rest) in &lines {
         let n = per_s.get(&(secs - 1)).copied().unwrap_or(0);
-        assert!(n > 1000, "second {secs}: {n} IOs in the log");
         let want = format!(
             "{:.3} M IOPS ({n} IOs)  {:.1} MiB/s  paths: ",
             n as f64 / 1e6,

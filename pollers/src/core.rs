@@ -701,7 +701,18 @@ mod tests {
             )
             .map_err(|_| "full")
             .unwrap();
-        std::thread::sleep(Duration::from_millis(50));
+        // Until both cores have run and the added poller is done: on a
+        // loaded host a core thread may not run for a while after launch.
+        let t0 = std::time::Instant::now();
+        while !(done.load(Ordering::Relaxed) >= 10
+            && (0..2).all(|i| cores.live(i).is_some_and(|l| l.stats().iterations > 0)))
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the cores never ran"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let reports = cores.stop();
         assert_eq!(reports.len(), 2);
         for r in &reports {

@@ -23,7 +23,7 @@ use super::{
     make_sess, CltConfig, CltCore, CltError, CltEvent, CltSess, Geometry, PathMem, MAX_SG,
 };
 use crate::fabric::{
-    memory, Access, Address, Cm, CmEvent, ConnId, Fabric, Memory, Mr, Pd, Qp, QpCap, RecvWr,
+    memory, Access, Address, Cm, CmEvents, ConnId, Fabric, Memory, Mr, Pd, Qp, QpCap, RecvWr,
     SendWr, Wc, WcOpcode, WcStatus,
 };
 use crate::proto::imm::Imm;
@@ -150,11 +150,10 @@ pub(crate) struct CltControl<F: Fabric> {
     /// Set when the open failed: the control has nothing left to do.
     stop: pollers::Shutdown,
     wcs: [Wc; 16],
-    cm_failing: bool,
-    /// A CM event that ended the last wait: taken at the next step, after
-    /// the cores' reports (which come without waking it), so a core's
-    /// first-hand reason wins over its echo through the CM.
-    woke_by: Option<CmEvent>,
+    /// The CM's events; one that ended the last wait is taken at the next
+    /// step, after the cores' reports (which come without waking it), so a
+    /// core's first-hand reason wins over its echo through the CM.
+    events: CmEvents,
 }
 
 fn service_cap() -> QpCap {
@@ -217,8 +216,7 @@ impl<F: Fabric> CltControl<F> {
             next_token: 0,
             stop,
             wcs: [Wc::default(); 16],
-            cm_failing: false,
-            woke_by: None,
+            events: CmEvents::new("client"),
             cfg,
         };
         c.run(now);
@@ -740,13 +738,6 @@ impl<F: Fabric> CltControl<F> {
         n + self.run(now)
     }
 
-    fn cm_error(&mut self, e: crate::fabric::FabricError) {
-        if !self.cm_failing {
-            self.cm_failing = true;
-            tracing::warn!("client CM: {e}");
-        }
-    }
-
     fn command(&mut self, cmd: Cmd, now: Instant) {
         let token = |c: &mut CltControl<F>, p: Pending| {
             let t = Token(c.next_token);
@@ -790,22 +781,9 @@ impl<F: Fabric> pollers::Control for CltControl<F> {
 
     fn poll(&mut self, now: Instant) -> usize {
         let mut work = 0;
-        if let Some(ev) = self.woke_by.take() {
+        while let Some(ev) = self.events.next(&mut self.cm) {
             self.m.handle_cm(ev, now);
             work += 1 + self.run(now);
-        }
-        loop {
-            match self.cm.poll_event(Duration::ZERO) {
-                Ok(Some(ev)) => {
-                    self.m.handle_cm(ev, now);
-                    work += 1 + self.run(now);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    self.cm_error(e);
-                    break;
-                }
-            }
         }
         for slot in 0..self.slots.len() {
             work += self.poll_svc(slot, now);
@@ -835,14 +813,7 @@ impl<F: Fabric> pollers::Control for CltControl<F> {
     }
 
     fn wait(&mut self, max: Duration) {
-        match self.cm.poll_event(max) {
-            Ok(Some(ev)) => self.woke_by = Some(ev),
-            Ok(None) => {}
-            Err(e) => {
-                self.cm_error(e);
-                std::thread::sleep(max);
-            }
-        }
+        self.events.wait(&mut self.cm, max);
     }
 
     fn on_stop(&mut self, now: Instant) {

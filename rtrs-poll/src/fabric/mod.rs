@@ -513,6 +513,59 @@ impl CmEvent {
     }
 }
 
+/// A control driver's events from its CM: taken one by one without
+/// waiting (the one that ended the last wait first), and the control's one
+/// wait; a failing CM is logged once.
+#[derive(Debug)]
+pub(crate) struct CmEvents {
+    woke: Option<CmEvent>,
+    failing: bool,
+    who: &'static str,
+}
+
+impl CmEvents {
+    /// For the control `who` ("client", "server"), in its log line.
+    pub(crate) fn new(who: &'static str) -> CmEvents {
+        CmEvents {
+            woke: None,
+            failing: false,
+            who,
+        }
+    }
+
+    /// The next event there is, without waiting.
+    pub(crate) fn next<F: Fabric, C: Cm<F>>(&mut self, cm: &mut C) -> Option<CmEvent> {
+        if let Some(ev) = self.woke.take() {
+            return Some(ev);
+        }
+        match cm.poll_event(std::time::Duration::ZERO) {
+            Ok(ev) => ev,
+            Err(e) => {
+                self.failed(e);
+                None
+            }
+        }
+    }
+
+    /// Waits at most `max` for an event, kept for [`CmEvents::next`].
+    pub(crate) fn wait<F: Fabric, C: Cm<F>>(&mut self, cm: &mut C, max: std::time::Duration) {
+        match cm.poll_event(max) {
+            Ok(ev) => self.woke = ev,
+            Err(e) => {
+                self.failed(e);
+                std::thread::sleep(max);
+            }
+        }
+    }
+
+    fn failed(&mut self, e: FabricError) {
+        if !self.failing {
+            self.failing = true;
+            tracing::warn!("{} CM: {e}", self.who);
+        }
+    }
+}
+
 /// A connection manager shaped like rdma_cm. It runs on the slow-path thread;
 /// the QPs it connects are driven by cores.
 pub trait Cm<F: Fabric>: Send {

@@ -21,7 +21,9 @@ use super::con::{SrvCon, RKEY_RSP_LEN};
 use super::machine::{Plan, Request, SrvAction, SrvMachine};
 use super::path::{PathState, SrvPath};
 use super::{ConInfo, Handler, Place, Refusal, SrvConfig, SrvError, SrvEvent};
-use crate::fabric::{memory, Access, Address, Cm, CmEvent, ConnId, Fabric, Mr, Pd, QpCap};
+use crate::fabric::{
+    memory, Access, Address, Cm, CmEvent, CmEvents, ConnId, Fabric, Mr, Pd, QpCap,
+};
 use crate::proto::imm::ImmLayout;
 use crate::proto::{
     ConnReqRepr, ConnRspRepr, MAX_HDR_SIZE, PRIVATE_DATA_LEN, SERVICE_CON_QUEUE_DEPTH,
@@ -102,13 +104,12 @@ pub(crate) struct SrvControl<F: Fabric, H: Handler> {
     unplaced: std::collections::VecDeque<(u16, Box<dyn pollers::Poller>, bool)>,
     shared: Arc<Shared<F>>,
     callbacks: Vec<OnEvent>,
-    cm_failing: bool,
     /// Session chunk memory preallocated at start (`Limits::prealloc_sessions`).
     pool: Option<Arc<mempool::ChunkPool<F::Mr>>>,
     /// New sessions are getting memory of their own (the pool is taken).
     pool_overflowing: bool,
-    /// A CM event that ended the last wait, taken at the next step.
-    woke_by: Option<CmEvent>,
+    /// The CM's events (one that ended the last wait first).
+    events: CmEvents,
     /// The time of the last step.
     now: Instant,
 }
@@ -171,10 +172,9 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
             unplaced: std::collections::VecDeque::new(),
             shared,
             callbacks: Vec::new(),
-            cm_failing: false,
             pool: None,
             pool_overflowing: false,
-            woke_by: None,
+            events: CmEvents::new("server"),
             now,
         }
         .with_pool()
@@ -676,18 +676,8 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
     /// work done.
     fn step(&mut self, now: Instant) -> usize {
         let mut work = 0;
-        if let Some(ev) = self.woke_by.take() {
+        while let Some(ev) = self.events.next(&mut self.cm) {
             work += self.on_cm_event(ev, now);
-        }
-        loop {
-            match self.cm.poll_event(Duration::ZERO) {
-                Ok(Some(ev)) => work += self.on_cm_event(ev, now),
-                Ok(None) => break,
-                Err(e) => {
-                    self.cm_error(e);
-                    break;
-                }
-            }
         }
         for con in &mut self.service {
             work += con.poll_at(now);
@@ -704,13 +694,6 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         work += self.run(now);
         self.m.reap();
         work + self.run(now)
-    }
-
-    fn cm_error(&mut self, e: crate::fabric::FabricError) {
-        if !self.cm_failing {
-            self.cm_failing = true;
-            tracing::warn!("server CM: {e}");
-        }
     }
 }
 
@@ -777,14 +760,7 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
     }
 
     fn wait(&mut self, max: Duration) {
-        match self.cm.poll_event(max) {
-            Ok(Some(ev)) => self.woke_by = Some(ev),
-            Ok(None) => {}
-            Err(e) => {
-                self.cm_error(e);
-                std::thread::sleep(max);
-            }
-        }
+        self.events.wait(&mut self.cm, max);
     }
 
     fn on_stop(&mut self, now: Instant) {

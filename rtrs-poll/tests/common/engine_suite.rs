@@ -347,9 +347,11 @@ pub fn write_sg_gathers_registered_memory<B: Backend>() {
     c.core.put_permit(p);
 }
 
-// ---------------------------------------------------------------- heartbeats
+// ---------------------------------------------------------------- idle polls
 
-const HB: Duration = Duration::from_millis(20);
+/// The kernel's heartbeat (heartbeats themselves are tested on virtual
+/// time: tests/engine_sim.rs).
+const HB: Duration = rtrs_poll::sess::hb::HB_INTERVAL;
 
 fn hb_pair<B: Backend>(name: &str) -> (TestServer, TestClient<B::F>) {
     let a = B::addr();

@@ -53,7 +53,7 @@ impl Default for ShmConfig {
     fn default() -> Self {
         ShmConfig {
             max_mrs: 1 << 16,
-            max_regions: 1 << 16,
+            max_regions: MAX_REGIONS,
         }
     }
 }
