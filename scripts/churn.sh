@@ -129,7 +129,7 @@ case_churn() { # fabric
   # core may not get to any in its second.)
   "$BIN/rtrs-perf" client --connect "$a1,$a2" --rnbd-device 'd{}' "${IO[@]}" --runtime 1 \
     >/dev/null 2>"$w/warmup.log" || true
-  census_json "$BIN" "$w/srv.sock" >"$w/srv0.json"
+  census_idle "$BIN" "$w/srv.sock" "$w/srv0.json" 10
   "$BIN/rtrs-perf" client --connect "$a1,$a2" --rnbd-device 'd{}' "${IO[@]}" --runtime 3600 \
     --ctl "$w/clt.sock" --ready "$w/ready" >"$w/clt.json" 2>"$w/clt.log" &
   CLT_PID=$!

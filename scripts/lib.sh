@@ -217,6 +217,23 @@ wait_ready() { # FILE PID SECS
 # objects are back to those of BASE (a census file), or after SECS: a path
 # torn down is freed once its cores let go of it, which an idle-scheduled
 # core on a busy host may do seconds later.
+# The census of an idle server into OUT: once it has no session and its
+# descriptors and fabric objects read the same twice 0.5 s apart (a closed
+# session's connections are freed on its control thread after it closed),
+# at most SECS.
+census_idle() { # BIN SOCK OUT SECS
+  local i last=
+  for ((i = 0; i < $4 * 2; i++)); do
+    census_json "$1" "$2" >"$3"
+    local now
+    now=$(jq -c '[.sessions, .fds, .fabric]' "$3")
+    [ "$(jq '.sessions' "$3")" = 0 ] && [ "$now" = "$last" ] && return 0
+    last=$now
+    sleep 0.5
+  done
+  return 0
+}
+
 census_settled() { # BIN SOCK BASE OUT SECS
   local i want
   want=$(jq -c '[.fds, .fabric]' "$3")
