@@ -32,6 +32,8 @@ CLIENT = {
 
 
 # Kernel log lines of every boot, not of the case.
+# A gap of the client guest's samples (s) that says it did not run.
+STARVED_S = 10.0
 NOISE = r"out-of-tree module|module verification failed|rdma_rxe: loaded|: set active|: added eth|Loading module"
 
 
@@ -350,6 +352,17 @@ def main():
         until = f"for {end - t:.1f} s" if end else "to the end"
         at(t, f"[{vm} NIC] link {dev}'s NIC sent nothing {until} while soft-RoCE handed it {n} packets: "
               f"its transmit queue stalled (qemu's emulated NIC)")
+    # A client guest that took no sample for seconds did not run at all
+    # (its sampler ticks every 0.5 s; the server guest's starves beside a
+    # busy poller of ours on its one vCPU, so only a's counts): the host's
+    # CPUs were taken by something else, and every timer in the guests,
+    # heartbeats included, fired that much late.
+    starved = []
+    win = [r["h"] for r in a if t0 <= r["h"] <= stop]
+    for p_, q_ in zip(win, win[1:]):
+        if q_ - p_ >= STARVED_S:
+            starved.append((p_, q_))
+            at(p_, f"[a] the client guest took no sample for {q_ - p_:.1f} s: it did not run (the host starved it)")
     watchdog = [(t, x) for t, x in logs if "NETDEV WATCHDOG" in x]
     rerun = [(t, x) for t, x in logs if "rxe_reg_fast_mr" in x and "not free" in x]
     # A re-run on a path that should be healthy: the other path any time,
@@ -380,12 +393,20 @@ def main():
     # What under the case can kill a healthy path, each with its evidence:
     # printed when seen, and the cause of a failure when there is one.
     findings = []
+    if starved:
+        t, u = max(starved, key=lambda x: x[1] - x[0])
+        findings.append(("host-starved", "HOST-STARVED",
+                         f"the client guest did not run for {u - t:.1f} s from {rel(t)} s (no sample; it "
+                         f"samples every 0.5 s): the host's CPUs were taken, the guests' heartbeats late: "
+                         f"not RTRS"))
     for t, paths in culprit:
         where = f"path {'/'.join(map(str, paths))}" if paths else "a healthy path"
         findings.append(("soft-roce", "SOFT-ROCE",
                          f"soft-RoCE re-ran a REG_MR after a retransmission on {where} at {rel(t)} s "
                          f"(rxe_reg_fast_mr: not free): that QP stops sending and never flushes"))
-    healthy_stall = [x for x in stalls if x[3] == 2 or not (cut_window[0] <= x[0] <= cut_window[1])]
+    # A stall of a healthy link while IO ran (one at setup is noted, not blamed).
+    healthy_stall = [x for x in stalls
+                     if x[0] >= t0 and (x[3] == 2 or not (cut_window[0] <= x[0] <= cut_window[1]))]
     if healthy_stall or watchdog:
         t = healthy_stall[0][0] if healthy_stall else watchdog[0][0]
         findings.append(("qemu-nic", "QEMU-NIC",

@@ -45,33 +45,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 now() { date +%s.%3N; }
-in_c() { ip netns exec "$NS_C" "$@"; }
-in_s() { ip netns exec "$NS_S" "$@"; }
-
-setup_net() {
-  ip netns add "$NS_C"
-  ip netns add "$NS_S"
-  in_c ip link set lo up
-  in_s ip link set lo up
-  local l
-  for l in 1 2; do
-    ip link add "${TAG}c$l" netns "$NS_C" type veth peer name "${TAG}s$l" netns "$NS_S"
-    in_c ip addr add "10.77.$l.1/24" dev "${TAG}c$l"
-    in_s ip addr add "10.77.$l.2/24" dev "${TAG}s$l"
-    in_c ip link set "${TAG}c$l" up
-    in_s ip link set "${TAG}s$l" up
-  done
-}
-
-# A silent cut: every packet on the link is dropped at both ends.
-cut() { # link
-  in_c tc qdisc add dev "${TAG}c$1" root tbf rate 8bit burst 1 limit 1
-  in_s tc qdisc add dev "${TAG}s$1" root tbf rate 8bit burst 1 limit 1
-}
-restore() { # link
-  in_c tc qdisc del dev "${TAG}c$1" root
-  in_s tc qdisc del dev "${TAG}s$1" root
-}
+# in_c, in_s, setup_net, cut, restore: scripts/lib.sh (on TAG, NS_C, NS_S).
 
 PORT=17700
 start_server() {

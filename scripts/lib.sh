@@ -161,3 +161,120 @@ run_in_vm() { # VARS GUEST_SCRIPT
   rm -f "$guest"
   return $rc
 }
+
+# --- rtrs serve and rtrs-perf clients of the churn, storm, crowd and soak scripts ---
+
+# A free tcp port on 127.0.0.1 (the kernel's pick; free when this returns).
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Starts `BIN/rtrs serve ARGS` with its control socket at SOCK in the
+# background (stderr appended to LOG), sets SRV_PID, and returns once the
+# socket answers (the listeners are up by then). A server that exits first
+# fails it, with its log's tail.
+# With SERVE_IN set (an array, e.g. (ip netns exec NS)), the server runs
+# under it (a command that execs, so that SRV_PID is the server's).
+serve_start() { # BIN SOCK LOG ARGS...
+  local bin=$1 sock=$2 log=$3
+  shift 3
+  ${SERVE_IN[@]+"${SERVE_IN[@]}"} "$bin/rtrs" serve --ctl "$sock" "$@" 2>>"$log" &
+  SRV_PID=$!
+  for _ in $(seq 400); do
+    if "$bin/rtrs" ctl --socket "$sock" list sessions >/dev/null 2>&1; then return 0; fi
+    if ! kill -0 "$SRV_PID" 2>/dev/null; then
+      tail -20 "$log" >&2
+      SRV_PID=
+      return 1
+    fi
+    sleep 0.05
+  done
+  echo "rtrs serve did not answer on $sock" >&2
+  return 1
+}
+
+# The census of the process behind control socket SOCK (`rtrs ctl stats`:
+# descriptors, memory, hugepages, fabric objects), one JSON line, with the
+# server's sessions, chunk memory and refusals beside it when it is one.
+census_json() { # BIN SOCK
+  "$1/rtrs" ctl --json --socket "$2" stats |
+    jq -c '.data | .census + {sessions: ((.sessions // []) | length),
+      chunk_memory: (.chunk_memory // 0), refused: (.refused_total // 0)}'
+}
+
+# Waits up to SECS for FILE to appear while PID lives; fails otherwise.
+wait_ready() { # FILE PID SECS
+  local i
+  for ((i = 0; i < $3 * 20; i++)); do
+    [ -e "$1" ] && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.05
+  done
+  return 1
+}
+
+# Takes the census behind SOCK into OUT once its descriptors and fabric
+# objects are back to those of BASE (a census file), or after SECS: a path
+# torn down is freed once its cores let go of it, which an idle-scheduled
+# core on a busy host may do seconds later.
+# The census of an idle server into OUT: once it has no session and its
+# descriptors and fabric objects read the same twice 0.5 s apart (a closed
+# session's connections are freed on its control thread after it closed),
+# at most SECS.
+census_idle() { # BIN SOCK OUT SECS
+  local i last=
+  for ((i = 0; i < $4 * 2; i++)); do
+    census_json "$1" "$2" >"$3"
+    local now
+    now=$(jq -c '[.sessions, .fds, .fabric]' "$3")
+    [ "$(jq '.sessions' "$3")" = 0 ] && [ "$now" = "$last" ] && return 0
+    last=$now
+    sleep 0.5
+  done
+  return 0
+}
+
+census_settled() { # BIN SOCK BASE OUT SECS
+  local i want
+  want=$(jq -c '[.fds, .fabric]' "$3")
+  for ((i = 0; i < $5 * 5; i++)); do
+    census_json "$1" "$2" >"$4"
+    [ "$(jq -c '[.fds, .fabric]' "$4")" = "$want" ] && return 0
+    sleep 0.2
+  done
+  return 0
+}
+
+# --- two network namespaces joined by two veth links (faults.sh, soak.sh) ---
+# The caller sets TAG (a short prefix of the links' names), NS_C and NS_S
+# (the client's and the server's namespace) and deletes the namespaces
+# when done. Link L is 10.77.L.1 (client) -- 10.77.L.2 (server).
+
+in_c() { ip netns exec "$NS_C" "$@"; }
+in_s() { ip netns exec "$NS_S" "$@"; }
+
+setup_net() {
+  ip netns add "$NS_C"
+  ip netns add "$NS_S"
+  in_c ip link set lo up
+  in_s ip link set lo up
+  local l
+  for l in 1 2; do
+    ip link add "${TAG}c$l" netns "$NS_C" type veth peer name "${TAG}s$l" netns "$NS_S"
+    in_c ip addr add "10.77.$l.1/24" dev "${TAG}c$l"
+    in_s ip addr add "10.77.$l.2/24" dev "${TAG}s$l"
+    in_c ip link set "${TAG}c$l" up
+    in_s ip link set "${TAG}s$l" up
+  done
+}
+
+# A silent cut: every packet on the link is dropped at both ends.
+cut() { # link
+  in_c tc qdisc add dev "${TAG}c$1" root tbf rate 8bit burst 1 limit 1
+  in_s tc qdisc add dev "${TAG}s$1" root tbf rate 8bit burst 1 limit 1
+}
+restore() { # link
+  in_c tc qdisc del dev "${TAG}c$1" root
+  in_s tc qdisc del dev "${TAG}s$1" root
+}
+

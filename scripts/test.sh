@@ -74,6 +74,13 @@ root_step "syscalls per IO" scripts/check-syscalls.sh 2
 step "real link faults: network namespaces, two veth paths, tcp (scripts/faults.sh)"
 root_step "link faults" scripts/faults.sh
 
+step "churn: 1000 path cycles and 200 sessions beside verified IO, tcp and shm (scripts/churn.sh, docs/crowds.md)"
+# Both fabrics side by side, about a minute: descriptors, fabric objects and
+# hugepages exactly back, memory within 8 MiB, no IO error.
+root_step "churn" scripts/churn.sh
+step "a reconnect storm: 64 sessions of 2 paths, the server killed and started again (scripts/storm.sh)"
+root_step "storm" scripts/storm.sh
+
 step "hostile peers: attacks beside a well-behaved client (scripts/hostile.sh, docs/security.md)"
 # About 3 minutes (one round). Attacks whose defence is pending (HOSTILE_PENDING) report
 # XFAIL without failing the step.

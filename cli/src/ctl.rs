@@ -137,6 +137,19 @@ pub struct Snapshot {
     pub operator_closes: u64,
     /// ctl connections refused (foreign uid).
     pub ctl_refused: u64,
+    /// Connect requests refused so far, in all and by kind (srv::Refusal's
+    /// names): a storm of reconnects must not be turned away in a loop.
+    #[serde(default)]
+    pub refused_total: u64,
+    #[serde(default)]
+    pub refusals: std::collections::BTreeMap<String, u64>,
+    /// Chunk memory the sessions hold now (bytes).
+    #[serde(default)]
+    pub chunk_memory: u64,
+    /// `stats`: what the process holds now (descriptors, memory,
+    /// hugepages, fabric objects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub census: Option<rtrs_ctl::Census>,
 }
 
 /// What the dispatch needs of a server.
@@ -272,6 +285,7 @@ fn handle(line: &str, b: &dyn Backend) -> Response {
             if let Err(r) = rtrs_ctl::narrow_cores(&mut s.cores, core, |x| x.core) {
                 return r;
             }
+            s.census = Some(rtrs_ctl::Census::take());
             json(serde_json::to_value(s))
         }
         Request::Disconnect { path } => {
@@ -440,6 +454,7 @@ impl<F: rtrs_poll::fabric::Fabric> Backend for SrvBackend<F> {
                 }
             })
             .collect();
+        let counters = self.srv.counters();
         Snapshot {
             sessions,
             cores,
@@ -453,8 +468,16 @@ impl<F: rtrs_poll::fabric::Fabric> Backend for SrvBackend<F> {
                     read_only,
                 })
                 .collect(),
-            operator_closes: self.srv.counters().operator_closes(),
+            operator_closes: counters.operator_closes(),
             ctl_refused: self.refused.load(Ordering::Relaxed),
+            refused_total: counters.refused_total(),
+            refusals: counters
+                .refusals()
+                .into_iter()
+                .map(|(k, n)| (k.name().to_string(), n))
+                .collect(),
+            chunk_memory: counters.sessions().1,
+            census: None,
         }
     }
 
@@ -588,6 +611,8 @@ pub fn human(req: &Request, data: &serde_json::Value) -> String {
                     ]
                 })
                 .collect();
+            let refusals: Vec<String> =
+                s.refusals.iter().map(|(k, n)| format!("{k} {n}")).collect();
             paths_table(&all_paths(&s))
                 + "\n"
                 + &table(
@@ -597,6 +622,17 @@ pub fn human(req: &Request, data: &serde_json::Value) -> String {
                     ],
                     &cores,
                 )
+                + &format!(
+                    "\nrefused {}{}{}, chunk memory {} bytes\n",
+                    s.refused_total,
+                    if refusals.is_empty() { "" } else { ": " },
+                    refusals.join(", "),
+                    s.chunk_memory
+                )
+                + &s.census
+                    .as_ref()
+                    .map(rtrs_ctl::client::census_table)
+                    .unwrap_or_default()
         }
         _ => format!("{data}\n"),
     }
@@ -635,6 +671,8 @@ mod tests {
                 core: 0,
                 ..Default::default()
             }],
+            refused_total: 2,
+            refusals: [("memory".to_string(), 2)].into(),
             ..Default::default()
         }
     }
@@ -808,6 +846,10 @@ mod tests {
             .unwrap(),
         );
         assert!(h.contains("PATH") && h.contains("CORE") && h.contains(&"ab".repeat(16)));
+        // The refusals and the process's census come with the stats.
+        assert!(h.contains("refused 2: memory 2"), "{h}");
+        assert!(h.contains("process census") && h.contains("FDS"), "{h}");
+        assert!(s.census.is_some() && s.refusals["memory"] == 2);
     }
 
     #[test]

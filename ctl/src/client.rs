@@ -75,6 +75,11 @@ pub struct ClientView {
     /// `stats`: ctl connections refused (a foreign uid).
     #[serde(default)]
     pub ctl_refused: u64,
+    /// `stats`: what the process holds now (descriptors, memory,
+    /// hugepages, fabric objects); process-wide, so every session of one
+    /// process shows the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub census: Option<crate::Census>,
 }
 
 /// What the dispatch needs of a client session: errors are (why, errno).
@@ -112,6 +117,7 @@ impl<F: Fabric> ClientBackend for Client<F> {
         ClientView {
             cores,
             ctl_refused: 0,
+            census: None,
             session: self.sessname().to_string(),
             mp_policy: self.mp_policy().to_string(),
             paths: self
@@ -254,6 +260,7 @@ fn handle(line: &str, b: &dyn ClientBackend, refused: u64) -> Response {
                 v.paths.retain(|p| p.id == id);
             }
             v.ctl_refused = refused;
+            v.census = Some(crate::Census::take());
             json(&v)
         }
         Request::Disconnect { path } => by_id(&path, "disconnected", &|id| b.disconnect(id)),
@@ -368,6 +375,16 @@ fn paths_table(v: &ClientView, stats: bool) -> String {
     format!("session {}\n", v.session) + &table(&h, &rows)
 }
 
+/// A census as a two-row table (names, then values), after a blank line.
+pub fn census_table(c: &crate::Census) -> String {
+    let rows = c.rows();
+    let head: Vec<&str> = rows.iter().map(|(k, _)| *k).collect();
+    let vals: Vec<String> = rows.into_iter().map(|(_, v)| v).collect();
+    let upper: Vec<String> = head.iter().map(|h| h.to_uppercase()).collect();
+    let upper: Vec<&str> = upper.iter().map(String::as_str).collect();
+    format!("\nprocess census\n{}", table(&upper, &[vals]))
+}
+
 /// Human tables of a client's response data for `req`.
 pub fn human(req: &Request, data: &serde_json::Value) -> String {
     let view = || serde_json::from_value::<ClientView>(data.clone()).unwrap_or_default();
@@ -395,6 +412,7 @@ pub fn human(req: &Request, data: &serde_json::Value) -> String {
                     &["CORE", "IOS", "BYTES", "INFLIGHT", "ERRORS", "FAILOVERS"],
                     &cores,
                 )
+                + &v.census.as_ref().map(census_table).unwrap_or_default()
         }
         Request::AddPath { .. } => format!(
             "added {} ({})\n",
@@ -469,6 +487,7 @@ mod tests {
                     })
                     .collect(),
                 ctl_refused: 0,
+                census: None,
                 cores: (0..2)
                     .map(|core| ClientCoreView {
                         core,
@@ -691,6 +710,14 @@ mod tests {
             h.contains("FAILED_RECONNECTS") && h.contains("path1"),
             "{h}"
         );
+        // Stats carry the process's census, listing paths does not.
+        let census = v.census.expect("stats carry the census");
+        assert!(census.fds > 0 && census.vm_rss_kb > 0);
+        assert!(
+            h.contains("process census") && h.contains("VM_RSS_KB"),
+            "{h}"
+        );
+        assert!(view(run(&b, Request::ListPaths {})).census.is_none());
     }
 
     #[test]

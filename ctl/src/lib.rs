@@ -16,11 +16,13 @@
 //!                                                                   a Client's dispatcher
 //! ```
 
+pub mod census;
 pub mod client;
 pub mod socket;
 
 use serde::{Deserialize, Serialize};
 
+pub use census::Census;
 pub use socket::{default_socket, request, CtlServer, CtlSocket};
 
 /// The protocol's version: requests carry it, responses echo it.

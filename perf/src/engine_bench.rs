@@ -11,12 +11,12 @@
 //!                library's thread; handler null (answers at once) or ram:SIZE
 //! ```
 
+use crate::lane::{Lane, LaneResult, ThreadResult};
 use crate::report::{histogram, LatNs};
 use hdrhistogram::Histogram;
 use minstant::Instant;
-use rtrs_poll::clt::{
-    Client, CltConfig, CltCore, CltError, CltEvent, Dir, PathState, ReadKeys, ReconnectPolicy,
-};
+use rtrs_ctl::Census;
+use rtrs_poll::clt::{Client, CltConfig, CltCore, CltEvent, PathState, ReadKeys, ReconnectPolicy};
 use rtrs_poll::fabric::{Address, Fabric};
 use rtrs_poll::rnbd::{RnbdClient, RnbdDev};
 use rtrs_poll::sess::mp_policy::MpPolicy;
@@ -280,6 +280,16 @@ pub struct ClientOpts {
     /// Write an HdrHistogram interval log here.
     #[serde(skip)]
     pub hist: Option<std::path::PathBuf>,
+    /// Connections per path, cid 0 included (None: one IO connection per
+    /// core).
+    pub connections: Option<u16>,
+    /// Sessions of the same paths, their cores polled by the same threads.
+    pub sessions: u32,
+    /// Sessions opened and closed one after another beside them.
+    pub churn_sessions: u32,
+    /// A file written once every session is open.
+    #[serde(skip)]
+    pub ready: Option<std::path::PathBuf>,
 }
 
 fn ser_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -303,15 +313,15 @@ fn ser_display<S: serde::Serializer, T: std::fmt::Display>(p: &T, s: S) -> Resul
     s.serialize_str(&p.to_string())
 }
 
-/// The fio-like result.
-#[derive(Clone, Debug, Serialize)]
-pub struct Summary {
-    /// IOs per second.
-    pub iops: f64,
-    /// Bytes per second.
-    pub bw_bytes: f64,
-    /// IOs completed.
+/// What a run's IO came to, for the run and for each of its sessions.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IoFigures {
+    /// IOs completed while measuring.
     pub ios: u64,
+    /// IOs submitted and completed in all, measuring or not: equal, or an
+    /// IO was lost.
+    pub submitted: u64,
+    pub completed: u64,
     /// IOs completed with an error (including verify mismatches).
     pub errors: u64,
     /// Errors by errno (0: a verify mismatch or a duplicate completion).
@@ -322,14 +332,49 @@ pub struct Summary {
     pub duplicates: u64,
     /// IOs moved to another path when theirs failed (not errors).
     pub failovers: u64,
-    /// Paths that went down, and successful reconnects.
+    /// Paths that went down.
     pub path_downs: u64,
     /// Successful reconnects.
     pub reconnects: u64,
+    /// Seconds no path could take IO (new IO waited), the longest of a core.
+    pub stalled_secs: f64,
+}
+
+impl IoFigures {
+    /// Adds a lane's counts.
+    fn add_lane(&mut self, l: &LaneResult) {
+        self.ios += l.ios;
+        self.submitted += l.submitted;
+        self.completed += l.completed;
+        self.errors += l.errors;
+        self.verify_failures += l.verify_failures;
+        self.duplicates += l.duplicates;
+        self.stalled_secs = self.stalled_secs.max(l.stalled_ns as f64 / 1e9);
+        for (e, k) in &l.by_errno {
+            *self.errors_by_errno.entry(*e).or_default() += k;
+        }
+    }
+
+    /// Adds a session's path figures.
+    fn add_paths(&mut self, st: &rtrs_poll::clt::PathStats) {
+        self.failovers += st.failovers;
+        self.path_downs += st.downs;
+        self.reconnects += st.reconnects;
+    }
+}
+
+/// The fio-like result.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// IOs per second.
+    pub iops: f64,
+    /// Bytes per second.
+    pub bw_bytes: f64,
+    /// IOs, errors, failovers and reconnects of every session.
+    #[serde(flatten)]
+    pub io: IoFigures,
     /// The session's events, as printed.
     pub events: Vec<String>,
-    /// Seconds no path could take IO (new IO waited).
-    pub stalled_secs: f64,
     /// Each path at the end.
     pub paths: Vec<PathSummary>,
     /// Completion latency.
@@ -344,6 +389,15 @@ pub struct Summary {
     /// counting allocator is installed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allocs_per_io: Option<f64>,
+    /// Opening every session (every path up) and its RNBD device, ms.
+    pub setup_ms: f64,
+    /// Each session's figures.
+    pub sessions: Vec<SessionSummary>,
+    /// `--churn-sessions`: what the churn did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub churn: Option<crate::churn::ChurnSummary>,
+    /// What the process held at the run's points.
+    pub census: CensusPoints,
     /// Per client core (the fio-shaped JSON's jobs).
     #[serde(skip)]
     pub jobs: Vec<Job>,
@@ -364,7 +418,7 @@ pub struct DirResult {
 }
 
 impl DirResult {
-    fn new() -> DirResult {
+    pub(crate) fn new() -> DirResult {
         DirResult {
             hist: histogram(),
             ios: 0,
@@ -413,25 +467,6 @@ pub struct PathSummary {
     pub last_reason: Option<String>,
 }
 
-struct CoreResult<F: Fabric> {
-    /// Handed back so the session closes before its cores go.
-    core: CltCore<F>,
-    read: DirResult,
-    write: DirResult,
-    ios: u64,
-    errors: u64,
-    by_errno: BTreeMap<i32, u64>,
-    /// The errno of the first failed IO (0: none, or a verify mismatch first).
-    first_errno: Option<i32>,
-    verify_failures: u64,
-    duplicates: u64,
-    bytes: u64,
-    allocs: u64,
-    stalled_ns: u64,
-}
-
-/// Counts heap allocations on threads that opt in (rtrs-perf installs it as
-/// the global allocator).
 pub mod alloc_count {
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::cell::Cell;
@@ -467,344 +502,19 @@ pub mod alloc_count {
     }
 }
 
-struct Gen {
-    x: u64,
-    rw: Rw,
-    bs: u64,
-    blocks: u64,
-    seq: u64,
-    /// randrw: percent of reads.
-    mix: u64,
-}
-
-impl Gen {
-    fn next(&mut self) -> (Dir, u64) {
-        self.x ^= self.x << 13;
-        self.x ^= self.x >> 7;
-        self.x ^= self.x << 17;
-        let rand_block = self.x % self.blocks;
-        let seq_block = {
-            self.seq = (self.seq + 1) % self.blocks;
-            self.seq
-        };
-        match self.rw {
-            Rw::Read => (Dir::Read, seq_block * self.bs),
-            Rw::Write => (Dir::Write, seq_block * self.bs),
-            Rw::Randread => (Dir::Read, rand_block * self.bs),
-            Rw::Randwrite => (Dir::Write, rand_block * self.bs),
-            Rw::Randrw if (self.x >> 32) % 100 < self.mix => (Dir::Read, rand_block * self.bs),
-            Rw::Randrw => (Dir::Write, rand_block * self.bs),
-        }
-    }
-}
-
-fn usr_hdr(off: u64) -> [u8; 16] {
-    let mut u = [0u8; 16];
-    u[0] = 1;
-    u[8..].copy_from_slice(&off.to_le_bytes());
-    u
-}
-
-/// The verify pattern of the block at `off`, generation `seq`: a header
-/// (magic, offset, generation, checksum of the rest) then pseudo-random
-/// bytes, as fio's verify headers do.
-fn fill_block(buf: &mut [u8], off: u64, seq: u64) {
-    let mut x =
-        off.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seq.wrapping_mul(0xd6e8_feb8_6659_fd93) | 1;
-    for b in buf.iter_mut().skip(32) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    let sum = checksum(&buf[32.min(buf.len())..]);
-    let head = [VERIFY_MAGIC, off, seq, sum];
-    for (i, w) in head.iter().enumerate() {
-        if buf.len() >= (i + 1) * 8 {
-            buf[i * 8..(i + 1) * 8].copy_from_slice(&w.to_le_bytes());
-        }
-    }
-}
-
-const VERIFY_MAGIC: u64 = 0x5946_5952_5653_5452; // "RTSVRYFY"
-
-fn checksum(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
-        (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-/// Checks a block read back: never written (all zero) or a valid header for
-/// this offset with a matching checksum.
-fn check_block(buf: &[u8], off: u64) -> bool {
-    if buf.len() < 32 {
-        return true;
-    }
-    let w = |i: usize| u64::from_le_bytes(buf[i * 8..(i + 1) * 8].try_into().unwrap_or([0; 8]));
-    if w(0) == 0 && buf.iter().all(|&b| b == 0) {
-        return true;
-    }
-    w(0) == VERIFY_MAGIC && w(1) == off && w(3) == checksum(&buf[32..])
-}
-
 /// The offsets' span without `--size` and without an RNBD device (whose
 /// size it is then).
 pub const DEFAULT_SIZE: u64 = 1 << 30;
 
-/// How long a core waits before trying again when no path takes IO.
-const NO_PATH_WAIT: Duration = Duration::from_millis(1);
-
-#[allow(clippy::too_many_arguments)]
-fn run_core<F: Fabric>(
-    mut core: CltCore<F>,
-    o: &ClientOpts,
-    dev: &OnceLock<Arc<RnbdDev>>,
-    seed: u64,
-    stop: &AtomicBool,
-    measuring: &AtomicBool,
-    progress: &crate::progress::CoreCounts,
-    mut log: Option<crate::histlog::CoreLog>,
-) -> Result<CoreResult<F>, String> {
-    let (mut read, mut write) = (DirResult::new(), DirResult::new());
-    let mut first_errno = None;
-    let bs = o.bs;
-    let mut gen = Gen {
-        x: seed | 1,
-        rw: o.rw,
-        bs: u64::from(bs),
-        blocks: (o.size.unwrap_or(DEFAULT_SIZE) / u64::from(bs)).max(1),
-        seq: seed % 1024,
-        mix: u64::from(o.rwmixread),
-    };
-    let qd = core.queue_depth() as usize;
-    let (mut ios, mut errors, mut bytes) = (0u64, 0u64, 0u64);
-    let mut by_errno: BTreeMap<i32, u64> = BTreeMap::new();
-    let mut inflight = 0u32;
-    // Which permits have an IO in flight: a completion of one that has not
-    // is an IO completing twice.
-    let mut in_flight = vec![false; qd];
-    let mut duplicates = 0u64;
-    let mut err: Option<String> = None;
-    // Sized once: completions of one poll wait here to be resubmitted.
-    let mut ready: Vec<(rtrs_poll::clt::IoPermit, Dir, u64, i32)> = Vec::with_capacity(qd);
-    let mut free: Vec<rtrs_poll::clt::IoPermit> = Vec::with_capacity(qd);
-    let mut seq = seed << 32;
-    let mut allocs_at = None;
-    let mut allocs = 0u64;
-    let mut verify_failures = 0u64;
-    let mut stalled_ns = 0u64;
-    let mut no_path_since: Option<Instant> = None;
-    let mut sized = false;
-    // The lazy clock (as a pollers core's): read when this loop may submit
-    // (the IO's latency starts there) and every IDLE_CLOCK_EVERY iterations
-    // (the interval log, the no-path wait), so an iteration that only
-    // waits for a completion reads no clock; a completion reads it once.
-    let mut now = pollers::clock::now();
-    let mut iteration = 0u64;
-    let mut seconds = crate::progress::Publisher::new(progress);
-    loop {
-        iteration += 1;
-        if inflight < o.iodepth || iteration % pollers::core::IDLE_CLOCK_EVERY == 0 {
-            now = pollers::clock::now();
-        }
-        if let (false, Some(d)) = (sized, dev.get()) {
-            // Offsets stay inside the device: a --size larger than it
-            // was refused before the device was set.
-            gen.blocks = (o.size.unwrap_or(d.size()) / u64::from(bs)).max(1);
-            sized = true;
-        }
-        let stopping = stop.load(Ordering::Relaxed);
-        // RNBD: no IO until the device is open (and while the session is
-        // lost, until it is open again).
-        let dev_ready = o.rnbd_device.is_none() || dev.get().is_some_and(|d| d.is_open());
-        let waiting = no_path_since.is_some_and(|t| now.duration_since(t) < NO_PATH_WAIT);
-        if !stopping && err.is_none() && dev_ready && !waiting {
-            while inflight < o.iodepth {
-                let mut p = match free.pop() {
-                    Some(p) => p,
-                    None => match core.get_permit() {
-                        Some(p) => p,
-                        None => break,
-                    },
-                };
-                let (dir, off) = gen.next();
-                let mut u = [0u8; 32];
-                let ulen = match dev.get() {
-                    Some(d) => {
-                        let op = match dir {
-                            Dir::Write => rtrs_poll::proto::rnbd::RnbdOp::Write,
-                            Dir::Read => rtrs_poll::proto::rnbd::RnbdOp::Read,
-                        };
-                        u = rtrs_poll::rnbd::clt::io_hdr(d, op, off, bs, 0);
-                        32
-                    }
-                    None => {
-                        u[..16].copy_from_slice(&usr_hdr(off));
-                        16
-                    }
-                };
-                if o.verify && dir == Dir::Write {
-                    seq += 1;
-                    fill_block(&mut core.buf(&mut p)[..bs as usize], off, seq);
-                }
-                let id = p.id() as usize;
-                let r = match dir {
-                    Dir::Write => core.write(p, &u[..ulen], bs, off, now),
-                    Dir::Read => core.read(p, &u[..ulen], bs, off, now),
-                };
-                match r {
-                    Ok(()) => {
-                        inflight += 1;
-                        in_flight[id] = true;
-                        if let Some(t) = no_path_since.take() {
-                            stalled_ns += now.duration_since(t).as_nanos() as u64;
-                        }
-                    }
-                    Err((p, CltError::NoPath)) => {
-                        // No path takes IO now (the session is lost): wait
-                        // for one; an IO never submitted is not an error.
-                        free.push(p);
-                        no_path_since.get_or_insert(now);
-                        break;
-                    }
-                    Err((p, e)) => {
-                        core.put_permit(p);
-                        err = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-        }
-        if (stopping || err.is_some()) && inflight == 0 {
-            break;
-        }
-        let on = measuring.load(Ordering::Relaxed);
-        if on && allocs_at.is_none() {
-            allocs_at = Some(alloc_count::this_thread());
-        }
-        if !on {
-            if let Some(a) = allocs_at.take() {
-                allocs = alloc_count::this_thread() - a;
-                if let Some(l) = log.as_mut() {
-                    l.finish(now);
-                }
-            }
-        } else {
-            // The progress line's seconds and the interval log's: the same
-            // boundaries (the same `now`), the same IOs (`ios` counts
-            // those the intervals record).
-            seconds.tick(now, ios);
-            if let Some(l) = log.as_mut() {
-                l.tick(now);
-            }
-        }
-        let mut cur = log.as_mut().and_then(|l| l.cur());
-        core.poll(now, &mut |c| {
-            let id = c.permit.id() as usize;
-            if !std::mem::replace(&mut in_flight[id], false) {
-                duplicates += 1;
-                errors += 1;
-                first_errno.get_or_insert(0);
-                *by_errno.entry(0).or_default() += 1;
-                ready.push((c.permit, c.dir, c.tag, c.errno));
-                return;
-            }
-            inflight -= 1;
-            if c.errno != 0 {
-                // Counted measuring or not: a failed IO is never hidden.
-                errors += 1;
-                first_errno.get_or_insert(c.errno.saturating_abs());
-                *by_errno.entry(c.errno).or_default() += 1;
-            }
-            if on {
-                let ns = pollers::clock::now()
-                    .saturating_duration_since(c.start)
-                    .as_nanos() as u64;
-                let (d, i) = match (c.dir, cur.as_mut()) {
-                    (Dir::Read, i) => (&mut read, i.map(|i| &mut i.read)),
-                    (Dir::Write, i) => (&mut write, i.map(|i| &mut i.write)),
-                };
-                d.hist.saturating_record(ns.max(1));
-                d.ios += 1;
-                d.bytes += u64::from(c.len);
-                if let Some(i) = i {
-                    i.saturating_record(ns.max(1));
-                }
-                ios += 1;
-                bytes += u64::from(c.len);
-            }
-            ready.push((c.permit, c.dir, c.tag, c.errno));
-        });
-        if !ready.is_empty() {
-            seconds.warm();
-        }
-        for (mut p, dir, off, errno) in ready.drain(..) {
-            if o.verify
-                && dir == Dir::Read
-                && errno == 0
-                && !check_block(&core.buf(&mut p)[..bs as usize], off)
-            {
-                errors += 1;
-                first_errno.get_or_insert(0);
-                *by_errno.entry(0).or_default() += 1;
-                if verify_failures < 3 {
-                    eprintln!(
-                        "verify: block at offset {off} does not match what was written there"
-                    );
-                }
-                verify_failures += 1;
-            }
-            free.push(p);
-        }
-        if stop.load(Ordering::Relaxed) {
-            for p in free.drain(..) {
-                core.put_permit(p);
-            }
-        }
-    }
-    for p in free.drain(..) {
-        core.put_permit(p);
-    }
-    if let Some(t) = no_path_since {
-        stalled_ns += Instant::now().duration_since(t).as_nanos() as u64;
-    }
-    seconds.finish();
-    if let Some(a) = allocs_at {
-        allocs = alloc_count::this_thread() - a;
-    }
-    if let Some(l) = log.as_mut() {
-        l.finish(Instant::now());
-    }
-    if let Some(e) = err {
-        if ios == 0 {
-            return Err(e);
-        }
-        eprintln!("core stopped submitting: {e}");
-    }
-    Ok(CoreResult {
-        core,
-        read,
-        write,
-        ios,
-        errors,
-        by_errno,
-        first_errno,
-        verify_failures,
-        duplicates,
-        bytes,
-        allocs,
-        stalled_ns,
-    })
-}
-
 /// Prints a progress line for each whole second every core is past: the
 /// IOs completed in it (the `--hist` interval of that second holds the
-/// same count) and each path's state now.
+/// same count) and each path's state now (with several sessions, how many
+/// have every path up).
 fn print_seconds<F: Fabric>(
     r: &mut crate::progress::Reader,
     cores: &[crate::progress::CoreCounts],
     bs: u32,
-    clt: &Client<F>,
+    sessions: &[Sess<F>],
 ) {
     use crate::progress::Line;
     while let Some(l) = r.next(cores) {
@@ -814,7 +524,7 @@ fn print_seconds<F: Fabric>(
                 index + 1,
                 ios as f64 / 1e6,
                 (ios * u64::from(bs)) as f64 / (1 << 20) as f64,
-                path_line(clt)
+                paths_line(sessions)
             ),
             Line::Lost { from, to } => eprintln!(
                 "[{:>3}s] seconds {} to {} not shown: this thread fell behind the cores",
@@ -826,17 +536,47 @@ fn print_seconds<F: Fabric>(
     }
 }
 
-/// Prints and keeps the session's events.
-struct EventLog {
+fn paths_line<F: Fabric>(sessions: &[Sess<F>]) -> String {
+    match sessions {
+        [one] => path_line(&one.clt),
+        many => {
+            let up = many
+                .iter()
+                .filter(|s| {
+                    s.clt
+                        .paths()
+                        .iter()
+                        .all(|p| p.state() == PathState::Connected)
+                })
+                .count();
+            format!("{up} of {} sessions with every path connected", many.len())
+        }
+    }
+}
+
+/// Prints and keeps a session's events.
+pub(crate) struct EventLog {
     rx: rtrs_poll::clt::Events,
     lines: Vec<String>,
     quiet: bool,
+    /// `[sessname] ` before each line when the run has several sessions.
+    prefix: String,
 }
 
 impl EventLog {
-    fn drain(&mut self) {
+    /// A subscription to `clt`'s events; lines carry `name` when given.
+    pub(crate) fn new<F: Fabric>(clt: &Client<F>, quiet: bool, name: Option<&str>) -> EventLog {
+        EventLog {
+            rx: clt.subscribe(),
+            lines: Vec::new(),
+            quiet,
+            prefix: name.map(|n| format!("[{n}] ")).unwrap_or_default(),
+        }
+    }
+
+    pub(crate) fn drain(&mut self) {
         while let Ok(ev) = self.rx.try_recv() {
-            let line = format!("event {} {ev}", wall());
+            let line = format!("event {} {}{ev}", wall(), self.prefix);
             if !self.quiet {
                 eprintln!("{line}");
             }
@@ -846,18 +586,161 @@ impl EventLog {
             }
         }
     }
+
+    fn push(&mut self, what: &str) {
+        let line = format!("event {} {}{what}", wall(), self.prefix);
+        if !self.quiet {
+            eprintln!("{line}");
+        }
+        self.lines.push(line);
+    }
+}
+
+/// The RNBD device session `index` opens: `{}` in `--rnbd-device` is its
+/// index (`churn` for the churn's sessions).
+pub(crate) fn rnbd_name(tmpl: &str, index: &str) -> String {
+    tmpl.replace("{}", index)
+}
+
+/// One session of the run.
+struct Sess<F: Fabric> {
+    name: String,
+    clt: Arc<Client<F>>,
+    events: EventLog,
+    rnbd: Option<RnbdClient<F>>,
+    dev: Arc<OnceLock<Arc<RnbdDev>>>,
+    ctl: Option<rtrs_ctl::CtlServer>,
+    open_ms: f64,
+    rnbd_open_ms: Option<f64>,
+    /// Every path closed (out of reconnect attempts): said once.
+    closed: bool,
+}
+
+/// A session's figures at the end of a run (`sessions` in the JSON).
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionSummary {
+    /// The name the server sees.
+    pub name: String,
+    /// Opening it: every path up (ms).
+    pub open_ms: f64,
+    /// Then its RNBD device open (ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rnbd_open_ms: Option<f64>,
+    /// Bytes of its registered memory (buffers and headers of its permits).
+    pub memory_bytes: usize,
+    #[serde(flatten)]
+    pub io: IoFigures,
+    pub paths: Vec<PathSummary>,
+}
+
+/// The process's census at the points of a run (`census` in the JSON).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CensusPoints {
+    /// Before any session opened.
+    pub start: Census,
+    /// Every session open (and its RNBD device), before measuring.
+    pub up: Census,
+    /// After measuring, every session still open.
+    pub end: Census,
+    /// After every session closed.
+    pub closed: Census,
+}
+
+fn path_summary(p: &rtrs_poll::clt::CltPath) -> PathSummary {
+    let s = p.stats();
+    PathSummary {
+        addr: s.addr,
+        state: s.state.unwrap_or(PathState::Closed).name().to_string(),
+        ios: s.ios,
+        failovers: s.failovers,
+        downs: s.downs,
+        reconnects: s.reconnects,
+        failed_reconnects: s.failed_reconnects,
+        hb_rtt_ns: s.hb_rtt.as_nanos() as u64,
+        hb_missed_peak: s.hb_missed_peak,
+        last_reason: s.last_reason.map(|r| r.to_string()),
+    }
+}
+
+/// `--ctl PATH` for session `i` of `n`: PATH itself for one session,
+/// PATH.i for several.
+fn ctl_path(p: &std::path::Path, i: usize, n: usize) -> std::path::PathBuf {
+    if n == 1 {
+        return p.to_path_buf();
+    }
+    let mut s = p.as_os_str().to_os_string();
+    s.push(format!(".{i}"));
+    s.into()
+}
+
+/// Closes every session in order (its paths torn down), then drops the
+/// cores: a core dropped under a live session is a path failure.
+fn close_all<F: Fabric>(sessions: Vec<Sess<F>>, cores: Vec<CltCore<F>>) {
+    for s in sessions {
+        // The socket first: nothing steers the session while it closes.
+        let Sess { clt, rnbd, ctl, .. } = s;
+        drop(rnbd);
+        drop(ctl);
+        match Arc::try_unwrap(clt) {
+            Ok(c) => c.close(),
+            Err(c) => drop(c),
+        }
+    }
+    drop(cores);
 }
 
 /// How much longer than --ramp-time the ramp waits for every core's first IO.
 const WARM_MAX: Duration = Duration::from_secs(30);
 
-/// Runs the client: opens the session, runs the cores for `runtime`
-/// (after a warm-up of a tenth of it, at most one second), and sums up.
-/// Failover is not an error: IO that moves to another path completes
-/// there; errors are IO that really failed.
+/// Runs the client: opens `--sessions` sessions of the same paths, runs
+/// their cores on the `--cores` threads (each thread polls its core of
+/// every session in turn) for `runtime` (after a warm-up of a tenth of it,
+/// at most one second), with `--churn-sessions` opened and closed beside
+/// them, and sums up. Failover is not an error: IO that moves to another
+/// path completes there; errors are IO that really failed.
 pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, String> {
+    let census_start = Census::take();
+    let n = o.sessions.max(1) as usize;
+    // Sessions share the device in slices, or each opens its own RNBD
+    // device (one writer each, the kernel's rule) and has all of it.
+    let own_device = o.rnbd_device.as_deref().is_some_and(|d| d.contains("{}"));
+    if o.rnbd_device.is_some() && !own_device && (n > 1 || o.churn_sessions > 0) {
+        return Err(format!(
+            "--rnbd-device {}: with --sessions or --churn-sessions each session opens a device \
+             of its own (RNBD admits one writer a device): name them with {{}} (the session's \
+             index, or \"churn\"), e.g. --rnbd-device 'd{{}}'",
+            o.rnbd_device.as_deref().unwrap_or_default()
+        ));
+    }
+    let slices = if own_device {
+        1
+    } else {
+        n as u64 + u64::from(o.churn_sessions > 0)
+    };
+    let slice_of = |i: usize| {
+        if own_device {
+            (0, 1)
+        } else {
+            (i as u64, slices)
+        }
+    };
+    let fits = |size: u64, what: &str| -> Result<(), String> {
+        let blocks = size / u64::from(o.bs);
+        if blocks < slices {
+            return Err(format!(
+                "{what} {size} holds {blocks} blocks of --bs {}: fewer than the {slices} sessions \
+                 (each has a slice of its own, the churn one)",
+                o.bs
+            ));
+        }
+        Ok(())
+    };
+    if o.rnbd_device.is_none() || o.size.is_some() {
+        fits(o.size.unwrap_or(DEFAULT_SIZE), "--size")?;
+    }
     let mut cfg = CltConfig::new(&o.sessname, o.addrs.clone());
     cfg.cores = o.cores.len();
+    cfg.connections = o.connections;
     cfg.mp_policy = o.mp_policy;
     cfg.read_keys = o.read_keys;
     cfg.max_io_size = o.bs.max(1);
@@ -873,199 +756,313 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
         }
         None => (o.cores.iter().map(|_| None).collect::<Vec<_>>(), None),
     };
-    // Bound before the session opens: a bad --ctl fails first. The socket
+    // Bound before any session opens: a bad --ctl fails first. A socket
     // goes when the run ends, on an error too (its Drop).
-    let ctl_sock = o
-        .ctl
-        .as_deref()
-        .map(rtrs_ctl::CtlSocket::bind)
-        .transpose()?;
-    let (clt, mut cores) = Client::open(fabric, cfg).map_err(|e| e.to_string())?;
-    let clt = Arc::new(clt);
-    let ctl = match ctl_sock {
-        Some(sock) => {
-            let path = sock.path().display().to_string();
-            let c = rtrs_ctl::client::serve_socket(sock, clt.clone())?;
-            if o.progress {
-                eprintln!("rtrs-perf: control socket {path} (rtrs ctl --socket {path})");
-            }
-            Some(c)
-        }
-        None => None,
-    };
-    let mut events = EventLog {
-        rx: clt.subscribe(),
-        lines: Vec::new(),
-        quiet: !o.progress,
-    };
-    if o.bs > cores[0].max_io_size() {
-        return Err(format!(
-            "--bs {} exceeds the server's max_io_size {}",
-            o.bs,
-            cores[0].max_io_size()
-        ));
+    let mut ctl_socks = Vec::with_capacity(n);
+    for i in 0..n {
+        ctl_socks.push(
+            o.ctl
+                .as_deref()
+                .map(|p| rtrs_ctl::CtlSocket::bind(&ctl_path(p, i, n)))
+                .transpose()?,
+        );
     }
-    let mut rnbd = match &o.rnbd_device {
-        Some(_) => Some(RnbdClient::new(
-            &clt,
-            cores[0].submitter().map_err(|e| e.to_string())?,
-        )),
-        None => None,
-    };
-    let dev: Arc<OnceLock<Arc<RnbdDev>>> = Arc::new(OnceLock::new());
+    let setup = Instant::now();
+    let mut sessions: Vec<Sess<F>> = Vec::with_capacity(n);
+    let mut session_cores: Vec<Vec<CltCore<F>>> = Vec::with_capacity(n);
+    for (i, sock) in ctl_socks.into_iter().enumerate() {
+        let mut c = cfg.clone();
+        if n > 1 {
+            c.sessname = format!("{}-{i}", o.sessname);
+        }
+        let name = c.sessname.clone();
+        let t = Instant::now();
+        let opened = Client::open(fabric, c);
+        let (clt, mut cores) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                close_all(sessions, session_cores.into_iter().flatten().collect());
+                return Err(if n == 1 {
+                    e.to_string()
+                } else {
+                    format!("session {name} ({} of {n}): {e}", i + 1)
+                });
+            }
+        };
+        let open_ms = t.elapsed().as_secs_f64() * 1e3;
+        let clt = Arc::new(clt);
+        let ctl = match sock {
+            Some(sock) => {
+                let path = sock.path().display().to_string();
+                let c = rtrs_ctl::client::serve_socket(sock, clt.clone())?;
+                if o.progress && i == 0 {
+                    eprintln!("rtrs-perf: control socket {path} (rtrs ctl --socket {path})");
+                }
+                Some(c)
+            }
+            None => None,
+        };
+        if o.bs > cores[0].max_io_size() {
+            let e = format!(
+                "--bs {} exceeds the server's max_io_size {}",
+                o.bs,
+                cores[0].max_io_size()
+            );
+            session_cores.push(cores);
+            close_all(sessions, session_cores.into_iter().flatten().collect());
+            return Err(e);
+        }
+        let rnbd = match &o.rnbd_device {
+            Some(_) => Some(RnbdClient::new(
+                &clt,
+                cores[0].submitter().map_err(|e| e.to_string())?,
+            )),
+            None => None,
+        };
+        let events = EventLog::new(&clt, !o.progress, (n > 1).then_some(name.as_str()));
+        sessions.push(Sess {
+            name,
+            clt,
+            events,
+            rnbd,
+            dev: Arc::new(OnceLock::new()),
+            ctl,
+            open_ms,
+            rnbd_open_ms: None,
+            closed: false,
+        });
+        session_cores.push(cores);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let progress: Arc<Vec<crate::progress::CoreCounts>> =
         Arc::new(o.cores.iter().map(|_| Default::default()).collect());
+    // Thread k polls core k of every session.
+    let mut per_thread: Vec<Vec<Lane<F>>> = o.cores.iter().map(|_| Vec::new()).collect();
+    for (i, cores) in session_cores.into_iter().enumerate() {
+        for (k, core) in cores.into_iter().enumerate() {
+            let seed = 0x1234_5678 + k as u64 * 7919 + i as u64 * 104_729;
+            per_thread[k].push(Lane::new(
+                core,
+                o,
+                sessions[i].dev.clone(),
+                i,
+                k,
+                slice_of(i),
+                seed,
+            ));
+        }
+    }
     let mut threads = Vec::new();
-    for (i, core) in cores.into_iter().enumerate() {
-        let log = core_logs[i].take();
+    for (k, lanes) in per_thread.into_iter().enumerate() {
+        let log = core_logs[k].take();
         let (stop, measuring, progress) = (stop.clone(), measuring.clone(), progress.clone());
         let o2 = o.clone();
-        let dev = dev.clone();
-        let cpu = o.cores[i];
+        let cpu = o.cores[k];
         threads.push(
             std::thread::Builder::new()
-                .name(format!("rtrs-clt{i}"))
+                .name(format!("rtrs-clt{k}"))
                 .spawn(move || {
                     crate::pin(cpu)?;
                     o2.poll_sched
                         .apply()
                         .map_err(|e| format!("core {cpu}: --poll-sched {}: {e}", o2.poll_sched))?;
-                    run_core(
-                        core,
+                    Ok::<_, String>(crate::lane::run_thread(
+                        lanes,
                         &o2,
-                        &dev,
-                        0x1234_5678 + i as u64 * 7919,
                         &stop,
                         &measuring,
-                        &progress[i],
+                        &progress[k],
                         log,
-                    )
+                    ))
                 })
                 .map_err(|e| e.to_string())?,
         );
     }
+    let stop_threads = |threads: Vec<std::thread::JoinHandle<Result<ThreadResult<F>, String>>>| {
+        stop.store(true, Ordering::Relaxed);
+        threads
+            .into_iter()
+            .filter_map(|t| t.join().ok().and_then(Result::ok))
+            .flat_map(|r| r.lanes.into_iter().map(|(c, _)| c))
+            .collect::<Vec<_>>()
+    };
     // Admin IO goes through core 0's submitter: its thread polls it.
     let mut nap = || std::thread::sleep(Duration::from_micros(50));
-    if let (Some(rn), Some(name)) = (rnbd.as_mut(), &o.rnbd_device) {
-        let opened = rn.sess_info(&mut nap).and_then(|ver| {
-            rn.open(name, rtrs_poll::proto::rnbd::AccessMode::Rw, &mut nap)
-                .map(|d| (ver, d))
-        });
-        match opened {
-            Ok((ver, d)) => {
-                if o.progress {
-                    eprintln!(
-                        "RNBD {ver}: device {name} id {} of {} bytes, logical block {} B",
-                        d.device_id(),
-                        d.size(),
-                        d.logical_block_size
-                    );
-                }
-                let refused = if u64::from(o.bs) % u64::from(d.logical_block_size.max(1)) != 0 {
-                    Some(format!(
-                        "--bs {} is not a multiple of the device's logical block size {}",
-                        o.bs, d.logical_block_size
-                    ))
-                } else {
-                    o.size.filter(|&s| s > d.size()).map(|s| {
-                        format!(
-                            "--size {s} is larger than device {name} ({} bytes): give --size {} or less, \
-                             or no --size for the whole device",
+    if let Some(tmpl) = &o.rnbd_device {
+        for (i, s) in sessions.iter_mut().enumerate() {
+            let Some(rn) = s.rnbd.as_mut() else { continue };
+            let name = &rnbd_name(tmpl, &i.to_string());
+            let t = Instant::now();
+            let opened = rn.sess_info(&mut nap).and_then(|ver| {
+                rn.open(name, rtrs_poll::proto::rnbd::AccessMode::Rw, &mut nap)
+                    .map(|d| (ver, d))
+            });
+            let refused = match opened {
+                Ok((ver, d)) => {
+                    if o.progress && s.dev.get().is_none() && n == 1 {
+                        eprintln!(
+                            "RNBD {ver}: device {name} id {} of {} bytes, logical block {} B",
+                            d.device_id(),
                             d.size(),
-                            d.size()
-                        )
-                    })
-                };
-                if let Some(e) = refused {
-                    // Refused before any IO: the cores wait for the device.
-                    stop.store(true, Ordering::Relaxed);
-                    for t in threads {
-                        let _ = t.join();
+                            d.logical_block_size
+                        );
                     }
-                    return Err(e);
+                    let refused = if u64::from(o.bs) % u64::from(d.logical_block_size.max(1)) != 0 {
+                        Some(format!(
+                            "--bs {} is not a multiple of the device's logical block size {}",
+                            o.bs, d.logical_block_size
+                        ))
+                    } else {
+                        o.size
+                                .filter(|&sz| sz > d.size())
+                                .map(|sz| {
+                                    format!(
+                                "--size {sz} is larger than device {name} ({} bytes): give --size {} or less, \
+                                 or no --size for the whole device",
+                                d.size(),
+                                d.size()
+                            )
+                                })
+                                .or_else(|| {
+                                    fits(o.size.unwrap_or(d.size()), &format!("device {name} of"))
+                                        .err()
+                                })
+                    };
+                    if refused.is_none() {
+                        s.rnbd_open_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+                        let _ = s.dev.set(d);
+                    }
+                    refused
                 }
-                let _ = dev.set(d);
-            }
-            Err(e) => {
-                stop.store(true, Ordering::Relaxed);
-                for t in threads {
-                    let _ = t.join();
-                }
-                return Err(format!("RNBD open {name}: {e}"));
+                Err(e) => Some(format!("RNBD open {name}: {e}")),
+            };
+            if let Some(e) = refused {
+                // Refused before any IO: the cores wait for the device.
+                let cores = stop_threads(threads);
+                close_all(sessions, cores);
+                return Err(e);
             }
         }
     }
-    // The ramp: --ramp-time, and until every core has completed an IO (a
-    // measured window never starts before IO flows: on a busy host a
-    // session's first IO may take a while), at most WARM_MAX more.
-    let warmup = Duration::from_secs_f64(o.ramp_time);
-    let t0 = Instant::now();
-    let warm = || progress.iter().all(crate::progress::CoreCounts::is_warm);
-    while (t0.elapsed() < warmup || !warm())
-        && t0.elapsed() < warmup + WARM_MAX
-        && !crate::interrupted()
-    {
-        events.drain();
-        std::thread::sleep(rtrs_poll::sess::CONTROL_TICK);
+    let setup_ms = setup.elapsed().as_secs_f64() * 1e3;
+    let census_up = Census::take();
+    if let Some(p) = &o.ready {
+        if let Err(e) = std::fs::write(p, format!("{setup_ms:.1}\n")) {
+            let cores = stop_threads(threads);
+            close_all(sessions, cores);
+            return Err(format!("--ready {}: {e}", p.display()));
+        }
     }
-    let started = std::time::SystemTime::now();
-    if let Some(l) = main_log.as_mut() {
-        l.begin(started)?;
-    }
-    measuring.store(true, Ordering::Relaxed);
-    let start = Instant::now();
-    let runtime = Duration::from_secs_f64(o.runtime);
+    let churn_stop = AtomicBool::new(false);
+    let churn_done = AtomicBool::new(o.churn_sessions == 0);
     let mut lines = crate::progress::Reader::default();
     let mut log_err = None;
-    while start.elapsed() < runtime && !crate::interrupted() {
-        events.drain();
-        if let Some(Err(e)) = main_log.as_mut().map(|l| l.drain()) {
-            log_err.get_or_insert(e);
+    let (churn, seconds, started) = std::thread::scope(|scope| {
+        let churn = (o.churn_sessions > 0).then(|| {
+            let (cfg, churn_stop, churn_done) = (&cfg, &churn_stop, &churn_done);
+            std::thread::Builder::new()
+                .name("rtrs-churn".into())
+                .spawn_scoped(scope, move || {
+                    // Beside the IO threads, on the last of their CPUs.
+                    if let Some(&cpu) = o.cores.last() {
+                        let _ = crate::pin(cpu);
+                    }
+                    let _ = o.poll_sched.apply();
+                    let s = crate::churn::run(fabric, o, cfg, slice_of(n), churn_stop);
+                    churn_done.store(true, Ordering::Release);
+                    s
+                })
+        });
+        // The ramp: --ramp-time, and until every core has completed an IO
+        // (a measured window never starts before IO flows: on a busy host
+        // a session's first IO may take a while), at most WARM_MAX more.
+        let warmup = Duration::from_secs_f64(o.ramp_time);
+        let t0 = Instant::now();
+        let warm = || progress.iter().all(crate::progress::CoreCounts::is_warm);
+        while (t0.elapsed() < warmup || !warm())
+            && t0.elapsed() < warmup + WARM_MAX
+            && !crate::interrupted()
+        {
+            for s in sessions.iter_mut() {
+                s.events.drain();
+            }
+            std::thread::sleep(rtrs_poll::sess::CONTROL_TICK);
         }
-        if let Some(rn) = rnbd.as_mut() {
-            for ev in rn.poll(&mut nap) {
-                let line = format!("event {} rnbd: {ev:?}", wall());
-                if o.progress {
-                    eprintln!("{line}");
-                }
-                events.lines.push(line);
+        let started = std::time::SystemTime::now();
+        if let Some(l) = main_log.as_mut() {
+            if let Err(e) = l.begin(started) {
+                log_err.get_or_insert(e);
             }
         }
-        if threads.iter().all(|t| t.is_finished()) {
-            break;
-        }
-        if clt.paths().iter().all(|p| p.state() == PathState::Closed) {
-            // Out of reconnect attempts everywhere: nothing will carry IO.
-            let line = format!("event {} every path is closed: stopping", wall());
-            eprintln!("{line}");
-            events.lines.push(line);
-            break;
-        }
-        if o.progress {
-            print_seconds(&mut lines, &progress, o.bs, &clt);
-        }
-        if o.number_ios
-            .is_some_and(|n| progress.iter().map(|c| c.ios()).sum::<u64>() >= n)
+        measuring.store(true, Ordering::Relaxed);
+        let start = Instant::now();
+        let runtime = Duration::from_secs_f64(o.runtime);
+        while (start.elapsed() < runtime || !churn_done.load(Ordering::Acquire))
+            && !crate::interrupted()
+            && log_err.is_none()
         {
-            break;
+            if let Some(Err(e)) = main_log.as_mut().map(|l| l.drain()) {
+                log_err.get_or_insert(e);
+            }
+            for s in sessions.iter_mut() {
+                s.events.drain();
+                if let Some(rn) = s.rnbd.as_mut() {
+                    for ev in rn.poll(&mut nap) {
+                        s.events.push(&format!("rnbd: {ev:?}"));
+                    }
+                }
+                if !s.closed && s.clt.paths().iter().all(|p| p.state() == PathState::Closed) {
+                    // Out of reconnect attempts everywhere: nothing will carry its IO.
+                    s.closed = true;
+                    s.events.push("every path is closed");
+                    eprintln!("session {}: every path is closed", s.name);
+                }
+            }
+            if threads.iter().all(|t| t.is_finished()) {
+                break;
+            }
+            if sessions.iter().all(|s| s.closed) {
+                let line = if n == 1 {
+                    "every path is closed: stopping"
+                } else {
+                    "every path of every session is closed: stopping"
+                };
+                if let Some(s) = sessions.first_mut() {
+                    s.events.push(line);
+                }
+                break;
+            }
+            if o.progress {
+                print_seconds(&mut lines, &progress, o.bs, &sessions);
+            }
+            if o.number_ios
+                .is_some_and(|n| progress.iter().map(|c| c.ios()).sum::<u64>() >= n)
+            {
+                break;
+            }
+            std::thread::sleep(rtrs_poll::sess::CONTROL_TICK);
         }
-        std::thread::sleep(rtrs_poll::sess::CONTROL_TICK);
-    }
-    measuring.store(false, Ordering::Relaxed);
-    let seconds = start.elapsed().as_secs_f64();
+        measuring.store(false, Ordering::Relaxed);
+        let seconds = start.elapsed().as_secs_f64();
+        churn_stop.store(true, Ordering::Relaxed);
+        let churn = churn.map(|h| match h.map(|h| h.join()) {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(_)) => Err("the churn thread panicked".to_string()),
+            Err(e) => Err(format!("cannot start the churn thread: {e}")),
+        });
+        (churn, seconds, started)
+    });
     stop.store(true, Ordering::Relaxed);
-    let mut hist = histogram();
-    let mut jobs = Vec::new();
-    let (mut ios, mut errors, mut bytes, mut allocs) = (0, 0, 0, 0);
-    let (mut verify_failures, mut duplicates, mut stalled_ns) = (0, 0, 0);
-    let mut by_errno: BTreeMap<i32, u64> = BTreeMap::new();
-    let mut first_err = None;
+    let mut results: Vec<LaneResult> = Vec::new();
     let mut cores = Vec::new();
-    for (i, t) in threads.into_iter().enumerate() {
+    let mut allocs = 0;
+    let mut first_err = None;
+    for t in threads {
         while !t.is_finished() {
-            events.drain();
+            for s in sessions.iter_mut() {
+                s.events.drain();
+            }
             if let Some(Err(e)) = main_log.as_mut().map(|l| l.drain()) {
                 log_err.get_or_insert(e);
             }
@@ -1073,25 +1070,10 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
         }
         match t.join() {
             Ok(Ok(r)) => {
-                cores.push(r.core);
-                let _ = hist.add(&r.read.hist);
-                let _ = hist.add(&r.write.hist);
-                jobs.push(Job {
-                    cpu: o.cores[i],
-                    read: r.read,
-                    write: r.write,
-                    errors: r.errors,
-                    first_errno: r.first_errno,
-                });
-                ios += r.ios;
-                errors += r.errors;
-                bytes += r.bytes;
                 allocs += r.allocs;
-                verify_failures += r.verify_failures;
-                duplicates += r.duplicates;
-                stalled_ns = stalled_ns.max(r.stalled_ns);
-                for (e, n) in r.by_errno {
-                    *by_errno.entry(e).or_default() += n;
+                for (c, l) in r.lanes {
+                    cores.push(c);
+                    results.push(l);
                 }
             }
             Ok(Err(e)) => {
@@ -1102,83 +1084,136 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
             }
         }
     }
-    events.drain();
+    for s in sessions.iter_mut() {
+        s.events.drain();
+    }
     if o.progress {
         // The whole seconds the cores finished after the last look.
-        print_seconds(&mut lines, &progress, o.bs, &clt);
+        print_seconds(&mut lines, &progress, o.bs, &sessions);
     }
-    let st = clt.stats();
-    let paths = clt
-        .paths()
+    let churn = match churn {
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            first_err.get_or_insert(e);
+            None
+        }
+        None => None,
+    };
+    let census_end = Census::take();
+    // Per session and per IO thread.
+    let mut hist = histogram();
+    let mut jobs: Vec<Job> = o
+        .cores
         .iter()
-        .map(|p| {
-            let s = p.stats();
-            PathSummary {
-                addr: s.addr,
-                state: s.state.unwrap_or(PathState::Closed).name().to_string(),
-                ios: s.ios,
-                failovers: s.failovers,
-                downs: s.downs,
-                reconnects: s.reconnects,
-                failed_reconnects: s.failed_reconnects,
-                hb_rtt_ns: s.hb_rtt.as_nanos() as u64,
-                hb_missed_peak: s.hb_missed_peak,
-                last_reason: s.last_reason.map(|r| r.to_string()),
-            }
+        .map(|&cpu| Job {
+            cpu,
+            read: DirResult::new(),
+            write: DirResult::new(),
+            errors: 0,
+            first_errno: None,
         })
         .collect();
-    let always_invalidate = clt.always_invalidate();
-    // The session closes first (its paths torn down in order), then its
-    // cores go: a core dropped under a live session is a path failure.
-    drop(rnbd);
-    events
-        .lines
-        .push(format!("event {} run over: closing the session", wall()));
-    // The socket first: nothing steers the session while it closes.
-    drop(ctl);
-    match Arc::try_unwrap(clt) {
-        Ok(c) => c.close(),
-        Err(c) => drop(c),
+    let mut per_session: Vec<SessionSummary> = sessions
+        .iter()
+        .map(|s| SessionSummary {
+            name: s.name.clone(),
+            open_ms: s.open_ms,
+            rnbd_open_ms: s.rnbd_open_ms,
+            memory_bytes: s.clt.memory_bytes(),
+            io: IoFigures::default(),
+            paths: s.clt.paths().iter().map(|p| path_summary(p)).collect(),
+        })
+        .collect();
+    let mut io = IoFigures::default();
+    let mut bytes = 0;
+    for l in results {
+        let _ = hist.add(&l.read.hist);
+        let _ = hist.add(&l.write.hist);
+        let j = &mut jobs[l.thread];
+        let _ = j.read.hist.add(&l.read.hist);
+        let _ = j.write.hist.add(&l.write.hist);
+        j.read.ios += l.read.ios;
+        j.read.bytes += l.read.bytes;
+        j.write.ios += l.write.ios;
+        j.write.bytes += l.write.bytes;
+        j.errors += l.errors;
+        if j.first_errno.is_none() {
+            j.first_errno = l.first_errno;
+        }
+        if let Some(e) = &l.err {
+            if l.ios == 0 {
+                first_err.get_or_insert(e.clone());
+            } else {
+                eprintln!(
+                    "session {} core {} stopped submitting: {e}",
+                    sessions[l.session].name, l.thread
+                );
+            }
+        }
+        per_session[l.session].io.add_lane(&l);
+        io.add_lane(&l);
+        bytes += l.bytes;
     }
-    drop(cores);
+    if let Some(c) = &churn {
+        // The churn's IO is verified IO of the run: its failures fail it.
+        io.errors += c.errors;
+        io.verify_failures += c.verify_failures;
+        io.duplicates += c.duplicates;
+        for (e, k) in &c.errors_by_errno {
+            *io.errors_by_errno.entry(*e).or_default() += k;
+        }
+    }
+    for (s, v) in sessions.iter().zip(per_session.iter_mut()) {
+        let st = s.clt.stats();
+        v.io.add_paths(&st);
+        io.add_paths(&st);
+    }
+    let paths: Vec<PathSummary> = per_session.iter().flat_map(|s| s.paths.clone()).collect();
+    let always_invalidate = sessions.first().is_some_and(|s| s.clt.always_invalidate());
+    let mut events_out = Vec::new();
+    for s in sessions.iter_mut() {
+        events_out.append(&mut s.events.lines);
+    }
+    events_out.push(format!("event {} run over: closing the session", wall()));
+    let dev_size = sessions.first().and_then(|s| s.dev.get().map(|d| d.size()));
+    close_all(sessions, cores);
+    let census_closed = Census::take();
     if let Some(l) = main_log {
         if let Err(e) = l.finish() {
             log_err.get_or_insert(e);
         }
     }
-    if ios == 0 {
+    if io.ios == 0 {
         return Err(first_err.unwrap_or_else(|| "no IO completed".into()));
     }
     if let Some(e) = log_err {
         return Err(e);
     }
+    let ios = io.ios;
     Ok(Summary {
         iops: ios as f64 / seconds,
         bw_bytes: bytes as f64 / seconds,
-        ios,
-        errors,
-        errors_by_errno: by_errno,
-        verify_failures,
-        duplicates,
-        failovers: st.failovers,
-        path_downs: st.downs,
-        reconnects: st.reconnects,
-        events: events.lines,
-        stalled_secs: stalled_ns as f64 / 1e9,
+        io,
+        events: events_out,
         paths,
         lat_ns: LatNs::from_hist(&hist),
         config: ClientOpts {
             // The size the offsets covered.
-            size: Some(
-                o.size
-                    .or(dev.get().map(|d| d.size()))
-                    .unwrap_or(DEFAULT_SIZE),
-            ),
+            size: Some(o.size.or(dev_size).unwrap_or(DEFAULT_SIZE)),
             ..o.clone()
         },
         seconds,
         always_invalidate,
         allocs_per_io: crate::COUNTING.then(|| allocs as f64 / ios as f64),
+        setup_ms,
+        sessions: per_session,
+        churn,
+        census: CensusPoints {
+            start: census_start,
+            up: census_up,
+            end: census_end,
+            closed: census_closed,
+        },
         jobs,
         started: Some(started),
     })
@@ -1210,7 +1245,7 @@ impl Summary {
             self.iops,
             self.iops / 1e6,
             self.bw_bytes / (1 << 20) as f64,
-            self.ios,
+            self.io.ios,
             self.seconds,
             self.config.bs,
             self.config.iodepth,
@@ -1251,14 +1286,14 @@ impl Summary {
         }
         outln!(
             "  errors={} {:?} (verify mismatches {}, completed twice {}); failovers={} path downs={} reconnects={} stalled={:.2}s",
-            self.errors,
-            self.errors_by_errno,
-            self.verify_failures,
-            self.duplicates,
-            self.failovers,
-            self.path_downs,
-            self.reconnects,
-            self.stalled_secs
+            self.io.errors,
+            self.io.errors_by_errno,
+            self.io.verify_failures,
+            self.io.duplicates,
+            self.io.failovers,
+            self.io.path_downs,
+            self.io.reconnects,
+            self.io.stalled_secs
         );
         if let Some(a) = self.allocs_per_io {
             outln!("  heap allocations per IO on the client cores: {a:.4}");
@@ -1269,22 +1304,6 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn verify_catches_corruption_and_misdirected_blocks() {
-        let mut b = vec![0u8; 4096];
-        assert!(check_block(&b, 8192), "a block never written passes");
-        fill_block(&mut b, 8192, 7);
-        assert!(check_block(&b, 8192));
-        assert!(!check_block(&b, 4096), "the block of another offset");
-        let mut flipped = b.clone();
-        flipped[1000] ^= 1;
-        assert!(!check_block(&flipped, 8192), "a flipped bit");
-        let mut torn = b.clone();
-        torn[2048..].fill(0);
-        assert!(!check_block(&torn, 8192), "a torn block");
-    }
-
     #[test]
     fn sizes_and_switches_parse() {
         assert_eq!(parse_size("4k"), Ok(4096));

@@ -41,9 +41,9 @@ pub fn json(s: &Summary) -> Result<Value, String> {
     m.insert(
         "err".into(),
         json!({
-            "count": s.errors,
+            "count": s.io.errors,
             "first_errno": first_errno(s),
-            "verify_mismatches": s.verify_failures,
+            "verify_mismatches": s.io.verify_failures,
         }),
     );
     let c = &s.config;

@@ -7,6 +7,8 @@
 //!  rtrs-perf client --connect ADDR[,ADDR] --rw R --bs B --iodepth N --cores LIST --runtime S
 //!                   [--numjobs N] [--ramp-time S] [--number-ios N] [--rwmixread N] [--sessname NAME]
 //!                   [--mp-policy P] [--verify] [--json] [--hist FILE] [--ctl SOCKET]
+//!                   [--connections N] [--sessions N] [--churn-sessions N] [--ready FILE]
+//!                   [--reconnect-delay S] [--reconnect-backoff S]
 //!  rtrs-perf plot LOG... [--out FILE.svg] [--tag read|write]   percentiles of --hist logs
 //!  rtrs-perf fabric-lat --fabric shm|tcp --size B --iters N [--json]   fabric round trips
 //!  rtrs-perf fabric-bw  --fabric shm|tcp --size B --iters N [--json]   fabric streaming
@@ -27,6 +29,7 @@ macro_rules! outln {
     }};
 }
 
+mod churn;
 mod cores;
 mod engine_bench;
 mod fabric_bench;
@@ -35,6 +38,7 @@ mod floor;
 mod histlog;
 mod hostile;
 mod ibdev;
+mod lane;
 mod plot;
 mod progress;
 mod report;
@@ -176,8 +180,32 @@ struct ClientArgs {
     /// Offer the session's control socket at PATH for the run (`rtrs ctl
     /// --socket PATH list paths | stats | add-path | remove-path |
     /// disconnect | reconnect | mp-policy`; mode 0600, removed at exit).
+    /// With --sessions N > 1, session i's is PATH.i.
     #[arg(long)]
     ctl: Option<std::path::PathBuf>,
+    /// Connections per path, cid 0 included (the kernel's client makes
+    /// nr_cpus + 1): at least one per core and cid 0, at most 4096; with
+    /// more than the cores, each core sends on its connections in turn.
+    /// Default: one per core, and cid 0.
+    #[arg(long)]
+    connections: Option<u32>,
+    /// Sessions of the same paths in this process (1 to 1024), named
+    /// SESSNAME-0 .. SESSNAME-(N-1) when more than one: core k of every
+    /// session is polled by the one thread of --cores[k], in turn (N
+    /// sessions on 2 cores are 2 busy threads); each session's IO stays in
+    /// its own slice of the device; the JSON has each session's figures.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    sessions: u32,
+    /// Beside them, open and close this many sessions one after another
+    /// (SESSNAME-churnJ, one core, on a thread of their own beside the IO
+    /// threads), each with at least 64 verified IOs in a slice of its own;
+    /// the run lasts until they are done (at least --runtime).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    churn_sessions: u32,
+    /// Write this file once every session (and its RNBD device) is open,
+    /// before IO is measured: what a script waits for.
+    #[arg(long)]
+    ready: Option<std::path::PathBuf>,
     #[command(flatten)]
     io: IoArgs,
 }
@@ -239,7 +267,10 @@ struct IoArgs {
     #[arg(long)]
     hist: Option<std::path::PathBuf>,
     /// Speak RNBD to this device of an RNBD server (`rtrs serve`, or the
-    /// kernel's rnbd-server): sess_info, open, then IO on it.
+    /// kernel's rnbd-server): sess_info, open, then IO on it. With
+    /// --sessions or --churn-sessions each session opens its own (one
+    /// writer a device): `{}` in the name is the session's index (`churn`
+    /// for the churn's), e.g. 'd{}'.
     #[arg(long)]
     rnbd_device: Option<String>,
     /// Write a checked pattern and check every block read back (as fio's
@@ -251,6 +282,11 @@ struct IoArgs {
     /// Seconds before a failed path's reconnect attempt (RNBD's: 30).
     #[arg(long, default_value_t = 30.0)]
     reconnect_delay: f64,
+    /// Seconds each reconnect attempt sleeps before it connects, after the
+    /// delay (the kernel's RTRS_RECONNECT_BACKOFF: 1; also after `rtrs ctl
+    /// reconnect`, which skips the delay).
+    #[arg(long, default_value_t = 1.0)]
+    reconnect_backoff: f64,
     /// Reconnect attempts before a path closes for good; -1: forever.
     #[arg(long, default_value_t = -1, value_parser = clap::value_parser!(i32).range(-1..=9999))]
     max_reconnect_attempts: i32,
@@ -546,6 +582,12 @@ fn io_opts(
             a.reconnect_delay
         ));
     }
+    if !(a.reconnect_backoff >= 0.0 && a.reconnect_backoff.is_finite()) {
+        return Err(format!(
+            "--reconnect-backoff {} must be a number of seconds >= 0",
+            a.reconnect_backoff
+        ));
+    }
     if let Some(size) = a.size.filter(|&s| s < a.bs) {
         return Err(format!("--size {size} is smaller than --bs {}", a.bs));
     }
@@ -598,13 +640,33 @@ fn io_opts(
         reconnect: rtrs_poll::clt::ReconnectPolicy {
             delay: std::time::Duration::from_secs_f64(a.reconnect_delay),
             max_attempts: a.max_reconnect_attempts,
-            ..Default::default()
+            backoff: std::time::Duration::from_secs_f64(a.reconnect_backoff),
         },
         rwmixread: a.rwmixread,
         ramp_time,
         sessname: a.sessname.clone(),
         hist: a.hist.clone(),
+        connections: None,
+        sessions: 1,
+        churn_sessions: 0,
+        ready: None,
     })
+}
+
+/// `--connections N` for `cores` IO cores: cid 0 and at least one IO
+/// connection per core, at most the protocol's 4096.
+fn connections(n: Option<u32>, cores: usize) -> Result<Option<u16>, String> {
+    let Some(n) = n else { return Ok(None) };
+    let max = u32::from(rtrs_poll::proto::MAX_CID_NUM);
+    let min = cores as u32 + 1;
+    if n < min || n > max {
+        return Err(format!(
+            "--connections {n}: a path has cid 0 and at least one IO connection per core: \
+             {min} to {max} with {cores} core{}",
+            if cores == 1 { "" } else { "s" }
+        ));
+    }
+    Ok(Some(n as u16))
 }
 
 fn report(s: &engine_bench::Summary, json: bool) -> Result<(), String> {
@@ -613,13 +675,13 @@ fn report(s: &engine_bench::Summary, json: bool) -> Result<(), String> {
     } else {
         s.print();
     }
-    if s.errors > 0 {
+    if s.io.errors > 0 {
         // fio's rule: a run with failed IO or a verify mismatch fails.
         return Err(format!(
             "{} IOs failed, first errno {} ({:?} by errno; 0 = verify mismatch or a second completion)",
-            s.errors,
+            s.io.errors,
             fio::first_errno(s),
-            s.errors_by_errno
+            s.io.errors_by_errno
         ));
     }
     Ok(())
@@ -628,6 +690,10 @@ fn report(s: &engine_bench::Summary, json: bool) -> Result<(), String> {
 fn run_client(a: ClientArgs) -> Result<(), String> {
     let mut o = io_opts(a.connect.clone(), &a.io, !a.io.json)?;
     o.ctl = a.ctl.clone();
+    o.connections = connections(a.connections, o.cores.len())?;
+    o.sessions = a.sessions;
+    o.churn_sessions = a.churn_sessions;
+    o.ready = a.ready.clone();
     let s = with_engine_fabric(&a.connect[0], a.io.auth_key.as_deref(), |f| match f {
         AnyFabric::Shm(f) => engine_bench::run_client(&f, &o),
         AnyFabric::Tcp(f) => engine_bench::run_client(&f, &o),

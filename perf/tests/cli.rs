@@ -188,6 +188,40 @@ fn bad_arguments_get_a_clear_message_and_a_non_zero_exit() {
         vec!["client", "--connect", "shm:x", "--ramp-time=-1"],
         vec!["client", "--connect", "shm:x", "--sessname", ""],
         vec!["client", "--connect", "shm:x", "--poll-sched", "fifo"],
+        // Connections per path: cid 0 and one per core at least, 4096 at most.
+        vec!["client", "--connect", "shm:x", "--connections", "1"],
+        vec![
+            "client",
+            "--connect",
+            "shm:x",
+            "--cores",
+            "0,1",
+            "--connections",
+            "2",
+        ],
+        vec!["client", "--connect", "shm:x", "--connections", "4097"],
+        vec!["client", "--connect", "shm:x", "--sessions", "0"],
+        vec!["client", "--connect", "shm:x", "--reconnect-backoff", "-1"],
+        // Several sessions cannot share one RNBD device (one writer each).
+        vec![
+            "client",
+            "--connect",
+            "shm:x",
+            "--rnbd-device",
+            "d0",
+            "--sessions",
+            "2",
+        ],
+        // More sessions than blocks to give each a slice.
+        vec![
+            "client",
+            "--connect",
+            "shm:x",
+            "--size",
+            "8k",
+            "--sessions",
+            "3",
+        ],
         vec![
             "client",
             "--connect",
@@ -278,6 +312,95 @@ fn failed_io_fails_the_run_with_err_in_the_json() {
         line.starts_with("rtrs-perf: ") && line.contains("IOs failed, first errno 5"),
         "{err}"
     );
+}
+
+#[test]
+fn connection_errors_name_the_limits() {
+    let _one = one_at_a_time();
+    let out = perf()
+        .args(["client", "--connect", "shm:x", "--cores", "0,1"])
+        .args(["--connections", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--connections 2") && err.contains("3 to 4096 with 2 cores"),
+        "{err}"
+    );
+    let out = perf()
+        .args(["client", "--connect", "shm:x", "--rnbd-device", "d0"])
+        .args(["--churn-sessions", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("name them with {}"), "{err}");
+}
+
+#[test]
+fn sessions_share_the_core_threads_and_churn_beside_them() {
+    let _one = one_at_a_time();
+    let name = format!("shm:perf-sessions-{}", std::process::id());
+    let _srv = server(&name, "ram:16M");
+    let ready = std::env::temp_dir().join(format!("rtrs-perf-ready-{}", std::process::id()));
+    let _ = std::fs::remove_file(&ready);
+    let out = client(
+        &name,
+        &[
+            "--rw",
+            "randrw",
+            "--verify",
+            "--size",
+            "16M",
+            "--iodepth",
+            "4",
+            "--runtime",
+            "0.5",
+            "--sessions",
+            "3",
+            "--connections",
+            "4",
+            "--churn-sessions",
+            "3",
+            "--ready",
+            ready.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Written once every session was open: the setup's ms.
+    let setup: f64 = std::fs::read_to_string(&ready)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    std::fs::remove_file(&ready).unwrap();
+    assert!(setup > 0.0);
+    let v = json(&out.stdout);
+    let sessions = v["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 3);
+    for (i, s) in sessions.iter().enumerate() {
+        assert_eq!(s["name"], format!("rtrs-perf-{i}"));
+        assert!(s["ios"].as_u64().unwrap() > 0, "{s}");
+        assert_eq!(s["submitted"], s["completed"], "{s}");
+        assert!(s["open_ms"].as_f64().unwrap() > 0.0);
+        assert!(s["memory_bytes"].as_u64().unwrap() > 0);
+    }
+    // One IO thread (--cores 0) polled all three: one job.
+    assert_eq!(v["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(v["config"]["connections"], 4);
+    let churn = &v["churn"];
+    assert_eq!(churn["done"], 3, "{churn}");
+    assert_eq!(churn["failed"], 0);
+    assert!(churn["ios"].as_u64().unwrap() >= 3 * 64, "{churn}");
+    assert_eq!(v["errors"], 0);
+    assert_eq!(v["verify_failures"], 0);
+    // The census at the run's points: descriptors back after the close.
+    let c = &v["census"];
+    assert!(c["up"]["fds"].as_u64().unwrap() > c["start"]["fds"].as_u64().unwrap());
+    assert_eq!(c["closed"]["fds"], c["start"]["fds"], "{c}");
 }
 
 #[test]

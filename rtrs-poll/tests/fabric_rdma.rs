@@ -46,6 +46,24 @@ impl common::conformance::Backend for Rdma {
 conformance_tests!(Rdma);
 engine_tests!(Rdma);
 
+/// The census (`fabric::live`): every verbs object counted while it lives.
+/// Process-wide counts: this binary runs with --test-threads=1 in the VM
+/// (scripts/vm-rdma-tests.sh), so no other test's objects show.
+mod census {
+    use super::Rdma;
+    use crate::common::census_suite as s;
+
+    #[test]
+    fn census_objects_are_counted_while_they_live() {
+        s::objects_are_counted_while_they_live::<Rdma>();
+    }
+
+    #[test]
+    fn census_a_session_and_its_server_leave_nothing() {
+        s::a_session_and_its_server_leave_nothing::<Rdma>();
+    }
+}
+
 /// What this backend does beyond the suite (see `rtrs_poll::fabric::rdma`):
 /// a LOCAL_INV after a re-key, and a peer's SEND_WITH_INV of a key that is
 /// not a type-2 window (an ordinary MR's), which the device refuses.

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::soft::Tcp;
 use common::{mem, pattern, MemExt};
 use rtrs_poll::fabric::soft::tcp::{TcpConfig, TcpFabric};
 use rtrs_poll::fabric::{
@@ -13,18 +14,6 @@ use std::time::{Duration, Instant};
 
 fn addr() -> Address {
     common::tcp_addr()
-}
-
-struct Tcp;
-
-impl common::conformance::Backend for Tcp {
-    type F = TcpFabric;
-    fn fabric() -> TcpFabric {
-        TcpFabric::new()
-    }
-    fn addr() -> Address {
-        addr()
-    }
 }
 
 conformance_tests!(Tcp);

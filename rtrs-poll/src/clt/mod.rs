@@ -737,6 +737,13 @@ impl<F: Fabric> Client<F> {
         self.geo_new_rkey
     }
 
+    /// Bytes of the session's registered memory: a data buffer and a
+    /// header slot per permit (what the session costs the client, beside
+    /// its connections).
+    pub fn memory_bytes(&self) -> usize {
+        self.sess.mem.len()
+    }
+
     /// Permits in use.
     pub fn permits_in_use(&self) -> u32 {
         self.sess.slots.in_use()

@@ -16,7 +16,8 @@
 //! [`soft::tcp`] (hosts over TCP, busy-polled sockets) and, with the `rdma`
 //! feature, real verbs. [`fault::FaultFabric`] wraps any of them to inject
 //! faults (black holes, delays, failed completions, killed QPs, lost CM events)
-//! for tests.
+//! for tests. [`live`] counts the objects a backend holds, process-wide (a
+//! census: nothing left behind after a churn of connections).
 //!
 //! The address picks the backend; code above it is written once, generic
 //! over [`Fabric`]:
@@ -50,6 +51,7 @@
 
 pub mod addr;
 pub mod fault;
+pub mod live;
 pub mod memory;
 #[cfg(feature = "rdma")]
 pub mod rdma;

@@ -3,12 +3,14 @@
 #![allow(dead_code)]
 
 pub mod admission_suite;
+pub mod census_suite;
 pub mod conformance;
 pub mod engine;
 pub mod engine_suite;
 pub mod fault_suite;
 pub mod multipath_suite;
 pub mod sim;
+pub mod soft;
 
 use rtrs_poll::fabric::{Address, Memory};
 use std::sync::atomic::{AtomicU32, Ordering};

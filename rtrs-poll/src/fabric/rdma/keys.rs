@@ -35,7 +35,7 @@
 //! request or a peer's SEND_WITH_INV find the keys to drop; a window's index
 //! never changes, so the registry is written when an MR is made, not per IO.
 
-use super::{lock, FabricError, PdInner, Result};
+use super::{counted, lock, FabricError, PdInner, Result};
 use rdma_sys as ib;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -60,8 +60,8 @@ impl Drop for Binder {
     fn drop(&mut self) {
         // SAFETY: both are ours; the QP goes first (it uses the CQ).
         unsafe {
-            ib::ibv_destroy_qp(self.qp);
-            ib::ibv_destroy_cq(self.cq);
+            counted::destroy_qp(self.qp);
+            counted::destroy_cq(self.cq);
         }
     }
 }
@@ -73,8 +73,7 @@ fn verbs_err(what: &'static str, rc: i32) -> FabricError {
 impl Binder {
     fn new(ctx: *mut ib::ibv_context, pd: *mut ib::ibv_pd) -> Result<Binder> {
         // SAFETY: ctx is the open device; no channel, no context pointer.
-        let cq =
-            unsafe { ib::ibv_create_cq(ctx, 4, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+        let cq = unsafe { counted::create_cq(ctx, 4) };
         if cq.is_null() {
             return Err(FabricError::last_os("ibv_create_cq (binder)"));
         }
@@ -88,11 +87,11 @@ impl Binder {
         init.cap.max_recv_sge = 1;
         init.qp_type = ib::ibv_qp_type::IBV_QPT_RC;
         // SAFETY: pd and cq are live; init is initialised.
-        let qp = unsafe { ib::ibv_create_qp(pd, &mut init) };
+        let qp = unsafe { counted::create_qp(pd, &mut init) };
         if qp.is_null() {
             let e = FabricError::last_os("ibv_create_qp (binder)");
             // SAFETY: cq is ours and unused.
-            unsafe { ib::ibv_destroy_cq(cq) };
+            unsafe { counted::destroy_cq(cq) };
             return Err(e);
         }
         let b = Binder { qp, cq };
@@ -378,7 +377,7 @@ fn has_windows(pd: *mut ib::ibv_pd, type2: bool) -> bool {
     match unsafe { alloc_window(pd, type2) } {
         Some(mw) => {
             // SAFETY: mw was just allocated and is unbound.
-            unsafe { ib::ibv_dealloc_mw(mw) };
+            unsafe { counted::dealloc_mw(mw) };
             true
         }
         None => false,
@@ -399,7 +398,7 @@ unsafe fn alloc_window(pd: *mut ib::ibv_pd, type2: bool) -> Option<*mut ib::ibv_
         ib::ibv_mw_type::IBV_MW_TYPE_1
     };
     // SAFETY: as above.
-    unsafe { ib::ibv_alloc_mw(pd, kind) }.filter(|mw| !mw.is_null())
+    Some(unsafe { counted::alloc_mw(pd, kind) }).filter(|mw| !mw.is_null())
 }
 
 /// Access flags for the local registration of an MR (no remote rights: a
@@ -499,7 +498,7 @@ impl Keys {
             .is_err()
         {
             // SAFETY: ours, never published.
-            unsafe { ib::ibv_dereg_mr(mr) };
+            unsafe { counted::dereg_mr(mr) };
         }
         Ok(())
     }
@@ -527,7 +526,7 @@ impl Keys {
                             // the window's key behind ours: start a new one.
                             tracing::warn!("{e}; binding a new memory window");
                             // SAFETY: the window is ours; nothing else uses it.
-                            unsafe { ib::ibv_dealloc_mw(w.mw) };
+                            unsafe { counted::dealloc_mw(w.mw) };
                             w.mw = std::ptr::null_mut();
                             self.bind_new(w)?
                         }
@@ -592,7 +591,7 @@ impl Keys {
         self.rkey.store(0, Ordering::Release);
         if !w.mw.is_null() {
             // SAFETY: the window is ours; nothing else references it.
-            unsafe { ib::ibv_dealloc_mw(w.mw) };
+            unsafe { counted::dealloc_mw(w.mw) };
             w.mw = std::ptr::null_mut();
         }
         // SAFETY: the PD is live.
@@ -683,7 +682,7 @@ impl Keys {
                     // Unbinding failed: free the window, which surely kills its key.
                     tracing::warn!("{e}; freeing the memory window instead");
                     // SAFETY: the window is ours; nothing else references it.
-                    unsafe { ib::ibv_dealloc_mw(w.mw) };
+                    unsafe { counted::dealloc_mw(w.mw) };
                     w.mw = std::ptr::null_mut();
                 }
             }
@@ -717,7 +716,7 @@ impl Keys {
             Remote::Window(w) => {
                 if !w.mw.is_null() {
                     // SAFETY: the window is ours; nothing else references it.
-                    unsafe { ib::ibv_dealloc_mw(w.mw) };
+                    unsafe { counted::dealloc_mw(w.mw) };
                     w.mw = std::ptr::null_mut();
                 }
             }
@@ -734,7 +733,7 @@ impl Keys {
     fn drop_registration(&self, mr: &mut *mut ib::ibv_mr) {
         if !mr.is_null() {
             // SAFETY: *mr is our registration; after this its rkey is dead.
-            unsafe { ib::ibv_dereg_mr(*mr) };
+            unsafe { counted::dereg_mr(*mr) };
             *mr = std::ptr::null_mut();
         }
     }

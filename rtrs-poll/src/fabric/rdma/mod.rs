@@ -27,6 +27,7 @@
 //!   with its length (see [`encode_pdata`]).
 
 mod cm;
+mod counted;
 mod keys;
 
 pub use cm::RdmaCm;
@@ -167,7 +168,7 @@ impl Drop for PdInner {
     fn drop(&mut self) {
         self.binders.clear();
         // SAFETY: every MR, QP and CQ holds an Arc to us, so none is left.
-        unsafe { ib::ibv_dealloc_pd(self.pd) };
+        unsafe { counted::dealloc_pd(self.pd) };
     }
 }
 
@@ -181,7 +182,7 @@ impl RdmaPd {
     /// A PD on device `ctx` (an open context librdmacm keeps).
     fn on(ctx: *mut ib::ibv_context) -> Result<RdmaPd> {
         // SAFETY: ctx is an open device context, never closed.
-        let pd = unsafe { ib::ibv_alloc_pd(ctx) };
+        let pd = unsafe { counted::alloc_pd(ctx) };
         if pd.is_null() {
             return Err(FabricError::last_os("ibv_alloc_pd"));
         }
@@ -222,7 +223,7 @@ impl PdInner {
     /// The range must stay mapped until the registration is dropped.
     unsafe fn register(&self, addr: *mut u8, len: usize, access: i32) -> Result<*mut ib::ibv_mr> {
         // SAFETY: the range is mapped (the caller's contract); the PD is live.
-        let mr = unsafe { ib::ibv_reg_mr(self.pd, addr.cast::<c_void>(), len, access) };
+        let mr = unsafe { counted::reg_mr(self.pd, addr.cast::<c_void>(), len, access) };
         if mr.is_null() {
             return Err(FabricError::last_os("ibv_reg_mr"));
         }
@@ -267,7 +268,7 @@ impl Pd<RdmaFabric> for RdmaPd {
                 Ok(k) => Some(k),
                 Err(e) => {
                     // SAFETY: `local` was registered above and is not used elsewhere.
-                    unsafe { ib::ibv_dereg_mr(local) };
+                    unsafe { counted::dereg_mr(local) };
                     return Err(e);
                 }
             }
@@ -280,20 +281,13 @@ impl Pd<RdmaFabric> for RdmaPd {
             len,
             local,
             keys,
+            _pd: pd.clone(),
         })
     }
 
     fn create_cq(&self, depth: u32) -> Result<RdmaCq> {
         // SAFETY: the PD's device is open; no completion channel, no context.
-        let cq = unsafe {
-            ib::ibv_create_cq(
-                self.inner.ctx,
-                depth.max(1) as i32,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                0,
-            )
-        };
+        let cq = unsafe { counted::create_cq(self.inner.ctx, depth.max(1) as i32) };
         if cq.is_null() {
             return Err(FabricError::last_os("ibv_create_cq"));
         }
@@ -323,7 +317,7 @@ impl Pd<RdmaFabric> for RdmaPd {
         attr.qp_type = ib::ibv_qp_type::IBV_QPT_RC;
         attr.sq_sig_all = 0;
         // SAFETY: the PD and both CQs are live; attr is initialised.
-        let qp = unsafe { ib::ibv_create_qp(self.inner.pd, &mut attr) };
+        let qp = unsafe { counted::create_qp(self.inner.pd, &mut attr) };
         if qp.is_null() {
             return Err(FabricError::last_os("ibv_create_qp"));
         }
@@ -350,7 +344,7 @@ impl Pd<RdmaFabric> for RdmaPd {
         let rc = unsafe { ib::ibv_modify_qp(qp, &mut a, mask.0 as i32) };
         if rc != 0 {
             // SAFETY: qp is ours and unused.
-            unsafe { ib::ibv_destroy_qp(qp) };
+            unsafe { counted::destroy_qp(qp) };
             return Err(FabricError::io(
                 "ibv_modify_qp to INIT",
                 std::io::Error::from_raw_os_error(rc.abs()),
@@ -388,6 +382,10 @@ pub struct RdmaMr {
     len: usize,
     local: *mut ib::ibv_mr,
     keys: Option<Arc<Keys>>,
+    /// The PD outlives its registrations (an MR without remote access has
+    /// no keys to hold it): its dealloc fails (EBUSY, the PD leaked) while
+    /// one is left. Dropped after `local` is deregistered.
+    _pd: Arc<PdInner>,
 }
 
 // SAFETY: `local` is an ibv_mr only deregistered on drop; the rest is Sync.
@@ -422,7 +420,7 @@ impl Drop for RdmaMr {
             k.release();
         }
         // SAFETY: `local` is our registration, used by nobody after this.
-        unsafe { ib::ibv_dereg_mr(self.local) };
+        unsafe { counted::dereg_mr(self.local) };
     }
 }
 
@@ -490,7 +488,7 @@ impl CqInner {
 impl Drop for CqInner {
     fn drop(&mut self) {
         // SAFETY: every QP using the CQ holds an Arc to us, so none is left.
-        unsafe { ib::ibv_destroy_cq(self.cq) };
+        unsafe { counted::destroy_cq(self.cq) };
     }
 }
 
@@ -624,7 +622,7 @@ unsafe impl Sync for QpInner {}
 impl Drop for QpInner {
     fn drop(&mut self) {
         // SAFETY: the last owner is gone (the Qp and the CM's connection).
-        unsafe { ib::ibv_destroy_qp(self.qp) };
+        unsafe { counted::destroy_qp(self.qp) };
     }
 }
 

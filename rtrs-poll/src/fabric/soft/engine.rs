@@ -8,6 +8,7 @@ use super::super::{
 };
 use super::mr::MrTable;
 use super::op;
+use crate::fabric::live::{Kind, Live};
 use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -496,6 +497,7 @@ pub struct SoftCq<Q> {
     pending: std::sync::Arc<Handoff<CqEntry<Q>>>,
     qps: Vec<CqEntry<Q>>,
     next: usize,
+    _live: Live,
 }
 
 impl<Q: PolledQp> SoftCq<Q> {
@@ -507,6 +509,7 @@ impl<Q: PolledQp> SoftCq<Q> {
             // slow path's side only.
             qps: Vec::with_capacity(4),
             next: 0,
+            _live: Live::new(Kind::Cq),
         }
     }
 

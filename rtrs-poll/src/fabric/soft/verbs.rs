@@ -16,6 +16,7 @@
 
 use super::engine::{CoreCell, PolledQp, SharedState, SoftCq};
 use super::mr::MrTable;
+use crate::fabric::live::{Kind, Live};
 use crate::fabric::{
     Access, Cq, Fabric, FabricError, Memory, Mr, Pd, Qp, QpCap, QpState, RecvWr, Result, SendWr, Wc,
 };
@@ -156,6 +157,7 @@ impl<B> SoftPd<B> {
 pub struct SoftMr<B: SoftBackend> {
     pd: Arc<B>,
     index: u32,
+    _live: Live,
 }
 
 impl<B: SoftBackend> std::fmt::Debug for SoftMr<B> {
@@ -219,6 +221,7 @@ impl<B: SoftBackend> Pd<B::Fabric> for SoftPd<B> {
         Ok(SoftMr {
             pd: self.inner.clone(),
             index,
+            _live: Live::new(Kind::Mr),
         })
     }
 
@@ -246,6 +249,7 @@ impl<B: SoftBackend> Pd<B::Fabric> for SoftPd<B> {
             attach: Mutex::new(None),
             attach_ready: AtomicBool::new(false),
             engine: CoreCell::new(engine),
+            _live: Live::new(Kind::Qp),
         });
         let same = send_cq.id() == recv_cq.id();
         send_cq.attach(&shared, true, same);
@@ -277,6 +281,9 @@ pub struct SoftQpShared<B: SoftBackend> {
     pub(crate) attach: Mutex<Option<B::Link>>,
     pub(crate) attach_ready: AtomicBool,
     pub(crate) engine: CoreCell<B::Engine>,
+    /// Counted while any part of the QP (its handle, a CQ's or the CM's
+    /// hold) lives.
+    pub(crate) _live: Live,
 }
 
 impl<B: SoftBackend> std::fmt::Debug for SoftQpShared<B> {

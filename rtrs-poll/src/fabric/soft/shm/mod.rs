@@ -24,6 +24,7 @@ use super::engine::{Post, QpCore, SoftCq, ToWire};
 use super::mr::MrTable;
 use super::verbs::{Ids, SoftBackend, SoftEngine, SoftMr, SoftPd, SoftQp, SoftQpShared};
 use super::{sg_copy, Mapping, StackList};
+use crate::fabric::live::{Kind, Live};
 use crate::fabric::{
     Access, Fabric, FabricError, Memory, QpCap, QpState, RecvWr, Result, SendWr, Wc, WcOpcode,
     WcStatus,
@@ -104,6 +105,7 @@ impl Fabric for ShmFabric {
     fn alloc_pd_sized(&self, max_mrs: u32) -> Result<ShmPd> {
         let cfg = self.inner.cfg;
         Ok(SoftPd::new(PdInner {
+            _live: Live::new(Kind::Pd),
             fabric: self.inner.clone(),
             mrs: MrTable::new(max_mrs),
             regions: RegionTable::new(cfg.max_regions)?,
@@ -155,6 +157,8 @@ struct Held {
     id: u32,
     /// MRs registered over it.
     mrs: u32,
+    /// Counted while the entry is held.
+    _live: Live,
 }
 
 #[derive(Default)]
@@ -251,6 +255,7 @@ impl RegionTable {
             mem: mem.clone(),
             id,
             mrs: 1,
+            _live: Live::new(Kind::Region),
         });
         r.by_key.insert(key, i);
         Ok(id)
@@ -370,6 +375,8 @@ impl PeerMem {
 /// The shm fabric's PD internals (the backend of the generic objects).
 #[derive(Debug)]
 pub struct PdInner {
+    /// Counted while the PD or any MR of it lives (an MR holds its PD).
+    _live: Live,
     fabric: Arc<FabricInner>,
     mrs: MrTable,
     regions: RegionTable,

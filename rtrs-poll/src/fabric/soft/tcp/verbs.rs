@@ -7,6 +7,7 @@ use super::cm::{self, TcpCm};
 use super::rc::{Engine, Link};
 use super::wire::{MAX_INLINE, MAX_PIECE, MAX_SEND_SGE};
 use super::{watch, TcpConfig, MIN_PIECE};
+use crate::fabric::live::{Kind, Live};
 use crate::fabric::soft::engine::{QpCore, SoftCq};
 use crate::fabric::soft::mr::MrTable;
 use crate::fabric::soft::verbs::{
@@ -76,6 +77,7 @@ impl Fabric for TcpFabric {
 
     fn alloc_pd_sized(&self, max_mrs: u32) -> Result<TcpPd> {
         Ok(SoftPd::new(PdInner {
+            _live: Live::new(Kind::Pd),
             fabric: self.inner.clone(),
             mrs: Arc::new(MrTable::new(max_mrs)),
         }))
@@ -107,6 +109,8 @@ pub(crate) type QpShared = SoftQpShared<PdInner>;
 /// The tcp fabric's PD internals (the backend of the generic objects).
 #[derive(Debug)]
 pub struct PdInner {
+    /// Counted while the PD or any MR of it lives (an MR holds its PD).
+    _live: Live,
     fabric: Arc<FabricInner>,
     mrs: Arc<MrTable>,
 }
