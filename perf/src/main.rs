@@ -191,7 +191,7 @@ struct ClientArgs {
     connections: Option<u32>,
     /// Sessions of the same paths in this process (1 to 1024), named
     /// SESSNAME-0 .. SESSNAME-(N-1) when more than one: core k of every
-    /// session is polled by the one thread of --cores[k], in turn (N
+    /// session is polled by the one thread of `--cores[k]`, in turn (N
     /// sessions on 2 cores are 2 busy threads); each session's IO stays in
     /// its own slice of the device; the JSON has each session's figures.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
