@@ -45,7 +45,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 now() { date +%s.%3N; }
-# in_c, in_s, setup_net, cut, restore: scripts/lib.sh (on TAG, NS_C, NS_S).
+# in_c, in_s, setup_net, link_cut, link_restore: scripts/lib.sh (on TAG, NS_C, NS_S).
 
 PORT=17700
 start_server() {
@@ -190,9 +190,9 @@ case_cut_one() {
   mark start
   start_client 20 --reconnect-delay 2
   sleep 3
-  mark cut; cut 1
+  mark cut; link_cut 1
   sleep 8
-  mark restore; restore 1
+  mark restore; link_restore 1
   local rc=0
   wait_client || rc=$?
   mark exited
@@ -206,11 +206,11 @@ case_both_cut() {
   mark start
   start_client 60 --reconnect-delay 1 --max-reconnect-attempts 2
   sleep 3
-  mark cut; cut 1; cut 2
+  mark cut; link_cut 1; link_cut 2
   local rc=0
   wait_client || rc=$?
   mark exited
-  restore 1; restore 2
+  link_restore 1; link_restore 2
   stop_pid "$SRV_PID"; SRV_PID=
   judge both-cut "$WORK/marks" "$rc"
 }

@@ -269,11 +269,11 @@ setup_net() {
 }
 
 # A silent cut: every packet on the link is dropped at both ends.
-cut() { # link
+link_cut() { # link
   in_c tc qdisc add dev "${TAG}c$1" root tbf rate 8bit burst 1 limit 1
   in_s tc qdisc add dev "${TAG}s$1" root tbf rate 8bit burst 1 limit 1
 }
-restore() { # link
+link_restore() { # link
   in_c tc qdisc del dev "${TAG}c$1" root
   in_s tc qdisc del dev "${TAG}s$1" root
 }

@@ -150,9 +150,9 @@ fault_server_restart() {
 fault_link_cut() {
   local l=$((1 + RANDOM % 2)) t0
   log "fault link-cut $l"
-  cut "$l"
+  link_cut "$l"
   sleep "$(pick 3 8)"
-  restore "$l"
+  link_restore "$l"
   t0=$(now)
   recovered link-cut "$t0"
 }
