@@ -62,13 +62,8 @@ fi
 
 CYCLES=${CHURN_CYCLES:-1000}
 SESSIONS=${CHURN_SESSIONS:-200}
-if [ -z "${CHURN_BIN:-}" ]; then
-  build_bins
-  CHURN_BIN=$PWD/target/release
-fi
-BIN=$CHURN_BIN
-[ -n "${CHURN_GUEST:-}" ] || ensure_packages jq python3
-for t in jq python3; do command -v "$t" >/dev/null || skip "$t unavailable"; done
+BIN=$(bin_dir "${CHURN_BIN:-}")
+RTRS_GUEST=${CHURN_GUEST:-} need_tools jq python3
 # The guest's / is the host's, read-only: temporary files go to /run there.
 TMPD=${CHURN_GUEST:+/run}
 WORK=$(mktemp -d "${TMPD:-/tmp}/rtrs-churn.XXXXXX")

@@ -27,13 +27,8 @@ FABRICS=("$@")
 [ ${#FABRICS[@]} -gt 0 ] || FABRICS=(tcp shm)
 QD=${CROWD_QD:-128}
 OUT=${CROWD_OUT:-}
-if [ -z "${CROWD_BIN:-}" ]; then
-  build_bins
-  CROWD_BIN=$PWD/target/release
-fi
-BIN=$CROWD_BIN
-ensure_packages jq python3
-for t in jq python3; do command -v "$t" >/dev/null || skip "$t unavailable"; done
+BIN=$(bin_dir "${CROWD_BIN:-}")
+need_tools jq python3
 WORK=$(mktemp -d /tmp/rtrs-crowd.XXXXXX)
 SRV_PID=
 CLT_PID=

@@ -37,15 +37,13 @@ CLT_PID=
 cleanup() {
   stop_pid "$CLT_PID"
   stop_pid "$SRV_PID"
-  ip netns del "$NS_C" 2>/dev/null || true
-  ip netns del "$NS_S" 2>/dev/null || true
+  teardown_net
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-now() { date +%s.%3N; }
-# in_c, in_s, setup_net, link_cut, link_restore: scripts/lib.sh (on TAG, NS_C, NS_S).
+# in_c, in_s, setup_net, teardown_net, link_cut, link_restore: scripts/lib.sh (on TAG, NS_C, NS_S).
 
 PORT=17700
 start_server() {

@@ -103,6 +103,29 @@ build_bins() {
   cargo build --release -q --features rdma -p rtrs-cli -p rtrs-perf
 }
 
+# The directory of the rtrs and rtrs-perf a script runs: DIR when given (no
+# build), else build_bins' target/release.
+bin_dir() { # [DIR]
+  if [ -n "${1:-}" ]; then
+    echo "$1"
+  else
+    build_bins >&2 || return # errexit does not reach into $(...)
+    echo "$PWD/target/release"
+  fi
+}
+
+# Tools a script cannot run without, each its Debian package's name: installed
+# when root (not in the VM's guest, whose / is the host's, read-only), the
+# script skipped when one is still missing.
+need_tools() { # TOOL...
+  local t
+  [ -n "${RTRS_GUEST:-}" ] || ensure_packages "$@"
+  for t in "$@"; do command -v "$t" >/dev/null || skip "$t unavailable"; done
+}
+
+# Wall-clock seconds with milliseconds, for the scripts' timelines.
+now() { date +%s.%3N; }
+
 # The toolchain comes from rustup; make sure fmt and clippy are there.
 ensure_rust() {
   command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup)" >&2; exit 1; }
@@ -247,11 +270,17 @@ census_settled() { # BIN SOCK BASE OUT SECS
 
 # --- two network namespaces joined by two veth links (faults.sh, soak.sh) ---
 # The caller sets TAG (a short prefix of the links' names), NS_C and NS_S
-# (the client's and the server's namespace) and deletes the namespaces
-# when done. Link L is 10.77.L.1 (client) -- 10.77.L.2 (server).
+# (the client's and the server's namespace) and calls teardown_net when
+# done (its cleanup trap). Link L is 10.77.L.1 (client) -- 10.77.L.2 (server).
 
 in_c() { ip netns exec "$NS_C" "$@"; }
 in_s() { ip netns exec "$NS_S" "$@"; }
+
+# Deletes both namespaces (and their links), those that exist.
+teardown_net() {
+  ip netns del "$NS_C" 2>/dev/null || true
+  ip netns del "$NS_S" 2>/dev/null || true
+}
 
 setup_net() {
   ip netns add "$NS_C"

@@ -46,13 +46,8 @@ case $FAB in
   shm) ;;
   *) echo "soak.sh: no fabric $FAB (tcp, shm)" >&2; exit 2 ;;
 esac
-ensure_packages jq python3
-for t in jq python3; do command -v "$t" >/dev/null || skip "$t unavailable"; done
-if [ -z "${SOAK_BIN:-}" ]; then
-  build_bins
-  SOAK_BIN=$PWD/target/release
-fi
-BIN=$SOAK_BIN
+need_tools jq python3
+BIN=$(bin_dir "${SOAK_BIN:-}")
 TAG=rk$$
 NS_C=$TAG-c
 NS_S=$TAG-s
@@ -65,16 +60,12 @@ cleanup() {
   stop_pid "$SAMPLER_PID"
   stop_pid "$CLT_PID"
   stop_pid "$SRV_PID"
-  if [ "$FAB" = tcp ]; then
-    ip netns del "$NS_C" 2>/dev/null || true
-    ip netns del "$NS_S" 2>/dev/null || true
-  fi
+  if [ "$FAB" = tcp ]; then teardown_net; fi
   rm -rf "$W"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-now() { date +%s.%3N; }
 log() { echo "$(now) $*" >>"$W/faults"; }
 pick() { echo $(($1 + RANDOM % ($2 - $1 + 1))); } # LO HI
 

@@ -37,13 +37,8 @@ DELAY=${STORM_DELAY:-5}
 DOWN=${STORM_DOWN:-1}
 POST=${STORM_POST:-2}
 OUT=${STORM_OUT:-}
-if [ -z "${STORM_BIN:-}" ]; then
-  build_bins
-  STORM_BIN=$PWD/target/release
-fi
-BIN=$STORM_BIN
-ensure_packages jq python3
-for t in jq python3; do command -v "$t" >/dev/null || skip "$t unavailable"; done
+BIN=$(bin_dir "${STORM_BIN:-}")
+need_tools jq python3
 WORK=$(mktemp -d /tmp/rtrs-storm.XXXXXX)
 SRV_PID=
 CLT_PIDS=()
@@ -57,7 +52,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-now() { date +%s.%3N; }
 mark() { echo "$1 $(now)" >>"$W/marks"; }
 
 # One export per session (RNBD admits one writer a device): c<client>-<i>.
