@@ -51,8 +51,9 @@ struct rtrs_server;
 struct rtrs_client_cfg {
   // The session name: 1..=254 bytes without '/' or '.'.
   const char *sessname;
-  // The server's addresses, one path each ("shm:NAME" or
-  // "tcp:HOST:PORT", all of one kind): `naddrs` C strings.
+  // The server's addresses, one path each ("shm:NAME", "tcp:HOST:PORT"
+  // or, in a library built with the rdma feature, "rdma:HOST:PORT"; all
+  // of one kind): `naddrs` C strings.
   const char *const *addrs;
   // Entries of `addrs` (1..=128).
   size_t naddrs;
@@ -79,7 +80,8 @@ struct rtrs_completion {
 
 // Server settings. Zero (or NULL) fields take the default shown.
 struct rtrs_server_cfg {
-  // Where to listen: "shm:NAME" (this host) or "tcp:HOST:PORT".
+  // Where to listen: "shm:NAME" (this host), "tcp:HOST:PORT" or, in a
+  // library built with the rdma feature, "rdma:HOST:PORT".
   const char *addr;
   // CPUs to pin the IO cores on (`ncpus` of them); NULL: one core on
   // CPU 0. Each core busy-polls its CPU.

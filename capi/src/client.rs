@@ -9,12 +9,11 @@
 //! ```
 
 use crate::server::errno_of;
+use crate::server::fabric_error;
 use crate::{boundary, c_str, Error, RTRS_READ, RTRS_WRITE};
 use minstant::Instant;
+use rtrs_fabric::{with_backend, Address, Backends, Fabric, OnFabric};
 use rtrs_poll::clt::{Client, CltConfig, CltCore, CltError, Completion, Dir};
-use rtrs_poll::fabric::soft::shm::ShmFabric;
-use rtrs_poll::fabric::soft::tcp::TcpFabric;
-use rtrs_poll::fabric::{Address, Fabric};
 use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, c_void};
@@ -27,8 +26,9 @@ use std::time::Duration;
 pub struct rtrs_client_cfg {
     /// The session name: 1..=254 bytes without '/' or '.'.
     pub sessname: *const c_char,
-    /// The server's addresses, one path each ("shm:NAME" or
-    /// "tcp:HOST:PORT", all of one kind): `naddrs` C strings.
+    /// The server's addresses, one path each ("shm:NAME", "tcp:HOST:PORT"
+    /// or, in a library built with the rdma feature, "rdma:HOST:PORT"; all
+    /// of one kind): `naddrs` C strings.
     pub addrs: *const *const c_char,
     /// Entries of `addrs` (1..=128).
     pub naddrs: usize,
@@ -234,6 +234,16 @@ impl Drop for rtrs_client {
     }
 }
 
+/// `open` on whichever fabric the first address names.
+struct Open(CltConfig);
+
+impl OnFabric for Open {
+    type Output = Result<rtrs_client, Error>;
+    fn run<F: Fabric>(self, fabric: F) -> Self::Output {
+        open(fabric, self.0)
+    }
+}
+
 fn open<F: Fabric>(fabric: F, cfg: CltConfig) -> Result<rtrs_client, Error>
 where
     CltCore<F>: Send,
@@ -324,14 +334,9 @@ pub unsafe extern "C" fn rtrs_client_open(
         if cfg.connect_timeout_ms != 0 {
             c.connect_timeout = Duration::from_millis(u64::from(cfg.connect_timeout_ms));
         }
-        let clt = match scheme {
-            "shm" => open(ShmFabric::new(), c),
-            "tcp" => open(TcpFabric::new(), c),
-            _ => Err(Error::fixed(
-                -libc::EPROTONOSUPPORT,
-                c"rtrs_client_open: only shm: and tcp: addresses (rdma: is for Rust builds with the rdma feature)",
-            )),
-        }?;
+        let first = c.paths[0].clone();
+        let clt = with_backend(&first, &Backends::default(), Open(c))
+            .map_err(|e| fabric_error("rtrs_client_open", &e))??;
         // SAFETY: non-null; the caller promises it is writable.
         unsafe { *out = Box::into_raw(Box::new(clt)) };
         Ok(0)

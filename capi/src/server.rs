@@ -10,9 +10,7 @@
 //! ```
 
 use crate::{boundary, c_str, Error, RTRS_LATER, RTRS_READ, RTRS_WRITE};
-use rtrs_poll::fabric::soft::shm::ShmFabric;
-use rtrs_poll::fabric::soft::tcp::TcpFabric;
-use rtrs_poll::fabric::{Address, Fabric};
+use rtrs_fabric::{with_backend, Address, Backends, Fabric, OnFabric};
 use rtrs_poll::srv::{ConInfo, CorePool, Handler, IoDir, IoId, Server, SrvConfig, SrvIo, Verdict};
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -22,7 +20,8 @@ use std::sync::{Arc, Mutex};
 #[repr(C)]
 #[derive(Debug)]
 pub struct rtrs_server_cfg {
-    /// Where to listen: "shm:NAME" (this host) or "tcp:HOST:PORT".
+    /// Where to listen: "shm:NAME" (this host), "tcp:HOST:PORT" or, in a
+    /// library built with the rdma feature, "rdma:HOST:PORT".
     pub addr: *const c_char,
     /// CPUs to pin the IO cores on (`ncpus` of them); NULL: one core on
     /// CPU 0. Each core busy-polls its CPU.
@@ -292,14 +291,36 @@ impl Drop for rtrs_server {
     }
 }
 
-pub(crate) fn errno_of(e: &rtrs_poll::fabric::FabricError) -> c_int {
-    use rtrs_poll::fabric::FabricError as E;
+pub(crate) fn errno_of(e: &rtrs_fabric::FabricError) -> c_int {
+    use rtrs_fabric::FabricError as E;
     match e {
         E::BadAddress { .. } | E::WrongBackend(..) => -libc::EINVAL,
+        E::NotBuilt(_) => -libc::EPROTONOSUPPORT,
         E::Io { source, .. } => source.raw_os_error().map_or(-libc::EIO, |n| -n),
         E::TableFull(_) | E::QueueFull { .. } => -libc::ENOMEM,
         _ => -libc::EIO,
     }
+}
+
+/// `listen` on whichever fabric the address names.
+struct Listen<'a> {
+    addr: &'a Address,
+    cfg: SrvConfig,
+    call: Callback,
+    reg: &'a Arc<Registry>,
+    pool: &'a CorePool,
+}
+
+impl OnFabric for Listen<'_> {
+    type Output = Result<Box<dyn Send>, Error>;
+    fn run<F: Fabric>(self, fabric: F) -> Self::Output {
+        listen(fabric, self.addr, self.cfg, self.call, self.reg, self.pool)
+    }
+}
+
+/// A fabric error as the C caller sees it: its errno and what failed.
+pub(crate) fn fabric_error(call: &str, e: &rtrs_fabric::FabricError) -> Error {
+    Error::new(errno_of(e), format!("{call}: {e}"))
 }
 
 fn listen<F: Fabric>(
@@ -396,14 +417,19 @@ pub unsafe extern "C" fn rtrs_server_open(
         };
         let pool = CorePool::launch(&cpus)
             .map_err(|e| Error::new(-libc::EIO, format!("rtrs_server_open: {e}")))?;
-        let srv = match addr.scheme() {
-            "shm" => listen(ShmFabric::new(), &addr, scfg, call, &reg, &pool),
-            "tcp" => listen(TcpFabric::new(), &addr, scfg, call, &reg, &pool),
-            _ => Err(Error::fixed(
-                -libc::EPROTONOSUPPORT,
-                c"rtrs_server_open: only shm: and tcp: addresses (rdma: is for Rust builds with the rdma feature)",
-            )),
-        };
+        let srv = with_backend(
+            &addr,
+            &Backends::default(),
+            Listen {
+                addr: &addr,
+                cfg: scfg,
+                call,
+                reg: &reg,
+                pool: &pool,
+            },
+        )
+        .map_err(|e| fabric_error("rtrs_server_open", &e))
+        .and_then(|r| r);
         let srv = match srv {
             Ok(s) => s,
             Err(e) => {

@@ -138,7 +138,7 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
 /// Everything `rtrs serve` runs with, resolved and checked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
-    pub listen: Vec<rtrs_poll::fabric::Address>,
+    pub listen: Vec<rtrs_fabric::Address>,
     pub exports: Vec<String>,
     pub cores: Vec<usize>,
     pub control_cpu: Option<usize>,
@@ -192,7 +192,7 @@ pub fn resolve(a: &crate::ServeArgs, f: &FileConfig) -> Result<Settings, String>
             .iter()
             .map(|l| {
                 l.address
-                    .parse::<rtrs_poll::fabric::Address>()
+                    .parse::<rtrs_fabric::Address>()
                     .map_err(|e| format!("listen address {:?}: {e}", l.address))
             })
             .collect::<Result<Vec<_>, _>>()?

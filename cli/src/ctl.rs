@@ -344,7 +344,7 @@ fn handle(line: &str, b: &dyn Backend) -> Response {
 }
 
 /// The server a ctl socket and the metrics endpoint look into.
-pub struct SrvBackend<F: rtrs_poll::fabric::Fabric> {
+pub struct SrvBackend<F: rtrs_fabric::Fabric> {
     pub srv: rtrs_poll::srv::SrvHandle<F>,
     pub rnbd: Arc<rtrs_poll::rnbd::RnbdServer>,
     /// Per core index: its CPU and live figures.
@@ -362,7 +362,7 @@ fn state_name(s: rtrs_poll::srv::PathState) -> &'static str {
     }
 }
 
-impl<F: rtrs_poll::fabric::Fabric> Backend for SrvBackend<F> {
+impl<F: rtrs_fabric::Fabric> Backend for SrvBackend<F> {
     fn snapshot(&self) -> Snapshot {
         use rtrs_poll::srv::lat::LatSnapshot;
         let n = self.cores.len().max(1);

@@ -20,9 +20,7 @@ mod doctor;
 mod metrics;
 use clap::{Parser, Subcommand};
 use config::{Access, Settings};
-use rtrs_poll::fabric::soft::shm::ShmFabric;
-use rtrs_poll::fabric::soft::tcp::TcpFabric;
-use rtrs_poll::fabric::{Address, Fabric};
+use rtrs_fabric::{with_backend, Address, Backends, Fabric, OnFabric};
 use rtrs_poll::rnbd::{Export, RnbdServer, Rule};
 use rtrs_poll::srv::{CorePool, Server, SrvConfig, SrvEvent};
 use std::process::ExitCode;
@@ -358,19 +356,28 @@ fn sd_notify(state: &str) {
     }
 }
 
-/// The tcp fabric with the listener's key and handshake allowance.
-fn tcp_fabric(access: &Access) -> Result<TcpFabric, String> {
-    let mut cfg = rtrs_poll::fabric::soft::tcp::TcpConfig {
-        max_pending_per_host: access.max_handshakes_per_host as usize,
-        ..Default::default()
-    };
+/// The backends' settings: tcp with the listener's key and handshake
+/// allowance.
+fn backends(access: &Access) -> Result<Backends, String> {
+    let mut b = Backends::default();
+    b.tcp.max_pending_per_host = access.max_handshakes_per_host as usize;
     if let Some(path) = &access.auth_key {
-        cfg = cfg.with_auth_key_file(path)?;
-        if let Some(k) = &cfg.auth {
+        b.tcp = b.tcp.with_auth_key_file(path)?;
+        if let Some(k) = &b.tcp.auth {
             tracing::info!(key = k.id(), "tcp clients must prove the pre-shared key");
         }
     }
-    Ok(TcpFabric::with_config(cfg))
+    Ok(b)
+}
+
+/// `rtrs serve` on whichever fabric its first address names.
+struct Serve<'a>(&'a Settings);
+
+impl OnFabric for Serve<'_> {
+    type Output = Result<(), String>;
+    fn run<F: Fabric>(self, fabric: F) -> Self::Output {
+        serve(fabric, self.0)
+    }
 }
 
 /// How an export is restricted, for the startup line.
@@ -637,19 +644,8 @@ fn main() -> ExitCode {
             }
         }
         (Cmd::Ctl(a), _) => run_ctl(&a),
-        (Cmd::Serve(_), Some((a, _))) => match &a.listen[0] {
-            Address::Shm(_) => serve(ShmFabric::new(), &a),
-            Address::Tcp { .. } => tcp_fabric(&a.access).and_then(|f| serve(f, &a)),
-            #[cfg(feature = "rdma")]
-            Address::Rdma { .. } => rtrs_poll::fabric::rdma::RdmaFabric::new()
-                .map_err(|e| e.to_string())
-                .and_then(|f| serve(f, &a)),
-            #[allow(unreachable_patterns)]
-            other => Err(format!(
-                "the {} backend is not built into this rtrs (build with --features rdma)",
-                other.scheme()
-            )),
-        },
+        (Cmd::Serve(_), Some((a, _))) => backends(&a.access)
+            .and_then(|b| with_backend(&a.listen[0], &b, Serve(&a)).map_err(|e| e.to_string())?),
         (Cmd::Serve(_), None) => Err("no settings".into()),
     };
     match r {

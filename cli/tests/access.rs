@@ -96,8 +96,8 @@ fn key_file(name: &str, key: &[u8], mode: u32) -> std::path::PathBuf {
 /// Opens a session to `addr` with `key` (none: no key) and asks RNBD for
 /// its devices.
 fn sess_info(addr: &str, key: Option<&std::path::Path>) -> Result<u8, String> {
+    use rtrs_fabric::soft::tcp::{TcpConfig, TcpFabric};
     use rtrs_poll::clt::{Client, CltConfig};
-    use rtrs_poll::fabric::soft::tcp::{TcpConfig, TcpFabric};
     let mut tcfg = TcpConfig::default();
     if let Some(k) = key {
         tcfg = tcfg.with_auth_key_file(k)?;

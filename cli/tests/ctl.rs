@@ -6,7 +6,7 @@
 
 mod common;
 use common::{ctl, ctl_as, json, open, rtrs, session_with, wait_for, write, Served, TempDir};
-use rtrs_poll::proto::rnbd::AccessMode;
+use rtrs_proto::rnbd::AccessMode;
 use std::path::Path;
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 
 mod common;
 use common::{open, rtrs, session, write, Served};
-use rtrs_poll::proto::rnbd::AccessMode;
+use rtrs_proto::rnbd::AccessMode;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 

@@ -2,11 +2,11 @@
 //! from this process: verified data, and bad arguments.
 
 use minstant::Instant;
+use rtrs_fabric::soft::shm::ShmFabric;
+use rtrs_fabric::Address;
 use rtrs_poll::clt::{Client, CltConfig};
-use rtrs_poll::fabric::soft::shm::ShmFabric;
-use rtrs_poll::fabric::Address;
-use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
 use rtrs_poll::rnbd::{clt as rc, RnbdClient};
+use rtrs_proto::rnbd::{AccessMode, RnbdOp};
 use std::process::Command;
 use std::time::Duration;
 

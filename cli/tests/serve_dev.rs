@@ -3,11 +3,11 @@
 //! the engine with FUA, its size and block size in the OPEN answer.
 
 use minstant::Instant;
+use rtrs_fabric::soft::shm::ShmFabric;
+use rtrs_fabric::Address;
 use rtrs_poll::clt::{Client, CltConfig};
-use rtrs_poll::fabric::soft::shm::ShmFabric;
-use rtrs_poll::fabric::Address;
-use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp, RNBD_F_FUA};
 use rtrs_poll::rnbd::{clt as rc, RnbdClient};
+use rtrs_proto::rnbd::{AccessMode, RnbdOp, RNBD_F_FUA};
 use std::process::{Child, Command};
 use std::time::Duration;
 

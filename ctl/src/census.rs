@@ -7,7 +7,7 @@
 //!  vm_rss_kb    VmRSS of /proc/self/status, after malloc_trim(0)    vm_hwm_kb  its peak, VmHWM
 //!  huge_*       HugePages_Total/Free/Rsvd of /proc/meminfo (the host's, in pages)
 //!  huge_held    hugepage bytes this process's mempool regions hold
-//!  fabric       rtrs_poll::fabric::live::counts(): PDs, MRs, CQs, QPs, MWs, shm regions
+//!  fabric       rtrs_fabric::live::counts(): PDs, MRs, CQs, QPs, MWs, shm regions
 //! ```
 //!
 //! Resident memory is read after `malloc_trim(0)` (glibc): the allocator
@@ -19,10 +19,10 @@
 //! Reading it opens two files and a directory and trims the heap: a
 //! control path, never a core's.
 
-use rtrs_poll::fabric::live::LiveCounts;
+use rtrs_fabric::live::LiveCounts;
 use serde::{Deserialize, Serialize};
 
-/// The fabric objects of the process ([`rtrs_poll::fabric::live`]).
+/// The fabric objects of the process ([`rtrs_fabric::live`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FabricCensus {
     pub pds: i64,
@@ -79,7 +79,7 @@ impl Census {
             huge_free: field(&meminfo, "HugePages_Free:"),
             huge_rsvd: field(&meminfo, "HugePages_Rsvd:"),
             huge_held: mempool::huge_stats().held,
-            fabric: rtrs_poll::fabric::live::counts().into(),
+            fabric: rtrs_fabric::live::counts().into(),
         }
     }
 

@@ -18,8 +18,8 @@
 
 use crate::socket::{CtlServer, CtlSocket};
 use crate::{parse_request, table, us, Request, Response, Role};
+use rtrs_fabric::{Address, Fabric};
 use rtrs_poll::clt::{Client, CltError};
-use rtrs_poll::fabric::{Address, Fabric};
 use rtrs_poll::sess::mp_policy::MpPolicy;
 use serde::{Deserialize, Serialize};
 use std::path::Path;

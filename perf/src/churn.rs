@@ -13,8 +13,8 @@ use crate::engine_bench::{ClientOpts, EventLog};
 use crate::lane::{Lane, LaneResult};
 use minstant::Instant;
 use rtrs_ctl::Census;
+use rtrs_fabric::Fabric;
 use rtrs_poll::clt::{Client, CltConfig};
-use rtrs_poll::fabric::Fabric;
 use rtrs_poll::rnbd::RnbdClient;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -138,7 +138,7 @@ fn one<F: Fabric>(
                 core.poll(pollers::clock::now(), &mut |_| {});
             };
             rn.sess_info(&mut idle)
-                .and_then(|_| rn.open(name, rtrs_poll::proto::rnbd::AccessMode::Rw, &mut idle))
+                .and_then(|_| rn.open(name, rtrs_proto::rnbd::AccessMode::Rw, &mut idle))
                 .map(|d| {
                     let _ = dev.set(d);
                 })

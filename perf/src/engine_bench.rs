@@ -16,8 +16,8 @@ use crate::report::{histogram, LatNs};
 use hdrhistogram::Histogram;
 use minstant::Instant;
 use rtrs_ctl::Census;
+use rtrs_fabric::{Address, Fabric};
 use rtrs_poll::clt::{Client, CltConfig, CltCore, CltEvent, PathState, ReadKeys, ReconnectPolicy};
-use rtrs_poll::fabric::{Address, Fabric};
 use rtrs_poll::rnbd::{RnbdClient, RnbdDev};
 use rtrs_poll::sess::mp_policy::MpPolicy;
 use rtrs_poll::srv::{Handler, IoDir, Server, SrvConfig, SrvEvent, SrvIo, Verdict};
@@ -895,7 +895,7 @@ pub fn run_client<F: Fabric>(fabric: &F, o: &ClientOpts) -> Result<Summary, Stri
             let name = &rnbd_name(tmpl, &i.to_string());
             let t = Instant::now();
             let opened = rn.sess_info(&mut nap).and_then(|ver| {
-                rn.open(name, rtrs_poll::proto::rnbd::AccessMode::Rw, &mut nap)
+                rn.open(name, rtrs_proto::rnbd::AccessMode::Rw, &mut nap)
                     .map(|d| (ver, d))
             });
             let refused = match opened {

@@ -7,7 +7,7 @@
 //! private data (address + rkey, 12 bytes).
 
 use crate::report::{self, LatNs};
-use rtrs_poll::fabric::{
+use rtrs_fabric::{
     Access, Address, Cm, CmEvent, Cq, Fabric, Mr, Pd, Qp, QpCap, QpState, RecvWr, SendWr, Wc,
     WcOpcode, WcStatus,
 };
@@ -63,7 +63,7 @@ struct Ends<F: Fabric> {
     qp: F::Qp,
     cm: F::Cm,
     mr: F::Mr,
-    mem: Arc<dyn rtrs_poll::fabric::Memory>,
+    mem: Arc<dyn rtrs_fabric::Memory>,
 }
 
 /// The PD, CQ, QP, CM and buffer of one side, on the device that carries
@@ -199,7 +199,7 @@ fn connect<F: Fabric>(
     e: &mut Ends<F>,
     addr: &Address,
     size: usize,
-) -> Result<(rtrs_poll::fabric::ConnId, (u64, u32)), String> {
+) -> Result<(rtrs_fabric::ConnId, (u64, u32)), String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let pd = keys(e.mr.addr() + size.max(64) as u64, e.mr.rkey());

@@ -28,12 +28,12 @@
 //! The suite runs these two against a listener with a key: a session that
 //! opens is a breach.
 
+use rtrs_fabric::soft::tcp::{TcpConfig, TcpFabric};
+use rtrs_fabric::Address;
 use rtrs_poll::clt::{Client, CltConfig, CltCore, PathState, ReconnectPolicy};
-use rtrs_poll::fabric::soft::tcp::{TcpConfig, TcpFabric};
-use rtrs_poll::fabric::Address;
-use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
-use rtrs_poll::proto::{ConnReqRepr, ConnRsp, PRIVATE_DATA_LEN};
 use rtrs_poll::rnbd::RnbdClient;
+use rtrs_proto::rnbd::{AccessMode, RnbdOp};
+use rtrs_proto::{ConnReqRepr, ConnRsp, PRIVATE_DATA_LEN};
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};

@@ -15,8 +15,8 @@
 
 use crate::engine_bench::{alloc_count, ClientOpts, DirResult, Rw, DEFAULT_SIZE};
 use minstant::Instant;
+use rtrs_fabric::Fabric;
 use rtrs_poll::clt::{CltCore, CltError, Dir, IoPermit};
-use rtrs_poll::fabric::Fabric;
 use rtrs_poll::rnbd::RnbdDev;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -350,8 +350,8 @@ impl<F: Fabric> Lane<F> {
             let ulen = match self.dev.get() {
                 Some(d) => {
                     let op = match dir {
-                        Dir::Write => rtrs_poll::proto::rnbd::RnbdOp::Write,
-                        Dir::Read => rtrs_poll::proto::rnbd::RnbdOp::Read,
+                        Dir::Write => rtrs_proto::rnbd::RnbdOp::Write,
+                        Dir::Read => rtrs_proto::rnbd::RnbdOp::Read,
                     };
                     u = rtrs_poll::rnbd::clt::io_hdr(d, op, off, bs, 0);
                     32

@@ -45,9 +45,8 @@ mod report;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fabric_bench::{Opts, Test};
-use rtrs_poll::fabric::soft::shm::ShmFabric;
-use rtrs_poll::fabric::soft::tcp::TcpFabric;
-use rtrs_poll::fabric::{Address, Memory};
+use rtrs_fabric::soft::shm::ShmFabric;
+use rtrs_fabric::{with_backend, Address, Backends, Fabric, Memory, OnFabric};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -397,7 +396,7 @@ pub use cores::{pin, Cores};
 
 /// Shareable memory for registrations (the shm fabric needs a memfd).
 pub fn shareable(len: usize) -> Result<Arc<dyn Memory>, String> {
-    rtrs_poll::fabric::memory::shareable(len).map_err(|e| e.to_string())
+    rtrs_fabric::memory::shareable(len).map_err(|e| e.to_string())
 }
 
 fn free_tcp_port() -> Result<u16, String> {
@@ -441,7 +440,7 @@ fn run_fabric(test: Test, a: FabricArgs) -> Result<(), String> {
     };
     if a.role == Some(Role::Server) {
         opts.core = core_of(if a.addr.is_some() { 0 } else { 1 });
-        return with_fabric(&addr, |f| f.server(&addr, &opts));
+        return on_fabric(&addr, None, FabricServer(&addr, &opts));
     }
     let child = if a.role.is_none() {
         let sub = if test == Test::Lat {
@@ -470,7 +469,7 @@ fn run_fabric(test: Test, a: FabricArgs) -> Result<(), String> {
     } else {
         None
     };
-    let r = with_fabric(&addr, |f| f.client(&addr, &opts));
+    let r = on_fabric(&addr, None, FabricClient(&addr, &opts));
     if let Some(mut c) = child {
         if r.is_err() {
             // The client did not finish (interrupted, or failed): the
@@ -490,49 +489,70 @@ fn run_fabric(test: Test, a: FabricArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs `f` with the backend the address selects.
-fn with_fabric<R>(
+/// Runs `job` on the fabric `addr` names; tcp proves `auth_key` when given.
+fn on_fabric<R, J: OnFabric<Output = Result<R, String>>>(
     addr: &Address,
-    f: impl FnOnce(AnyFabric) -> Result<R, String>,
+    auth_key: Option<&std::path::Path>,
+    job: J,
 ) -> Result<R, String> {
-    match addr {
-        Address::Shm(_) => f(AnyFabric::Shm(ShmFabric::new())),
-        Address::Tcp { .. } => f(AnyFabric::Tcp(TcpFabric::new())),
-        #[cfg(feature = "rdma")]
-        Address::Rdma { .. } => f(AnyFabric::Rdma(
-            rtrs_poll::fabric::rdma::RdmaFabric::new().map_err(|e| e.to_string())?,
-        )),
-        #[allow(unreachable_patterns)]
-        other => Err(format!(
-            "the {} backend is not built into this rtrs-perf (build with --features rdma)",
-            other.scheme()
-        )),
+    let mut backends = Backends::default();
+    match (addr, auth_key) {
+        (Address::Tcp { .. }, Some(path)) => {
+            backends.tcp = backends.tcp.with_auth_key_file(path)?;
+        }
+        (_, Some(_)) => return Err("--auth-key applies to tcp addresses only".into()),
+        (_, None) => {}
+    }
+    with_backend(addr, &backends, job).map_err(|e| e.to_string())?
+}
+
+/// The fabric benchmark's server, on any fabric.
+struct FabricServer<'a>(&'a Address, &'a Opts);
+
+impl OnFabric for FabricServer<'_> {
+    type Output = Result<(), String>;
+    fn run<F: Fabric>(self, fabric: F) -> Self::Output {
+        fabric_bench::server(fabric, self.0, self.1)
     }
 }
 
-enum AnyFabric {
-    Shm(ShmFabric),
-    Tcp(TcpFabric),
-    #[cfg(feature = "rdma")]
-    Rdma(rtrs_poll::fabric::rdma::RdmaFabric),
+/// The fabric benchmark's client, on any fabric.
+struct FabricClient<'a>(&'a Address, &'a Opts);
+
+impl OnFabric for FabricClient<'_> {
+    type Output = Result<serde_json::Value, String>;
+    fn run<F: Fabric>(self, fabric: F) -> Self::Output {
+        fabric_bench::client(fabric, self.0, self.1)
+    }
 }
 
-impl AnyFabric {
-    fn server(self, addr: &Address, o: &Opts) -> Result<(), String> {
-        match self {
-            AnyFabric::Shm(f) => fabric_bench::server(f, addr, o),
-            AnyFabric::Tcp(f) => fabric_bench::server(f, addr, o),
-            #[cfg(feature = "rdma")]
-            AnyFabric::Rdma(f) => fabric_bench::server(f, addr, o),
-        }
+/// The engine benchmark's client, on any fabric.
+struct EngineClient<'a>(&'a engine_bench::ClientOpts);
+
+impl OnFabric for EngineClient<'_> {
+    type Output = Result<engine_bench::Summary, String>;
+    fn run<F: Fabric>(self, fabric: F) -> Self::Output {
+        engine_bench::run_client(&fabric, self.0)
     }
-    fn client(self, addr: &Address, o: &Opts) -> Result<serde_json::Value, String> {
-        match self {
-            AnyFabric::Shm(f) => fabric_bench::client(f, addr, o),
-            AnyFabric::Tcp(f) => fabric_bench::client(f, addr, o),
-            #[cfg(feature = "rdma")]
-            AnyFabric::Rdma(f) => fabric_bench::client(f, addr, o),
-        }
+}
+
+/// The engine benchmark's server, on any fabric.
+struct EngineServer<'a> {
+    a: &'a ServerArgs,
+    cfg: rtrs_poll::srv::SrvConfig,
+}
+
+impl OnFabric for EngineServer<'_> {
+    type Output = Result<engine_bench::PerfServer, String>;
+    fn run<F: Fabric>(self, fabric: F) -> Self::Output {
+        let a = self.a;
+        engine_bench::PerfServer::start(
+            fabric,
+            a.listen.clone(),
+            a.backend.clone(),
+            a.cores.0.clone(),
+            self.cfg,
+        )
     }
 }
 
@@ -657,7 +677,7 @@ fn io_opts(
 /// connection per core, at most the protocol's 4096.
 fn connections(n: Option<u32>, cores: usize) -> Result<Option<u16>, String> {
     let Some(n) = n else { return Ok(None) };
-    let max = u32::from(rtrs_poll::proto::MAX_CID_NUM);
+    let max = u32::from(rtrs_proto::MAX_CID_NUM);
     let min = cores as u32 + 1;
     if n < min || n > max {
         return Err(format!(
@@ -694,12 +714,7 @@ fn run_client(a: ClientArgs) -> Result<(), String> {
     o.sessions = a.sessions;
     o.churn_sessions = a.churn_sessions;
     o.ready = a.ready.clone();
-    let s = with_engine_fabric(&a.connect[0], a.io.auth_key.as_deref(), |f| match f {
-        AnyFabric::Shm(f) => engine_bench::run_client(&f, &o),
-        AnyFabric::Tcp(f) => engine_bench::run_client(&f, &o),
-        #[cfg(feature = "rdma")]
-        AnyFabric::Rdma(f) => engine_bench::run_client(&f, &o),
-    })?;
+    let s = on_fabric(&a.connect[0], a.io.auth_key.as_deref(), EngineClient(&o))?;
     report(&s, a.io.json)
 }
 
@@ -724,30 +739,11 @@ fn srv_config(
 
 fn run_server(a: ServerArgs) -> Result<(), String> {
     let cfg = srv_config(a.queue_depth, a.chunk_size, a.always_invalidate, &a.hb)?;
-    let srv = with_engine_fabric(&a.listen[0], a.auth_key.as_deref(), |f| match f {
-        AnyFabric::Shm(f) => engine_bench::PerfServer::start(
-            f,
-            a.listen.clone(),
-            a.backend.clone(),
-            a.cores.0.clone(),
-            cfg,
-        ),
-        AnyFabric::Tcp(f) => engine_bench::PerfServer::start(
-            f,
-            a.listen.clone(),
-            a.backend.clone(),
-            a.cores.0.clone(),
-            cfg,
-        ),
-        #[cfg(feature = "rdma")]
-        AnyFabric::Rdma(f) => engine_bench::PerfServer::start(
-            f,
-            a.listen.clone(),
-            a.backend.clone(),
-            a.cores.0.clone(),
-            cfg,
-        ),
-    })?;
+    let srv = on_fabric(
+        &a.listen[0],
+        a.auth_key.as_deref(),
+        EngineServer { a: &a, cfg },
+    )?;
     eprintln!(
         "serving on {} (backend {:?}, cores {:?}, always_invalidate {}); Ctrl-C stops",
         a.listen
@@ -792,23 +788,6 @@ fn run_embedded(
     let r = engine_bench::run_client(&ShmFabric::new(), &o);
     srv.stop()?;
     report(&r?, json)
-}
-
-/// [`with_fabric`], with a tcp fabric that authenticates with `auth_key`.
-fn with_engine_fabric<R>(
-    addr: &Address,
-    auth_key: Option<&std::path::Path>,
-    f: impl FnOnce(AnyFabric) -> Result<R, String>,
-) -> Result<R, String> {
-    match (addr, auth_key) {
-        (Address::Tcp { .. }, Some(path)) => {
-            let cfg =
-                rtrs_poll::fabric::soft::tcp::TcpConfig::default().with_auth_key_file(path)?;
-            f(AnyFabric::Tcp(TcpFabric::with_config(cfg)))
-        }
-        (_, Some(_)) => Err("--auth-key applies to tcp addresses only".into()),
-        (_, None) => with_fabric(addr, f),
-    }
 }
 
 fn main() -> ExitCode {

@@ -736,11 +736,11 @@ fn fabric_lat_reports_one_way_beside_the_round_trip() {
 
 #[test]
 fn rnbd_mode_refuses_a_bs_the_device_cannot_take() {
-    use rtrs_poll::fabric::soft::shm::ShmFabric;
+    use rtrs_fabric::soft::shm::ShmFabric;
     use rtrs_poll::rnbd::{Export, RnbdServer};
     let _one = one_at_a_time();
     let name = format!("shm:perf-rnbd-{}", std::process::id());
-    let addr: rtrs_poll::fabric::Address = name.parse().unwrap();
+    let addr: rtrs_fabric::Address = name.parse().unwrap();
     let cfg = rtrs_poll::srv::SrvConfig::default();
     let rnbd = RnbdServer::new(
         vec![Export::ram("ram0", 1 << 20).unwrap()],

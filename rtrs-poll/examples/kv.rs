@@ -12,9 +12,9 @@
 //! test command runs it.
 
 use minstant::Instant;
+use rtrs_fabric::soft::shm::ShmFabric;
+use rtrs_fabric::{Address, Fabric};
 use rtrs_poll::clt::{Client, CltConfig, Submitter};
-use rtrs_poll::fabric::soft::shm::ShmFabric;
-use rtrs_poll::fabric::{Address, Fabric};
 use rtrs_poll::srv::{CorePool, Handler, IoDir, Server, SrvConfig, SrvIo, Verdict};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -20,9 +20,9 @@
 //! command runs it.
 
 use minstant::Instant;
+use rtrs_fabric::soft::shm::ShmFabric;
+use rtrs_fabric::{Address, Fabric};
 use rtrs_poll::clt::{Client, CltConfig, Completion, Submitter};
-use rtrs_poll::fabric::soft::shm::ShmFabric;
-use rtrs_poll::fabric::{Address, Fabric};
 use rtrs_poll::srv::{ConInfo, CorePool, Handler, IoDir, IoId, Server, SrvConfig, SrvIo, Verdict};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -2,10 +2,15 @@
 //! userspace, busy-polling dataplane.
 //!
 //! ```text
-//!  clt   client sessions, paths, permits, multipath policies, failover
-//!  srv   server sessions, chunk buffers, IO handler API, rkey refresh
-//!  proto sans-IO RTRS 2.0 + RNBD 2.0 messages and immediates, byte-exact
-//!  fabric verbs-shaped API: shm, tcp, and (feature "rdma") real verbs
+//!  the root  what an embedder needs: Client, Server, Handler, Address,
+//!            with_backend, the fabrics, errors, Instant
+//!  clt       client sessions, paths, permits, multipath policies, failover
+//!  srv       server sessions, chunk buffers, IO handler API, rkey refresh
+//!  rnbd      the RNBD block protocol's client and server on top
+//!  sess      what both sides share: heartbeats, path states, mp_policy
+//!  ─────────────────────────── crates of their own ───────────────────────────
+//!  rtrs-proto   sans-IO RTRS 2.0 + RNBD 2.0 messages and immediates, byte-exact
+//!  rtrs-fabric  verbs-shaped API: shm, tcp, and (feature "rdma") real verbs
 //! ```
 //!
 //! A server with a handler of its own and a client reading through it, in
@@ -15,7 +20,7 @@
 //! ```
 //! use minstant::Instant;
 //! use rtrs_poll::clt::{Client, CltConfig};
-//! use rtrs_poll::fabric::{soft::shm::ShmFabric, Address};
+//! use rtrs_fabric::{soft::shm::ShmFabric, Address};
 //! use rtrs_poll::srv::{ConInfo, CorePool, Handler, IoDir, Server, SrvConfig, SrvIo, Verdict};
 //!
 //! /// The storage engine: answers a read with the user message reversed.
@@ -60,8 +65,7 @@
 #![warn(missing_docs)]
 
 pub mod clt;
-pub mod fabric;
-pub mod proto;
+
 pub mod rnbd;
 pub mod sess;
 pub mod srv;

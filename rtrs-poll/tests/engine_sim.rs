@@ -8,9 +8,9 @@
 mod common;
 
 use common::sim::{kernel_cfg, small_srv, Sim};
+use rtrs_fabric::fault::{CmEventKind, Count, LinkFaults, Side};
+use rtrs_fabric::Address;
 use rtrs_poll::clt::{CltEvent, PathState};
-use rtrs_poll::fabric::fault::{CmEventKind, Count, LinkFaults, Side};
-use rtrs_poll::fabric::Address;
 use rtrs_poll::sess::DownReason;
 use rtrs_poll::srv::SrvEvent;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -418,10 +418,9 @@ fn min_latency_steers_by_heartbeat_rtt() {
         .unwrap();
     // Path a's answers come 30 ms late: its heartbeat RTT shows it, to
     // the millisecond on virtual time.
-    sim.faults.link(&a).delay(
-        rtrs_poll::fabric::fault::Dir::S2c,
-        Duration::from_millis(30),
-    );
+    sim.faults
+        .link(&a)
+        .delay(rtrs_fabric::fault::Dir::S2c, Duration::from_millis(30));
     // (The other path's RTT is the virtual network's: 0.)
     sim.run_until(20 * S, |s| {
         s.client(c).clt.paths()[0].latency() > Duration::ZERO

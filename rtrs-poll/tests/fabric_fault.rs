@@ -1,4 +1,4 @@
-//! The fault-injecting wrapper (`rtrs_poll::fabric::fault`): the conformance
+//! The fault-injecting wrapper (`rtrs_fabric::fault`): the conformance
 //! suite over `FaultFabric<ShmFabric>` and `FaultFabric<TcpFabric>` with no
 //! fault armed (the wrapper is transparent), the engine's suite over shm
 //! through it, and each fault over both backends. Client and server get a
@@ -8,12 +8,10 @@ mod common;
 
 use common::conformance::{ok, wait_event, Backend, Pair};
 use common::{pattern, MemExt};
-use rtrs_poll::fabric::fault::{
-    Clock, CmEventKind, Count, Dir, FaultFabric, Faults, LinkFaults, Side,
-};
-use rtrs_poll::fabric::soft::shm::ShmFabric;
-use rtrs_poll::fabric::soft::tcp::TcpFabric;
-use rtrs_poll::fabric::{
+use rtrs_fabric::fault::{Clock, CmEventKind, Count, Dir, FaultFabric, Faults, LinkFaults, Side};
+use rtrs_fabric::soft::shm::ShmFabric;
+use rtrs_fabric::soft::tcp::TcpFabric;
+use rtrs_fabric::{
     Address, Cm, CmEvent, Fabric, Mr, Qp, QpCap, QpState, SendWr, Wc, WcOpcode, WcStatus,
 };
 use std::marker::PhantomData;

@@ -9,8 +9,8 @@
 
 mod common;
 
-use rtrs_poll::fabric::rdma::RdmaFabric;
-use rtrs_poll::fabric::Address;
+use rtrs_fabric::rdma::RdmaFabric;
+use rtrs_fabric::Address;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Ports for this process: a block of 64 chosen by pid (the echo and server
@@ -36,10 +36,10 @@ impl common::conformance::Backend for Rdma {
     }
     fn rekey_keeps_index() -> bool {
         // A memory window keeps its index; a new registration does not.
-        rtrs_poll::fabric::rdma::memory_windows()
+        rtrs_fabric::rdma::memory_windows()
     }
     fn skip_reason() -> Option<String> {
-        (!rtrs_poll::fabric::rdma::available()).then(|| "no RDMA device".to_string())
+        (!rtrs_fabric::rdma::available()).then(|| "no RDMA device".to_string())
     }
 }
 
@@ -64,13 +64,13 @@ mod census {
     }
 }
 
-/// What this backend does beyond the suite (see `rtrs_poll::fabric::rdma`):
+/// What this backend does beyond the suite (see `rtrs_fabric::rdma`):
 /// a LOCAL_INV after a re-key, and a peer's SEND_WITH_INV of a key that is
 /// not a type-2 window (an ordinary MR's), which the device refuses.
 mod rdma_specific {
     use super::Rdma;
     use crate::common::conformance::{self as c, Backend, Pair};
-    use rtrs_poll::fabric::{Mr, Qp, QpState, SendWr, WcOpcode};
+    use rtrs_fabric::{Mr, Qp, QpState, SendWr, WcOpcode};
 
     #[test]
     fn rekey_then_local_invalidate() {
@@ -101,7 +101,7 @@ mod rdma_specific {
         if c::skip::<Rdma>() {
             return;
         }
-        use rtrs_poll::fabric::WcStatus;
+        use rtrs_fabric::WcStatus;
         let mut p = Pair::<<Rdma as Backend>::F>::connect::<Rdma>();
         let key = p.b.mr.rkey();
         p.b.post_recv(3, 0, 64);

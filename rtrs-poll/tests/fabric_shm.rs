@@ -4,8 +4,8 @@
 mod common;
 
 use common::soft::Shm;
-use rtrs_poll::fabric::soft::shm::ShmFabric;
-use rtrs_poll::fabric::Address;
+use rtrs_fabric::soft::shm::ShmFabric;
+use rtrs_fabric::Address;
 
 conformance_tests!(Shm);
 engine_tests!(Shm);
@@ -16,7 +16,7 @@ admission_tests!(Shm);
 /// named in RTRS_SHM_UID_CHILD (as another user) and prints what it heard.
 #[test]
 fn shm_uid_child() {
-    use rtrs_poll::fabric::{Cm, CmEvent, Fabric, Pd, QpCap};
+    use rtrs_fabric::{Cm, CmEvent, Fabric, Pd, QpCap};
     let Ok(name) = std::env::var("RTRS_SHM_UID_CHILD") else {
         return;
     };
@@ -46,7 +46,7 @@ fn shm_uid_child() {
 /// (to run the child as another user); skipped otherwise.
 #[test]
 fn another_user_is_refused() {
-    use rtrs_poll::fabric::{Cm, CmEvent, CmRefusal, Fabric};
+    use rtrs_fabric::{Cm, CmEvent, CmRefusal, Fabric};
     use std::os::unix::process::CommandExt;
     // SAFETY: geteuid(2) cannot fail.
     if unsafe { libc::geteuid() } != 0 {
@@ -107,8 +107,8 @@ fn idle_polls_read_no_clock() {
 fn region_slots_are_freed_and_reused() {
     use common::conformance::{ok, Backend, Pair};
     use common::{mem, pattern, MemExt};
-    use rtrs_poll::fabric::soft::shm::ShmConfig;
-    use rtrs_poll::fabric::{Access, FabricError, Mr, Pd, Qp, QpCap, SendWr, WcOpcode, WcStatus};
+    use rtrs_fabric::soft::shm::ShmConfig;
+    use rtrs_fabric::{Access, FabricError, Mr, Pd, Qp, QpCap, SendWr, WcOpcode, WcStatus};
     let fab = ShmFabric::with_config(ShmConfig {
         max_regions: 4,
         ..ShmConfig::default()
@@ -118,7 +118,7 @@ fn region_slots_are_freed_and_reused() {
     let (raddr, rkey) = (p.b.mem.addr(0), p.b.mr.rkey());
     let base = p.a.pd.regions_in_use();
     assert_eq!(base, 1, "the side's own memory");
-    let write = |p: &mut Pair<ShmFabric>, mr: &rtrs_poll::fabric::soft::shm::ShmMr, id| {
+    let write = |p: &mut Pair<ShmFabric>, mr: &rtrs_fabric::soft::shm::ShmMr, id| {
         let sge = [mr.sge(0, 64)];
         p.a.qp
             .post_send(&SendWr::write(id, &sge, raddr, rkey))
@@ -196,7 +196,7 @@ fn region_slots_are_freed_and_reused() {
 /// entry gives the entry back.
 #[test]
 fn a_refused_registration_keeps_no_region() {
-    use rtrs_poll::fabric::{Access, Fabric, FabricError, Pd};
+    use rtrs_fabric::{Access, Fabric, FabricError, Pd};
     let pd = ShmFabric::new().alloc_pd_sized(2).unwrap(); // room for one MR
     let _mr = pd.reg_mr(common::mem(4096), Access::LOCAL_WRITE).unwrap();
     let m = common::mem(4096);
@@ -215,8 +215,8 @@ fn a_refused_registration_keeps_no_region() {
 fn reconnects_outnumber_the_region_table() {
     use common::conformance::Backend;
     use common::engine::{pattern, TestClient, TestServer};
+    use rtrs_fabric::soft::shm::ShmConfig;
     use rtrs_poll::clt::CltConfig;
-    use rtrs_poll::fabric::soft::shm::ShmConfig;
     use std::time::Duration;
     let small = ShmFabric::with_config(ShmConfig {
         max_regions: 8,

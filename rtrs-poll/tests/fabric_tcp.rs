@@ -5,8 +5,8 @@ mod common;
 
 use common::soft::Tcp;
 use common::{mem, pattern, MemExt};
-use rtrs_poll::fabric::soft::tcp::{TcpConfig, TcpFabric};
-use rtrs_poll::fabric::{
+use rtrs_fabric::soft::tcp::{TcpConfig, TcpFabric};
+use rtrs_fabric::{
     Access, Address, Cm, CmEvent, Cq, Fabric, FabricError, Mr, Pd, Qp, QpCap, RecvWr, SendWr, Wc,
     WcOpcode, WcStatus,
 };
@@ -352,8 +352,7 @@ fn idle_io_connections_park_on_their_core() {
 
 fn keyed(key: Option<&[u8]>) -> TcpFabric {
     TcpFabric::with_config(TcpConfig {
-        auth: key
-            .map(|k| std::sync::Arc::new(rtrs_poll::fabric::soft::tcp::AuthKey::new(k).unwrap())),
+        auth: key.map(|k| std::sync::Arc::new(rtrs_fabric::soft::tcp::AuthKey::new(k).unwrap())),
         max_pending_per_host: 3,
         ..TcpConfig::default()
     })
@@ -400,7 +399,7 @@ fn try_connect(client: &TcpFabric, server: &TcpFabric) -> (CmEvent, Vec<CmEvent>
     }
 }
 
-fn refused_for(evs: &[CmEvent]) -> Vec<rtrs_poll::fabric::CmRefusal> {
+fn refused_for(evs: &[CmEvent]) -> Vec<rtrs_fabric::CmRefusal> {
     evs.iter()
         .filter_map(|e| match e {
             CmEvent::Refused { why, .. } => Some(*why),
@@ -414,7 +413,7 @@ fn refused_for(evs: &[CmEvent]) -> Vec<rtrs_poll::fabric::CmRefusal> {
 /// through, and each side says why.
 #[test]
 fn preshared_key_mutual_auth() {
-    use rtrs_poll::fabric::CmRefusal;
+    use rtrs_fabric::CmRefusal;
     let k1: &[u8] = b"0123456789abcdef-key-one";
     let k2: &[u8] = b"0123456789abcdef-key-two";
     let (ev, refusals) = try_connect(&keyed(Some(k1)), &keyed(Some(k1)));
@@ -465,7 +464,7 @@ use common::conformance::Pair;
 /// application does not admit never gets a handshake slot.
 #[test]
 fn the_door_refuses_malformed_busy_and_unadmitted_peers() {
-    use rtrs_poll::fabric::CmRefusal;
+    use rtrs_fabric::CmRefusal;
     use std::io::Write;
     let fab = keyed(None);
     let a = addr();
@@ -475,7 +474,7 @@ fn the_door_refuses_malformed_busy_and_unadmitted_peers() {
         unreachable!()
     };
     let target = format!("{host}:{port}");
-    let events = |cm: &mut rtrs_poll::fabric::soft::tcp::TcpCm, n: usize| {
+    let events = |cm: &mut rtrs_fabric::soft::tcp::TcpCm, n: usize| {
         let mut got = Vec::new();
         let t0 = Instant::now();
         while got.len() < n {
@@ -515,10 +514,10 @@ fn the_door_refuses_malformed_busy_and_unadmitted_peers() {
 fn rnbd_allow_key_matches_the_proved_key() {
     use common::engine::{TestClient, TestServer};
     use common::engine_suite::{cfg, rnbd_client, rnbd_open};
-    use rtrs_poll::proto::rnbd::AccessMode;
     use rtrs_poll::rnbd::{Export, RnbdRefusal};
+    use rtrs_proto::rnbd::AccessMode;
     let k1: &[u8] = b"0123456789abcdef-key-one";
-    let id = rtrs_poll::fabric::soft::tcp::AuthKey::new(k1)
+    let id = rtrs_fabric::soft::tcp::AuthKey::new(k1)
         .unwrap()
         .id()
         .to_string();

@@ -9,10 +9,10 @@
 //! (`--release` for more cases a second).
 
 use proptest::prelude::*;
-use rtrs_poll::proto::chunk::{self, IoReqKind};
-use rtrs_poll::proto::imm::{Imm, ImmLayout};
-use rtrs_poll::proto::rnbd::*;
-use rtrs_poll::proto::*;
+use rtrs_proto::chunk::{self, IoReqKind};
+use rtrs_proto::imm::{Imm, ImmLayout};
+use rtrs_proto::rnbd::*;
+use rtrs_proto::*;
 
 const TARGETS: u32 = 12;
 
@@ -152,7 +152,7 @@ fn check_imm(b: &[u8]) {
     }
 }
 
-use rtrs_poll::proto::imm;
+use rtrs_proto::imm;
 
 fn check_rnbd(b: &[u8]) {
     if let Ok(m) = RnbdMsg::parse(b) {

@@ -8,8 +8,8 @@
 //! `cargo test fuzz` in the test command, budget `RTRS_FUZZ_SECS`).
 
 use proptest::prelude::*;
-use rtrs_poll::fabric::soft::tcp::fuzz::*;
-use rtrs_poll::fabric::QpState;
+use rtrs_fabric::soft::tcp::fuzz::*;
+use rtrs_fabric::QpState;
 
 #[path = "common/mutate.rs"]
 mod mutate;

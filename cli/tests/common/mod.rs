@@ -3,11 +3,11 @@
 #![allow(dead_code)]
 
 use minstant::Instant;
+use rtrs_fabric::soft::shm::ShmFabric;
+use rtrs_fabric::Address;
 use rtrs_poll::clt::{Client, CltConfig, CltCore};
-use rtrs_poll::fabric::soft::shm::ShmFabric;
-use rtrs_poll::fabric::Address;
-use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
 use rtrs_poll::rnbd::{clt as rc, RnbdClient, RnbdDev, RnbdError};
+use rtrs_proto::rnbd::{AccessMode, RnbdOp};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

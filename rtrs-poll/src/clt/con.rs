@@ -2,12 +2,12 @@
 //!
 //! Buffers: `nrecv` 8-byte receive slots (RKEY_RSP payloads land there).
 
-use crate::fabric::{memory, Access, Cq, Fabric, Memory, Mr, Pd, Qp, QpCap, RecvWr, SendWr, Wc};
 use crate::sess::hb::Signal;
+use rtrs_fabric::{memory, Access, Cq, Fabric, Memory, Mr, Pd, Qp, QpCap, RecvWr, SendWr, Wc};
 use std::sync::Arc;
 
 /// A receive slot: room for an RKEY_RSP.
-pub(crate) const SLOT: usize = crate::proto::RkeyRsp::<&[u8]>::LEN;
+pub(crate) const SLOT: usize = rtrs_proto::RkeyRsp::<&[u8]>::LEN;
 
 /// wr_id of a receive: its slot index in the low bits.
 pub(crate) const WR_RECV: u64 = 1 << 56;
@@ -50,7 +50,7 @@ impl<F: Fabric> CltCon<F> {
         cap: QpCap,
         nrecv: u32,
         signal: Signal,
-    ) -> crate::fabric::Result<CltCon<F>> {
+    ) -> rtrs_fabric::Result<CltCon<F>> {
         let cq = pd.create_cq(cap.max_send_wr + cap.max_recv_wr)?;
         let qp = pd.create_qp(&cq, &cq, cap)?;
         let mem = memory::shareable(nrecv as usize * SLOT)?;
@@ -69,7 +69,7 @@ impl<F: Fabric> CltCon<F> {
     }
 
     /// Posts receive slot `i` (an 8-byte buffer).
-    pub(crate) fn post_recv(&mut self, i: u32) -> crate::fabric::Result<()> {
+    pub(crate) fn post_recv(&mut self, i: u32) -> rtrs_fabric::Result<()> {
         let sge = [self.mr.sge(i as usize * SLOT, SLOT as u32)];
         self.qp.post_recv(&RecvWr {
             wr_id: WR_RECV | u64::from(i),
@@ -78,7 +78,7 @@ impl<F: Fabric> CltCon<F> {
     }
 
     /// Posts every receive slot.
-    pub(crate) fn post_all_recvs(&mut self) -> crate::fabric::Result<()> {
+    pub(crate) fn post_all_recvs(&mut self) -> rtrs_fabric::Result<()> {
         for i in 0..self.nrecv {
             self.post_recv(i)?;
         }
@@ -86,7 +86,7 @@ impl<F: Fabric> CltCon<F> {
     }
 
     /// Posts `wr`, signaled when its turn comes.
-    pub(crate) fn post(&mut self, wr: SendWr<'_>) -> crate::fabric::Result<()> {
+    pub(crate) fn post(&mut self, wr: SendWr<'_>) -> rtrs_fabric::Result<()> {
         let wr = self.signal.apply(wr);
         self.qp.post_send(&wr)
     }
@@ -96,7 +96,7 @@ impl<F: Fabric> CltCon<F> {
         &mut self,
         first: SendWr<'_>,
         wr: SendWr<'_>,
-    ) -> crate::fabric::Result<()> {
+    ) -> rtrs_fabric::Result<()> {
         let wr = self.signal.apply(wr);
         self.qp.post_send_batch(&[first.unsignaled(), wr])
     }

@@ -6,15 +6,15 @@ use super::con::{CltCon, WR_HB, WR_IO, WR_KIND, WR_RECV};
 use super::msg::{CoreMsg, CtlMsg, Req};
 use super::path::{bump, CltPath};
 use super::{CltError, CltSess, Dir, IoPermit, PathMem, MAX_SG};
-use crate::fabric::{Fabric, Mr, SendWr, Sge, Wc, WcOpcode, WcStatus};
-use crate::proto::chunk;
-use crate::proto::imm::Imm;
-use crate::proto::{RdmaRead, RdmaReadRepr, RdmaWrite, RkeyRsp, SgDesc};
 use crate::sess::hb::hb_wr;
 use crate::sess::mp_policy::{MpPolicy, PathIter, PathView, MAX_PATHS};
 use crate::sess::path::PathState;
 use crate::sess::DownReason;
 use minstant::Instant;
+use rtrs_fabric::{Fabric, Mr, SendWr, Sge, Wc, WcOpcode, WcStatus};
+use rtrs_proto::chunk;
+use rtrs_proto::imm::Imm;
+use rtrs_proto::{RdmaRead, RdmaReadRepr, RdmaWrite, RkeyRsp, SgDesc};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -58,7 +58,7 @@ struct RemoteReq {
 /// ```
 /// use minstant::Instant;
 /// use rtrs_poll::clt::{Client, CltConfig};
-/// # use rtrs_poll::fabric::{soft::shm::ShmFabric, Address};
+/// # use rtrs_fabric::{soft::shm::ShmFabric, Address};
 /// # use rtrs_poll::srv::{ConInfo, CorePool, Handler, Server, SrvConfig, SrvIo, Verdict};
 /// # struct Sink;
 /// # impl Handler for Sink {

@@ -22,18 +22,18 @@ use super::path::{CltPath, PathId};
 use super::{
     make_sess, CltConfig, CltCore, CltError, CltEvent, CltSess, Geometry, PathMem, MAX_SG,
 };
-use crate::fabric::{
-    memory, Access, Address, Cm, CmEvents, ConnId, Fabric, Memory, Mr, Pd, Qp, QpCap, RecvWr,
-    SendWr, Wc, WcOpcode, WcStatus,
-};
-use crate::proto::imm::Imm;
-use crate::proto::{
-    InfoReq, InfoReqRepr, InfoRsp, SgDesc, PRIVATE_DATA_LEN, SERVICE_CON_QUEUE_DEPTH,
-};
 use crate::sess::hb::{hb_wr, Signal};
 use crate::sess::path::PathState;
 use crate::sess::DownReason;
 use minstant::Instant;
+use rtrs_fabric::{
+    memory, Access, Address, Cm, CmEvents, ConnId, Fabric, Memory, Mr, Pd, Qp, QpCap, RecvWr,
+    SendWr, Wc, WcOpcode, WcStatus,
+};
+use rtrs_proto::imm::Imm;
+use rtrs_proto::{
+    InfoReq, InfoReqRepr, InfoRsp, SgDesc, PRIVATE_DATA_LEN, SERVICE_CON_QUEUE_DEPTH,
+};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
@@ -482,7 +482,7 @@ impl<F: Fabric> CltControl<F> {
         &mut self,
         slot: usize,
         cid: u16,
-        req: crate::proto::ConnReqRepr,
+        req: rtrs_proto::ConnReqRepr,
     ) -> Result<ConnId, DownReason> {
         let local = |what: String| DownReason::Local { cid, what };
         let qd = self.sess.as_ref().map(|s| s.queue_depth);
@@ -581,7 +581,7 @@ impl<F: Fabric> CltControl<F> {
                 sh.rbufs[k].rkey.store(key, Ordering::Release);
             }
         }
-        let local = |cid: u16, e: crate::fabric::FabricError| DownReason::Local {
+        let local = |cid: u16, e: rtrs_fabric::FabricError| DownReason::Local {
             cid,
             what: format!("cannot post receives: {e}"),
         };

@@ -17,12 +17,12 @@
 
 use super::path::PathId;
 use super::{CltConfig, CltError, CltEvent, Geometry};
-use crate::fabric::{Address, CmEvent, ConnId};
-use crate::proto::{slice_chunks, ConnReqRepr, ConnRsp, ConnRspRepr, InfoRsp, MAX_PATHS_NUM};
 use crate::sess::hb::{HbAction, Heartbeat};
 use crate::sess::path::{ClientPath, PathAction, PathEvent, PathState, ReconnectPolicy};
 use crate::sess::{DownReason, CONTROL_TICK};
 use minstant::Instant;
+use rtrs_fabric::{Address, CmEvent, ConnId};
+use rtrs_proto::{slice_chunks, ConnReqRepr, ConnRsp, ConnRspRepr, InfoRsp, MAX_PATHS_NUM};
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
@@ -457,10 +457,10 @@ impl SessMachine {
     pub(crate) fn svc_imm(
         &mut self,
         slot: usize,
-        imm: Result<crate::proto::imm::Imm, ()>,
+        imm: Result<rtrs_proto::imm::Imm, ()>,
         now: Instant,
     ) {
-        use crate::proto::imm::Imm;
+        use rtrs_proto::imm::Imm;
         self.now = now;
         let Some(p) = self.slot(slot) else { return };
         let Some(hb) = p.hb.as_mut() else { return };
@@ -918,8 +918,8 @@ mod tests {
     //! The session's control alone: no fabric, no thread, the driver's
     //! part played by the test (each action answered as a driver would).
     use super::*;
-    use crate::fabric::PrivateData;
-    use crate::proto::{ConnRspRepr, InfoRspRepr, SgDesc, MAX_HDR_SIZE, PRIVATE_DATA_LEN};
+    use rtrs_fabric::PrivateData;
+    use rtrs_proto::{ConnRspRepr, InfoRspRepr, SgDesc, MAX_HDR_SIZE, PRIVATE_DATA_LEN};
 
     const QD: u16 = 4;
     const S: Duration = Duration::from_secs(1);

@@ -27,12 +27,12 @@ pub use crate::sess::path::{PathState, ReconnectPolicy};
 pub use crate::sess::DownReason;
 pub use path::{CltPath, CoreStats, PathId, PathStats};
 
-use crate::fabric::{Access, Address, Fabric, FabricError, Memory, Mr, Pd};
-use crate::proto::imm::ImmLayout;
-use crate::proto::{ProtoError, NAME_MAX};
 use crate::sess::mp_policy::MpPolicy;
 use ctl::{CltControl, Shared};
 use msg::{Cmd, CtlMsg};
+use rtrs_fabric::{Access, Address, Fabric, FabricError, Memory, Mr, Pd};
+use rtrs_proto::imm::ImmLayout;
+use rtrs_proto::{ProtoError, NAME_MAX};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -288,7 +288,7 @@ impl<F: Fabric> PathMem<F> {
         queue_depth: u32,
         buf_size: usize,
         per_io_keys: bool,
-    ) -> crate::fabric::Result<PathMem<F>> {
+    ) -> rtrs_fabric::Result<PathMem<F>> {
         let lmr = pd.reg_mr(mem.clone(), Access::LOCAL_WRITE)?;
         let mut access = Access::LOCAL_WRITE | Access::REMOTE_WRITE;
         if per_io_keys {
@@ -296,7 +296,7 @@ impl<F: Fabric> PathMem<F> {
         }
         let rd_mrs = (0..queue_depth as usize)
             .map(|i| pd.reg_mr_range(mem.clone(), i * buf_size, buf_size, access))
-            .collect::<crate::fabric::Result<Vec<_>>>()?;
+            .collect::<rtrs_fabric::Result<Vec<_>>>()?;
         if per_io_keys {
             // Keyed per read: no key is valid until a read is submitted.
             for mr in &rd_mrs {
@@ -559,14 +559,14 @@ impl<F: Fabric> Client<F> {
                 "the session name must be 1..=254 bytes without '/' or '.'",
             ));
         }
-        if cfg.paths.is_empty() || cfg.paths.len() > crate::proto::MAX_PATHS_NUM {
+        if cfg.paths.is_empty() || cfg.paths.len() > rtrs_proto::MAX_PATHS_NUM {
             return Err(CltError::Config("a session has 1..=128 paths"));
         }
-        if cfg.cores == 0 || cfg.cores >= usize::from(crate::proto::MAX_CID_NUM) {
+        if cfg.cores == 0 || cfg.cores >= usize::from(rtrs_proto::MAX_CID_NUM) {
             return Err(CltError::Config("cores must be 1..4095"));
         }
         if let Some(n) = cfg.connections {
-            if usize::from(n) < cfg.cores + 1 || n > crate::proto::MAX_CID_NUM {
+            if usize::from(n) < cfg.cores + 1 || n > rtrs_proto::MAX_CID_NUM {
                 return Err(CltError::Config(
                     "connections per path must be cores + 1 (an IO connection for every core, and cid 0) up to 4096",
                 ));

@@ -13,10 +13,10 @@
 use super::con::CltCon;
 use super::path::{CltPath, PathId};
 use super::{CltError, Dir, PathMem, MAX_SG};
-use crate::fabric::{Address, Fabric, Sge};
 use crate::sess::path::ReconnectPolicy;
 use crate::sess::DownReason;
 use minstant::Instant;
+use rtrs_fabric::{Address, Fabric, Sge};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 

@@ -6,8 +6,8 @@
 
 use super::backend::{BackendCounters, FileStore, Op, Ring};
 use super::srv::{Export, RnbdHandler, RnbdServer};
-use crate::proto::rnbd::*;
 use crate::srv::{ConInfo, Handler, IoDir, IoId, SrvIo, Verdict};
+use rtrs_proto::rnbd::*;
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

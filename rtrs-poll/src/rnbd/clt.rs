@@ -14,9 +14,9 @@
 //! ```
 
 use crate::clt::{Client, CltError, CltEvent, Completion, Dir, Events, Submitter};
-use crate::fabric::Fabric;
-use crate::proto::rnbd::*;
 use minstant::Instant;
+use rtrs_fabric::Fabric;
+use rtrs_proto::rnbd::*;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +32,7 @@ pub enum RnbdError {
     Errno(i32),
     /// The server's answer is malformed.
     #[error("malformed answer: {0}")]
-    Proto(crate::proto::ProtoError),
+    Proto(rtrs_proto::ProtoError),
     /// No answer in time (the request's permit comes back when it does).
     #[error("no answer within {0:?}")]
     Timeout(Duration),

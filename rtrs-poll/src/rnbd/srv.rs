@@ -4,8 +4,8 @@
 //! enforced on IO (docs/rnbd.md).
 
 use super::backend::{BackendCounters, Event, FileStore, Op, Ring};
-use crate::proto::rnbd::*;
 use crate::srv::{ConInfo, Handler, Identity, IoDir, IoId, SrvIo, Verdict};
+use rtrs_proto::rnbd::*;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -105,7 +105,7 @@ fn parse_options<'a>(
             names
                 .split('|')
                 .map(|n| {
-                    crate::proto::check_sessname(n)
+                    rtrs_proto::check_sessname(n)
                         .map(|()| Rule::Sessname(n.to_string()))
                         .map_err(|_| {
                             bad(&format!(

@@ -7,9 +7,9 @@
 //! path never sends more than one beat per interval and an idle peer that stops
 //! answering is declared dead 30-35 s (7 timer runs) after its last message.
 
-use crate::fabric::SendWr;
-use crate::proto::imm::{HB_ACK, HB_MSG};
 use minstant::Instant;
+use rtrs_fabric::SendWr;
+use rtrs_proto::imm::{HB_ACK, HB_MSG};
 use std::time::Duration;
 
 /// The kernel's heartbeat interval (`RTRS_HB_INTERVAL_MS`).

@@ -430,7 +430,7 @@ impl ClientPath {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fabric::{WcOpcode, WcStatus};
+    use rtrs_fabric::{WcOpcode, WcStatus};
 
     fn us(n: u64) -> Duration {
         Duration::from_micros(n)

@@ -1,7 +1,7 @@
 //! Why a path went down or closed: one typed vocabulary for events, stats
 //! and logs, on both sides.
 
-use crate::fabric::{WcOpcode, WcStatus};
+use rtrs_fabric::{WcOpcode, WcStatus};
 use std::fmt;
 
 /// Which step of a connection round timed out.

@@ -12,8 +12,8 @@
 
 use super::machine::{Registry, SessRec};
 use super::{Refusal, SrvConfig};
-use crate::fabric::ConnId;
-use crate::proto::{ConnReq, ConnReqRepr, MAX_PATHS_NUM};
+use rtrs_fabric::ConnId;
+use rtrs_proto::{ConnReq, ConnReqRepr, MAX_PATHS_NUM};
 
 /// Why a connect request is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]

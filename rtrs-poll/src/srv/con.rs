@@ -5,13 +5,13 @@
 
 use super::path::{PathState, SrvPath};
 use super::{Handler, IoDir, IoId, SrvIo, Verdict};
-use crate::fabric::{Cq, Fabric, Memory, Mr, Qp, RecvWr, SendWr, Wc, WcOpcode, WcStatus};
-use crate::proto::chunk::{self, IoReqKind};
-use crate::proto::imm::{io_rsp, Imm};
-use crate::proto::{check_sessname, InfoReq, InfoRspRepr, RkeyRspRepr, SgDesc};
 use crate::sess::hb::{hb_wr, HbAction, Heartbeat, Signal};
 use crate::sess::DownReason;
 use minstant::Instant;
+use rtrs_fabric::{Cq, Fabric, Memory, Mr, Qp, RecvWr, SendWr, Wc, WcOpcode, WcStatus};
+use rtrs_proto::chunk::{self, IoReqKind};
+use rtrs_proto::imm::{io_rsp, Imm};
+use rtrs_proto::{check_sessname, InfoReq, InfoRspRepr, RkeyRspRepr, SgDesc};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ const HB_WATCH_EARLY: Duration = Duration::from_millis(2);
 const HB_WATCH_LATE: Duration = Duration::from_millis(8);
 
 /// An RKEY_RSP, as each IO connection's per-chunk slot holds it.
-pub(crate) const RKEY_RSP_LEN: usize = crate::proto::RkeyRsp::<&[u8]>::LEN;
+pub(crate) const RKEY_RSP_LEN: usize = rtrs_proto::RkeyRsp::<&[u8]>::LEN;
 
 /// The receive buffer for INFO_REQ, at offset 0 of cid 0's buffers.
 pub(crate) const INFO_REQ_LEN: usize = InfoReq::<&[u8]>::LEN;
@@ -141,7 +141,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
 
     /// Posts what a new connection receives into: cid 0 one INFO_REQ buffer,
     /// an IO cid one zero-length receive per chunk.
-    pub(crate) fn post_initial_recvs(&mut self) -> crate::fabric::Result<()> {
+    pub(crate) fn post_initial_recvs(&mut self) -> rtrs_fabric::Result<()> {
         if self.cid == 0 {
             let sge = [self.mr.sge(0, INFO_REQ_LEN as u32)];
             self.qp.post_recv(&RecvWr {
@@ -161,7 +161,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         &self.qp
     }
 
-    fn post_recv(&mut self) -> crate::fabric::Result<()> {
+    fn post_recv(&mut self) -> rtrs_fabric::Result<()> {
         self.qp.post_recv(&RecvWr {
             wr_id: WR_RECV,
             sg_list: &[],
@@ -325,7 +325,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         }
     }
 
-    fn post(&mut self, wr: SendWr<'_>) -> crate::fabric::Result<()> {
+    fn post(&mut self, wr: SendWr<'_>) -> rtrs_fabric::Result<()> {
         let wr = self.signal.apply(wr);
         self.qp.post_send(&wr)
     }
@@ -396,7 +396,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             Err(e) => return self.protocol(format!("INFO_REQ: {e}")),
         };
         path.set_sessname(name);
-        for _ in 0..crate::proto::SERVICE_CON_QUEUE_DEPTH {
+        for _ in 0..rtrs_proto::SERVICE_CON_QUEUE_DEPTH {
             if let Err(e) = self.post_recv() {
                 return self.local(format!("cannot post cid 0 receives: {e}"));
             }
@@ -610,18 +610,18 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
 #[derive(Debug, thiserror::Error)]
 enum RespondError {
     #[error("{0}")]
-    Proto(crate::proto::ProtoError),
+    Proto(rtrs_proto::ProtoError),
     #[error("cannot re-key the chunk: {0}")]
-    Rekey(crate::fabric::FabricError),
+    Rekey(rtrs_fabric::FabricError),
     #[error("{0}")]
-    Fabric(crate::fabric::FabricError),
+    Fabric(rtrs_fabric::FabricError),
 }
 
 /// The errno an IO response can carry: 0 or negative, magnitude <= 511
 /// (anything else becomes -EIO).
 fn clamp_errno(errno: i32) -> i32 {
     let e = -(errno.unsigned_abs() as i64);
-    if e < -(crate::proto::imm::MAX_RSP_ERRNO as i64) {
+    if e < -(rtrs_proto::imm::MAX_RSP_ERRNO as i64) {
         -libc::EIO
     } else {
         e as i32

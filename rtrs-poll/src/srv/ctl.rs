@@ -21,15 +21,13 @@ use super::con::{SrvCon, RKEY_RSP_LEN};
 use super::machine::{Plan, Request, SrvAction, SrvMachine};
 use super::path::{PathState, SrvPath};
 use super::{ConInfo, Handler, Place, Refusal, SrvConfig, SrvError, SrvEvent};
-use crate::fabric::{
-    memory, Access, Address, Cm, CmEvent, CmEvents, ConnId, Fabric, Mr, Pd, QpCap,
-};
-use crate::proto::imm::ImmLayout;
-use crate::proto::{
-    ConnReqRepr, ConnRspRepr, MAX_HDR_SIZE, PRIVATE_DATA_LEN, SERVICE_CON_QUEUE_DEPTH,
-};
 use crate::sess::DownReason;
 use minstant::Instant;
+use rtrs_fabric::{memory, Access, Address, Cm, CmEvent, CmEvents, ConnId, Fabric, Mr, Pd, QpCap};
+use rtrs_proto::imm::ImmLayout;
+use rtrs_proto::{
+    ConnReqRepr, ConnRspRepr, MAX_HDR_SIZE, PRIVATE_DATA_LEN, SERVICE_CON_QUEUE_DEPTH,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -74,7 +72,7 @@ impl<F: Fabric> Default for Shared<F> {
 
 /// A session's chunk memory.
 struct SessMem {
-    mem: Arc<dyn crate::fabric::Memory>,
+    mem: Arc<dyn rtrs_fabric::Memory>,
     /// The session's chunks, claimed one request at a time.
     chunks: Arc<mempool::Claims>,
 }
@@ -137,9 +135,9 @@ struct PdRegistrar<'a, F: Fabric>(&'a F::Pd);
 
 impl<F: Fabric> mempool::Registrar for PdRegistrar<'_, F> {
     type Handle = F::Mr;
-    type Error = crate::fabric::FabricError;
+    type Error = rtrs_fabric::FabricError;
     fn register(&mut self, region: &Arc<mempool::Region>) -> Result<F::Mr, Self::Error> {
-        let mem: Arc<dyn crate::fabric::Memory> = region.clone();
+        let mem: Arc<dyn rtrs_fabric::Memory> = region.clone();
         self.0.reg_mr(mem, Access::LOCAL_WRITE)
     }
 }
@@ -239,7 +237,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
         };
         let (send, recv, buf_len) = if cid == 0 {
             let info_rsp =
-                crate::proto::InfoRsp::<&[u8]>::HDR_LEN + crate::proto::SgDesc::LEN * qd as usize;
+                rtrs_proto::InfoRsp::<&[u8]>::HDR_LEN + rtrs_proto::SgDesc::LEN * qd as usize;
             (
                 SERVICE_CON_QUEUE_DEPTH * 2 + 2,
                 SERVICE_CON_QUEUE_DEPTH * 2 + 2,
@@ -534,7 +532,7 @@ impl<F: Fabric, H: Handler> SrvControl<F, H> {
     /// when the last path and core holding the chunks let go of them.
     fn session_chunks(
         &mut self,
-    ) -> Result<(Arc<dyn crate::fabric::Memory>, mempool::Claims, bool), Refused> {
+    ) -> Result<(Arc<dyn rtrs_fabric::Memory>, mempool::Claims, bool), Refused> {
         let (qd, cs) = (self.cfg.queue_depth, self.cfg.max_chunk_size as usize);
         let bytes = usize::from(qd) * cs;
         let memory = |e: mempool::PoolError| {
@@ -778,16 +776,16 @@ impl<F: Fabric, H: Handler> pollers::Control for SrvControl<F, H> {
 fn register<F: Fabric>(
     pd: &F::Pd,
     cfg: &SrvConfig,
-    mem: &Arc<dyn crate::fabric::Memory>,
+    mem: &Arc<dyn rtrs_fabric::Memory>,
     base: usize,
-) -> crate::fabric::Result<Vec<F::Mr>> {
+) -> rtrs_fabric::Result<Vec<F::Mr>> {
     let access = Access::LOCAL_WRITE | Access::REMOTE_WRITE;
     let cs = cfg.max_chunk_size as usize;
     let qd = cfg.queue_depth as usize;
     let mrs = if cfg.always_invalidate {
         (0..qd)
             .map(|i| pd.reg_mr_range(mem.clone(), base + i * cs, cs, access))
-            .collect::<crate::fabric::Result<Vec<_>>>()?
+            .collect::<rtrs_fabric::Result<Vec<_>>>()?
     } else {
         vec![pd.reg_mr_range(mem.clone(), base, qd * cs, access)?]
     };

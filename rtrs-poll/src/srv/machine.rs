@@ -19,10 +19,10 @@
 
 use super::admit::{admit, refused, Admit, Memory, Refused};
 use super::{CloseTarget, ClosedPath, Refusal, SrvConfig, SrvEvent};
-use crate::fabric::{CmRefusal, ConnId, WcStatus};
-use crate::proto::ConnReqRepr;
 use crate::sess::DownReason;
 use minstant::Instant;
+use rtrs_fabric::{CmRefusal, ConnId, WcStatus};
+use rtrs_proto::ConnReqRepr;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
@@ -571,8 +571,8 @@ mod tests {
     //! The server's control alone: no fabric, no thread; the test plays
     //! the driver.
     use super::*;
-    use crate::proto::PRIVATE_DATA_LEN;
     use crate::srv::Limits;
+    use rtrs_proto::PRIVATE_DATA_LEN;
 
     const S: Duration = Duration::from_secs(1);
 

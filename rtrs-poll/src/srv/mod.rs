@@ -25,12 +25,10 @@ pub use crate::sess::DownReason;
 pub use con::SrvCon;
 pub use path::{ConCounters, PathState, PathStats, PathTotals, SrvPath};
 
-use crate::fabric::{Address, Fabric, FabricError};
-use crate::proto::imm::ImmLayout;
-use crate::proto::{
-    DEFAULT_MAX_CHUNK_SIZE, DEFAULT_SESS_QUEUE_DEPTH, MAX_HDR_SIZE, MIN_CHUNK_SIZE,
-};
 use ctl::{Shared, SrvControl, SrvMsg};
+use rtrs_fabric::{Address, Fabric, FabricError};
+use rtrs_proto::imm::ImmLayout;
+use rtrs_proto::{DEFAULT_MAX_CHUNK_SIZE, DEFAULT_SESS_QUEUE_DEPTH, MAX_HDR_SIZE, MIN_CHUNK_SIZE};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,7 +100,7 @@ impl Default for Limits {
             allow: Vec::new(),
             max_sessions: 256,
             max_sessions_per_host: 16,
-            max_paths_per_session: crate::proto::MAX_PATHS_NUM,
+            max_paths_per_session: rtrs_proto::MAX_PATHS_NUM,
             max_handshakes_per_host: 256,
             handshake_timeout: Duration::from_secs(30),
             memory_budget: default_memory_budget(),
@@ -455,7 +453,7 @@ pub enum Verdict {
 /// }
 /// # use minstant::Instant;
 /// # use rtrs_poll::clt::{Client, CltConfig};
-/// # use rtrs_poll::fabric::{soft::shm::ShmFabric, Address};
+/// # use rtrs_fabric::{soft::shm::ShmFabric, Address};
 /// # use rtrs_poll::srv::{ConInfo, CorePool, Server, SrvConfig};
 /// # let fabric = ShmFabric::new();
 /// # let addr = Address::Shm(format!("doc-handler-{}", std::process::id()));
@@ -844,9 +842,9 @@ impl<F: Fabric, H: Handler> Server<F, H> {
             // handshake slot or a descriptor is spent; checked again on
             // every connect request (rdma, and shm peers are exempt).
             let limits = cfg.limits.clone();
-            crate::fabric::Cm::admit(&mut cm, Arc::new(move |ip| limits.allows(ip)));
+            rtrs_fabric::Cm::admit(&mut cm, Arc::new(move |ip| limits.allows(ip)));
         }
-        let lid = crate::fabric::Cm::listen(&mut cm, addr)?;
+        let lid = rtrs_fabric::Cm::listen(&mut cm, addr)?;
         tracing::info!(%addr, "listening");
         let shared = Arc::new(Shared::default());
         let control = SrvControl::new(

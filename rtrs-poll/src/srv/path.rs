@@ -3,11 +3,11 @@
 //! contend on a cache line.
 
 use super::IoDir;
-use crate::fabric::{Fabric, Mr, Sge};
-use crate::proto::imm::ImmLayout;
-use crate::proto::SgDesc;
 use crate::sess::DownReason;
 use crossbeam_utils::CachePadded;
+use rtrs_fabric::{Fabric, Mr, Sge};
+use rtrs_proto::imm::ImmLayout;
+use rtrs_proto::SgDesc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 

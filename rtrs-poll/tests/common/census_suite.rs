@@ -1,4 +1,4 @@
-//! The census contract (`rtrs_poll::fabric::live`): a backend counts every
+//! The census contract (`rtrs_fabric::live`): a backend counts every
 //! object it makes and frees, so a create/drop cycle, and a whole session
 //! with its server, return the process's counts to where they were.
 //!
@@ -8,8 +8,8 @@
 
 use super::conformance::{skip, Backend, Pair};
 use super::engine::{pattern, TestClient, TestServer};
-use rtrs_poll::fabric::live::{counts, Kind, LiveCounts};
-use rtrs_poll::fabric::{Access, Cq, Fabric, Pd, QpCap, Wc};
+use rtrs_fabric::live::{counts, Kind, LiveCounts};
+use rtrs_fabric::{Access, Cq, Fabric, Pd, QpCap, Wc};
 use rtrs_poll::srv::SrvConfig;
 use std::time::{Duration, Instant};
 

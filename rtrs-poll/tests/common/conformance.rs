@@ -4,7 +4,7 @@
 //! polled, so the helpers always poll both.
 
 use super::{mem, pattern, MemExt, TestMem};
-use rtrs_poll::fabric::{
+use rtrs_fabric::{
     Access, Address, Cm, CmEvent, ConnId, Cq, Fabric, FabricError, Mr, Pd, Qp, QpCap, QpState,
     RecvWr, SendWr, Sge, Wc, WcOpcode, WcStatus,
 };

@@ -4,8 +4,8 @@
 #![allow(dead_code)]
 
 use minstant::Instant;
+use rtrs_fabric::{Address, Fabric};
 use rtrs_poll::clt::{Client, CltConfig, CltCore, Completion};
-use rtrs_poll::fabric::{Address, Fabric};
 use rtrs_poll::srv::{ClosedPath, Handler, IoDir, Server, SrvConfig, SrvEvent, SrvIo, Verdict};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -341,7 +341,7 @@ impl<F: Fabric> TestClient<F> {
     pub fn rnbd_io(
         &mut self,
         dev: &rtrs_poll::rnbd::RnbdDev,
-        op: rtrs_poll::proto::rnbd::RnbdOp,
+        op: rtrs_proto::rnbd::RnbdOp,
         off: u64,
         bi_size: u32,
         data: &[u8],

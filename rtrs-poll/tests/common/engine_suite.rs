@@ -8,16 +8,16 @@
 use super::conformance::Backend;
 use super::engine::*;
 use minstant::Instant;
-use rtrs_poll::clt::{CltConfig, CltCore, PathState, ReadKeys};
-use rtrs_poll::fabric::{
+use rtrs_fabric::{
     memory, Access, Address, Cm, CmEvent, Cq, Fabric, Mr, Pd, Qp, QpCap, RecvWr, SendWr, Wc,
     WcStatus,
 };
-use rtrs_poll::proto::imm::ImmLayout;
-use rtrs_poll::proto::*;
+use rtrs_poll::clt::{CltConfig, CltCore, PathState, ReadKeys};
 use rtrs_poll::sess::mp_policy::MpPolicy;
 use rtrs_poll::sess::DownReason;
 use rtrs_poll::srv::SrvConfig;
+use rtrs_proto::imm::ImmLayout;
+use rtrs_proto::*;
 use std::time::Duration;
 
 pub fn cfg(always_invalidate: bool) -> SrvConfig {
@@ -422,8 +422,8 @@ fn spin<F: Fabric>(core: &mut CltCore<F>) {
 }
 
 pub fn rnbd_over_rtrs<B: Backend>() {
-    use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
     use rtrs_poll::rnbd::{clt as rc, Export, RnbdClient, RnbdError};
+    use rtrs_proto::rnbd::{AccessMode, RnbdOp};
     let a = B::addr();
     let file = std::env::temp_dir().join(format!(
         "rtrs-rnbd-{}-{}.img",
@@ -494,13 +494,7 @@ pub fn rnbd_over_rtrs<B: Backend>() {
     assert!(f[65536..65536 + 4096] == pattern(11, 4096)[..]);
     // Flush (an RTRS read with no data) and an IO past the end.
     let p = c.core.get_permit().unwrap();
-    let h = rc::io_hdr(
-        &disk,
-        RnbdOp::Flush,
-        0,
-        0,
-        rtrs_poll::proto::rnbd::RNBD_F_FUA,
-    );
+    let h = rc::io_hdr(&disk, RnbdOp::Flush, 0, 0, rtrs_proto::rnbd::RNBD_F_FUA);
     c.core
         .read(p, &h, 0, 3, Instant::now())
         .map_err(|(_, e)| e)
@@ -570,7 +564,7 @@ pub fn rnbd_open<F: Fabric>(
     c: &mut TestClient<F>,
     rn: &mut rtrs_poll::rnbd::RnbdClient<F>,
     name: &str,
-    mode: rtrs_poll::proto::rnbd::AccessMode,
+    mode: rtrs_proto::rnbd::AccessMode,
 ) -> std::result::Result<std::sync::Arc<rtrs_poll::rnbd::RnbdDev>, i32> {
     match rn.open(name, mode, &mut || spin(&mut c.core)) {
         Ok(d) => Ok(d),
@@ -585,8 +579,8 @@ pub fn rnbd_open<F: Fabric>(
 /// for writing, an export with allow rules serves the sessions it names only
 /// (-EACCES), and every refusal is counted by kind.
 pub fn rnbd_access_rules<B: Backend>() {
-    use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
     use rtrs_poll::rnbd::{Export, RnbdRefusal};
+    use rtrs_proto::rnbd::{AccessMode, RnbdOp};
     let a = B::addr();
     let exports = vec![
         Export::parse("ram0=ram:1M").unwrap(),
@@ -765,7 +759,7 @@ pub struct Raw<F: Fabric> {
     cm: F::Cm,
     qp: F::Qp,
     cq: F::Cq,
-    mem: std::sync::Arc<dyn rtrs_poll::fabric::Memory>,
+    mem: std::sync::Arc<dyn rtrs_fabric::Memory>,
     mr: F::Mr,
     chunks: Vec<(u64, u32)>,
     layout: Option<ImmLayout>,
@@ -1077,7 +1071,7 @@ pub fn hostile_clients<B: Backend>() {
             // while their CQ is polled, as a core would.
             let mut wcs = [Wc::default(); 8];
             raw.cq.poll(&mut wcs);
-            if raw.qp.state() == rtrs_poll::fabric::QpState::Error {
+            if raw.qp.state() == rtrs_fabric::QpState::Error {
                 break;
             }
             if let Ok(Some(CmEvent::Disconnected { .. })) =

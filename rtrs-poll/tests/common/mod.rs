@@ -12,7 +12,7 @@ pub mod multipath_suite;
 pub mod sim;
 pub mod soft;
 
-use rtrs_poll::fabric::{Address, Memory};
+use rtrs_fabric::{Address, Memory};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -21,7 +21,7 @@ pub type TestMem = dyn Memory;
 
 /// `len` bytes of shareable memory.
 pub fn mem(len: usize) -> Arc<TestMem> {
-    rtrs_poll::fabric::memory::shareable(len.max(1)).unwrap()
+    rtrs_fabric::memory::shareable(len.max(1)).unwrap()
 }
 
 /// Test helpers on memory.

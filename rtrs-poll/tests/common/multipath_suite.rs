@@ -7,8 +7,8 @@ use super::conformance::Backend;
 use super::engine::*;
 use super::engine_suite::cfg;
 use minstant::Instant;
+use rtrs_fabric::Fabric;
 use rtrs_poll::clt::{CltConfig, CltError, CltEvent, Events, PathState, ReconnectPolicy};
-use rtrs_poll::fabric::Fabric;
 use rtrs_poll::sess::mp_policy::MpPolicy;
 use rtrs_poll::sess::DownReason;
 use std::time::Duration;
@@ -131,8 +131,8 @@ pub fn add_and_remove_paths_at_runtime<B: Backend>() {
 }
 
 pub fn session_lost_and_back_reopens_rnbd_devices<B: Backend>() {
-    use rtrs_poll::proto::rnbd::{AccessMode, RnbdOp};
     use rtrs_poll::rnbd::{clt as rc, Export, RnbdClient, RnbdEvent};
+    use rtrs_proto::rnbd::{AccessMode, RnbdOp};
     let a = B::addr();
     let scfg = cfg(true);
     let (_srv, rnbd) = TestServer::rnbd(

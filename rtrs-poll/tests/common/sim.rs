@@ -20,10 +20,10 @@
 use super::engine::{usr, Ram, OP_IO};
 use minstant::Instant;
 use pollers::{Poller, Stepper};
+use rtrs_fabric::fault::{Clock, FaultFabric, Faults};
+use rtrs_fabric::soft::shm::ShmFabric;
+use rtrs_fabric::Address;
 use rtrs_poll::clt::{Client, CltConfig, CltCore, CltEvent, Completion, Events, IoPermit};
-use rtrs_poll::fabric::fault::{Clock, FaultFabric, Faults};
-use rtrs_poll::fabric::soft::shm::ShmFabric;
-use rtrs_poll::fabric::Address;
 use rtrs_poll::srv::{Server, SrvConfig, SrvEvent};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

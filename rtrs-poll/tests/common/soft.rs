@@ -1,8 +1,8 @@
 //! The software backends as the suites take them (shm, and tcp on loopback).
 
-use rtrs_poll::fabric::soft::shm::ShmFabric;
-use rtrs_poll::fabric::soft::tcp::TcpFabric;
-use rtrs_poll::fabric::Address;
+use rtrs_fabric::soft::shm::ShmFabric;
+use rtrs_fabric::soft::tcp::TcpFabric;
+use rtrs_fabric::Address;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The shm backend: a fresh name per address.
