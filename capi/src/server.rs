@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  rtrs_server_complete(srv, id, err)  (any app thread)
-//!     id = gen << 32 | slot << 16 | chunk ── slot's MPSC ring ──> CHandler::poll_done (its core)
+//!     id = gen << 32 | slot << 16 | chunk ── slot's MPSC ring ──> CHandler::poll (its core): Deferred::complete
 //!  slot: one per live connection (claimed when its handler is made, released when dropped);
 //!        gen changes at both, so a completion for a gone connection is refused (-ENOENT)
 //!        or, when it races the close, dropped by the next owner
@@ -11,7 +11,8 @@
 
 use crate::{boundary, c_str, Error, RTRS_LATER, RTRS_READ, RTRS_WRITE};
 use rtrs_fabric::{with_backend, Address, Backends, Fabric, OnFabric};
-use rtrs_poll::srv::{ConInfo, CorePool, Handler, IoDir, IoId, Server, SrvConfig, SrvIo, Verdict};
+use rtrs_poll::srv::{ConInfo, CorePool, Handler, IoDir, Server, SrvConfig, SrvIo, Verdict};
+use rtrs_poll::Deferred;
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -179,25 +180,28 @@ struct CHandler {
     reg: Arc<Registry>,
     /// (slot, gen, receiver); None: no slot was free (-EBUSY to all).
     slot: Option<(u16, u32, pollers::mpsc::Receiver<Done>)>,
-    ids: Box<[Option<IoId>]>,
+    /// The requests the application deferred, by chunk.
+    ids: Box<[Option<Deferred>]>,
 }
 
 impl Handler for CHandler {
-    fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
+    fn on_io(&mut self, mut io: SrvIo<'_>) -> Verdict {
         let Some((slot, gen, _)) = &self.slot else {
             return Verdict::Done(-libc::EBUSY);
         };
-        let chunk = io.id.chunk();
+        let chunk = io.id().chunk();
+        let dir = match io.dir() {
+            IoDir::Write => RTRS_WRITE,
+            IoDir::Read => RTRS_READ,
+        };
+        let (usr, data) = io.parts();
         let c = rtrs_srv_io {
             id: u64::from(*gen) << 32 | u64::from(*slot) << 16 | u64::from(chunk as u16),
-            dir: match io.dir {
-                IoDir::Write => RTRS_WRITE,
-                IoDir::Read => RTRS_READ,
-            },
-            usr: io.usr.as_ptr(),
-            usr_len: io.usr.len(),
-            data: io.data.as_mut_ptr(),
-            data_len: io.data.len(),
+            dir,
+            usr: usr.as_ptr(),
+            usr_len: usr.len(),
+            data: data.as_mut_ptr(),
+            data_len: data.len(),
         };
         // SAFETY: `cb` is the function the application registered, with
         // the context it gave (valid until rtrs_server_close, which stops
@@ -207,7 +211,7 @@ impl Handler for CHandler {
         match r {
             RTRS_LATER => match self.ids.get_mut(chunk as usize) {
                 Some(s) => {
-                    *s = Some(io.id);
+                    *s = Some(io.defer());
                     Verdict::Later
                 }
                 None => Verdict::Done(-libc::EIO),
@@ -217,22 +221,26 @@ impl Handler for CHandler {
         }
     }
 
-    fn poll_done(&mut self) -> Option<(IoId, i32)> {
-        let (_, gen, rx) = self.slot.as_mut()?;
+    fn poll(&mut self) -> usize {
+        let Some((_, gen, rx)) = self.slot.as_mut() else {
+            return 0;
+        };
+        let mut n = 0;
         while let Some(d) = rx.pop() {
             if d.gen != *gen {
                 continue;
             }
             // An id not deferred, or completed twice, is dropped.
-            if let Some(id) = self
+            if let Some(req) = self
                 .ids
                 .get_mut(usize::from(d.chunk))
                 .and_then(Option::take)
             {
-                return Some((id, d.errno));
+                req.complete(d.errno);
+                n += 1;
             }
         }
-        None
+        n
     }
 
     /// The connection is closing with requests the application deferred:
@@ -242,7 +250,7 @@ impl Handler for CHandler {
     fn quiesce(&mut self) {
         let mut since = std::time::Instant::now();
         loop {
-            while self.poll_done().is_some() {}
+            self.poll();
             let waiting = self.ids.iter().filter(|i| i.is_some()).count();
             if waiting == 0 {
                 return;
@@ -341,7 +349,7 @@ fn listen<F: Fabric>(
             call,
             reg: r2.clone(),
             slot: r2.claim(),
-            ids: vec![None; qd].into_boxed_slice(),
+            ids: (0..qd).map(|_| None).collect(),
         },
         pool.place(),
     )

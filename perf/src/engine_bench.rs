@@ -118,7 +118,7 @@ pub struct PerfHandler {
 }
 
 impl Handler for PerfHandler {
-    fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
+    fn on_io(&mut self, mut io: SrvIo<'_>) -> Verdict {
         if let Some((every, n)) = self.fail.as_mut() {
             *n += 1;
             return Verdict::Done(if *n % *every == 0 { -libc::EIO } else { 0 });
@@ -126,15 +126,17 @@ impl Handler for PerfHandler {
         let Some(ram) = self.ram.as_ref() else {
             return Verdict::Done(0);
         };
-        if io.usr.len() < 16 {
+        let dir = io.dir();
+        let (usr, data) = io.parts();
+        if usr.len() < 16 {
             return Verdict::Done(-libc::EINVAL);
         }
         let mut o = [0u8; 8];
-        o.copy_from_slice(&io.usr[8..16]);
+        o.copy_from_slice(&usr[8..16]);
         let off = u64::from_le_bytes(o) as usize;
-        let r = match io.dir {
-            IoDir::Write => ram.write_stream(off, io.data),
-            IoDir::Read => ram.read(off, io.data),
+        let r = match dir {
+            IoDir::Write => ram.write_stream(off, data),
+            IoDir::Read => ram.read(off, data),
         };
         Verdict::Done(if r.is_ok() { 0 } else { -libc::ENOSPC })
     }

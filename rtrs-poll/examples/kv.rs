@@ -11,11 +11,10 @@
 //! checks every value it reads back and exits non-zero on any mismatch; the
 //! test command runs it.
 
-use minstant::Instant;
-use rtrs_fabric::soft::shm::ShmFabric;
-use rtrs_fabric::{Address, Fabric};
-use rtrs_poll::clt::{Client, CltConfig, Submitter};
-use rtrs_poll::srv::{CorePool, Handler, IoDir, Server, SrvConfig, SrvIo, Verdict};
+use rtrs_poll::{
+    Address, Client, CltConfig, CorePool, Fabric, Handler, Instant, IoDir, Server, ShmFabric,
+    SrvConfig, SrvIo, Submitter, Verdict,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -53,27 +52,29 @@ struct Kv {
 }
 
 impl Handler for Kv {
-    fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
-        let (Some(&op), Some(key)) = (io.usr.first(), io.usr.get(8..16)) else {
+    fn on_io(&mut self, mut io: SrvIo<'_>) -> Verdict {
+        let dir = io.dir();
+        let (usr, data) = io.parts();
+        let (Some(&op), Some(key)) = (usr.first(), usr.get(8..16)) else {
             return Verdict::Done(-libc::EINVAL);
         };
         let key = u64::from_le_bytes(key.try_into().unwrap_or_default());
         let Ok(mut log) = self.log.lock() else {
             return Verdict::Done(-libc::EIO);
         };
-        match (op, io.dir) {
-            (PUT, IoDir::Write) if io.data.len() <= MAX_VALUE => {
+        match (op, dir) {
+            (PUT, IoDir::Write) if data.len() <= MAX_VALUE => {
                 let at = log.bytes.len();
-                log.bytes.extend_from_slice(io.data);
-                log.index.insert(key, (at, io.data.len()));
+                log.bytes.extend_from_slice(data);
+                log.index.insert(key, (at, data.len()));
                 Verdict::Done(0)
             }
-            (GET, IoDir::Read) if io.data.len() >= 4 + MAX_VALUE => {
+            (GET, IoDir::Read) if data.len() >= 4 + MAX_VALUE => {
                 let Some(&(at, len)) = log.index.get(&key) else {
                     return Verdict::Done(-libc::ENOENT);
                 };
-                io.data[..4].copy_from_slice(&(len as u32).to_le_bytes());
-                io.data[4..4 + len].copy_from_slice(&log.bytes[at..at + len]);
+                data[..4].copy_from_slice(&(len as u32).to_le_bytes());
+                data[4..4 + len].copy_from_slice(&log.bytes[at..at + len]);
                 Verdict::Done(0)
             }
             _ => Verdict::Done(-libc::EINVAL),

@@ -5,25 +5,24 @@
 //! ```text
 //!  app thread 0..WRITERS ── Submitter (one each) ──> client core (main thread polls it)
 //!                                                        │ RTRS over shm
-//!  pinned server core: SrvCon ── Handler::on_io ──> Appender: append, Verdict::Later
-//!                                 Handler::poll_done <── committer thread: durable offset
+//!  pinned server core: SrvCon ── Handler::on_io ──> Appender: append, io.defer() -> Deferred
+//!                                 Handler::poll ──> Deferred::complete <── committer thread: durable offset
 //! ```
 //! An append completes only once the committer thread has made its bytes
-//! "durable" (a stand-in for an fsync per batch): the handler answers
-//! [`Verdict::Later`] and hands the completion back from `poll_done` when
-//! the durable offset has passed the record. No copy, no lock on the core
-//! beyond the engine's own.
+//! "durable" (a stand-in for an fsync per batch): the handler defers the
+//! request ([`SrvIo::defer`], answering [`Verdict::Later`]) and completes
+//! its [`Deferred`] on a later poll, once the durable offset has passed
+//! the record. No copy, no lock on the core beyond the engine's own.
 //!
 //! Run it: `cargo run --release -p rtrs-poll --example log`. It checks every
 //! record it reads back, then walks the whole log and checks that each
 //! append is in it exactly once; exits non-zero on any mismatch. The test
 //! command runs it.
 
-use minstant::Instant;
-use rtrs_fabric::soft::shm::ShmFabric;
-use rtrs_fabric::{Address, Fabric};
-use rtrs_poll::clt::{Client, CltConfig, Completion, Submitter};
-use rtrs_poll::srv::{ConInfo, CorePool, Handler, IoDir, IoId, Server, SrvConfig, SrvIo, Verdict};
+use rtrs_poll::{
+    Address, Client, CltConfig, Completion, ConInfo, CorePool, Deferred, Fabric, Handler, Instant,
+    IoDir, Server, ShmFabric, SrvConfig, SrvIo, Submitter, Verdict,
+};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -78,50 +77,55 @@ struct Appender {
     engine: Arc<Engine>,
     /// (request, log offset it needs durable), in log order. Reserved for
     /// the session's queue depth: no allocation per IO.
-    pending: VecDeque<(IoId, u64)>,
+    pending: VecDeque<(Deferred, u64)>,
 }
 
 impl Handler for Appender {
-    fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
-        if io.usr.len() < 12 {
+    fn on_io(&mut self, mut io: SrvIo<'_>) -> Verdict {
+        let dir = io.dir();
+        let (usr, data) = io.parts();
+        if usr.len() < 12 {
             return Verdict::Done(-libc::EINVAL);
         }
-        let word = |at: usize| {
-            u32::from_le_bytes([io.usr[at], io.usr[at + 1], io.usr[at + 2], io.usr[at + 3]])
-        };
-        let (writer, seq) = (word(4), word(8));
+        let word = |at: usize| u32::from_le_bytes([usr[at], usr[at + 1], usr[at + 2], usr[at + 3]]);
+        let (op, writer, seq) = (usr[0], word(4), word(8));
         let Ok(mut log) = self.engine.log.lock() else {
             return Verdict::Done(-libc::EIO);
         };
-        match (io.usr[0], io.dir) {
-            (APPEND, IoDir::Write) if io.data.len() >= REC_HDR => {
+        match (op, dir) {
+            (APPEND, IoDir::Write) if data.len() >= REC_HDR => {
                 let at = log.bytes.len();
-                log.bytes.extend_from_slice(io.data);
-                log.index.insert((writer, seq), (at, io.data.len()));
-                self.pending.push_back((io.id, log.bytes.len() as u64));
+                log.bytes.extend_from_slice(data);
+                log.index.insert((writer, seq), (at, data.len()));
+                let end = log.bytes.len() as u64;
+                drop(log);
+                self.pending.push_back((io.defer(), end));
                 Verdict::Later
             }
             (READ, IoDir::Read) => {
                 let Some(&(at, len)) = log.index.get(&(writer, seq)) else {
                     return Verdict::Done(-libc::ENOENT);
                 };
-                if io.data.len() < len {
+                if data.len() < len {
                     return Verdict::Done(-libc::EMSGSIZE);
                 }
-                io.data[..len].copy_from_slice(&log.bytes[at..at + len]);
+                data[..len].copy_from_slice(&log.bytes[at..at + len]);
                 Verdict::Done(0)
             }
             _ => Verdict::Done(-libc::EINVAL),
         }
     }
 
-    fn poll_done(&mut self) -> Option<(IoId, i32)> {
-        let &(id, end) = self.pending.front()?;
-        if end > self.engine.durable.load(Ordering::Acquire) {
-            return None;
+    fn poll(&mut self) -> usize {
+        let durable = self.engine.durable.load(Ordering::Acquire);
+        let mut n = 0;
+        while self.pending.front().is_some_and(|&(_, end)| end <= durable) {
+            if let Some((d, _)) = self.pending.pop_front() {
+                d.complete(0);
+                n += 1;
+            }
         }
-        self.pending.pop_front();
-        Some((id, 0))
+        n
     }
 }
 

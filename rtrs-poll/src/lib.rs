@@ -18,19 +18,21 @@
 //! walks through it; `examples/` has fuller ones):
 //!
 //! ```
-//! use minstant::Instant;
-//! use rtrs_poll::clt::{Client, CltConfig};
-//! use rtrs_fabric::{soft::shm::ShmFabric, Address};
-//! use rtrs_poll::srv::{ConInfo, CorePool, Handler, IoDir, Server, SrvConfig, SrvIo, Verdict};
+//! use rtrs_poll::{
+//!     Address, Client, CltConfig, ConInfo, CorePool, Handler, Instant, IoDir, Server, ShmFabric,
+//!     SrvConfig, SrvIo, Verdict,
+//! };
 //!
 //! /// The storage engine: answers a read with the user message reversed.
 //! struct Mirror;
 //! impl Handler for Mirror {
-//!     fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
-//!         if io.dir != IoDir::Read || io.data.len() < io.usr.len() {
+//!     fn on_io(&mut self, mut io: SrvIo<'_>) -> Verdict {
+//!         let dir = io.dir();
+//!         let (usr, data) = io.parts();
+//!         if dir != IoDir::Read || data.len() < usr.len() {
 //!             return Verdict::Done(-libc::EINVAL);
 //!         }
-//!         for (d, s) in io.data.iter_mut().zip(io.usr.iter().rev()) {
+//!         for (d, s) in data.iter_mut().zip(usr.iter().rev()) {
 //!             *d = *s;
 //!         }
 //!         Verdict::Done(0)
@@ -65,7 +67,18 @@
 #![warn(missing_docs)]
 
 pub mod clt;
-
 pub mod rnbd;
 pub mod sess;
 pub mod srv;
+
+pub use clt::{Client, CltConfig, CltError, CltEvent, Completion, Dir, IoPermit, Submitter};
+pub use minstant::Instant;
+#[cfg(feature = "rdma")]
+pub use rtrs_fabric::rdma::RdmaFabric;
+pub use rtrs_fabric::soft::shm::ShmFabric;
+pub use rtrs_fabric::soft::tcp::{AuthKey, TcpConfig, TcpFabric};
+pub use rtrs_fabric::{with_backend, Address, Backends, Fabric, FabricError, OnFabric};
+pub use srv::{
+    ConInfo, CorePool, Deferred, Handler, Identity, IoDir, IoId, Server, SrvConfig, SrvError,
+    SrvIo, Verdict,
+};

@@ -63,7 +63,7 @@ struct RemoteReq {
 /// # struct Sink;
 /// # impl Handler for Sink {
 /// #     fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
-/// #         Verdict::Done(if io.usr == b"put" { 0 } else { -libc::EINVAL })
+/// #         Verdict::Done(if io.usr() == b"put" { 0 } else { -libc::EINVAL })
 /// #     }
 /// # }
 /// # let fabric = ShmFabric::new();

@@ -3,12 +3,12 @@
 //! connection so a slow disk never stalls the polling core (docs/rnbd.md).
 //!
 //! ```text
-//!  on_io (core)  -> Slot[chunk] = op  -> SQE(s) (Read | Write [+ linked fdatasync] | Fsync | Fallocate)
-//!  poll_done     -> one io_uring_enter for the batch, then CQEs -> (IoId, errno)
+//!  on_io (core)  -> Slot[chunk] = op, the request's Deferred held -> SQE(s) (Read | Write [+ linked fdatasync] | Fsync | Fallocate)
+//!  poll          -> one io_uring_enter for the batch, then CQEs -> Deferred::complete(errno)
 //!                   short transfer: the rest again;  EOF / zero bytes: -EIO;  res < 0: that errno
 //! ```
 
-use crate::srv::IoId;
+use crate::srv::{Deferred, IoId};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -400,6 +400,9 @@ impl Default for Slot {
 pub(crate) struct Ring {
     ring: IoUring,
     slots: Box<[Slot]>,
+    /// The requests in flight, by chunk: each owns the chunk its SQEs
+    /// point into, so the buffer stays the kernel's until the CQE.
+    reqs: Box<[Option<Deferred>]>,
     /// Requests whose SQEs did not fit yet (in order).
     waiting: VecDeque<u32>,
     /// SQEs pushed and not yet submitted.
@@ -429,7 +432,7 @@ impl Ring {
         let qd = queue_depth.max(1);
         let entries = (qd * 2).next_power_of_two().min(MAX_SQ_ENTRIES);
         // Room for every CQE of every request (two each at most), so the
-        // CQ does not overflow (if it does, poll_done flushes it).
+        // CQ does not overflow (if it does, poll flushes it).
         let cq = (qd * 2)
             .next_power_of_two()
             .clamp(entries * 2, MAX_CQ_ENTRIES);
@@ -500,6 +503,7 @@ impl Ring {
         Ok(Ring {
             ring,
             slots: (0..qd).map(|_| Slot::default()).collect(),
+            reqs: (0..qd).map(|_| None).collect(),
             waiting: VecDeque::with_capacity(qd as usize),
             unsubmitted: 0,
             live: 0,
@@ -544,43 +548,46 @@ impl Ring {
         }
     }
 
-    /// Starts `op` for request `id` on `file` (fixed index, descriptor:
-    /// see [`FileStore::target`]): `buf` (the
-    /// chunk's data, `len` bytes) must stay valid until its completion is
-    /// returned by [`Ring::poll_done`] or [`Ring::quiesce`] returned.
-    /// False when `id` is out of range or busy (nothing started).
+    /// Starts `op` for request `d` on `file` (fixed index, descriptor:
+    /// see [`FileStore::target`]): a read or write moves the request's data
+    /// (`len` bytes), a zeroing covers `len` bytes at `off`. The ring holds
+    /// `d` until its completion ([`Ring::poll`]), or [`Ring::quiesce`].
+    /// Gives `d` back when its chunk is out of range or busy (nothing
+    /// started).
     pub(crate) fn start(
         &mut self,
-        id: IoId,
+        mut d: Deferred,
         op: Op,
         file: (u32, i32),
-        buf: *mut u8,
         len: u32,
         off: u64,
-    ) -> bool {
-        let Some(s) = self.slots.get_mut(id.0 as usize) else {
-            return false;
-        };
-        if s.live {
-            return false;
+    ) -> Result<(), Deferred> {
+        let id = d.id().chunk();
+        match self.slots.get(id as usize) {
+            Some(s) if !s.live => {}
+            _ => return Err(d),
         }
         if !self.placed {
             self.place_workers();
         }
-        let s = &mut self.slots[id.0 as usize];
-        *s = Slot {
+        let buf = match op {
+            Op::Read | Op::Write(_) => d.data_mut().as_mut_ptr() as usize,
+            Op::Sync | Op::Zero(_) => 0,
+        };
+        self.slots[id as usize] = Slot {
             live: true,
             op,
             fixed: file.0,
             raw: file.1,
-            buf: buf as usize,
+            buf,
             len,
             off,
             ..Slot::default()
         };
+        self.reqs[id as usize] = Some(d);
         self.live += 1;
-        self.push_or_wait(id.0);
-        true
+        self.push_or_wait(id);
+        Ok(())
     }
 
     fn push_or_wait(&mut self, id: u32) {
@@ -647,9 +654,9 @@ impl Ring {
             return false;
         }
         // SAFETY: the SQEs point into the request's chunk data (`buf`, the
-        // rest of its `len` bytes), which the engine keeps claimed for this
-        // request until its completion is reported (Verdict::Later), and
-        // `Ring::quiesce` waits for every CQE before a teardown releases it;
+        // rest of its `len` bytes), which its Deferred, held in `reqs` until
+        // the request's last CQE, keeps claimed; `Ring::quiesce` (and so the
+        // ring's drop) waits for every CQE before it lets a Deferred go;
         // the fixed file stays registered for the ring's life.
         let pushed = unsafe {
             match then {
@@ -668,10 +675,27 @@ impl Ring {
         true
     }
 
-    /// Submits what is pushed (one syscall for the batch) and returns the
-    /// next finished request with its errno; `None` when none is ready.
-    /// `counters` counts short transfers and fallbacks.
-    pub(crate) fn poll_done(&mut self, counters: &BackendCounters) -> Option<(IoId, i32)> {
+    /// Submits what is pushed (one syscall for the batch) and completes
+    /// the requests that finished; returns how many. `counters` counts
+    /// short transfers and fallbacks.
+    pub(crate) fn poll(&mut self, counters: &BackendCounters) -> usize {
+        let mut n = 0;
+        while let Some((id, errno)) = self.next_done(counters) {
+            self.answer(id, errno);
+            n += 1;
+        }
+        n
+    }
+
+    /// Completes request `id`'s Deferred.
+    fn answer(&mut self, id: IoId, errno: i32) {
+        if let Some(d) = self.reqs.get_mut(id.0 as usize).and_then(Option::take) {
+            d.complete(errno);
+        }
+    }
+
+    /// The next finished request with its errno; `None` when none is ready.
+    fn next_done(&mut self, counters: &BackendCounters) -> Option<(IoId, i32)> {
         let mut entered = false;
         loop {
             while let Some(&id) = self.waiting.front() {
@@ -779,11 +803,13 @@ impl Ring {
     pub(crate) fn quiesce(&mut self, counters: &BackendCounters) {
         // Never submitted: nothing to wait for.
         for id in std::mem::take(&mut self.waiting) {
-            if let Some(s) = self.slots.get_mut(id as usize) {
-                if s.live && s.pending == 0 {
-                    s.live = false;
-                    self.live -= 1;
-                }
+            let Some(s) = self.slots.get_mut(id as usize) else {
+                continue;
+            };
+            if s.live && s.pending == 0 {
+                s.live = false;
+                self.live -= 1;
+                self.answer(IoId(id), -libc::EIO);
             }
         }
         let since = std::time::Instant::now();
@@ -799,9 +825,10 @@ impl Ring {
                 let Some(cqe) = self.ring.completion().next() else {
                     break;
                 };
-                // The connection is closing: nobody to answer.
-                let _answer_of_a_closed_connection =
-                    self.on_cqe(cqe.user_data(), cqe.result(), counters);
+                // The connection is closing: the answer releases the chunk.
+                if let Some((id, errno)) = self.on_cqe(cqe.user_data(), cqe.result(), counters) {
+                    self.answer(id, errno);
+                }
             }
             // A resubmitted rest or fallback waits too: push it.
             while let Some(&id) = self.waiting.front() {

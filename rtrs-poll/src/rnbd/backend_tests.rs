@@ -6,7 +6,8 @@
 
 use super::backend::{BackendCounters, FileStore, Op, Ring};
 use super::srv::{Export, RnbdHandler, RnbdServer};
-use crate::srv::{ConInfo, Handler, IoDir, IoId, SrvIo, Verdict};
+use crate::srv::deferred::testkit::Bench;
+use crate::srv::{ConInfo, Handler, IoDir, Verdict};
 use rtrs_proto::rnbd::*;
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -21,9 +22,10 @@ fn server(exports: Vec<Export>) -> Arc<RnbdServer> {
     RnbdServer::new(exports, 128 << 10).unwrap()
 }
 
-/// A connection's handler and the completions it reported.
+/// A connection's handler, its chunks and the completions it reported.
 struct Con {
     h: RnbdHandler,
+    bench: Bench,
     done: HashMap<u32, i32>,
 }
 
@@ -40,6 +42,7 @@ impl Con {
         });
         Con {
             h,
+            bench: Bench::new(16, 256 * KB),
             done: HashMap::new(),
         }
     }
@@ -52,18 +55,18 @@ impl Con {
         }
         .emit(&mut usr)
         .unwrap();
-        let mut rsp = [0u8; OpenRsp::<&[u8]>::LEN];
-        let v = self.h.on_io(SrvIo {
-            id: IoId(15),
-            dir: IoDir::Read,
-            usr: &usr,
-            data: &mut rsp,
-        });
+        let io = self
+            .bench
+            .io(15, IoDir::Read, &usr, &[], OpenRsp::<&[u8]>::LEN);
+        let v = self.h.on_io(io);
         assert_eq!(v, Verdict::Done(0), "open {name}");
-        OpenRspRepr::parse(&OpenRsp::new_checked(&rsp[..]).unwrap())
+        let rsp = OpenRspRepr::parse(&OpenRsp::new_checked(self.bench.data(15)).unwrap());
+        self.bench.release(15);
+        rsp
     }
 
-    /// Hands request `id` to the handler.
+    /// Hands request `id` to the handler: a write's `data` goes in its
+    /// chunk, a read's comes back in it (`self.bench.data(id)`).
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &mut self,
@@ -74,7 +77,7 @@ impl Con {
         dir: IoDir,
         off: u64,
         bi_size: usize,
-        data: &mut [u8],
+        data: &[u8],
     ) -> Verdict {
         let mut usr = [0u8; 32];
         IoRepr {
@@ -87,18 +90,16 @@ impl Con {
         }
         .emit(&mut usr)
         .unwrap();
-        self.h.on_io(SrvIo {
-            id: IoId(id),
-            dir,
-            usr: &usr,
-            data,
-        })
+        let written: &[u8] = if dir == IoDir::Write { data } else { &[] };
+        let io = self.bench.io(id, dir, &usr, written, data.len());
+        self.h.on_io(io)
     }
 
     /// Polls for the completions there are.
     fn poll(&mut self) {
-        while let Some((id, e)) = self.h.poll_done() {
-            assert!(self.done.insert(id.0, e).is_none(), "{id:?} twice");
+        self.h.poll();
+        for (id, e) in self.bench.answers() {
+            assert!(self.done.insert(id, e).is_none(), "{id} twice");
         }
     }
 
@@ -122,18 +123,25 @@ impl Con {
             _ => IoDir::Write,
         };
         let len = data.len();
-        match self.submit(0, dev, op, flags, dir, off, len, data) {
+        let e = match self.submit(0, dev, op, flags, dir, off, len, data) {
             Verdict::Done(e) => e,
             Verdict::Later => self.wait(0),
+        };
+        if dir == IoDir::Read {
+            data.copy_from_slice(self.bench.data(0));
         }
+        self.bench.release(0);
+        e
     }
 
     /// A discard or erase of `len` bytes (no data travels).
     fn zero(&mut self, dev: u32, op: RnbdOp, off: u64, len: usize) -> i32 {
-        match self.submit(0, dev, op, 0, IoDir::Write, off, len, &mut []) {
+        let e = match self.submit(0, dev, op, 0, IoDir::Write, off, len, &[]) {
             Verdict::Done(e) => e,
             Verdict::Later => self.wait(0),
-        }
+        };
+        self.bench.release(0);
+        e
     }
 }
 
@@ -303,10 +311,14 @@ fn a_misaligned_o_direct_request_is_refused() {
     let srv = server(vec![e]);
     let mut c = Con::new(&srv, 1);
     let dev = c.open("f").device_id;
+    // A chunk's data is always aligned (chunks are powers of two from a
+    // page-aligned region), but its length need not be: a length one byte
+    // past the blocks, which O_DIRECT cannot take.
     let mut b = Buf::new(8192);
-    // A buffer off by one byte: O_DIRECT cannot take it.
-    let data = &mut b.v[b.at + 1..b.at + 1 + 4096];
-    assert_eq!(c.io(dev, RnbdOp::Write, 0, 0, data), -libc::EINVAL);
+    assert_eq!(
+        c.io(dev, RnbdOp::Write, 0, 0, &mut b.s()[..4097]),
+        -libc::EINVAL
+    );
     assert_eq!(srv.backend_counters().misaligned(), 1);
     assert_eq!(c.io(dev, RnbdOp::Write, 0, 0, b.s()), 0);
 }
@@ -590,7 +602,7 @@ fn a_slow_backend_does_not_stall_another_connection_on_the_same_core() {
     assert!(a.done.is_empty(), "a short read was acknowledged");
     w.write_all(&data[256..]).unwrap();
     assert_eq!(a.wait(3), 0);
-    assert!(held.s() == &data[..]);
+    assert!(a.bench.data(3) == &data[..]);
     assert!(srv.backend_counters().short_transfers() >= 1);
 }
 
@@ -614,7 +626,9 @@ fn a_closing_connection_waits_for_its_io_in_flight() {
         t.elapsed() >= Duration::from_millis(100),
         "quiesce returned with the read in flight"
     );
-    assert!(held.s().iter().all(|&x| x == 9));
+    // The read's Deferred answered when its IO was done, with the data.
+    assert_eq!(a.bench.answers(), vec![(2, 0)]);
+    assert!(a.bench.data(2).iter().all(|&x| x == 9));
     writer.join().unwrap();
 }
 
@@ -631,19 +645,26 @@ fn requests_that_do_not_fit_the_sq_or_cq_wait_and_none_is_lost() {
     // Two SQEs for sixteen requests, half of them write + linked sync; four
     // CQEs for their 24 (what overflows waits in the kernel).
     let mut r = Ring::with_entries(16, 2, 4, &[file.as_raw_fd()], None).unwrap();
+    let mut bench = Bench::new(17, 8 * KB);
     let mut bufs: Vec<Buf> = (0..16).map(|i| Buf::filled(4096, i as u8)).collect();
     for (i, b) in bufs.iter_mut().enumerate() {
         let op = Op::Write(i % 2 == 1);
-        let ptr = b.s().as_mut_ptr();
-        assert!(r.start(IoId(i as u32), op, (0, -1), ptr, 4096, i as u64 * 4096));
+        let d = bench.io(i as u32, IoDir::Write, &[], b.s(), 4096).defer();
+        assert!(r.start(d, op, (0, -1), 4096, i as u64 * 4096).is_ok());
     }
-    // A busy id is refused, not overwritten.
-    assert!(!r.start(IoId(3), Op::Sync, (0, -1), std::ptr::null_mut(), 0, 0));
+    // A chunk past the ring's slots is handed back, nothing started.
+    let d = bench.io(16, IoDir::Read, &[], &[], 0).defer();
+    let back = r
+        .start(d, Op::Sync, (0, -1), 0, 0)
+        .expect_err("out of range");
+    back.complete(0);
+    assert_eq!(bench.answers(), vec![(16, 0)]);
     let mut done = HashMap::new();
     let until = Instant::now() + Duration::from_secs(20);
     while done.len() < 16 {
-        while let Some((id, e)) = r.poll_done(&counters) {
-            assert!(done.insert(id.0, e).is_none());
+        r.poll(&counters);
+        for (id, e) in bench.answers() {
+            assert!(done.insert(id, e).is_none());
         }
         assert!(Instant::now() < until, "{} of 16 done", done.len());
     }
@@ -669,6 +690,7 @@ fn without_a_ring_a_connection_is_served_synchronously_and_counted() {
     let mut w = Buf::filled(8192, 5);
     let v = c.submit(1, dev, RnbdOp::Write, 0, IoDir::Write, 4096, 8192, w.s());
     assert_eq!(v, Verdict::Done(0), "served at once");
+    c.bench.release(1);
     let mut r = Buf::new(8192);
     assert_eq!(c.io(dev, RnbdOp::Read, 0, 4096, r.s()), 0);
     assert!(r.s() == w.s());
@@ -679,30 +701,30 @@ fn io_in_registered_chunk_memory_goes_through_fixed_buffers() {
     use std::os::unix::io::AsRawFd;
     let f = TempFile::new(Path::new("/var/tmp"), 1 << 20);
     let store = FileStore::open(&f.0, true, false).unwrap();
-    let mem = Arc::new(mempool::Region::anonymous(64 * KB).unwrap());
+    let mut bench = Bench::new(4, 16 * KB);
     let counters = BackendCounters::default();
-    let mut r = Ring::new(4, &[store.file.as_raw_fd()], Some(mem.clone())).unwrap();
+    let mem = bench.chunks.region().clone();
+    let mut r = Ring::new(4, &[store.file.as_raw_fd()], Some(mem)).unwrap();
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 5 + 1) as u8).collect();
-    mem.write(8192, &data).unwrap();
-    let base = mem.as_ptr();
-    // SAFETY: both ranges lie inside the 64 KiB region, which outlives the
-    // IO (the ring holds it).
-    let (src, dst) = unsafe { (base.add(8192), base.add(32768)) };
-    let mut run = |id: u32, op: Op, buf: *mut u8| {
-        assert!(r.start(IoId(id), op, (0, -1), buf, 8192, 4096));
+    let mut run = |bench: &mut Bench, id: u32, op: Op| {
+        let (dir, src): (_, &[u8]) = match op {
+            Op::Read => (IoDir::Read, &[]),
+            _ => (IoDir::Write, &data),
+        };
+        let d = bench.io(id, dir, &[], src, 8192).defer();
+        assert!(r.start(d, op, (0, -1), 8192, 4096).is_ok());
         let until = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(done) = r.poll_done(&counters) {
+            r.poll(&counters);
+            if let Some(done) = bench.answers().pop() {
                 return done;
             }
             assert!(Instant::now() < until, "never completed");
         }
     };
-    assert_eq!(run(1, Op::Write(true), src), (IoId(1), 0));
-    assert_eq!(run(2, Op::Read, dst), (IoId(2), 0));
-    let mut back = vec![0u8; 8192];
-    mem.read(32768, &mut back).unwrap();
-    assert!(back == data);
+    assert_eq!(run(&mut bench, 1, Op::Write(true)), (1, 0));
+    assert_eq!(run(&mut bench, 2, Op::Read), (2, 0));
+    assert!(bench.data(2) == &data[..]);
     let on_disk = std::fs::read(&f.0).unwrap();
     assert!(on_disk[4096..4096 + 8192] == data[..]);
 }
@@ -714,6 +736,7 @@ fn ring_write(c: &mut Con, dev: u32, off: u64, data: &mut [u8]) {
     let v = c.submit(1, dev, RnbdOp::Write, 0, IoDir::Write, off, len, data);
     assert_eq!(v, Verdict::Later, "file IO goes through the ring");
     assert_eq!(c.wait(1), 0);
+    c.bench.release(1);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! enforced on IO (docs/rnbd.md).
 
 use super::backend::{BackendCounters, Event, FileStore, Op, Ring};
-use crate::srv::{ConInfo, Handler, Identity, IoDir, IoId, SrvIo, Verdict};
+use crate::srv::{ConInfo, Handler, Identity, IoDir, SrvIo, Verdict};
 use rtrs_proto::rnbd::*;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -985,11 +985,12 @@ impl RnbdHandler {
         }
     }
 
-    fn io(&mut self, id: IoId, v: &Io<&[u8]>, dir: IoDir, data: &mut [u8]) -> Verdict {
+    fn io(&mut self, mut io: SrvIo<'_>, v: &IoRepr) -> Verdict {
+        let dir = io.dir();
         let slot = self
             .sess
             .devs
-            .get(v.device_id() as usize)
+            .get(v.device_id as usize)
             .map_or(0, |d| d.load(Ordering::Acquire));
         if slot == 0 {
             return Verdict::Done(-libc::ENOTCONN);
@@ -1000,33 +1001,35 @@ impl RnbdHandler {
         };
         // Stricter than the kernel, which checks the mode at open only: a
         // device opened read-only is read and flushed, nothing else.
-        if slot_mode(slot) == AccessMode::Ro as u32 && !reads_only(v.op(), dir, data) {
+        if slot_mode(slot) == AccessMode::Ro as u32 && !reads_only(v.op, dir, io.data_len()) {
             return Verdict::Done(self.refuse(
                 RnbdRefusal::ReadOnlyWrite,
                 &e.name,
                 "an IO that would change a device opened read-only",
             ));
         }
-        let Some(off) = v.sector().checked_mul(SECTOR) else {
+        let Some(off) = v.sector.checked_mul(SECTOR) else {
             return Verdict::Done(-libc::EIO);
         };
-        let flags = v.rw() & !0xff;
+        let flags = v.flags;
         if let Store::File(f) = &e.store {
-            let (op, len) = match (v.op(), dir) {
-                (RnbdOp::Read, IoDir::Read) => (Op::Read, data.len()),
-                (RnbdOp::Write, IoDir::Write) => (Op::Write(flags & RNBD_F_FUA != 0), data.len()),
+            let (op, len) = match (v.op, dir) {
+                (RnbdOp::Read, IoDir::Read) => (Op::Read, io.data_len()),
+                (RnbdOp::Write, IoDir::Write) => {
+                    (Op::Write(flags & RNBD_F_FUA != 0), io.data_len())
+                }
                 (RnbdOp::Flush, _) => (Op::Sync, 0),
-                (RnbdOp::Discard, _) => (Op::DISCARD, v.bi_size() as usize),
-                (RnbdOp::SecureErase, _) => (Op::ERASE, v.bi_size() as usize),
+                (RnbdOp::Discard, _) => (Op::DISCARD, v.bi_size as usize),
+                (RnbdOp::SecureErase, _) => (Op::ERASE, v.bi_size as usize),
                 _ => return Verdict::Done(-libc::EINVAL),
             };
             if let Err(errno) = e.range(off, len) {
                 return Verdict::Done(errno);
             }
             let buf = if matches!(op, Op::Read | Op::Write(_)) {
-                data.as_mut_ptr()
+                io.data().as_ptr()
             } else {
-                std::ptr::null_mut()
+                std::ptr::null()
             };
             if op != Op::Sync && !f.aligned(off, len, buf) {
                 srv.backend.count(
@@ -1044,14 +1047,14 @@ impl RnbdHandler {
                 }
             }
             if let Some(ring) = self.ring.as_mut().filter(|_| !f.inline) {
-                return if ring.start(id, op, f.target(), buf, len as u32, off) {
-                    Verdict::Later
-                } else {
-                    Verdict::Done(-libc::EBUSY)
-                };
+                if let Err(d) = ring.start(io.defer(), op, f.target(), len as u32, off) {
+                    d.complete(-libc::EBUSY);
+                }
+                return Verdict::Later;
             }
         }
-        let r = match (v.op(), dir) {
+        let data = io.data();
+        let r = match (v.op, dir) {
             (RnbdOp::Read, IoDir::Read) => e.read(off, data),
             (RnbdOp::Write, IoDir::Write) => e.write(off, data).and_then(|()| {
                 if flags & RNBD_F_FUA != 0 {
@@ -1061,7 +1064,7 @@ impl RnbdHandler {
                 }
             }),
             (RnbdOp::Flush, _) => e.flush(),
-            (RnbdOp::Discard | RnbdOp::SecureErase, _) => e.zero(off, u64::from(v.bi_size())),
+            (RnbdOp::Discard | RnbdOp::SecureErase, _) => e.zero(off, u64::from(v.bi_size)),
             _ => Err(-libc::EINVAL),
         };
         Verdict::Done(match r {
@@ -1084,23 +1087,25 @@ impl RnbdHandler {
 
 /// Whether an IO leaves the device's data as it is: a read, or a flush
 /// that carries no data.
-fn reads_only(op: RnbdOp, dir: IoDir, data: &[u8]) -> bool {
+fn reads_only(op: RnbdOp, dir: IoDir, data_len: usize) -> bool {
     match op {
         RnbdOp::Read => dir == IoDir::Read,
-        RnbdOp::Flush => dir == IoDir::Read || data.is_empty(),
+        RnbdOp::Flush => dir == IoDir::Read || data_len == 0,
         RnbdOp::Write | RnbdOp::Discard | RnbdOp::SecureErase => false,
     }
 }
 
 impl Handler for RnbdHandler {
-    fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
-        let errno = match RnbdMsg::parse(io.usr) {
+    fn on_io(&mut self, mut io: SrvIo<'_>) -> Verdict {
+        let dir = io.dir();
+        let (usr, data) = io.parts();
+        let errno = match RnbdMsg::parse(usr) {
             Err(_) => -libc::EINVAL,
             Ok(RnbdMsg::SessInfo(v)) => {
                 let ver = v.ver().min(RNBD_PROTO_VER_MAJOR);
                 self.sess.ver.store(ver, Ordering::Relaxed);
-                if io.dir == IoDir::Read {
-                    match (SessInfoRepr { ver }).emit_rsp(io.data) {
+                if dir == IoDir::Read {
+                    match (SessInfoRepr { ver }).emit_rsp(data) {
                         Ok(_) => 0,
                         Err(_) => -libc::EINVAL,
                     }
@@ -1109,8 +1114,8 @@ impl Handler for RnbdHandler {
                 }
             }
             Ok(RnbdMsg::Open(v)) => {
-                if io.dir == IoDir::Read {
-                    self.open(&v, io.data)
+                if dir == IoDir::Read {
+                    self.open(&v, data)
                 } else {
                     -libc::EINVAL
                 }
@@ -1125,13 +1130,19 @@ impl Handler for RnbdHandler {
                 }
                 0
             }
-            Ok(RnbdMsg::Io(v)) => return self.io(io.id, &v, io.dir, io.data),
+            Ok(RnbdMsg::Io(v)) => {
+                let req = IoRepr::parse(&v);
+                return self.io(io, &req);
+            }
         };
         Verdict::Done(errno)
     }
 
-    fn poll_done(&mut self) -> Option<(IoId, i32)> {
-        self.ring.as_mut()?.poll_done(&self.srv.backend)
+    fn poll(&mut self) -> usize {
+        match self.ring.as_mut() {
+            Some(r) => r.poll(&self.srv.backend),
+            None => 0,
+        }
     }
 
     fn quiesce(&mut self) {
@@ -1149,7 +1160,7 @@ pub fn make_handler(srv: Arc<RnbdServer>) -> impl FnMut(&ConInfo) -> RnbdHandler
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::srv::IoId;
+    use crate::srv::deferred::testkit::Bench;
 
     const MB: u64 = 1 << 20;
 
@@ -1182,14 +1193,19 @@ mod tests {
         })
     }
 
+    /// One request in a chunk of its own: a write's `data` goes in, a
+    /// read's comes back out.
     fn call(h: &mut RnbdHandler, usr: &[u8], dir: IoDir, data: &mut [u8]) -> i32 {
-        match h.on_io(SrvIo {
-            id: IoId(0),
-            dir,
-            usr,
-            data,
-        }) {
-            Verdict::Done(e) => e,
+        let mut bench = Bench::new(1, 256 << 10);
+        let written: &[u8] = if dir == IoDir::Write { data } else { &[] };
+        let io = bench.io(0, dir, usr, written, data.len());
+        match h.on_io(io) {
+            Verdict::Done(e) => {
+                if dir == IoDir::Read {
+                    data.copy_from_slice(bench.data(0));
+                }
+                e
+            }
             Verdict::Later => panic!("the RNBD server answers at once"),
         }
     }

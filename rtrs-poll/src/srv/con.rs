@@ -3,6 +3,7 @@
 //! and the heartbeat. IO connections run on cores as pollers; cid 0 runs on
 //! the server's control loop. The code is the same.
 
+use super::deferred::{AnswersRx, Req};
 use super::path::{PathState, SrvPath};
 use super::{Handler, IoDir, IoId, SrvIo, Verdict};
 use crate::sess::hb::{hb_wr, HbAction, Heartbeat, Signal};
@@ -53,6 +54,15 @@ struct Inflight {
     read: Option<(SgDesc, bool)>,
     /// The poll that took the request (for its latency).
     taken: Option<Instant>,
+    /// The handler deferred it: its chunk is a `Deferred`'s until answered.
+    deferred: bool,
+}
+
+impl Inflight {
+    /// The request is the handler's (or its Deferred's) still.
+    fn busy(&self) -> bool {
+        self.claim.is_some() || self.deferred
+    }
 }
 
 /// A server connection.
@@ -66,6 +76,11 @@ pub struct SrvCon<F: Fabric, H: Handler> {
     mem: Arc<dyn Memory>,
     mr: F::Mr,
     handler: H,
+    /// Deferred requests' answers (after `handler`: tokens the handler
+    /// holds answer into it as it drops, and it releases their chunks).
+    answers: AnswersRx,
+    /// `answers.dropped()` as last counted.
+    dropped_seen: u64,
     wcs: [Wc; WC_BATCH],
     inflight: Box<[Inflight]>,
     /// Requests whose chunk another connection still holds (a request the
@@ -114,6 +129,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         handler: H,
     ) -> SrvCon<F, H> {
         let qd = path.queue_depth as usize;
+        let chunks = path.chunks.clone();
         SrvCon {
             signal: Signal::for_queue_depth(path.queue_depth),
             path,
@@ -123,6 +139,8 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             mem,
             mr,
             handler,
+            answers: AnswersRx::new(chunks, qd),
+            dropped_seen: 0,
             wcs: [Wc::default(); WC_BATCH],
             inflight: (0..qd).map(|_| Inflight::default()).collect(),
             waiting: std::collections::VecDeque::with_capacity(qd),
@@ -248,10 +266,30 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
                 return n;
             }
         }
-        let mut work = n;
-        while let Some((id, errno)) = self.handler.poll_done() {
-            self.respond(id.0, errno);
+        let mut work = n + self.handler.poll();
+        while let Some(a) = self.answers.pop() {
+            let buf_id = a.claim.index();
+            match self.inflight.get_mut(buf_id as usize) {
+                Some(slot) if slot.deferred && slot.claim.is_none() => {
+                    slot.deferred = false;
+                    slot.claim = Some(a.claim);
+                    self.respond(buf_id, a.errno);
+                }
+                _ => {
+                    // Not possible (a claim is exclusive): kept safe anyway.
+                    tracing::error!(
+                        buf_id,
+                        "an answer for a request not deferred; chunk released"
+                    );
+                    if let Err(e) = self.path.chunks.release(a.claim) {
+                        tracing::error!("releasing chunk {buf_id}: {e}");
+                    }
+                }
+            }
             work += 1;
+            if self.done {
+                return work;
+            }
         }
         if !self.waiting.is_empty() {
             work += self.take_waiting();
@@ -273,7 +311,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
             || self.cid == 0
             || now.saturating_duration_since(self.last_work) < PARK_AFTER_IDLE
             || !self.waiting.is_empty()
-            || self.inflight.iter().any(|s| s.claim.is_some())
+            || self.inflight.iter().any(Inflight::busy)
         {
             return None;
         }
@@ -298,7 +336,20 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         Some(now + PARKED_RECHECK)
     }
 
+    /// Deferreds dropped without `complete` since the last look, into the
+    /// connection's `handler_faults`.
+    fn count_dropped(&mut self) {
+        let d = self.answers.dropped();
+        if d > self.dropped_seen {
+            self.path
+                .stats
+                .on_handler_faults_at(self.cid, d - self.dropped_seen);
+            self.dropped_seen = d;
+        }
+    }
+
     fn slow_checks(&mut self, now: Instant) {
+        self.count_dropped();
         if self.path.state() >= PathState::Closing {
             self.done = true;
             return;
@@ -463,7 +514,7 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
     }
 
     /// Hands the request in claimed chunk `buf_id` to the handler.
-    fn serve(&mut self, buf_id: u32, off: u32, mut claim: mempool::Claim, now: Instant) {
+    fn serve(&mut self, buf_id: u32, off: u32, claim: mempool::Claim, now: Instant) {
         // With always_invalidate the chunk's key changes in the response
         // chain (`try_respond`): the request that makes the new key valid
         // kills the old one, in the same post as the RKEY_RSP that hands the
@@ -501,22 +552,42 @@ impl<F: Fabric, H: Handler> SrvCon<F, H> {
         // [0, data_len) and [usr_at, off) do not overlap (data_len <= usr_at:
         // a write's data ends where its header starts, a read's length was
         // checked against its reserved room); split checks it again.
-        let verdict = match chunks.split(&mut claim, usr_at..off as usize, 0..data_len) {
-            Some((usr, data)) => self.handler.on_io(SrvIo {
-                id: IoId(buf_id),
-                dir,
-                usr,
-                data,
-            }),
+        let mut claim = Some(claim);
+        let req = Req {
+            id: IoId(buf_id),
+            dir,
+            usr: usr_at..off as usize,
+            data: 0..data_len,
+        };
+        let verdict = match SrvIo::new(req, &mut claim, chunks, &self.answers) {
+            Some(io) => self.handler.on_io(io),
             None => Verdict::Done(-libc::EIO),
         };
+        let deferred = claim.is_none();
         self.inflight[buf_id as usize] = Inflight {
-            claim: Some(claim),
+            claim,
             read: read.and_then(|(d, inv)| d.map(|d| (d, inv))),
             taken: Some(now),
+            deferred,
         };
-        if let Verdict::Done(errno) = verdict {
-            self.respond(buf_id, errno);
+        match (verdict, deferred) {
+            (Verdict::Done(errno), false) => self.respond(buf_id, errno),
+            (Verdict::Later, true) => {}
+            (Verdict::Done(_), true) => {
+                // The token answers; the verdict cannot.
+                tracing::warn!(
+                    buf_id,
+                    "a handler deferred a request and also answered it Done: the Deferred answers"
+                );
+            }
+            (Verdict::Later, false) => {
+                path.stats.on_handler_faults_at(self.cid, 1);
+                tracing::warn!(
+                    buf_id,
+                    "a handler answered Later without deferring the request: -EIO"
+                );
+                self.respond(buf_id, -libc::EIO);
+            }
         }
     }
 
@@ -633,9 +704,10 @@ impl<F: Fabric, H: Handler> Drop for SrvCon<F, H> {
         // Chunks whose requests never got a response are free for the
         // session's other connections, once the handler no longer touches
         // them (a deferred request's data may be under IO still).
-        if self.inflight.iter().any(|s| s.claim.is_some()) {
+        if self.inflight.iter().any(Inflight::busy) {
             self.handler.quiesce();
         }
+        self.count_dropped();
         for c in self.inflight.iter_mut().filter_map(|s| s.claim.take()) {
             if let Err(e) = self.path.chunks.release(c) {
                 tracing::error!("releasing a chunk: {e}");
@@ -650,7 +722,7 @@ impl<F: Fabric, H: Handler> pollers::Poller for SrvCon<F, H> {
     }
     fn drain(&mut self, now: Instant) -> bool {
         self.poll_at(now);
-        self.done || self.inflight.iter().all(|s| s.claim.is_none())
+        self.done || !self.inflight.iter().any(Inflight::busy)
     }
     fn name(&self) -> &str {
         "srv-con"

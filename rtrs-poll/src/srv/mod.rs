@@ -17,12 +17,14 @@
 mod admit;
 mod con;
 mod ctl;
+pub(crate) mod deferred;
 pub mod lat;
 mod machine;
 mod path;
 
 pub use crate::sess::DownReason;
 pub use con::SrvCon;
+pub use deferred::{Deferred, SrvIo};
 pub use path::{ConCounters, PathState, PathStats, PathTotals, SrvPath};
 
 use ctl::{Shared, SrvControl, SrvMsg};
@@ -386,98 +388,64 @@ impl IoId {
     }
 }
 
-/// An IO request as the handler sees it: zero-copy views into the chunk.
-#[derive(Debug)]
-pub struct SrvIo<'a> {
-    /// Which IO, for a later completion.
-    pub id: IoId,
-    /// Write or read.
-    pub dir: IoDir,
-    /// The user header (an RNBD message, for RNBD).
-    pub usr: &'a [u8],
-    /// Write: the data written. Read: the buffer to fill (the requested
-    /// length), sent to the client when the IO completes.
-    pub data: &'a mut [u8],
-}
-
 /// What the handler did with a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Done now, with this errno (0 or negative).
     Done(i32),
-    /// Completes later through [`Handler::poll_done`]; until then the chunk
-    /// and `data` stay the handler's.
+    /// Deferred ([`SrvIo::defer`]): the [`Deferred`] answers it later, from
+    /// any thread. (Later without deferring answers -EIO, logged.)
     Later,
 }
 
 /// The embedder's storage engine. One instance per connection, called on the
 /// connection's core only (run to completion, no locks needed).
 ///
-/// A request is answered at once ([`Verdict::Done`]) or later
-/// ([`Verdict::Later`]): the core then asks [`Handler::poll_done`] on every
-/// poll, so work finished elsewhere (a disk, another thread) reaches the
-/// client without the core waiting for it. Here writes are made "durable"
-/// by another thread, and completed when it says so:
+/// A request is answered at once ([`Verdict::Done`]) or later: the handler
+/// [`defer`](SrvIo::defer)s it, and the [`Deferred`] token, which owns the
+/// request's chunk and is `Send`, completes it from any thread. Here writes
+/// are made "durable" by a flusher thread, which answers them:
 ///
 /// ```
-/// use rtrs_poll::srv::{Handler, IoDir, IoId, SrvIo, Verdict};
-/// use std::sync::atomic::{AtomicU64, Ordering};
-/// use std::sync::Arc;
+/// use rtrs_poll::{Deferred, Handler, IoDir, SrvIo, Verdict};
+/// use std::sync::mpsc;
 ///
 /// struct Journal {
-///     /// Bytes taken, and bytes a flusher thread has made durable.
-///     taken: u64,
-///     durable: Arc<AtomicU64>,
-///     /// Requests waiting for the flusher, in order (sized at the queue
-///     /// depth: no allocation per IO).
-///     waiting: std::collections::VecDeque<(IoId, u64)>,
+///     /// To the flusher thread (the journal's own ring, in real life).
+///     flush: mpsc::Sender<Deferred>,
 /// }
 ///
 /// impl Handler for Journal {
 ///     fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
-///         if io.dir != IoDir::Write {
+///         if io.dir() != IoDir::Write {
 ///             return Verdict::Done(-libc::EOPNOTSUPP);
 ///         }
-///         self.taken += io.data.len() as u64; // (copied to the journal here)
-///         self.waiting.push_back((io.id, self.taken));
+///         if let Err(mpsc::SendError(d)) = self.flush.send(io.defer()) {
+///             d.complete(-libc::EIO); // the flusher is gone
+///         }
 ///         Verdict::Later
 ///     }
-///     fn poll_done(&mut self) -> Option<(IoId, i32)> {
-///         let &(id, end) = self.waiting.front()?;
-///         if end > self.durable.load(Ordering::Acquire) {
-///             return None; // not yet: the core asks again on its next poll
-///         }
-///         self.waiting.pop_front();
-///         Some((id, 0))
-///     }
 /// }
-/// # use minstant::Instant;
-/// # use rtrs_poll::clt::{Client, CltConfig};
-/// # use rtrs_fabric::{soft::shm::ShmFabric, Address};
-/// # use rtrs_poll::srv::{ConInfo, CorePool, Server, SrvConfig};
+/// # use rtrs_poll::{Address, Client, CltConfig, ConInfo, CorePool, Instant, Server, ShmFabric, SrvConfig};
 /// # let fabric = ShmFabric::new();
 /// # let addr = Address::Shm(format!("doc-handler-{}", std::process::id()));
 /// # let cfg = SrvConfig { queue_depth: 16, max_chunk_size: 8192, ..SrvConfig::default() };
 /// # let cores = CorePool::launch(&[0])?;
-/// let durable = Arc::new(AtomicU64::new(0));
-/// let d = durable.clone();
+/// let (tx, rx) = mpsc::channel::<Deferred>();
+/// let flusher = std::thread::spawn(move || {
+///     for d in rx {
+///         let _bytes = d.data(); // (made durable here)
+///         d.complete(0);
+///     }
+/// });
 /// let srv = Server::listen(&fabric, &addr, cfg, move |_: &ConInfo| Journal {
-///     taken: 0,
-///     durable: d.clone(),
-///     waiting: std::collections::VecDeque::with_capacity(16),
+///     flush: tx.clone(),
 /// }, cores.place())?;
 /// # let (clt, mut queues) = Client::open(&fabric, CltConfig::new("doc", vec![addr]))?;
 /// # let q = &mut queues[0];
 /// # let p = q.get_permit().expect("a permit");
 /// # q.write(p, b"", 100, 1, Instant::now()).map_err(|(_, e)| e)?;
 /// # let mut done = None;
-/// # let t0 = std::time::Instant::now();
-/// # while t0.elapsed() < std::time::Duration::from_millis(50) {
-/// #     q.poll(Instant::now(), &mut |c| done = Some(c));
-/// # }
-/// // Not durable: no completion yet.
-/// assert!(done.is_none());
-/// durable.store(100, Ordering::Release); // the flusher's word
 /// # while done.is_none() {
 /// #     q.poll(Instant::now(), &mut |c| done = Some(c));
 /// # }
@@ -488,19 +456,24 @@ pub enum Verdict {
 /// # drop(queues);
 /// # srv.stop();
 /// # cores.stop();
+/// # flusher.join().unwrap();
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub trait Handler: Send + 'static {
     /// A request arrived.
     fn on_io(&mut self, io: SrvIo<'_>) -> Verdict;
-    /// Completions of [`Verdict::Later`] requests, polled until `None`.
-    fn poll_done(&mut self) -> Option<(IoId, i32)> {
-        None
+    /// Called on every poll of the connection, on its core: a handler that
+    /// finishes work there (an io_uring's completions, a ring of its own)
+    /// completes its [`Deferred`]s here. Returns how much it did (work
+    /// keeps the connection from parking).
+    fn poll(&mut self) -> usize {
+        0
     }
-    /// The connection is going away with requests still [`Verdict::Later`]:
-    /// return only once nothing touches their `data` any more (their chunks
-    /// are released for other connections when this returns). Called once,
-    /// on teardown, on the connection's core.
+    /// The connection is going away: a handler that lent a [`Deferred`]'s
+    /// data to something that may still touch it (a kernel IO into the
+    /// buffer) waits for that here. Called once, on teardown, on the
+    /// connection's core. (Deferreds completed or dropped later release
+    /// their chunks themselves.)
     fn quiesce(&mut self) {}
 }
 

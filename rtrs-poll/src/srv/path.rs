@@ -52,6 +52,9 @@ pub struct ConCounters {
     pub errors: AtomicU64,
     /// Requests in the handler's hands now.
     pub inflight: AtomicU64,
+    /// The handler API misused, each answered -EIO (and logged): `Later`
+    /// without deferring, or a `Deferred` dropped without `complete`.
+    pub handler_faults: AtomicU64,
     /// Request residence time: from the poll that took the request to
     /// its response posted.
     pub lat: super::lat::LatHist,
@@ -72,6 +75,8 @@ pub struct PathTotals {
     pub errors: u64,
     /// Requests in flight.
     pub inflight: u64,
+    /// Handler API misuse answered -EIO ([`ConCounters::handler_faults`]).
+    pub handler_faults: u64,
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -146,6 +151,7 @@ impl PathStats {
             bytes_read: sum(|c| &c.bytes_read),
             errors: sum(|c| &c.errors),
             inflight: sum(|c| &c.inflight),
+            handler_faults: sum(|c| &c.handler_faults),
         }
     }
 }
@@ -398,6 +404,9 @@ impl PathStats {
     }
     pub(crate) fn on_error_at(&self, cid: u16) {
         bump(&self.con(cid).errors, 1);
+    }
+    pub(crate) fn on_handler_faults_at(&self, cid: u16, n: u64) {
+        bump(&self.con(cid).handler_faults, n);
     }
     pub(crate) fn on_response_at(&self, cid: u16) {
         bump(&self.con(cid).inflight, u64::MAX);

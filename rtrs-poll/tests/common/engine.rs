@@ -15,7 +15,7 @@ use std::time::Duration;
 pub const OP_IO: u8 = 1;
 /// Ask the handler to fail with the errno in bytes 1..5.
 pub const OP_FAIL: u8 = 2;
-/// Ask the handler to complete later (from poll_done).
+/// Ask the handler to defer the request and complete it on its next poll.
 pub const OP_LATER: u8 = 3;
 
 pub fn usr(op: u8, off: u64) -> [u8; 16] {
@@ -28,7 +28,7 @@ pub fn usr(op: u8, off: u64) -> [u8; 16] {
 /// A RAM disk shared by every connection's handler.
 pub struct Ram {
     disk: Arc<Mutex<Vec<u8>>>,
-    later: Vec<(rtrs_poll::srv::IoId, i32)>,
+    later: Vec<rtrs_poll::Deferred>,
 }
 
 impl Ram {
@@ -42,36 +42,44 @@ impl Ram {
 }
 
 impl Handler for Ram {
-    fn on_io(&mut self, io: SrvIo<'_>) -> Verdict {
-        if io.usr.len() < 16 {
+    fn on_io(&mut self, mut io: SrvIo<'_>) -> Verdict {
+        let dir = io.dir();
+        let (usr, data) = io.parts();
+        if usr.len() < 16 {
             return Verdict::Done(-libc::EINVAL);
         }
-        let off = u64::from_le_bytes(io.usr[8..16].try_into().unwrap()) as usize;
-        match io.usr[0] {
+        let off = u64::from_le_bytes(usr[8..16].try_into().unwrap()) as usize;
+        let op = usr[0];
+        match op {
             OP_FAIL => {
-                let e = i32::from_le_bytes(io.usr[1..5].try_into().unwrap());
+                let e = i32::from_le_bytes(usr[1..5].try_into().unwrap());
                 return Verdict::Done(e);
             }
             OP_IO | OP_LATER => {}
             _ => return Verdict::Done(-libc::EOPNOTSUPP),
         }
         let mut disk = self.disk.lock().unwrap();
-        let end = off + io.data.len();
+        let end = off + data.len();
         if end > disk.len() {
             return Verdict::Done(-libc::ENOSPC);
         }
-        match io.dir {
-            IoDir::Write => disk[off..end].copy_from_slice(io.data),
-            IoDir::Read => io.data.copy_from_slice(&disk[off..end]),
+        match dir {
+            IoDir::Write => disk[off..end].copy_from_slice(data),
+            IoDir::Read => data.copy_from_slice(&disk[off..end]),
         }
-        if io.usr[0] == OP_LATER {
-            self.later.push((io.id, 0));
+        drop(disk);
+        if op == OP_LATER {
+            self.later.push(io.defer());
             return Verdict::Later;
         }
         Verdict::Done(0)
     }
-    fn poll_done(&mut self) -> Option<(rtrs_poll::srv::IoId, i32)> {
-        self.later.pop()
+    fn poll(&mut self) -> usize {
+        let n = self.later.len();
+        for d in self.later.drain(..) {
+            d.complete(0);
+        }
+        n
     }
 }
 
