@@ -49,7 +49,7 @@ PORT=17700
 start_server() {
   # Not through in_s: a backgrounded function is a subshell, and its PID
   # would not be the server's. `ip netns exec` execs, keeping the PID.
-  ip netns exec "$NS_S" "$PERF" server --listen "tcp:10.77.1.2:$PORT,tcp:10.77.2.2:$PORT" \
+  ip netns exec "$NS_S" "$PERF" server --listen "tcp:10.77.1.2:$PORT,tcp:10.77.2.2:$PORT" --allow 10.77.0.0/16 \
     --backend ram:64M --cores 1 --hb-interval-ms "$HB_MS" --hb-missed "$HB_MISSED" \
     2>>"$WORK/server.log" &
   SRV_PID=$!

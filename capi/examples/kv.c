@@ -232,13 +232,13 @@ int main(void)
 	int r;
 
 	snprintf(addr, sizeof(addr), "shm:kv-c-%d", (int)getpid());
-	struct rtrs_server_cfg scfg = { .addr = addr, .cpus = cpus, .ncpus = 1,
+	struct rtrs_server_cfg scfg = { .size = sizeof(scfg), .addr = addr, .cpus = cpus, .ncpus = 1,
 					.queue_depth = 64, .max_chunk_size = 8192 };
 	if ((r = rtrs_server_open(&scfg, kv_handler, &s, &s.srv)))
 		fail("rtrs_server_open", r);
 	pthread_create(&w, NULL, worker, &s);
 
-	struct rtrs_client_cfg ccfg = { .sessname = "kv-c", .addrs = addrs,
+	struct rtrs_client_cfg ccfg = { .size = sizeof(ccfg), .sessname = "kv-c", .addrs = addrs,
 					.naddrs = 1, .queues = QUEUES };
 	struct rtrs_client *clt;
 	if ((r = rtrs_client_open(&ccfg, &clt)))

@@ -49,6 +49,10 @@ struct rtrs_server;
 
 // Client settings. Zero (or NULL) fields take the default shown.
 struct rtrs_client_cfg {
+  // `sizeof(struct rtrs_client_cfg)` as the caller compiled it: fields
+  // added in later versions of the library take their defaults for an
+  // older caller. Required (0 is -EINVAL).
+  uint32_t size;
   // The session name: 1..=254 bytes without '/' or '.'.
   const char *sessname;
   // The server's addresses, one path each ("shm:NAME", "tcp:HOST:PORT"
@@ -65,6 +69,9 @@ struct rtrs_client_cfg {
   uint32_t max_io_size;
   // How long each path may take to connect, in milliseconds; 0: 30000.
   uint32_t connect_timeout_ms;
+  // tcp: prove the pre-shared key in this file to the server (and check
+  // that the server holds it); NULL: none.
+  const char *auth_key_file;
 };
 
 // A finished IO.
@@ -80,6 +87,10 @@ struct rtrs_completion {
 
 // Server settings. Zero (or NULL) fields take the default shown.
 struct rtrs_server_cfg {
+  // `sizeof(struct rtrs_server_cfg)` as the caller compiled it: fields
+  // added in later versions of the library take their defaults for an
+  // older caller. Required (0 is -EINVAL).
+  uint32_t size;
   // Where to listen: "shm:NAME" (this host), "tcp:HOST:PORT" or, in a
   // library built with the rdma feature, "rdma:HOST:PORT".
   const char *addr;
@@ -97,6 +108,16 @@ struct rtrs_server_cfg {
   // one per client queue, plus one); 0: 256. Requests on connections
   // past this fail with -EBUSY without reaching the callback.
   uint32_t max_connections;
+  // Source networks that may connect: CIDRs, comma-separated (NULL:
+  // any). A tcp address other hosts reach needs this, `auth_key_file`
+  // or `insecure`; rtrs_server_open refuses it otherwise (-EACCES).
+  const char *allow;
+  // tcp: admit only clients that prove they hold the pre-shared key in
+  // this file (at least 16 bytes, mode 600); NULL: none.
+  const char *auth_key_file;
+  // Non-zero: serve a tcp address other hosts reach to any host (no
+  // `allow`, no key), logged as INSECURE.
+  int insecure;
 };
 
 // A request, as the handler callback sees it. Valid during the callback;

@@ -12,7 +12,7 @@ use crate::server::errno_of;
 use crate::server::fabric_error;
 use crate::{boundary, c_str, Error, RTRS_READ, RTRS_WRITE};
 use minstant::Instant;
-use rtrs_fabric::{with_backend, Address, Backends, Fabric, OnFabric};
+use rtrs_fabric::{with_backend, Address, Fabric, OnFabric};
 use rtrs_poll::clt::{Client, CltConfig, CltCore, CltError, Completion, Dir};
 use std::cell::UnsafeCell;
 use std::collections::VecDeque;
@@ -24,6 +24,10 @@ use std::time::Duration;
 #[repr(C)]
 #[derive(Debug)]
 pub struct rtrs_client_cfg {
+    /// `sizeof(struct rtrs_client_cfg)` as the caller compiled it: fields
+    /// added in later versions of the library take their defaults for an
+    /// older caller. Required (0 is -EINVAL).
+    pub size: u32,
     /// The session name: 1..=254 bytes without '/' or '.'.
     pub sessname: *const c_char,
     /// The server's addresses, one path each ("shm:NAME", "tcp:HOST:PORT"
@@ -40,7 +44,13 @@ pub struct rtrs_client_cfg {
     pub max_io_size: u32,
     /// How long each path may take to connect, in milliseconds; 0: 30000.
     pub connect_timeout_ms: u32,
+    /// tcp: prove the pre-shared key in this file to the server (and check
+    /// that the server holds it); NULL: none.
+    pub auth_key_file: *const c_char,
 }
+
+/// The first version's size: every field up to `connect_timeout_ms`.
+const CLIENT_CFG_V1: usize = std::mem::offset_of!(rtrs_client_cfg, auth_key_file);
 
 /// A finished IO.
 #[repr(C)]
@@ -294,8 +304,14 @@ pub unsafe extern "C" fn rtrs_client_open(
                 c"rtrs_client_open: cfg or out is NULL",
             ));
         }
-        // SAFETY: non-null; the caller promises a valid cfg.
-        let cfg = unsafe { &*cfg };
+        // SAFETY: non-null; the caller promises a valid cfg of its size.
+        let cfg = unsafe {
+            crate::read_cfg(
+                cfg,
+                CLIENT_CFG_V1,
+                c"rtrs_client_open: cfg->size must be sizeof(struct rtrs_client_cfg)",
+            )
+        }?;
         // SAFETY: the caller promises a C string (NULL is checked).
         let name = unsafe {
             c_str(
@@ -335,7 +351,9 @@ pub unsafe extern "C" fn rtrs_client_open(
             c.connect_timeout = Duration::from_millis(u64::from(cfg.connect_timeout_ms));
         }
         let first = c.paths[0].clone();
-        let clt = with_backend(&first, &Backends::default(), Open(c))
+        // SAFETY: NULL or the caller's C string.
+        let backends = unsafe { crate::c_backends(cfg.auth_key_file, "rtrs_client_open") }?;
+        let clt = with_backend(&first, &backends, Open(c))
             .map_err(|e| fabric_error("rtrs_client_open", &e))??;
         // SAFETY: non-null; the caller promises it is writable.
         unsafe { *out = Box::into_raw(Box::new(clt)) };

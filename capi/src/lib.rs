@@ -137,6 +137,74 @@ pub(crate) unsafe fn c_str<'a>(p: *const c_char, what: &'static CStr) -> Result<
         .map_err(|_| Error::fixed(-libc::EINVAL, what))
 }
 
+/// Reads a settings struct whose first field is its `size`, as the caller
+/// compiled it (`sizeof`): the fields the caller's header had are read, any
+/// the library added since are zero (their defaults), and a caller newer
+/// than the library has the prefix the library knows read. A size below
+/// `min` (the first version's) is -EINVAL.
+///
+/// # Safety
+/// `p` is non-null and points to at least `size` readable bytes (its first
+/// four the `u32` size); `T` is plain data for which all zeros is valid
+/// (integers and raw pointers).
+pub(crate) unsafe fn read_cfg<T>(p: *const T, min: usize, what: &'static CStr) -> Result<T, Error> {
+    // SAFETY: the caller promises the first four bytes are readable.
+    let size = unsafe { p.cast::<u32>().read_unaligned() } as usize;
+    if size < min {
+        return Err(Error::fixed(-libc::EINVAL, what));
+    }
+    let mut out = std::mem::MaybeUninit::<T>::zeroed();
+    let n = size.min(std::mem::size_of::<T>());
+    // SAFETY: `n` bytes are readable at `p` (the caller's size) and
+    // writable in `out` (at most its size); the two do not overlap; all
+    // zeros and then the caller's bytes are a valid `T` (plain data).
+    unsafe {
+        std::ptr::copy_nonoverlapping(p.cast::<u8>(), out.as_mut_ptr().cast::<u8>(), n);
+        Ok(out.assume_init())
+    }
+}
+
+/// A comma-separated list of CIDR networks (NULL or empty: none).
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string valid for the call.
+pub(crate) unsafe fn c_networks(p: *const c_char, call: &str) -> Result<Vec<ipnet::IpNet>, Error> {
+    if p.is_null() {
+        return Ok(Vec::new());
+    }
+    // SAFETY: the caller's promise (NULL is checked).
+    let s = unsafe { c_str(p, c"a network list is not UTF-8") }?;
+    s.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            n.parse()
+                .map_err(|e| Error::new(-libc::EINVAL, format!("{call}: allow {n:?}: {e}")))
+        })
+        .collect()
+}
+
+/// The tcp fabric's settings with the pre-shared key read from `path`
+/// (NULL: none).
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string valid for the call.
+pub(crate) unsafe fn c_backends(
+    path: *const c_char,
+    call: &str,
+) -> Result<rtrs_fabric::Backends, Error> {
+    let mut b = rtrs_fabric::Backends::default();
+    if !path.is_null() {
+        // SAFETY: the caller's promise (NULL is checked).
+        let p = unsafe { c_str(path, c"auth_key_file is not UTF-8") }?;
+        b.tcp = b
+            .tcp
+            .with_auth_key_file(std::path::Path::new(p))
+            .map_err(|e| Error::new(-libc::EACCES, format!("{call}: {e}")))?;
+    }
+    Ok(b)
+}
+
 /// A message for an error code returned by this library (0 or negative;
 /// a positive errno is taken as its negative). The string is static: never
 /// free it.

@@ -10,7 +10,7 @@
 //! ```
 
 use crate::{boundary, c_str, Error, RTRS_LATER, RTRS_READ, RTRS_WRITE};
-use rtrs_fabric::{with_backend, Address, Backends, Fabric, OnFabric};
+use rtrs_fabric::{with_backend, Address, Fabric, OnFabric};
 use rtrs_poll::srv::{ConInfo, CorePool, Handler, IoDir, Server, SrvConfig, SrvIo, Verdict};
 use rtrs_poll::Deferred;
 use std::ffi::{c_char, c_int, c_void};
@@ -21,6 +21,10 @@ use std::sync::{Arc, Mutex};
 #[repr(C)]
 #[derive(Debug)]
 pub struct rtrs_server_cfg {
+    /// `sizeof(struct rtrs_server_cfg)` as the caller compiled it: fields
+    /// added in later versions of the library take their defaults for an
+    /// older caller. Required (0 is -EINVAL).
+    pub size: u32,
     /// Where to listen: "shm:NAME" (this host), "tcp:HOST:PORT" or, in a
     /// library built with the rdma feature, "rdma:HOST:PORT".
     pub addr: *const c_char,
@@ -38,7 +42,20 @@ pub struct rtrs_server_cfg {
     /// one per client queue, plus one); 0: 256. Requests on connections
     /// past this fail with -EBUSY without reaching the callback.
     pub max_connections: u32,
+    /// Source networks that may connect: CIDRs, comma-separated (NULL:
+    /// any). A tcp address other hosts reach needs this, `auth_key_file`
+    /// or `insecure`; rtrs_server_open refuses it otherwise (-EACCES).
+    pub allow: *const c_char,
+    /// tcp: admit only clients that prove they hold the pre-shared key in
+    /// this file (at least 16 bytes, mode 600); NULL: none.
+    pub auth_key_file: *const c_char,
+    /// Non-zero: serve a tcp address other hosts reach to any host (no
+    /// `allow`, no key), logged as INSECURE.
+    pub insecure: c_int,
 }
+
+/// The first version's size: every field up to `max_connections`.
+const SERVER_CFG_V1: usize = std::mem::offset_of!(rtrs_server_cfg, allow);
 
 /// A request, as the handler callback sees it. Valid during the callback;
 /// with `RTRS_LATER`, `data` stays the application's to fill (a read), even
@@ -357,6 +374,7 @@ fn listen<F: Fabric>(
         let errno = match &e {
             rtrs_poll::srv::SrvError::Fabric(f) => errno_of(f),
             rtrs_poll::srv::SrvError::Config(_) => -libc::EINVAL,
+            rtrs_poll::srv::SrvError::Exposed(_) => -libc::EACCES,
             _ => -libc::EIO,
         };
         Error::new(errno, format!("rtrs_server_open: {e}"))
@@ -389,8 +407,14 @@ pub unsafe extern "C" fn rtrs_server_open(
         let Some(cb) = cb else {
             return Err(Error::fixed(-libc::EINVAL, c"rtrs_server_open: cb is NULL"));
         };
-        // SAFETY: non-null; the caller promises a valid cfg.
-        let cfg = unsafe { &*cfg };
+        // SAFETY: non-null; the caller promises a valid cfg of its size.
+        let cfg = unsafe {
+            crate::read_cfg(
+                cfg,
+                SERVER_CFG_V1,
+                c"rtrs_server_open: cfg->size must be sizeof(struct rtrs_server_cfg)",
+            )
+        }?;
         // SAFETY: the caller promises a C string (NULL is checked).
         let addr = unsafe { c_str(cfg.addr, c"rtrs_server_open: addr is NULL or not UTF-8") }?;
         let addr: Address = addr
@@ -412,6 +436,11 @@ pub unsafe extern "C" fn rtrs_server_open(
         if cfg.max_chunk_size != 0 {
             scfg.max_chunk_size = cfg.max_chunk_size;
         }
+        // SAFETY: NULL or the caller's C strings.
+        scfg.limits.allow = unsafe { crate::c_networks(cfg.allow, "rtrs_server_open") }?;
+        scfg.limits.insecure = cfg.insecure != 0;
+        // SAFETY: as above.
+        let backends = unsafe { crate::c_backends(cfg.auth_key_file, "rtrs_server_open") }?;
         scfg.layout()
             .map_err(|e| Error::new(-libc::EINVAL, format!("rtrs_server_open: {e}")))?;
         let conns = match cfg.max_connections {
@@ -427,7 +456,7 @@ pub unsafe extern "C" fn rtrs_server_open(
             .map_err(|e| Error::new(-libc::EIO, format!("rtrs_server_open: {e}")))?;
         let srv = with_backend(
             &addr,
-            &Backends::default(),
+            &backends,
             Listen {
                 addr: &addr,
                 cfg: scfg,
@@ -550,12 +579,16 @@ mod tests {
             assert_eq!(rtrs_server_complete(std::ptr::null(), 0, 0), -libc::EINVAL);
             assert_eq!(rtrs_server_close(std::ptr::null_mut()), -libc::EINVAL);
             let cfg = rtrs_server_cfg {
+                size: std::mem::size_of::<rtrs_server_cfg>() as u32,
                 addr: c"bogus".as_ptr(),
                 cpus: std::ptr::null(),
                 ncpus: 0,
                 queue_depth: 0,
                 max_chunk_size: 0,
                 max_connections: 0,
+                allow: std::ptr::null(),
+                auth_key_file: std::ptr::null(),
+                insecure: 0,
             };
             unsafe extern "C" fn cb(_: *mut c_void, _: *const rtrs_srv_io) -> c_int {
                 0

@@ -79,12 +79,16 @@ unsafe fn read(clt: *const rtrs_client, usr: u8, buf: &mut [u8], tag: u64) -> c_
 /// A server on `a` with queue depth 4 and 8 KiB chunks, on CPU 0.
 fn server_cfg(a: &CStr, max_connections: u32) -> rtrs_server_cfg {
     rtrs_server_cfg {
+        size: std::mem::size_of::<rtrs_server_cfg>() as u32,
         addr: a.as_ptr(),
         cpus: std::ptr::null(),
         ncpus: 0,
         queue_depth: 4,
         max_chunk_size: 8192,
         max_connections,
+        allow: std::ptr::null(),
+        auth_key_file: std::ptr::null(),
+        insecure: 0,
     }
 }
 
@@ -105,12 +109,14 @@ impl Pair {
         let name = c"abi";
         let addrs = [a.as_ptr()];
         let ccfg = rtrs_client_cfg {
+            size: std::mem::size_of::<rtrs_client_cfg>() as u32,
             sessname: name.as_ptr(),
             addrs: addrs.as_ptr(),
             naddrs: 1,
             queues: 1,
             max_io_size: 0,
             connect_timeout_ms: 5000,
+            auth_key_file: std::ptr::null(),
         };
         let mut clt = std::ptr::null_mut();
         // SAFETY: valid configurations; ctx outlives the server (closed in
@@ -387,4 +393,55 @@ fn tcp_works_and_a_taken_address_is_an_error() {
     // SAFETY: as above.
     let r = unsafe { rtrs_server_open(&cfg, Some(handler), std::ptr::null_mut(), &mut srv) };
     assert_eq!(r, -libc::EINVAL, "{}", last());
+}
+
+/// Opens a server on `cfg`: its errno (0: opened, and closed again).
+fn try_open(cfg: &rtrs_server_cfg) -> c_int {
+    unsafe extern "C" fn cb(_: *mut c_void, _: *const rtrs_srv_io) -> c_int {
+        0
+    }
+    let mut srv = std::ptr::null_mut();
+    // SAFETY: a valid configuration; the callback needs no context.
+    unsafe {
+        let r = rtrs_server_open(cfg, Some(cb), std::ptr::null_mut(), &mut srv);
+        if r == 0 {
+            assert_eq!(rtrs_server_close(srv), 0);
+        }
+        r
+    }
+}
+
+#[test]
+fn an_open_tcp_server_needs_an_access_rule_and_the_cfg_its_size() {
+    let a = c"tcp:0.0.0.0:0";
+    let mut cfg = server_cfg(a, 0);
+    assert_eq!(try_open(&cfg), -libc::EACCES);
+    assert!(last().contains("no access rule"), "{}", last());
+    cfg.allow = c"10.0.0.0/8, 192.168.0.0/16".as_ptr();
+    assert_eq!(try_open(&cfg), 0, "{}", last());
+    cfg.allow = c"10.0.0.0/33".as_ptr();
+    assert_eq!(try_open(&cfg), -libc::EINVAL);
+    assert!(last().contains("10.0.0.0/33"), "{}", last());
+    cfg.allow = std::ptr::null();
+    cfg.insecure = 1;
+    assert_eq!(try_open(&cfg), 0, "{}", last());
+    // A key file that is not there: an error naming it.
+    cfg.insecure = 0;
+    cfg.auth_key_file = c"/nonexistent/rtrs.key".as_ptr();
+    assert_eq!(try_open(&cfg), -libc::EACCES);
+    assert!(last().contains("/nonexistent/rtrs.key"), "{}", last());
+    // No size, or one smaller than the first version's: refused.
+    let mut cfg = server_cfg(c"shm:abi-size", 0);
+    cfg.size = 0;
+    assert_eq!(try_open(&cfg), -libc::EINVAL);
+    assert!(last().contains("sizeof"), "{}", last());
+    // A caller of the first version (no allow, key or insecure fields):
+    // its open tcp listener is refused, its shm one opens.
+    cfg.size = std::mem::offset_of!(rtrs_server_cfg, allow) as u32;
+    cfg.insecure = 1; // past its size: not read
+    assert_eq!(try_open(&cfg), 0, "{}", last());
+    let mut old = server_cfg(a, 0);
+    old.size = cfg.size;
+    old.insecure = 1;
+    assert_eq!(try_open(&old), -libc::EACCES);
 }

@@ -296,6 +296,7 @@ impl Access {
             memory_budget: self.memory_budget.unwrap_or(d.memory_budget),
             max_registrations: self.max_registrations,
             prealloc_sessions: self.prealloc_sessions as usize,
+            insecure: self.insecure,
         }
     }
 
@@ -305,7 +306,7 @@ impl Access {
         let open: Vec<String> = listen
             .iter()
             .filter(|a| match a {
-                Address::Tcp { host, .. } => !is_loopback(host),
+                Address::Tcp { .. } => !a.is_loopback(),
                 _ => false,
             })
             .map(|a| a.to_string())
@@ -323,10 +324,7 @@ impl Access {
                 open.join(",")
             ));
         }
-        eprintln!(
-            "rtrs serve: INSECURE: {} accepts any host that reaches it (no --allow, no --auth-key)",
-            open.join(",")
-        );
+        // The library logs each such listener as INSECURE when it opens it.
         Ok(())
     }
 }
@@ -398,15 +396,6 @@ fn access_note(e: &Export) -> String {
         s.push_str(&format!(", only for {}", who.join(", ")));
     }
     s
-}
-
-fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn on_off(s: &str) -> Result<bool, String> {

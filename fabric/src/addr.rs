@@ -34,6 +34,23 @@ impl Address {
             Address::Rdma { .. } => "rdma",
         }
     }
+
+    /// Whether only this host can reach the address: shm, or a tcp or
+    /// rdma host that is `localhost` or a loopback IP (a name is not
+    /// resolved: any other name counts as reachable from elsewhere).
+    pub fn is_loopback(&self) -> bool {
+        match self {
+            Address::Shm(_) => true,
+            Address::Tcp { host, .. } | Address::Rdma { host, .. } => {
+                host == "localhost"
+                    || host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        }
+    }
 }
 
 fn bad(addr: &str, why: &'static str) -> FabricError {

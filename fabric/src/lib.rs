@@ -215,6 +215,12 @@ pub trait Fabric: Send + Sync + Sized + 'static {
 
     /// Short backend name ("shm", "tcp", "rdma").
     fn name(&self) -> &'static str;
+    /// Whether this fabric's connection setup proves who the peer is (tcp
+    /// with a pre-shared key). A server refuses to listen where other hosts
+    /// reach it with neither this nor an allowlist, unless told insecure.
+    fn authenticates_peers(&self) -> bool {
+        false
+    }
     /// Allocates a protection domain.
     fn alloc_pd(&self) -> Result<Self::Pd>;
     /// Allocates a protection domain for `max_mrs` registrations at most

@@ -159,6 +159,15 @@ struct ServerArgs {
     /// (a file of at least 16 bytes, mode 600).
     #[arg(long)]
     auth_key: Option<std::path::PathBuf>,
+    /// Source networks that may connect (CIDR, comma-separated; empty:
+    /// any). A tcp listener other hosts reach needs this, --auth-key or
+    /// --insecure.
+    #[arg(long, value_delimiter = ',')]
+    allow: Vec<ipnet::IpNet>,
+    /// Serve a tcp address other hosts reach to any host (no --allow, no
+    /// --auth-key): logged as INSECURE.
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -738,7 +747,9 @@ fn srv_config(
 }
 
 fn run_server(a: ServerArgs) -> Result<(), String> {
-    let cfg = srv_config(a.queue_depth, a.chunk_size, a.always_invalidate, &a.hb)?;
+    let mut cfg = srv_config(a.queue_depth, a.chunk_size, a.always_invalidate, &a.hb)?;
+    cfg.limits.allow = a.allow.clone();
+    cfg.limits.insecure = a.insecure;
     let srv = on_fabric(
         &a.listen[0],
         a.auth_key.as_deref(),

@@ -835,3 +835,53 @@ fn a_closed_stdout_ends_the_run_normally_not_with_a_panic() {
         out.status
     );
 }
+
+#[test]
+fn an_open_tcp_server_needs_an_access_rule_or_insecure() {
+    let _one = one_at_a_time();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let open = format!("tcp:0.0.0.0:{port}");
+    let args = [
+        "server",
+        "--listen",
+        &open,
+        "--backend",
+        "null",
+        "--cores",
+        "1",
+    ];
+    let out = perf().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served an open listener: {err}");
+    assert!(
+        err.contains("no access rule") && err.contains("insecure"),
+        "{err}"
+    );
+    // Said out loud: it serves, and says so.
+    let mut s = perf()
+        .args(args)
+        .arg("--insecure")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = s.stderr.take().unwrap();
+    let t0 = std::time::Instant::now();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("serving on") && t0.elapsed() < Duration::from_secs(20) {
+        use std::io::Read as _;
+        match err.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    let _stopped = Server(s);
+    assert!(
+        seen.contains("INSECURE") && seen.contains("serving on"),
+        "{seen}"
+    );
+}

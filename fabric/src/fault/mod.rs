@@ -85,6 +85,10 @@ impl<F: Fabric> Fabric for FaultFabric<F> {
         self.inner.name()
     }
 
+    fn authenticates_peers(&self) -> bool {
+        self.inner.authenticates_peers()
+    }
+
     fn alloc_pd(&self) -> Result<FaultPd<F>> {
         Ok(FaultPd {
             inner: self.inner.alloc_pd()?,

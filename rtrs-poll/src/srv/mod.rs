@@ -92,6 +92,11 @@ pub struct Limits {
     /// mempool), within `memory_budget`; sessions beyond get memory of
     /// their own while the budget allows. 0: none preallocated.
     pub prealloc_sessions: usize,
+    /// Serve a tcp address other hosts reach with neither `allow` nor a
+    /// fabric that authenticates its peers (tcp's pre-shared key): refused
+    /// unless this is set, and then logged as INSECURE. Loopback and shm
+    /// listeners need nothing.
+    pub insecure: bool,
 }
 
 impl Default for Limits {
@@ -108,6 +113,7 @@ impl Default for Limits {
             memory_budget: default_memory_budget(),
             max_registrations: None,
             prealloc_sessions: 1,
+            insecure: false,
         }
     }
 }
@@ -141,6 +147,21 @@ impl Limits {
     /// Whether `ip` may connect.
     pub fn allows(&self, ip: std::net::IpAddr) -> bool {
         self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Whether a listener on `addr` is safe to open: a tcp address other
+    /// hosts reach needs an allowlist, a fabric that `authenticates` its
+    /// peers, or [`Limits::insecure`] said out loud.
+    pub fn check_exposure(&self, addr: &Address, authenticates: bool) -> Result<(), SrvError> {
+        let exposed = matches!(addr, Address::Tcp { .. }) && !addr.is_loopback();
+        if !exposed || !self.allow.is_empty() || authenticates {
+            return Ok(());
+        }
+        if !self.insecure {
+            return Err(SrvError::Exposed(addr.to_string()));
+        }
+        tracing::warn!(%addr, "INSECURE: the listener accepts any host that reaches it (no allowlist, no key)");
+        Ok(())
     }
 }
 
@@ -366,6 +387,9 @@ pub enum SrvError {
     /// The control thread is gone.
     #[error("the server's control thread is gone")]
     Gone,
+    /// A tcp listener other hosts reach, with no access rule.
+    #[error("{0} is reachable by other hosts and has no access rule: give it an allowlist (Limits::allow, rtrs --allow) or a pre-shared key (TcpConfig::auth, --auth-key), or say insecure (Limits::insecure, --insecure) to serve any host")]
+    Exposed(String),
 }
 
 /// Direction of an IO request.
@@ -735,6 +759,8 @@ impl<F: Fabric> SrvHandle<F> {
 /// path, closing paths); dropping the handle stops it.
 pub struct Server<F: Fabric, H: Handler> {
     cfg: SrvConfig,
+    /// The fabric proves its peers (for listeners added later).
+    authenticates: bool,
     tx: pollers::mpsc::Sender<SrvMsg>,
     shared: Arc<Shared<F>>,
     slow: Option<pollers::SlowPath<SrvControl<F, H>>>,
@@ -808,6 +834,8 @@ impl<F: Fabric, H: Handler> Server<F, H> {
         now: minstant::Instant,
     ) -> Result<(Server<F, H>, pollers::SlowLoop<SrvControl<F, H>>), SrvError> {
         let layout = cfg.layout()?;
+        cfg.limits
+            .check_exposure(addr, fabric.authenticates_peers())?;
         let pd = fabric.alloc_pd_sized(cfg.limits.registrations(cfg.max_chunk_size))?;
         let mut cm = fabric.create_cm()?;
         if !cfg.limits.allow.is_empty() {
@@ -835,6 +863,7 @@ impl<F: Fabric, H: Handler> Server<F, H> {
         Ok((
             Server {
                 cfg,
+                authenticates: fabric.authenticates_peers(),
                 tx,
                 shared,
                 slow: None,
@@ -846,6 +875,7 @@ impl<F: Fabric, H: Handler> Server<F, H> {
     /// Also listens on `addr` (a server reachable on several addresses, as
     /// the kernel's listens on all of them: one path per address pair).
     pub fn listen_also(&self, addr: &Address) -> Result<(), SrvError> {
+        self.cfg.limits.check_exposure(addr, self.authenticates)?;
         let (rtx, rrx) = std::sync::mpsc::sync_channel(1);
         self.tx
             .push(SrvMsg::Listen(addr.clone(), rtx))

@@ -69,6 +69,10 @@ impl Fabric for TcpFabric {
         "tcp"
     }
 
+    fn authenticates_peers(&self) -> bool {
+        self.inner.cfg.auth.is_some()
+    }
+
     fn alloc_pd(&self) -> Result<TcpPd> {
         self.alloc_pd_sized(self.inner.cfg.max_mrs)
     }
